@@ -1,0 +1,275 @@
+import Atomics
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+
+/// A memcached client over one or more nodes.
+///
+/// Requests are pipelined over a few connections per node. Keys are spread over the nodes by
+/// libmemcached-compatible ketama; ``node(_:)`` addresses a node by id instead (for data whose
+/// location is part of its identity, such as session ids). A node that keeps failing is marked
+/// down: requests to it fail fast until a background probe finds it answering again.
+///
+/// The client is a `Service`: run ``run()`` (for example in a `ServiceGroup`) for as long as the
+/// client is used. Requests work from the moment the client exists (so none has to wait for `run()`
+/// to be scheduled), but nodes marked down are only probed while `run()` runs. On graceful shutdown
+/// (or when the task running `run()` is cancelled) the client stops taking requests (they fail with
+/// ``MemcachedError/Code/shutdown``), lets those in flight finish or time out, and closes its
+/// connections.
+///
+/// ```swift
+/// let client = MemcachedClient(configuration: try .init(nodes: "n1:127.0.0.1:11211 n2:127.0.0.1:11212"))
+/// try await withThrowingDiscardingTaskGroup { group in
+///     group.addTask { try await client.run() }
+///     try await client.set("greeting", value: "hello")
+///     let item = try await client.get("greeting")
+///     group.cancelAll()
+/// }
+/// ```
+public final class MemcachedClient: MemcachedCommandRunner, Service {
+    public let configuration: Configuration
+    let nodes: [MemcachedNode]
+    private let nodeIndex: [String: Int]
+    private let continuum: KetamaContinuum
+    private let logger: Logger
+    private let state = ManagedAtomic<UInt8>(State.created.rawValue)
+
+    private enum State: UInt8 {
+        case created, running, shuttingDown, finished
+    }
+
+    /// Creates a client; nothing connects before ``run()``.
+    /// - Throws: ``MemcachedError/Code/invalidConfiguration`` for an invalid configuration.
+    public init(
+        configuration: Configuration,
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "memcached", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) throws(MemcachedError) {
+        try configuration.validate()
+        self.configuration = configuration
+        self.logger = logger
+        self.nodes = configuration.nodes.map {
+            MemcachedNode(address: $0, configuration: configuration, eventLoopGroup: eventLoopGroup, logger: logger)
+        }
+        var index: [String: Int] = [:]
+        for (position, node) in configuration.nodes.enumerated() { index[node.id] = position }
+        self.nodeIndex = index
+        self.continuum = KetamaContinuum(nodes: configuration.nodes.map { ($0.host, $0.port) })
+    }
+
+    // MARK: - Service
+
+    /// Runs the client until graceful shutdown or cancellation: probes nodes that are down, then
+    /// drains and closes every connection.
+    public func run() async throws {
+        let (started, _) = state.compareExchange(
+            expected: State.created.rawValue, desired: State.running.rawValue, ordering: .acquiringAndReleasing)
+        guard started else {
+            throw MemcachedError(code: .invalidConfiguration, message: "run() may be called only once per client")
+        }
+        logger.debug("memcached client running", metadata: ["memcached.nodes": "\(configuration.nodes)"])
+        await cancelWhenGracefulShutdown {
+            await self.probeDownNodes()
+        }
+        state.store(State.shuttingDown.rawValue, ordering: .releasing)
+        await withDiscardingTaskGroup { group in
+            for node in nodes {
+                group.addTask { await node.pool.shutdown() }
+            }
+        }
+        state.store(State.finished.rawValue, ordering: .releasing)
+        logger.debug("memcached client stopped")
+    }
+
+    private func probeDownNodes() async {
+        while !Task.isCancelled {
+            do {
+                try await Task.sleep(for: configuration.probeInterval)
+            } catch {
+                return
+            }
+            for node in nodes where !node.health.isUp {
+                _ = await node.probe(timeout: configuration.connectTimeout)
+            }
+        }
+    }
+
+    // MARK: - requests
+
+    /// Runs a request on the node its key maps to. Requests without a key (`noop`, `version`,
+    /// `stats`) name a node: use ``node(_:)``.
+    public func execute(_ request: MemcachedRequest) async throws(MemcachedError) -> MemcachedResponse {
+        let (node, prepared) = try route(request)
+        return try await node.execute(prepared, deadline: deadline(for: prepared))
+    }
+
+    /// Runs requests pipelined: one write and one round trip per node involved.
+    public func executeBatch(_ requests: [MemcachedRequest]) async -> [Result<MemcachedResponse, MemcachedError>] {
+        var results = [Result<MemcachedResponse, MemcachedError>](repeating: .failure(.shutdownError), count: requests.count)
+        var perNode: [Int: [(index: Int, request: MemcachedRequest)]] = [:]
+        for (index, request) in requests.enumerated() {
+            do throws(MemcachedError) {
+                let (node, prepared) = try route(request)
+                perNode[nodeIndex[node.id]!, default: []].append((index, prepared))
+            } catch {
+                results[index] = .failure(error)
+            }
+        }
+        let batches = perNode
+        let timeout = configuration.requestTimeout
+        let outcomes = await withTaskGroup(of: [(Int, Result<MemcachedResponse, MemcachedError>)].self) { group in
+            for (node, entries) in batches {
+                group.addTask {
+                    let deadline = NIODeadline.now() + TimeAmount(entries.first?.request.timeout ?? timeout)
+                    let replies = await self.nodes[node].executeBatch(entries.map(\.request), deadline: deadline)
+                    return zip(entries, replies).map { ($0.index, $1) }
+                }
+            }
+            var all: [(Int, Result<MemcachedResponse, MemcachedError>)] = []
+            for await part in group { all += part }
+            return all
+        }
+        for (index, result) in outcomes { results[index] = result }
+        return results
+    }
+
+    /// Sends a request without waiting for it; `completion` gets the outcome (on an event-loop thread:
+    /// keep it short). For writes whose outcome is only counted, such as backup copies.
+    public func submit(
+        _ request: MemcachedRequest,
+        completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void = { _ in }
+    ) async {
+        do throws(MemcachedError) {
+            let (node, prepared) = try route(request)
+            await node.submit(prepared, deadline: deadline(for: prepared), completion: completion)
+        } catch {
+            completion(.failure(error))
+        }
+    }
+
+    /// The node with this id.
+    /// - Throws: ``MemcachedError/Code/unknownNode`` when no node has that id.
+    public func node(_ id: String) throws(MemcachedError) -> MemcachedNodeClient {
+        guard let index = nodeIndex[id] else {
+            throw MemcachedError(code: .unknownNode, message: "no memcached node with id '\(id)'")
+        }
+        return MemcachedNodeClient(client: self, node: nodes[index])
+    }
+
+    /// Every node, in configuration order.
+    public var allNodes: [MemcachedNodeClient] {
+        nodes.map { MemcachedNodeClient(client: self, node: $0) }
+    }
+
+    /// The id of the node a key maps to on the ketama ring (ignoring availability).
+    public func nodeID(forKey key: String) throws(MemcachedError) -> String {
+        let wireKey = try MemcachedKey.wireKey(key, encoding: configuration.keyEncoding)
+        return nodes[continuum.node(forKey: wireKey.utf8)].id
+    }
+
+    // MARK: - internals
+
+    func checkRunning() throws(MemcachedError) {
+        guard state.load(ordering: .relaxed) <= State.running.rawValue else {
+            throw MemcachedError.shutdownError
+        }
+    }
+
+    func prepare(_ request: MemcachedRequest) throws(MemcachedError) -> MemcachedRequest {
+        try checkRunning()
+        return try request.prepared(
+            mode: configuration.protocolMode, keyEncoding: configuration.keyEncoding,
+            itemSizeLimit: configuration.itemSizeLimit)
+    }
+
+    func deadline(for request: MemcachedRequest) -> NIODeadline {
+        .now() + TimeAmount(request.timeout ?? configuration.requestTimeout)
+    }
+
+    private func route(_ request: MemcachedRequest) throws(MemcachedError) -> (MemcachedNode, MemcachedRequest) {
+        let prepared = try prepare(request)
+        guard let key = prepared.key else {
+            throw MemcachedError(
+                code: .invalidArgument, message: "noop, version and stats go to a node: use client.node(id)")
+        }
+        if nodes.count == 1 { return (nodes[0], prepared) }
+        if configuration.keyDistribution.skipsUnavailable {
+            guard let index = continuum.node(forKey: key.utf8, isAvailable: { nodes[$0].health.isUp }) else {
+                throw MemcachedError(code: .nodeUnavailable, message: "every memcached node is marked down")
+            }
+            return (nodes[index], prepared)
+        }
+        return (nodes[continuum.node(forKey: key.utf8)], prepared)
+    }
+}
+
+/// One node of a ``MemcachedClient``, addressed by id: every request goes to this node, whatever
+/// its key. Also where the node-level commands live (`noop`, `version`, `stats`).
+public struct MemcachedNodeClient: MemcachedCommandRunner {
+    let client: MemcachedClient
+    let node: MemcachedNode
+
+    /// The node's id and address.
+    public var address: MemcachedNodeAddress { node.address }
+    public var id: String { node.id }
+    /// Whether the node takes requests (false while it is marked down).
+    public var isAvailable: Bool { node.health.isUp }
+
+    public func execute(_ request: MemcachedRequest) async throws(MemcachedError) -> MemcachedResponse {
+        let prepared = try client.prepare(request)
+        return try await node.execute(prepared, deadline: client.deadline(for: prepared))
+    }
+
+    public func executeBatch(_ requests: [MemcachedRequest]) async -> [Result<MemcachedResponse, MemcachedError>] {
+        var prepared: [MemcachedRequest] = []
+        prepared.reserveCapacity(requests.count)
+        var failures: [Int: MemcachedError] = [:]
+        for (index, request) in requests.enumerated() {
+            do throws(MemcachedError) {
+                prepared.append(try client.prepare(request))
+            } catch {
+                failures[index] = error
+            }
+        }
+        let deadline = client.deadline(for: prepared.first ?? .noop)
+        var replies = await node.executeBatch(prepared, deadline: deadline).makeIterator()
+        return requests.indices.map { index in
+            if let failure = failures[index] { return .failure(failure) }
+            return replies.next() ?? .failure(.connectionClosed())
+        }
+    }
+
+    /// Sends a request without waiting for it; `completion` gets the outcome on an event-loop thread.
+    public func submit(
+        _ request: MemcachedRequest,
+        completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void = { _ in }
+    ) async {
+        do throws(MemcachedError) {
+            let prepared = try client.prepare(request)
+            await node.submit(prepared, deadline: client.deadline(for: prepared), completion: completion)
+        } catch {
+            completion(.failure(error))
+        }
+    }
+
+    /// A no-op answered in order (`mn`; `version` in text mode): the node is alive and has processed
+    /// everything sent before it on that connection.
+    public func noop() async throws(MemcachedError) {
+        _ = try await execute(.noop)
+    }
+
+    /// The server's version string.
+    public func version() async throws(MemcachedError) -> String {
+        let response = try await execute(.version)
+        guard case .version(let version) = response else { throw Self.unexpected(response) }
+        return version
+    }
+
+    /// The node's statistics for a group (`stats`, `stats slabs`, `stats items`, `stats settings`...).
+    public func stats(_ group: MemcachedStatsGroup = .general) async throws(MemcachedError) -> [MemcachedStat] {
+        let response = try await execute(.stats(group))
+        guard case .stats(let stats) = response else { throw Self.unexpected(response) }
+        return stats
+    }
+}

@@ -1,0 +1,180 @@
+import NIOCore
+
+/// Where a request's outcome goes.
+enum RequestContext {
+    /// An `async` caller suspended on a continuation.
+    case continuation(UnsafeContinuation<Result<MemcachedResponse, MemcachedError>, Never>)
+    /// A caller that does not wait (for example a quiet backup write); called on the event loop.
+    case callback(@Sendable (Result<MemcachedResponse, MemcachedError>) -> Void)
+    /// One request of a batch sent in one go (get-many).
+    case batch(BatchCollector, index: Int)
+
+    func complete(_ result: Result<MemcachedResponse, MemcachedError>) {
+        switch self {
+        case .continuation(let continuation): continuation.resume(returning: result)
+        case .callback(let callback): callback(result)
+        case .batch(let collector, let index): collector.complete(index, result)
+        }
+    }
+}
+
+/// Collects the replies of a batch and resumes its caller once, when the last one is in.
+/// Lives on the connection's event loop only.
+final class BatchCollector {
+    private var results: [Result<MemcachedResponse, MemcachedError>]
+    private var remaining: Int
+    private let continuation: UnsafeContinuation<[Result<MemcachedResponse, MemcachedError>], Never>
+
+    init(count: Int, continuation: UnsafeContinuation<[Result<MemcachedResponse, MemcachedError>], Never>) {
+        self.results = Array(repeating: .failure(.connectionClosed()), count: count)
+        self.remaining = count
+        self.continuation = continuation
+        if count == 0 { continuation.resume(returning: []) }
+    }
+
+    func complete(_ index: Int, _ result: Result<MemcachedResponse, MemcachedError>) {
+        results[index] = result
+        remaining -= 1
+        if remaining == 0 { continuation.resume(returning: results) }
+    }
+}
+
+/// Performs what the ``ConnectionStateMachine`` decides: encodes requests into one outbound buffer,
+/// flushes it once per event-loop tick (so requests issued together leave in one write), feeds
+/// replies to the state machine, and keeps a single timer for deadlines.
+final class MemcachedChannelHandler: ChannelInboundHandler {
+    typealias InboundIn = MemcachedReply
+    typealias OutboundOut = ByteBuffer
+
+    private var stateMachine = ConnectionStateMachine<RequestContext>()
+    private var context: ChannelHandlerContext?
+    private var outbound: ByteBuffer
+    private var flushScheduled = false
+    private var nextOpaque: UInt32 = 0
+    private let encoder: MemcachedRequestEncoder
+    private let stallGrace: TimeAmount
+    private var timer: Scheduled<Void>?
+    private var timerDeadline: NIODeadline?
+    private var closePromise: EventLoopPromise<Void>?
+
+    init(mode: MemcachedProtocolMode, stallGrace: TimeAmount) {
+        self.encoder = MemcachedRequestEncoder(mode: mode)
+        self.stallGrace = stallGrace
+        self.outbound = ByteBuffer()
+    }
+
+    // MARK: - requests (on the event loop)
+
+    func submit(_ request: MemcachedRequest, id: UInt64, deadline: NIODeadline, context requestContext: RequestContext) {
+        guard let context, stateMachine.canEnqueue else {
+            requestContext.complete(.failure(stateMachine.state == .draining ? MemcachedError.shutdownError : .connectionClosed()))
+            return
+        }
+        nextOpaque &+= 1
+        let expectation = encoder.encode(request, opaque: nextOpaque, into: &outbound)
+        _ = stateMachine.enqueue(
+            id: id, opaque: nextOpaque, expectation: expectation, quiet: request.quiet, deadline: deadline,
+            context: requestContext)
+        armTimer(for: deadline)
+        if !flushScheduled {
+            flushScheduled = true
+            context.eventLoop.assumeIsolated().execute { self.flush() }
+        }
+    }
+
+    func cancel(id: UInt64) {
+        stateMachine.cancel(id: id) { context, result in context.complete(result) }
+    }
+
+    /// Stops taking requests and closes once those in flight are answered (or have timed out).
+    func closeGracefully(promise: EventLoopPromise<Void>?) {
+        guard let context else {
+            promise?.succeed()
+            return
+        }
+        if let promise {
+            context.channel.closeFuture.cascade(to: promise)
+        }
+        perform(stateMachine.drain())
+    }
+
+    private func flush() {
+        flushScheduled = false
+        guard let context else { return }
+        if stateMachine.needsBarrier, let last = stateMachine.pending.last {
+            // Quiet requests get no reply on success: an `mn` after them tells us they are done.
+            _ = encoder.encode(.noop, opaque: 0, into: &outbound)
+            _ = stateMachine.enqueue(
+                id: 0, opaque: nil, expectation: .metaNoop, quiet: false, deadline: last.deadline, context: nil)
+        }
+        guard outbound.readableBytes > 0 else { return }
+        context.writeAndFlush(wrapOutboundOut(outbound), promise: nil)
+        // Reuses the storage when the write completed synchronously (the usual case on loopback).
+        outbound.clear()
+    }
+
+    // MARK: - channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        self.outbound = context.channel.allocator.buffer(capacity: 4096)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let reply = unwrapInboundIn(data)
+        perform(stateMachine.receive(reply) { context, result in context.complete(result) })
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        stateMachine.channelClosed(.connectionClosed()) { context, result in context.complete(result) }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        let memcachedError = (error as? MemcachedError) ?? .connectionClosed("connection error: \(error)")
+        perform(stateMachine.fail(memcachedError) { context, result in context.complete(result) })
+        context.close(promise: nil)
+    }
+
+    // MARK: - helpers
+
+    private func perform(_ action: ConnectionStateMachine<RequestContext>.Action) {
+        switch action {
+        case .none: break
+        case .close:
+            timer?.cancel()
+            timer = nil
+            context?.close(promise: nil)
+        }
+    }
+
+    private func armTimer(for deadline: NIODeadline) {
+        if let timerDeadline, timerDeadline <= deadline { return }
+        timer?.cancel()
+        schedule(at: deadline)
+    }
+
+    private func schedule(at deadline: NIODeadline) {
+        guard let context else { return }
+        timerDeadline = deadline
+        timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { self.timerFired() }
+    }
+
+    private func timerFired() {
+        timer = nil
+        timerDeadline = nil
+        let action = stateMachine.expire(now: .now(), stallGrace: stallGrace) { context, result in
+            context.complete(result)
+        }
+        perform(action)
+        if action == .none, let next = stateMachine.nextCheck(stallGrace: stallGrace) {
+            schedule(at: next)
+        }
+    }
+}

@@ -1,0 +1,129 @@
+import Atomics
+import NIOCore
+import NIOPosix
+
+/// One TCP connection to a memcached node, with any number of requests in flight.
+///
+/// Thread-safe: requests may come from any task. A request from a task that already runs on the
+/// connection's event loop (for example under an event-loop task executor) is queued without a
+/// thread hop.
+final class MemcachedConnection: Sendable {
+    let channel: any Channel
+    private let handler: NIOLoopBound<MemcachedChannelHandler>
+    private let requestIDs = ManagedAtomic<UInt64>(1)
+
+    var eventLoop: any EventLoop { channel.eventLoop }
+    var closeFuture: EventLoopFuture<Void> { channel.closeFuture }
+
+    private init(channel: any Channel, handler: MemcachedChannelHandler) {
+        self.channel = channel
+        self.handler = NIOLoopBound(handler, eventLoop: channel.eventLoop)
+    }
+
+    struct Settings: Sendable {
+        var mode: MemcachedProtocolMode
+        var connectTimeout: TimeAmount
+        /// How long past a request's deadline a connection may stay silent before it is closed.
+        var stallGrace: TimeAmount
+        var maximumValueSize: Int
+    }
+
+    /// Opens a connection.
+    static func connect(
+        host: String, port: Int, settings: Settings, eventLoop: any EventLoop
+    ) -> EventLoopFuture<MemcachedConnection> {
+        ClientBootstrap(group: eventLoop)
+            .connectTimeout(settings.connectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let handler = MemcachedChannelHandler(mode: settings.mode, stallGrace: settings.stallGrace)
+                    try channel.pipeline.syncOperations.addHandler(
+                        ByteToMessageHandler(MemcachedReplyDecoder(maximumValueSize: settings.maximumValueSize)))
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+            .connect(host: host, port: port)
+            .flatMapThrowing { channel in
+                let handler = try channel.pipeline.syncOperations.handler(type: MemcachedChannelHandler.self)
+                return MemcachedConnection(channel: channel, handler: handler)
+            }
+    }
+
+    /// Sends one request and waits for its reply, its deadline or the task's cancellation.
+    func execute(_ request: MemcachedRequest, deadline: NIODeadline) async -> Result<MemcachedResponse, MemcachedError> {
+        let id = requestIDs.loadThenWrappingIncrement(ordering: .relaxed)
+        let eventLoop = self.eventLoop
+        let handler = self.handler
+        return await withTaskCancellationHandler {
+            if Task.isCancelled { return .failure(MemcachedError.cancelledError) }
+            return await withUnsafeContinuation { continuation in
+                if eventLoop.inEventLoop {
+                    handler.value.submit(request, id: id, deadline: deadline, context: .continuation(continuation))
+                } else {
+                    eventLoop.execute {
+                        handler.value.submit(request, id: id, deadline: deadline, context: .continuation(continuation))
+                    }
+                }
+            }
+        } onCancel: {
+            // A cancellation that overtakes the submission finds nothing to cancel: the request then
+            // ends at its deadline, as any other.
+            eventLoop.execute { handler.value.cancel(id: id) }
+        }
+    }
+
+    /// Sends several requests in one write and waits for all replies. Results are in request order.
+    func executeBatch(_ requests: [MemcachedRequest], deadline: NIODeadline) async -> [Result<MemcachedResponse, MemcachedError>] {
+        let firstID = requestIDs.loadThenWrappingIncrement(by: UInt64(requests.count), ordering: .relaxed)
+        let eventLoop = self.eventLoop
+        let handler = self.handler
+        return await withTaskCancellationHandler {
+            if Task.isCancelled { return requests.map { _ in .failure(MemcachedError.cancelledError) } }
+            return await withUnsafeContinuation { continuation in
+                let submit: @Sendable () -> Void = {
+                    let collector = BatchCollector(count: requests.count, continuation: continuation)
+                    for (index, request) in requests.enumerated() {
+                        handler.value.submit(
+                            request, id: firstID &+ UInt64(index), deadline: deadline,
+                            context: .batch(collector, index: index))
+                    }
+                }
+                if eventLoop.inEventLoop { submit() } else { eventLoop.execute(submit) }
+            }
+        } onCancel: {
+            eventLoop.execute {
+                for index in 0..<requests.count { handler.value.cancel(id: firstID &+ UInt64(index)) }
+            }
+        }
+    }
+
+    /// Sends a request without waiting; `completion` runs on the event loop with the outcome.
+    func submit(
+        _ request: MemcachedRequest, deadline: NIODeadline,
+        completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void
+    ) {
+        let id = requestIDs.loadThenWrappingIncrement(ordering: .relaxed)
+        let handler = self.handler
+        if eventLoop.inEventLoop {
+            handler.value.submit(request, id: id, deadline: deadline, context: .callback(completion))
+        } else {
+            eventLoop.execute {
+                handler.value.submit(request, id: id, deadline: deadline, context: .callback(completion))
+            }
+        }
+    }
+
+    /// Closes after the requests in flight are answered or time out.
+    func closeGracefully() -> EventLoopFuture<Void> {
+        let promise = eventLoop.makePromise(of: Void.self)
+        let handler = self.handler
+        eventLoop.execute { handler.value.closeGracefully(promise: promise) }
+        return promise.futureResult
+    }
+
+    /// Closes now; requests in flight fail with ``MemcachedError/Code/connectionClosed``.
+    func close() {
+        channel.close(promise: nil)
+    }
+}

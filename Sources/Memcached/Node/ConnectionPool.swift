@@ -1,0 +1,180 @@
+import Atomics
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// A small fixed set of pipelined connections to one node, opened on demand, reopened with
+/// exponential backoff after a failure.
+final class ConnectionPool: Sendable {
+    private enum SlotState {
+        case idle
+        case connecting(EventLoopFuture<MemcachedConnection>)
+        case connected(MemcachedConnection)
+        /// The last attempt failed: requests fail fast until `until`, then the next one reconnects.
+        case backingOff(until: NIODeadline, attempts: Int, error: MemcachedError)
+        case shutDown
+    }
+
+    private final class Slot: Sendable {
+        let eventLoop: any EventLoop
+        let state = NIOLockedValueBox(SlotState.idle)
+        init(eventLoop: any EventLoop) { self.eventLoop = eventLoop }
+    }
+
+    private let slots: [Slot]
+    private let nextSlot = ManagedAtomic<Int>(0)
+    private let host: String
+    private let port: Int
+    private let settings: MemcachedConnection.Settings
+    private let backoff: (minimum: TimeAmount, maximum: TimeAmount)
+
+    init(
+        host: String, port: Int, count: Int, eventLoopGroup: any EventLoopGroup,
+        settings: MemcachedConnection.Settings, backoff: (minimum: TimeAmount, maximum: TimeAmount)
+    ) {
+        self.host = host
+        self.port = port
+        self.settings = settings
+        self.backoff = backoff
+        self.slots = (0..<max(1, count)).map { _ in Slot(eventLoop: eventLoopGroup.next()) }
+    }
+
+    /// A connection, opening one if needed. Prefers a connection on the caller's own event loop.
+    func connection() async throws(MemcachedError) -> MemcachedConnection {
+        let slot = pickSlot()
+        enum Next {
+            case ready(MemcachedConnection)
+            case wait(EventLoopFuture<MemcachedConnection>)
+            case connect(EventLoopPromise<MemcachedConnection>, attempts: Int)
+            case fail(MemcachedError)
+        }
+        let next: Next = slot.state.withLockedValue { state in
+            switch state {
+            case .connected(let connection):
+                return .ready(connection)
+            case .connecting(let future):
+                return .wait(future)
+            case .shutDown:
+                return .fail(MemcachedError.shutdownError)
+            case .backingOff(let until, let attempts, let error):
+                if NIODeadline.now() < until { return .fail(error) }
+                let promise = slot.eventLoop.makePromise(of: MemcachedConnection.self)
+                state = .connecting(promise.futureResult)
+                return .connect(promise, attempts: attempts)
+            case .idle:
+                let promise = slot.eventLoop.makePromise(of: MemcachedConnection.self)
+                state = .connecting(promise.futureResult)
+                return .connect(promise, attempts: 0)
+            }
+        }
+        let future: EventLoopFuture<MemcachedConnection>
+        switch next {
+        case .ready(let connection):
+            return connection
+        case .fail(let error):
+            throw error
+        case .wait(let waiting):
+            future = waiting
+        case .connect(let promise, let attempts):
+            // Outside the lock: a connect can fail synchronously and run the callbacks at once.
+            startConnect(slot, attempts: attempts, promise: promise)
+            future = promise.futureResult
+        }
+        do {
+            return try await future.get()
+        } catch let error as MemcachedError {
+            throw error
+        } catch {
+            throw MemcachedError(code: .connectFailed, message: "\(error)")
+        }
+    }
+
+    private func pickSlot() -> Slot {
+        if slots.count == 1 { return slots[0] }
+        for slot in slots where slot.eventLoop.inEventLoop { return slot }
+        let index = nextSlot.loadThenWrappingIncrement(ordering: .relaxed)
+        return slots[index % slots.count]
+    }
+
+    private func startConnect(_ slot: Slot, attempts: Int, promise: EventLoopPromise<MemcachedConnection>) {
+        let backoff = self.backoff
+        let target = "\(host):\(port)"
+        let future = MemcachedConnection.connect(host: host, port: port, settings: settings, eventLoop: slot.eventLoop)
+            .flatMapErrorThrowing { error in
+                throw MemcachedError(code: .connectFailed, message: "cannot connect to \(target): \(error)")
+            }
+        future.cascade(to: promise)
+        promise.futureResult.whenComplete { result in
+            slot.state.withLockedValue { state in
+                guard case .connecting = state else {
+                    // Shut down while connecting: do not keep the connection.
+                    if case .success(let connection) = result { connection.close() }
+                    return
+                }
+                switch result {
+                case .success(let connection):
+                    state = .connected(connection)
+                    connection.closeFuture.whenComplete { _ in
+                        slot.state.withLockedValue { state in
+                            if case .connected(let current) = state, current === connection { state = .idle }
+                        }
+                    }
+                case .failure(let error):
+                    let delay = Self.backoffDelay(attempts: attempts, minimum: backoff.minimum, maximum: backoff.maximum)
+                    state = .backingOff(
+                        until: .now() + delay, attempts: attempts + 1,
+                        error: (error as? MemcachedError) ?? MemcachedError(code: .connectFailed, message: "\(error)"))
+                }
+            }
+        }
+    }
+
+    static func backoffDelay(attempts: Int, minimum: TimeAmount, maximum: TimeAmount) -> TimeAmount {
+        let factor = Int64(1) << Int64(min(attempts, 16))
+        let (product, overflow) = minimum.nanoseconds.multipliedReportingOverflow(by: factor)
+        if overflow { return maximum }
+        return .nanoseconds(min(product, maximum.nanoseconds))
+    }
+
+    /// Forgets backoff state so that the next request reconnects at once (the node answered a probe).
+    func resetBackoff() {
+        for slot in slots {
+            slot.state.withLockedValue { state in
+                if case .backingOff = state { state = .idle }
+            }
+        }
+    }
+
+    /// Closes every connection now; requests in flight fail with `connectionClosed`.
+    func closeAll() {
+        for slot in slots {
+            let connection: MemcachedConnection? = slot.state.withLockedValue { state in
+                defer { if case .shutDown = state {} else { state = .idle } }
+                if case .connected(let connection) = state { return connection }
+                return nil
+            }
+            connection?.close()
+        }
+    }
+
+    /// Stops opening connections and closes the open ones after their requests are answered.
+    func shutdown() async {
+        var closing: [EventLoopFuture<Void>] = []
+        for slot in slots {
+            let previous = slot.state.withLockedValue { state in
+                defer { state = .shutDown }
+                return state
+            }
+            switch previous {
+            case .connected(let connection):
+                closing.append(connection.closeGracefully())
+            case .connecting(let future):
+                closing.append(future.flatMap { $0.closeGracefully() }.recover { _ in })
+            default:
+                break
+            }
+        }
+        for future in closing {
+            try? await future.get()
+        }
+    }
+}

@@ -1,0 +1,166 @@
+import Logging
+import Metrics
+import NIOCore
+
+/// One memcached node as the client sees it: its connections, its health and its metrics.
+final class MemcachedNode: Sendable {
+    let address: MemcachedNodeAddress
+    let pool: ConnectionPool
+    let health: NodeHealth
+    let metrics: NodeMetrics
+    let logger: Logger
+
+    var id: String { address.id }
+
+    init(
+        address: MemcachedNodeAddress, configuration: MemcachedClient.Configuration, eventLoopGroup: any EventLoopGroup,
+        logger: Logger
+    ) {
+        self.address = address
+        self.health = NodeHealth(failureThreshold: configuration.failureThreshold)
+        self.metrics = NodeMetrics(nodeID: address.id)
+        var logger = logger
+        logger[metadataKey: "memcached.node"] = "\(address.id)"
+        self.logger = logger
+        self.pool = ConnectionPool(
+            host: address.host, port: address.port, count: configuration.connectionsPerNode,
+            eventLoopGroup: eventLoopGroup,
+            settings: MemcachedConnection.Settings(
+                mode: configuration.protocolMode, connectTimeout: TimeAmount(configuration.connectTimeout),
+                stallGrace: TimeAmount(configuration.requestTimeout),
+                maximumValueSize: max(configuration.itemSizeLimit * 2, 1 << 20)),
+            backoff: (TimeAmount(configuration.reconnectBackoff.minimum), TimeAmount(configuration.reconnectBackoff.maximum)))
+        metrics.up.record(1)
+    }
+
+    /// Runs a validated request.
+    func execute(_ request: MemcachedRequest, deadline: NIODeadline) async throws(MemcachedError) -> MemcachedResponse {
+        guard health.isUp else {
+            metrics.record(error: .nodeUnavailable)
+            throw MemcachedError(code: .nodeUnavailable, message: "node is marked down after repeated failures", nodeID: id)
+        }
+        let start = NIODeadline.now()
+        let result: Result<MemcachedResponse, MemcachedError>
+        do {
+            let connection = try await pool.connection()
+            result = await connection.execute(request, deadline: deadline)
+        } catch {
+            result = .failure(error)
+        }
+        return try finish(result, start: start).get()
+    }
+
+    /// Runs validated requests in one write on one connection.
+    func executeBatch(_ requests: [MemcachedRequest], deadline: NIODeadline) async -> [Result<MemcachedResponse, MemcachedError>] {
+        guard health.isUp else {
+            metrics.record(error: .nodeUnavailable)
+            let error = MemcachedError(code: .nodeUnavailable, message: "node is marked down after repeated failures", nodeID: id)
+            return requests.map { _ in .failure(error) }
+        }
+        let start = NIODeadline.now()
+        let results: [Result<MemcachedResponse, MemcachedError>]
+        do {
+            let connection = try await pool.connection()
+            results = await connection.executeBatch(requests, deadline: deadline)
+        } catch {
+            results = requests.map { _ in .failure(error) }
+        }
+        return results.map { finish($0, start: start) }
+    }
+
+    /// Sends a validated request without waiting; `completion` gets the outcome.
+    func submit(
+        _ request: MemcachedRequest, deadline: NIODeadline,
+        completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void
+    ) async {
+        guard health.isUp else {
+            metrics.record(error: .nodeUnavailable)
+            completion(.failure(MemcachedError(code: .nodeUnavailable, message: "node is marked down after repeated failures", nodeID: id)))
+            return
+        }
+        let start = NIODeadline.now()
+        do {
+            let connection = try await pool.connection()
+            connection.submit(request, deadline: deadline) { result in
+                completion(self.finish(result, start: start))
+            }
+        } catch {
+            completion(finish(.failure(error), start: start))
+        }
+    }
+
+    private func finish(_ result: Result<MemcachedResponse, MemcachedError>, start: NIODeadline) -> Result<MemcachedResponse, MemcachedError> {
+        metrics.requests.increment()
+        metrics.latency.recordNanoseconds((NIODeadline.now() - start).nanoseconds)
+        switch result {
+        case .success:
+            health.recordSuccess()
+            return result
+        case .failure(let error):
+            metrics.record(error: error.code)
+            if error.isNodeFailure, health.recordFailure() {
+                metrics.up.record(0)
+                logger.warning("memcached node marked down", metadata: ["memcached.error": "\(error)"])
+            }
+            return .failure(error.with(nodeID: id))
+        }
+    }
+
+    /// Asks the node for its version on a fresh connection attempt; marks it up when it answers.
+    func probe(timeout: Duration) async -> Bool {
+        pool.resetBackoff()
+        do {
+            let connection = try await pool.connection()
+            let result = await connection.execute(.version, deadline: .now() + TimeAmount(timeout))
+            if case .success = result {
+                if health.markUp() {
+                    metrics.up.record(1)
+                    logger.notice("memcached node is back up")
+                }
+                return true
+            }
+        } catch {}
+        return false
+    }
+}
+
+/// Per-node metrics through swift-metrics. Labels carry the node id only: never a key or a value.
+struct NodeMetrics: Sendable {
+    let requests: Counter
+    let timeouts: Counter
+    let latency: Metrics.Timer
+    let up: Gauge
+    private let errors: [MemcachedError.Code: Counter]
+    private let otherErrors: Counter
+
+    static let errorCodes: [MemcachedError.Code] = [
+        .timeout, .connectionClosed, .connectFailed, .nodeUnavailable, .serverError, .clientError, .protocolError,
+        .cancelled, .shutdown,
+    ]
+
+    init(nodeID: String) {
+        let node = [("node", nodeID)]
+        requests = Counter(label: "memcached_requests_total", dimensions: node)
+        timeouts = Counter(label: "memcached_timeouts_total", dimensions: node)
+        latency = Metrics.Timer(label: "memcached_request_duration_seconds", dimensions: node)
+        up = Gauge(label: "memcached_node_up", dimensions: node)
+        var errors: [MemcachedError.Code: Counter] = [:]
+        for code in Self.errorCodes {
+            errors[code] = Counter(label: "memcached_errors_total", dimensions: node + [("kind", code.description)])
+        }
+        self.errors = errors
+        otherErrors = Counter(label: "memcached_errors_total", dimensions: node + [("kind", "other")])
+    }
+
+    func record(error code: MemcachedError.Code) {
+        (errors[code] ?? otherErrors).increment()
+        if code == .timeout { timeouts.increment() }
+    }
+}
+
+extension TimeAmount {
+    init(_ duration: Duration) {
+        let (seconds, attoseconds) = duration.components
+        self = .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+    }
+}

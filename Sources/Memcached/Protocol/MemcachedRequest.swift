@@ -1,0 +1,249 @@
+import NIOCore
+
+/// Which wire protocol the client speaks.
+public enum MemcachedProtocolMode: String, Sendable, Hashable, CaseIterable {
+    /// memcached's meta protocol (`mg`, `ms`, `md`, `ma`, `mn`): opaque tokens on every reply, quiet
+    /// writes, conditional deletes, get-and-touch in one command. Needs memcached 1.6.10 or later.
+    case meta
+    /// The classic text protocol (`get`/`gets`/`gat`/`set`/`cas`/`delete`/`touch`/`incr`), for
+    /// memcached-protocol stores and proxies without meta commands. Calls that need meta mode
+    /// (conditional delete, counters with an initial value, quiet writes with error reporting)
+    /// either fall back as documented on the call or fail with
+    /// ``MemcachedError/Code/unsupportedInProtocolMode``.
+    case text
+}
+
+/// How a storage command treats an existing item.
+public enum MemcachedStoreMode: String, Sendable, Hashable {
+    /// Store unconditionally.
+    case set
+    /// Store only if the key does not exist.
+    case add
+    /// Store only if the key exists.
+    case replace
+    /// Append to an existing value (flags and TTL are left as they are).
+    case append
+    /// Prepend to an existing value (flags and TTL are left as they are).
+    case prepend
+}
+
+/// An item read from memcached.
+public struct MemcachedItem: Sendable, Hashable {
+    /// The stored bytes.
+    public var value: ByteBuffer
+    /// The client flags stored with the item.
+    public var flags: UInt32
+    /// The item's CAS unique, for a later conditional write.
+    public var cas: UInt64?
+
+    public init(value: ByteBuffer, flags: UInt32 = 0, cas: UInt64? = nil) {
+        self.value = value
+        self.flags = flags
+        self.cas = cas
+    }
+
+    /// The value as UTF-8 text.
+    public var string: String { String(buffer: value) }
+}
+
+/// The outcome of a storage command.
+public enum MemcachedStoreResult: Sendable, Hashable {
+    /// Stored. In meta mode the item's new CAS unique is returned; in text mode it is `nil`.
+    case stored(cas: UInt64?)
+    /// Not stored because the mode's condition failed (`add` on an existing key, `replace` or
+    /// `append` on a missing one).
+    case notStored
+    /// A CAS write found another CAS unique: someone changed the item since it was read.
+    case exists
+    /// A CAS write found no item.
+    case notFound
+
+    /// Whether the value was stored.
+    public var isStored: Bool {
+        if case .stored = self { return true }
+        return false
+    }
+}
+
+/// The outcome of a delete.
+public enum MemcachedDeleteResult: Sendable, Hashable {
+    case deleted
+    case notFound
+    /// A conditional delete found another CAS unique: the item was not deleted.
+    case exists
+}
+
+/// One `STAT name value` line.
+public struct MemcachedStat: Sendable, Hashable {
+    public var name: String
+    public var value: String
+}
+
+/// Which `stats` group to ask a node for.
+public struct MemcachedStatsGroup: Sendable, Hashable, CustomStringConvertible {
+    let argument: String?
+    /// `stats`: the general counters.
+    public static let general = MemcachedStatsGroup(argument: nil)
+    /// `stats slabs`.
+    public static let slabs = MemcachedStatsGroup(argument: "slabs")
+    /// `stats items`.
+    public static let items = MemcachedStatsGroup(argument: "items")
+    /// `stats settings`.
+    public static let settings = MemcachedStatsGroup(argument: "settings")
+    /// `stats sizes`.
+    public static let sizes = MemcachedStatsGroup(argument: "sizes")
+    /// `stats conns`.
+    public static let conns = MemcachedStatsGroup(argument: "conns")
+
+    public var description: String { argument ?? "general" }
+}
+
+/// A command for a memcached node, built with the static functions below and run with
+/// ``MemcachedCommandRunner/execute(_:)``.
+public struct MemcachedRequest: Sendable {
+    enum Command: Sendable {
+        case get(key: String, value: Bool, touch: MemcachedTTL?)
+        case store(key: String, value: ByteBuffer, flags: UInt32, ttl: MemcachedTTL, mode: MemcachedStoreMode, cas: UInt64?)
+        case delete(key: String, cas: UInt64?)
+        case touch(key: String, ttl: MemcachedTTL)
+        case arithmetic(key: String, delta: UInt64, increment: Bool, initial: UInt64?, ttl: MemcachedTTL)
+        case noop
+        case version
+        case stats(MemcachedStatsGroup)
+    }
+
+    var command: Command
+    /// Quiet writes ask the server for no reply unless something fails (meta mode); the client
+    /// still learns the outcome from the next reply on the connection and completes the call then.
+    /// Ignored in text mode, where the write is acknowledged as usual.
+    public var quiet: Bool = false
+    /// Overrides the client's request timeout for this request.
+    public var timeout: Duration?
+
+    init(_ command: Command) { self.command = command }
+
+    /// Reads an item (value, flags and CAS). With `touch`, also sets a new TTL in the same round trip
+    /// (`mg <key> v T<ttl>` in meta mode, `gats` in text mode).
+    public static func get(_ key: String, touch: MemcachedTTL? = nil) -> MemcachedRequest {
+        MemcachedRequest(.get(key: key, value: true, touch: touch))
+    }
+
+    /// Stores a value. With `cas`, only if the item's CAS unique still equals it.
+    /// In text mode a CAS write must use mode ``MemcachedStoreMode/set`` (the `cas` command).
+    public static func store(
+        _ key: String, value: ByteBuffer, mode: MemcachedStoreMode = .set, ttl: MemcachedTTL = .never,
+        flags: UInt32 = 0, cas: UInt64? = nil, quiet: Bool = false
+    ) -> MemcachedRequest {
+        var request = MemcachedRequest(.store(key: key, value: value, flags: flags, ttl: ttl, mode: mode, cas: cas))
+        request.quiet = quiet
+        return request
+    }
+
+    /// Deletes an item; with `cas`, only if its CAS unique still equals it (meta mode only).
+    public static func delete(_ key: String, cas: UInt64? = nil, quiet: Bool = false) -> MemcachedRequest {
+        var request = MemcachedRequest(.delete(key: key, cas: cas))
+        request.quiet = quiet
+        return request
+    }
+
+    /// Sets a new TTL without reading the value.
+    public static func touch(_ key: String, ttl: MemcachedTTL) -> MemcachedRequest {
+        MemcachedRequest(.touch(key: key, ttl: ttl))
+    }
+
+    /// Adds `delta` to a decimal counter. With `initial` (meta mode only), a missing counter is
+    /// created with that value and `ttl`. Decrementing stops at 0, as memcached does.
+    public static func arithmetic(
+        _ key: String, delta: UInt64, increment: Bool = true, initial: UInt64? = nil, ttl: MemcachedTTL = .never
+    ) -> MemcachedRequest {
+        MemcachedRequest(.arithmetic(key: key, delta: delta, increment: increment, initial: initial, ttl: ttl))
+    }
+
+    /// A no-op that is answered in order: proves the connection is alive and everything before it
+    /// was processed (`mn`; `version` in text mode).
+    public static var noop: MemcachedRequest { MemcachedRequest(.noop) }
+    /// The server's version string.
+    public static var version: MemcachedRequest { MemcachedRequest(.version) }
+    /// A node's statistics.
+    public static func stats(_ group: MemcachedStatsGroup = .general) -> MemcachedRequest {
+        MemcachedRequest(.stats(group))
+    }
+
+    /// The key the request is about, if any (used to pick a node).
+    public var key: String? {
+        switch command {
+        case .get(let key, _, _), .store(let key, _, _, _, _, _), .delete(let key, _), .touch(let key, _),
+            .arithmetic(let key, _, _, _, _):
+            return key
+        case .noop, .version, .stats:
+            return nil
+        }
+    }
+
+    /// Validates the request for `mode` and replaces its key by the wire key. Nothing is sent for a
+    /// request that fails here.
+    func prepared(
+        mode: MemcachedProtocolMode, keyEncoding: MemcachedKeyEncoding, itemSizeLimit: Int
+    ) throws(MemcachedError) -> MemcachedRequest {
+        var copy = self
+        switch command {
+        case .get(let key, let value, let touch):
+            copy.command = .get(key: try MemcachedKey.wireKey(key, encoding: keyEncoding), value: value, touch: touch)
+            copy.quiet = false  // a quiet mg hides misses, not hits: no use for it here
+        case .store(let key, let value, let flags, let ttl, let storeMode, let cas):
+            let wireKey = try MemcachedKey.wireKey(key, encoding: keyEncoding)
+            // memcached's item_size_max covers the item header, the key and the value; 64 bytes is a
+            // safe bound for the header and suffix on 64-bit builds.
+            let itemSize = value.readableBytes + wireKey.utf8.count + 64
+            if itemSize > itemSizeLimit {
+                throw MemcachedError(
+                    code: .valueTooLarge,
+                    message: "value of \(value.readableBytes) bytes exceeds the item size limit of \(itemSizeLimit) bytes")
+            }
+            if mode == .text, cas != nil, storeMode != .set {
+                throw MemcachedError.unsupported("a CAS write in mode \(storeMode) needs the meta protocol")
+            }
+            copy.command = .store(key: wireKey, value: value, flags: flags, ttl: ttl, mode: storeMode, cas: cas)
+        case .delete(let key, let cas):
+            if mode == .text, cas != nil {
+                throw MemcachedError.unsupported("a conditional delete needs the meta protocol")
+            }
+            copy.command = .delete(key: try MemcachedKey.wireKey(key, encoding: keyEncoding), cas: cas)
+        case .touch(let key, let ttl):
+            copy.command = .touch(key: try MemcachedKey.wireKey(key, encoding: keyEncoding), ttl: ttl)
+            copy.quiet = false
+        case .arithmetic(let key, let delta, let increment, let initial, let ttl):
+            if mode == .text, initial != nil {
+                throw MemcachedError.unsupported("a counter with an initial value needs the meta protocol")
+            }
+            copy.command = .arithmetic(
+                key: try MemcachedKey.wireKey(key, encoding: keyEncoding), delta: delta, increment: increment,
+                initial: initial, ttl: ttl)
+            copy.quiet = false
+        case .noop, .version, .stats:
+            copy.quiet = false
+        }
+        if mode == .text { copy.quiet = false }
+        return copy
+    }
+}
+
+/// A reply to one ``MemcachedRequest``.
+public enum MemcachedResponse: Sendable, Hashable {
+    /// A get: the item, or `nil` for a miss.
+    case item(MemcachedItem?)
+    /// A store.
+    case stored(MemcachedStoreResult)
+    /// A delete.
+    case deleted(MemcachedDeleteResult)
+    /// A touch: whether the item existed.
+    case touched(Bool)
+    /// An increment or decrement: the new value, or `nil` when the counter does not exist.
+    case counter(UInt64?)
+    /// A no-op.
+    case noop
+    /// The server's version string.
+    case version(String)
+    /// A node's statistics, in the server's order.
+    case stats([MemcachedStat])
+}

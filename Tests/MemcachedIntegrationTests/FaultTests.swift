@@ -1,0 +1,195 @@
+import Memcached
+import MemcachedTestRig
+import NIOCore
+import NIOPosix
+import Testing
+
+@Suite("Faults: killed nodes, silent servers, recovery")
+struct FaultTests {
+    @Test(arguments: MemcachedProtocolMode.allCases)
+    func killedNodeFailsInFlightRequestsThenFailsFastThenRecovers(mode: MemcachedProtocolMode) async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let server = servers[0]
+            try await withClient(
+                servers, mode: mode,
+                configure: {
+                    $0.requestTimeout = .seconds(2)
+                    $0.failureThreshold = 2
+                    $0.probeInterval = .milliseconds(100)
+                }
+            ) { client in
+                let node = try client.node("n1")
+                try await client.set("k", value: bytes("v"))
+
+                // Requests in flight when the node dies fail with a typed error within their deadline.
+                let started = ContinuousClock.now
+                let outcomes = try await withThrowingTaskGroup(of: MemcachedError?.self) { group in
+                    for index in 0..<200 {
+                        group.addTask {
+                            await memcachedError {
+                                for round in 0..<1_000 {
+                                    try await client.set("load-\(index)-\(round)", value: ByteBuffer(repeating: 7, count: 2_000))
+                                }
+                            }
+                        }
+                    }
+                    try await Task.sleep(for: .milliseconds(100))
+                    try await server.kill()
+                    var errors: [MemcachedError?] = []
+                    for try await outcome in group { errors.append(outcome) }
+                    return errors
+                }
+                let elapsed = ContinuousClock.now - started
+                #expect(elapsed < .seconds(5), "requests hung for \(elapsed)")
+                let codes = Set(outcomes.compactMap { $0?.code })
+                #expect(outcomes.allSatisfy { $0 != nil }, "some task finished 1000 writes before the kill")
+                #expect(codes.isSubset(of: [.connectionClosed, .connectFailed, .nodeUnavailable, .timeout]), "\(codes)")
+
+                // The node is marked down: requests fail fast.
+                try await eventually("node marked down") {
+                    _ = await memcachedError { _ = try await client.get("k") }
+                    return !node.isAvailable
+                }
+                let fast = ContinuousClock.now
+                let error = await memcachedError { _ = try await client.get("k") }
+                #expect(error?.code == .nodeUnavailable)
+                #expect(error?.nodeID == "n1")
+                #expect(ContinuousClock.now - fast < .milliseconds(50))
+
+                // Back up: the client recovers by itself within a bounded time.
+                try await server.restart()
+                try await eventually(timeout: .seconds(5), "node back up") { node.isAvailable }
+                try await client.set("k", value: bytes("again"))
+                #expect(try await client.get("k")?.string == "again")
+            }
+        }
+    }
+
+    @Test(arguments: MemcachedProtocolMode.allCases)
+    func silentServerTimesOutWithoutHanging(mode: MemcachedProtocolMode) async throws {
+        let blackhole = try await BlackholeServer.start()
+        defer { blackhole.stop() }
+        var configuration = try MemcachedClient.Configuration(nodes: "n1:127.0.0.1:\(blackhole.port)")
+        configuration.protocolMode = mode
+        configuration.requestTimeout = .milliseconds(200)
+        configuration.failureThreshold = 1000
+        let client = try MemcachedClient(configuration: configuration)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await client.run() }
+            let started = ContinuousClock.now
+            let errors = await withTaskGroup(of: MemcachedError?.self) { tasks in
+                for index in 0..<20 {
+                    tasks.addTask { await memcachedError { _ = try await client.get("k\(index)") } }
+                }
+                var errors: [MemcachedError?] = []
+                for await error in tasks { errors.append(error) }
+                return errors
+            }
+            #expect(ContinuousClock.now - started < .seconds(2))
+            #expect(errors.allSatisfy { $0?.code == .timeout })
+            // A per-request timeout overrides the client's.
+            var request = MemcachedRequest.get("k")
+            request.timeout = .milliseconds(50)
+            let quick = ContinuousClock.now
+            let error = await memcachedError { _ = try await client.execute(request) }
+            #expect(error?.code == .timeout)
+            #expect(ContinuousClock.now - quick < .milliseconds(1000))
+            group.cancelAll()
+        }
+    }
+
+    @Test func silentServerMarksNodeDownAfterThreshold() async throws {
+        let blackhole = try await BlackholeServer.start()
+        defer { blackhole.stop() }
+        var configuration = try MemcachedClient.Configuration(nodes: "n1:127.0.0.1:\(blackhole.port)")
+        configuration.requestTimeout = .milliseconds(100)
+        configuration.failureThreshold = 3
+        let client = try MemcachedClient(configuration: configuration)
+        for _ in 0..<3 {
+            let error = await memcachedError { _ = try await client.get("k") }
+            #expect(error?.code == .timeout)
+        }
+        let error = await memcachedError { _ = try await client.get("k") }
+        #expect(error?.code == .nodeUnavailable)
+    }
+
+    @Test func cancellationEndsAWaitingRequest() async throws {
+        let blackhole = try await BlackholeServer.start()
+        defer { blackhole.stop() }
+        var configuration = try MemcachedClient.Configuration(nodes: "n1:127.0.0.1:\(blackhole.port)")
+        configuration.requestTimeout = .seconds(30)
+        let client = try MemcachedClient(configuration: configuration)
+        let started = ContinuousClock.now
+        let task = Task { await memcachedError { _ = try await client.get("k") } }
+        try await Task.sleep(for: .milliseconds(100))
+        task.cancel()
+        let error = await task.value
+        #expect(error?.code == .cancelled)
+        #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
+    @Test func refusedConnectionIsATypedErrorAndBacksOff() async throws {
+        let port = try FreePort.find()
+        var configuration = try MemcachedClient.Configuration(nodes: "n1:127.0.0.1:\(port)")
+        configuration.failureThreshold = 100
+        let client = try MemcachedClient(configuration: configuration)
+        let first = await memcachedError { _ = try await client.get("k") }
+        #expect(first?.code == .connectFailed)
+        let second = await memcachedError { _ = try await client.get("k") }
+        #expect(second?.code == .connectFailed)
+    }
+
+    @Test func gracefulShutdownLetsInFlightRequestsFinish() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let client = try MemcachedClient(configuration: .init(nodes: "n1:127.0.0.1:\(servers[0].port)"))
+            let run = Task { try await client.run() }
+            try await client.set("warm", value: bytes("up"))
+            let results = await withTaskGroup(of: MemcachedError?.self) { group in
+                for index in 0..<500 {
+                    group.addTask {
+                        await memcachedError { try await client.set("g\(index)", value: ByteBuffer(repeating: 1, count: 10_000)) }
+                    }
+                }
+                run.cancel()
+                var errors: [MemcachedError?] = []
+                for await error in group { errors.append(error) }
+                return errors
+            }
+            try await run.value
+            // Every request either completed or was refused as shutting down: none was cut off.
+            for error in results {
+                #expect(error == nil || error?.code == .shutdown, "\(String(describing: error))")
+            }
+        }
+    }
+}
+
+/// A TCP server that accepts connections, reads everything and never answers.
+final class BlackholeServer: Sendable {
+    let channel: any Channel
+    var port: Int { channel.localAddress?.port ?? 0 }
+
+    private init(channel: any Channel) { self.channel = channel }
+
+    static func start() async throws -> BlackholeServer {
+        let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(Swallow())
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0)
+            .get()
+        return BlackholeServer(channel: channel)
+    }
+
+    func stop() {
+        channel.close(promise: nil)
+    }
+
+    private final class Swallow: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+    }
+}

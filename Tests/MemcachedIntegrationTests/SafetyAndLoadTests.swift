@@ -1,0 +1,94 @@
+import Memcached
+import MemcachedTestRig
+import NIOCore
+import Testing
+
+@Suite("Input safety and pipelining against a real memcached")
+struct SafetyAndLoadTests {
+    static let hostileKeys: [(String, String)] = [
+        ("CRLF", "a\r\nflush_all\r\n"),
+        ("LF", "a\nflush_all"),
+        ("CR", "a\rb"),
+        ("space", "a b"),
+        ("tab", "a\tb"),
+        ("NUL", "a\u{0}b"),
+        ("DEL", "a\u{7F}b"),
+        ("empty", ""),
+        ("251 bytes", String(repeating: "k", count: 251)),
+    ]
+
+    @Test(arguments: MemcachedProtocolMode.allCases)
+    func hostileKeysAreRefusedBeforeSendingAndValuesCannotInject(mode: MemcachedProtocolMode) async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withClient(servers, mode: mode) { client in
+                try await client.set("sentinel", value: bytes("still here"))
+                let node = try client.node("n1")
+                let before = try await Self.stat("cmd_set", node) + Self.stat("cmd_get", node) + Self.stat("cmd_touch", node)
+
+                for (name, key) in Self.hostileKeys {
+                    let requests: [MemcachedRequest] = [
+                        .get(key), .store(key, value: bytes("x")), .delete(key), .touch(key, ttl: .seconds(1)),
+                        .arithmetic(key, delta: 1),
+                    ]
+                    for request in requests {
+                        let error = await memcachedError { _ = try await client.execute(request) }
+                        #expect(error?.code == .invalidKey, "key \(name) was not refused for \(request.key ?? "")")
+                    }
+                    let viaNode = await memcachedError { _ = try await node.get(key) }
+                    #expect(viaNode?.code == .invalidKey, "key \(name) was not refused on a node client")
+                }
+                // Nothing reached the server: its command counters did not move.
+                let after = try await Self.stat("cmd_set", node) + Self.stat("cmd_get", node) + Self.stat("cmd_touch", node)
+                #expect(after == before)
+
+                // A value that looks like commands is data, byte for byte.
+                let payload = bytes("\r\nflush_all\r\nset evil 0 0 1\r\nx\r\ndelete sentinel\r\n")
+                try await client.set("payload", value: payload)
+                #expect(try await client.get("payload")?.value == payload)
+                try await client.set("payload2", value: bytes("END\r\nVALUE sentinel 0 1\r\nx\r\nEND\r\n"))
+                #expect(try await client.get("payload2")?.string == "END\r\nVALUE sentinel 0 1\r\nx\r\nEND\r\n")
+
+                #expect(try await client.get("sentinel")?.string == "still here")
+                #expect(try await client.get("evil") == nil)
+            }
+        }
+    }
+
+    static func stat(_ name: String, _ node: MemcachedNodeClient) async throws -> Int {
+        let stats = try await node.stats()
+        return Int(stats.first { $0.name == name }?.value ?? "") ?? -1
+    }
+
+    @Test(arguments: MemcachedProtocolMode.allCases)
+    func tenThousandPipelinedRequestsFromHundredTasks(mode: MemcachedProtocolMode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withClient(servers, mode: mode) { client in
+                try await withThrowingTaskGroup(of: Int.self) { group in
+                    for task in 0..<100 {
+                        group.addTask {
+                            var checked = 0
+                            for index in 0..<50 {
+                                let key = "p-\(task)-\(index)"
+                                let value = "\(task):\(index):" + String(repeating: "v", count: (task * 7 + index) % 300)
+                                try await client.set(key, value: bytes(value))
+                                let item = try await client.get(key)
+                                guard item?.string == value else {
+                                    throw RigError("wrong value for \(key): \(item?.string ?? "nil")")
+                                }
+                                checked += 2
+                            }
+                            return checked
+                        }
+                    }
+                    var total = 0
+                    for try await count in group { total += count }
+                    #expect(total == 10_000)
+                }
+                // The same volume as one pipelined batch per node.
+                let keys = (0..<2_000).map { "p-\($0 % 100)-\($0 / 100 % 50)" }
+                let items = try await client.getMany(keys)
+                #expect(Set(keys).count == items.count)
+            }
+        }
+    }
+}

@@ -1,0 +1,53 @@
+import Memcached
+import MemcachedTestRig
+import NIOCore
+
+/// Runs `body` with a running client over `servers` (node ids n1, n2, ...), then shuts the client down.
+func withClient(
+    _ servers: [MemcachedServer], mode: MemcachedProtocolMode = .meta,
+    configure: (inout MemcachedClient.Configuration) -> Void = { _ in },
+    _ body: (MemcachedClient) async throws -> Void
+) async throws {
+    var configuration = MemcachedClient.Configuration(
+        nodes: servers.enumerated().map { MemcachedNodeAddress(id: "n\($0.offset + 1)", host: "127.0.0.1", port: $0.element.port) })
+    configuration.protocolMode = mode
+    configure(&configuration)
+    let client = try MemcachedClient(configuration: configuration)
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await client.run() }
+        do {
+            try await body(client)
+            group.cancelAll()
+            try await group.waitForAll()
+        } catch {
+            group.cancelAll()
+            throw error
+        }
+    }
+}
+
+/// Waits until `condition` holds, checking every 20 ms, or fails after `timeout`.
+func eventually(
+    timeout: Duration = .seconds(10), _ what: String, _ condition: () async throws -> Bool
+) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    throw RigError("timed out after \(timeout) waiting for: \(what)")
+}
+
+/// Runs `body` and returns the MemcachedError it throws, or nil.
+func memcachedError(_ body: () async throws -> Void) async -> MemcachedError? {
+    do {
+        try await body()
+        return nil
+    } catch let error as MemcachedError {
+        return error
+    } catch {
+        return MemcachedError(code: .invalidArgument, message: "not a MemcachedError: \(error)")
+    }
+}
+
+func bytes(_ string: String) -> ByteBuffer { ByteBuffer(string: string) }
