@@ -53,3 +53,14 @@ struct KeyTTLAndNodeListTests {
         #expect(throws: MemcachedError.self) { _ = try MemcachedClient(configuration: configuration) }
     }
 }
+
+@Suite("Reconnect backoff")
+struct BackoffTests {
+    @Test func doublesFromTheMinimumUpToTheMaximum() {
+        let delays = (0..<8).map {
+            ConnectionPool.backoffDelay(attempts: $0, minimum: .milliseconds(50), maximum: .seconds(2)).nanoseconds / 1_000_000
+        }
+        #expect(delays == [50, 100, 200, 400, 800, 1600, 2000, 2000])
+        #expect(ConnectionPool.backoffDelay(attempts: 10_000, minimum: .seconds(1), maximum: .seconds(30)) == .seconds(30))
+    }
+}

@@ -1,3 +1,5 @@
+import CoreMetrics
+
 extension MemcachedClient {
     /// How keys without an explicit node are spread over the nodes.
     public struct KeyDistribution: Sendable, Hashable {
@@ -41,6 +43,9 @@ extension MemcachedClient {
         /// Delay before reconnecting after a failed connection attempt: doubles from `minimum` up to
         /// `maximum`; during it requests to that connection fail fast.
         public var reconnectBackoff: (minimum: Duration, maximum: Duration) = (.milliseconds(50), .seconds(2))
+        /// Where per-node metrics go; `nil` uses the process-wide `MetricsSystem` (bootstrap it before
+        /// creating the client).
+        public var metricsFactory: (any MetricsFactory)? = nil
 
         public init(nodes: [MemcachedNodeAddress]) {
             self.nodes = nodes

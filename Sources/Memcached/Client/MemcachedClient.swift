@@ -116,8 +116,14 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
                 results[index] = .failure(error)
             }
         }
-        let batches = perNode
         let timeout = configuration.requestTimeout
+        if perNode.count == 1, let (node, entries) = perNode.first {
+            let deadline = NIODeadline.now() + TimeAmount(entries.first?.request.timeout ?? timeout)
+            let replies = await nodes[node].executeBatch(entries.map(\.request), deadline: deadline)
+            for (entry, reply) in zip(entries, replies) { results[entry.index] = reply }
+            return results
+        }
+        let batches = perNode
         let outcomes = await withTaskGroup(of: [(Int, Result<MemcachedResponse, MemcachedError>)].self) { group in
             for (node, entries) in batches {
                 group.addTask {

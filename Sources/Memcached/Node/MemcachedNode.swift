@@ -18,7 +18,7 @@ final class MemcachedNode: Sendable {
     ) {
         self.address = address
         self.health = NodeHealth(failureThreshold: configuration.failureThreshold)
-        self.metrics = NodeMetrics(nodeID: address.id)
+        self.metrics = NodeMetrics(nodeID: address.id, factory: configuration.metricsFactory ?? MetricsSystem.factory)
         var logger = logger
         logger[metadataKey: "memcached.node"] = "\(address.id)"
         self.logger = logger
@@ -138,18 +138,18 @@ struct NodeMetrics: Sendable {
         .cancelled, .shutdown,
     ]
 
-    init(nodeID: String) {
+    init(nodeID: String, factory: any MetricsFactory) {
         let node = [("node", nodeID)]
-        requests = Counter(label: "memcached_requests_total", dimensions: node)
-        timeouts = Counter(label: "memcached_timeouts_total", dimensions: node)
-        latency = Metrics.Timer(label: "memcached_request_duration_seconds", dimensions: node)
-        up = Gauge(label: "memcached_node_up", dimensions: node)
+        requests = Counter(label: "memcached_requests_total", dimensions: node, factory: factory)
+        timeouts = Counter(label: "memcached_timeouts_total", dimensions: node, factory: factory)
+        latency = Metrics.Timer(label: "memcached_request_duration_seconds", dimensions: node, factory: factory)
+        up = Gauge(label: "memcached_node_up", dimensions: node, factory: factory)
         var errors: [MemcachedError.Code: Counter] = [:]
         for code in Self.errorCodes {
-            errors[code] = Counter(label: "memcached_errors_total", dimensions: node + [("kind", code.description)])
+            errors[code] = Counter(label: "memcached_errors_total", dimensions: node + [("kind", code.description)], factory: factory)
         }
         self.errors = errors
-        otherErrors = Counter(label: "memcached_errors_total", dimensions: node + [("kind", "other")])
+        otherErrors = Counter(label: "memcached_errors_total", dimensions: node + [("kind", "other")], factory: factory)
     }
 
     func record(error code: MemcachedError.Code) {
