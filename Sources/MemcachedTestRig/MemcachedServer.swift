@@ -168,10 +168,12 @@ enum PIDFile {
     static func add(_ pid: Int32) {
         guard let path else { return }
         lock.withLock {
-            if let handle = FileHandle(forWritingAtPath: path) ?? {
-                _ = FileManager.default.createFile(atPath: path, contents: nil)
-                return FileHandle(forWritingAtPath: path)
-            }() {
+            if let handle = FileHandle(forWritingAtPath: path)
+                ?? {
+                    _ = FileManager.default.createFile(atPath: path, contents: nil)
+                    return FileHandle(forWritingAtPath: path)
+                }()
+            {
                 handle.seekToEndOfFile()
                 handle.write(Data("\(pid)\n".utf8))
                 try? handle.close()

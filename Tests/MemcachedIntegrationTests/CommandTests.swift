@@ -272,7 +272,8 @@ struct CommandTests {
             // A client configured with a larger limit than the server's: the server's refusal is a
             // typed server error, and the connection stays usable. (memcached itself drops the old
             // item when a set fails for size: the reason the client checks the size before sending.)
-            try await withClient(servers, mode: mode, configure: { $0.itemSizeLimit = 4 * 1024 * 1024 }) { (client: MemcachedClient) async throws in
+            try await withClient(servers, mode: mode, configure: { $0.itemSizeLimit = 4 * 1024 * 1024 }) {
+                (client: MemcachedClient) async throws in
                 let tooLarge = ByteBuffer(repeating: 1, count: 2 * 1024 * 1024)
                 let error = await memcachedError { try await client.set("big", value: tooLarge) }
                 #expect(error?.code == .serverError)

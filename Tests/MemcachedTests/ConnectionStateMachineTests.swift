@@ -14,7 +14,9 @@ struct ConnectionStateMachineTests {
         var completed: [(Int, Outcome)] = []
         let deadline = NIODeadline.uptimeNanoseconds(1_000_000_000)
 
-        mutating func send(_ id: Int, _ expectation: ReplyExpectation, quiet: Bool = false, opaque: UInt32? = nil, deadline: NIODeadline? = nil) {
+        mutating func send(
+            _ id: Int, _ expectation: ReplyExpectation, quiet: Bool = false, opaque: UInt32? = nil, deadline: NIODeadline? = nil
+        ) {
             let accepted = machine.enqueue(
                 id: UInt64(id), opaque: opaque ?? UInt32(id), expectation: expectation, quiet: quiet,
                 deadline: deadline ?? self.deadline, context: id)
@@ -176,7 +178,8 @@ struct ConnectionStateMachineTests {
         h.send(7, .textNoop)
         h.send(8, .version)
         h.send(9, .stats)
-        _ = try h.receive("STORED\r\nEXISTS\r\nDELETED\r\nNOT_FOUND\r\n12\r\nNOT_FOUND\r\nVERSION 1.6\r\nVERSION 1.6\r\nSTAT a 1\r\nSTAT b 2\r\nEND\r\n")
+        _ = try h.receive(
+            "STORED\r\nEXISTS\r\nDELETED\r\nNOT_FOUND\r\n12\r\nNOT_FOUND\r\nVERSION 1.6\r\nVERSION 1.6\r\nSTAT a 1\r\nSTAT b 2\r\nEND\r\n")
         #expect(h.response(1) == .stored(.stored(cas: nil)))
         #expect(h.response(2) == .stored(.exists))
         #expect(h.response(3) == .deleted(.deleted))

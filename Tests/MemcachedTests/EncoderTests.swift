@@ -27,7 +27,8 @@ struct EncoderTests {
         #expect(encode(.delete("k", cas: 5, quiet: true), .meta).0 == "md k C5 q O7\r\n")
         #expect(encode(.touch("k", ttl: .seconds(30)), .meta).0 == "mg k T30 O7\r\n")
         #expect(encode(.arithmetic("k", delta: 3), .meta).0 == "ma k v D3 O7\r\n")
-        #expect(encode(.arithmetic("k", delta: 3, increment: false, initial: 10, ttl: .seconds(9)), .meta).0 == "ma k v MD D3 N9 J10 O7\r\n")
+        #expect(
+            encode(.arithmetic("k", delta: 3, increment: false, initial: 10, ttl: .seconds(9)), .meta).0 == "ma k v MD D3 N9 J10 O7\r\n")
         #expect(encode(.noop, .meta) == ("mn\r\n", .metaNoop))
         #expect(encode(.version, .meta) == ("version\r\n", .version))
         #expect(encode(.stats(), .meta) == ("stats\r\n", .stats))

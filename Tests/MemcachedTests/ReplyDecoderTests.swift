@@ -14,24 +14,77 @@ struct ReplyDecoderTests {
 
     /// Every reply memcached sends, with what it must decode to.
     static let cases: [(String, [MemcachedReply])] = [
-        ("VA 3 f5 c17 t-1 O12\r\nabc\r\n", [reply(.metaValue) { $0.flags = 5; $0.cas = 17; $0.opaque = 12; $0.value = ByteBuffer(string: "abc") }]),
-        ("VA 0 O1\r\n\r\n", [reply(.metaValue) { $0.opaque = 1; $0.value = ByteBuffer() }]),
-        ("VA 4 O2\r\n\r\n\r\n\r\n", [reply(.metaValue) { $0.opaque = 2; $0.value = ByteBuffer(string: "\r\n\r\n") }]),
-        ("HD c99 O3\r\n", [reply(.metaHeader) { $0.cas = 99; $0.opaque = 3 }]),
+        (
+            "VA 3 f5 c17 t-1 O12\r\nabc\r\n",
+            [
+                reply(.metaValue) {
+                    $0.flags = 5; $0.cas = 17; $0.opaque = 12; $0.value = ByteBuffer(string: "abc")
+                }
+            ]
+        ),
+        (
+            "VA 0 O1\r\n\r\n",
+            [
+                reply(.metaValue) {
+                    $0.opaque = 1; $0.value = ByteBuffer()
+                }
+            ]
+        ),
+        (
+            "VA 4 O2\r\n\r\n\r\n\r\n",
+            [
+                reply(.metaValue) {
+                    $0.opaque = 2; $0.value = ByteBuffer(string: "\r\n\r\n")
+                }
+            ]
+        ),
+        (
+            "HD c99 O3\r\n",
+            [
+                reply(.metaHeader) {
+                    $0.cas = 99; $0.opaque = 3
+                }
+            ]
+        ),
         ("HD\r\n", [reply(.metaHeader)]),
         ("EN O4\r\n", [reply(.metaMiss) { $0.opaque = 4 }]),
         ("NF O5\r\n", [reply(.metaNotFound) { $0.opaque = 5 }]),
         ("NS O6\r\n", [reply(.metaNotStored) { $0.opaque = 6 }]),
         ("EX O7\r\n", [reply(.metaExists) { $0.opaque = 7 }]),
         ("MN\r\n", [reply(.metaNoop)]),
-        ("VALUE key 42 5 1234\r\nhello\r\n", [reply(.textValue) { $0.key = "key"; $0.flags = 42; $0.cas = 1234; $0.value = ByteBuffer(string: "hello") }]),
-        ("VALUE key 0 2\r\nhi\r\nEND\r\n", [reply(.textValue) { $0.key = "key"; $0.flags = 0; $0.value = ByteBuffer(string: "hi") }, reply(.end)]),
-        ("STORED\r\nNOT_STORED\r\nEXISTS\r\nNOT_FOUND\r\nDELETED\r\nTOUCHED\r\nOK\r\n",
-         [reply(.stored), reply(.notStored), reply(.exists), reply(.notFound), reply(.deleted), reply(.touched), reply(.ok)]),
+        (
+            "VALUE key 42 5 1234\r\nhello\r\n",
+            [
+                reply(.textValue) {
+                    $0.key = "key"; $0.flags = 42; $0.cas = 1234; $0.value = ByteBuffer(string: "hello")
+                }
+            ]
+        ),
+        (
+            "VALUE key 0 2\r\nhi\r\nEND\r\n",
+            [
+                reply(.textValue) {
+                    $0.key = "key"; $0.flags = 0; $0.value = ByteBuffer(string: "hi")
+                }, reply(.end),
+            ]
+        ),
+        (
+            "STORED\r\nNOT_STORED\r\nEXISTS\r\nNOT_FOUND\r\nDELETED\r\nTOUCHED\r\nOK\r\n",
+            [reply(.stored), reply(.notStored), reply(.exists), reply(.notFound), reply(.deleted), reply(.touched), reply(.ok)]
+        ),
         ("15\r\n", [reply(.number) { $0.number = 15 }]),
         ("VERSION 1.6.18\r\n", [reply(.version) { $0.text = "1.6.18" }]),
-        ("STAT pid 123\r\nSTAT version 1.6.18 extra\r\nEND\r\n",
-         [reply(.stat) { $0.text = "pid"; $0.statValue = "123" }, reply(.stat) { $0.text = "version"; $0.statValue = "1.6.18 extra" }, reply(.end)]),
+        (
+            "STAT pid 123\r\nSTAT version 1.6.18 extra\r\nEND\r\n",
+            [
+                reply(.stat) {
+                    $0.text = "pid"; $0.statValue = "123"
+                },
+                reply(.stat) {
+                    $0.text = "version"; $0.statValue = "1.6.18 extra"
+                }, reply(.end),
+            ]
+        ),
         ("ERROR\r\n", [reply(.error) { $0.text = "ERROR" }]),
         ("CLIENT_ERROR bad command line format\r\n", [reply(.clientError) { $0.text = "bad command line format" }]),
         ("SERVER_ERROR object too large for cache\r\n", [reply(.serverError) { $0.text = "object too large for cache" }]),

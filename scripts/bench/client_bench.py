@@ -119,7 +119,9 @@ def write(rows):
     ]
     for op, c, who, rate, _, _ in rows:
         lines.append(f"| {op} | {c} | {who} | {rate:,.0f} | {rate / base[(op, c)]:.2f}x |")
-    lines += ["", "Command lines (port chosen at run time):", ""]
+    lines += ["", "memaslap's `-F` file for gets (for sets, the `cmd` lines are `0 1` and `1 0`):", "",
+              "```", "key", "48 48 1", "value", "1100 1100 1", "cmd", "0 0", "1 1", "```", "",
+              "Command lines (port chosen at run time):", ""]
     seen = set()
     for op, c, who, rate, cmd, _ in rows:
         if (op, c, who) not in seen:

@@ -233,7 +233,8 @@ struct ConnectionStateMachine<Context> {
     /// Fails everything and closes, e.g. on a decoding error.
     mutating func fail(_ error: MemcachedError, complete: Completion) -> Action {
         guard state != .closed else { return .none }
-        return closeAll(.connectionClosed("connection closed after an earlier request's \(error.code)"), headError: error, complete: complete)
+        return closeAll(
+            .connectionClosed("connection closed after an earlier request's \(error.code)"), headError: error, complete: complete)
     }
 
     // MARK: - helpers

@@ -89,7 +89,9 @@ final class MemcachedNode: Sendable {
         }
     }
 
-    private func finish(_ result: Result<MemcachedResponse, MemcachedError>, start: NIODeadline) -> Result<MemcachedResponse, MemcachedError> {
+    private func finish(_ result: Result<MemcachedResponse, MemcachedError>, start: NIODeadline) -> Result<
+        MemcachedResponse, MemcachedError
+    > {
         metrics.requests.increment()
         metrics.latency.recordNanoseconds((NIODeadline.now() - start).nanoseconds)
         switch result {

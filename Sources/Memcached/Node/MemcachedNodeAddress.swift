@@ -88,7 +88,9 @@ public struct MemcachedNodeAddress: Sendable, Hashable, CustomStringConvertible 
     /// Node ids appear in session ids and metric labels: letters, digits, `_` and `-`, at most 32.
     static func validate(id: String, entry: String) throws(MemcachedError) {
         guard !id.isEmpty, id.utf8.count <= 32,
-            id.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x5F || $0 == 0x2D })
+            id.utf8.allSatisfy({
+                ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x5F || $0 == 0x2D
+            })
         else {
             throw MemcachedError(
                 code: .invalidConfiguration,
