@@ -56,7 +56,8 @@ extension MemcachedClient {
             self.init(nodes: try MemcachedNodeAddress.parseList(nodes))
         }
 
-        func validate() throws(MemcachedError) {
+        /// Checks every setting; the error says which and why.
+        public func validate() throws(MemcachedError) {
             func invalid(_ message: String) -> MemcachedError {
                 MemcachedError(code: .invalidConfiguration, message: message)
             }

@@ -1,0 +1,233 @@
+import Foundation
+import Memcached
+
+extension SessionManager {
+    /// Where sessions live between requests.
+    public enum Mode: String, Sendable, Hashable, CaseIterable, Codable {
+        /// The load balancer sends a session's requests to the instance that owns it (MSM's sticky
+        /// mode). The instance's memory is authoritative; memcached holds a copy for failover.
+        case sticky
+        /// Any request may land on any instance: the session is read from memcached at the start of
+        /// a request and written back (primary and backup node) at the end.
+        case nonSticky = "non-sticky"
+    }
+
+    /// Which requests take the session's lock (non-sticky mode only).
+    public enum LockingMode: Sendable, Hashable, CustomStringConvertible {
+        /// No locking: concurrent requests are reconciled by CAS writes that re-apply only what each
+        /// request changed.
+        case none
+        /// Every request that opens the session holds its lock until the end.
+        case all
+        /// Like ``all``, except for request paths seen to only read the session, which run unlocked
+        /// until one of them writes.
+        case auto
+        /// Requests whose path matches this regular expression take the lock.
+        case uriPattern(String)
+
+        public var description: String {
+            switch self {
+            case .none: return "none"
+            case .all: return "all"
+            case .auto: return "auto"
+            case .uriPattern(let pattern): return "uriPattern(\(pattern))"
+            }
+        }
+
+        /// Parses `none`, `all`, `auto` or `uriPattern:<regex>`.
+        public init(parsing text: String) throws(SessionError) {
+            switch text {
+            case "none": self = .none
+            case "all": self = .all
+            case "auto": self = .auto
+            default:
+                if text.hasPrefix("uriPattern:") {
+                    self = .uriPattern(String(text.dropFirst("uriPattern:".count)))
+                } else {
+                    throw .configuration("locking mode '\(text)' is not none, all, auto or uriPattern:<regex>")
+                }
+            }
+        }
+    }
+
+    /// What a request gets when no memcached node that could hold its session answers.
+    public enum UnavailablePolicy: String, Sendable, Hashable, Codable {
+        /// The request fails with ``SessionError/Code/unavailable`` (adapters answer 503): a user is
+        /// never silently logged out because a node is slow or down.
+        case fail
+        /// The request continues without its session, as if it had none (MSM's behaviour).
+        case startNewSession
+    }
+
+    /// What a request gets when the session's lock cannot be had within the wait budget.
+    public enum LockFailurePolicy: String, Sendable, Hashable, Codable {
+        /// The request fails with ``SessionError/Code/lockUnavailable`` (adapters answer 503).
+        case fail
+        /// The request proceeds without the lock; its write is still a CAS write.
+        case proceedUnlocked
+    }
+
+    /// The session manager's settings: MSM's settings under Swift names.
+    public struct Configuration: Sendable {
+        /// The memcached client's settings, among them the nodes (`memcachedNodes`), the protocol
+        /// (meta, or text for memcached-protocol stores), the item size limit and timeouts.
+        public var memcached: MemcachedClient.Configuration
+        /// Ids of nodes (listed in ``memcached``) used only when no other node is available
+        /// (`failoverNodes`). Sticky set-ups list the memcached on the same host here.
+        public var failoverNodes: [String] = []
+        /// Sticky or non-sticky (`sticky`).
+        public var mode: Mode = .nonSticky
+        /// Which requests lock the session (`lockingMode`); non-sticky only.
+        public var locking: LockingMode = .none
+        /// Requests whose path matches this regular expression never touch sessions
+        /// (`requestUriIgnorePattern`), e.g. `.*\.(css|js|png|ico)$`. Matched against the path only.
+        public var ignoredPathPattern: String? = nil
+        /// Only attributes whose name matches this regular expression are stored
+        /// (`sessionAttributeFilter`); the others live for the request only.
+        public var attributeFilter: String? = nil
+        /// Sticky mode: changed sessions are saved by a background writer instead of before the
+        /// response (`sessionBackupAsync`). Faster; a crash of the app server loses the writes still
+        /// queued (at most ``asynchronousQueueLimit``), graceful shutdown flushes them.
+        public var asynchronousSaving: Bool = true
+        /// Sticky mode: how long a save may take (`sessionBackupTimeout`).
+        public var saveTimeout: Duration = .milliseconds(500)
+        /// Sticky mode: the most sessions queued for asynchronous saving; beyond it a request saves
+        /// synchronously (back-pressure, never an unbounded queue).
+        public var asynchronousQueueLimit: Int = 10_000
+        /// How long a lock may live without renewal (`lockExpiration`); requests that run longer
+        /// renew it.
+        public var lockExpiry: Duration = .seconds(5)
+        /// How long a request waits for a lock before ``lockFailurePolicy`` applies.
+        public var lockWaitBudget: Duration = .seconds(10)
+        /// What happens when the lock cannot be had in time.
+        public var lockFailurePolicy: LockFailurePolicy = .fail
+        /// Prefix of every memcached key (`storageKeyPrefix`): several applications can share nodes.
+        public var keyPrefix: String = "msm:"
+        /// A session expires after this long without a request (`maxInactiveInterval`); zero or less
+        /// means never.
+        public var idleTimeout: Duration = .seconds(30 * 60)
+        /// A session expires this long after its creation, whatever its activity; `nil`: no limit.
+        public var absoluteTimeout: Duration? = nil
+        /// How sessions and attribute values are turned into bytes.
+        public var codec: any SessionCodec = BinarySessionCodec()
+        /// When false, sessions live in this instance's memory only and memcached is not used.
+        public var enabled: Bool = true
+        /// Whether statistics and metrics are recorded (`enableStatistics`).
+        public var statisticsEnabled: Bool = true
+        /// What happens when no node that could hold a session answers.
+        public var unavailablePolicy: UnavailablePolicy = .fail
+        /// This instance's route (MSM's `jvmRoute`), appended to session ids as `.<route>` so a load
+        /// balancer can route by it. Sticky set-ups need it for explicit takeover.
+        public var route: String? = nil
+        /// Sticky mode: the most sessions kept in this instance's memory (least recently used go
+        /// first; they stay in memcached).
+        public var localSessionLimit: Int = 100_000
+        /// Sticky mode: an unchanged session's memcached TTL is slid at most this often.
+        public var stickyTouchInterval: Duration? = nil
+        /// Auto locking: the most request paths remembered as read-only.
+        public var autoLockingPathLimit: Int = 1_000
+
+        /// A configuration over the given nodes.
+        public init(memcached: MemcachedClient.Configuration) {
+            self.memcached = memcached
+        }
+
+        /// A configuration over a node list (`n1:host:port n2:host:port`, spaces or commas; or one
+        /// `host:port`, which becomes node `n1`).
+        public init(nodes: String) throws(SessionError) {
+            let parsed: [MemcachedNodeAddress]
+            do {
+                parsed = try MemcachedNodeAddress.parseList(nodes)
+            } catch {
+                throw .configuration(error.message)
+            }
+            var addresses = parsed
+            if addresses.count == 1, let only = addresses.first, only.id == only.hostAndPort {
+                addresses[0].id = "n1"
+            }
+            self.init(memcached: MemcachedClient.Configuration(nodes: addresses))
+        }
+
+        /// The memcached request timeout (`operationTimeout`).
+        public var operationTimeout: Duration {
+            get { memcached.requestTimeout }
+            set { memcached.requestTimeout = newValue }
+        }
+
+        /// The idle timeout, or nil when sessions never expire from inactivity.
+        var effectiveIdleTimeout: Duration? {
+            idleTimeout > .zero ? idleTimeout : nil
+        }
+
+        /// Checks every setting; the error names the setting and why.
+        public func validate() throws(SessionError) {
+            do {
+                try memcached.validate()
+            } catch {
+                throw .configuration(error.message)
+            }
+            let ids = Set(memcached.nodes.map(\.id))
+            for node in memcached.nodes where !SessionID.isValidComponent(node.id) {
+                throw .configuration(
+                    "node id '\(node.id)' cannot appear in a session id: use letters, digits, '_' or '-' (at most 32), e.g. n1:\(node.hostAndPort)"
+                )
+            }
+            for id in failoverNodes where !ids.contains(id) {
+                throw .configuration("failover node '\(id)' is not one of the nodes \(memcached.nodes.map(\.id))")
+            }
+            if !failoverNodes.isEmpty, Set(failoverNodes).count == ids.count, memcached.nodes.count > 0 {
+                throw .configuration("every node is a failover node: at least one must be a primary")
+            }
+            if let route, !SessionID.isValidComponent(route) {
+                throw .configuration("route '\(route)' must be letters, digits, '_' or '-' (at most 32)")
+            }
+            if case .uriPattern(let pattern) = locking {
+                _ = try PathPattern(pattern, setting: "locking uriPattern")
+                if mode == .sticky {
+                    throw .configuration("locking applies to non-sticky mode only; set locking to none for sticky")
+                }
+            } else if locking != .none, mode == .sticky {
+                throw .configuration("locking applies to non-sticky mode only; set locking to none for sticky")
+            }
+            if let ignoredPathPattern { _ = try PathPattern(ignoredPathPattern, setting: "ignoredPathPattern") }
+            if let attributeFilter { _ = try PathPattern(attributeFilter, setting: "attributeFilter") }
+            if keyPrefix.utf8.count > 100 || keyPrefix.utf8.contains(where: { $0 <= 0x20 || $0 == 0x7F }) {
+                throw .configuration("keyPrefix must be at most 100 bytes without spaces or control characters")
+            }
+            if lockExpiry < .seconds(1) { throw .configuration("lockExpiry must be at least 1 second") }
+            if lockWaitBudget < .zero { throw .configuration("lockWaitBudget cannot be negative") }
+            if saveTimeout <= .zero { throw .configuration("saveTimeout must be positive") }
+            if asynchronousQueueLimit < 1 { throw .configuration("asynchronousQueueLimit must be at least 1") }
+            if localSessionLimit < 1 { throw .configuration("localSessionLimit must be at least 1") }
+            if autoLockingPathLimit < 1 { throw .configuration("autoLockingPathLimit must be at least 1") }
+            if let absoluteTimeout, absoluteTimeout <= .zero {
+                throw .configuration("absoluteTimeout must be positive, or nil for none")
+            }
+            if let stickyTouchInterval, stickyTouchInterval <= .zero {
+                throw .configuration("stickyTouchInterval must be positive")
+            }
+        }
+    }
+}
+
+/// A regular expression matched against request paths or attribute names.
+struct PathPattern: Sendable {
+    let source: String
+    private let expression: NSRegularExpression
+
+    init(_ source: String, setting: String) throws(SessionError) {
+        do {
+            expression = try NSRegularExpression(pattern: source)
+        } catch {
+            throw .configuration("\(setting) '\(source)' is not a valid regular expression")
+        }
+        self.source = source
+    }
+
+    /// Whether the whole of `text` matches (as MSM's `Pattern.matcher(...).matches()`).
+    func matches(_ text: String) -> Bool {
+        let range = NSRange(text.startIndex..., in: text)
+        guard let match = expression.firstMatch(in: text, options: [.anchored], range: range) else { return false }
+        return match.range == range
+    }
+}

@@ -1,0 +1,227 @@
+import Logging
+import Memcached
+import NIOCore
+import Synchronization
+
+/// A lock this instance holds: the key, the node, the random token stored as the lock's value,
+/// and the CAS unique that proves ownership (release and renewal are CAS-checked: only the owner
+/// can do either).
+final class HeldLock: Sendable {
+    let key: String
+    let nodeID: String
+    let token: String
+    let acquiredAt: NIODeadline
+    private let state: Mutex<(casUnique: UInt64?, renewedAt: NIODeadline, lost: Bool)>
+
+    init(key: String, nodeID: String, token: String, casUnique: UInt64?) {
+        self.key = key
+        self.nodeID = nodeID
+        self.token = token
+        let now = NIODeadline.now()
+        self.acquiredAt = now
+        self.state = Mutex((casUnique, now, false))
+    }
+
+    var casUnique: UInt64? { state.withLock { $0.casUnique } }
+    var renewedAt: NIODeadline { state.withLock { $0.renewedAt } }
+    /// Whether a renewal found the lock gone or owned by someone else.
+    var isLost: Bool { state.withLock { $0.lost } }
+
+    func renewed(casUnique: UInt64?) {
+        state.withLock { $0 = (casUnique, .now(), false) }
+    }
+
+    func markLost() {
+        state.withLock { $0.lost = true }
+    }
+}
+
+/// Locks held by this instance, for lease renewal.
+final class HeldLocks: Sendable {
+    private let locks = Mutex<[ObjectIdentifier: HeldLock]>([:])
+
+    func add(_ lock: HeldLock) { locks.withLock { $0[ObjectIdentifier(lock)] = lock } }
+    func remove(_ lock: HeldLock) { _ = locks.withLock { $0.removeValue(forKey: ObjectIdentifier(lock)) } }
+    var all: [HeldLock] { locks.withLock { Array($0.values) } }
+}
+
+/// `auto` locking: learns which request paths only read the session, so that they run unlocked,
+/// and locks a path again as soon as a request on it writes. Keys are paths without the query
+/// string (MSM matched "METHOD URI?query", so every distinct query made a new entry), and the
+/// table is bounded.
+final class ReadOnlyPaths: Sendable {
+    private let paths = Mutex<[String: Int]>([:])
+    private let limit: Int
+    /// Read-only requests needed before a path runs unlocked.
+    static let threshold = 1
+
+    init(limit: Int) { self.limit = limit }
+
+    func isReadOnly(_ path: String) -> Bool {
+        paths.withLock { ($0[path] ?? 0) >= Self.threshold }
+    }
+
+    func record(_ path: String, modified: Bool) {
+        paths.withLock { paths in
+            if modified {
+                paths[path] = nil
+                return
+            }
+            if paths[path] == nil, paths.count >= limit {
+                // Full: forget half of the table (the cost of a lock, not of correctness).
+                for key in paths.keys.prefix(limit / 2 + 1) { paths[key] = nil }
+            }
+            paths[path, default: 0] += 1
+        }
+    }
+
+    var count: Int { paths.withLock { $0.count } }
+}
+
+extension SessionManager {
+    /// Whether a request on `path` takes the session's lock.
+    func locks(path: String) -> Bool {
+        guard configuration.mode == .nonSticky, configuration.enabled else { return false }
+        switch configuration.locking {
+        case .none: return false
+        case .all: return true
+        case .auto: return !readOnlyPaths.isReadOnly(path)
+        case .uriPattern: return lockPattern?.matches(path) ?? false
+        }
+    }
+
+    static func newLockToken() -> String {
+        SessionID.Token.random().description
+    }
+
+    /// Takes the session's lock on `nodeID` and reads the session in the same round trip
+    /// (`ms <lock> ... ME` and `mg <session>` in one write). While another request holds the lock,
+    /// waits with exponential backoff and jitter within the wait budget.
+    ///
+    /// - Returns: the lock (nil when the policy let the request proceed without it) and the read.
+    func lockAndRead(keys: SessionKeys, nodeID: String, touch: MemcachedTTL?) async throws(SessionError) -> (HeldLock?, StoredRead) {
+        guard let node = topology.node(nodeID) else { return (nil, .missing) }
+        let token = Self.newLockToken()
+        let lockTTL = MemcachedTTL.duration(configuration.lockExpiry)
+        let start = NIODeadline.now()
+        let budget = TimeAmount(configuration.lockWaitBudget)
+        var attempt = 0
+        var waited = false
+        while true {
+            let acquire = MemcachedRequest.store(keys.lock, value: ByteBuffer(string: token), mode: .add, ttl: lockTTL)
+            let read = MemcachedRequest.get(keys.primary, touch: touch)
+            let results = await node.executeBatch([acquire, read])
+            let readOutcome: StoredRead
+            switch results[1] {
+            case .success(.item(let item?)):
+                readOutcome = decodeStored(item, key: keys.primary, node: node).map { .found($0) } ?? .missing
+            case .success:
+                readOutcome = .missing
+            case .failure(let error):
+                readOutcome = error.meansNodeUnreachable ? .unreachable(error) : .missing
+            }
+            switch results[0] {
+            case .success(.stored(.stored(let cas))):
+                let lock = HeldLock(key: keys.lock, nodeID: nodeID, token: token, casUnique: cas)
+                heldLocks.add(lock)
+                statistics.count(.locksAcquired)
+                if waited { statistics.time(.lockWait, since: start) }
+                return (lock, readOutcome)
+            case .success(.stored(.notStored)), .success(.stored(.exists)):
+                break  // held by another request
+            case .failure(let error) where error.meansNodeUnreachable:
+                return (nil, .unreachable(error))
+            default:
+                // The lock could not be written for another reason (e.g. a server error): proceed
+                // as if it could not be had in time.
+                break
+            }
+            if !waited {
+                waited = true
+                statistics.count(.lockWaits)
+            }
+            let elapsed = NIODeadline.now() - start
+            if elapsed >= budget {
+                statistics.count(.lockFailures)
+                statistics.time(.lockWait, since: start)
+                logger.notice("session lock not acquired within the wait budget", metadata: ["memcached.node": "\(nodeID)"])
+                switch configuration.lockFailurePolicy {
+                case .fail:
+                    throw SessionError(code: .lockUnavailable, message: "the session's lock was not released within \(configuration.lockWaitBudget)")
+                case .proceedUnlocked:
+                    return (nil, readOutcome)
+                }
+            }
+            // 1 ms doubling to 32 ms, times a random factor in 0.5...1.5, never past the budget.
+            let base = Int64(1_000_000) << Int64(min(attempt, 5))
+            let jittered = Int64(Double(base) * Double.random(in: 0.5...1.5))
+            let remaining = (budget - elapsed).nanoseconds
+            attempt += 1
+            do {
+                try await Task.sleep(nanoseconds: UInt64(max(100_000, min(jittered, remaining))))
+            } catch {
+                throw SessionError(code: .lockUnavailable, message: "cancelled while waiting for the session's lock")
+            }
+        }
+    }
+
+    /// The owner-only release: a delete conditional on the lock's CAS unique (meta protocol). In
+    /// text mode, which has no conditional delete, the lock is deleted by key (documented limit).
+    func lockReleaseRequest(_ lock: HeldLock) -> MemcachedRequest {
+        if configuration.memcached.protocolMode == .meta {
+            return .delete(lock.key, cas: lock.casUnique, quiet: true)
+        }
+        return .delete(lock.key, quiet: true)
+    }
+
+    func releasedLock(_ lock: HeldLock) {
+        heldLocks.remove(lock)
+    }
+
+    /// Releases a lock on its own (when there is nothing to write).
+    func release(_ lock: HeldLock) async {
+        heldLocks.remove(lock)
+        guard let node = topology.node(lock.nodeID) else { return }
+        let statistics = self.statistics
+        await node.submit(lockReleaseRequest(lock)) { result in
+            if case .failure(let error) = result, !error.meansNodeUnreachable {
+                statistics.count(.lockReleaseFailures)
+            }
+        }
+    }
+
+    /// Renews one lock's lease: a CAS write of the same token, so it only succeeds for the owner.
+    func renew(_ lock: HeldLock) async {
+        guard let node = topology.node(lock.nodeID) else { return }
+        let request = MemcachedRequest.store(
+            lock.key, value: ByteBuffer(string: lock.token), mode: .set, ttl: .duration(configuration.lockExpiry),
+            cas: lock.casUnique)
+        do {
+            switch try await node.execute(request) {
+            case .stored(.stored(let cas)):
+                lock.renewed(casUnique: cas)
+                statistics.count(.lockRenewals)
+            case .stored:
+                lock.markLost()
+                heldLocks.remove(lock)
+                logger.warning("a held session lock was lost before its renewal", metadata: ["memcached.node": "\(lock.nodeID)"])
+            default:
+                break
+            }
+        } catch {
+            logger.debug("lock renewal failed", metadata: ["memcached.error": "\(error)"])
+        }
+    }
+
+    /// Renews the leases of locks held for more than a third of the lock expiry. Runs in `run()`.
+    func renewLocksPeriodically() async {
+        let interval = configuration.lockExpiry / 3
+        while !Task.isCancelled {
+            do { try await Task.sleep(for: min(interval, .milliseconds(500))) } catch { return }
+            let due = NIODeadline.now() - TimeAmount(interval)
+            for lock in heldLocks.all where lock.renewedAt <= due {
+                await renew(lock)
+            }
+        }
+    }
+}

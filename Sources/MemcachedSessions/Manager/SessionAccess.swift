@@ -1,0 +1,244 @@
+import Memcached
+import NIOCore
+import Synchronization
+
+/// A request's access to its session, handed to handlers by the framework adapters.
+///
+/// Nothing is read from memcached until the handler first asks for the session; a request that
+/// never asks still counts as an access (its session's TTL slides, without a round trip the
+/// request waits for).
+///
+/// ```swift
+/// let session = try await access.loadOrCreate()
+/// let count = (session["count", as: Int.self] ?? 0) + 1
+/// try session.set("count", count)
+/// ```
+public final class SessionAccess: Sendable {
+    let manager: SessionManager
+    /// The id the request's cookie carried, if it is a well-formed session id.
+    public let requestedID: SessionID?
+    /// The request path (what the ignore and locking patterns match).
+    public let path: String
+    /// Whether the request matched the ignore pattern: it has no session and cannot create one.
+    public let isIgnored: Bool
+    /// Whether opening the session takes its lock.
+    let locks: Bool
+
+    struct State: Sendable {
+        enum Phase: Sendable {
+            case idle
+            case loading
+            case loaded
+        }
+
+        var phase: Phase = .idle
+        var waiters: [CheckedContinuation<Void, Never>] = []
+        var session: Session?
+        var loadError: SessionError?
+        var lock: HeldLock?
+        /// Non-sticky: the bytes as loaded (to repair a missing backup) and their node.
+        var loadedRaw: ByteBuffer?
+        /// The session must be written in full at its (new) place: recovered from a backup or
+        /// relocated after a node failure.
+        var mustWriteAll = false
+        /// The id the session had before ``SessionAccess/regenerateID()``: its copies are deleted.
+        var regenerate = false
+        /// The TTL (seconds) the load slid the primary to.
+        var slidTTL: Int64?
+        /// Sticky: when memcached last saw this session (for TTL slides).
+        var lastStoreRefresh: NIODeadline?
+        /// The stored copy is known to be gone (deleted meanwhile): clear the cookie.
+        var gone = false
+        var ended = false
+    }
+
+    let state = Mutex(State())
+
+    init(manager: SessionManager, incomingID: SessionID?, path: String, ignored: Bool, locks: Bool) {
+        self.manager = manager
+        self.requestedID = incomingID
+        self.path = path
+        self.isIgnored = ignored
+        self.locks = locks
+    }
+
+    /// The request's session, loaded on the first call; nil when the request has none (no cookie,
+    /// an unknown or expired id, or a session that was invalidated).
+    /// - Throws: ``SessionError/Code/unavailable`` when the nodes that could hold it do not answer
+    ///   and the unavailable policy is `fail`; ``SessionError/Code/lockUnavailable`` when the lock
+    ///   could not be had and the lock policy is `fail`.
+    public func load() async throws(SessionError) -> Session? {
+        while true {
+            enum Step {
+                case done(Session?, SessionError?)
+                case wait
+                case load
+            }
+            let step: Step = state.withLock { state in
+                switch state.phase {
+                case .loaded: return .done(state.session, state.loadError)
+                case .loading: return .wait
+                case .idle:
+                    state.phase = .loading
+                    return .load
+                }
+            }
+            switch step {
+            case .done(let session, let error):
+                if let error { throw error }
+                if let session, session.isInvalidated { return nil }
+                return session
+            case .wait:
+                await withCheckedContinuation { continuation in
+                    let resumeNow = state.withLock { state -> Bool in
+                        if state.phase == .loading {
+                            state.waiters.append(continuation)
+                            return false
+                        }
+                        return true
+                    }
+                    if resumeNow { continuation.resume() }
+                }
+            case .load:
+                let result: Result<Session?, SessionError>
+                if isIgnored || requestedID == nil || state.withLock({ $0.ended }) {
+                    result = .success(nil)
+                } else {
+                    do {
+                        result = .success(try await manager.load(for: self))
+                    } catch {
+                        result = .failure(error)
+                    }
+                }
+                let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+                    state.phase = .loaded
+                    switch result {
+                    case .success(let session): state.session = session
+                    case .failure(let error): state.loadError = error
+                    }
+                    defer { state.waiters = [] }
+                    return state.waiters
+                }
+                for waiter in waiters { waiter.resume() }
+            }
+        }
+    }
+
+    /// The request's session, or a new one if it has none.
+    public func loadOrCreate() async throws(SessionError) -> Session {
+        if let session = try await load() { return session }
+        return try create()
+    }
+
+    /// Starts a new session for this request (replacing, and invalidating, any it had). The cookie
+    /// is sent at the end of the request.
+    @discardableResult
+    public func create() throws(SessionError) -> Session {
+        guard !isIgnored else {
+            throw SessionError(code: .disabled, message: "the request matches the ignore pattern: it cannot have a session")
+        }
+        let now = SessionManager.currentTimeMillis()
+        let id = SessionID.generate(nodeID: manager.placementNode(), route: manager.configuration.route)
+        let session = manager.makeSession(id: id, record: manager.newSessionRecord(now: now), casUnique: nil, isNew: true)
+        let previous = state.withLock { state -> Session? in
+            let previous = state.session
+            state.session = session
+            state.phase = .loaded
+            state.loadError = nil
+            state.mustWriteAll = false
+            state.regenerate = false
+            return previous
+        }
+        manager.statistics.count(.sessionsCreated)
+        if let previous, previous !== session, !previous.isNew {
+            manager.retire(previous, access: self)
+        }
+        return session
+    }
+
+    /// Gives the session a new id (do it after a login, against session fixation): the data moves
+    /// to the new id and the old copies are deleted at the end of the request.
+    public func regenerateID() async throws(SessionError) {
+        guard let session = try await load(), !session.isNew else { return }
+        state.withLock { $0.regenerate = true }
+    }
+
+    /// Ends the request's session: every copy is removed at the end of the request, and the cookie
+    /// is cleared.
+    public func invalidate() async throws(SessionError) {
+        try await load()?.invalidate()
+    }
+
+    /// The session if it was loaded or created by this request (no I/O).
+    public var current: Session? {
+        state.withLock { $0.phase == .loaded ? $0.session : nil }
+    }
+
+    func end() async throws(SessionError) -> SessionResponseAction {
+        let alreadyEnded = state.withLock { state -> Bool in
+            defer { state.ended = true }
+            return state.ended
+        }
+        guard !alreadyEnded, !isIgnored else { return .unchanged }
+        if manager.usesLocalLifecycle {
+            return try await manager.endSticky(self)
+        }
+        return try await manager.endNonSticky(self)
+    }
+}
+
+extension SessionManager {
+    /// Whether sessions live in this instance's memory (sticky, or memcached disabled).
+    var usesLocalLifecycle: Bool {
+        configuration.mode == .sticky || !configuration.enabled
+    }
+
+    func load(for access: SessionAccess) async throws(SessionError) -> Session? {
+        let start = NIODeadline.now()
+        defer { statistics.time(.load, since: start) }
+        if usesLocalLifecycle {
+            return try await loadSticky(access)
+        }
+        return try await loadNonSticky(access)
+    }
+
+    /// A node for a new session.
+    func placementNode() -> String {
+        topology.placeNew()
+    }
+
+    /// A session replaced by ``SessionAccess/create()``: its stored copies go.
+    func retire(_ session: Session, access: SessionAccess) {
+        session.invalidate()
+        let id = session.id
+        let keys = self.keys(for: id.token)
+        if usesLocalLifecycle { localStore.remove(id.token) }
+        guard configuration.enabled else { return }
+        let lock = access.state.withLock { state -> HeldLock? in
+            defer { state.lock = nil }
+            return state.lock
+        }
+        Task {
+            await self.deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: false)
+        }
+    }
+
+    /// Deletes a session's primary, backup and lock.
+    func deleteCopies(keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool) async {
+        if let lock { heldLocks.remove(lock) }
+        backupMemo.forget(keys.backup)
+        if let backupNode = topology.nextAvailable(after: nodeID).flatMap({ topology.node($0) }) {
+            await backupNode.submit(.delete(keys.backup, quiet: true))
+        }
+        guard let node = topology.node(nodeID) else { return }
+        var requests = [MemcachedRequest.delete(keys.primary)]
+        if lock != nil || configuration.locking != .none {
+            requests.append(.delete(keys.lock, quiet: true))
+        }
+        if wait {
+            _ = await node.executeBatch(requests)
+        } else {
+            for request in requests { await node.submit(request) }
+        }
+    }
+}

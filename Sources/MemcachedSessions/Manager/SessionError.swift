@@ -1,0 +1,75 @@
+import Memcached
+
+/// An error from the session manager.
+///
+/// Identified by its ``code``, an extensible set of static members (new codes do not break
+/// callers). The ``message`` is for logs and never contains a session id or an attribute value.
+public struct SessionError: Error, Sendable, Hashable, CustomStringConvertible {
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        fileprivate enum Base: String, Hashable, Sendable {
+            case unavailable
+            case lockUnavailable
+            case sessionTooLarge
+            case invalidConfiguration
+            case encodingFailed
+            case decodingFailed
+            case invalidated
+            case disabled
+        }
+
+        fileprivate let base: Base
+        fileprivate init(_ base: Base) { self.base = base }
+
+        /// No memcached node that could hold the session answered, and the configured
+        /// ``SessionManager/Configuration/UnavailablePolicy`` is ``SessionManager/Configuration/UnavailablePolicy/fail``.
+        /// Adapters answer 503: the user is not silently logged out.
+        public static let unavailable = Code(.unavailable)
+        /// The session's lock could not be had within the wait budget, and the lock policy says to fail.
+        public static let lockUnavailable = Code(.lockUnavailable)
+        /// The encoded session is larger than the memcached item size limit; the stored copy is untouched.
+        public static let sessionTooLarge = Code(.sessionTooLarge)
+        /// The configuration is invalid (the message says which setting and why).
+        public static let invalidConfiguration = Code(.invalidConfiguration)
+        /// An attribute value could not be encoded.
+        public static let encodingFailed = Code(.encodingFailed)
+        /// An attribute value could not be decoded as the requested type.
+        public static let decodingFailed = Code(.decodingFailed)
+        /// The session was invalidated and can no longer be used.
+        public static let invalidated = Code(.invalidated)
+        /// The request matched the ignore pattern, or sessions are used outside a request.
+        public static let disabled = Code(.disabled)
+
+        public var description: String { base.rawValue }
+    }
+
+    public var code: Code
+    public var message: String
+
+    public init(code: Code, message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { "SessionError.\(code): \(message)" }
+
+    static func configuration(_ message: String) -> SessionError {
+        SessionError(code: .invalidConfiguration, message: message)
+    }
+
+    static func unavailable(_ message: String) -> SessionError {
+        SessionError(code: .unavailable, message: message)
+    }
+}
+
+extension MemcachedError {
+    /// Whether the error says the node could not be reached or did not answer (as opposed to an
+    /// answer such as a miss or a refusal): "missing" must never be confused with "unavailable".
+    var meansNodeUnreachable: Bool {
+        switch code {
+        case .timeout, .connectionClosed, .connectFailed, .nodeUnavailable, .shutdown, .protocolError, .unknownNode:
+            return true
+        default:
+            return false
+        }
+    }
+}

@@ -1,0 +1,215 @@
+import CoreMetrics
+import Logging
+import Memcached
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+
+/// Highly available HTTP sessions in memcached: the framework-agnostic heart of the product.
+///
+/// Web framework adapters call ``beginRequest(path:sessionCookie:)`` when a request arrives (no
+/// I/O), hand the returned ``SessionAccess`` to the handler, and call
+/// ``endRequest(_:)`` when the handler is done (also when it threw): that saves what changed,
+/// releases the lock, and says which cookie the response must carry.
+///
+/// The manager is a `Service`: run ``run()`` (e.g. in a `ServiceGroup`) while it is used. It runs
+/// the memcached client, lock renewal, the sticky asynchronous writer and the local-memory sweeper,
+/// and on graceful shutdown flushes the queued asynchronous writes before it returns.
+public final class SessionManager: Service, Sendable {
+    public let configuration: Configuration
+    public let statistics: SessionStatistics
+    let logger: Logger
+    let topology: NodeTopology
+    let localStore: LocalSessionStore
+    let backupMemo: BackupMemo
+    let heldLocks = HeldLocks()
+    let readOnlyPaths: ReadOnlyPaths
+    let ignoredPaths: PathPattern?
+    let lockPattern: PathPattern?
+    let attributeFilter: PathPattern?
+    let writer: AsynchronousWriter
+    let byteBufferAllocator = ByteBufferAllocator()
+    let defaultIdleSeconds: Int64
+    let defaultAbsoluteSeconds: Int64
+    /// Sticky: how often an unchanged session's memcached TTL is slid.
+    let stickyTouchInterval: TimeAmount
+    private let ownsClient: Bool
+
+    /// Creates a manager with its own memcached client over the configured nodes.
+    /// - Throws: ``SessionError/Code/invalidConfiguration`` naming the setting at fault.
+    public convenience init(
+        configuration: Configuration,
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "memcached-sessions", factory: { _ in SwiftLogNoOpLogHandler() }),
+        metricsFactory: (any MetricsFactory)? = nil
+    ) throws(SessionError) {
+        try configuration.validate()
+        var clientConfiguration = configuration.memcached
+        if clientConfiguration.metricsFactory == nil { clientConfiguration.metricsFactory = metricsFactory }
+        let client: MemcachedClient
+        do {
+            client = try MemcachedClient(configuration: clientConfiguration, eventLoopGroup: eventLoopGroup, logger: logger)
+        } catch {
+            throw .configuration(error.message)
+        }
+        try self.init(configuration: configuration, client: client, ownsClient: true, logger: logger, metricsFactory: metricsFactory)
+    }
+
+    /// Creates a manager over an existing client, which the caller runs. The client's nodes must
+    /// be those of `configuration.memcached`.
+    public convenience init(
+        configuration: Configuration, client: MemcachedClient,
+        logger: Logger = Logger(label: "memcached-sessions", factory: { _ in SwiftLogNoOpLogHandler() }),
+        metricsFactory: (any MetricsFactory)? = nil
+    ) throws(SessionError) {
+        try configuration.validate()
+        try self.init(configuration: configuration, client: client, ownsClient: false, logger: logger, metricsFactory: metricsFactory)
+    }
+
+    private init(
+        configuration: Configuration, client: MemcachedClient, ownsClient: Bool, logger: Logger, metricsFactory: (any MetricsFactory)?
+    ) throws(SessionError) {
+        self.configuration = configuration
+        self.logger = logger
+        self.ownsClient = ownsClient
+        self.topology = NodeTopology(client: client, failoverNodes: configuration.failoverNodes)
+        self.statistics = SessionStatistics(
+            enabled: configuration.statisticsEnabled, factory: metricsFactory ?? MetricsSystem.factory)
+        self.localStore = LocalSessionStore(capacity: configuration.localSessionLimit)
+        self.backupMemo = BackupMemo(limit: max(configuration.localSessionLimit, 10_000))
+        self.readOnlyPaths = ReadOnlyPaths(limit: configuration.autoLockingPathLimit)
+        self.ignoredPaths = try configuration.ignoredPathPattern.map { pattern throws(SessionError) in
+            try PathPattern(pattern, setting: "ignoredPathPattern")
+        }
+        if case .uriPattern(let pattern) = configuration.locking {
+            self.lockPattern = try PathPattern(pattern, setting: "locking uriPattern")
+        } else {
+            self.lockPattern = nil
+        }
+        self.attributeFilter = try configuration.attributeFilter.map { pattern throws(SessionError) in
+            try PathPattern(pattern, setting: "attributeFilter")
+        }
+        self.defaultIdleSeconds = max(0, configuration.idleTimeout.components.seconds)
+        self.defaultAbsoluteSeconds = configuration.absoluteTimeout.map { max(1, $0.components.seconds) } ?? 0
+        let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 1200
+        self.stickyTouchInterval = TimeAmount(configuration.stickyTouchInterval ?? .seconds(min(max(idle / 4, 1), 300)))
+        self.writer = AsynchronousWriter(limit: configuration.asynchronousQueueLimit)
+    }
+
+    /// The memcached client the manager uses.
+    public var client: MemcachedClient { topology.client }
+
+    // MARK: - Service
+
+    /// Runs the manager's background work until graceful shutdown or cancellation, then flushes
+    /// the asynchronous writes still queued (sticky mode) and, if it owns it, stops the client.
+    public func run() async throws {
+        logger.info(
+            "session manager running",
+            metadata: [
+                "mode": "\(configuration.mode.rawValue)", "locking": "\(configuration.locking)",
+                "nodes": "\(configuration.memcached.nodes.map(\.description))",
+            ])
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            if ownsClient {
+                group.addTask { try await self.topology.client.run() }
+            }
+            await cancelWhenGracefulShutdown {
+                await withDiscardingTaskGroup { background in
+                    background.addTask { await self.writer.run(manager: self) }
+                    background.addTask { await self.renewLocksPeriodically() }
+                    background.addTask { await self.sweepLocalSessionsPeriodically() }
+                }
+            }
+            // The writer has flushed its queue; now stop the client.
+            group.cancelAll()
+            try await group.waitForAll()
+        }
+        logger.info("session manager stopped")
+    }
+
+    private func sweepLocalSessionsPeriodically() async {
+        guard configuration.mode == .sticky || !configuration.enabled else { return }
+        while !Task.isCancelled {
+            do { try await Task.sleep(for: .seconds(5)) } catch { return }
+            let removed = localStore.sweep(now: Self.currentTimeMillis())
+            if removed > 0 { statistics.count(.sessionsExpired, removed) }
+        }
+    }
+
+    // MARK: - request lifecycle
+
+    /// Starts a request: parses the session cookie (strictly: anything but a well-formed id is
+    /// "no session") and decides whether the request locks. No I/O happens here; the session is
+    /// loaded when the handler first asks for it.
+    public func beginRequest(path: String, sessionCookie: String?) -> SessionAccess {
+        if let ignoredPaths, ignoredPaths.matches(path) {
+            statistics.count(.requestsIgnored)
+            return SessionAccess(manager: self, incomingID: nil, path: path, ignored: true, locks: false)
+        }
+        let id = sessionCookie.flatMap { SessionID(parsing: $0) }
+        statistics.count(id == nil ? .requestsWithoutSession : .requestsWithSession)
+        return SessionAccess(manager: self, incomingID: id, path: path, ignored: false, locks: id != nil && locks(path: path))
+    }
+
+    /// Whether requests on `path` skip sessions entirely (the ignore pattern).
+    public func isIgnored(path: String) -> Bool {
+        ignoredPaths?.matches(path) ?? false
+    }
+
+    /// Ends a request: saves what changed, slides TTLs, releases the lock, and says which cookie the
+    /// response carries. Call it also when the handler threw, so that the lock is released.
+    /// - Throws: ``SessionError/Code/unavailable`` when a changed session could be saved nowhere
+    ///   and the unavailable policy is ``UnavailablePolicy/fail``.
+    public func endRequest(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
+        let start = NIODeadline.now()
+        defer { statistics.time(.end, since: start) }
+        return try await access.end()
+    }
+
+    // MARK: - helpers shared by the lifecycles
+
+    func keys(for token: SessionID.Token) -> SessionKeys {
+        SessionKeys(token: token, prefix: configuration.keyPrefix)
+    }
+
+    func makeSession(id: SessionID, record: SessionRecord, casUnique: UInt64?, isNew: Bool) -> Session {
+        Session(id: id, record: record, casUnique: casUnique, isNew: isNew, codec: configuration.codec, attributeFilter: attributeFilter)
+    }
+
+    func newSessionRecord(now: Int64) -> SessionRecord {
+        SessionRecord(
+            metadata: SessionMetadata(
+                createdAt: now, lastAccessedAt: now, idleTimeoutSeconds: defaultIdleSeconds,
+                absoluteTimeoutSeconds: defaultAbsoluteSeconds, version: 0),
+            attributes: [:])
+    }
+
+    /// A stored session that is past its absolute timeout is expired: deleted and not served.
+    func isExpired(_ record: SessionRecord, now: Int64) -> Bool {
+        record.metadata.isPastAbsoluteTimeout(now: now)
+    }
+}
+
+/// What the response must do about the session cookie.
+public struct SessionResponseAction: Sendable, Hashable {
+    public enum Cookie: Sendable, Hashable {
+        /// Leave the browser's cookie as it is (the common case: no `Set-Cookie`).
+        case unchanged
+        /// Send this session id (a new session, a relocation, a takeover or a regenerated id).
+        case set(SessionID)
+        /// Clear the cookie (the session was invalidated or is gone).
+        case clear
+    }
+
+    public var cookie: Cookie
+    /// The idle timeout of the session the cookie names, for a cookie `Max-Age` if wanted.
+    public var idleTimeout: Duration?
+
+    public init(cookie: Cookie, idleTimeout: Duration? = nil) {
+        self.cookie = cookie
+        self.idleTimeout = idleTimeout
+    }
+
+    public static let unchanged = SessionResponseAction(cookie: .unchanged)
+}

@@ -1,0 +1,190 @@
+import Logging
+import Memcached
+import NIOCore
+
+/// Sticky mode: this instance's memory is authoritative and memcached holds a copy for failover.
+///
+/// - A request finds the session in memory (no round trip), or loads it from memcached when this
+///   instance does not hold it (app-server failover) or the id names another instance's route
+///   (explicit takeover: the local copy, possibly stale, is dropped and never served).
+/// - At the end a changed session is written back: before the response (synchronous: no
+///   acknowledged change is lost if the instance dies) or through the asynchronous writer
+///   (faster; a crash loses at most the queued writes; graceful shutdown flushes them).
+/// - An unchanged session only has its memcached TTL slid, at most once per touch interval.
+/// - When its node is down the session moves to the next available node (new id, new cookie);
+///   when every node is down sessions keep working from memory and are saved once a node is back.
+/// - Writes are CAS writes: a copy changed by another instance meanwhile is merged, never
+///   overwritten, and a copy deleted meanwhile (logout elsewhere) ends the local one too.
+extension SessionManager {
+    func loadSticky(_ access: SessionAccess) async throws(SessionError) -> Session? {
+        guard let id = access.requestedID else { return nil }
+        let memoryOnly = !configuration.enabled
+        guard memoryOnly || topology.contains(id.nodeID) else {
+            statistics.count(.sessionsNotFound)
+            return nil
+        }
+        let now = Self.currentTimeMillis()
+        let takeover = !memoryOnly && configuration.route != nil && id.route != configuration.route
+        if !takeover, let (session, refreshed) = localStore.access(id.token, now: now) {
+            if session.isInvalidated { return nil }
+            if isExpired(SessionRecord(metadata: session.metadata, attributes: [:]), now: now) {
+                localStore.remove(id.token, ifSame: session)
+                statistics.count(.sessionsExpired)
+                if !memoryOnly { await deleteCopies(keys: keys(for: id.token), nodeID: session.id.nodeID, lock: nil, wait: false) }
+                return nil
+            }
+            statistics.count(.sessionsLoadedLocally)
+            access.state.withLock { $0.lastStoreRefresh = refreshed }
+            return session
+        }
+        if memoryOnly {
+            statistics.count(.sessionsNotFound)
+            return nil
+        }
+        if takeover {
+            // Another instance owned it: whatever this instance remembers may be stale.
+            localStore.remove(id.token)
+        }
+        let keys = self.keys(for: id.token)
+        let slide: MemcachedTTL = defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds)) : .never
+        switch await readStored(key: keys.primary, on: id.nodeID, touch: slide) {
+        case .found(let stored):
+            if isExpired(stored.record, now: now) {
+                statistics.count(.sessionsExpired)
+                await deleteCopies(keys: keys, nodeID: id.nodeID, lock: nil, wait: false)
+                return nil
+            }
+            let owned = id.routed(to: configuration.route)
+            let session = makeSession(id: owned, record: stored.record, casUnique: stored.casUnique, isNew: false)
+            let refreshed = NIODeadline.now()
+            localStore.put(session, token: id.token, now: now, refreshed: refreshed)
+            access.state.withLock { $0.lastStoreRefresh = refreshed }
+            statistics.count(.sessionsLoaded)
+            if takeover {
+                statistics.count(.takeovers)
+                logger.info(
+                    "sticky session taken over from another instance",
+                    metadata: ["route.previous": "\(id.route ?? "-")", "route": "\(configuration.route ?? "-")"])
+            } else {
+                statistics.count(.appServerFailovers)
+            }
+            return session
+        case .missing:
+            statistics.count(.sessionsNotFound)
+            return nil
+        case .unreachable(let error):
+            return try unavailable(id: id, cause: "not in this instance's memory and its node did not answer (\(error.code))")
+        }
+    }
+
+    func endSticky(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
+        let (phase, session, regenerate, lastRefresh) = access.state.withLock { state in
+            (state.phase, state.session, state.regenerate, state.lastStoreRefresh)
+        }
+        let incoming = access.requestedID
+        guard phase == .loaded, let session else {
+            if phase == .idle, let incoming { await slideUnopenedSticky(incoming) }
+            return .unchanged
+        }
+        var id = session.id
+        let now = Self.currentTimeMillis()
+
+        if session.isInvalidated {
+            statistics.count(.sessionsInvalidated)
+            localStore.remove(id.token, ifSame: session)
+            if !session.isNew, configuration.enabled {
+                await deleteCopies(keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true)
+            }
+            return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+        }
+
+        if regenerate {
+            let old = id
+            id = SessionID.generate(nodeID: placementNode(), route: configuration.route)
+            session.setID(id)
+            session.markAllChanged()
+            localStore.remove(old.token, ifSame: session)
+            localStore.put(session, token: id.token, now: now, refreshed: .now())
+            statistics.count(.sessionsRegenerated)
+            if configuration.enabled {
+                await deleteCopies(keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: false)
+            }
+        } else if session.isNew {
+            localStore.put(session, token: id.token, now: now, refreshed: .now())
+        }
+
+        guard configuration.enabled else {
+            return id != incoming ? cookieAction(.set(id), session.metadata) : .unchanged
+        }
+
+        if !topology.isAvailable(id.nodeID), let next = topology.nextAvailable(after: id.nodeID) {
+            // The node is down: the session is safe in memory; give it a live node and a new id.
+            statistics.count(.relocations)
+            statistics.count(.memcachedFailovers)
+            id = id.relocated(to: next)
+            session.setID(id)
+            session.markAllChanged()
+        }
+
+        if session.hasUnsavedChanges {
+            if configuration.asynchronousSaving, writer.enqueue(session) {
+                statistics.count(.writesAsynchronous)
+            } else {
+                try await saveSticky(session, synchronous: true)
+            }
+        } else {
+            statistics.count(.writesSkipped)
+            if lastRefresh.map({ NIODeadline.now() - $0 >= stickyTouchInterval }) ?? true {
+                await touchSticky(session)
+            }
+        }
+        id = session.id
+        if session.isInvalidated {
+            return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+        }
+        return id != incoming ? cookieAction(.set(id), session.metadata) : .unchanged
+    }
+
+    /// Saves a sticky session (at the end of the request, or from the asynchronous writer).
+    func saveSticky(_ session: Session, synchronous: Bool) async throws(SessionError) {
+        let id = session.id
+        let keys = self.keys(for: id.token)
+        let (outcome, finalID) = await saveWithRelocation(session, keys: keys, nodeID: id.nodeID, lock: nil, forceAdd: false)
+        switch outcome {
+        case .saved:
+            localStore.markRefreshed(finalID.token, at: .now())
+        case .gone:
+            // Deleted in memcached meanwhile: logged out on another instance. End it here too.
+            statistics.count(.sessionsNotFound)
+            session.invalidate()
+            localStore.remove(id.token, ifSame: session)
+        case .tooLarge(let error):
+            logger.warning("session too large to save", metadata: ["reason": "\(error.message)"])
+            if synchronous { throw error }
+        case .unreachable(let error):
+            // Every node is down: the session keeps living in memory and is saved by a later
+            // request once a node answers.
+            logger.warning("sticky session could not be saved: no memcached node answered", metadata: ["memcached.error": "\(error)"])
+        }
+    }
+
+    /// Slides an unchanged sticky session's memcached TTL (a touch the request does not wait for).
+    func touchSticky(_ session: Session) async {
+        let id = session.id
+        guard let node = topology.node(id.nodeID), node.isAvailable else { return }
+        let ttl = Self.primaryTTL(session.metadata, now: Self.currentTimeMillis())
+        statistics.count(.touches)
+        localStore.markRefreshed(id.token, at: .now())
+        await node.submit(.touch(keys(for: id.token).primary, ttl: ttl))
+    }
+
+    /// A request with the cookie that never opened the session: mark it accessed in memory and
+    /// slide the memcached TTL when due.
+    func slideUnopenedSticky(_ id: SessionID) async {
+        let takeover = configuration.enabled && configuration.route != nil && id.route != configuration.route
+        guard !takeover, let (session, refreshed) = localStore.access(id.token, now: Self.currentTimeMillis()) else { return }
+        if configuration.enabled, NIODeadline.now() - refreshed >= stickyTouchInterval {
+            await touchSticky(session)
+        }
+    }
+}

@@ -1,0 +1,297 @@
+import NIOCore
+import Synchronization
+
+/// When a session was created and used, how long it may live, and its version.
+public struct SessionMetadata: Sendable, Hashable {
+    /// Creation time, milliseconds since 1970.
+    public var createdAt: Int64
+    /// The last request that used the session and saved it, milliseconds since 1970. (Requests that
+    /// only read the session slide its memcached TTL without rewriting it.)
+    public var lastAccessedAt: Int64
+    /// Idle timeout in seconds; 0 means the session never expires from inactivity.
+    public var idleTimeoutSeconds: Int64
+    /// Absolute lifetime in seconds from creation; 0 means none.
+    public var absoluteTimeoutSeconds: Int64
+    /// Incremented by every save: the newest of several copies wins.
+    public var version: UInt64
+
+    public init(
+        createdAt: Int64, lastAccessedAt: Int64, idleTimeoutSeconds: Int64, absoluteTimeoutSeconds: Int64, version: UInt64
+    ) {
+        self.createdAt = createdAt
+        self.lastAccessedAt = lastAccessedAt
+        self.idleTimeoutSeconds = idleTimeoutSeconds
+        self.absoluteTimeoutSeconds = absoluteTimeoutSeconds
+        self.version = version
+    }
+
+    /// The idle timeout, or nil for none.
+    public var idleTimeout: Duration? {
+        idleTimeoutSeconds > 0 ? .seconds(idleTimeoutSeconds) : nil
+    }
+
+    /// The absolute timeout, or nil for none.
+    public var absoluteTimeout: Duration? {
+        absoluteTimeoutSeconds > 0 ? .seconds(absoluteTimeoutSeconds) : nil
+    }
+
+    /// Whether the absolute lifetime is over at `now` (milliseconds since 1970).
+    func isPastAbsoluteTimeout(now: Int64) -> Bool {
+        absoluteTimeoutSeconds > 0 && now >= createdAt + absoluteTimeoutSeconds * 1000
+    }
+}
+
+/// What a codec turns into bytes: the metadata and each stored attribute's encoded value.
+public struct SessionRecord: Sendable, Hashable {
+    public var metadata: SessionMetadata
+    /// Attribute name to the attribute codec's bytes.
+    public var attributes: [String: ByteBuffer]
+
+    public init(metadata: SessionMetadata, attributes: [String: ByteBuffer]) {
+        self.metadata = metadata
+        self.attributes = attributes
+    }
+}
+
+/// One user's session: named attributes with typed `Codable` access, and metadata.
+///
+/// Values are encoded when set and decoded when read, so a `Session` only ever holds bytes: change
+/// an attribute by setting it again (mutating an object read from it changes nothing). Setting a
+/// value whose encoding equals the stored one is not a change, and a session with no change is
+/// not written back.
+///
+/// Thread-safe; in sticky mode concurrent requests of one user share the instance's copy.
+public final class Session: Sendable {
+    struct State: Sendable {
+        var id: SessionID
+        var metadata: SessionMetadata
+        var attributes: [String: ByteBuffer]
+        /// Attributes excluded by the attribute filter: kept for this copy, never stored.
+        var transient: [String: ByteBuffer] = [:]
+        /// Changes not yet in memcached, by attribute (nil: removed). A CAS conflict re-applies
+        /// exactly these onto the newer stored copy.
+        var changes: [String: ByteBuffer?] = [:]
+        var metadataChanged = false
+        /// The stored copy's CAS unique this state derives from; nil when never stored.
+        var casUnique: UInt64?
+        var isNew: Bool
+        var invalidated = false
+        /// Bumped by every change: a save that raced a change knows to keep the change pending.
+        var generation: UInt64 = 0
+    }
+
+    let state: Mutex<State>
+    let codec: any SessionCodec
+    let attributeFilter: PathPattern?
+
+    init(
+        id: SessionID, record: SessionRecord, casUnique: UInt64?, isNew: Bool, codec: any SessionCodec,
+        attributeFilter: PathPattern?
+    ) {
+        self.state = Mutex(State(id: id, metadata: record.metadata, attributes: record.attributes, casUnique: casUnique, isNew: isNew))
+        self.codec = codec
+        self.attributeFilter = attributeFilter
+    }
+
+    /// The session's current id (it changes when the session moves to another node, is taken over
+    /// by another instance, or on ``SessionAccess/regenerateID()``).
+    public var id: SessionID { state.withLock { $0.id } }
+
+    /// Creation time, last saved access, timeouts and version.
+    public var metadata: SessionMetadata { state.withLock { $0.metadata } }
+
+    /// Whether the session was created by this request (or has never been stored yet).
+    public var isNew: Bool { state.withLock { $0.isNew } }
+
+    /// Whether ``invalidate()`` was called.
+    public var isInvalidated: Bool { state.withLock { $0.invalidated } }
+
+    /// The names of the session's attributes.
+    public var attributeNames: [String] {
+        state.withLock { Array($0.attributes.keys) + Array($0.transient.keys) }
+    }
+
+    /// Whether an attribute exists.
+    public func contains(_ name: String) -> Bool {
+        state.withLock { $0.attributes[name] != nil || $0.transient[name] != nil }
+    }
+
+    /// An attribute decoded as `type`, or nil when there is none.
+    /// - Throws: ``SessionError/Code/decodingFailed`` when the stored value is not a `type`.
+    public func get<Value: Decodable>(_ name: String, as type: Value.Type = Value.self) throws(SessionError) -> Value? {
+        guard let bytes = state.withLock({ $0.attributes[name] ?? $0.transient[name] }) else { return nil }
+        do {
+            return try codec.decodeValue(type, from: bytes)
+        } catch {
+            throw SessionError(code: .decodingFailed, message: "attribute '\(name)' is not a \(Value.self): \(error.reason)")
+        }
+    }
+
+    /// An attribute decoded as `type`; nil when there is none or it is not a `type`.
+    public subscript<Value: Decodable>(_ name: String, as type: Value.Type) -> Value? {
+        try? get(name, as: type)
+    }
+
+    /// The raw encoded bytes of an attribute (for tools; values are whatever the codec wrote).
+    public func encodedValue(of name: String) -> ByteBuffer? {
+        state.withLock { $0.attributes[name] ?? $0.transient[name] }
+    }
+
+    /// Sets an attribute.
+    /// - Throws: ``SessionError/Code/encodingFailed`` when the value cannot be encoded,
+    ///   ``SessionError/Code/invalidated`` after ``invalidate()``.
+    public func set<Value: Encodable>(_ name: String, _ value: Value) throws(SessionError) {
+        let bytes: ByteBuffer
+        do {
+            bytes = try codec.encodeValue(value)
+        } catch {
+            throw SessionError(code: .encodingFailed, message: "attribute '\(name)' could not be encoded: \(error.reason)")
+        }
+        try setEncoded(name, bytes)
+    }
+
+    /// Sets an attribute from bytes already in the codec's format.
+    public func setEncoded(_ name: String, _ bytes: ByteBuffer) throws(SessionError) {
+        let stored = attributeFilter.map { $0.matches(name) } ?? true
+        try state.withLock { state throws(SessionError) in
+            guard !state.invalidated else { throw SessionError(code: .invalidated, message: "the session was invalidated") }
+            if !stored {
+                state.transient[name] = bytes
+                return
+            }
+            if state.attributes[name] == bytes { return }
+            state.attributes[name] = bytes
+            state.changes[name] = .some(bytes)
+            state.generation &+= 1
+        }
+    }
+
+    /// Removes an attribute.
+    public func remove(_ name: String) {
+        state.withLock { state in
+            if state.transient.removeValue(forKey: name) != nil { return }
+            guard !state.invalidated, state.attributes.removeValue(forKey: name) != nil else { return }
+            state.changes[name] = .some(nil)
+            state.generation &+= 1
+        }
+    }
+
+    /// Sets this session's idle timeout (e.g. longer for "remember me"); zero or less: never
+    /// expires from inactivity.
+    public func setIdleTimeout(_ timeout: Duration) {
+        let seconds = max(0, timeout.components.seconds)
+        state.withLock { state in
+            guard state.metadata.idleTimeoutSeconds != seconds else { return }
+            state.metadata.idleTimeoutSeconds = seconds
+            state.metadataChanged = true
+            state.generation &+= 1
+        }
+    }
+
+    /// Ends the session: every copy (memcached primary and backup, its lock, this instance's
+    /// memory) is removed at the end of the request, and the cookie is cleared.
+    public func invalidate() {
+        state.withLock { state in
+            state.invalidated = true
+            state.generation &+= 1
+        }
+    }
+
+    // MARK: - for the manager
+
+    /// Whether there is anything to save.
+    var hasUnsavedChanges: Bool {
+        state.withLock { !$0.changes.isEmpty || $0.metadataChanged || $0.isNew }
+    }
+
+    struct Snapshot {
+        var id: SessionID
+        var record: SessionRecord
+        var casUnique: UInt64?
+        var changes: [String: ByteBuffer?]
+        var metadataChanged: Bool
+        var isNew: Bool
+        var generation: UInt64
+    }
+
+    /// The state to save, with the version and access time it will be saved with.
+    func snapshotForSave(now: Int64) -> Snapshot {
+        state.withLock { state in
+            var metadata = state.metadata
+            metadata.version &+= 1
+            metadata.lastAccessedAt = max(metadata.lastAccessedAt, now)
+            return Snapshot(
+                id: state.id, record: SessionRecord(metadata: metadata, attributes: state.attributes),
+                casUnique: state.casUnique, changes: state.changes, metadataChanged: state.metadataChanged,
+                isNew: state.isNew, generation: state.generation)
+        }
+    }
+
+    /// Records a successful save of `snapshot` (possibly merged into `saved`): changes made since
+    /// the snapshot stay pending.
+    func markSaved(_ snapshot: Snapshot, saved record: SessionRecord, casUnique: UInt64?) {
+        state.withLock { state in
+            state.casUnique = casUnique
+            state.isNew = false
+            if state.generation == snapshot.generation {
+                state.attributes = record.attributes
+                state.metadata = record.metadata
+                state.changes = [:]
+                state.metadataChanged = false
+            } else {
+                // Changes raced the save: keep them, and take what the save merged in underneath.
+                var attributes = record.attributes
+                for (name, change) in state.changes where snapshot.changes[name] == nil || snapshot.changes[name]! != change {
+                    attributes[name] = change
+                }
+                let pending = state.changes.filter { snapshot.changes[$0.key] == nil || snapshot.changes[$0.key]! != $0.value }
+                state.attributes = attributes
+                state.changes = pending
+                let idle = state.metadataChanged ? state.metadata.idleTimeoutSeconds : record.metadata.idleTimeoutSeconds
+                state.metadata = record.metadata
+                state.metadata.idleTimeoutSeconds = idle
+            }
+        }
+    }
+
+    /// Replaces the state with a stored copy (a sticky instance reloading after a conflict).
+    func replace(with record: SessionRecord, casUnique: UInt64?) {
+        state.withLock { state in
+            state.metadata = record.metadata
+            state.attributes = record.attributes
+            state.casUnique = casUnique
+            state.changes = [:]
+            state.metadataChanged = false
+            state.isNew = false
+        }
+    }
+
+    func setID(_ id: SessionID) {
+        state.withLock { $0.id = id }
+    }
+
+    /// Marks the whole session as changed (it must be written in full to a new place).
+    func markAllChanged() {
+        state.withLock { state in
+            for (name, value) in state.attributes { state.changes[name] = .some(value) }
+            state.metadataChanged = true
+            state.generation &+= 1
+        }
+    }
+}
+
+extension Session {
+    /// Applies the changes of `snapshot` onto a newer stored `record` (CAS conflict resolution).
+    static func merge(_ snapshot: Snapshot, onto stored: SessionRecord, now: Int64) -> SessionRecord {
+        var merged = stored
+        for (name, change) in snapshot.changes {
+            merged.attributes[name] = change
+        }
+        if snapshot.metadataChanged {
+            merged.metadata.idleTimeoutSeconds = snapshot.record.metadata.idleTimeoutSeconds
+        }
+        merged.metadata.version = max(stored.metadata.version, snapshot.record.metadata.version - 1) &+ 1
+        merged.metadata.lastAccessedAt = max(stored.metadata.lastAccessedAt, now)
+        return merged
+    }
+}

@@ -1,0 +1,109 @@
+import DequeModule
+import Synchronization
+
+/// Sticky mode's asynchronous saving: a bounded queue of changed sessions, coalesced per session
+/// (a session changed by ten requests before the writer gets to it is written once, with its
+/// latest state), written in pipelined batches, and flushed when the manager shuts down
+/// gracefully.
+///
+/// When the queue is full, ``enqueue(_:)`` refuses and the request saves synchronously: back
+/// pressure instead of unbounded memory.
+final class AsynchronousWriter: Sendable {
+    private struct State {
+        var queue: Deque<Session> = []
+        var queued: Set<ObjectIdentifier> = []
+        var waiter: CheckedContinuation<Void, Never>?
+        var stopping = false
+        var stopped = false
+    }
+
+    private let state = Mutex(State())
+    private let limit: Int
+    static let batchSize = 128
+
+    init(limit: Int) {
+        self.limit = limit
+    }
+
+    /// Queues a session for saving; false when the queue is full or the writer has stopped (the
+    /// caller then saves synchronously).
+    func enqueue(_ session: Session) -> Bool {
+        let (accepted, waiter) = state.withLock { state -> (Bool, CheckedContinuation<Void, Never>?) in
+            guard !state.stopped else { return (false, nil) }
+            if state.queued.contains(ObjectIdentifier(session)) { return (true, nil) }
+            guard state.queue.count < limit else { return (false, nil) }
+            state.queue.append(session)
+            state.queued.insert(ObjectIdentifier(session))
+            defer { state.waiter = nil }
+            return (true, state.waiter)
+        }
+        waiter?.resume()
+        return accepted
+    }
+
+    /// Sessions waiting to be written.
+    var pendingCount: Int { state.withLock { $0.queue.count } }
+
+    /// Writes queued sessions until cancelled, then flushes what is left and stops taking more.
+    func run(manager: SessionManager) async {
+        while true {
+            let batch = await nextBatch()
+            if batch.isEmpty {
+                if state.withLock({ $0.stopping }) { break }
+                continue
+            }
+            await write(batch, manager: manager)
+        }
+        // Flush: requests still ending during shutdown may add more; take until empty.
+        while true {
+            let batch = state.withLock { state -> [Session] in
+                let batch = takeBatch(&state)
+                if batch.isEmpty { state.stopped = true }
+                return batch
+            }
+            if batch.isEmpty { break }
+            await write(batch, manager: manager)
+        }
+    }
+
+    private func write(_ batch: [Session], manager: SessionManager) async {
+        await withDiscardingTaskGroup { group in
+            for session in batch {
+                group.addTask { try? await manager.saveSticky(session, synchronous: false) }
+            }
+        }
+    }
+
+    private func takeBatch(_ state: inout State) -> [Session] {
+        var batch: [Session] = []
+        while batch.count < Self.batchSize, let session = state.queue.popFirst() {
+            state.queued.remove(ObjectIdentifier(session))
+            batch.append(session)
+        }
+        return batch
+    }
+
+    /// The next batch; empty when the task is cancelled (graceful shutdown) with nothing queued.
+    private func nextBatch() async -> [Session] {
+        let ready = state.withLock { state -> [Session] in takeBatch(&state) }
+        if !ready.isEmpty { return ready }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLock { state -> Bool in
+                    if state.stopping || !state.queue.isEmpty { return true }
+                    state.waiter = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+                state.stopping = true
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume()
+        }
+        return state.withLock { state -> [Session] in takeBatch(&state) }
+    }
+}

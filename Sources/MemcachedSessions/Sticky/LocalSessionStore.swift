@@ -1,0 +1,100 @@
+import NIOCore
+import Synchronization
+
+/// A sticky instance's sessions in memory: bounded (the least recently used go first when it is
+/// full; they remain in memcached) and expiring (idle sessions are swept).
+///
+/// Sharded by token so that concurrent requests rarely contend on one lock.
+final class LocalSessionStore: Sendable {
+    struct Entry: Sendable {
+        let session: Session
+        /// Milliseconds since 1970 of the last request.
+        var lastAccess: Int64
+        /// When memcached's TTL was last slid or the session written (monotonic).
+        var lastStoreRefresh: NIODeadline
+    }
+
+    private static let shardCount = 16
+    private let shards: [LockedBox<[SessionID.Token: Entry]>]
+    private let capacityPerShard: Int
+
+    init(capacity: Int) {
+        shards = (0..<Self.shardCount).map { _ in LockedBox([:]) }
+        capacityPerShard = max(1, (capacity + Self.shardCount - 1) / Self.shardCount)
+    }
+
+    private func shard(_ token: SessionID.Token) -> LockedBox<[SessionID.Token: Entry]> {
+        shards[Int(token.low % UInt64(Self.shardCount))]
+    }
+
+    /// The session, if held and not idle-expired at `now`; marks it accessed.
+    func access(_ token: SessionID.Token, now: Int64) -> (session: Session, lastStoreRefresh: NIODeadline)? {
+        shard(token).withLock { entries -> (Session, NIODeadline)? in
+            guard var entry = entries[token] else { return nil }
+            let idle = entry.session.metadata.idleTimeoutSeconds
+            if idle > 0, now - entry.lastAccess >= idle * 1000 {
+                entries[token] = nil
+                return nil
+            }
+            entry.lastAccess = now
+            entries[token] = entry
+            return (entry.session, entry.lastStoreRefresh)
+        }
+    }
+
+    /// Adds or replaces a session. Evicts the least recently used sixteenth of the shard when full.
+    func put(_ session: Session, token: SessionID.Token, now: Int64, refreshed: NIODeadline) {
+        shard(token).withLock { entries in
+            if entries[token] == nil, entries.count >= capacityPerShard {
+                Self.evictOldest(&entries, count: max(1, capacityPerShard / 16))
+            }
+            entries[token] = Entry(session: session, lastAccess: now, lastStoreRefresh: refreshed)
+        }
+    }
+
+    func markRefreshed(_ token: SessionID.Token, at deadline: NIODeadline) {
+        shard(token).withLock { entries in
+            entries[token]?.lastStoreRefresh = deadline
+        }
+    }
+
+    func remove(_ token: SessionID.Token) {
+        _ = shard(token).withLock { $0.removeValue(forKey: token) }
+    }
+
+    /// Removes `session` only if it is still the one held for `token`.
+    func remove(_ token: SessionID.Token, ifSame session: Session) {
+        shard(token).withLock { entries in
+            if entries[token]?.session === session { entries[token] = nil }
+        }
+    }
+
+    var count: Int { shards.reduce(0) { $0 + $1.withLock { $0.count } } }
+
+    /// Every held session (for flushing on shutdown).
+    var allSessions: [Session] {
+        shards.flatMap { $0.withLock { $0.values.map(\.session) } }
+    }
+
+    /// Drops idle-expired sessions; returns how many.
+    func sweep(now: Int64) -> Int {
+        var removed = 0
+        for shard in shards {
+            shard.withLock { entries in
+                let before = entries.count
+                entries = entries.filter { _, entry in
+                    let idle = entry.session.metadata.idleTimeoutSeconds
+                    return idle <= 0 || now - entry.lastAccess < idle * 1000
+                }
+                removed += before - entries.count
+            }
+        }
+        return removed
+    }
+
+    private static func evictOldest(_ entries: inout [SessionID.Token: Entry], count: Int) {
+        // O(n log n) once per capacityPerShard/16 insertions: amortised, and only when full.
+        let oldest = entries.sorted { $0.value.lastAccess < $1.value.lastAccess }.prefix(count).map(\.key)
+        for token in oldest { entries[token] = nil }
+    }
+}

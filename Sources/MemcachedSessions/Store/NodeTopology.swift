@@ -1,0 +1,94 @@
+import Atomics
+import Crypto
+import Memcached
+
+/// The memcached keys of one session. They derive from a SHA-256 of the session's token, not the
+/// token itself, so a dump of memcached's keys does not reveal live cookies; and not from the node
+/// or route, so a session keeps its keys when it moves.
+struct SessionKeys: Sendable, Hashable {
+    /// The session itself, on its node.
+    let primary: String
+    /// The non-sticky backup copy, on the next node.
+    let backup: String
+    /// The non-sticky lock, on the session's node.
+    let lock: String
+
+    init(token: SessionID.Token, prefix: String) {
+        let digest = SHA256.hash(data: token.bytes)
+        var hex = [UInt8]()
+        hex.reserveCapacity(32)
+        let digits = SessionID.Token.hexDigits
+        for byte in digest.prefix(16) {
+            hex.append(digits[Int(byte >> 4)] | 0x20)  // lower case: letters get the 0x20 bit, digits have it
+            hex.append(digits[Int(byte & 0xF)] | 0x20)
+        }
+        let digestText = String(decoding: hex, as: UTF8.self)
+        primary = prefix + "s:" + digestText
+        backup = prefix + "b:" + digestText
+        lock = prefix + "l:" + digestText
+    }
+}
+
+/// The nodes sessions can live on, and the placement rules: new sessions on an available primary
+/// (round robin), failover nodes only when no primary is up, backups on the next available node,
+/// relocation to the next available node after the one that failed. Every walk over the nodes is
+/// bounded by their number: no loop can spin whatever the node states.
+final class NodeTopology: Sendable {
+    let client: MemcachedClient
+    /// Node ids in configuration order.
+    let order: [String]
+    let failover: Set<String>
+    private let nodes: [String: MemcachedNodeClient]
+    private let roundRobin = ManagedAtomic<Int>(0)
+
+    init(client: MemcachedClient, failoverNodes: [String]) {
+        self.client = client
+        let all = client.allNodes
+        self.order = all.map(\.id)
+        self.failover = Set(failoverNodes)
+        self.nodes = Dictionary(uniqueKeysWithValues: all.map { ($0.id, $0) })
+    }
+
+    func node(_ id: String) -> MemcachedNodeClient? { nodes[id] }
+
+    func isAvailable(_ id: String) -> Bool { nodes[id]?.isAvailable ?? false }
+
+    func contains(_ id: String) -> Bool { nodes[id] != nil }
+
+    private var primaries: [String] { order.filter { !failover.contains($0) } }
+
+    /// Where a new session goes: an available primary (round robin), else an available failover
+    /// node, else the first primary (its write will fail and the unavailable policy applies; a
+    /// sticky session stays in memory and is bound to a node once one answers).
+    func placeNew() -> String {
+        let primaries = order.filter { !failover.contains($0) }
+        let start = roundRobin.loadThenWrappingIncrement(ordering: .relaxed)
+        for offset in 0..<primaries.count {
+            let id = primaries[(start &+ offset) % primaries.count]
+            if isAvailable(id) { return id }
+        }
+        for id in order where failover.contains(id) && isAvailable(id) { return id }
+        return primaries.first ?? order[0]
+    }
+
+    /// The next available node after `id` in configuration order, primaries first, never `id`
+    /// itself; nil when no other node is available. Used for backups and for relocation, so that
+    /// every instance picks the same node for the same failure.
+    func nextAvailable(after id: String, excluding excluded: Set<String> = []) -> String? {
+        guard let position = order.firstIndex(of: id) else {
+            return order.first { $0 != id && !excluded.contains($0) && isAvailable($0) && !failover.contains($0) }
+                ?? order.first { $0 != id && !excluded.contains($0) && isAvailable($0) }
+        }
+        var fallback: String? = nil
+        for offset in 1..<max(order.count, 1) {
+            let candidate = order[(position + offset) % order.count]
+            guard candidate != id, !excluded.contains(candidate), isAvailable(candidate) else { continue }
+            if !failover.contains(candidate) { return candidate }
+            if fallback == nil { fallback = candidate }
+        }
+        return fallback
+    }
+
+    /// Every node id other than `id`.
+    func others(than id: String) -> [String] { order.filter { $0 != id } }
+}

@@ -1,0 +1,253 @@
+import Logging
+import Memcached
+import NIOCore
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// A session as read from memcached.
+struct StoredSession: Sendable {
+    var record: SessionRecord
+    var casUnique: UInt64?
+    /// The bytes as stored (copied as-is to repair a missing backup).
+    var raw: ByteBuffer
+}
+
+enum StoredRead: Sendable {
+    case found(StoredSession)
+    /// The node answered: no such session (or it was corrupt and has been deleted).
+    case missing
+    /// The node did not answer.
+    case unreachable(MemcachedError)
+}
+
+enum StoredWrite: Sendable {
+    case stored(casUnique: UInt64?)
+    /// A CAS write found a newer copy, or an add found one.
+    case conflict
+    /// A CAS write found no copy: the session was deleted meanwhile (and must stay deleted).
+    case gone
+    case unreachable(MemcachedError)
+}
+
+/// What saving a session came to.
+enum SaveOutcome: Sendable {
+    case saved(record: SessionRecord, bytes: ByteBuffer)
+    /// The stored copy was deleted meanwhile (logout): nothing was written.
+    case gone
+    case tooLarge(SessionError)
+    case unreachable(MemcachedError)
+}
+
+extension SessionManager {
+    /// Milliseconds since 1970.
+    static func currentTimeMillis() -> Int64 {
+        var spec = timespec()
+        clock_gettime(CLOCK_REALTIME, &spec)
+        return Int64(spec.tv_sec) * 1000 + Int64(spec.tv_nsec) / 1_000_000
+    }
+
+    /// The memcached TTL of a session's primary copy: its idle timeout, capped by what remains of
+    /// its absolute timeout; nil when the session never expires.
+    static func primaryTTLSeconds(_ metadata: SessionMetadata, now: Int64) -> Int64? {
+        var seconds = metadata.idleTimeoutSeconds
+        if metadata.absoluteTimeoutSeconds > 0 {
+            let remaining = max(1, (metadata.createdAt + metadata.absoluteTimeoutSeconds * 1000 - now + 999) / 1000)
+            seconds = seconds > 0 ? min(seconds, remaining) : remaining
+        }
+        return seconds > 0 ? seconds : nil
+    }
+
+    static func primaryTTL(_ metadata: SessionMetadata, now: Int64) -> MemcachedTTL {
+        primaryTTLSeconds(metadata, now: now).map { .seconds(Int($0)) } ?? .never
+    }
+
+    /// How long a backup copy lives: the primary's TTL plus two refresh windows, so that a backup
+    /// refreshed at most once per window by each instance always outlives the primary.
+    func backupTTL(_ metadata: SessionMetadata, now: Int64) -> MemcachedTTL {
+        guard let primary = Self.primaryTTLSeconds(metadata, now: now) else { return .never }
+        return .seconds(Int(primary + 2 * backupRefreshWindow(metadata).components.seconds))
+    }
+
+    /// How often each instance refreshes a read-only session's backup: a quarter of the idle
+    /// timeout, between 1 second and 5 minutes.
+    func backupRefreshWindow(_ metadata: SessionMetadata) -> Duration {
+        let idle = metadata.idleTimeoutSeconds > 0 ? metadata.idleTimeoutSeconds : 1200
+        return .seconds(min(max(idle / 4, 1), 300))
+    }
+
+    /// Reads a session from one node, optionally sliding its TTL in the same round trip. Corrupt
+    /// or foreign bytes are deleted, counted and logged (without the session id), and read as a miss.
+    func readStored(key: String, on nodeID: String, touch: MemcachedTTL?) async -> StoredRead {
+        guard let node = topology.node(nodeID) else { return .missing }
+        let item: MemcachedItem?
+        do throws(MemcachedError) {
+            if let touch {
+                item = try await node.getAndTouch(key, ttl: touch)
+            } else {
+                item = try await node.get(key)
+            }
+        } catch {
+            return error.meansNodeUnreachable ? .unreachable(error) : .missing
+        }
+        guard let item else { return .missing }
+        guard let stored = decodeStored(item, key: key, node: node) else { return .missing }
+        return .found(stored)
+    }
+
+    func decodeStored(_ item: MemcachedItem, key: String, node: MemcachedNodeClient) -> StoredSession? {
+        statistics.count(.bytesRead, item.value.readableBytes)
+        do {
+            let record = try configuration.codec.decodeSession(from: item.value)
+            return StoredSession(record: record, casUnique: item.cas, raw: item.value)
+        } catch {
+            statistics.count(.corruptSessions)
+            logger.warning(
+                "undecodable session data deleted",
+                metadata: ["memcached.node": "\(node.id)", "reason": "\(error.reason)", "bytes": "\(item.value.readableBytes)"])
+            Task { try? await node.delete(key, quiet: true) }
+            return nil
+        }
+    }
+
+    /// Encodes a record, refusing sessions larger than memcached's item size limit before
+    /// anything is sent (memcached drops the stored item when it refuses an oversized set).
+    func encode(_ record: SessionRecord, keyLength: Int) throws(SessionError) -> ByteBuffer {
+        var buffer = byteBufferAllocator.buffer(capacity: 64 + record.attributes.reduce(0) { $0 + $1.key.utf8.count + $1.value.readableBytes + 6 })
+        do {
+            try configuration.codec.encodeSession(record, into: &buffer)
+        } catch {
+            throw SessionError(code: .encodingFailed, message: "session could not be encoded: \(error.reason)")
+        }
+        if buffer.readableBytes + keyLength + 64 > configuration.memcached.itemSizeLimit {
+            statistics.count(.oversizedSessions)
+            throw SessionError(
+                code: .sessionTooLarge,
+                message:
+                    "session of \(buffer.readableBytes) bytes exceeds the memcached item size limit of \(configuration.memcached.itemSizeLimit) bytes; the stored copy is unchanged"
+            )
+        }
+        return buffer
+    }
+
+    /// One store on one node; `extra` requests (quiet lock releases) ride in the same write.
+    func writeStored(
+        key: String, on nodeID: String, bytes: ByteBuffer, ttl: MemcachedTTL, casUnique: UInt64?, add: Bool,
+        extra: [MemcachedRequest] = []
+    ) async -> StoredWrite {
+        guard let node = topology.node(nodeID) else {
+            return .unreachable(MemcachedError(code: .unknownNode, message: "no node \(nodeID)"))
+        }
+        let request = MemcachedRequest.store(key, value: bytes, mode: add && casUnique == nil ? .add : .set, ttl: ttl, cas: casUnique)
+        let result: Result<MemcachedResponse, MemcachedError>
+        if extra.isEmpty {
+            do {
+                result = .success(try await node.execute(request))
+            } catch {
+                result = .failure(error)
+            }
+        } else {
+            let results = await node.executeBatch([request] + extra)
+            result = results[0]
+            for case .failure(let error) in results.dropFirst() where !error.meansNodeUnreachable {
+                statistics.count(.lockReleaseFailures)
+            }
+        }
+        switch result {
+        case .success(.stored(let outcome)):
+            switch outcome {
+            case .stored(let cas):
+                statistics.count(.bytesWritten, bytes.readableBytes)
+                return .stored(casUnique: cas)
+            case .exists, .notStored: return .conflict
+            case .notFound: return .gone
+            }
+        case .success:
+            return .unreachable(MemcachedError(code: .protocolError, message: "unexpected reply to a store"))
+        case .failure(let error):
+            // Unreachable or refused (a server error such as out of memory): either way not stored.
+            return .unreachable(error)
+        }
+    }
+
+    /// Saves a session's changes to `nodeID` with CAS. On a conflict the newer stored copy is read
+    /// and only this session's own changes are re-applied to it (so concurrent requests changing
+    /// different attributes both survive); a copy deleted meanwhile is never brought back.
+    /// Bounded: at most `maximumSaveAttempts` round trips of conflict resolution.
+    func save(
+        _ session: Session, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false
+    ) async -> SaveOutcome {
+        let now = Self.currentTimeMillis()
+        let snapshot = session.snapshotForSave(now: now)
+        var record = snapshot.record
+        var casUnique = snapshot.casUnique
+        var add = snapshot.isNew || forceAdd || casUnique == nil
+        let start = NIODeadline.now()
+        defer { statistics.time(.write, since: start) }
+        for _ in 0..<Self.maximumSaveAttempts {
+            let bytes: ByteBuffer
+            do {
+                bytes = try encode(record, keyLength: keys.primary.utf8.count)
+            } catch {
+                return .tooLarge(error)
+            }
+            let extra = lock.map { [lockReleaseRequest($0)] } ?? []
+            let result = await writeStored(
+                key: keys.primary, on: nodeID, bytes: bytes, ttl: Self.primaryTTL(record.metadata, now: now), casUnique: casUnique,
+                add: add, extra: extra)
+            switch result {
+            case .stored(let newCas):
+                if let lock { releasedLock(lock) }
+                session.markSaved(snapshot, saved: record, casUnique: newCas)
+                statistics.count(.writes)
+                return .saved(record: record, bytes: bytes)
+            case .gone:
+                if let lock { releasedLock(lock) }
+                return .gone
+            case .unreachable(let error):
+                statistics.count(.writeFailures)
+                return .unreachable(error)
+            case .conflict:
+                statistics.count(.writeConflicts)
+                switch await readStored(key: keys.primary, on: nodeID, touch: nil) {
+                case .found(let stored):
+                    record = Session.merge(snapshot, onto: stored.record, now: now)
+                    casUnique = stored.casUnique
+                    add = false
+                case .missing:
+                    if add && snapshot.casUnique == nil && !snapshot.isNew {
+                        // An add after relocation found a copy that vanished since: try once more.
+                        continue
+                    }
+                    if let lock { releasedLock(lock) }
+                    return .gone
+                case .unreachable(let error):
+                    statistics.count(.writeFailures)
+                    return .unreachable(error)
+                }
+            }
+        }
+        statistics.count(.writeFailures)
+        return .unreachable(MemcachedError(code: .timeout, message: "session write lost the CAS race \(Self.maximumSaveAttempts) times"))
+    }
+
+    static let maximumSaveAttempts = 8
+
+    /// Writes the backup copy without waiting for it; a failure is counted, never assumed away.
+    func submitBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
+        guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
+        let statistics = self.statistics
+        let request = MemcachedRequest.store(keys.backup, value: bytes, ttl: backupTTL(metadata, now: now), quiet: true)
+        backupMemo.record(keys.backup, node: backupNode)
+        statistics.count(.backupWrites)
+        // `submit` suspends only to reach a connection; it does not wait for the reply.
+        await node.submit(request) { result in
+            if case .failure = result { statistics.count(.backupFailures) }
+        }
+    }
+}

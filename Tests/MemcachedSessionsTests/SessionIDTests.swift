@@ -1,0 +1,80 @@
+import Testing
+
+@testable import MemcachedSessions
+
+@Suite("Session ids")
+struct SessionIDTests {
+    @Test func parsesWellFormedIDs() throws {
+        let plain = try #require(SessionID(parsing: "602F7397FBE4D9932E59A9D0E52FE178-n1"))
+        #expect(plain.nodeID == "n1")
+        #expect(plain.route == nil)
+        #expect(plain.token.description == "602F7397FBE4D9932E59A9D0E52FE178")
+        #expect(plain.description == "602F7397FBE4D9932E59A9D0E52FE178-n1")
+
+        let routed = try #require(SessionID(parsing: "602F7397FBE4D9932E59A9D0E52FE178-node_2.app-1"))
+        #expect(routed.nodeID == "node_2")
+        #expect(routed.route == "app-1")
+        #expect(routed.description == "602F7397FBE4D9932E59A9D0E52FE178-node_2.app-1")
+
+        let dashed = try #require(SessionID(parsing: "602F7397FBE4D9932E59A9D0E52FE178-n-1"))
+        #expect(dashed.nodeID == "n-1")
+    }
+
+    @Test(arguments: [
+        "",
+        "602F7397FBE4D9932E59A9D0E52FE178",
+        "602F7397FBE4D9932E59A9D0E52FE178-",
+        "602f7397fbe4d9932e59a9d0e52fe178-n1",  // lower case: we never issue it
+        "602F7397FBE4D9932E59A9D0E52FE17-n1",  // 31 digits
+        "602F7397FBE4D9932E59A9D0E52FE1789-n1",  // 33 digits
+        "602F7397FBE4D9932E59A9D0E52FE17G-n1",
+        "602F7397FBE4D9932E59A9D0E52FE178_n1",
+        "602F7397FBE4D9932E59A9D0E52FE178-n1.",
+        "602F7397FBE4D9932E59A9D0E52FE178-.r",
+        "602F7397FBE4D9932E59A9D0E52FE178-n1.r.s",
+        "602F7397FBE4D9932E59A9D0E52FE178-n1 ",
+        " 602F7397FBE4D9932E59A9D0E52FE178-n1",
+        "602F7397FBE4D9932E59A9D0E52FE178-n1\r\nflush_all",
+        "602F7397FBE4D9932E59A9D0E52FE178-n1\u{0}",
+        "602F7397FBE4D9932E59A9D0E52FE178-n\u{e9}",
+        "602F7397FBE4D9932E59A9D0E52FE178-" + String(repeating: "n", count: 33),
+        "602F7397FBE4D9932E59A9D0E52FE178-n1." + String(repeating: "r", count: 33),
+        String(repeating: "A", count: 10_000),
+        "../../etc/passwd",
+        "602F7397FBE4D9932E59A9D0E52FE178-n1;jsessionid=x",
+    ])
+    func rejectsAnythingElse(_ text: String) {
+        #expect(SessionID(parsing: text) == nil)
+    }
+
+    @Test func generatedIDsAreUniqueAndRoundTrip() throws {
+        var seen = Set<String>()
+        for _ in 0..<10_000 {
+            let id = SessionID.generate(nodeID: "n2", route: "a")
+            #expect(seen.insert(id.token.description).inserted)
+            let parsed = try #require(SessionID(parsing: id.description))
+            #expect(parsed == id)
+        }
+    }
+
+    @Test func relocationKeepsTheTokenAndTheKeys() {
+        let id = SessionID.generate(nodeID: "n1", route: "a")
+        let moved = id.relocated(to: "n3").routed(to: "b")
+        #expect(moved.token == id.token)
+        #expect(moved.nodeID == "n3")
+        #expect(moved.route == "b")
+        let keys = SessionKeys(token: id.token, prefix: "app:")
+        #expect(keys == SessionKeys(token: moved.token, prefix: "app:"))
+    }
+
+    @Test func storageKeysDoNotRevealTheToken() {
+        let id = SessionID.generate(nodeID: "n1", route: nil)
+        let keys = SessionKeys(token: id.token, prefix: "p:")
+        #expect(keys.primary.hasPrefix("p:s:"))
+        #expect(keys.backup.hasPrefix("p:b:"))
+        #expect(keys.lock.hasPrefix("p:l:"))
+        #expect(keys.primary.utf8.count == 4 + 32)
+        #expect(!keys.primary.lowercased().contains(id.token.description.lowercased().prefix(12)))
+        #expect(keys.primary.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7F })
+    }
+}

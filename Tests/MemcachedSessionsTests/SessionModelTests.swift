@@ -1,0 +1,170 @@
+import Memcached
+import NIOCore
+import Testing
+
+@testable import MemcachedSessions
+
+@Suite("Session model, configuration and placement")
+struct SessionModelTests {
+    static func session(_ attributes: [String: ByteBuffer] = [:], filter: String? = nil) throws -> Session {
+        Session(
+            id: .generate(nodeID: "n1", route: nil),
+            record: SessionRecord(
+                metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 1, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 3),
+                attributes: attributes),
+            casUnique: 9, isNew: false, codec: BinarySessionCodec(),
+            attributeFilter: try filter.map { pattern throws(SessionError) in try PathPattern(pattern, setting: "test") })
+    }
+
+    @Test func typedAccessAndDirtyTracking() throws {
+        let session = try Self.session()
+        #expect(!session.hasUnsavedChanges)
+        try session.set("count", 1)
+        #expect(session["count", as: Int.self] == 1)
+        #expect(session.hasUnsavedChanges)
+        #expect(throws: SessionError.self) { _ = try session.get("count", as: String.self) }
+        #expect(session["count", as: String.self] == nil)
+        #expect(session["missing", as: Int.self] == nil)
+
+        // Saved: no pending change; setting an equal value is not a change.
+        let snapshot = session.snapshotForSave(now: 5)
+        session.markSaved(snapshot, saved: snapshot.record, casUnique: 10)
+        #expect(!session.hasUnsavedChanges)
+        #expect(session.metadata.version == 4)
+        try session.set("count", 1)
+        #expect(!session.hasUnsavedChanges)
+        try session.set("count", 2)
+        #expect(session.hasUnsavedChanges)
+        session.remove("count")
+        #expect(session["count", as: Int.self] == nil)
+    }
+
+    @Test func changesDuringASaveStayPending() throws {
+        let session = try Self.session()
+        try session.set("a", 1)
+        let snapshot = session.snapshotForSave(now: 5)
+        try session.set("b", 2)  // lands while the save is in flight
+        session.markSaved(snapshot, saved: snapshot.record, casUnique: 10)
+        #expect(session.hasUnsavedChanges)
+        #expect(session["a", as: Int.self] == 1)
+        #expect(session["b", as: Int.self] == 2)
+        let next = session.snapshotForSave(now: 6)
+        #expect(next.changes.keys.sorted() == ["b"])
+    }
+
+    @Test func mergeReappliesOnlyOwnChanges() throws {
+        let codec = BinarySessionCodec()
+        let session = try Self.session(["a": try codec.encodeValue(1), "b": try codec.encodeValue(1), "gone": try codec.encodeValue(0)])
+        try session.set("a", 2)
+        session.remove("gone")
+        let snapshot = session.snapshotForSave(now: 10)
+        // Meanwhile another request stored b = 5 and c = 7 (version 4).
+        let stored = SessionRecord(
+            metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 8, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 4),
+            attributes: ["a": try codec.encodeValue(1), "b": try codec.encodeValue(5), "c": try codec.encodeValue(7), "gone": try codec.encodeValue(0)])
+        let merged = Session.merge(snapshot, onto: stored, now: 10)
+        #expect(try codec.decodeValue(Int.self, from: merged.attributes["a"]!) == 2)
+        #expect(try codec.decodeValue(Int.self, from: merged.attributes["b"]!) == 5)
+        #expect(try codec.decodeValue(Int.self, from: merged.attributes["c"]!) == 7)
+        #expect(merged.attributes["gone"] == nil)
+        #expect(merged.metadata.version == 5)
+    }
+
+    @Test func attributeFilterKeepsOthersForTheRequestOnly() throws {
+        let session = try Self.session(filter: "^(user|cart)$")
+        try session.set("user", "ann")
+        try session.set("scratch", "temporary")
+        #expect(session["scratch", as: String.self] == "temporary")
+        let snapshot = session.snapshotForSave(now: 1)
+        #expect(snapshot.record.attributes.keys.sorted() == ["user"])
+    }
+
+    @Test func invalidatedSessionsRefuseWrites() throws {
+        let session = try Self.session()
+        session.invalidate()
+        #expect(throws: SessionError.self) { try session.set("x", 1) }
+    }
+
+    @Test func configurationErrorsNameTheSetting() throws {
+        func error(_ configure: (inout SessionManager.Configuration) throws -> Void) throws -> String? {
+            var configuration = try SessionManager.Configuration(nodes: "n1:127.0.0.1:1 n2:127.0.0.1:2")
+            try configure(&configuration)
+            do {
+                try configuration.validate()
+                return nil
+            } catch {
+                #expect(error.code == .invalidConfiguration)
+                return error.message
+            }
+        }
+        #expect(try error { _ in } == nil)
+        #expect(try error { $0.failoverNodes = ["n9"] }?.contains("failover node 'n9'") == true)
+        #expect(try error { $0.failoverNodes = ["n1", "n2"] }?.contains("at least one must be a primary") == true)
+        #expect(try error { $0.locking = .uriPattern("(") }?.contains("locking uriPattern") == true)
+        #expect(try error { $0.ignoredPathPattern = "[" }?.contains("ignoredPathPattern") == true)
+        #expect(try error { $0.mode = .sticky; $0.locking = .all }?.contains("non-sticky") == true)
+        #expect(try error { $0.keyPrefix = "has space" }?.contains("keyPrefix") == true)
+        #expect(try error { $0.route = "bad.route" }?.contains("route") == true)
+        #expect(try error { $0.lockExpiry = .milliseconds(10) }?.contains("lockExpiry") == true)
+        #expect(try error { $0.absoluteTimeout = .zero }?.contains("absoluteTimeout") == true)
+
+        #expect(throws: SessionError.self) { _ = try SessionManager.Configuration(nodes: "n1:127.0.0.1") }
+        #expect(throws: SessionError.self) { _ = try SessionManager.Configuration(nodes: "n1:h:1,n1:h:2") }
+        // A single host:port becomes node n1; several need ids.
+        #expect(try SessionManager.Configuration(nodes: "127.0.0.1:11211").memcached.nodes.map(\.id) == ["n1"])
+        var unnamed = try SessionManager.Configuration(nodes: "127.0.0.1:1 127.0.0.1:2")
+        unnamed.mode = .nonSticky
+        #expect(throws: SessionError.self) { try unnamed.validate() }
+        #expect(try SessionManager.LockingMode(parsing: "uriPattern:/cart.*") == .uriPattern("/cart.*"))
+        #expect(throws: SessionError.self) { _ = try SessionManager.LockingMode(parsing: "sometimes") }
+    }
+
+    @Test func placementIsBoundedAndSkipsDownNodes() throws {
+        let client = try MemcachedClient(
+            configuration: .init(nodes: "n1:127.0.0.1:1 n2:127.0.0.1:2 n3:127.0.0.1:3 f1:127.0.0.1:4"))
+        let topology = NodeTopology(client: client, failoverNodes: ["f1"])
+        // All up (a new client assumes so): round robin over the primaries, never the failover.
+        let placed = Set((0..<30).map { _ in topology.placeNew() })
+        #expect(placed == ["n1", "n2", "n3"])
+        #expect(topology.nextAvailable(after: "n1") == "n2")
+        #expect(topology.nextAvailable(after: "n3") == "n1")
+        #expect(topology.nextAvailable(after: "n1", excluding: ["n2", "n3"]) == "f1")
+        #expect(topology.nextAvailable(after: "n1", excluding: ["n2", "n3", "f1"]) == nil)
+        #expect(topology.nextAvailable(after: "unknown") == "n1")
+    }
+
+    @Test func readOnlyPathsAreLearnedAndBounded() {
+        let paths = ReadOnlyPaths(limit: 10)
+        #expect(!paths.isReadOnly("/read"))
+        paths.record("/read", modified: false)
+        #expect(paths.isReadOnly("/read"))
+        paths.record("/read", modified: true)
+        #expect(!paths.isReadOnly("/read"))
+        for index in 0..<1000 { paths.record("/p\(index)", modified: false) }
+        #expect(paths.count <= 10)
+    }
+
+    @Test func backupMemoRefreshesOncePerWindowPerNode() {
+        let memo = BackupMemo(limit: 100)
+        let start = NIODeadline.now()
+        #expect(memo.needsRefresh("k", node: "n2", window: .seconds(10), now: start))
+        memo.record("k", node: "n2", at: start)
+        #expect(!memo.needsRefresh("k", node: "n2", window: .seconds(10), now: start + .seconds(5)))
+        #expect(memo.needsRefresh("k", node: "n3", window: .seconds(10), now: start + .seconds(5)))
+        #expect(memo.needsRefresh("k", node: "n2", window: .seconds(10), now: start + .seconds(10)))
+    }
+
+    @Test func localStoreExpiresAndStaysBounded() throws {
+        let store = LocalSessionStore(capacity: 64)
+        let session = try Self.session()
+        let token = session.id.token
+        store.put(session, token: token, now: 1_000, refreshed: .now())
+        #expect(store.access(token, now: 2_000) != nil)
+        #expect(store.access(token, now: 2_000 + 60_000) == nil)  // idle 60 s
+        for _ in 0..<1_000 {
+            let other = try Self.session()
+            store.put(other, token: other.id.token, now: 5_000, refreshed: .now())
+        }
+        #expect(store.count <= 64)
+    }
+}
