@@ -42,7 +42,7 @@ extension SessionManager {
                 state.slidTTL = defaultIdleSeconds
             }
             return session
-        case .missing:
+        case .missing, .tombstone:
             statistics.count(.sessionsNotFound)
             if let lock { await release(lock) }
             return nil
@@ -86,7 +86,7 @@ extension SessionManager {
                 if best == nil || stored.record.metadata.version > best!.stored.record.metadata.version {
                     best = (stored, isTargetPrimary)
                 }
-            case .missing: break
+            case .missing, .tombstone: break
             case .unreachable: unanswered += 1
             }
         }
@@ -215,7 +215,7 @@ extension SessionManager {
     /// Saves to `nodeID`; if that node does not answer, moves the session to the next available
     /// node under a new id and saves there. Bounded by the number of nodes.
     func saveWithRelocation(
-        _ session: Session, keys: SessionKeys, nodeID: String, lock: HeldLock?, forceAdd: Bool
+        _ session: Session, keys: SessionKeys, nodeID: String, lock: HeldLock?, forceAdd: Bool, restoreIfMissing: Bool = false
     ) async -> (SaveOutcome, SessionID) {
         var nodeID = nodeID
         var lock = lock
@@ -224,7 +224,8 @@ extension SessionManager {
         var outcome: SaveOutcome = .unreachable(MemcachedError(code: .nodeUnavailable, message: "no node available"))
         for _ in 0..<max(1, topology.order.count) {
             tried.insert(nodeID)
-            outcome = await save(session, keys: keys, on: nodeID, releasing: lock, forceAdd: forceAdd)
+            outcome = await save(
+                session, keys: keys, on: nodeID, releasing: lock, forceAdd: forceAdd, restoreIfMissing: restoreIfMissing)
             guard case .unreachable = outcome else { break }
             if let held = lock {
                 heldLocks.remove(held)

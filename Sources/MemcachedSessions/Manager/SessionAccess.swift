@@ -223,14 +223,26 @@ extension SessionManager {
         }
     }
 
-    /// Deletes a session's primary, backup and lock.
+    /// Deletes a session's primary, backup and lock. Sticky instances leave a tombstone in the
+    /// primary's place instead, so that another instance still holding the session in memory
+    /// learns it was invalidated (and does not take a missing copy for one lost by a restart).
     func deleteCopies(keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool) async {
         if let lock { heldLocks.remove(lock) }
+        guard let node = topology.node(nodeID) else { return }
+        if usesLocalLifecycle {
+            let ttl: MemcachedTTL = .seconds(Int(min(max(defaultIdleSeconds, 60), 30 * 24 * 3600)))
+            let tombstone = MemcachedRequest.store(keys.primary, value: ByteBuffer(), ttl: ttl, flags: Self.tombstoneFlags)
+            if wait {
+                _ = try? await node.execute(tombstone)
+            } else {
+                await node.submit(tombstone)
+            }
+            return
+        }
         backupMemo.forget(keys.backup)
         if let backupNode = topology.nextAvailable(after: nodeID).flatMap({ topology.node($0) }) {
             await backupNode.submit(.delete(keys.backup, quiet: true))
         }
-        guard let node = topology.node(nodeID) else { return }
         var requests = [MemcachedRequest.delete(keys.primary)]
         if lock != nil || configuration.locking != .none {
             requests.append(.delete(keys.lock, quiet: true))

@@ -69,7 +69,7 @@ extension SessionManager {
                 statistics.count(.appServerFailovers)
             }
             return session
-        case .missing:
+        case .missing, .tombstone:
             statistics.count(.sessionsNotFound)
             return nil
         case .unreachable(let error):
@@ -149,7 +149,8 @@ extension SessionManager {
     func saveSticky(_ session: Session, synchronous: Bool) async throws(SessionError) {
         let id = session.id
         let keys = self.keys(for: id.token)
-        let (outcome, finalID) = await saveWithRelocation(session, keys: keys, nodeID: id.nodeID, lock: nil, forceAdd: false)
+        let (outcome, finalID) = await saveWithRelocation(
+            session, keys: keys, nodeID: id.nodeID, lock: nil, forceAdd: false, restoreIfMissing: true)
         switch outcome {
         case .saved:
             localStore.markRefreshed(finalID.token, at: .now())
@@ -175,7 +176,16 @@ extension SessionManager {
         let ttl = Self.primaryTTL(session.metadata, now: Self.currentTimeMillis())
         statistics.count(.touches)
         localStore.markRefreshed(id.token, at: .now())
-        await node.submit(.touch(keys(for: id.token).primary, ttl: ttl))
+        let statistics = self.statistics
+        await node.submit(.touch(keys(for: id.token).primary, ttl: ttl)) { [weak self] result in
+            // memcached lost the copy (restarted, evicted): write it again from memory.
+            guard case .success(.touched(false)) = result, let self, !session.isInvalidated else { return }
+            statistics.count(.backupRepairs)
+            session.markAllChanged()
+            if !self.writer.enqueue(session) {
+                Task { try? await self.saveSticky(session, synchronous: false) }
+            }
+        }
     }
 
     /// A request with the cookie that never opened the session: mark it accessed in memory and

@@ -72,6 +72,9 @@ public final class Session: Sendable {
         /// exactly these onto the newer stored copy.
         var changes: [String: ByteBuffer?] = [:]
         var metadataChanged = false
+        /// The session moved (new node or new id): the next save writes it in full with an add,
+        /// since the CAS unique of the old place means nothing at the new one.
+        var moved = false
         /// The stored copy's CAS unique this state derives from; nil when never stored.
         var casUnique: UInt64?
         var isNew: Bool
@@ -201,7 +204,7 @@ public final class Session: Sendable {
 
     /// Whether there is anything to save.
     var hasUnsavedChanges: Bool {
-        state.withLock { !$0.changes.isEmpty || $0.metadataChanged || $0.isNew }
+        state.withLock { !$0.changes.isEmpty || $0.metadataChanged || $0.isNew || $0.moved }
     }
 
     struct Snapshot {
@@ -211,6 +214,7 @@ public final class Session: Sendable {
         var changes: [String: ByteBuffer?]
         var metadataChanged: Bool
         var isNew: Bool
+        var moved: Bool
         var generation: UInt64
     }
 
@@ -223,7 +227,7 @@ public final class Session: Sendable {
             return Snapshot(
                 id: state.id, record: SessionRecord(metadata: metadata, attributes: state.attributes),
                 casUnique: state.casUnique, changes: state.changes, metadataChanged: state.metadataChanged,
-                isNew: state.isNew, generation: state.generation)
+                isNew: state.isNew, moved: state.moved, generation: state.generation)
         }
     }
 
@@ -233,6 +237,7 @@ public final class Session: Sendable {
         state.withLock { state in
             state.casUnique = casUnique
             state.isNew = false
+            state.moved = false
             if state.generation == snapshot.generation {
                 state.attributes = record.attributes
                 state.metadata = record.metadata
@@ -270,9 +275,10 @@ public final class Session: Sendable {
         state.withLock { $0.id = id }
     }
 
-    /// Marks the whole session as changed (it must be written in full to a new place).
+    /// Marks the whole session as changed: it must be written in full to a new place.
     func markAllChanged() {
         state.withLock { state in
+            state.moved = true
             for (name, value) in state.attributes { state.changes[name] = .some(value) }
             state.metadataChanged = true
             state.generation &+= 1

@@ -22,6 +22,9 @@ enum StoredRead: Sendable {
     case found(StoredSession)
     /// The node answered: no such session (or it was corrupt and has been deleted).
     case missing
+    /// The node holds a tombstone: the session was invalidated by a sticky instance. Unlike a
+    /// plain miss (which may be a restarted node or an eviction) it must never be restored.
+    case tombstone
     /// The node did not answer.
     case unreachable(MemcachedError)
 }
@@ -45,6 +48,9 @@ enum SaveOutcome: Sendable {
 }
 
 extension SessionManager {
+    /// Item flags marking a tombstone (`MSXT`): an invalidated sticky session's primary key.
+    static let tombstoneFlags: UInt32 = 0x4D53_5854
+
     /// Milliseconds since 1970.
     static func currentTimeMillis() -> Int64 {
         var spec = timespec()
@@ -96,6 +102,7 @@ extension SessionManager {
             return error.meansNodeUnreachable ? .unreachable(error) : .missing
         }
         guard let item else { return .missing }
+        if item.flags == Self.tombstoneFlags { return .tombstone }
         guard let stored = decodeStored(item, key: key, node: node) else { return .missing }
         return .found(stored)
     }
@@ -179,13 +186,21 @@ extension SessionManager {
     /// and only this session's own changes are re-applied to it (so concurrent requests changing
     /// different attributes both survive); a copy deleted meanwhile is never brought back.
     /// Bounded: at most `maximumSaveAttempts` round trips of conflict resolution.
+    ///
+    /// `restoreIfMissing` (sticky mode, where memory is authoritative): a copy missing from memcached
+    /// was lost by the node (a restart, an eviction), not deleted (deletions leave a tombstone), so
+    /// it is written again instead of being given up.
     func save(
-        _ session: Session, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false
+        _ session: Session, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false,
+        restoreIfMissing: Bool = false
     ) async -> SaveOutcome {
         let now = Self.currentTimeMillis()
         let snapshot = session.snapshotForSave(now: now)
         var record = snapshot.record
-        var casUnique = snapshot.casUnique
+        // A write to a new place (relocation, regenerated id) adds: it never overwrites a copy
+        // another request put there meanwhile, and the CAS of the old place means nothing there.
+        let forceAdd = forceAdd || snapshot.moved
+        var casUnique = forceAdd ? nil : snapshot.casUnique
         var add = snapshot.isNew || forceAdd || casUnique == nil
         let start = NIODeadline.now()
         defer { statistics.time(.write, since: start) }
@@ -207,6 +222,11 @@ extension SessionManager {
                 statistics.count(.writes)
                 return .saved(record: record, bytes: bytes)
             case .gone:
+                if restoreIfMissing {
+                    casUnique = nil
+                    add = true
+                    continue
+                }
                 if let lock { releasedLock(lock) }
                 return .gone
             case .unreachable(let error):
@@ -220,10 +240,16 @@ extension SessionManager {
                     casUnique = stored.casUnique
                     add = false
                 case .missing:
-                    if add && snapshot.casUnique == nil && !snapshot.isNew {
-                        // An add after relocation found a copy that vanished since: try once more.
+                    if add || restoreIfMissing {
+                        // An add found a copy that vanished since, or a sticky copy was lost: write
+                        // it again.
+                        casUnique = nil
+                        add = true
                         continue
                     }
+                    if let lock { releasedLock(lock) }
+                    return .gone
+                case .tombstone:
                     if let lock { releasedLock(lock) }
                     return .gone
                 case .unreachable(let error):

@@ -1,0 +1,270 @@
+import Foundation
+import Memcached
+import MemcachedTestRig
+import NIOCore
+import Testing
+
+@testable import MemcachedSessions
+
+@Suite("Session lifecycles against real memcached")
+struct LifecycleTests {
+    @Test func nonStickyCountsAndWritesOnlyWhatChanged() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    #expect(try await manager.increment(&browser) == 1)
+                    let id = try #require(browser.id)
+                    #expect(["n1", "n2"].contains(id.nodeID))
+                    for expected in 2...5 {
+                        #expect(try await manager.increment(&browser) == expected)
+                        #expect(browser.id == id, "the cookie only changes when the id does")
+                    }
+                    // The primary holds the session; the backup the same bytes, on the other node.
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    try await eventually("backup written") { try await inspector.node(backupNode).get(keys.backup) != nil }
+                    let primary = try #require(try await inspector.node(id.nodeID).get(keys.primary))
+                    #expect(try await inspector.node(backupNode).get(keys.backup)?.value == primary.value)
+
+                    // Read-only requests: one round trip each, no write at all.
+                    let before = try await commandCounts(inspector)
+                    for _ in 0..<20 { #expect(try await manager.readCount(&browser) == 5) }
+                    let reads = try await commandCounts(inspector) - before
+                    #expect(reads.sets == 0, "\(reads)")
+                    // memcached counts `mg` with a TTL as a touch: reads are gets plus touches.
+                    #expect(reads.gets + reads.touches >= 20, "\(reads)")
+                    #expect(reads.gets + reads.touches <= 20 + 1, "\(reads)")  // + at most one backup refresh per window
+
+                    // A modifying request: one read, one write, and the backup write.
+                    let beforeWrite = try await commandCounts(inspector)
+                    #expect(try await manager.increment(&browser) == 6)
+                    try await eventually("backup write arrived") { (try await commandCounts(inspector) - beforeWrite).sets == 2 }
+                    let write = try await commandCounts(inspector) - beforeWrite
+                    #expect(write.gets + write.touches == 1, "\(write)")
+                    #expect(write.sets == 2, "\(write)")
+
+                    // A request that never opens the session still slides its TTL (a touch).
+                    let beforeTouch = try await commandCounts(inspector)
+                    try await manager.request(&browser, path: "/other") { _ in }
+                    try await eventually("touch arrived") { (try await commandCounts(inspector) - beforeTouch).touches >= 1 }
+                    #expect((try await commandCounts(inspector) - beforeTouch).sets == 0)
+
+                    let stats = manager.statistics.snapshot().counters
+                    #expect(stats["sessions_created"] == 1)
+                    #expect(stats["writes"] == 6)
+                    #expect(stats["writes_skipped"] == 20)
+                }
+            }
+        }
+    }
+
+    @Test func invalidateRemovesEveryCopy() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers) { $0.locking = .all }) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    try await eventually("backup written") { try await inspector.node(backupNode).get(keys.backup) != nil }
+
+                    try await manager.request(&browser) { access in try await access.invalidate() }
+                    #expect(browser.cookie == nil, "the cookie is cleared")
+                    #expect(try await inspector.node(id.nodeID).get(keys.primary) == nil)
+                    #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil)
+                    try await eventually("backup deleted") { try await inspector.node(backupNode).get(keys.backup) == nil }
+
+                    var old = Browser(cookie: id.description)
+                    #expect(try await manager.readCount(&old) == 0)
+                    #expect(manager.statistics.value(of: .sessionsInvalidated) == 1)
+                }
+            }
+        }
+    }
+
+    @Test func regeneratedIDMovesTheDataAndDeletesTheOldKey() async throws {
+        for mode in SessionManager.Mode.allCases {
+            try await withMemcachedServers(count: 2) { servers in
+                try await withManager(try configuration(servers, mode: mode) { $0.asynchronousSaving = false }) { manager in
+                    try await withInspector(servers) { inspector in
+                        var browser = Browser()
+                        try await manager.increment(&browser)
+                        try await manager.increment(&browser)
+                        let old = try #require(browser.id)
+                        try await manager.request(&browser) { access in try await access.regenerateID() }
+                        let new = try #require(browser.id)
+                        #expect(new.token != old.token)
+                        #expect(try await manager.readCount(&browser) == 2)
+                        // Gone (non-sticky), or a tombstone that tells other sticky instances so.
+                        let leftover = try await inspector.node(old.nodeID).get(manager.keys(for: old.token).primary)
+                        #expect(leftover == nil || (mode == .sticky && leftover?.flags == SessionManager.tombstoneFlags))
+                        #expect(try await inspector.node(new.nodeID).get(manager.keys(for: new.token).primary) != nil)
+                        var stale = Browser(cookie: old.description)
+                        #expect(try await manager.readCount(&stale) == 0)
+                    }
+                }
+            }
+        }
+    }
+
+    @Test func stickyServesFromMemoryAndSavesAsynchronously() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers, mode: .sticky) { $0.route = "a" }
+            var browser = Browser()
+            var keys: SessionKeys? = nil
+            try await withInspector(servers) { inspector in
+                try await withManager(config) { manager in
+                    #expect(try await manager.increment(&browser) == 1)
+                    #expect(browser.id?.route == "a")
+                    keys = manager.keys(for: try #require(browser.id).token)
+                    // Served from memory: no memcached read on reads.
+                    let before = try await commandCounts(inspector)
+                    for _ in 0..<50 { #expect(try await manager.readCount(&browser) == 1) }
+                    for expected in 2...30 { #expect(try await manager.increment(&browser) == expected) }
+                    let delta = try await commandCounts(inspector) - before
+                    #expect(delta.gets == 0, "\(delta)")
+                    #expect(delta.sets <= 30, "\(delta)")
+                    #expect(manager.statistics.value(of: .sessionsLoadedLocally) == 79)
+                }
+                // Graceful shutdown flushed the queue: memcached has the last count.
+                let id = try #require(browser.id)
+                let stored = try #require(try await inspector.node(id.nodeID).get(keys!.primary))
+                let record = try BinarySessionCodec().decodeSession(from: stored.value)
+                #expect(try BinarySessionCodec().decodeValue(Int.self, from: record.attributes["count"]!) == 30)
+            }
+        }
+    }
+
+    @Test func stickySynchronousSavingIsAcknowledgedBeforeTheResponse() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let config = try configuration(servers, mode: .sticky) {
+                $0.route = "a"
+                $0.asynchronousSaving = false
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    for expected in 1...5 {
+                        #expect(try await manager.increment(&browser) == expected)
+                        // Synchronous: the write is in memcached by the time the response goes.
+                        let id = try #require(browser.id)
+                        let stored = try #require(try await inspector.node("n1").get(manager.keys(for: id.token).primary))
+                        let record = try BinarySessionCodec().decodeSession(from: stored.value)
+                        #expect(try BinarySessionCodec().decodeValue(Int.self, from: record.attributes["count"]!) == expected)
+                    }
+                }
+            }
+        }
+    }
+
+    @Test func ignoredPathsNeverTouchMemcached() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withManager(try configuration(servers) { $0.ignoredPathPattern = #".*\.(css|js|png)$"# }) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let before = try await commandCounts(inspector)
+                    for _ in 0..<10 {
+                        let (ignored, loaded, created) = try await manager.request(&browser, path: "/static/site.css") {
+                            access -> (Bool, Bool, Bool) in
+                            let loaded = try await access.load()
+                            let created = try? access.create()
+                            return (access.isIgnored, loaded != nil, created != nil)
+                        }
+                        #expect(ignored && !loaded && !created)
+                    }
+                    #expect(try await commandCounts(inspector) - before == CommandCounts())
+                    #expect(manager.statistics.value(of: .requestsIgnored) == 10)
+                    #expect(try await manager.readCount(&browser, path: "/page.html") == 1)
+                }
+            }
+        }
+    }
+
+    @Test func attributeFilterStoresOnlyMatchingAttributes() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withManager(try configuration(servers) { $0.attributeFilter = "^(count|user)$" }) { manager in
+                var browser = Browser()
+                try await manager.request(&browser) { access in
+                    let session = try await access.loadOrCreate()
+                    try session.set("user", "ann")
+                    try session.set("scratch", "not stored")
+                }
+                try await manager.request(&browser) { access in
+                    let session = try #require(try await access.load())
+                    #expect(session["user", as: String.self] == "ann")
+                    #expect(session["scratch", as: String.self] == nil)
+                }
+            }
+        }
+    }
+
+    @Test func idleAndAbsoluteExpiry() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            // Idle: reads slide the TTL; without requests the session expires.
+            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(2) }) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                for _ in 0..<4 {
+                    try await Task.sleep(for: .milliseconds(800))
+                    #expect(try await manager.readCount(&browser) == 1, "each read slides the idle timeout")
+                }
+                // Look without touching (a load would slide the TTL again).
+                let id = try #require(browser.id)
+                try await withInspector(servers) { inspector in
+                    try await eventually(timeout: .seconds(10), "idle expiry") {
+                        try await inspector.node(id.nodeID).get(manager.keys(for: id.token).primary) == nil
+                    }
+                }
+                #expect(try await manager.readCount(&browser) == 0)
+            }
+            // Absolute: gone after its lifetime even when used all the time.
+            try await withManager(try configuration(servers) { $0.absoluteTimeout = .seconds(2) }) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                let start = ContinuousClock.now
+                var count = 1
+                while ContinuousClock.now - start < .seconds(6) {
+                    let value = try await manager.readCount(&browser)
+                    if value == 0 { break }
+                    count = value
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+                #expect(count == 1)
+                #expect(ContinuousClock.now - start < .seconds(5), "expired after about 2 s")
+                #expect(try await manager.readCount(&browser) == 0)
+            }
+            // Over 30 days: sent as an absolute time (a raw 31-day TTL would read as 1970: expired at once).
+            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(31 * 24 * 3600) }) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                try await Task.sleep(for: .milliseconds(1100))
+                #expect(try await manager.increment(&browser) == 2)
+                #expect(try await manager.readCount(&browser) == 2)
+            }
+            // Zero or less: never expires.
+            try await withManager(try configuration(servers) { $0.idleTimeout = .zero }) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                #expect(try await manager.readCount(&browser) == 1)
+                #expect(manager.configuration.effectiveIdleTimeout == nil)
+            }
+        }
+    }
+
+    @Test func disabledManagerKeepsSessionsInMemoryOnly() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withManager(try configuration(servers) { $0.enabled = false }) { manager in
+                try await withInspector(servers) { inspector in
+                    let before = try await commandCounts(inspector)
+                    var browser = Browser()
+                    for expected in 1...5 { #expect(try await manager.increment(&browser) == expected) }
+                    #expect(try await commandCounts(inspector) - before == CommandCounts())
+                }
+            }
+        }
+    }
+}

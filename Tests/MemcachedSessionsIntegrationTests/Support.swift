@@ -1,0 +1,168 @@
+import Memcached
+import MemcachedTestRig
+import NIOCore
+import Testing
+
+@testable import MemcachedSessions
+
+/// What a browser keeps between requests: the session cookie.
+struct Browser: Sendable {
+    var cookie: String?
+
+    var id: SessionID? { cookie.flatMap { SessionID(parsing: $0) } }
+}
+
+extension SessionManager {
+    /// Does what a framework adapter does: begin, run the handler, end (also when it threw), and
+    /// apply the cookie the response carries to the browser.
+    func request<T: Sendable>(
+        _ browser: inout Browser, path: String = "/counter", _ handler: (SessionAccess) async throws -> T
+    ) async throws -> T {
+        let access = beginRequest(path: path, sessionCookie: browser.cookie)
+        let result: T
+        do {
+            result = try await handler(access)
+        } catch {
+            _ = try? await endRequest(access)
+            throw error
+        }
+        let action = try await endRequest(access)
+        switch action.cookie {
+        case .unchanged: break
+        case .set(let id): browser.cookie = id.description
+        case .clear: browser.cookie = nil
+        }
+        return result
+    }
+
+    /// `/counter` of the session-counter workload: creates the session with count 1, else adds 1.
+    @discardableResult
+    func increment(_ browser: inout Browser, path: String = "/counter") async throws -> Int {
+        try await request(&browser, path: path) { access in
+            let session = try await access.loadOrCreate()
+            let count = (session["count", as: Int.self] ?? 0) + 1
+            try session.set("count", count)
+            if session.isNew { try session.set("profile", String(repeating: "p", count: 1024)) }
+            return count
+        }
+    }
+
+    /// `/read`: the count, or 0 without a session.
+    func readCount(_ browser: inout Browser, path: String = "/read") async throws -> Int {
+        try await request(&browser, path: path) { access in
+            try await access.load()?["count", as: Int.self] ?? 0
+        }
+    }
+}
+
+/// Node ids n1, n2, ... for `servers`.
+func nodeList(_ servers: [MemcachedServer]) -> String {
+    servers.enumerated().map { "n\($0.offset + 1):127.0.0.1:\($0.element.port)" }.joined(separator: ",")
+}
+
+func configuration(
+    _ servers: [MemcachedServer], mode: SessionManager.Mode = .nonSticky,
+    _ configure: (inout SessionManager.Configuration) -> Void = { _ in }
+) throws -> SessionManager.Configuration {
+    var configuration = try SessionManager.Configuration(nodes: nodeList(servers))
+    configuration.mode = mode
+    configuration.memcached.probeInterval = .milliseconds(100)
+    configure(&configuration)
+    return configuration
+}
+
+/// Runs `body` with running managers (one per configuration), then shuts them down gracefully.
+func withManagers(
+    _ configurations: [SessionManager.Configuration], _ body: ([SessionManager]) async throws -> Void
+) async throws {
+    let managers = try configurations.map { try SessionManager(configuration: $0) }
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for manager in managers {
+            group.addTask { try await manager.run() }
+        }
+        do {
+            try await body(managers)
+        } catch {
+            group.cancelAll()
+            throw error
+        }
+        group.cancelAll()
+        try await group.waitForAll()
+    }
+}
+
+func withManager(
+    _ configuration: SessionManager.Configuration, _ body: (SessionManager) async throws -> Void
+) async throws {
+    try await withManagers([configuration]) { try await body($0[0]) }
+}
+
+/// A plain client over the same servers, to look at what is stored.
+func withInspector(_ servers: [MemcachedServer], _ body: (MemcachedClient) async throws -> Void) async throws {
+    var configuration = try MemcachedClient.Configuration(nodes: nodeList(servers))
+    configuration.probeInterval = .milliseconds(100)
+    let client = try MemcachedClient(configuration: configuration)
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await client.run() }
+        do {
+            try await body(client)
+        } catch {
+            group.cancelAll()
+            throw error
+        }
+        group.cancelAll()
+        try await group.waitForAll()
+    }
+}
+
+/// memcached's own command counters summed over nodes.
+struct CommandCounts: Equatable, CustomStringConvertible {
+    var gets = 0
+    var sets = 0
+    var touches = 0
+    var deletes = 0
+
+    static func - (lhs: CommandCounts, rhs: CommandCounts) -> CommandCounts {
+        CommandCounts(
+            gets: lhs.gets - rhs.gets, sets: lhs.sets - rhs.sets, touches: lhs.touches - rhs.touches,
+            deletes: lhs.deletes - rhs.deletes)
+    }
+
+    var description: String { "gets \(gets) sets \(sets) touches \(touches) deletes \(deletes)" }
+}
+
+func commandCounts(_ client: MemcachedClient, nodes: [String]? = nil) async throws -> CommandCounts {
+    var counts = CommandCounts()
+    for node in client.allNodes where nodes?.contains(node.id) ?? true {
+        let stats = try await node.stats()
+        func value(_ name: String) -> Int { Int(stats.first { $0.name == name }?.value ?? "0") ?? 0 }
+        counts.gets += value("cmd_get")
+        counts.sets += value("cmd_set")
+        counts.touches += value("cmd_touch")
+        counts.deletes += value("delete_hits") + value("delete_misses")
+    }
+    return counts
+}
+
+/// Waits until `condition` holds, checking every 20 ms, or fails after `timeout`.
+func eventually(
+    timeout: Duration = .seconds(10), _ what: String, _ condition: () async throws -> Bool
+) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    throw RigError("timed out after \(timeout) waiting for: \(what)")
+}
+
+func sessionError(_ body: () async throws -> Void) async -> SessionError? {
+    do {
+        try await body()
+        return nil
+    } catch let error as SessionError {
+        return error
+    } catch {
+        return SessionError(code: .disabled, message: "not a SessionError: \(error)")
+    }
+}
