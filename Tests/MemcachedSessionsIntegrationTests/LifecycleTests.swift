@@ -1,7 +1,9 @@
 import Foundation
 import Memcached
 import MemcachedTestRig
+import Logging
 import NIOCore
+import ServiceLifecycle
 import Testing
 
 @testable import MemcachedSessions
@@ -134,6 +136,29 @@ struct LifecycleTests {
                 let stored = try #require(try await inspector.node(id.nodeID).get(keys!.primary))
                 let record = try BinarySessionCodec().decodeSession(from: stored.value)
                 #expect(try BinarySessionCodec().decodeValue(Int.self, from: record.attributes["count"]!) == 30)
+            }
+        }
+    }
+
+    @Test func gracefulShutdownFlushesQueuedWrites() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try SessionManager(configuration: try configuration(servers, mode: .sticky) { $0.route = "a" })
+            let group = ServiceGroup(
+                configuration: .init(services: [manager], gracefulShutdownSignals: [], logger: Logger(label: "test")))
+            let running = Task { try await group.run() }
+            var browsers = [Browser](repeating: Browser(), count: 200)
+            for index in browsers.indices {
+                for _ in 0..<3 { try await manager.increment(&browsers[index]) }
+            }
+            await group.triggerGracefulShutdown()
+            try await running.value
+            // Every queued write reached memcached: another instance reads every final count.
+            try await withManager(try configuration(servers, mode: .sticky) { $0.route = "b" }) { (other: SessionManager) async throws in
+                for index in browsers.indices {
+                    var browser = browsers[index]
+                    let count = try await other.readCount(&browser)
+                    #expect(count == 3, "session \(index) has \(count)")
+                }
             }
         }
     }

@@ -90,6 +90,12 @@ extension SessionManager {
         }
     }
 
+    /// memcached's clock ticks once a second, so an item with a TTL of N seconds lives between
+    /// N-1 and N seconds: the lock item gets one second more than the configured expiry.
+    var lockItemTTL: MemcachedTTL {
+        .duration(configuration.lockExpiry + .seconds(1))
+    }
+
     static func newLockToken() -> String {
         SessionID.Token.random().description
     }
@@ -102,7 +108,7 @@ extension SessionManager {
     func lockAndRead(keys: SessionKeys, nodeID: String, touch: MemcachedTTL?) async throws(SessionError) -> (HeldLock?, StoredRead) {
         guard let node = topology.node(nodeID) else { return (nil, .missing) }
         let token = Self.newLockToken()
-        let lockTTL = MemcachedTTL.duration(configuration.lockExpiry)
+        let lockTTL = lockItemTTL
         let start = NIODeadline.now()
         let budget = TimeAmount(configuration.lockWaitBudget)
         var attempt = 0
@@ -194,7 +200,7 @@ extension SessionManager {
     func renew(_ lock: HeldLock) async {
         guard let node = topology.node(lock.nodeID) else { return }
         let request = MemcachedRequest.store(
-            lock.key, value: ByteBuffer(string: lock.token), mode: .set, ttl: .duration(configuration.lockExpiry),
+            lock.key, value: ByteBuffer(string: lock.token), mode: .set, ttl: lockItemTTL,
             cas: lock.casUnique)
         do {
             switch try await node.execute(request) {

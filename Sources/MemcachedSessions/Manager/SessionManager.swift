@@ -110,21 +110,21 @@ public final class SessionManager: Service, Sendable {
                 "mode": "\(configuration.mode.rawValue)", "locking": "\(configuration.locking)",
                 "nodes": "\(configuration.memcached.nodes.map(\.description))",
             ])
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            if ownsClient {
-                group.addTask { try await self.topology.client.run() }
+        // The client runs in a detached task, not a child of this one: it must outlive the flush
+        // of queued writes, whereas a child task would be cancelled at once with its parent, and
+        // any task inheriting this one's task locals would see the graceful shutdown too. It is
+        // stopped, and awaited, right after the flush.
+        let clientTask: Task<Void, any Error>? = ownsClient ? Task.detached { try await self.topology.client.run() } : nil
+        await cancelWhenGracefulShutdown {
+            await withDiscardingTaskGroup { background in
+                background.addTask { await self.writer.run(manager: self) }
+                background.addTask { await self.renewLocksPeriodically() }
+                background.addTask { await self.sweepLocalSessionsPeriodically() }
             }
-            await cancelWhenGracefulShutdown {
-                await withDiscardingTaskGroup { background in
-                    background.addTask { await self.writer.run(manager: self) }
-                    background.addTask { await self.renewLocksPeriodically() }
-                    background.addTask { await self.sweepLocalSessionsPeriodically() }
-                }
-            }
-            // The writer has flushed its queue; now stop the client.
-            group.cancelAll()
-            try await group.waitForAll()
         }
+        // The writer has flushed its queue; now stop the client.
+        clientTask?.cancel()
+        try await clientTask?.value
         logger.info("session manager stopped")
     }
 
@@ -149,7 +149,11 @@ public final class SessionManager: Service, Sendable {
         }
         let id = sessionCookie.flatMap { SessionID(parsing: $0) }
         statistics.count(id == nil ? .requestsWithoutSession : .requestsWithSession)
-        return SessionAccess(manager: self, incomingID: id, path: path, ignored: false, locks: id != nil && locks(path: path))
+        let locking = id != nil && locks(path: path)
+        if id != nil, !locking, case .auto = configuration.locking, !usesLocalLifecycle {
+            statistics.count(.requestsUnlockedReadOnly)
+        }
+        return SessionAccess(manager: self, incomingID: id, path: path, ignored: false, locks: locking)
     }
 
     /// Whether requests on `path` skip sessions entirely (the ignore pattern).
@@ -164,6 +168,19 @@ public final class SessionManager: Service, Sendable {
     public func endRequest(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
         let start = NIODeadline.now()
         defer { statistics.time(.end, since: start) }
+        if Task.isCancelled {
+            // The request's task was cancelled (the client went away, say): its memcached requests
+            // would fail at once. Finish in a task that is not cancelled, so that the lock is
+            // released and what changed is saved.
+            let result = await Task.detached { () async -> Result<SessionResponseAction, SessionError> in
+                do throws(SessionError) {
+                    return .success(try await access.end())
+                } catch {
+                    return .failure(error)
+                }
+            }.value
+            return try result.get()
+        }
         return try await access.end()
     }
 

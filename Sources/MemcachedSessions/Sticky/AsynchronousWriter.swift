@@ -67,11 +67,15 @@ final class AsynchronousWriter: Sendable {
     }
 
     private func write(_ batch: [Session], manager: SessionManager) async {
-        await withDiscardingTaskGroup { group in
-            for session in batch {
-                group.addTask { try? await manager.saveSticky(session, synchronous: false) }
+        // Detached: the writer is cancelled to make it flush, and a cancelled task's memcached
+        // requests fail at once; the batch's writes must not inherit that.
+        await Task.detached {
+            await withDiscardingTaskGroup { group in
+                for session in batch {
+                    group.addTask { try? await manager.saveSticky(session, synchronous: false) }
+                }
             }
-        }
+        }.value
     }
 
     private func takeBatch(_ state: inout State) -> [Session] {

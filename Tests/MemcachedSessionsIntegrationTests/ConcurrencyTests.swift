@@ -1,0 +1,253 @@
+import Memcached
+import MemcachedTestRig
+import NIOCore
+import Testing
+
+@testable import MemcachedSessions
+
+/// Lets `count` tasks wait for each other.
+actor Barrier {
+    private let count: Int
+    private var arrived = 0
+    private var waiting: [CheckedContinuation<Void, Never>] = []
+
+    init(count: Int) { self.count = count }
+
+    func arriveAndWait() async {
+        arrived += 1
+        if arrived >= count {
+            for continuation in waiting { continuation.resume() }
+            waiting = []
+            return
+        }
+        await withCheckedContinuation { waiting.append($0) }
+    }
+}
+
+@Suite("Locking and concurrent requests")
+struct ConcurrencyTests {
+    @Test func fiftyConcurrentIncrementsOverTwoInstancesWithLockingAll() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers) { $0.locking = .all }
+            try await withManagers([config, config]) { managers in
+                var browser = Browser()
+                #expect(try await managers[0].increment(&browser) == 1)
+                let cookie = browser
+                let results = try await withThrowingTaskGroup(of: Int.self) { group in
+                    for index in 0..<50 {
+                        group.addTask {
+                            var mine = cookie
+                            return try await managers[index % 2].increment(&mine)
+                        }
+                    }
+                    var results: [Int] = []
+                    for try await result in group { results.append(result) }
+                    return results
+                }
+                #expect(results.sorted() == Array(2...51), "every request saw the previous one's write")
+                #expect(try await managers[1].readCount(&browser) == 51)
+                let acquired = managers.map { $0.statistics.value(of: .locksAcquired) }.reduce(0, +)
+                #expect(acquired >= 51)
+                #expect(managers.map { $0.statistics.value(of: .lockFailures) }.reduce(0, +) == 0)
+            }
+        }
+    }
+
+    @Test func aLongRequestRenewsItsLockAndOnlyTheOwnerCanRelease() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let config = try configuration(servers) {
+                $0.locking = .all
+                $0.lockExpiry = .seconds(1)
+            }
+            let impatient = try configuration(servers) {
+                $0.locking = .all
+                $0.lockWaitBudget = .milliseconds(300)
+            }
+            try await withManagers([config, impatient]) { managers in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await managers[0].increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = managers[0].keys(for: id.token)
+                    let holding = Barrier(count: 2)
+                    let cookie = browser
+                    let holder = managers[0]
+                    let longRequest = Task {
+                        var mine = cookie
+                        return try await holder.request(&mine) { access in
+                            let session = try #require(try await access.load())
+                            await holding.arriveAndWait()
+                            try await Task.sleep(for: .seconds(3))
+                            try session.set("count", 100)
+                            return true
+                        }
+                    }
+                    await holding.arriveAndWait()
+                    try await Task.sleep(for: .milliseconds(2500))
+                    // Past the 1 s expiry: still held, thanks to renewal.
+                    let lock = try #require(try await inspector.node(id.nodeID).get(keys.lock), "the lock is still held")
+                    #expect(managers[0].statistics.value(of: .lockRenewals) >= 1)
+                    // Another request cannot have it...
+                    var other = browser
+                    let error = await sessionError { _ = try await managers[1].readCount(&other) }
+                    #expect(error?.code == .lockUnavailable)
+                    #expect(managers[1].statistics.value(of: .lockFailures) == 1)
+                    // ...and a release by anyone but the owner fails.
+                    let forged = try await inspector.node(id.nodeID).delete(keys.lock, cas: (lock.cas ?? 0) &+ 12345)
+                    #expect(forged == .exists)
+                    #expect(try await inspector.node(id.nodeID).get(keys.lock) != nil)
+
+                    #expect(try await longRequest.value)
+                    #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil, "released at the end")
+                    #expect(try await managers[1].readCount(&other) == 100)
+                }
+            }
+        }
+    }
+
+    @Test func aCancelledRequestStillReleasesItsLockAndSaves() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let config = try configuration(servers) {
+                $0.locking = .all
+                $0.lockWaitBudget = .milliseconds(300)
+            }
+            try await withManager(config) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                let cookie = browser
+                let loaded = Barrier(count: 2)
+                let request = Task {
+                    var mine = cookie
+                    try await manager.request(&mine) { access in
+                        let session = try #require(try await access.load())
+                        try session.set("count", 41)
+                        await loaded.arriveAndWait()
+                        try await Task.sleep(for: .seconds(30))  // cancelled here: the client went away
+                    }
+                }
+                await loaded.arriveAndWait()
+                request.cancel()
+                _ = await request.result
+                // The lock was released (a 300 ms budget would not outwait its expiry) and the
+                // change made before the cancellation was saved.
+                #expect(try await manager.readCount(&browser) == 41)
+                #expect(manager.statistics.value(of: .lockFailures) == 0)
+            }
+        }
+    }
+
+    @Test func autoLockingLearnsReadOnlyPaths() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withManager(try configuration(servers) { $0.locking = .auto }) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                let afterCreate = manager.statistics.value(of: .locksAcquired)
+                #expect(try await manager.readCount(&browser, path: "/read") == 1)
+                #expect(manager.statistics.value(of: .locksAcquired) == afterCreate + 1, "unknown paths lock")
+                for _ in 0..<5 { #expect(try await manager.readCount(&browser, path: "/read") == 1) }
+                #expect(manager.statistics.value(of: .locksAcquired) == afterCreate + 1, "a read-only path runs unlocked")
+                #expect(manager.statistics.value(of: .requestsUnlockedReadOnly) == 5)
+                // The same path with a query string is the same path.
+                _ = manager.beginRequest(path: "/read", sessionCookie: nil)
+                // A write on that path: locked again from then on.
+                #expect(try await manager.increment(&browser, path: "/read") == 2)
+                #expect(try await manager.readCount(&browser, path: "/read") == 2)
+                #expect(manager.statistics.value(of: .locksAcquired) == afterCreate + 2)
+                // Writing paths always lock.
+                try await manager.increment(&browser)
+                try await manager.increment(&browser)
+                #expect(manager.statistics.value(of: .locksAcquired) == afterCreate + 4)
+            }
+        }
+    }
+
+    @Test func uriPatternLocksOnlyMatchingPaths() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withManager(try configuration(servers) { $0.locking = .uriPattern("/cart/.*") }) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser, path: "/home")
+                try await manager.increment(&browser, path: "/home")
+                #expect(manager.statistics.value(of: .locksAcquired) == 0)
+                try await manager.increment(&browser, path: "/cart/add")
+                #expect(manager.statistics.value(of: .locksAcquired) == 1)
+            }
+        }
+    }
+
+    @Test(arguments: SessionManager.Mode.allCases)
+    func concurrentRequestsChangingDifferentAttributesBothSurvive(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers, mode: mode) {
+                $0.route = mode == .sticky ? "a" : nil
+                $0.asynchronousSaving = false
+            }
+            let other = try configuration(servers, mode: mode) {
+                $0.route = mode == .sticky ? "a" : nil  // two instances claiming one route: a worst case
+                $0.asynchronousSaving = false
+            }
+            try await withManagers([config, other]) { managers in
+                var browser = Browser()
+                try await managers[0].increment(&browser)
+                for round in 0..<20 {
+                    let barrier = Barrier(count: 2)
+                    let cookie = browser
+                    try await withThrowingTaskGroup(of: Void.self) { group in
+                        for (index, name) in ["a", "b"].enumerated() {
+                            group.addTask {
+                                var mine = cookie
+                                try await managers[index].request(&mine) { access in
+                                    let session = try #require(try await access.load())
+                                    await barrier.arriveAndWait()  // both have read before either writes
+                                    try session.set(name, round)
+                                }
+                            }
+                        }
+                        try await group.waitForAll()
+                    }
+                    // A fresh instance (memcached's view) sees both changes.
+                    try await withManager(try configuration(servers, mode: mode) { $0.route = "z" }) { (fresh: SessionManager) async throws in
+                        var probe = cookie
+                        let (a, b) = try await fresh.request(&probe) { access -> (Int?, Int?) in
+                            let session = try await access.load()
+                            return (session?["a", as: Int.self], session?["b", as: Int.self])
+                        }
+                        #expect(a == round && b == round, "round \(round): a=\(String(describing: a)) b=\(String(describing: b))")
+                    }
+                }
+                #expect(managers.map { $0.statistics.value(of: .writeConflicts) }.reduce(0, +) >= 1)
+            }
+        }
+    }
+
+    @Test func aRequestRacingALogoutDoesNotBringTheSessionBack() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                for _ in 0..<10 {
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let cookie = browser
+                    let loaded = Barrier(count: 2)
+                    let loggedOut = Barrier(count: 2)
+                    async let slow: Browser = {
+                        var mine = cookie
+                        try await manager.request(&mine) { access in
+                            let session = try #require(try await access.load())
+                            await loaded.arriveAndWait()
+                            await loggedOut.arriveAndWait()
+                            try session.set("cart", "stale write after logout")
+                        }
+                        return mine
+                    }()
+                    var logout = cookie
+                    await loaded.arriveAndWait()
+                    try await manager.request(&logout) { access in try await access.invalidate() }
+                    await loggedOut.arriveAndWait()
+                    let slowBrowser = try await slow
+                    #expect(slowBrowser.cookie == nil, "the racing request learns the session is gone")
+                    var probe = cookie
+                    #expect(try await manager.readCount(&probe) == 0)
+                }
+            }
+        }
+    }
+}
