@@ -177,7 +177,8 @@ extension SessionManager {
             case .saved(let record, let bytes):
                 await submitBackup(keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now)
                 if let (oldKeys, oldNode) = oldCopies {
-                    await deleteCopies(keys: oldKeys, nodeID: oldNode, lock: nil, wait: false)
+                    // Waited for: the old id must be dead before the response (session fixation).
+                    await deleteCopies(keys: oldKeys, nodeID: oldNode, lock: nil, wait: true)
                 }
                 return finalID != incoming ? cookieAction(.set(finalID), record.metadata) : .unchanged
             case .gone:

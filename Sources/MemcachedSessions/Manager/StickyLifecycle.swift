@@ -107,7 +107,7 @@ extension SessionManager {
             localStore.put(session, token: id.token, now: now, refreshed: .now())
             statistics.count(.sessionsRegenerated)
             if configuration.enabled {
-                await deleteCopies(keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: false)
+                await deleteCopies(keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true)
             }
         } else if session.isNew {
             localStore.put(session, token: id.token, now: now, refreshed: .now())
