@@ -56,6 +56,14 @@ let package = Package(
             ]
         ),
         .executableTarget(
+            name: "sessions-bench",
+            dependencies: [
+                "Memcached",
+                "MemcachedSessions",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        .executableTarget(
             name: "memcached-bench",
             dependencies: [
                 "Memcached",

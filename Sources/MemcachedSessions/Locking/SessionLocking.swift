@@ -116,6 +116,7 @@ extension SessionManager {
         while true {
             let acquire = MemcachedRequest.store(keys.lock, value: ByteBuffer(string: token), mode: .add, ttl: lockTTL)
             let read = MemcachedRequest.get(keys.primary, touch: touch)
+            countRoundTrip()
             let results = await node.executeBatch([acquire, read])
             let readOutcome: StoredRead
             switch results[1] {

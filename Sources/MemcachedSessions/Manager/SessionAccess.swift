@@ -233,6 +233,7 @@ extension SessionManager {
             let ttl: MemcachedTTL = .seconds(Int(min(max(defaultIdleSeconds, 60), 30 * 24 * 3600)))
             let tombstone = MemcachedRequest.store(keys.primary, value: ByteBuffer(), ttl: ttl, flags: Self.tombstoneFlags)
             if wait {
+                countRoundTrip()
                 _ = try? await node.execute(tombstone)
             } else {
                 await node.submit(tombstone)
@@ -248,6 +249,7 @@ extension SessionManager {
             requests.append(.delete(keys.lock, quiet: true))
         }
         if wait {
+            countRoundTrip()
             _ = await node.executeBatch(requests)
         } else {
             for request in requests { await node.submit(request) }

@@ -99,6 +99,12 @@ public final class SessionManager: Service, Sendable {
     /// The memcached client the manager uses.
     public var client: MemcachedClient { topology.client }
 
+    /// Sticky mode: changed sessions waiting for the asynchronous writer.
+    public var pendingAsynchronousWrites: Int { writer.pendingCount }
+
+    /// Sticky mode: sessions held in this instance's memory.
+    public var localSessionCount: Int { localStore.count }
+
     // MARK: - Service
 
     /// Runs the manager's background work until graceful shutdown or cancellation, then flushes

@@ -43,6 +43,8 @@ public final class SessionStatistics: Sendable {
         case unavailable = "unavailable"
         case bytesWritten = "bytes_written"
         case bytesRead = "bytes_read"
+        /// Memcached round trips a request waited for (writes it does not wait for are not counted).
+        case memcachedRoundTrips = "memcached_round_trips"
     }
 
     /// A timer's identity.

@@ -70,9 +70,11 @@ final class AsynchronousWriter: Sendable {
         // Detached: the writer is cancelled to make it flush, and a cancelled task's memcached
         // requests fail at once; the batch's writes must not inherit that.
         await Task.detached {
-            await withDiscardingTaskGroup { group in
-                for session in batch {
-                    group.addTask { try? await manager.saveSticky(session, synchronous: false) }
+            await SessionManager.$isBackgroundWork.withValue(true) {
+                await withDiscardingTaskGroup { group in
+                    for session in batch {
+                        group.addTask { try? await manager.saveSticky(session, synchronous: false) }
+                    }
                 }
             }
         }.value

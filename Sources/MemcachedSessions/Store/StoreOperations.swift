@@ -51,6 +51,14 @@ extension SessionManager {
     /// Item flags marking a tombstone (`MSXT`): an invalidated sticky session's primary key.
     static let tombstoneFlags: UInt32 = 0x4D53_5854
 
+    /// Set for the asynchronous writer's work: its round trips are not waited for by a request.
+    @TaskLocal static var isBackgroundWork = false
+
+    /// Counts a memcached round trip a request waits for.
+    func countRoundTrip() {
+        if !Self.isBackgroundWork { statistics.count(.memcachedRoundTrips) }
+    }
+
     /// Milliseconds since 1970.
     static func currentTimeMillis() -> Int64 {
         var spec = timespec()
@@ -91,6 +99,7 @@ extension SessionManager {
     /// or foreign bytes are deleted, counted and logged (without the session id), and read as a miss.
     func readStored(key: String, on nodeID: String, touch: MemcachedTTL?) async -> StoredRead {
         guard let node = topology.node(nodeID) else { return .missing }
+        countRoundTrip()
         let item: MemcachedItem?
         do throws(MemcachedError) {
             if let touch {
@@ -151,6 +160,7 @@ extension SessionManager {
             return .unreachable(MemcachedError(code: .unknownNode, message: "no node \(nodeID)"))
         }
         let request = MemcachedRequest.store(key, value: bytes, mode: add && casUnique == nil ? .add : .set, ttl: ttl, cas: casUnique)
+        countRoundTrip()
         let result: Result<MemcachedResponse, MemcachedError>
         if extra.isEmpty {
             do {
