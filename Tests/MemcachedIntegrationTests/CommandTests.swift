@@ -128,6 +128,20 @@ struct CommandTests {
                 // i.e. expired at once.
                 try await client.set("long", value: bytes("v"), ttl: .seconds(60 * 60 * 24 * 45))
                 #expect(try await client.get("long")?.string == "v")
+                if mode == .meta {
+                    // The remaining TTL, read back: 45 days, not an absolute time taken for seconds.
+                    let long = try await client.execute(.get("long", withTimeToLive: true))
+                    guard case .item(let item?) = long, let ttl = item.timeToLive else {
+                        Issue.record("no TTL in \(long)")
+                        return
+                    }
+                    #expect(abs(ttl - 60 * 60 * 24 * 45) < 5)
+                    let forever = try await client.execute(.get("forever", withTimeToLive: true))
+                    #expect(forever == .item(MemcachedItem(value: bytes("v"), flags: 0, cas: nil, timeToLive: -1)) || {
+                        if case .item(let item?) = forever { return item.timeToLive == -1 }
+                        return false
+                    }())
+                }
                 try await client.set("exactly30", value: bytes("v"), ttl: .seconds(60 * 60 * 24 * 30))
                 #expect(try await client.get("exactly30")?.string == "v")
                 try await client.set("past", value: bytes("v"), ttl: .at(unixTime: 1_000_000_000))

@@ -18,7 +18,7 @@ struct ReplyDecoderTests {
             "VA 3 f5 c17 t-1 O12\r\nabc\r\n",
             [
                 reply(.metaValue) {
-                    $0.flags = 5; $0.cas = 17; $0.opaque = 12; $0.value = ByteBuffer(string: "abc")
+                    $0.flags = 5; $0.cas = 17; $0.opaque = 12; $0.timeToLive = -1; $0.value = ByteBuffer(string: "abc")
                 }
             ]
         ),
@@ -47,6 +47,7 @@ struct ReplyDecoderTests {
             ]
         ),
         ("HD\r\n", [reply(.metaHeader)]),
+        ("HD t3600\r\n", [reply(.metaHeader) { $0.timeToLive = 3600 }]),
         ("EN O4\r\n", [reply(.metaMiss) { $0.opaque = 4 }]),
         ("NF O5\r\n", [reply(.metaNotFound) { $0.opaque = 5 }]),
         ("NS O6\r\n", [reply(.metaNotStored) { $0.opaque = 6 }]),

@@ -291,7 +291,7 @@ struct ConnectionStateMachine<Context> {
         switch (expectation, reply.status) {
         case (.metaGet, .metaValue):
             guard let value = reply.value else { return nil }
-            return .item(MemcachedItem(value: value, flags: reply.flags ?? 0, cas: reply.cas))
+            return .item(MemcachedItem(value: value, flags: reply.flags ?? 0, cas: reply.cas, timeToLive: reply.timeToLive))
         case (.metaGet, .metaMiss): return .item(nil)
         case (.metaTouch, .metaHeader): return .touched(true)
         case (.metaTouch, .metaMiss): return .touched(false)

@@ -38,6 +38,8 @@ struct MemcachedReply: Sendable, Hashable {
     var opaque: UInt32? = nil
     var cas: UInt64? = nil
     var flags: UInt32? = nil
+    /// Remaining TTL in seconds (`t` flag; -1: never expires).
+    var timeToLive: Int? = nil
     /// incr/decr reply in text mode.
     var number: UInt64? = nil
     var value: ByteBuffer? = nil
@@ -239,8 +241,15 @@ struct MemcachedReplyDecoder: NIOSingleStepByteToMessageDecoder {
                 throw MemcachedError.protocolError("malformed client flags")
             }
             reply.flags = UInt32(flags)
+        case UInt8(ascii: "t"):
+            if value.count == 2, value[0] == UInt8(ascii: "-"), value[1] == UInt8(ascii: "1") {
+                reply.timeToLive = -1
+            } else {
+                guard let ttl = parseUInt64(value), ttl <= UInt64(Int32.max) else { throw MemcachedError.protocolError("malformed TTL flag") }
+                reply.timeToLive = Int(ttl)
+            }
         default:
-            // t, s, k, b, h, l, W, X, Z...: information we did not ask for or do not use.
+            // s, k, b, h, l, W, X, Z...: information we did not ask for or do not use.
             break
         }
     }

@@ -35,11 +35,15 @@ public struct MemcachedItem: Sendable, Hashable {
     public var flags: UInt32
     /// The item's CAS unique, for a later conditional write.
     public var cas: UInt64?
+    /// Seconds the item has left (-1: never expires), when the read asked for it
+    /// (``MemcachedRequest/get(_:touch:withTimeToLive:)``, meta mode only); nil otherwise.
+    public var timeToLive: Int?
 
-    public init(value: ByteBuffer, flags: UInt32 = 0, cas: UInt64? = nil) {
+    public init(value: ByteBuffer, flags: UInt32 = 0, cas: UInt64? = nil, timeToLive: Int? = nil) {
         self.value = value
         self.flags = flags
         self.cas = cas
+        self.timeToLive = timeToLive
     }
 
     /// The value as UTF-8 text.
@@ -119,6 +123,8 @@ public struct MemcachedRequest: Sendable {
     public var quiet: Bool = false
     /// Overrides the client's request timeout for this request.
     public var timeout: Duration?
+    /// A get also returns the item's remaining TTL (meta mode only; ignored in text mode).
+    public var returnsTimeToLive = false
 
     init(_ command: Command) { self.command = command }
 
@@ -126,6 +132,13 @@ public struct MemcachedRequest: Sendable {
     /// (`mg <key> v T<ttl>` in meta mode, `gats` in text mode).
     public static func get(_ key: String, touch: MemcachedTTL? = nil) -> MemcachedRequest {
         MemcachedRequest(.get(key: key, value: true, touch: touch))
+    }
+
+    /// Reads an item and its remaining TTL (``MemcachedItem/timeToLive``; meta mode only, nil in text mode).
+    public static func get(_ key: String, touch: MemcachedTTL? = nil, withTimeToLive: Bool) -> MemcachedRequest {
+        var request = MemcachedRequest(.get(key: key, value: true, touch: touch))
+        request.returnsTimeToLive = withTimeToLive
+        return request
     }
 
     /// Stores a value. With `cas`, only if the item's CAS unique still equals it.

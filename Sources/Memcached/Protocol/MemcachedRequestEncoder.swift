@@ -60,6 +60,7 @@ struct MemcachedRequestEncoder: Sendable {
             buffer.writeStaticString("mg ")
             buffer.writeString(key)
             buffer.writeStaticString(wantValue ? " v f c" : " f c")
+            if request.returnsTimeToLive { buffer.writeStaticString(" t") }
             if let touch {
                 buffer.writeStaticString(" T")
                 buffer.writeDecimal(touch.wireValue(now: now()))
