@@ -148,14 +148,17 @@ public final class SessionManager: Service, Sendable {
     /// Starts a request: parses the session cookie (strictly: anything but a well-formed id is
     /// "no session") and decides whether the request locks. No I/O happens here; the session is
     /// loaded when the handler first asks for it.
-    public func beginRequest(path: String, sessionCookie: String?) -> SessionAccess {
+    ///
+    /// `allowLocking: false` opts the request out of locking whatever the locking mode (for
+    /// adapters that cannot guarantee ``endRequest(_:)`` runs, such as Vapor's own middleware).
+    public func beginRequest(path: String, sessionCookie: String?, allowLocking: Bool = true) -> SessionAccess {
         if let ignoredPaths, ignoredPaths.matches(path) {
             statistics.count(.requestsIgnored)
             return SessionAccess(manager: self, incomingID: nil, path: path, ignored: true, locks: false)
         }
         let id = sessionCookie.flatMap { SessionID(parsing: $0) }
         statistics.count(id == nil ? .requestsWithoutSession : .requestsWithSession)
-        let locking = id != nil && locks(path: path)
+        let locking = allowLocking && id != nil && locks(path: path)
         if id != nil, !locking, case .auto = configuration.locking, !usesLocalLifecycle {
             statistics.count(.requestsUnlockedReadOnly)
         }

@@ -1,0 +1,95 @@
+import Hummingbird
+import Logging
+import Memcached
+import MemcachedSessions
+import MemcachedSessionsVapor
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Vapor
+
+/// One app instance serving the session-counter endpoints (`msm serve`), bound to 127.0.0.1.
+public struct ServeOptions: Sendable {
+    public enum Framework: String, Sendable, CaseIterable {
+        case hummingbird, vapor
+    }
+
+    public enum Mode: String, Sendable, CaseIterable {
+        case sticky
+        case nonSticky = "non-sticky"
+        /// Sessions in this instance's memory only (the manager with memcached disabled).
+        case memory
+    }
+
+    public var framework: Framework = .hummingbird
+    public var mode: Mode = .nonSticky
+    public var locking: SessionManager.LockingMode = .none
+    public var nodes: String = "n1:127.0.0.1:11211"
+    public var port: Int = 8080
+    public var eventLoops: Int? = nil
+    public var route: String? = nil
+    public var instance: String = "app"
+    public var synchronousSaves = false
+    public var unavailablePolicy: SessionManager.UnavailablePolicy = .fail
+    public var logLevel: Logger.Level = .warning
+
+    public init() {}
+
+    /// The session manager's configuration for these options.
+    public func sessionConfiguration() throws(SessionError) -> SessionManager.Configuration {
+        var configuration = try SessionManager.Configuration(nodes: nodes)
+        switch mode {
+        case .sticky: configuration.mode = .sticky
+        case .nonSticky: configuration.mode = .nonSticky
+        case .memory:
+            configuration.mode = .sticky
+            configuration.enabled = false
+        }
+        configuration.locking = mode == .nonSticky ? locking : .none
+        configuration.route = route
+        configuration.asynchronousSaving = !synchronousSaves
+        configuration.unavailablePolicy = unavailablePolicy
+        configuration.memcached.connectTimeout = .milliseconds(500)
+        configuration.memcached.requestTimeout = .milliseconds(500)
+        configuration.memcached.probeInterval = .milliseconds(250)
+        return configuration
+    }
+}
+
+public enum AppServer {
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully (queued session writes flushed).
+    public static func run(_ options: ServeOptions) async throws {
+        var logger = Logger(label: "msm.\(options.instance)")
+        logger.logLevel = options.logLevel
+        let group: any EventLoopGroup =
+            options.eventLoops.map { MultiThreadedEventLoopGroup(numberOfThreads: $0) } ?? MultiThreadedEventLoopGroup.singleton
+        let manager = try SessionManager(configuration: try options.sessionConfiguration(), eventLoopGroup: group, logger: logger)
+        switch options.framework {
+        case .hummingbird:
+            let app = Hummingbird.Application(
+                router: HummingbirdApp.router(manager: manager, instance: options.instance),
+                configuration: .init(address: .hostname("127.0.0.1", port: options.port)),
+                services: [manager],
+                eventLoopGroupProvider: .shared(group),
+                logger: logger)
+            try await app.runService()
+        case .vapor:
+            var environment = Vapor.Environment.production
+            environment.arguments = [CommandLine.arguments.first ?? "msm"]
+            let app = try await Vapor.Application.make(environment, .shared(group))
+            app.logger = logger
+            app.http.server.configuration.hostname = "127.0.0.1"
+            app.http.server.configuration.port = options.port
+            app.http.server.configuration.reportMetrics = false
+            app.lifecycle.use(SessionManagerLifecycle(manager: manager))
+            VaporApp.configure(app, manager: manager)
+            do {
+                try await app.execute()
+            } catch {
+                try? await app.asyncShutdown()
+                throw error
+            }
+            try await app.asyncShutdown()
+        }
+    }
+}

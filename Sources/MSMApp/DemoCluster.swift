@@ -1,0 +1,350 @@
+import Foundation
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// `msm demo`: three memcached nodes, three app instances and nginx in front of them, all on
+/// loopback, all child processes of this one; stopped together on Ctrl-C or SIGTERM.
+public struct DemoOptions: Sendable {
+    public var sticky = false
+    public var respawn = false
+    public var stateDirectory = ".msm-demo"
+    public var port = 8080
+    public var memcachedBasePort = 21211
+    public var appBasePort = 18081
+    /// The `msm` binary that runs the app instances (`msm serve`).
+    public var msmBinary: String
+    public var memcachedBinary = "/usr/bin/memcached"
+    public var nginxBinary = "/usr/sbin/nginx"
+
+    public init(msmBinary: String) {
+        self.msmBinary = msmBinary
+    }
+}
+
+public enum DemoError: Error, CustomStringConvertible {
+    case portTaken(Int, String)
+    case missingProgram(String, String)
+    case startFailed(String)
+
+    public var description: String {
+        switch self {
+        case .portTaken(let port, let what):
+            return "port \(port) (for \(what)) is already taken on 127.0.0.1: stop whatever uses it (another demo?) and retry"
+        case .missingProgram(let path, let package):
+            return "\(path) not found: install it with  apt-get install -y \(package)"
+        case .startFailed(let why):
+            return "could not start the cluster: \(why)"
+        }
+    }
+}
+
+/// A child process of the demo.
+final class DemoProcess: Sendable {
+    let role: String
+    let id: String
+    let address: String
+    let executable: String
+    let arguments: [String]
+    let logPath: String
+    let process = Mutex<Process?>(nil)
+
+    init(role: String, id: String, address: String, executable: String, arguments: [String], logPath: String) {
+        self.role = role
+        self.id = id
+        self.address = address
+        self.executable = executable
+        self.arguments = arguments
+        self.logPath = logPath
+    }
+
+    var pid: Int32? { process.withLock { $0.map { $0.processIdentifier } } }
+    var isRunning: Bool { process.withLock { $0?.isRunning ?? false } }
+
+    func start() throws {
+        let task = Process()
+        task.executableURL = URL(fileURLWithPath: executable)
+        task.arguments = arguments
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        log.seekToEndOfFile()
+        task.standardOutput = log
+        task.standardError = log
+        task.standardInput = FileHandle.nullDevice
+        try task.run()
+        process.withLock { $0 = task }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; waits until it is gone.
+    func stop(grace: TimeInterval = 5) {
+        guard let task = process.withLock({ $0 }), task.isRunning else { return }
+        kill(task.processIdentifier, SIGTERM)
+        let deadline = Date().addingTimeInterval(grace)
+        while task.isRunning, Date() < deadline { usleep(20_000) }
+        if task.isRunning {
+            kill(task.processIdentifier, SIGKILL)
+            task.waitUntilExit()
+        }
+    }
+}
+
+public final class DemoCluster: Sendable {
+    let options: DemoOptions
+    let processes: [DemoProcess]
+    let stopping = Atomic<Bool>(false)
+
+    static let memcachedIDs = ["n1", "n2", "n3"]
+    static let appIDs = ["app1", "app2", "app3"]
+    static let routes = ["a1", "a2", "a3"]
+
+    public init(options: DemoOptions) {
+        self.options = options
+        let state = options.stateDirectory
+        var processes: [DemoProcess] = []
+        let nodes = Self.memcachedIDs.enumerated().map { "\($1):127.0.0.1:\(options.memcachedBasePort + $0)" }.joined(separator: ",")
+        for (index, id) in Self.memcachedIDs.enumerated() {
+            let port = options.memcachedBasePort + index
+            var arguments = ["-l", "127.0.0.1", "-p", "\(port)", "-U", "0", "-m", "64", "-c", "1024"]
+            if getuid() == 0 { arguments += ["-u", "nobody"] }
+            processes.append(
+                DemoProcess(
+                    role: "memcached", id: id, address: "127.0.0.1:\(port)", executable: options.memcachedBinary, arguments: arguments,
+                    logPath: "\(state)/\(id).log"))
+        }
+        for (index, id) in Self.appIDs.enumerated() {
+            let port = options.appBasePort + index
+            var arguments = [
+                "serve", "--framework", "hummingbird", "--mode", options.sticky ? "sticky" : "non-sticky", "--nodes", nodes,
+                "--port", "\(port)", "--instance", id, "--log-level", "notice",
+            ]
+            if options.sticky { arguments += ["--route", Self.routes[index], "--sync-saves"] }
+            processes.append(
+                DemoProcess(
+                    role: "app", id: id, address: "127.0.0.1:\(port)", executable: options.msmBinary, arguments: arguments,
+                    logPath: "\(state)/\(id).log"))
+        }
+        let statePath = URL(fileURLWithPath: state).standardizedFileURL.path
+        processes.append(
+            DemoProcess(
+                role: "nginx", id: "nginx", address: "127.0.0.1:\(options.port)", executable: options.nginxBinary,
+                arguments: ["-p", "\(statePath)/nginx/", "-c", "\(statePath)/nginx/nginx.conf", "-e", "\(statePath)/nginx/error.log"],
+                logPath: "\(state)/nginx.log"))
+        self.processes = processes
+    }
+
+    /// The nginx configuration: round robin (non-sticky), or routing by the session id's route
+    /// suffix with the other instances as backups (sticky: MSM's jvmRoute scheme with failover).
+    func nginxConfiguration() -> String {
+        let apps = processes.filter { $0.role == "app" }
+        let statePath = URL(fileURLWithPath: options.stateDirectory).standardizedFileURL.path + "/nginx"
+        var upstreams = "    upstream msm_all {\n"
+        for app in apps { upstreams += "        server \(app.address) max_fails=1 fail_timeout=2s;\n" }
+        upstreams += "        keepalive 32;\n    }\n"
+        var routing = "proxy_pass http://msm_all;"
+        if options.sticky {
+            var map = "    map $cookie_SESSION_ID $msm_backend {\n        default msm_all;\n"
+            for (index, app) in apps.enumerated() {
+                let route = Self.routes[index]
+                map += "        \"~\\.\(route)$\" msm_\(route);\n"
+                upstreams += "    upstream msm_\(route) {\n        server \(app.address) max_fails=1 fail_timeout=2s;\n"
+                for other in apps where other !== app {
+                    upstreams += "        server \(other.address) backup;\n"
+                }
+                upstreams += "        keepalive 16;\n    }\n"
+            }
+            map += "    }\n"
+            upstreams = map + upstreams
+            routing = "proxy_pass http://$msm_backend;"
+        }
+        return """
+            # Written by msm demo; nginx runs in the foreground as a child of msm.
+            daemon off;
+            master_process on;
+            worker_processes 1;
+            pid \(statePath)/nginx.pid;
+            error_log \(statePath)/error.log warn;
+            events { worker_connections 1024; }
+            http {
+                access_log off;
+                client_body_temp_path \(statePath)/tmp/client;
+                proxy_temp_path \(statePath)/tmp/proxy;
+                fastcgi_temp_path \(statePath)/tmp/fastcgi;
+                uwsgi_temp_path \(statePath)/tmp/uwsgi;
+                scgi_temp_path \(statePath)/tmp/scgi;
+            \(upstreams)
+                server {
+                    listen 127.0.0.1:\(options.port);
+                    location / {
+                        \(routing)
+                        proxy_http_version 1.1;
+                        proxy_set_header Connection "";
+                        proxy_set_header Host $host;
+                        proxy_connect_timeout 1s;
+                        proxy_read_timeout 10s;
+                        proxy_next_upstream error timeout http_502;
+                        proxy_next_upstream_tries 3;
+                        proxy_max_temp_file_size 0;
+                    }
+                }
+            }
+
+            """
+    }
+
+    /// The layout, in the documented shape.
+    func layoutJSON() -> String {
+        let entries = processes.map { process in
+            "{\"role\": \"\(process.role)\", \"id\": \"\(process.id)\", \"address\": \"\(process.address)\", \"pid\": \(process.pid ?? -1)}"
+        }
+        return "{\"processes\": [\n  " + entries.joined(separator: ",\n  ") + "\n]}\n"
+    }
+
+    func writeLayout() throws {
+        let path = options.stateDirectory + "/cluster.json"
+        let temporary = path + ".tmp"
+        try layoutJSON().write(toFile: temporary, atomically: false, encoding: .utf8)
+        if rename(temporary, path) != 0 { throw DemoError.startFailed("cannot write \(path)") }
+    }
+
+    static func portIsFree(_ port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        return result == 0
+    }
+
+    static func accepts(_ port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        return result == 0
+    }
+
+    func waitUntilListening(_ process: DemoProcess, timeout: TimeInterval = 30) throws {
+        let port = Int(process.address.split(separator: ":").last!)!  // addresses are built above as host:port
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if Self.accepts(port) { return }
+            if !process.isRunning {
+                throw DemoError.startFailed("\(process.role) \(process.id) exited at start; see \(process.logPath)")
+            }
+            usleep(50_000)
+        }
+        throw DemoError.startFailed("\(process.role) \(process.id) did not listen on \(process.address) within \(Int(timeout)) s")
+    }
+
+    /// Starts everything, prints the layout, and supervises until SIGINT or SIGTERM.
+    public func run() throws {
+        let fileManager = FileManager.default
+        for (path, package) in [(options.memcachedBinary, "memcached"), (options.nginxBinary, "nginx"), (options.msmBinary, "(build msm)")]
+        where !fileManager.isExecutableFile(atPath: path) {
+            throw DemoError.missingProgram(path, package)
+        }
+        for process in processes {
+            let port = Int(process.address.split(separator: ":").last!)!  // built above as host:port
+            if !Self.portIsFree(port) { throw DemoError.portTaken(port, "\(process.role) \(process.id)") }
+        }
+        let nginxState = options.stateDirectory + "/nginx"
+        for directory in [options.stateDirectory, nginxState, nginxState + "/tmp"] {
+            try fileManager.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        }
+        if getuid() == 0 {
+            // nginx's workers run as nobody: let them use the temporary directories.
+            chmod(nginxState + "/tmp", 0o777)
+        }
+        try nginxConfiguration().write(toFile: nginxState + "/nginx.conf", atomically: true, encoding: .utf8)
+
+        // Ctrl-C and SIGTERM stop the cluster; handled on a dispatch queue, not by dying.
+        signal(SIGINT, SIG_IGN)
+        signal(SIGTERM, SIG_IGN)
+        let signals = [SIGINT, SIGTERM].map { DispatchSource.makeSignalSource(signal: $0, queue: .global()) }
+        for source in signals {
+            source.setEventHandler { [weak self] in self?.stopping.store(true, ordering: .relaxed) }
+            source.resume()
+        }
+
+        do {
+            for process in processes where process.role == "memcached" {
+                try process.start()
+                try waitUntilListening(process)
+            }
+            for process in processes where process.role == "app" { try process.start() }
+            for process in processes where process.role == "app" { try waitUntilListening(process, timeout: 60) }
+            let nginx = processes.first { $0.role == "nginx" }!  // always built above
+            try nginx.start()
+            try waitUntilListening(nginx)
+            try writeLayout()
+        } catch {
+            stopAll()
+            throw error
+        }
+
+        print(layoutJSON(), terminator: "")
+        print(
+            """
+
+            msm demo: \(options.sticky ? "sticky (routes by session id suffix, synchronous saves)" : "non-sticky (round robin)") cluster on http://127.0.0.1:\(options.port)/
+            layout written to \(options.stateDirectory)/cluster.json; logs in \(options.stateDirectory)/; Ctrl-C stops everything.
+            """)
+        fflush(nil)
+
+        var announced: Set<String> = []
+        while !stopping.load(ordering: .relaxed) {
+            usleep(100_000)
+            for process in processes where !process.isRunning {
+                let key = "\(process.role)/\(process.id)/\(process.pid ?? -1)"
+                if options.respawn {
+                    print("msm demo: \(process.role) \(process.id) exited; restarting it (--respawn)")
+                    do {
+                        try process.start()
+                        try writeLayout()
+                    } catch {
+                        print("msm demo: could not restart \(process.id): \(error)")
+                    }
+                } else if !announced.contains(key) {
+                    announced.insert(key)
+                    print("msm demo: \(process.role) \(process.id) (pid \(process.pid ?? -1)) exited; the cluster keeps serving without it")
+                }
+                fflush(nil)
+            }
+        }
+        print("\nmsm demo: stopping")
+        stopAll()
+        try? fileManager.removeItem(atPath: options.stateDirectory + "/cluster.json")
+        print("msm demo: stopped")
+    }
+
+    func stopAll() {
+        // The balancer first, then the apps (they flush their writes), then memcached.
+        for role in ["nginx", "app", "memcached"] {
+            let group = processes.filter { $0.role == role }
+            let threads = group.map { process in
+                let thread = Thread { process.stop() }
+                thread.start()
+                return thread
+            }
+            _ = threads
+            let deadline = Date().addingTimeInterval(8)
+            while group.contains(where: { $0.isRunning }), Date() < deadline { usleep(20_000) }
+            for process in group where process.isRunning {
+                if let pid = process.pid { kill(pid, SIGKILL) }
+            }
+        }
+    }
+}

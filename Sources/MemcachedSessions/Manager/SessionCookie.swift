@@ -1,0 +1,128 @@
+/// How the session id travels in a cookie: the settings, the `Set-Cookie` value (formatted once,
+/// no date formatting per response), and a parser for the request's `Cookie` header that
+/// allocates nothing.
+///
+/// Defaults: `SESSION_ID`, `Path=/`, `HttpOnly`, `SameSite=Lax`, no `Max-Age` (a browser-session
+/// cookie: the session's lifetime is memcached's TTL, which slides with every request, while a
+/// `Max-Age` would not slide without a `Set-Cookie` on every response).
+public struct SessionCookie: Sendable, Hashable {
+    public enum SameSite: String, Sendable, Hashable {
+        case strict = "Strict"
+        case lax = "Lax"
+        case none = "None"
+    }
+
+    public let name: String
+    public let path: String
+    public let domain: String?
+    public let secure: Bool
+    public let httpOnly: Bool
+    public let sameSite: SameSite?
+    /// A fixed `Max-Age`, if wanted.
+    public let maxAge: Duration?
+
+    private let attributes: String
+    private let nameEquals: [UInt8]
+
+    /// - Throws: ``SessionError/Code/invalidConfiguration`` for a name or value a browser would
+    ///   reject, a `__Host-` cookie that is not `Secure` with `Path=/` and no domain, a `__Secure-`
+    ///   cookie that is not `Secure`, or `SameSite=None` without `Secure`.
+    public init(
+        name: String = "SESSION_ID", path: String = "/", domain: String? = nil, secure: Bool = false, httpOnly: Bool = true,
+        sameSite: SameSite? = .lax, maxAge: Duration? = nil
+    ) throws(SessionError) {
+        func isToken(_ text: String) -> Bool {
+            !text.isEmpty
+                && text.utf8.allSatisfy { byte in
+                    byte > 0x20 && byte < 0x7F && !"()<>@,;:\\\"/[]?={}".utf8.contains(byte)
+                }
+        }
+        func isAttributeValue(_ text: String) -> Bool {
+            text.utf8.allSatisfy { $0 >= 0x20 && $0 < 0x7F && $0 != UInt8(ascii: ";") }
+        }
+        guard isToken(name) else { throw .configuration("cookie name '\(name)' is not a valid cookie name") }
+        guard path.hasPrefix("/"), isAttributeValue(path) else { throw .configuration("cookie path '\(path)' must start with '/'") }
+        if let domain, domain.isEmpty || !isAttributeValue(domain) {
+            throw .configuration("cookie domain '\(domain)' is not valid")
+        }
+        if name.hasPrefix("__Host-"), !secure || path != "/" || domain != nil {
+            throw .configuration("a __Host- cookie must be Secure, with Path=/ and no Domain")
+        }
+        if name.hasPrefix("__Secure-"), !secure {
+            throw .configuration("a __Secure- cookie must be Secure")
+        }
+        if sameSite == SameSite.none, !secure {
+            throw .configuration("SameSite=None needs Secure (browsers reject it otherwise)")
+        }
+        if let maxAge, maxAge <= .zero { throw .configuration("cookie maxAge must be positive") }
+        self.name = name
+        self.path = path
+        self.domain = domain
+        self.secure = secure
+        self.httpOnly = httpOnly
+        self.sameSite = sameSite
+        self.maxAge = maxAge
+        var attributes = "; Path=\(path)"
+        if let domain { attributes += "; Domain=\(domain)" }
+        if let maxAge { attributes += "; Max-Age=\(maxAge.components.seconds)" }
+        if secure { attributes += "; Secure" }
+        if httpOnly { attributes += "; HttpOnly" }
+        if let sameSite { attributes += "; SameSite=\(sameSite.rawValue)" }
+        self.attributes = attributes
+        self.nameEquals = Array((name + "=").utf8)
+    }
+
+    /// The default cookie (`SESSION_ID`, `Path=/`, `HttpOnly`, `SameSite=Lax`).
+    public static let `default`: SessionCookie = {
+        do {
+            return try SessionCookie()
+        } catch {
+            fatalError("the default cookie settings are valid")  // constant input, checked by the tests
+        }
+    }()
+
+    /// The `Set-Cookie` header value the response needs, or nil when it needs none.
+    public func setCookieHeader(for action: SessionResponseAction) -> String? {
+        switch action.cookie {
+        case .unchanged:
+            return nil
+        case .set(let id):
+            return name + "=" + id.description + attributes
+        case .clear:
+            return name + "=; Max-Age=0" + attributes
+        }
+    }
+
+    /// The value of this cookie in a `Cookie` header (`a=1; SESSION_ID=...; b=2`), if present.
+    /// The first occurrence wins (browsers send the most specific path first).
+    public func value(inCookieHeader header: String) -> Substring? {
+        let utf8 = header.utf8
+        let pattern = nameEquals
+        var index = utf8.startIndex
+        while index < utf8.endIndex {
+            // Skip separators and whitespace before a cookie pair.
+            while index < utf8.endIndex, utf8[index] == UInt8(ascii: " ") || utf8[index] == UInt8(ascii: ";") || utf8[index] == UInt8(ascii: ",") {
+                index = utf8.index(after: index)
+            }
+            guard index < utf8.endIndex else { break }
+            var probe = index
+            var matched = 0
+            while matched < pattern.count, probe < utf8.endIndex, utf8[probe] == pattern[matched] {
+                probe = utf8.index(after: probe)
+                matched += 1
+            }
+            var end = index
+            while end < utf8.endIndex, utf8[end] != UInt8(ascii: ";") {
+                end = utf8.index(after: end)
+            }
+            if matched == pattern.count {
+                var value = header[probe..<end]
+                while value.last == " " { value = value.dropLast() }
+                if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2 { value = value.dropFirst().dropLast() }
+                return value
+            }
+            index = end
+        }
+        return nil
+    }
+}

@@ -1,0 +1,158 @@
+import MemcachedSessions
+import Synchronization
+import Vapor
+
+/// Vapor's `SessionDriver` on the session manager, for applications that keep Vapor's own
+/// `SessionsMiddleware` (so `req.session` and Vapor's session authentication keep working).
+///
+/// Vapor's middleware calls `updateSession` after every request that has a session, changed or
+/// not; this driver compares the data with what it read and writes nothing when it is unchanged
+/// (the manager's `writes_skipped` counter shows it). The session's memcached TTL still slides,
+/// in the same round trip as the read. Non-sticky and sticky modes, failover and backups work as
+/// with ``MemcachedSessionsMiddleware``; locking does not (Vapor's middleware gives no chance to
+/// release a lock when a route throws): use ``MemcachedSessionsMiddleware`` for locking.
+///
+/// ```swift
+/// app.sessions.use { _ in MemcachedSessionDriver(manager: manager) }
+/// app.sessions.configuration = MemcachedSessionDriver.sessionsConfiguration()
+/// app.middleware.use(app.sessions.middleware)
+/// ```
+public struct MemcachedSessionDriver: AsyncSessionDriver {
+    public let manager: SessionManager
+
+    public init(manager: SessionManager) {
+        self.manager = manager
+    }
+
+    /// Vapor's sessions configuration with a cookie that carries no `Expires` (Vapor formats that
+    /// date with a new `DateFormatter` on every response) and is `HttpOnly`.
+    public static func sessionsConfiguration(cookie: SessionCookie = .default) -> SessionsConfiguration {
+        SessionsConfiguration(cookieName: cookie.name) { id in
+            HTTPCookies.Value(
+                string: id.string, expires: nil, maxAge: cookie.maxAge.map { Int($0.components.seconds) }, domain: cookie.domain,
+                path: cookie.path, isSecure: cookie.secure, isHTTPOnly: cookie.httpOnly,
+                sameSite: cookie.sameSite.map { HTTPCookies.SameSitePolicy(rawValue: $0.rawValue) ?? .lax })
+        }
+    }
+
+    struct AccessKey: StorageKey {
+        typealias Value = SessionAccess
+    }
+
+    private func access(for request: Request, cookie: String?) -> SessionAccess {
+        if let access = request.storage[AccessKey.self] { return access }
+        let access = manager.beginRequest(path: request.url.path, sessionCookie: cookie, allowLocking: false)
+        request.storage[AccessKey.self] = access
+        return access
+    }
+
+    private static func data(of session: MemcachedSessions.Session) -> SessionData {
+        var values: [String: String] = [:]
+        for name in session.attributeNames {
+            if let value = session[name, as: String.self] { values[name] = value }
+        }
+        return SessionData(initialData: values)
+    }
+
+    private static func apply(_ data: SessionData, to session: MemcachedSessions.Session) throws {
+        let snapshot = data.snapshot
+        for name in session.attributeNames where snapshot[name] == nil {
+            session.remove(name)
+        }
+        for (name, value) in snapshot {
+            try session.set(name, value)  // an equal value is not a change
+        }
+    }
+
+    private func finish(_ access: SessionAccess, request: Request, fallback: Vapor.SessionID?) async throws -> Vapor.SessionID {
+        request.storage[AccessKey.self] = nil
+        let action: SessionResponseAction
+        do throws(SessionError) {
+            action = try await manager.endRequest(access)
+        } catch {
+            throw MemcachedSessionsMiddleware.abort(error)
+        }
+        switch action.cookie {
+        case .set(let id): return Vapor.SessionID(string: id.description)
+        case .unchanged, .clear:
+            if let id = access.current?.id { return Vapor.SessionID(string: id.description) }
+            return fallback ?? Vapor.SessionID(string: "")
+        }
+    }
+
+    public func readSession(_ sessionID: Vapor.SessionID, for request: Request) async throws -> SessionData? {
+        guard !manager.isIgnored(path: request.url.path) else { return nil }
+        let access = self.access(for: request, cookie: sessionID.string)
+        do throws(SessionError) {
+            guard let session = try await access.load() else { return nil }
+            return Self.data(of: session)
+        } catch {
+            throw MemcachedSessionsMiddleware.abort(error)
+        }
+    }
+
+    public func createSession(_ data: SessionData, for request: Request) async throws -> Vapor.SessionID {
+        let access = self.access(for: request, cookie: nil)
+        let session = try access.create()
+        try Self.apply(data, to: session)
+        return try await finish(access, request: request, fallback: nil)
+    }
+
+    public func updateSession(_ sessionID: Vapor.SessionID, to data: SessionData, for request: Request) async throws -> Vapor.SessionID {
+        let access = self.access(for: request, cookie: sessionID.string)
+        let session: MemcachedSessions.Session
+        do {
+            guard let loaded = try await access.load() else {
+                // Gone meanwhile: Vapor asked to update what no longer exists; start it again.
+                let created = try access.create()
+                try Self.apply(data, to: created)
+                return try await finish(access, request: request, fallback: nil)
+            }
+            session = loaded
+        } catch let error as SessionError {
+            throw MemcachedSessionsMiddleware.abort(error)
+        }
+        try Self.apply(data, to: session)
+        return try await finish(access, request: request, fallback: sessionID)
+    }
+
+    public func deleteSession(_ sessionID: Vapor.SessionID, for request: Request) async throws {
+        let access = self.access(for: request, cookie: sessionID.string)
+        do throws(SessionError) {
+            try await access.invalidate()
+        } catch {
+            throw MemcachedSessionsMiddleware.abort(error)
+        }
+        _ = try await finish(access, request: request, fallback: sessionID)
+    }
+}
+
+/// Runs a ``SessionManager`` for as long as a Vapor application runs (Vapor has no service
+/// groups): started after boot, and on shutdown cancelled, which flushes queued sticky writes
+/// before the manager stops.
+///
+/// ```swift
+/// app.lifecycle.use(SessionManagerLifecycle(manager: manager))
+/// ```
+public final class SessionManagerLifecycle: LifecycleHandler {
+    public let manager: SessionManager
+    private let task = Mutex<Task<Void, any Error>?>(nil)
+
+    public init(manager: SessionManager) {
+        self.manager = manager
+    }
+
+    public func didBootAsync(_ application: Application) async throws {
+        let manager = self.manager
+        task.withLock { $0 = Task { try await manager.run() } }
+    }
+
+    public func shutdownAsync(_ application: Application) async {
+        let running = task.withLock { task -> Task<Void, any Error>? in
+            defer { task = nil }
+            return task
+        }
+        running?.cancel()
+        _ = await running?.result
+    }
+}

@@ -1,0 +1,132 @@
+import ArgumentParser
+import Foundation
+import Logging
+import MSMApp
+import MemcachedSessions
+
+@main
+struct MSM: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "msm",
+        abstract: "Highly available HTTP sessions in memcached: demo cluster, app server, and tools for memcached clusters.",
+        subcommands: [Demo.self, Serve.self]
+    )
+}
+
+extension SessionManager.LockingMode: ExpressibleByArgument {
+    public init?(argument: String) {
+        try? self.init(parsing: argument)
+    }
+}
+
+extension ServeOptions.Framework: ExpressibleByArgument {}
+extension ServeOptions.Mode: ExpressibleByArgument {}
+extension SessionManager.UnavailablePolicy: ExpressibleByArgument {}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run one app instance with the session-counter endpoints (/counter, /read, /hello) on 127.0.0.1.")
+
+    @Option(help: "hummingbird or vapor.")
+    var framework: ServeOptions.Framework = .hummingbird
+
+    @Option(help: "sticky, non-sticky, or memory (sessions in this instance's memory only).")
+    var mode: ServeOptions.Mode = .nonSticky
+
+    @Option(help: "Non-sticky locking: none, all, auto, or uriPattern:<regex>.")
+    var locking: SessionManager.LockingMode = .none
+
+    @Option(help: "Memcached nodes: n1:host:port,n2:host:port (spaces or commas).")
+    var nodes: String = "n1:127.0.0.1:11211"
+
+    @Option(help: "Port on 127.0.0.1.")
+    var port: Int = 8080
+
+    @Option(help: "Event loops (default: NIO's, one per core).")
+    var eventLoops: Int?
+
+    @Option(help: "This instance's route (sticky set-ups: appended to session ids for the load balancer).")
+    var route: String?
+
+    @Option(help: "A name for this instance (shown on the home page).")
+    var instance: String = "app"
+
+    @Flag(help: "Sticky mode: save before the response instead of asynchronously.")
+    var syncSaves = false
+
+    @Option(help: "When no memcached node answers: fail (503) or startNewSession.")
+    var unavailable: SessionManager.UnavailablePolicy = .fail
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "warning"
+
+    func validate() throws {
+        guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535") }
+        if let eventLoops, eventLoops < 1 { throw ValidationError("--event-loops must be at least 1") }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level \(logLevel)") }
+    }
+
+    func run() async throws {
+        var options = ServeOptions()
+        options.framework = framework
+        options.mode = mode
+        options.locking = locking
+        options.nodes = nodes
+        options.port = port
+        options.eventLoops = eventLoops
+        options.route = route
+        options.instance = instance
+        options.synchronousSaves = syncSaves
+        options.unavailablePolicy = unavailable
+        options.logLevel = Logger.Level(rawValue: logLevel) ?? .warning
+        do {
+            _ = try options.sessionConfiguration()
+        } catch {
+            throw ValidationError(error.message)
+        }
+        try await AppServer.run(options)
+    }
+}
+
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a demo cluster: 3 memcached nodes, 3 app instances and nginx on 127.0.0.1:8080, until Ctrl-C.")
+
+    @Flag(help: "Sticky sessions: nginx routes by the session id's route suffix, apps save synchronously.")
+    var sticky = false
+
+    @Flag(help: "Restart a process that dies (by default nothing is restarted).")
+    var respawn = false
+
+    @Option(help: "Where cluster.json, the nginx configuration and the logs go.")
+    var stateDirectory: String = ".msm-demo"
+
+    @Option(help: "nginx's port on 127.0.0.1.")
+    var port: Int = 8080
+
+    @Option(help: "First memcached port (n1; n2 and n3 follow).")
+    var memcachedPort: Int = 21211
+
+    @Option(help: "First app port (app1; app2 and app3 follow).")
+    var appPort: Int = 18081
+
+    func run() throws {
+        var options = DemoOptions(msmBinary: Self.executablePath())
+        options.sticky = sticky
+        options.respawn = respawn
+        options.stateDirectory = stateDirectory
+        options.port = port
+        options.memcachedBasePort = memcachedPort
+        options.appBasePort = appPort
+        do {
+            try DemoCluster(options: options).run()
+        } catch let error as DemoError {
+            FileHandle.standardError.write(Data("msm demo: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+
+    static func executablePath() -> String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+}

@@ -1,0 +1,227 @@
+import HTTPTypes
+import Hummingbird
+import HummingbirdAuth
+import HummingbirdTesting
+import Memcached
+import MemcachedSessionsHummingbird
+import MemcachedTestRig
+import NIOCore
+import Testing
+
+typealias Context = BasicMemcachedSessionRequestContext
+
+/// The first `name=value` of each Set-Cookie header, and the attributes of the first one.
+func setCookies(_ response: TestResponse) -> [String] {
+    response.headers[values: .setCookie]
+}
+
+func sessionCookie(_ response: TestResponse, name: String = "SESSION_ID") -> String? {
+    for header in setCookies(response) {
+        let pair = header.split(separator: ";", maxSplits: 1)[0]
+        if pair.hasPrefix("\(name)=") { return String(pair.dropFirst(name.count + 1)) }
+    }
+    return nil
+}
+
+func nodes(_ servers: [MemcachedServer]) -> String {
+    servers.enumerated().map { "n\($0.offset + 1):127.0.0.1:\($0.element.port)" }.joined(separator: ",")
+}
+
+func makeManager(
+    _ servers: [MemcachedServer], _ configure: (inout SessionManager.Configuration) -> Void = { _ in }
+) throws -> SessionManager {
+    var configuration = try SessionManager.Configuration(nodes: nodes(servers))
+    configuration.memcached.probeInterval = .milliseconds(100)
+    configuration.memcached.requestTimeout = .milliseconds(500)
+    configure(&configuration)
+    return try SessionManager(configuration: configuration)
+}
+
+struct Boom: Error {}
+
+func counterApp(_ manager: SessionManager, cookie: SessionCookie = .default) -> some ApplicationProtocol {
+    let router = Router(context: Context.self)
+    router.get("hello") { _, _ in "hello" }
+    let group = router.group().add(middleware: MemcachedSessionMiddleware<Context>(manager: manager, cookie: cookie))
+    group.get("counter") { _, context -> String in
+        let session = try await context.sessions.loadOrCreate()
+        let count = (session["count", as: Int.self] ?? 0) + 1
+        try session.set("count", count)
+        return String(count)
+    }
+    group.get("read") { _, context -> String in
+        String(try await context.sessions.load()?["count", as: Int.self] ?? 0)
+    }
+    group.get("static/site.css") { _, context -> String in
+        context.sessions.access == nil ? "no session machinery" : "sessions attached"
+    }
+    group.get("fail-after-change") { _, context -> String in
+        let session = try await context.sessions.loadOrCreate()
+        try session.set("count", (session["count", as: Int.self] ?? 0) + 100)
+        throw Boom()
+    }
+    group.get("logout") { _, context -> String in
+        try await context.sessions.invalidate()
+        return "bye"
+    }
+    return Application(router: router, services: [manager])
+}
+
+@Suite("Hummingbird adapter over real HTTP and real memcached", .serialized)
+struct HummingbirdAdapterTests {
+    @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
+    func countsAndSetsTheCookieOnlyWhenTheIDChanges(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers) {
+                $0.mode = mode
+                $0.route = mode == .sticky ? "a1" : nil
+            }
+            try await counterApp(manager).test(.live) { client in
+                let first = try await client.execute(uri: "/counter", method: .get)
+                #expect(String(buffer: first.body) == "1")
+                let header = try #require(setCookies(first).first)
+                #expect(header.contains("; Path=/") && header.contains("; HttpOnly") && header.contains("; SameSite=Lax"))
+                #expect(!header.contains("Expires"), "no date formatted per response")
+                let cookie = try #require(sessionCookie(first))
+                #expect(SessionID(parsing: cookie) != nil)
+                for expected in 2...5 {
+                    let response = try await client.execute(uri: "/counter", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                    #expect(String(buffer: response.body) == "\(expected)")
+                    #expect(setCookies(response).isEmpty, "unchanged id: no Set-Cookie")
+                }
+                let read = try await client.execute(uri: "/read", method: .get, headers: [.cookie: "other=1; SESSION_ID=\(cookie); x=y"])
+                #expect(String(buffer: read.body) == "5")
+                // Logout clears the cookie; the old id is gone.
+                let logout = try await client.execute(uri: "/logout", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(setCookies(logout).first?.contains("Max-Age=0") == true)
+                let after = try await client.execute(uri: "/read", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(String(buffer: after.body) == "0")
+                #expect(client.port != nil, "a real port")
+            }
+        }
+    }
+
+    @Test func ignoredPathsAndHelloNeverTouchMemcached() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers) { $0.ignoredPathPattern = #".*\.css$"# }
+            try await counterApp(manager).test(.live) { client in
+                let created = try await client.execute(uri: "/counter", method: .get)
+                let cookie = try #require(sessionCookie(created))
+                let before = try await manager.client.node("n1").stats()
+                for _ in 0..<5 {
+                    let css = try await client.execute(uri: "/static/site.css", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                    #expect(String(buffer: css.body) == "no session machinery")
+                    #expect(setCookies(css).isEmpty)
+                    _ = try await client.execute(uri: "/hello", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                }
+                let after = try await manager.client.node("n1").stats()
+                func commands(_ stats: [MemcachedStat]) -> Int {
+                    ["cmd_get", "cmd_set", "cmd_touch"].map { name in Int(stats.first { $0.name == name }?.value ?? "0") ?? 0 }.reduce(0, +)
+                }
+                #expect(commands(after) == commands(before))
+            }
+        }
+    }
+
+    @Test func aDeadStoreIsA503NotASilentLogout() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers)
+            try await counterApp(manager).test(.live) { client in
+                let created = try await client.execute(uri: "/counter", method: .get)
+                let cookie = try #require(sessionCookie(created))
+                try await servers[0].kill()
+                let response = try await client.execute(uri: "/counter", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(response.status == .serviceUnavailable)
+                #expect(response.headers[.retryAfter] == "1")
+                #expect(setCookies(response).isEmpty, "the browser keeps its cookie")
+            }
+        }
+    }
+
+    @Test func aThrowingRouteStillSavesAndReleasesTheLock() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers) {
+                $0.locking = .all
+                $0.lockWaitBudget = .milliseconds(300)
+            }
+            try await counterApp(manager).test(.live) { client in
+                let created = try await client.execute(uri: "/counter", method: .get)
+                let cookie = try #require(sessionCookie(created))
+                let failed = try await client.execute(uri: "/fail-after-change", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(failed.status == .internalServerError)
+                // The lock was released (a 300 ms budget could not outwait it) and the change saved.
+                let next = try await client.execute(uri: "/counter", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(next.status == .ok)
+                #expect(String(buffer: next.body) == "102")
+                #expect(manager.statistics.value(of: .lockFailures) == 0)
+            }
+        }
+    }
+
+    @Test func cookieSettingsAreHonouredAndValidated() async throws {
+        #expect(throws: SessionError.self) { _ = try SessionCookie(name: "__Host-sid") }
+        #expect(throws: SessionError.self) { _ = try SessionCookie(name: "__Host-sid", secure: true, domain: "example.com") }
+        #expect(throws: SessionError.self) { _ = try SessionCookie(name: "__Secure-sid") }
+        #expect(throws: SessionError.self) { _ = try SessionCookie(sameSite: SessionCookie.SameSite.none) }
+        #expect(throws: SessionError.self) { _ = try SessionCookie(name: "bad name") }
+        let hostCookie = try SessionCookie(name: "__Host-sid", secure: true, sameSite: .strict)
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers)
+            try await counterApp(manager, cookie: hostCookie).test(.live) { client in
+                let created = try await client.execute(uri: "/counter", method: .get)
+                let header = try #require(setCookies(created).first)
+                #expect(header.hasPrefix("__Host-sid="))
+                #expect(header.contains("; Secure") && header.contains("; SameSite=Strict") && header.contains("; Path=/"))
+                let cookie = try #require(sessionCookie(created, name: "__Host-sid"))
+                let next = try await client.execute(uri: "/counter", method: .get, headers: [.cookie: "__Host-sid=\(cookie)"])
+                #expect(String(buffer: next.body) == "2")
+                // The default name is not read when another is configured.
+                let other = try await client.execute(uri: "/read", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(String(buffer: other.body) == "0")
+            }
+        }
+    }
+
+    @Test func persistDriverServesHummingbirdAuthsSessionMiddleware() async throws {
+        struct Visit: Codable, Sendable {
+            var count: Int
+        }
+        typealias AuthContext = BasicSessionRequestContext<Visit, String>
+        try await withMemcachedServers(count: 1) { servers in
+            let client = try MemcachedClient(configuration: .init(nodes: "n1:127.0.0.1:\(servers[0].port)"))
+            let driver = MemcachedPersistDriver(client: client)
+            let router = Router(context: AuthContext.self)
+            router.add(middleware: SessionMiddleware(storage: driver, defaultSessionExpiration: .seconds(600)))
+            router.get("visit") { _, context -> String in
+                let count = context.sessions.withLockedSession { data -> Int in
+                    if data != nil {
+                        data!.count += 1
+                        return data!.count
+                    }
+                    return -1
+                }
+                if count >= 0 { return String(count) }
+                context.sessions.createSession(Visit(count: 1))
+                return "1"
+            }
+            let app = Application(router: router, services: [driver])
+            try await app.test(.live) { testClient in
+                let first = try await testClient.execute(uri: "/visit", method: .get)
+                #expect(String(buffer: first.body) == "1")
+                let cookie = try #require(sessionCookie(first))
+                for expected in 2...4 {
+                    let next = try await testClient.execute(uri: "/visit", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                    #expect(String(buffer: next.body) == "\(expected)")
+                }
+                // Updates without a new expiry keep the TTL the session was created with.
+                let stored = try await driver.getWithTTL(key: "hbs.\(cookie)", as: Visit.self)
+                #expect(stored?.object.count == 4)
+                let ttl = try #require(stored?.ttl)
+                #expect(ttl > .seconds(590) && ttl <= .seconds(600))
+                // A key from a hostile cookie is "missing", never a command.
+                #expect(try await driver.get(key: "x\r\nflush_all", as: Visit.self) == nil)
+                #expect(throws: (any Error).self) { try await driver.create(key: "hbs.\(cookie)", value: Visit(count: 0), expires: nil) }
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+import AsyncHTTPClient
+import Memcached
+import MemcachedSessionsVapor
+import MemcachedTestRig
+import NIOCore
+import NIOHTTP1
+import Testing
+import Vapor
+
+func nodes(_ servers: [MemcachedServer]) -> String {
+    servers.enumerated().map { "n\($0.offset + 1):127.0.0.1:\($0.element.port)" }.joined(separator: ",")
+}
+
+func makeManager(
+    _ servers: [MemcachedServer], _ configure: (inout SessionManager.Configuration) -> Void = { _ in }
+) throws -> SessionManager {
+    var configuration = try SessionManager.Configuration(nodes: nodes(servers))
+    configuration.memcached.probeInterval = .milliseconds(100)
+    configuration.memcached.requestTimeout = .milliseconds(500)
+    configure(&configuration)
+    return try SessionManager(configuration: configuration)
+}
+
+struct Boom: Error {}
+
+/// A response as the tests need it.
+struct Reply {
+    var status: Int
+    var body: String
+    var setCookies: [String]
+
+    var sessionCookie: String? {
+        for header in setCookies {
+            let pair = header.split(separator: ";", maxSplits: 1)[0]
+            if pair.hasPrefix("SESSION_ID=") { return String(pair.dropFirst("SESSION_ID=".count)) }
+        }
+        return nil
+    }
+}
+
+/// Runs `configure`d Vapor app on a real port on 127.0.0.1 and gives `body` a GET function.
+func withVaporApp(
+    manager: SessionManager, _ configure: (Application) throws -> Void,
+    _ body: (_ get: @escaping @Sendable (String, String?) async throws -> Reply) async throws -> Void
+) async throws {
+    let app = try await Application.make(.testing)
+    app.logger.logLevel = .warning
+    app.http.server.configuration.reportMetrics = false
+    app.lifecycle.use(SessionManagerLifecycle(manager: manager))
+    try configure(app)
+    try await app.asyncBoot()  // runs the manager (SessionManagerLifecycle.didBootAsync)
+    do {
+        try await app.server.start(address: .hostname("127.0.0.1", port: 0))
+        let port = try #require(app.http.server.shared.localAddress?.port)
+        let client = HTTPClient(eventLoopGroupProvider: .singleton)
+        do {
+            try await body { path, cookie in
+                var request = HTTPClientRequest(url: "http://127.0.0.1:\(port)\(path)")
+                if let cookie { request.headers.add(name: "Cookie", value: "SESSION_ID=\(cookie)") }
+                let response = try await client.execute(request, timeout: .seconds(10))
+                let bytes = try await response.body.collect(upTo: 1 << 20)
+                return Reply(status: Int(response.status.code), body: String(buffer: bytes), setCookies: response.headers["Set-Cookie"])
+            }
+        } catch {
+            try? await client.shutdown()
+            throw error
+        }
+        try await client.shutdown()
+    } catch {
+        await app.server.shutdown()
+        try? await app.asyncShutdown()
+        throw error
+    }
+    await app.server.shutdown()
+    try await app.asyncShutdown()  // stops the manager (SessionManagerLifecycle.shutdownAsync)
+}
+
+func commandCount(_ manager: SessionManager, _ names: [String]) async throws -> Int {
+    var total = 0
+    for node in manager.client.allNodes {
+        let stats = try await node.stats()
+        total += names.map { name in Int(stats.first { $0.name == name }?.value ?? "0") ?? 0 }.reduce(0, +)
+    }
+    return total
+}
+
+@Suite("Vapor adapter over real HTTP and real memcached", .serialized)
+struct VaporAdapterTests {
+    @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
+    func middlewareCountsAndSetsTheCookieOnlyWhenTheIDChanges(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers) {
+                $0.mode = mode
+                $0.route = mode == .sticky ? "v1" : nil
+            }
+            try await withVaporApp(manager: manager) { app in
+                app.middleware = Middlewares()
+                let sessions = app.grouped(MemcachedSessionsMiddleware(manager: manager))
+                sessions.get("counter") { req async throws -> String in
+                    let session = try await req.memcachedSessions.loadOrCreate()
+                    let count = (session["count", as: Int.self] ?? 0) + 1
+                    try session.set("count", count)
+                    return String(count)
+                }
+            } _: { get in
+                let first = try await get("/counter", nil)
+                #expect(first.body == "1")
+                let header = try #require(first.setCookies.first)
+                #expect(header.contains("HttpOnly") && !header.contains("Expires"))
+                let cookie = try #require(first.sessionCookie)
+                for expected in 2...4 {
+                    let next = try await get("/counter", cookie)
+                    #expect(next.body == "\(expected)")
+                    #expect(next.setCookies.isEmpty, "no Set-Cookie when the id is unchanged")
+                }
+            }
+        }
+    }
+
+    @Test func aThrowingRouteStillSavesAndReleasesTheLockAndADeadStoreIsA503() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers) {
+                $0.locking = .all
+                $0.lockWaitBudget = .milliseconds(300)
+            }
+            try await withVaporApp(manager: manager) { app in
+                app.middleware = Middlewares()
+                app.middleware.use(ErrorMiddleware.default(environment: app.environment))
+                let sessions = app.grouped(MemcachedSessionsMiddleware(manager: manager))
+                sessions.get("counter") { req async throws -> String in
+                    let session = try await req.memcachedSessions.loadOrCreate()
+                    let count = (session["count", as: Int.self] ?? 0) + 1
+                    try session.set("count", count)
+                    return String(count)
+                }
+                sessions.get("fail") { req async throws -> String in
+                    let session = try await req.memcachedSessions.loadOrCreate()
+                    try session.set("count", (session["count", as: Int.self] ?? 0) + 100)
+                    throw Boom()
+                }
+            } _: { get in
+                let cookie = try #require(try await get("/counter", nil).sessionCookie)
+                #expect(try await get("/fail", cookie).status == 500)
+                let next = try await get("/counter", cookie)
+                #expect(next.status == 200)
+                #expect(next.body == "102", "saved though the route threw, and the lock released")
+                try await servers[0].kill()
+                let dead = try await get("/counter", cookie)
+                #expect(dead.status == 503)
+                #expect(dead.setCookies.isEmpty)
+            }
+        }
+    }
+
+    @Test func vaporsOwnSessionsMiddlewareWorksAndWritesOnlyChanges() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers)
+            try await withVaporApp(manager: manager) { app in
+                app.middleware = Middlewares()
+                app.sessions.use { _ in MemcachedSessionDriver(manager: manager) }
+                app.sessions.configuration = MemcachedSessionDriver.sessionsConfiguration()
+                let sessions = app.grouped(app.sessions.middleware)
+                sessions.get("counter") { req -> String in
+                    let count = (req.session.data["count"].flatMap(Int.init) ?? 0) + 1
+                    req.session.data["count"] = String(count)
+                    return String(count)
+                }
+                sessions.get("read") { req -> String in
+                    req.session.data["count"] ?? "0"
+                }
+                sessions.get("logout") { req -> String in
+                    req.session.destroy()
+                    return "bye"
+                }
+            } _: { get in
+                let first = try await get("/counter", nil)
+                #expect(first.body == "1")
+                let cookie = try #require(first.sessionCookie)
+                #expect(!(first.setCookies.first ?? "").contains("Expires"), "the cookie factory formats no date")
+                #expect(try await get("/counter", cookie).body == "2")
+                // Vapor's middleware calls updateSession on every request; unchanged data is not written.
+                let setsBefore = try await commandCount(manager, ["cmd_set"])
+                let skippedBefore = manager.statistics.value(of: .writesSkipped)
+                for _ in 0..<10 { #expect(try await get("/read", cookie).body == "2") }
+                #expect(try await commandCount(manager, ["cmd_set"]) == setsBefore)
+                #expect(manager.statistics.value(of: .writesSkipped) - skippedBefore == 10)
+                // Logout through Vapor's session API removes it.
+                _ = try await get("/logout", cookie)
+                #expect(try await get("/read", cookie).body == "0")
+            }
+        }
+    }
+}
