@@ -96,17 +96,41 @@ struct CommandTests {
         }
     }
 
+    @Test func metadataWithoutTheValueInMetaMode() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withClient(servers) { client in
+                try await client.set("meta", value: bytes(String(repeating: "x", count: 5000)), ttl: .seconds(100), flags: 42)
+                let response = try await client.execute(.getMetadata("meta"))
+                guard case .item(let item?) = response else {
+                    Issue.record("no item: \(response)")
+                    return
+                }
+                #expect(item.value.readableBytes == 0)
+                #expect(item.flags == 42)
+                #expect(item.cas != nil)
+                #expect((98...100).contains(item.timeToLive ?? -5))
+                #expect(try await client.execute(.getMetadata("absent")) == .item(nil))
+            }
+            try await withClient(servers, mode: .text) { client in
+                let error = await memcachedError { _ = try await client.execute(.getMetadata("meta")) }
+                #expect(error?.code == .unsupportedInProtocolMode)
+            }
+        }
+    }
+
     @Test(arguments: MemcachedProtocolMode.allCases)
     func touchAndGetAndTouch(mode: MemcachedProtocolMode) async throws {
         try await withMemcachedServers(count: 1) { servers in
             try await withClient(servers, mode: mode) { client in
                 #expect(try await client.touch("absent", ttl: .seconds(100)) == false)
-                try await client.set("short", value: bytes("v"), ttl: .seconds(1))
+                // memcached's clock ticks once a second: an item with TTL N lives N-1 to N seconds,
+                // so 2 s is the shortest TTL that surely survives the next few milliseconds.
+                try await client.set("short", value: bytes("v"), ttl: .seconds(2))
                 #expect(try await client.touch("short", ttl: .seconds(100)) == true)
-                try await client.set("other", value: bytes("w"), ttl: .seconds(1))
+                try await client.set("other", value: bytes("w"), ttl: .seconds(2))
                 #expect(try await client.getAndTouch("other", ttl: .seconds(100))?.string == "w")
                 #expect(try await client.getAndTouch("nothing", ttl: .seconds(100)) == nil)
-                // Both were extended from 1 s to 100 s: still there after the original TTL passed.
+                // Both were extended from 2 s to 100 s: still there after the original TTL passed.
                 // memcached's clock ticks in whole seconds, so wait past two ticks.
                 try await Task.sleep(for: .milliseconds(2100))
                 #expect(try await client.get("short")?.string == "v")
@@ -147,9 +171,9 @@ struct CommandTests {
                 try await client.set("past", value: bytes("v"), ttl: .at(unixTime: 1_000_000_000))
                 #expect(try await client.get("past") == nil)
                 // A short TTL really expires.
-                try await client.set("brief", value: bytes("v"), ttl: .seconds(1))
+                try await client.set("brief", value: bytes("v"), ttl: .seconds(2))
                 #expect(try await client.get("brief") != nil)
-                try await eventually(timeout: .seconds(5), "a 1 s item expires") {
+                try await eventually(timeout: .seconds(5), "a 2 s item expires") {
                     try await client.get("brief") == nil
                 }
             }

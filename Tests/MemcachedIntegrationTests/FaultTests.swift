@@ -113,6 +113,26 @@ struct FaultTests {
         #expect(error?.code == .nodeUnavailable)
     }
 
+    @Test func requestsThatIgnoreCancellationCompleteInACancelledTask() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withClient(servers) { client in
+                let task = Task {
+                    withUnsafeCurrentTask { $0?.cancel() }
+                    var write = MemcachedRequest.store("must-land", value: bytes("v"))
+                    write.honorsCancellation = false
+                    let kept = await memcachedError { _ = try await client.execute(write) }
+                    let dropped = await memcachedError { _ = try await client.execute(.get("must-land")) }
+                    return (kept, dropped)
+                }
+                let (kept, dropped) = await task.value
+                #expect(kept == nil, "a write that ignores cancellation completes")
+                #expect(dropped?.code == .cancelled, "an ordinary request in a cancelled task fails at once")
+                let landed = try await client.get("must-land")
+                #expect(landed?.string == "v")
+            }
+        }
+    }
+
     @Test func cancellationEndsAWaitingRequest() async throws {
         let blackhole = try await BlackholeServer.start()
         defer { blackhole.stop() }

@@ -77,7 +77,10 @@ struct LifecycleTests {
                     #expect(browser.cookie == nil, "the cookie is cleared")
                     #expect(try await inspector.node(id.nodeID).get(keys.primary) == nil)
                     #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil)
-                    try await eventually("backup deleted") { try await inspector.node(backupNode).get(keys.backup) == nil }
+                    // Every backup key is now a tombstone: no recovery or repair can bring it back.
+                    try await eventually("backup replaced by a tombstone") {
+                        try await inspector.node(backupNode).get(keys.backup)?.flags == SessionManager.tombstoneFlags
+                    }
 
                     var old = Browser(cookie: id.description)
                     #expect(try await manager.readCount(&old) == 0)

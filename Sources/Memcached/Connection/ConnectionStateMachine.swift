@@ -293,6 +293,9 @@ struct ConnectionStateMachine<Context> {
             guard let value = reply.value else { return nil }
             return .item(MemcachedItem(value: value, flags: reply.flags ?? 0, cas: reply.cas, timeToLive: reply.timeToLive))
         case (.metaGet, .metaMiss): return .item(nil)
+        case (.metaGet, .metaHeader):
+            // `mg` without `v`: the item's metadata only.
+            return .item(MemcachedItem(value: ByteBuffer(), flags: reply.flags ?? 0, cas: reply.cas, timeToLive: reply.timeToLive))
         case (.metaTouch, .metaHeader): return .touched(true)
         case (.metaTouch, .metaMiss): return .touched(false)
         case (.metaStore, .metaHeader): return .stored(.stored(cas: reply.cas))

@@ -55,6 +55,17 @@ final class MemcachedConnection: Sendable {
         let id = requestIDs.loadThenWrappingIncrement(ordering: .relaxed)
         let eventLoop = self.eventLoop
         let handler = self.handler
+        guard request.honorsCancellation else {
+            return await withUnsafeContinuation { continuation in
+                if eventLoop.inEventLoop {
+                    handler.value.submit(request, id: id, deadline: deadline, context: .continuation(continuation))
+                } else {
+                    eventLoop.execute {
+                        handler.value.submit(request, id: id, deadline: deadline, context: .continuation(continuation))
+                    }
+                }
+            }
+        }
         return await withTaskCancellationHandler {
             if Task.isCancelled { return .failure(MemcachedError.cancelledError) }
             return await withUnsafeContinuation { continuation in
@@ -78,8 +89,9 @@ final class MemcachedConnection: Sendable {
         let firstID = requestIDs.loadThenWrappingIncrement(by: UInt64(requests.count), ordering: .relaxed)
         let eventLoop = self.eventLoop
         let handler = self.handler
+        let cancellable = requests.contains { $0.honorsCancellation }
         return await withTaskCancellationHandler {
-            if Task.isCancelled { return requests.map { _ in .failure(MemcachedError.cancelledError) } }
+            if cancellable, Task.isCancelled { return requests.map { _ in .failure(MemcachedError.cancelledError) } }
             return await withUnsafeContinuation { continuation in
                 let submit: @Sendable () -> Void = {
                     let collector = BatchCollector(count: requests.count, continuation: continuation)
@@ -92,8 +104,11 @@ final class MemcachedConnection: Sendable {
                 if eventLoop.inEventLoop { submit() } else { eventLoop.execute(submit) }
             }
         } onCancel: {
+            guard cancellable else { return }
             eventLoop.execute {
-                for index in 0..<requests.count { handler.value.cancel(id: firstID &+ UInt64(index)) }
+                for index in 0..<requests.count where requests[index].honorsCancellation {
+                    handler.value.cancel(id: firstID &+ UInt64(index))
+                }
             }
         }
     }

@@ -39,8 +39,8 @@ final class ConnectionPool: Sendable {
     }
 
     /// A connection, opening one if needed. Prefers a connection on the caller's own event loop.
-    func connection() async throws(MemcachedError) -> MemcachedConnection {
-        let slot = pickSlot()
+    func connection(affinity: Int? = nil) async throws(MemcachedError) -> MemcachedConnection {
+        let slot = affinity.map { slots[Int(UInt(bitPattern: $0) % UInt(slots.count))] } ?? pickSlot()
         enum Next {
             case ready(MemcachedConnection)
             case wait(EventLoopFuture<MemcachedConnection>)

@@ -42,7 +42,7 @@ final class MemcachedNode: Sendable {
         let start = NIODeadline.now()
         let result: Result<MemcachedResponse, MemcachedError>
         do {
-            let connection = try await pool.connection()
+            let connection = try await pool.connection(affinity: request.connectionAffinity)
             result = await connection.execute(request, deadline: deadline)
         } catch {
             result = .failure(error)
@@ -60,7 +60,7 @@ final class MemcachedNode: Sendable {
         let start = NIODeadline.now()
         let results: [Result<MemcachedResponse, MemcachedError>]
         do {
-            let connection = try await pool.connection()
+            let connection = try await pool.connection(affinity: requests.first?.connectionAffinity)
             results = await connection.executeBatch(requests, deadline: deadline)
         } catch {
             results = requests.map { _ in .failure(error) }
@@ -80,7 +80,7 @@ final class MemcachedNode: Sendable {
         }
         let start = NIODeadline.now()
         do {
-            let connection = try await pool.connection()
+            let connection = try await pool.connection(affinity: request.connectionAffinity)
             connection.submit(request, deadline: deadline) { result in
                 completion(self.finish(result, start: start))
             }

@@ -125,6 +125,14 @@ public struct MemcachedRequest: Sendable {
     public var timeout: Duration?
     /// A get also returns the item's remaining TTL (meta mode only; ignored in text mode).
     public var returnsTimeToLive = false
+    /// Whether cancelling the calling task fails the request at once (the default). Writes that
+    /// must complete even when the task that issued them is cancelled (a lock release, the save at
+    /// the end of a web request whose client went away) set it to false; they still end at their
+    /// deadline.
+    public var honorsCancellation = true
+    /// Requests with the same affinity go over the same connection of a node, so they reach the
+    /// server in the order they were sent (different connections may overtake each other).
+    public var connectionAffinity: Int?
 
     init(_ command: Command) { self.command = command }
 
@@ -132,6 +140,14 @@ public struct MemcachedRequest: Sendable {
     /// (`mg <key> v T<ttl>` in meta mode, `gats` in text mode).
     public static func get(_ key: String, touch: MemcachedTTL? = nil) -> MemcachedRequest {
         MemcachedRequest(.get(key: key, value: true, touch: touch))
+    }
+
+    /// Reads an item's flags, CAS unique and remaining TTL without its value (`mg <key> f c t`;
+    /// meta mode only). The item's ``MemcachedItem/value`` is empty.
+    public static func getMetadata(_ key: String) -> MemcachedRequest {
+        var request = MemcachedRequest(.get(key: key, value: false, touch: nil))
+        request.returnsTimeToLive = true
+        return request
     }
 
     /// Reads an item and its remaining TTL (``MemcachedItem/timeToLive``; meta mode only, nil in text mode).
@@ -201,6 +217,9 @@ public struct MemcachedRequest: Sendable {
         var copy = self
         switch command {
         case .get(let key, let value, let touch):
+            if mode == .text, !value {
+                throw MemcachedError.unsupported("reading an item's metadata without its value needs the meta protocol")
+            }
             copy.command = .get(key: try MemcachedKey.wireKey(key, encoding: keyEncoding), value: value, touch: touch)
             copy.quiet = false  // a quiet mg hides misses, not hits: no use for it here
         case .store(let key, let value, let flags, let ttl, let storeMode, let cas):

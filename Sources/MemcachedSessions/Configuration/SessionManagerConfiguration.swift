@@ -194,6 +194,16 @@ extension SessionManager {
             if keyPrefix.utf8.count > 100 || keyPrefix.utf8.contains(where: { $0 <= 0x20 || $0 == 0x7F }) {
                 throw .configuration("keyPrefix must be at most 100 bytes without spaces or control characters")
             }
+            // Upper bounds keep every duration far from arithmetic overflow (and from nonsense).
+            let tenYears = Duration.seconds(10 * 365 * 24 * 3600)
+            if idleTimeout > tenYears { throw .configuration("idleTimeout must be at most ten years (zero or less: never)") }
+            if let absoluteTimeout, absoluteTimeout > tenYears { throw .configuration("absoluteTimeout must be at most ten years") }
+            if lockExpiry > .seconds(24 * 3600) { throw .configuration("lockExpiry must be at most a day") }
+            if lockWaitBudget > .seconds(3600) { throw .configuration("lockWaitBudget must be at most an hour") }
+            if saveTimeout > .seconds(3600) { throw .configuration("saveTimeout must be at most an hour") }
+            if let stickyTouchInterval, stickyTouchInterval > .seconds(24 * 3600) {
+                throw .configuration("stickyTouchInterval must be at most a day")
+            }
             if lockExpiry < .seconds(1) { throw .configuration("lockExpiry must be at least 1 second") }
             if lockWaitBudget < .zero { throw .configuration("lockWaitBudget cannot be negative") }
             if saveTimeout <= .zero { throw .configuration("saveTimeout must be positive") }

@@ -11,7 +11,14 @@ final class HeldLock: Sendable {
     let nodeID: String
     let token: String
     let acquiredAt: NIODeadline
-    private let state: Mutex<(casUnique: UInt64?, renewedAt: NIODeadline, lost: Bool)>
+    private struct State {
+        var casUnique: UInt64?
+        var renewedAt: NIODeadline
+        var lost = false
+        var releasing = false
+    }
+
+    private let state: Mutex<State>
 
     init(key: String, nodeID: String, token: String, casUnique: UInt64?) {
         self.key = key
@@ -19,20 +26,32 @@ final class HeldLock: Sendable {
         self.token = token
         let now = NIODeadline.now()
         self.acquiredAt = now
-        self.state = Mutex((casUnique, now, false))
+        self.state = Mutex(State(casUnique: casUnique, renewedAt: now))
     }
 
     var casUnique: UInt64? { state.withLock { $0.casUnique } }
     var renewedAt: NIODeadline { state.withLock { $0.renewedAt } }
     /// Whether a renewal found the lock gone or owned by someone else.
     var isLost: Bool { state.withLock { $0.lost } }
+    var isReleasing: Bool { state.withLock { $0.releasing } }
 
     func renewed(casUnique: UInt64?) {
-        state.withLock { $0 = (casUnique, .now(), false) }
+        state.withLock { state in
+            state.casUnique = casUnique
+            state.renewedAt = .now()
+        }
     }
 
     func markLost() {
         state.withLock { $0.lost = true }
+    }
+
+    /// Stops renewals; returns the CAS unique the release must use.
+    func beginRelease() -> UInt64? {
+        state.withLock { state in
+            state.releasing = true
+            return state.casUnique
+        }
     }
 }
 
@@ -121,11 +140,15 @@ extension SessionManager {
             let readOutcome: StoredRead
             switch results[1] {
             case .success(.item(let item?)):
-                readOutcome = decodeStored(item, key: keys.primary, node: node).map { .found($0) } ?? .missing
+                if item.flags == Self.tombstoneFlags {
+                    readOutcome = .tombstone
+                } else {
+                    readOutcome = decodeStored(item, key: keys.primary, node: node).map { .found($0) } ?? .missing
+                }
             case .success:
                 readOutcome = .missing
             case .failure(let error):
-                readOutcome = error.meansNodeUnreachable ? .unreachable(error) : .missing
+                readOutcome = .unreachable(error)
             }
             switch results[0] {
             case .success(.stored(.stored(let cas))):
@@ -175,31 +198,60 @@ extension SessionManager {
     /// The owner-only release: a delete conditional on the lock's CAS unique (meta protocol). In
     /// text mode, which has no conditional delete, the lock is deleted by key (documented limit).
     func lockReleaseRequest(_ lock: HeldLock) -> MemcachedRequest {
+        let cas = lock.beginRelease()
+        var request: MemcachedRequest
         if configuration.memcached.protocolMode == .meta {
-            return .delete(lock.key, cas: lock.casUnique, quiet: true)
+            request = .delete(lock.key, cas: cas, quiet: true)
+        } else {
+            request = .delete(lock.key, quiet: true)
         }
-        return .delete(lock.key, quiet: true)
+        request.honorsCancellation = false
+        return request
     }
 
     func releasedLock(_ lock: HeldLock) {
         heldLocks.remove(lock)
     }
 
-    /// Releases a lock on its own (when there is nothing to write).
+    /// Releases a lock on its own (when there is nothing to write). A renewal that raced the
+    /// release changed the CAS unique (the delete then finds `EX`): the release is retried once
+    /// with the new one, so the lock does not linger until it expires.
     func release(_ lock: HeldLock) async {
         heldLocks.remove(lock)
         guard let node = topology.node(lock.nodeID) else { return }
         let statistics = self.statistics
-        await node.submit(lockReleaseRequest(lock)) { result in
-            if case .failure(let error) = result, !error.meansNodeUnreachable {
+        let request = lockReleaseRequest(lock)
+        let usedCas = lock.casUnique
+        await node.submit(request) { result in
+            switch result {
+            case .failure(let error) where !error.meansNodeUnreachable:
                 statistics.count(.lockReleaseFailures)
+            case .success(.deleted(.exists)):
+                if lock.casUnique != usedCas {
+                    var retry = MemcachedRequest.delete(lock.key, cas: lock.casUnique, quiet: true)
+                    retry.honorsCancellation = false
+                    Task { await node.submit(retry) }
+                } else {
+                    statistics.count(.lockReleaseFailures)
+                }
+            default:
+                break
             }
         }
     }
 
     /// Renews one lock's lease: a CAS write of the same token, so it only succeeds for the owner.
+    /// (Text mode has no CAS on a plain renewal: it touches the lock instead, which cannot take
+    /// over or re-create someone else's.)
     func renew(_ lock: HeldLock) async {
-        guard let node = topology.node(lock.nodeID) else { return }
+        guard let node = topology.node(lock.nodeID), !lock.isReleasing else { return }
+        if configuration.memcached.protocolMode == .text {
+            if (try? await node.touch(lock.key, ttl: lockItemTTL)) == true {
+                lock.renewed(casUnique: nil)
+                statistics.count(.lockRenewals)
+            }
+            return
+        }
         let request = MemcachedRequest.store(
             lock.key, value: ByteBuffer(string: lock.token), mode: .set, ttl: lockItemTTL,
             cas: lock.casUnique)
@@ -220,14 +272,33 @@ extension SessionManager {
         }
     }
 
-    /// Renews the leases of locks held for more than a third of the lock expiry. Runs in `run()`.
+    /// The longest a lock is renewed: a request that never ends (a bug, or an adapter that never
+    /// calls `endRequest`) must not lock its session forever.
+    var maximumLockHold: TimeAmount {
+        TimeAmount(max(configuration.lockExpiry * 60, .seconds(300)))
+    }
+
+    /// Renews, concurrently, the leases of locks held for more than a third of the lock expiry.
+    /// Runs in `run()`.
     func renewLocksPeriodically() async {
         let interval = configuration.lockExpiry / 3
         while !Task.isCancelled {
             do { try await Task.sleep(for: min(interval, .milliseconds(500))) } catch { return }
-            let due = NIODeadline.now() - TimeAmount(interval)
-            for lock in heldLocks.all where lock.renewedAt <= due {
-                await renew(lock)
+            let now = NIODeadline.now()
+            let due = now - TimeAmount(interval)
+            var renewals: [HeldLock] = []
+            for lock in heldLocks.all where lock.renewedAt <= due && !lock.isReleasing {
+                if now - lock.acquiredAt > maximumLockHold {
+                    heldLocks.remove(lock)
+                    logger.warning(
+                        "a session lock was held longer than the maximum; it is no longer renewed",
+                        metadata: ["memcached.node": "\(lock.nodeID)"])
+                    continue
+                }
+                renewals.append(lock)
+            }
+            await withDiscardingTaskGroup { group in
+                for lock in renewals { group.addTask { await self.renew(lock) } }
             }
         }
     }

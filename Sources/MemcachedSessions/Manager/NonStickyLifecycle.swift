@@ -37,11 +37,13 @@ extension SessionManager {
             statistics.count(.sessionsLoaded)
             let session = makeSession(id: id, record: stored.record, casUnique: stored.casUnique, isNew: false)
             access.state.withLock { state in
-                state.lock = lock
-                state.loadedRaw = stored.raw
-                state.slidTTL = defaultIdleSeconds
+                state.loaded.lock = lock
+                state.loaded.raw = stored.raw
             }
             return session
+        case .missing where missMayBeRestart(on: id.nodeID):
+            // The node restarted (empty) recently: the backup may hold the session.
+            return try await restoreAfterRestart(id: id, keys: keys, access: access, lock: lock)
         case .missing, .tombstone:
             statistics.count(.sessionsNotFound)
             if let lock { await release(lock) }
@@ -52,10 +54,63 @@ extension SessionManager {
         }
     }
 
-    /// The session's node did not answer: find the newest copy among the relocation target's
-    /// primary (a concurrent request may have moved it already) and the backups on every other
-    /// available node, read in parallel, and move the session to the target under a new id.
-    /// Bounded: one read per node.
+    /// What the other nodes hold of a session: the newest copy (a primary left by an earlier
+    /// relocation, or a backup), and whether any node holds a tombstone (logged out).
+    struct CopySearch {
+        var newest: (stored: StoredSession, nodeID: String, isPrimary: Bool)?
+        var tombstone = false
+    }
+
+    /// Reads the session's primary and backup keys on each of `nodes`: one round trip per node,
+    /// all nodes in parallel. Bounded by the number of nodes.
+    func searchCopies(keys: SessionKeys, on nodes: [String]) async -> CopySearch {
+        let reads = await withTaskGroup(of: [(String, Bool, StoredRead)].self) { group in
+            for nodeID in nodes {
+                guard let node = topology.node(nodeID) else { continue }
+                group.addTask {
+                    self.countRoundTrip()
+                    let results = await node.executeBatch([self.prepared(.get(keys.primary)), self.prepared(.get(keys.backup))])
+                    var reads: [(String, Bool, StoredRead)] = []
+                    for (index, (isPrimary, key)) in [(true, keys.primary), (false, keys.backup)].enumerated() {
+                        switch results[index] {
+                        case .success(.item(let item?)):
+                            if item.flags == Self.tombstoneFlags {
+                                reads.append((nodeID, isPrimary, .tombstone))
+                            } else {
+                                reads.append((nodeID, isPrimary, self.decodeStored(item, key: key, node: node).map { .found($0) } ?? .missing))
+                            }
+                        case .success: reads.append((nodeID, isPrimary, .missing))
+                        case .failure(let error): reads.append((nodeID, isPrimary, .unreachable(error)))
+                        }
+                    }
+                    return reads
+                }
+            }
+            var all: [(String, Bool, StoredRead)] = []
+            for await part in group { all += part }
+            return all
+        }
+        var search = CopySearch()
+        for (nodeID, isPrimary, read) in reads {
+            switch read {
+            case .found(let stored):
+                let version = stored.record.metadata.version
+                if let current = search.newest {
+                    let currentVersion = current.stored.record.metadata.version
+                    // On equal versions a primary wins: it is where the session lives.
+                    guard version > currentVersion || (version == currentVersion && isPrimary && !current.isPrimary) else { continue }
+                }
+                search.newest = (stored, nodeID, isPrimary)
+            case .tombstone: search.tombstone = true
+            case .missing, .unreachable: break
+            }
+        }
+        return search
+    }
+
+    /// The session's node did not answer: find the newest copy on the other nodes (a primary a
+    /// concurrent request or an earlier failure put there, or a backup) and move the session to
+    /// the next available node under a new id, or to the node that already holds it.
     func recoverNonSticky(
         id: SessionID, keys: SessionKeys, access: SessionAccess, cause: MemcachedError
     ) async throws(SessionError) -> Session? {
@@ -63,57 +118,78 @@ extension SessionManager {
             return try unavailable(id: id, cause: "no other memcached node is available (\(cause.code))")
         }
         var lock: HeldLock? = nil
-        let targetRead: StoredRead
         if access.locks {
-            (lock, targetRead) = try await lockAndRead(keys: keys, nodeID: target, touch: nil)
-        } else {
-            targetRead = await readStored(key: keys.primary, on: target, touch: nil)
+            // The lock on the target: concurrent recoveries of this session take turns.
+            (lock, _) = try await lockAndRead(keys: keys, nodeID: target, touch: nil)
         }
-        let backupNodes = topology.others(than: id.nodeID).filter { topology.isAvailable($0) }
-        let backups = await withTaskGroup(of: (String, StoredRead).self) { group in
-            for nodeID in backupNodes {
-                group.addTask { (nodeID, await self.readStored(key: keys.backup, on: nodeID, touch: nil)) }
-            }
-            var reads: [(String, StoredRead)] = []
-            for await read in group { reads.append(read) }
-            return reads
+        let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isAvailable($0) })
+        if search.tombstone {
+            // Logged out: a tombstone outranks any copy that survived somewhere.
+            if let lock { await release(lock) }
+            statistics.count(.sessionsNotFound)
+            return nil
         }
-        var best: (stored: StoredSession, isTargetPrimary: Bool)? = nil
-        var unanswered = 0
-        for (read, isTargetPrimary) in [(targetRead, true)] + backups.map({ ($0.1, false) }) {
-            switch read {
-            case .found(let stored):
-                if best == nil || stored.record.metadata.version > best!.stored.record.metadata.version {
-                    best = (stored, isTargetPrimary)
-                }
-            case .missing, .tombstone: break
-            case .unreachable: unanswered += 1
-            }
-        }
-        guard let best else {
+        guard let newest = search.newest else {
             if let lock { await release(lock) }
             // The primary did not answer and no copy was found elsewhere: the session may well
             // exist on the silent node. Never read that as "no session".
             return try unavailable(id: id, cause: "its node did not answer (\(cause.code)) and no backup copy was found")
         }
-        let now = Self.currentTimeMillis()
-        if isExpired(best.stored.record, now: now) {
+        if isExpired(newest.stored.record, now: Self.currentTimeMillis()) {
             statistics.count(.sessionsExpired)
             if let lock { await release(lock) }
             return nil
         }
         statistics.count(.memcachedFailovers)
         statistics.count(.relocations)
+        // Already living elsewhere as a primary: the session is there, under that node's id.
+        let home = newest.isPrimary ? newest.nodeID : target
         logger.notice(
             "session recovered after a memcached node failure",
-            metadata: ["memcached.node.failed": "\(id.nodeID)", "memcached.node.target": "\(target)"])
-        let newID = id.relocated(to: target)
+            metadata: ["memcached.node.failed": "\(id.nodeID)", "memcached.node.target": "\(home)"])
+        if let held = lock, held.nodeID != home {
+            await release(held)
+            lock = nil
+        }
         let session = makeSession(
-            id: newID, record: best.stored.record, casUnique: best.isTargetPrimary ? best.stored.casUnique : nil, isNew: false)
+            id: id.relocated(to: home), record: newest.stored.record, casUnique: newest.isPrimary ? newest.stored.casUnique : nil,
+            isNew: false)
         access.state.withLock { state in
-            state.lock = lock
-            state.loadedRaw = best.stored.raw
-            state.mustWriteAll = !best.isTargetPrimary
+            state.loaded.lock = lock
+            state.loaded.raw = newest.stored.raw
+            state.loaded.mustWriteAll = !newest.isPrimary
+        }
+        return session
+    }
+
+    /// A miss on a node that restarted recently: the other nodes may hold the session (a backup,
+    /// or a primary it was moved to). A backup is served and written back to the session's node
+    /// at the end; a primary elsewhere is where the session lives now (new cookie).
+    func restoreAfterRestart(id: SessionID, keys: SessionKeys, access: SessionAccess, lock: HeldLock?) async throws(SessionError)
+        -> Session?
+    {
+        let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isAvailable($0) })
+        guard !search.tombstone, let newest = search.newest, !isExpired(newest.stored.record, now: Self.currentTimeMillis())
+        else {
+            if let lock { await release(lock) }
+            statistics.count(.sessionsNotFound)
+            return nil
+        }
+        statistics.count(.sessionsRestored)
+        var lock = lock
+        let home = newest.isPrimary ? newest.nodeID : id.nodeID
+        if let held = lock, held.nodeID != home {
+            await release(held)
+            lock = nil
+        }
+        let session = makeSession(
+            id: id.relocated(to: home), record: newest.stored.record, casUnique: newest.isPrimary ? newest.stored.casUnique : nil,
+            isNew: false)
+        if !newest.isPrimary { session.markAllChanged() }
+        access.state.withLock { state in
+            state.loaded.lock = lock
+            state.loaded.raw = newest.stored.raw
+            state.loaded.mustWriteAll = !newest.isPrimary
         }
         return session
     }
@@ -227,7 +303,8 @@ extension SessionManager {
             tried.insert(nodeID)
             outcome = await save(
                 session, keys: keys, on: nodeID, releasing: lock, forceAdd: forceAdd, restoreIfMissing: restoreIfMissing)
-            guard case .unreachable = outcome else { break }
+            // Only a node that does not answer is a reason to move; a refusal (a server error) is not.
+            guard case .unreachable(let error) = outcome, error.meansNodeUnreachable else { break }
             if let held = lock {
                 heldLocks.remove(held)
                 lock = nil
@@ -246,21 +323,38 @@ extension SessionManager {
         return (outcome, session.id)
     }
 
-    /// A request that carried a session cookie but never opened the session: slide the TTL with a
-    /// touch it does not wait for.
+    /// A request that carried a session cookie but never opened the session: slide its TTL with
+    /// requests it does not wait for. The session's own idle timeout is in the primary item's
+    /// flags (a "remember me" session must not be shortened to the default), so the slide reads
+    /// the item's metadata (`mg <key> f c t`, no value) and then touches primary and, when due,
+    /// backup with the right TTLs.
     func slideUnopened(_ id: SessionID) async {
         guard topology.contains(id.nodeID), let node = topology.node(id.nodeID), node.isAvailable else { return }
         let keys = self.keys(for: id.token)
-        let slide: MemcachedTTL = defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds)) : .never
         statistics.count(.touches)
-        await node.submit(.touch(keys.primary, ttl: slide))
-        if let backupNode = topology.nextAvailable(after: id.nodeID), let backup = topology.node(backupNode) {
-            let metadata = SessionMetadata(
-                createdAt: 0, lastAccessedAt: 0, idleTimeoutSeconds: defaultIdleSeconds, absoluteTimeoutSeconds: 0, version: 0)
-            if backupMemo.needsRefresh(keys.backup, node: backupNode, window: backupRefreshWindow(metadata)) {
-                backupMemo.record(keys.backup, node: backupNode)
-                statistics.count(.backupTouches)
-                await backup.submit(.touch(keys.backup, ttl: backupTTL(metadata, now: Self.currentTimeMillis())))
+        guard configuration.memcached.protocolMode == .meta else {
+            // The text protocol cannot read flags without the value: slide to the default.
+            let slide: MemcachedTTL = defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds)) : .never
+            await node.submit(prepared(.touch(keys.primary, ttl: slide)))
+            return
+        }
+        await node.submit(prepared(.getMetadata(keys.primary))) { [weak self] result in
+            guard let self, case .success(.item(let item?)) = result, item.flags != Self.tombstoneFlags else { return }
+            let idle = Int64(item.flags)
+            guard idle > 0 else { return }  // never expires from inactivity: nothing to slide
+            let metadata = SessionMetadata(createdAt: 0, lastAccessedAt: 0, idleTimeoutSeconds: idle, absoluteTimeoutSeconds: 0, version: 0)
+            let backupNode = self.topology.nextAvailable(after: id.nodeID)
+            let backupDue = backupNode.map {
+                self.backupMemo.needsRefresh(keys.backup, node: $0, window: self.backupRefreshWindow(metadata))
+            } ?? false
+            if backupDue, let backupNode { self.backupMemo.record(keys.backup, node: backupNode) }
+            let backupTTL = self.backupTTL(metadata, now: Self.currentTimeMillis())
+            _ = Task {
+                await node.submit(.touch(keys.primary, ttl: .seconds(Int(idle))))
+                if backupDue, let backupNode, let backup = self.topology.node(backupNode) {
+                    self.statistics.count(.backupTouches)
+                    await backup.submit(.touch(keys.backup, ttl: backupTTL))
+                }
             }
         }
     }
@@ -285,7 +379,11 @@ extension SessionManager {
                     // No backup there: write one from the bytes just read.
                     guard let raw else { return }
                     statistics.count(.backupRepairs)
-                    submit(.store(keys.backup, value: raw, ttl: ttl, quiet: true)) { result in
+                    // An add: it cannot overwrite a tombstone (a logout racing this read) or a
+                    // newer backup written meanwhile.
+                    var repair = MemcachedRequest.store(keys.backup, value: raw, mode: .add, ttl: ttl, quiet: true)
+                    repair.connectionAffinity = SessionManager.affinity(of: keys.backup)
+                    submit(repair) { result in
                         if case .failure = result { statistics.count(.backupFailures) }
                     }
                 case .failure:

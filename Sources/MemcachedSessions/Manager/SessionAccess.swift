@@ -43,13 +43,22 @@ public final class SessionAccess: Sendable {
         var mustWriteAll = false
         /// The id the session had before ``SessionAccess/regenerateID()``: its copies are deleted.
         var regenerate = false
-        /// The TTL (seconds) the load slid the primary to.
-        var slidTTL: Int64?
         /// Sticky: when memcached last saw this session (for TTL slides).
         var lastStoreRefresh: NIODeadline?
+        /// What the load in progress found besides the session; adopted when the load completes,
+        /// unless the request ended (or created a new session) meanwhile, in which case its lock is
+        /// released.
+        var loaded = LoadExtras()
         /// The stored copy is known to be gone (deleted meanwhile): clear the cookie.
         var gone = false
         var ended = false
+    }
+
+    struct LoadExtras: Sendable {
+        var lock: HeldLock?
+        var raw: ByteBuffer?
+        var mustWriteAll = false
+        var lastStoreRefresh: NIODeadline?
     }
 
     let state = Mutex(State())
@@ -110,16 +119,30 @@ public final class SessionAccess: Sendable {
                         result = .failure(error)
                     }
                 }
-                let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
-                    state.phase = .loaded
-                    switch result {
-                    case .success(let session): state.session = session
-                    case .failure(let error): state.loadError = error
+                let (waiters, orphan) = state.withLock { state -> ([CheckedContinuation<Void, Never>], HeldLock?) in
+                    var orphan: HeldLock? = nil
+                    if state.phase == .loading, !state.ended {
+                        state.phase = .loaded
+                        switch result {
+                        case .success(let session): state.session = session
+                        case .failure(let error): state.loadError = error
+                        }
+                        state.lock = state.loaded.lock
+                        state.loadedRaw = state.loaded.raw
+                        state.mustWriteAll = state.loaded.mustWriteAll
+                        state.lastStoreRefresh = state.loaded.lastStoreRefresh
+                    } else {
+                        // The request ended, or created a new session, while this load ran: what
+                        // it found is not used, and its lock must not outlive the request.
+                        if state.phase == .loading { state.phase = .loaded }
+                        orphan = state.loaded.lock
                     }
+                    state.loaded = LoadExtras()
                     defer { state.waiters = [] }
-                    return state.waiters
+                    return (state.waiters, orphan)
                 }
                 for waiter in waiters { waiter.resume() }
+                if let orphan { await manager.release(orphan) }
             }
         }
     }
@@ -223,6 +246,13 @@ extension SessionManager {
         }
     }
 
+    /// How long a tombstone stays: as long as any copy of the session could still be around.
+    var tombstoneTTL: MemcachedTTL {
+        let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 24 * 3600
+        let window = min(max(idle / 4, 1), 300)
+        return .seconds(Int(min(idle + 2 * window + 60, 30 * 24 * 3600)))
+    }
+
     /// Deletes a session's primary, backup and lock. Sticky instances leave a tombstone in the
     /// primary's place instead, so that another instance still holding the session in memory
     /// learns it was invalidated (and does not take a missing copy for one lost by a restart).
@@ -230,8 +260,8 @@ extension SessionManager {
         if let lock { heldLocks.remove(lock) }
         guard let node = topology.node(nodeID) else { return }
         if usesLocalLifecycle {
-            let ttl: MemcachedTTL = .seconds(Int(min(max(defaultIdleSeconds, 60), 30 * 24 * 3600)))
-            let tombstone = MemcachedRequest.store(keys.primary, value: ByteBuffer(), ttl: ttl, flags: Self.tombstoneFlags)
+            let tombstone = prepared(
+                MemcachedRequest.store(keys.primary, value: ByteBuffer(), ttl: tombstoneTTL, flags: Self.tombstoneFlags))
             if wait {
                 countRoundTrip()
                 _ = try? await node.execute(tombstone)
@@ -240,19 +270,28 @@ extension SessionManager {
             }
             return
         }
-        backupMemo.forget(keys.backup)
-        if let backupNode = topology.nextAvailable(after: nodeID).flatMap({ topology.node($0) }) {
-            await backupNode.submit(.delete(keys.backup, quiet: true))
-        }
-        var requests = [MemcachedRequest.delete(keys.primary)]
-        if lock != nil || configuration.locking != .none {
-            requests.append(.delete(keys.lock, quiet: true))
+        // The primary goes first: a concurrent write that has not landed yet then finds nothing
+        // and writes no backup.
+        var requests = [prepared(MemcachedRequest.delete(keys.primary))]
+        if let lock {
+            requests.append(prepared(lockReleaseRequest(lock)))
         }
         if wait {
             countRoundTrip()
             _ = await node.executeBatch(requests)
         } else {
             for request in requests { await node.submit(request) }
+        }
+        // The backup may be on any other node (placement follows availability): leave a tombstone
+        // on every one, so that neither a recovery nor a backup repair racing this logout brings
+        // the session back.
+        backupMemo.forget(keys.backup)
+        var tombstone = MemcachedRequest.store(
+            keys.backup, value: ByteBuffer(), ttl: tombstoneTTL, flags: Self.tombstoneFlags, quiet: true)
+        tombstone.connectionAffinity = Self.affinity(of: keys.backup)
+        tombstone = prepared(tombstone)
+        for other in topology.others(than: nodeID) {
+            if let backupNode = topology.node(other), backupNode.isAvailable { await backupNode.submit(tombstone) }
         }
     }
 }

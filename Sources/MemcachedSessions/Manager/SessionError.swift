@@ -66,7 +66,7 @@ extension MemcachedError {
     /// answer such as a miss or a refusal): "missing" must never be confused with "unavailable".
     var meansNodeUnreachable: Bool {
         switch code {
-        case .timeout, .connectionClosed, .connectFailed, .nodeUnavailable, .shutdown, .protocolError, .unknownNode:
+        case .timeout, .connectionClosed, .connectFailed, .nodeUnavailable, .protocolError, .unknownNode:
             return true
         default:
             return false

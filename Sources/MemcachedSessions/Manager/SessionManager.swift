@@ -23,6 +23,7 @@ public final class SessionManager: Service, Sendable {
     let localStore: LocalSessionStore
     let backupMemo: BackupMemo
     let heldLocks = HeldLocks()
+    let nodeRestarts = NodeRestarts()
     let readOnlyPaths: ReadOnlyPaths
     let ignoredPaths: PathPattern?
     let lockPattern: PathPattern?
@@ -94,6 +95,10 @@ public final class SessionManager: Service, Sendable {
         let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 1200
         self.stickyTouchInterval = TimeAmount(configuration.stickyTouchInterval ?? .seconds(min(max(idle / 4, 1), 300)))
         self.writer = AsynchronousWriter(limit: configuration.asynchronousQueueLimit)
+        if configuration.mode == .sticky, configuration.route == nil, configuration.enabled {
+            logger.notice(
+                "sticky mode without a route: another instance cannot take a session over explicitly; set `route` (MSM's jvmRoute)")
+        }
     }
 
     /// The memcached client the manager uses.
@@ -126,12 +131,22 @@ public final class SessionManager: Service, Sendable {
                 background.addTask { await self.writer.run(manager: self) }
                 background.addTask { await self.renewLocksPeriodically() }
                 background.addTask { await self.sweepLocalSessionsPeriodically() }
+                background.addTask { await self.retryFailedSavesPeriodically() }
+                background.addTask { await self.watchNodeRestartsPeriodically() }
             }
         }
         // The writer has flushed its queue; now stop the client.
         clientTask?.cancel()
         try await clientTask?.value
         logger.info("session manager stopped")
+    }
+
+    private func retryFailedSavesPeriodically() async {
+        guard usesLocalLifecycle, configuration.enabled else { return }
+        while !Task.isCancelled {
+            do { try await Task.sleep(for: .seconds(1)) } catch { return }
+            if writer.retryCount > 0 { writer.requeueRetries() }
+        }
     }
 
     private func sweepLocalSessionsPeriodically() async {
@@ -177,20 +192,16 @@ public final class SessionManager: Service, Sendable {
     public func endRequest(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
         let start = NIODeadline.now()
         defer { statistics.time(.end, since: start) }
-        if Task.isCancelled {
-            // The request's task was cancelled (the client went away, say): its memcached requests
-            // would fail at once. Finish in a task that is not cancelled, so that the lock is
-            // released and what changed is saved.
-            let result = await Task.detached { () async -> Result<SessionResponseAction, SessionError> in
-                do throws(SessionError) {
-                    return .success(try await access.end())
-                } catch {
-                    return .failure(error)
-                }
-            }.value
-            return try result.get()
+        // Memcached requests made while ending complete even if the request's task is cancelled
+        // (the client went away): the lock is released and what changed is saved.
+        let result = await Self.$isEnding.withValue(true) { () async -> Result<SessionResponseAction, SessionError> in
+            do throws(SessionError) {
+                return .success(try await access.end())
+            } catch {
+                return .failure(error)
+            }
         }
-        return try await access.end()
+        return try result.get()
     }
 
     // MARK: - helpers shared by the lifecycles

@@ -34,7 +34,16 @@ extension SessionManager {
                 return nil
             }
             statistics.count(.sessionsLoadedLocally)
-            access.state.withLock { $0.lastStoreRefresh = refreshed }
+            if !memoryOnly, NIODeadline.now() - refreshed >= stickyTouchInterval {
+                // Once per touch interval the local copy is checked against memcached, in the
+                // same round trip that slides its TTL: a copy another instance changed or
+                // invalidated (it took the session over while a stale cookie still routes here)
+                // is not served past that.
+                guard await revalidate(session) else { return nil }
+                access.state.withLock { $0.loaded.lastStoreRefresh = .now() }
+            } else {
+                access.state.withLock { $0.loaded.lastStoreRefresh = refreshed }
+            }
             return session
         }
         if memoryOnly {
@@ -58,7 +67,7 @@ extension SessionManager {
             let session = makeSession(id: owned, record: stored.record, casUnique: stored.casUnique, isNew: false)
             let refreshed = NIODeadline.now()
             localStore.put(session, token: id.token, now: now, refreshed: refreshed)
-            access.state.withLock { $0.lastStoreRefresh = refreshed }
+            access.state.withLock { $0.loaded.lastStoreRefresh = refreshed }
             statistics.count(.sessionsLoaded)
             if takeover {
                 statistics.count(.takeovers)
@@ -163,10 +172,42 @@ extension SessionManager {
             logger.warning("session too large to save", metadata: ["reason": "\(error.message)"])
             if synchronous { throw error }
         case .unreachable(let error):
-            // Every node is down: the session keeps living in memory and is saved by a later
-            // request once a node answers.
+            // Every node is down: the session keeps living in memory; the writer tries again
+            // until a node answers (and a later change would save it anyway).
             logger.warning("sticky session could not be saved: no memcached node answered", metadata: ["memcached.error": "\(error)"])
+            writer.retryLater(session)
         }
+    }
+
+    /// Reads the stored copy of a locally held session, sliding its TTL. A newer copy replaces the
+    /// local one (unless the local one has changes of its own, which the next save merges); a
+    /// tombstone ends it; a missing copy (memcached restarted or evicted it) is written again.
+    /// Returns false when the session is gone.
+    func revalidate(_ session: Session) async -> Bool {
+        let id = session.id
+        let keys = self.keys(for: id.token)
+        let ttl = Self.primaryTTL(session.metadata, now: Self.currentTimeMillis())
+        statistics.count(.touches)
+        switch await readStored(key: keys.primary, on: id.nodeID, touch: ttl) {
+        case .found(let stored):
+            if stored.record.metadata.version > session.metadata.version, !session.hasUnsavedChanges {
+                session.replace(with: stored.record, casUnique: stored.casUnique)
+                statistics.count(.localCopiesReplaced)
+            }
+        case .tombstone:
+            session.invalidate()
+            localStore.remove(id.token, ifSame: session)
+            statistics.count(.sessionsNotFound)
+            return false
+        case .missing:
+            statistics.count(.backupRepairs)
+            session.markAllChanged()
+            if !writer.enqueue(session) { writer.retryLater(session) }
+        case .unreachable:
+            break  // sticky sessions keep working from memory
+        }
+        localStore.markRefreshed(id.token, at: .now())
+        return true
     }
 
     /// Slides an unchanged sticky session's memcached TTL (a touch the request does not wait for).
@@ -182,9 +223,7 @@ extension SessionManager {
             guard case .success(.touched(false)) = result, let self, !session.isInvalidated else { return }
             statistics.count(.backupRepairs)
             session.markAllChanged()
-            if !self.writer.enqueue(session) {
-                Task { try? await self.saveSticky(session, synchronous: false) }
-            }
+            if !self.writer.enqueue(session) { self.writer.retryLater(session) }
         }
     }
 

@@ -14,6 +14,8 @@ public final class SessionStatistics: Sendable {
         case sessionsCreated = "sessions_created"
         case sessionsLoaded = "sessions_loaded"
         case sessionsLoadedLocally = "sessions_loaded_locally"
+        /// Sticky: a local copy found older than memcached's (changed by another instance).
+        case localCopiesReplaced = "local_copies_replaced"
         case sessionsNotFound = "sessions_not_found"
         case sessionsExpired = "sessions_expired"
         case sessionsInvalidated = "sessions_invalidated"
@@ -32,6 +34,8 @@ public final class SessionStatistics: Sendable {
         case appServerFailovers = "app_server_failovers"
         case takeovers = "takeovers"
         case relocations = "relocations"
+        /// Non-sticky: a session missing from a node that restarted, restored from its backup.
+        case sessionsRestored = "sessions_restored"
         case locksAcquired = "locks_acquired"
         case lockWaits = "lock_waits"
         case lockFailures = "lock_failures"

@@ -12,6 +12,8 @@ final class AsynchronousWriter: Sendable {
     private struct State {
         var queue: Deque<Session> = []
         var queued: Set<ObjectIdentifier> = []
+        /// Sessions whose save failed because no node answered: queued again periodically.
+        var retry: [ObjectIdentifier: Session] = [:]
         var waiter: CheckedContinuation<Void, Never>?
         var stopping = false
         var stopped = false
@@ -44,6 +46,27 @@ final class AsynchronousWriter: Sendable {
     /// Sessions waiting to be written.
     var pendingCount: Int { state.withLock { $0.queue.count } }
 
+    /// Keeps a session whose save failed (no node answered) for another try; bounded like the queue.
+    func retryLater(_ session: Session) {
+        state.withLock { state in
+            guard state.retry.count < limit || state.retry[ObjectIdentifier(session)] != nil else { return }
+            state.retry[ObjectIdentifier(session)] = session
+        }
+    }
+
+    var retryCount: Int { state.withLock { $0.retry.count } }
+
+    /// Queues the sessions waiting for another try.
+    func requeueRetries() {
+        let sessions = state.withLock { state -> [Session] in
+            defer { state.retry = [:] }
+            return Array(state.retry.values)
+        }
+        for session in sessions where !session.isInvalidated && session.hasUnsavedChanges {
+            if !enqueue(session) { retryLater(session) }
+        }
+    }
+
     /// Writes queued sessions until cancelled, then flushes what is left and stops taking more.
     func run(manager: SessionManager) async {
         while true {
@@ -54,7 +77,13 @@ final class AsynchronousWriter: Sendable {
             }
             await write(batch, manager: manager)
         }
-        // Flush: requests still ending during shutdown may add more; take until empty.
+        // Flush: what failed before, and whatever this instance holds unsaved, goes too (sessions
+        // stay in memcached for the other instances); requests still ending during shutdown may
+        // add more, so take until empty.
+        requeueRetries()
+        for session in manager.localStore.allSessions where session.hasUnsavedChanges && !session.isInvalidated {
+            _ = enqueue(session)
+        }
         while true {
             let batch = state.withLock { state -> [Session] in
                 let batch = takeBatch(&state)

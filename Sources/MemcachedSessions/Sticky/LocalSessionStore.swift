@@ -94,7 +94,9 @@ final class LocalSessionStore: Sendable {
 
     private static func evictOldest(_ entries: inout [SessionID.Token: Entry], count: Int) {
         // O(n log n) once per capacityPerShard/16 insertions: amortised, and only when full.
-        let oldest = entries.sorted { $0.value.lastAccess < $1.value.lastAccess }.prefix(count).map(\.key)
+        // Sessions with unsaved changes stay: memory is their only copy until the writer is done.
+        let oldest = entries.filter { !$0.value.session.hasUnsavedChanges }
+            .sorted { $0.value.lastAccess < $1.value.lastAccess }.prefix(count).map(\.key)
         for token in oldest { entries[token] = nil }
     }
 }

@@ -35,6 +35,9 @@ enum StoredWrite: Sendable {
     case conflict
     /// A CAS write found no copy: the session was deleted meanwhile (and must stay deleted).
     case gone
+    /// The client refused the value as larger than the item size limit (nothing was sent).
+    case tooLarge(MemcachedError)
+    /// The node did not answer, or refused the write (a server error): not stored.
     case unreachable(MemcachedError)
 }
 
@@ -53,6 +56,18 @@ extension SessionManager {
 
     /// Set for the asynchronous writer's work: its round trips are not waited for by a request.
     @TaskLocal static var isBackgroundWork = false
+
+    /// Set while a request ends: its memcached requests complete even if the request's task is
+    /// cancelled (the client went away), so that locks are released and changes saved.
+    @TaskLocal static var isEnding = false
+
+    /// Applies the cancellation rule of the current phase to a request.
+    func prepared(_ request: MemcachedRequest) -> MemcachedRequest {
+        guard Self.isEnding || Self.isBackgroundWork else { return request }
+        var request = request
+        request.honorsCancellation = false
+        return request
+    }
 
     /// Counts a memcached round trip a request waits for.
     func countRoundTrip() {
@@ -102,13 +117,15 @@ extension SessionManager {
         countRoundTrip()
         let item: MemcachedItem?
         do throws(MemcachedError) {
-            if let touch {
-                item = try await node.getAndTouch(key, ttl: touch)
-            } else {
-                item = try await node.get(key)
+            let response = try await node.execute(prepared(.get(key, touch: touch)))
+            guard case .item(let read) = response else {
+                return .unreachable(MemcachedError(code: .protocolError, message: "unexpected reply to a get"))
             }
+            item = read
         } catch {
-            return error.meansNodeUnreachable ? .unreachable(error) : .missing
+            // Only an explicit miss means "missing"; anything else (a timeout, a refusal, a
+            // cancellation) is not an answer about the session.
+            return .unreachable(error)
         }
         guard let item else { return .missing }
         if item.flags == Self.tombstoneFlags { return .tombstone }
@@ -153,13 +170,16 @@ extension SessionManager {
 
     /// One store on one node; `extra` requests (quiet lock releases) ride in the same write.
     func writeStored(
-        key: String, on nodeID: String, bytes: ByteBuffer, ttl: MemcachedTTL, casUnique: UInt64?, add: Bool,
+        key: String, on nodeID: String, bytes: ByteBuffer, ttl: MemcachedTTL, flags: UInt32 = 0, casUnique: UInt64?, add: Bool,
         extra: [MemcachedRequest] = []
     ) async -> StoredWrite {
         guard let node = topology.node(nodeID) else {
             return .unreachable(MemcachedError(code: .unknownNode, message: "no node \(nodeID)"))
         }
-        let request = MemcachedRequest.store(key, value: bytes, mode: add && casUnique == nil ? .add : .set, ttl: ttl, cas: casUnique)
+        var request = MemcachedRequest.store(
+            key, value: bytes, mode: add && casUnique == nil ? .add : .set, ttl: ttl, flags: flags, cas: casUnique)
+        if usesLocalLifecycle { request.timeout = configuration.saveTimeout }
+        request = prepared(request)
         countRoundTrip()
         let result: Result<MemcachedResponse, MemcachedError>
         if extra.isEmpty {
@@ -169,7 +189,7 @@ extension SessionManager {
                 result = .failure(error)
             }
         } else {
-            let results = await node.executeBatch([request] + extra)
+            let results = await node.executeBatch([request] + extra.map(prepared))
             result = results[0]
             for case .failure(let error) in results.dropFirst() where !error.meansNodeUnreachable {
                 statistics.count(.lockReleaseFailures)
@@ -187,9 +207,17 @@ extension SessionManager {
         case .success:
             return .unreachable(MemcachedError(code: .protocolError, message: "unexpected reply to a store"))
         case .failure(let error):
+            if error.code == .valueTooLarge { return .tooLarge(error) }
             // Unreachable or refused (a server error such as out of memory): either way not stored.
             return .unreachable(error)
         }
+    }
+
+    /// The client flags of a primary copy: the session's idle timeout in seconds, so that a
+    /// request that never opens the session can slide its TTL to the right value. (Timeouts are
+    /// at most ten years, far below the tombstone's flags.)
+    static func primaryFlags(_ metadata: SessionMetadata) -> UInt32 {
+        UInt32(clamping: max(0, metadata.idleTimeoutSeconds))
     }
 
     /// Saves a session's changes to `nodeID` with CAS. On a conflict the newer stored copy is read
@@ -223,8 +251,8 @@ extension SessionManager {
             }
             let extra = lock.map { [lockReleaseRequest($0)] } ?? []
             let result = await writeStored(
-                key: keys.primary, on: nodeID, bytes: bytes, ttl: Self.primaryTTL(record.metadata, now: now), casUnique: casUnique,
-                add: add, extra: extra)
+                key: keys.primary, on: nodeID, bytes: bytes, ttl: Self.primaryTTL(record.metadata, now: now),
+                flags: Self.primaryFlags(record.metadata), casUnique: casUnique, add: add, extra: extra)
             switch result {
             case .stored(let newCas):
                 if let lock { releasedLock(lock) }
@@ -239,6 +267,9 @@ extension SessionManager {
                 }
                 if let lock { releasedLock(lock) }
                 return .gone
+            case .tooLarge(let error):
+                statistics.count(.oversizedSessions)
+                return .tooLarge(SessionError(code: .sessionTooLarge, message: "\(error.message); the stored copy is unchanged"))
             case .unreachable(let error):
                 statistics.count(.writeFailures)
                 return .unreachable(error)
@@ -274,11 +305,20 @@ extension SessionManager {
 
     static let maximumSaveAttempts = 8
 
+    /// A stable connection choice for a key (its last bytes are hex digest characters).
+    static func affinity(of key: String) -> Int {
+        var hash = 0
+        for byte in key.utf8.suffix(4) { hash = hash &* 31 &+ Int(byte) }
+        return hash
+    }
+
     /// Writes the backup copy without waiting for it; a failure is counted, never assumed away.
     func submitBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
         guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
         let statistics = self.statistics
-        let request = MemcachedRequest.store(keys.backup, value: bytes, ttl: backupTTL(metadata, now: now), quiet: true)
+        var request = MemcachedRequest.store(keys.backup, value: bytes, ttl: backupTTL(metadata, now: now), quiet: true)
+        // One connection per session's backups: two saves' backups cannot overtake each other.
+        request.connectionAffinity = Self.affinity(of: keys.backup)
         backupMemo.record(keys.backup, node: backupNode)
         statistics.count(.backupWrites)
         // `submit` suspends only to reach a connection; it does not wait for the reply.

@@ -1,0 +1,77 @@
+import Memcached
+import Synchronization
+
+/// When each memcached node last restarted, from its own `stats`: a new `pid`, or a boot time
+/// (`time` - `uptime`) that moved.
+///
+/// A node that restarted is empty: a session missing from it may well have a backup elsewhere,
+/// whereas a miss on a node that has been up all along means the session is gone (expired or
+/// logged out). Without this, a quickly restarted node would turn its sessions into "no session".
+final class NodeRestarts: Sendable {
+    private struct Record {
+        var pid: Int64
+        var bootTime: Int64
+        var restartedAt: Int64?
+    }
+
+    private let records = Mutex<[String: Record]>([:])
+
+    /// Records a node's process id and boot time (Unix seconds); a new pid, or a boot time that
+    /// moved by more than 2 s (another host behind the same address), is a restart at `now`.
+    func observe(node: String, pid: Int64, bootTime: Int64, now: Int64) {
+        records.withLock { records in
+            guard var record = records[node] else {
+                records[node] = Record(pid: pid, bootTime: bootTime)
+                return
+            }
+            if record.pid != pid || abs(record.bootTime - bootTime) > 2 {
+                record.restartedAt = now
+                record.pid = pid
+                record.bootTime = bootTime
+                records[node] = record
+            }
+        }
+    }
+
+    /// Whether the node's boot time has been seen.
+    func knows(_ node: String) -> Bool {
+        records.withLock { $0[node] != nil }
+    }
+
+    /// Whether `node` restarted within the last `seconds` (Unix seconds `now`).
+    func restarted(_ node: String, within seconds: Int64, now: Int64) -> Bool {
+        records.withLock { records in
+            guard let at = records[node]?.restartedAt else { return false }
+            return now - at <= seconds
+        }
+    }
+}
+
+extension SessionManager {
+    /// Watches the nodes' boot times while the manager runs (non-sticky mode: where a session's
+    /// only other copy is its backup).
+    func watchNodeRestartsPeriodically() async {
+        guard !usesLocalLifecycle else { return }
+        while !Task.isCancelled {
+            for nodeID in topology.order {
+                guard let node = topology.node(nodeID), node.isAvailable else { continue }
+                var request = MemcachedRequest.stats()
+                request.timeout = .seconds(1)
+                guard case .stats(let stats)? = try? await node.execute(request),
+                    let time = stats.first(where: { $0.name == "time" }).flatMap({ Int64($0.value) }),
+                    let uptime = stats.first(where: { $0.name == "uptime" }).flatMap({ Int64($0.value) })
+                else { continue }
+                let pid = stats.first(where: { $0.name == "pid" }).flatMap { Int64($0.value) } ?? 0
+                nodeRestarts.observe(node: nodeID, pid: pid, bootTime: time - uptime, now: Self.currentTimeMillis() / 1000)
+            }
+            do { try await Task.sleep(for: .seconds(1)) } catch { return }
+        }
+    }
+
+    /// Whether a miss on `nodeID` may be a restart's loss rather than the session being gone.
+    func missMayBeRestart(on nodeID: String) -> Bool {
+        let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 24 * 3600
+        let window = min(max(idle / 4, 1), 300)
+        return nodeRestarts.restarted(nodeID, within: idle + 2 * window, now: Self.currentTimeMillis() / 1000)
+    }
+}

@@ -1,0 +1,174 @@
+import Memcached
+import MemcachedTestRig
+import NIOCore
+import Testing
+
+@testable import MemcachedSessions
+
+@Suite("Edge cases: logouts racing reads, restarts, stale sticky copies, custom timeouts")
+struct EdgeCaseTests {
+    @Test func aLogoutIsNotUndoneByARacingReadOrALaterFailover() async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                try await manager.increment(&browser)
+                let cookie = browser
+                let id = try #require(cookie.id)
+                // A read-only request is open while the user logs out; it ends afterwards (its backup
+                // refresh must not write the session back).
+                let loaded = Barrier(count: 2)
+                let loggedOut = Barrier(count: 2)
+                async let reader: Int = {
+                    var mine = cookie
+                    return try await manager.request(&mine) { access in
+                        let count = try await access.load()?["count", as: Int.self] ?? 0
+                        await loaded.arriveAndWait()
+                        await loggedOut.arriveAndWait()
+                        return count
+                    }
+                }()
+                await loaded.arriveAndWait()
+                var logout = cookie
+                try await manager.request(&logout) { access in try await access.invalidate() }
+                await loggedOut.arriveAndWait()
+                #expect(try await reader == 2)
+                // Now the session's node dies: the old cookie must not find a copy to recover.
+                try await servers[Int(id.nodeID.dropFirst())! - 1].kill()
+                var old = cookie
+                #expect(try await manager.readCount(&old) == 0)
+                #expect(manager.statistics.value(of: .unavailable) == 0, "a tombstone is an answer: gone, not unavailable")
+            }
+        }
+    }
+
+    @Test func aRecoveredSessionCanBeInvalidated() async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                let original = browser
+                let id = try #require(original.id)
+                try await servers[Int(id.nodeID.dropFirst())! - 1].kill()
+                #expect(try await manager.increment(&browser) == 2)
+                #expect(browser.id?.nodeID != id.nodeID, "recovered onto another node")
+                try await manager.request(&browser) { access in try await access.invalidate() }
+                var viaOld = original
+                var viaNew = Browser(cookie: original.id!.relocated(to: manager.topology.nextAvailable(after: id.nodeID)!).description)
+                #expect(try await manager.readCount(&viaOld) == 0)
+                #expect(try await manager.readCount(&viaNew) == 0)
+            }
+        }
+    }
+
+    @Test func aQuicklyRestartedNodeDoesNotLoseSessionsThatHaveABackup() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                var browsers = [Browser](repeating: Browser(), count: 20)
+                for index in browsers.indices {
+                    for _ in 0..<3 { try await manager.increment(&browsers[index]) }
+                }
+                try await eventually("both nodes' boot times known") {
+                    !manager.missMayBeRestart(on: "n1") && !manager.missMayBeRestart(on: "n2")
+                        && manager.nodeRestarts.knows("n1") && manager.nodeRestarts.knows("n2")
+                }
+                // Restart n1 between requests: no request saw it down.
+                try await servers[0].kill()
+                try await servers[0].restart()
+                try await eventually("restart noticed") { manager.missMayBeRestart(on: "n1") }
+                for index in browsers.indices {
+                    #expect(try await manager.readCount(&browsers[index]) == 3, "session \(index)")
+                    #expect(try await manager.increment(&browsers[index]) == 4)
+                }
+                #expect(manager.statistics.value(of: .sessionsRestored) >= 1)
+                // Written back: the next read is a plain hit.
+                let restored = manager.statistics.value(of: .sessionsRestored)
+                for index in browsers.indices { #expect(try await manager.readCount(&browsers[index]) == 4) }
+                #expect(manager.statistics.value(of: .sessionsRestored) == restored)
+            }
+        }
+    }
+
+    @Test func aStickyInstanceStopsServingACopyTakenOverElsewhere() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let a = try configuration(servers, mode: .sticky) {
+                $0.route = "a"
+                $0.asynchronousSaving = false
+                $0.stickyTouchInterval = .milliseconds(200)
+            }
+            let b = try configuration(servers, mode: .sticky) {
+                $0.route = "b"
+                $0.asynchronousSaving = false
+            }
+            try await withManagers([a, b]) { managers in
+                let (instanceA, instanceB) = (managers[0], managers[1])
+                var browser = Browser()
+                for _ in 0..<3 { try await instanceA.increment(&browser) }
+                let staleCookie = browser  // route a
+                var atB = browser
+                #expect(try await instanceB.increment(&atB) == 4)  // takeover
+                // An old tab still sends A's cookie to A: within one touch interval A checks its copy.
+                try await Task.sleep(for: .milliseconds(300))
+                var stale = staleCookie
+                #expect(try await instanceA.readCount(&stale) == 4, "A serves B's data, not its stale copy")
+                #expect(instanceA.statistics.value(of: .localCopiesReplaced) == 1)
+                // Logged out on B: A's copy ends too.
+                try await instanceB.request(&atB) { access in try await access.invalidate() }
+                try await Task.sleep(for: .milliseconds(300))
+                var again = staleCookie
+                #expect(try await instanceA.readCount(&again) == 0)
+            }
+        }
+    }
+
+    @Test func stickyIdleAndAbsoluteExpiry() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withManager(try configuration(servers, mode: .sticky) { $0.idleTimeout = .seconds(1) }) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                #expect(try await manager.readCount(&browser) == 1)
+                try await Task.sleep(for: .milliseconds(1500))
+                #expect(try await manager.readCount(&browser) == 0, "idle past its timeout: gone from memory")
+            }
+            try await withManager(try configuration(servers, mode: .sticky) { $0.absoluteTimeout = .seconds(1) }) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                let start = ContinuousClock.now
+                while ContinuousClock.now - start < .seconds(4), try await manager.readCount(&browser) != 0 {
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+                #expect(try await manager.readCount(&browser) == 0)
+                #expect(ContinuousClock.now - start < .seconds(3))
+            }
+        }
+    }
+
+    @Test func aRequestThatNeverOpensTheSessionSlidesItsOwnTimeout() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(30) }) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.request(&browser) { access in
+                        let session = try await access.loadOrCreate()
+                        try session.set("user", "remembered")
+                        session.setIdleTimeout(.seconds(3600))
+                    }
+                    let id = try #require(browser.id)
+                    let key = manager.keys(for: id.token).primary
+                    func remaining() async throws -> Int {
+                        guard case .item(let item?) = try await inspector.node(id.nodeID).execute(.getMetadata(key)) else { return -9 }
+                        return item.timeToLive ?? -9
+                    }
+                    #expect(try await remaining() > 3000)
+                    // A read slides to the default first, then fixes it to the session's own timeout.
+                    #expect(try await manager.readCount(&browser) == 0)
+                    try await eventually("TTL back to the session's own") { try await remaining() > 3000 }
+                    // A request that never opens the session slides with the session's timeout.
+                    try await manager.request(&browser, path: "/static") { _ in }
+                    try await Task.sleep(for: .milliseconds(200))
+                    #expect(try await remaining() > 3000, "not shortened to the 30 s default")
+                }
+            }
+        }
+    }
+}
