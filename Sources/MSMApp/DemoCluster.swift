@@ -5,6 +5,9 @@ import Synchronization
     import Glibc
 #endif
 
+/// Set by the SIGINT/SIGTERM handler (an atomic store is async-signal-safe).
+private let demoStopRequested = Atomic<Bool>(false)
+
 /// `msm demo`: three memcached nodes, three app instances and nginx in front of them, all on
 /// loopback, all child processes of this one; stopped together on Ctrl-C or SIGTERM.
 public struct DemoOptions: Sendable {
@@ -50,8 +53,15 @@ final class DemoProcess: Sendable {
     let arguments: [String]
     let logPath: String
     let process = Mutex<Process?>(nil)
+    /// Signal the child gets if this process dies without stopping it (even by SIGKILL), via
+    /// `setpriv --pdeathsig`, which execs the server: its PID stays the server's own.
+    let parentDeathSignal: String
 
-    init(role: String, id: String, address: String, executable: String, arguments: [String], logPath: String) {
+    init(
+        role: String, id: String, address: String, executable: String, arguments: [String], logPath: String,
+        parentDeathSignal: String = "TERM"
+    ) {
+        self.parentDeathSignal = parentDeathSignal
         self.role = role
         self.id = id
         self.address = address
@@ -65,8 +75,13 @@ final class DemoProcess: Sendable {
 
     func start() throws {
         let task = Process()
-        task.executableURL = URL(fileURLWithPath: executable)
-        task.arguments = arguments
+        if FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") {
+            task.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+            task.arguments = ["--pdeathsig", parentDeathSignal, "--", executable] + arguments
+        } else {
+            task.executableURL = URL(fileURLWithPath: executable)
+            task.arguments = arguments
+        }
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         log.seekToEndOfFile()
@@ -93,7 +108,6 @@ final class DemoProcess: Sendable {
 public final class DemoCluster: Sendable {
     let options: DemoOptions
     let processes: [DemoProcess]
-    let stopping = Atomic<Bool>(false)
 
     static let memcachedIDs = ["n1", "n2", "n3"]
     static let appIDs = ["app1", "app2", "app3"]
@@ -111,7 +125,7 @@ public final class DemoCluster: Sendable {
             processes.append(
                 DemoProcess(
                     role: "memcached", id: id, address: "127.0.0.1:\(port)", executable: options.memcachedBinary, arguments: arguments,
-                    logPath: "\(state)/\(id).log"))
+                    logPath: "\(state)/\(id).log", parentDeathSignal: "KILL"))
         }
         for (index, id) in Self.appIDs.enumerated() {
             let port = options.appBasePort + index
@@ -212,6 +226,10 @@ public final class DemoCluster: Sendable {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return false }
         defer { close(fd) }
+        // As the servers do: connections of an earlier run in TIME_WAIT do not make a port taken,
+        // a listener does.
+        var one: Int32 = 1
+        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = in_port_t(UInt16(port).bigEndian)
@@ -240,6 +258,7 @@ public final class DemoCluster: Sendable {
         let port = Int(process.address.split(separator: ":").last!)!  // addresses are built above as host:port
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
+            if demoStopRequested.load(ordering: .relaxed) { throw DemoError.startFailed("interrupted") }
             if Self.accepts(port) { return }
             if !process.isRunning {
                 throw DemoError.startFailed("\(process.role) \(process.id) exited at start; see \(process.logPath)")
@@ -256,6 +275,7 @@ public final class DemoCluster: Sendable {
         where !fileManager.isExecutableFile(atPath: path) {
             throw DemoError.missingProgram(path, package)
         }
+        cleanUpAfterAKilledDemo()
         for process in processes {
             let port = Int(process.address.split(separator: ":").last!)!  // built above as host:port
             if !Self.portIsFree(port) { throw DemoError.portTaken(port, "\(process.role) \(process.id)") }
@@ -270,13 +290,9 @@ public final class DemoCluster: Sendable {
         }
         try nginxConfiguration().write(toFile: nginxState + "/nginx.conf", atomically: true, encoding: .utf8)
 
-        // Ctrl-C and SIGTERM stop the cluster; handled on a dispatch queue, not by dying.
-        signal(SIGINT, SIG_IGN)
-        signal(SIGTERM, SIG_IGN)
-        let signals = [SIGINT, SIGTERM].map { DispatchSource.makeSignalSource(signal: $0, queue: .global()) }
-        for source in signals {
-            source.setEventHandler { [weak self] in self?.stopping.store(true, ordering: .relaxed) }
-            source.resume()
+        // Ctrl-C and SIGTERM stop the cluster: the handler only sets a flag the loop below reads.
+        for signalNumber in [SIGINT, SIGTERM] {
+            signal(signalNumber) { _ in demoStopRequested.store(true, ordering: .relaxed) }
         }
 
         do {
@@ -305,7 +321,7 @@ public final class DemoCluster: Sendable {
         fflush(nil)
 
         var announced: Set<String> = []
-        while !stopping.load(ordering: .relaxed) {
+        while !demoStopRequested.load(ordering: .relaxed) {
             usleep(100_000)
             for process in processes where !process.isRunning {
                 let key = "\(process.role)/\(process.id)/\(process.pid ?? -1)"
@@ -328,6 +344,33 @@ public final class DemoCluster: Sendable {
         stopAll()
         try? fileManager.removeItem(atPath: options.stateDirectory + "/cluster.json")
         print("msm demo: stopped")
+    }
+
+    /// A demo killed with SIGKILL cannot stop its children; apps and nginx die with it (parent-death
+    /// signal), but memcached drops privileges at start, which clears that signal. So a new demo
+    /// in the same state directory ends what the previous one's layout lists, if it is still that
+    /// program on that address, before it checks its ports.
+    func cleanUpAfterAKilledDemo() {
+        let path = options.stateDirectory + "/cluster.json"
+        guard let data = FileManager.default.contents(atPath: path),
+            let layout = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+            let entries = layout["processes"] as? [[String: Any]]
+        else { return }
+        for entry in entries {
+            guard let pid = entry["pid"] as? Int, pid > 1, let role = entry["role"] as? String,
+                let address = entry["address"] as? String, let port = address.split(separator: ":").last,
+                let command = try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)
+            else { continue }
+            let program = ["memcached": "memcached", "nginx": "nginx", "app": "msm"][role] ?? "?"
+            let arguments = command.split(separator: "\0")
+            guard arguments.first.map({ $0.hasSuffix(program) || $0.hasPrefix("nginx") }) == true,
+                role == "nginx" || arguments.contains(Substring(port))
+            else { continue }
+            print("msm demo: ending \(role) \(entry["id"] ?? "") (pid \(pid)) left by a demo that was killed")
+            kill(Int32(pid), SIGKILL)
+        }
+        usleep(200_000)
+        try? FileManager.default.removeItem(atPath: path)
     }
 
     func stopAll() {
