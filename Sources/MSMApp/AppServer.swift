@@ -61,8 +61,9 @@ public enum AppServer {
     public static func run(_ options: ServeOptions) async throws {
         var logger = Logger(label: "msm.\(options.instance)")
         logger.logLevel = options.logLevel
-        let group: any EventLoopGroup =
-            options.eventLoops.map { MultiThreadedEventLoopGroup(numberOfThreads: $0) } ?? MultiThreadedEventLoopGroup.singleton
+        // `msm serve` sizes NIO's singleton group from --event-loops before anything runs (and may
+        // run Swift concurrency on it): one group for the server, memcached and the tasks.
+        let group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
         let manager = try SessionManager(configuration: try options.sessionConfiguration(), eventLoopGroup: group, logger: logger)
         switch options.framework {
         case .hummingbird:

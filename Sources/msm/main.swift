@@ -3,8 +3,36 @@ import Foundation
 import Logging
 import MSMApp
 import MemcachedSessions
+import NIOCore
+import NIOPosix
 
 @main
+enum Entry {
+    /// `msm serve` runs Swift concurrency's jobs on NIO's event loops (unless `MSM_GLOBAL_EXECUTOR=swift`),
+    /// so that a request's task, its HTTP channel and its memcached connection share a thread: no
+    /// thread hop per memcached round trip. This must happen before any async work, hence a
+    /// synchronous entry point.
+    static func main() {
+        let arguments = CommandLine.arguments.dropFirst()
+        if arguments.first == "serve" {
+            if let index = arguments.firstIndex(of: "--event-loops"), index + 1 < arguments.endIndex,
+                let count = Int(arguments[index + 1]), count > 0
+            {
+                NIOSingletons.groupLoopCountSuggestion = count
+            }
+            if ProcessInfo.processInfo.environment["MSM_GLOBAL_EXECUTOR"] != "swift" {
+                _ = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
+            }
+        }
+        // The command may need the main actor: serve the main queue rather than block this thread.
+        Task {
+            await MSM.main()
+            exit(0)
+        }
+        dispatchMain()
+    }
+}
+
 struct MSM: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "msm",
