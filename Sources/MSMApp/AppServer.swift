@@ -30,6 +30,8 @@ public struct ServeOptions: Sendable {
     public var route: String? = nil
     public var instance: String = "app"
     public var synchronousSaves = false
+    /// Sticky asynchronous saving: how long a change may wait to be written (coalescing window).
+    public var asynchronousSaveDelay: Duration? = nil
     public var unavailablePolicy: SessionManager.UnavailablePolicy = .fail
     public var logLevel: Logger.Level = .warning
 
@@ -48,6 +50,7 @@ public struct ServeOptions: Sendable {
         configuration.locking = mode == .nonSticky ? locking : .none
         configuration.route = route
         configuration.asynchronousSaving = !synchronousSaves
+        if let asynchronousSaveDelay { configuration.asynchronousSaveDelay = asynchronousSaveDelay }
         configuration.unavailablePolicy = unavailablePolicy
         configuration.memcached.connectTimeout = .milliseconds(500)
         configuration.memcached.requestTimeout = .milliseconds(500)

@@ -82,6 +82,9 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Sticky mode: save before the response instead of asynchronously.")
     var syncSaves = false
 
+    @Option(help: "Sticky asynchronous saving: milliseconds a change may wait to be written (default 250).")
+    var saveDelayMs: Int?
+
     @Option(help: "When no memcached node answers: fail (503) or startNewSession.")
     var unavailable: SessionManager.UnavailablePolicy = .fail
 
@@ -105,6 +108,7 @@ struct Serve: AsyncParsableCommand {
         options.route = route
         options.instance = instance
         options.synchronousSaves = syncSaves
+        options.asynchronousSaveDelay = saveDelayMs.map { .milliseconds($0) }
         options.unavailablePolicy = unavailable
         options.logLevel = Logger.Level(rawValue: logLevel) ?? .warning
         do {

@@ -91,4 +91,35 @@ struct SafetyAndLoadTests {
             }
         }
     }
+
+    @Test func coalescingRequestsShareWritesAndStillComplete() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withClient(servers, configure: { $0.coalescingWindow = .milliseconds(50); $0.connectionsPerNode = 1 }) { client in
+                // Alone, a coalescing request leaves when its window ends.
+                var lonely = MemcachedRequest.store("lonely", value: bytes("v"))
+                lonely.coalesces = true
+                let started = ContinuousClock.now
+                _ = try await client.execute(lonely)
+                #expect(ContinuousClock.now - started >= .milliseconds(40))
+                // Any request that cannot wait takes the waiting ones along at once.
+                let stats = try await client.node("n1").stats()
+                let readsBefore = Int(stats.first { $0.name == "cmd_set" }?.value ?? "0") ?? 0
+                await withTaskGroup(of: Void.self) { group in
+                    for index in 0..<20 {
+                        group.addTask {
+                            var request = MemcachedRequest.store("c\(index)", value: bytes("v\(index)"), quiet: true)
+                            request.coalesces = true
+                            await client.submit(request)
+                        }
+                    }
+                }
+                let quick = ContinuousClock.now
+                _ = try await client.get("c0")
+                #expect(ContinuousClock.now - quick < .milliseconds(40), "a normal request does not wait for the window")
+                for index in 0..<20 { #expect(try await client.get("c\(index)")?.string == "v\(index)") }
+                let after = try await client.node("n1").stats()
+                #expect((Int(after.first { $0.name == "cmd_set" }?.value ?? "0") ?? 0) - readsBefore == 20)
+            }
+        }
+    }
 }

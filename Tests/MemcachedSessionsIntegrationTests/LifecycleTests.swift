@@ -143,6 +143,33 @@ struct LifecycleTests {
         }
     }
 
+    @Test func asynchronousSavesCoalesceWithinTheirWindow() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let config = try configuration(servers, mode: .sticky) {
+                $0.route = "a"
+                $0.asynchronousSaveDelay = .milliseconds(400)
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    try await eventually("first write") { manager.statistics.value(of: .writes) == 1 }
+                    let before = try await commandCounts(inspector)
+                    for expected in 2...21 { #expect(try await manager.increment(&browser) == expected) }
+                    // Twenty changes within the window: written once, with the last state.
+                    let id = try #require(browser.id)
+                    try await eventually("the window passed and the write landed") {
+                        guard let stored = try await inspector.node("n1").get(manager.keys(for: id.token).primary) else { return false }
+                        let record = try BinarySessionCodec().decodeSession(from: stored.value)
+                        return try BinarySessionCodec().decodeValue(Int.self, from: record.attributes["count"]!) == 21
+                    }
+                    let writes = try await commandCounts(inspector) - before
+                    #expect(writes.sets <= 2, "\(writes)")
+                }
+            }
+        }
+    }
+
     @Test func gracefulShutdownFlushesQueuedWrites() async throws {
         try await withMemcachedServers(count: 2) { servers in
             let manager = try SessionManager(configuration: try configuration(servers, mode: .sticky) { $0.route = "a" })

@@ -31,7 +31,7 @@ out.append(f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {platfo
            "by `scripts/bench-e2e`, with `../shared/bench/run-workload.sh` (wrk, 8 threads / 8 connections, "
            f"{rows and next(iter(rows.values()))['threads']} threads; warm-up, then the median of the runs). Each server and its two "
            "memcached nodes pinned to CPU 0, wrk to CPU 1. Every response is checked by the workload's Lua script: "
-           "a mismatch is a lost update.")
+           f"a mismatch is a lost update. Event loops, for every server: {os.environ.get('EVENT_LOOPS_LABEL', 'NIO default')}.")
 out.append("")
 out.append("## Targets, as ratios within this run")
 out.append("")

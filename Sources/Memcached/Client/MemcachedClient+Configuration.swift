@@ -43,6 +43,9 @@ extension MemcachedClient {
         /// Delay before reconnecting after a failed connection attempt: doubles from `minimum` up to
         /// `maximum`; during it requests to that connection fail fast.
         public var reconnectBackoff: (minimum: Duration, maximum: Duration) = (.milliseconds(50), .seconds(2))
+        /// How long a request marked ``MemcachedRequest/coalesces`` may wait for others to share its
+        /// write (one `write` system call, one read on the server, for many of them).
+        public var coalescingWindow: Duration = .milliseconds(1)
         /// Where per-node metrics go; `nil` uses the process-wide `MetricsSystem` (bootstrap it before
         /// creating the client).
         public var metricsFactory: (any MetricsFactory)? = nil
@@ -72,6 +75,9 @@ extension MemcachedClient {
             if itemSizeLimit < 1024 { throw invalid("itemSizeLimit must be at least 1024 bytes") }
             if failureThreshold < 1 { throw invalid("failureThreshold must be at least 1") }
             if probeInterval <= .zero { throw invalid("probeInterval must be positive") }
+            if coalescingWindow < .zero || coalescingWindow > .seconds(1) {
+                throw invalid("coalescingWindow must be between 0 and 1 second")
+            }
             if reconnectBackoff.minimum <= .zero || reconnectBackoff.maximum < reconnectBackoff.minimum {
                 throw invalid("reconnectBackoff needs 0 < minimum <= maximum")
             }

@@ -50,6 +50,9 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
     private var context: ChannelHandlerContext?
     private var outbound: ByteBuffer
     private var flushScheduled = false
+    /// A flush scheduled for requests that may wait for company (``MemcachedRequest/coalesces``).
+    private var coalescedFlush: Scheduled<Void>?
+    private let coalescingWindow: TimeAmount
     private var nextOpaque: UInt32 = 0
     private let encoder: MemcachedRequestEncoder
     private let stallGrace: TimeAmount
@@ -57,9 +60,10 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
     private var timerDeadline: NIODeadline?
     private var closePromise: EventLoopPromise<Void>?
 
-    init(mode: MemcachedProtocolMode, stallGrace: TimeAmount) {
+    init(mode: MemcachedProtocolMode, stallGrace: TimeAmount, coalescingWindow: TimeAmount = .zero) {
         self.encoder = MemcachedRequestEncoder(mode: mode)
         self.stallGrace = stallGrace
+        self.coalescingWindow = coalescingWindow
         self.outbound = ByteBuffer()
     }
 
@@ -76,10 +80,19 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
             id: id, opaque: nextOpaque, expectation: expectation, quiet: request.quiet, deadline: deadline,
             context: requestContext)
         armTimer(for: deadline)
-        if !flushScheduled {
-            flushScheduled = true
-            context.eventLoop.assumeIsolated().execute { self.flush() }
+        if flushScheduled { return }
+        if request.coalesces, coalescingWindow > .zero {
+            // It may wait for company; any request that cannot wait sends it along.
+            if coalescedFlush == nil {
+                coalescedFlush = context.eventLoop.assumeIsolated().scheduleTask(in: coalescingWindow) {
+                    self.coalescedFlush = nil
+                    self.flush()
+                }
+            }
+            return
         }
+        flushScheduled = true
+        context.eventLoop.assumeIsolated().execute { self.flush() }
     }
 
     func cancel(id: UInt64) {
@@ -100,6 +113,10 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
 
     private func flush() {
         flushScheduled = false
+        if let coalescedFlush {
+            coalescedFlush.cancel()
+            self.coalescedFlush = nil
+        }
         guard let context else { return }
         if stateMachine.needsBarrier, let last = stateMachine.pending.last {
             // Quiet requests get no reply on success: an `mn` after them tells us they are done.
@@ -132,6 +149,8 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         timer?.cancel()
         timer = nil
+        coalescedFlush?.cancel()
+        coalescedFlush = nil
         stateMachine.channelClosed(.connectionClosed()) { context, result in context.complete(result) }
         context.fireChannelInactive()
     }

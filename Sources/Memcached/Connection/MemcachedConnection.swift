@@ -26,6 +26,7 @@ final class MemcachedConnection: Sendable {
         /// How long past a request's deadline a connection may stay silent before it is closed.
         var stallGrace: TimeAmount
         var maximumValueSize: Int
+        var coalescingWindow: TimeAmount = .milliseconds(1)
     }
 
     /// Opens a connection.
@@ -37,7 +38,8 @@ final class MemcachedConnection: Sendable {
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let handler = MemcachedChannelHandler(mode: settings.mode, stallGrace: settings.stallGrace)
+                    let handler = MemcachedChannelHandler(
+                        mode: settings.mode, stallGrace: settings.stallGrace, coalescingWindow: settings.coalescingWindow)
                     try channel.pipeline.syncOperations.addHandler(
                         ByteToMessageHandler(MemcachedReplyDecoder(maximumValueSize: settings.maximumValueSize)))
                     try channel.pipeline.syncOperations.addHandler(handler)

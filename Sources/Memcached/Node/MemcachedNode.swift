@@ -28,7 +28,8 @@ final class MemcachedNode: Sendable {
             settings: MemcachedConnection.Settings(
                 mode: configuration.protocolMode, connectTimeout: TimeAmount(configuration.connectTimeout),
                 stallGrace: TimeAmount(configuration.requestTimeout),
-                maximumValueSize: max(configuration.itemSizeLimit * 2, 1 << 20)),
+                maximumValueSize: max(configuration.itemSizeLimit * 2, 1 << 20),
+                coalescingWindow: TimeAmount(configuration.coalescingWindow)),
             backoff: (TimeAmount(configuration.reconnectBackoff.minimum), TimeAmount(configuration.reconnectBackoff.maximum)))
         metrics.up.record(1)
     }

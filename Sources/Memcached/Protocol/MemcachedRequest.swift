@@ -133,6 +133,10 @@ public struct MemcachedRequest: Sendable {
     /// Requests with the same affinity go over the same connection of a node, so they reach the
     /// server in the order they were sent (different connections may overtake each other).
     public var connectionAffinity: Int?
+    /// The request may wait up to the client's ``MemcachedClient/Configuration/coalescingWindow``
+    /// before it is written, so that it leaves in one write with other requests: for writes whose
+    /// outcome nobody waits for (a backup copy). Any request that cannot wait flushes it at once.
+    public var coalesces = false
 
     init(_ command: Command) { self.command = command }
 

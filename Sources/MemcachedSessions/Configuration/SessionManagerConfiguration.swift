@@ -89,6 +89,11 @@ extension SessionManager {
         /// response (`sessionBackupAsync`). Faster; a crash of the app server loses the writes still
         /// queued (at most ``asynchronousQueueLimit``), graceful shutdown flushes them.
         public var asynchronousSaving: Bool = true
+        /// Sticky mode, asynchronous saving: how long a change may wait before it is written, so
+        /// that a session changed by a burst of requests is written once per window. A crash of the
+        /// app server loses at most this window's changes (plus the queue); graceful shutdown loses
+        /// nothing. Zero writes as soon as the writer gets to it.
+        public var asynchronousSaveDelay: Duration = .milliseconds(250)
         /// Sticky mode: how long a save may take (`sessionBackupTimeout`).
         public var saveTimeout: Duration = .milliseconds(500)
         /// Sticky mode: the most sessions queued for asynchronous saving; beyond it a request saves
@@ -201,6 +206,9 @@ extension SessionManager {
             if lockExpiry > .seconds(24 * 3600) { throw .configuration("lockExpiry must be at most a day") }
             if lockWaitBudget > .seconds(3600) { throw .configuration("lockWaitBudget must be at most an hour") }
             if saveTimeout > .seconds(3600) { throw .configuration("saveTimeout must be at most an hour") }
+            if asynchronousSaveDelay < .zero || asynchronousSaveDelay > .seconds(60) {
+                throw .configuration("asynchronousSaveDelay must be between 0 and 60 seconds")
+            }
             if let stickyTouchInterval, stickyTouchInterval > .seconds(24 * 3600) {
                 throw .configuration("stickyTouchInterval must be at most a day")
             }

@@ -36,6 +36,7 @@ extension SessionManager {
             }
             statistics.count(.sessionsLoaded)
             let session = makeSession(id: id, record: stored.record, casUnique: stored.casUnique, isNew: false)
+            session.cacheKeys(keys)
             access.state.withLock { state in
                 state.loaded.lock = lock
                 state.loaded.raw = stored.raw
@@ -216,7 +217,7 @@ extension SessionManager {
             return .unchanged
         }
         var id = session.id
-        var keys = self.keys(for: id.token)
+        var keys = self.keys(of: session)
         let now = Self.currentTimeMillis()
 
         if session.isInvalidated {

@@ -94,7 +94,8 @@ public final class SessionManager: Service, Sendable {
         self.defaultAbsoluteSeconds = configuration.absoluteTimeout.map { max(1, $0.components.seconds) } ?? 0
         let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 1200
         self.stickyTouchInterval = TimeAmount(configuration.stickyTouchInterval ?? .seconds(min(max(idle / 4, 1), 300)))
-        self.writer = AsynchronousWriter(limit: configuration.asynchronousQueueLimit)
+        self.writer = AsynchronousWriter(
+            limit: configuration.asynchronousQueueLimit, delay: TimeAmount(configuration.asynchronousSaveDelay))
         if configuration.mode == .sticky, configuration.route == nil, configuration.enabled {
             logger.notice(
                 "sticky mode without a route: another instance cannot take a session over explicitly; set `route` (MSM's jvmRoute)")
@@ -208,6 +209,11 @@ public final class SessionManager: Service, Sendable {
 
     func keys(for token: SessionID.Token) -> SessionKeys {
         SessionKeys(token: token, prefix: configuration.keyPrefix)
+    }
+
+    /// A session's keys, computed once per session and token.
+    func keys(of session: Session) -> SessionKeys {
+        session.keys(prefix: configuration.keyPrefix)
     }
 
     func makeSession(id: SessionID, record: SessionRecord, casUnique: UInt64?, isNew: Bool) -> Session {

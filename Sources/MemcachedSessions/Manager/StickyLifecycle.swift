@@ -157,7 +157,7 @@ extension SessionManager {
     /// Saves a sticky session (at the end of the request, or from the asynchronous writer).
     func saveSticky(_ session: Session, synchronous: Bool) async throws(SessionError) {
         let id = session.id
-        let keys = self.keys(for: id.token)
+        let keys = self.keys(of: session)
         let (outcome, finalID) = await saveWithRelocation(
             session, keys: keys, nodeID: id.nodeID, lock: nil, forceAdd: false, restoreIfMissing: true)
         switch outcome {
@@ -179,13 +179,81 @@ extension SessionManager {
         }
     }
 
+    /// The asynchronous writer's batch: the sessions are encoded and sent to their nodes in one
+    /// pipelined write per node (one waiting task per node, not per session); a session whose
+    /// write did not simply succeed (a conflict, a lost copy, a node down) then takes the full
+    /// save path of ``saveSticky(_:synchronous:)``.
+    func saveStickyBatch(_ sessions: [Session]) async {
+        let now = Self.currentTimeMillis()
+        struct Pending {
+            let session: Session
+            let snapshot: Session.Snapshot
+            let bytes: ByteBuffer
+        }
+        var perNode: [String: [Pending]] = [:]
+        var slow: [Session] = []
+        for session in sessions where !session.isInvalidated {
+            let snapshot = session.snapshotForSave(now: now)
+            let nodeID = snapshot.id.nodeID
+            guard !snapshot.moved, snapshot.casUnique != nil || snapshot.isNew, topology.isAvailable(nodeID) else {
+                slow.append(session)
+                continue
+            }
+            let keys = self.keys(of: session)
+            do {
+                let bytes = try encode(snapshot.record, keyLength: keys.primary.utf8.count)
+                perNode[nodeID, default: []].append(Pending(session: session, snapshot: snapshot, bytes: bytes))
+            } catch {
+                logger.warning("session not saved", metadata: ["reason": "\(error.message)"])
+            }
+        }
+        let retries = await withTaskGroup(of: [Session].self) { group in
+            for (nodeID, pending) in perNode {
+                guard let node = topology.node(nodeID) else { continue }
+                group.addTask {
+                    let requests = pending.map { item in
+                        var request = MemcachedRequest.store(
+                            self.keys(of: item.session).primary, value: item.bytes,
+                            mode: item.snapshot.casUnique == nil ? .add : .set, ttl: Self.primaryTTL(item.snapshot.record.metadata, now: now),
+                            flags: Self.primaryFlags(item.snapshot.record.metadata), cas: item.snapshot.casUnique)
+                        request.timeout = self.configuration.saveTimeout
+                        return self.prepared(request)
+                    }
+                    let results = await node.executeBatch(requests)
+                    var retry: [Session] = []
+                    for (item, result) in zip(pending, results) {
+                        if case .success(.stored(.stored(let cas))) = result {
+                            item.session.markSaved(item.snapshot, saved: item.snapshot.record, casUnique: cas)
+                            self.statistics.count(.writes)
+                            self.statistics.count(.bytesWritten, item.bytes.readableBytes)
+                            self.localStore.markRefreshed(item.snapshot.id.token, at: .now())
+                        } else {
+                            retry.append(item.session)
+                        }
+                    }
+                    return retry
+                }
+            }
+            var all: [Session] = []
+            for await part in group { all += part }
+            return all
+        }
+        let remaining = slow + retries
+        guard !remaining.isEmpty else { return }
+        await withDiscardingTaskGroup { group in
+            for session in remaining {
+                group.addTask { try? await self.saveSticky(session, synchronous: false) }
+            }
+        }
+    }
+
     /// Reads the stored copy of a locally held session, sliding its TTL. A newer copy replaces the
     /// local one (unless the local one has changes of its own, which the next save merges); a
     /// tombstone ends it; a missing copy (memcached restarted or evicted it) is written again.
     /// Returns false when the session is gone.
     func revalidate(_ session: Session) async -> Bool {
         let id = session.id
-        let keys = self.keys(for: id.token)
+        let keys = self.keys(of: session)
         let ttl = Self.primaryTTL(session.metadata, now: Self.currentTimeMillis())
         statistics.count(.touches)
         switch await readStored(key: keys.primary, on: id.nodeID, touch: ttl) {
@@ -218,7 +286,7 @@ extension SessionManager {
         statistics.count(.touches)
         localStore.markRefreshed(id.token, at: .now())
         let statistics = self.statistics
-        await node.submit(.touch(keys(for: id.token).primary, ttl: ttl)) { [weak self] result in
+        await node.submit(.touch(keys(of: session).primary, ttl: ttl)) { [weak self] result in
             // memcached lost the copy (restarted, evicted): write it again from memory.
             guard case .success(.touched(false)) = result, let self, !session.isInvalidated else { return }
             statistics.count(.backupRepairs)

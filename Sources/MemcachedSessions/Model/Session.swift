@@ -81,6 +81,8 @@ public final class Session: Sendable {
         var invalidated = false
         /// Bumped by every change: a save that raced a change knows to keep the change pending.
         var generation: UInt64 = 0
+        /// The memcached keys of the current token (a SHA-256 away from the token: computed once).
+        var keys: SessionKeys?
     }
 
     let state: Mutex<State>
@@ -272,7 +274,29 @@ public final class Session: Sendable {
     }
 
     func setID(_ id: SessionID) {
-        state.withLock { $0.id = id }
+        state.withLock { state in
+            if state.id.token != id.token { state.keys = nil }
+            state.id = id
+        }
+    }
+
+    /// The memcached keys of the session's current token, computed once.
+    func keys(prefix: String) -> SessionKeys {
+        if let (keys, token) = state.withLock({ state in state.keys.map { ($0, state.id.token) } }), keys.token == token {
+            return keys
+        }
+        let token = id.token
+        let keys = SessionKeys(token: token, prefix: prefix)
+        state.withLock { state in
+            if state.id.token == token { state.keys = keys }
+        }
+        return keys
+    }
+
+    func cacheKeys(_ keys: SessionKeys) {
+        state.withLock { state in
+            if state.id.token == keys.token { state.keys = keys }
+        }
     }
 
     /// Marks the whole session as changed: it must be written in full to a new place.

@@ -7,60 +7,65 @@ import NIOCore
 /// (labels never carry a session id or an attribute value).
 public final class SessionStatistics: Sendable {
     /// A counter's identity.
-    public enum Counter: String, CaseIterable, Sendable, Codable {
-        case requestsWithSession = "requests_with_session"
-        case requestsWithoutSession = "requests_without_session"
-        case requestsIgnored = "requests_ignored"
-        case sessionsCreated = "sessions_created"
-        case sessionsLoaded = "sessions_loaded"
-        case sessionsLoadedLocally = "sessions_loaded_locally"
+    public enum Counter: Int, CaseIterable, Sendable {
+        case requestsWithSession
+        case requestsWithoutSession
+        case requestsIgnored
+        case sessionsCreated
+        case sessionsLoaded
+        case sessionsLoadedLocally
         /// Sticky: a local copy found older than memcached's (changed by another instance).
-        case localCopiesReplaced = "local_copies_replaced"
-        case sessionsNotFound = "sessions_not_found"
-        case sessionsExpired = "sessions_expired"
-        case sessionsInvalidated = "sessions_invalidated"
-        case sessionsRegenerated = "sessions_regenerated"
-        case writes = "writes"
-        case writesSkipped = "writes_skipped"
-        case writeConflicts = "write_conflicts"
-        case writeFailures = "write_failures"
-        case writesAsynchronous = "writes_asynchronous"
-        case touches = "touches"
-        case backupWrites = "backup_writes"
-        case backupTouches = "backup_touches"
-        case backupRepairs = "backup_repairs"
-        case backupFailures = "backup_failures"
-        case memcachedFailovers = "memcached_failovers"
-        case appServerFailovers = "app_server_failovers"
-        case takeovers = "takeovers"
-        case relocations = "relocations"
+        case localCopiesReplaced
+        case sessionsNotFound
+        case sessionsExpired
+        case sessionsInvalidated
+        case sessionsRegenerated
+        case writes
+        case writesSkipped
+        case writeConflicts
+        case writeFailures
+        case writesAsynchronous
+        case touches
+        case backupWrites
+        case backupTouches
+        case backupRepairs
+        case backupFailures
+        case memcachedFailovers
+        case appServerFailovers
+        case takeovers
+        case relocations
         /// Non-sticky: a session missing from a node that restarted, restored from its backup.
-        case sessionsRestored = "sessions_restored"
-        case locksAcquired = "locks_acquired"
-        case lockWaits = "lock_waits"
-        case lockFailures = "lock_failures"
-        case lockRenewals = "lock_renewals"
-        case lockReleaseFailures = "lock_release_failures"
-        case requestsUnlockedReadOnly = "requests_unlocked_read_only"
-        case corruptSessions = "corrupt_sessions"
-        case oversizedSessions = "oversized_sessions"
-        case unavailable = "unavailable"
-        case bytesWritten = "bytes_written"
-        case bytesRead = "bytes_read"
+        case sessionsRestored
+        case locksAcquired
+        case lockWaits
+        case lockFailures
+        case lockRenewals
+        case lockReleaseFailures
+        case requestsUnlockedReadOnly
+        case corruptSessions
+        case oversizedSessions
+        case unavailable
+        case bytesWritten
+        case bytesRead
         /// Memcached round trips a request waited for (writes it does not wait for are not counted).
-        case memcachedRoundTrips = "memcached_round_trips"
+        case memcachedRoundTrips
+    
+        /// The name in snapshots and metrics (`msm_<name>_total`): snake case.
+        public var name: String { SessionStatistics.counterNames[rawValue] }
     }
 
     /// A timer's identity.
-    public enum Timer: String, CaseIterable, Sendable, Codable {
+    public enum Timer: Int, CaseIterable, Sendable {
         /// Reading a session from memcached (including lock acquisition).
-        case load = "load"
+        case load
         /// Writing a session to memcached, as the request waits for it.
-        case write = "write"
+        case write
         /// Waiting for a lock held by another request.
-        case lockWait = "lock_wait"
+        case lockWait
         /// The manager's own time at the end of a request.
-        case end = "end"
+        case end
+    
+        public var name: String { SessionStatistics.timerNames[rawValue] }
     }
 
     /// The counters and timers at one moment.
@@ -81,6 +86,21 @@ public final class SessionStatistics: Sendable {
         }
     }
 
+    static func snakeCase(_ name: String) -> String {
+        var result = ""
+        for character in name {
+            if character.isUppercase {
+                result += "_" + character.lowercased()
+            } else {
+                result.append(character)
+            }
+        }
+        return result
+    }
+
+    static let counterNames: [String] = Counter.allCases.map { snakeCase(String(describing: $0)) }
+    static let timerNames: [String] = Timer.allCases.map { snakeCase(String(describing: $0)) }
+
     let enabled: Bool
     private let counters: [ManagedAtomic<Int>]
     private let metricCounters: [CoreMetrics.Counter]
@@ -93,24 +113,21 @@ public final class SessionStatistics: Sendable {
         self.enabled = enabled
         counters = Counter.allCases.map { _ in ManagedAtomic(0) }
         metricCounters = Counter.allCases.map {
-            CoreMetrics.Counter(label: "msm_\($0.rawValue)_total", dimensions: [], factory: factory)
+            CoreMetrics.Counter(label: "msm_\($0.name)_total", dimensions: [], factory: factory)
         }
         timerCounts = Timer.allCases.map { _ in ManagedAtomic(0) }
         timerTotals = Timer.allCases.map { _ in ManagedAtomic(0) }
         timerMaxima = Timer.allCases.map { _ in ManagedAtomic(0) }
         metricTimers = Timer.allCases.map {
-            CoreMetrics.Timer(label: "msm_\($0.rawValue)_duration_seconds", dimensions: [], factory: factory)
+            CoreMetrics.Timer(label: "msm_\($0.name)_duration_seconds", dimensions: [], factory: factory)
         }
     }
 
-    private static let counterIndex: [Counter: Int] = Dictionary(
-        uniqueKeysWithValues: Counter.allCases.enumerated().map { ($1, $0) })
-    private static let timerIndex: [Timer: Int] = Dictionary(uniqueKeysWithValues: Timer.allCases.enumerated().map { ($1, $0) })
 
     /// Adds to a counter.
     func count(_ counter: Counter, _ amount: Int = 1) {
         guard enabled, amount != 0 else { return }
-        let index = Self.counterIndex[counter]!  // every case is in the table
+        let index = counter.rawValue
         counters[index].wrappingIncrement(by: amount, ordering: .relaxed)
         metricCounters[index].increment(by: Int64(amount))
     }
@@ -119,7 +136,7 @@ public final class SessionStatistics: Sendable {
     func time(_ timer: Timer, since start: NIODeadline) {
         guard enabled else { return }
         let nanoseconds = (NIODeadline.now() - start).nanoseconds
-        let index = Self.timerIndex[timer]!  // every case is in the table
+        let index = timer.rawValue
         let micros = Int(nanoseconds / 1000)
         timerCounts[index].wrappingIncrement(ordering: .relaxed)
         timerTotals[index].wrappingIncrement(by: micros, ordering: .relaxed)
@@ -135,18 +152,18 @@ public final class SessionStatistics: Sendable {
 
     /// The current value of one counter.
     public func value(of counter: Counter) -> Int {
-        counters[Self.counterIndex[counter]!].load(ordering: .relaxed)
+        counters[counter.rawValue].load(ordering: .relaxed)
     }
 
     /// Every counter and timer now.
     public func snapshot() -> Snapshot {
         var counterValues: [String: Int] = [:]
         for (index, counter) in Counter.allCases.enumerated() {
-            counterValues[counter.rawValue] = counters[index].load(ordering: .relaxed)
+            counterValues[counter.name] = counters[index].load(ordering: .relaxed)
         }
         var timers: [String: TimerSnapshot] = [:]
         for (index, timer) in Timer.allCases.enumerated() {
-            timers[timer.rawValue] = TimerSnapshot(
+            timers[timer.name] = TimerSnapshot(
                 count: timerCounts[index].load(ordering: .relaxed), totalMicroseconds: timerTotals[index].load(ordering: .relaxed),
                 maximumMicroseconds: timerMaxima[index].load(ordering: .relaxed))
         }

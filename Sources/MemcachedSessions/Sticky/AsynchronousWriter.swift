@@ -1,4 +1,5 @@
 import DequeModule
+import NIOCore
 import Synchronization
 
 /// Sticky mode's asynchronous saving: a bounded queue of changed sessions, coalesced per session
@@ -6,11 +7,20 @@ import Synchronization
 /// latest state), written in pipelined batches, and flushed when the manager shuts down
 /// gracefully.
 ///
+/// A change waits up to `delay` before it is written, so that a session changed by a burst of
+/// requests is written once per window (the crash trade: at most the last window's changes, plus
+/// the queue, are lost if the app server dies; graceful shutdown loses nothing).
+///
 /// When the queue is full, ``enqueue(_:)`` refuses and the request saves synchronously: back
 /// pressure instead of unbounded memory.
 final class AsynchronousWriter: Sendable {
+    private struct Entry {
+        var session: Session
+        var due: NIODeadline
+    }
+
     private struct State {
-        var queue: Deque<Session> = []
+        var queue: Deque<Entry> = []
         var queued: Set<ObjectIdentifier> = []
         /// Sessions whose save failed because no node answered: queued again periodically.
         var retry: [ObjectIdentifier: Session] = [:]
@@ -21,10 +31,12 @@ final class AsynchronousWriter: Sendable {
 
     private let state = Mutex(State())
     private let limit: Int
-    static let batchSize = 128
+    private let delay: TimeAmount
+    static let batchSize = 256
 
-    init(limit: Int) {
+    init(limit: Int, delay: TimeAmount = .zero) {
         self.limit = limit
+        self.delay = delay
     }
 
     /// Queues a session for saving; false when the queue is full or the writer has stopped (the
@@ -34,7 +46,7 @@ final class AsynchronousWriter: Sendable {
             guard !state.stopped else { return (false, nil) }
             if state.queued.contains(ObjectIdentifier(session)) { return (true, nil) }
             guard state.queue.count < limit else { return (false, nil) }
-            state.queue.append(session)
+            state.queue.append(Entry(session: session, due: .now() + delay))
             state.queued.insert(ObjectIdentifier(session))
             defer { state.waiter = nil }
             return (true, state.waiter)
@@ -86,7 +98,7 @@ final class AsynchronousWriter: Sendable {
         }
         while true {
             let batch = state.withLock { state -> [Session] in
-                let batch = takeBatch(&state)
+                let batch = takeBatch(&state, all: true)
                 if batch.isEmpty { state.stopped = true }
                 return batch
             }
@@ -100,45 +112,60 @@ final class AsynchronousWriter: Sendable {
         // requests fail at once; the batch's writes must not inherit that.
         await Task.detached {
             await SessionManager.$isBackgroundWork.withValue(true) {
-                await withDiscardingTaskGroup { group in
-                    for session in batch {
-                        group.addTask { try? await manager.saveSticky(session, synchronous: false) }
-                    }
-                }
+                await manager.saveStickyBatch(batch)
             }
         }.value
     }
 
-    private func takeBatch(_ state: inout State) -> [Session] {
+    /// Takes up to a batch of sessions that are due (all of them when `all`).
+    private func takeBatch(_ state: inout State, all: Bool = false) -> [Session] {
         var batch: [Session] = []
-        while batch.count < Self.batchSize, let session = state.queue.popFirst() {
-            state.queued.remove(ObjectIdentifier(session))
-            batch.append(session)
+        let now = NIODeadline.now()
+        while batch.count < Self.batchSize, let first = state.queue.first, all || state.stopping || first.due <= now {
+            state.queue.removeFirst()
+            state.queued.remove(ObjectIdentifier(first.session))
+            batch.append(first.session)
         }
         return batch
     }
 
     /// The next batch; empty when the task is cancelled (graceful shutdown) with nothing queued.
     private func nextBatch() async -> [Session] {
-        let ready = state.withLock { state -> [Session] in takeBatch(&state) }
-        if !ready.isEmpty { return ready }
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let resumeNow = state.withLock { state -> Bool in
-                    if state.stopping || !state.queue.isEmpty { return true }
-                    state.waiter = continuation
-                    return false
+        while true {
+            let (ready, firstDue) = state.withLock { state -> ([Session], NIODeadline?) in
+                (takeBatch(&state), state.queue.first?.due)
+            }
+            if !ready.isEmpty { return ready }
+            if let firstDue {
+                // Not due yet: wait out its coalescing window (cancellation ends the wait and the
+                // stop flag then makes everything due).
+                do {
+                    try await Task.sleep(nanoseconds: UInt64(max(0, (firstDue - .now()).nanoseconds)))
+                } catch {
+                    state.withLock { $0.stopping = true }
                 }
-                if resumeNow { continuation.resume() }
+                continue
             }
-        } onCancel: {
-            let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
-                state.stopping = true
-                defer { state.waiter = nil }
-                return state.waiter
+            await withTaskCancellationHandler {
+                await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                    let resumeNow = state.withLock { state -> Bool in
+                        if state.stopping || !state.queue.isEmpty { return true }
+                        state.waiter = continuation
+                        return false
+                    }
+                    if resumeNow { continuation.resume() }
+                }
+            } onCancel: {
+                let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+                    state.stopping = true
+                    defer { state.waiter = nil }
+                    return state.waiter
+                }
+                waiter?.resume()
             }
-            waiter?.resume()
+            if Task.isCancelled { state.withLock { $0.stopping = true } }
+            let (batch, stopping) = state.withLock { state in (takeBatch(&state), state.stopping) }
+            if !batch.isEmpty || stopping { return batch }
         }
-        return state.withLock { state -> [Session] in takeBatch(&state) }
     }
 }

@@ -12,8 +12,11 @@ struct SessionKeys: Sendable, Hashable {
     let backup: String
     /// The non-sticky lock, on the session's node.
     let lock: String
+    /// The token these keys belong to.
+    let token: SessionID.Token
 
     init(token: SessionID.Token, prefix: String) {
+        self.token = token
         let digest = SHA256.hash(data: token.bytes)
         var hex = [UInt8]()
         hex.reserveCapacity(32)

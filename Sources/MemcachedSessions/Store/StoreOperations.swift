@@ -319,6 +319,8 @@ extension SessionManager {
         var request = MemcachedRequest.store(keys.backup, value: bytes, ttl: backupTTL(metadata, now: now), quiet: true)
         // One connection per session's backups: two saves' backups cannot overtake each other.
         request.connectionAffinity = Self.affinity(of: keys.backup)
+        // Nobody waits for it: it may share a write with other requests' backups.
+        request.coalesces = true
         backupMemo.record(keys.backup, node: backupNode)
         statistics.count(.backupWrites)
         // `submit` suspends only to reach a connection; it does not wait for the reply.
