@@ -25,6 +25,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         .target(
@@ -94,6 +95,8 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ]
         ),
         .executableTarget(
@@ -105,8 +108,28 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOFoundationCompat", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ]
+        ),
+        // The getting-started code of the docs, compiled so that it cannot rot (scripts/check-docs
+        // checks that the docs show exactly these files).
+        .executableTarget(
+            name: "HummingbirdGettingStarted",
+            dependencies: [
+                "MemcachedSessionsHummingbird",
+                .product(name: "Hummingbird", package: "hummingbird"),
+            ],
+            path: "Examples/HummingbirdGettingStarted"
+        ),
+        .executableTarget(
+            name: "VaporGettingStarted",
+            dependencies: [
+                "MemcachedSessionsVapor",
+                .product(name: "Vapor", package: "vapor"),
+            ],
+            path: "Examples/VaporGettingStarted"
         ),
         .executableTarget(
             name: "sessions-bench",
@@ -189,6 +212,15 @@ let package = Package(
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "MSMToolTests",
+            dependencies: [
+                "Memcached",
+                "MemcachedSessions",
+                "MemcachedTestRig",
+                "msm",
             ]
         ),
     ],

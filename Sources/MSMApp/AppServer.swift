@@ -33,6 +33,12 @@ public struct ServeOptions: Sendable {
     /// Sticky asynchronous saving: how long a change may wait to be written (coalescing window).
     public var asynchronousSaveDelay: Duration? = nil
     public var unavailablePolicy: SessionManager.UnavailablePolicy = .fail
+    /// Enables the management endpoints (`/_msm/...`) behind this bearer token.
+    public var managementToken: String? = nil
+    /// Serves Prometheus metrics at `/metrics`.
+    public var metrics = false
+    /// `/metrics` requires the management token too.
+    public var metricsRequireToken = false
     public var logLevel: Logger.Level = .warning
 
     public init() {}
@@ -67,11 +73,17 @@ public enum AppServer {
         // `msm serve` sizes NIO's singleton group from --event-loops before anything runs (and may
         // run Swift concurrency on it): one group for the server, memcached and the tasks.
         let group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+        if options.metrics { MetricsExport.bootstrap() }
         let manager = try SessionManager(configuration: try options.sessionConfiguration(), eventLoopGroup: group, logger: logger)
+        let operations = HummingbirdApp.Operations(
+            endpoints: try options.managementToken.map { token throws(SessionError) in
+                try ManagementEndpoints(manager: manager, token: token, instance: options.instance)
+            },
+            metrics: options.metrics, metricsToken: options.metricsRequireToken ? options.managementToken : nil)
         switch options.framework {
         case .hummingbird:
             let app = Hummingbird.Application(
-                router: HummingbirdApp.router(manager: manager, instance: options.instance),
+                router: HummingbirdApp.router(manager: manager, instance: options.instance, operations: operations),
                 configuration: .init(address: .hostname("127.0.0.1", port: options.port)),
                 services: [manager],
                 eventLoopGroupProvider: .shared(group),
@@ -86,7 +98,7 @@ public enum AppServer {
             app.http.server.configuration.port = options.port
             app.http.server.configuration.reportMetrics = false
             app.lifecycle.use(SessionManagerLifecycle(manager: manager))
-            VaporApp.configure(app, manager: manager)
+            VaporApp.configure(app, manager: manager, operations: operations)
             do {
                 try await app.execute()
             } catch {

@@ -1,4 +1,5 @@
 import Foundation
+import MemcachedSessions
 import Synchronization
 
 #if canImport(Glibc)
@@ -56,12 +57,14 @@ final class DemoProcess: Sendable {
     /// Signal the child gets if this process dies without stopping it (even by SIGKILL), via
     /// `setpriv --pdeathsig`, which execs the server: its PID stays the server's own.
     let parentDeathSignal: String
+    let environment: [String: String]
 
     init(
         role: String, id: String, address: String, executable: String, arguments: [String], logPath: String,
-        parentDeathSignal: String = "TERM"
+        parentDeathSignal: String = "TERM", environment: [String: String] = [:]
     ) {
         self.parentDeathSignal = parentDeathSignal
+        self.environment = environment
         self.role = role
         self.id = id
         self.address = address
@@ -88,6 +91,9 @@ final class DemoProcess: Sendable {
         task.standardOutput = log
         task.standardError = log
         task.standardInput = FileHandle.nullDevice
+        if !environment.isEmpty {
+            task.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         try task.run()
         process.withLock { $0 = task }
     }
@@ -108,6 +114,8 @@ final class DemoProcess: Sendable {
 public final class DemoCluster: Sendable {
     let options: DemoOptions
     let processes: [DemoProcess]
+    /// The apps' management token (their `/_msm/` pages), written to `<state>/management-token`.
+    let managementToken: String
 
     static let memcachedIDs = ["n1", "n2", "n3"]
     static let appIDs = ["app1", "app2", "app3"]
@@ -115,6 +123,7 @@ public final class DemoCluster: Sendable {
 
     public init(options: DemoOptions) {
         self.options = options
+        self.managementToken = SessionID.Token.random().description + SessionID.Token.random().description
         let state = options.stateDirectory
         var processes: [DemoProcess] = []
         let nodes = Self.memcachedIDs.enumerated().map { "\($1):127.0.0.1:\(options.memcachedBasePort + $0)" }.joined(separator: ",")
@@ -131,13 +140,13 @@ public final class DemoCluster: Sendable {
             let port = options.appBasePort + index
             var arguments = [
                 "serve", "--framework", "hummingbird", "--mode", options.sticky ? "sticky" : "non-sticky", "--nodes", nodes,
-                "--port", "\(port)", "--instance", id, "--log-level", "notice",
+                "--port", "\(port)", "--instance", id, "--log-level", "notice", "--metrics",
             ]
             if options.sticky { arguments += ["--route", Self.routes[index], "--sync-saves"] }
             processes.append(
                 DemoProcess(
                     role: "app", id: id, address: "127.0.0.1:\(port)", executable: options.msmBinary, arguments: arguments,
-                    logPath: "\(state)/\(id).log"))
+                    logPath: "\(state)/\(id).log", environment: ["MSM_MANAGEMENT_TOKEN": managementToken]))
         }
         let statePath = URL(fileURLWithPath: state).standardizedFileURL.path
         processes.append(
@@ -289,6 +298,9 @@ public final class DemoCluster: Sendable {
             chmod(nginxState + "/tmp", 0o777)
         }
         try nginxConfiguration().write(toFile: nginxState + "/nginx.conf", atomically: true, encoding: .utf8)
+        let tokenPath = options.stateDirectory + "/management-token"
+        try managementToken.write(toFile: tokenPath, atomically: true, encoding: .utf8)
+        chmod(tokenPath, 0o600)
 
         // Ctrl-C and SIGTERM stop the cluster: the handler only sets a flag the loop below reads.
         for signalNumber in [SIGINT, SIGTERM] {
@@ -317,6 +329,9 @@ public final class DemoCluster: Sendable {
 
             msm demo: \(options.sticky ? "sticky (routes by session id suffix, synchronous saves)" : "non-sticky (round robin)") cluster on http://127.0.0.1:\(options.port)/
             layout written to \(options.stateDirectory)/cluster.json; logs in \(options.stateDirectory)/; Ctrl-C stops everything.
+            each app's status page and metrics (token in \(options.stateDirectory)/management-token):
+              curl -H "Authorization: Bearer \(managementToken)" http://127.0.0.1:\(options.appBasePort)/_msm/status
+              http://127.0.0.1:\(options.appBasePort)/_msm/ (same header), http://127.0.0.1:\(options.appBasePort)/metrics
             """)
         fflush(nil)
 

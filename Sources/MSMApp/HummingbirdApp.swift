@@ -9,11 +9,45 @@ import NIOCore
 public enum HummingbirdApp {
     public typealias Context = BasicMemcachedSessionRequestContext
 
+    /// What the app exposes besides the workload.
+    public struct Operations: Sendable {
+        /// The management endpoints (`/_msm/...`), nil when no token is configured.
+        public var endpoints: ManagementEndpoints?
+        /// Whether `/metrics` serves Prometheus text, and the token it needs (nil: none).
+        public var metrics = false
+        public var metricsToken: String? = nil
+
+        public init(endpoints: ManagementEndpoints? = nil, metrics: Bool = false, metricsToken: String? = nil) {
+            self.endpoints = endpoints
+            self.metrics = metrics
+            self.metricsToken = metricsToken
+        }
+    }
+
     /// The router: `/hello` without session machinery, everything else through the middleware.
-    public static func router(manager: SessionManager, cookie: SessionCookie = .default, instance: String) -> Router<Context> {
+    public static func router(
+        manager: SessionManager, cookie: SessionCookie = .default, instance: String, operations: Operations = .init()
+    ) -> Router<Context> {
         let router = Router(context: Context.self)
         // The framework's ceiling: no session middleware at all.
         router.get("hello") { _, _ -> String in "hello" }
+        if operations.metrics {
+            router.get("metrics") { request, _ -> Response in
+                if let token = operations.metricsToken, !MetricsExport.authorized(request.headers[.authorization], token: token) {
+                    return Response(status: .unauthorized, headers: [.wwwAuthenticate: "Bearer"])
+                }
+                return Response(
+                    status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                    body: .init(byteBuffer: ByteBuffer(string: MetricsExport.text())))
+            }
+        }
+        if let endpoints = operations.endpoints {
+            router.group("_msm").add(middleware: MemcachedSessionManagementMiddleware<Context>(endpoints: endpoints))
+                .get { _, _ -> Response in Response(status: .notFound) }
+                .get("status") { _, _ -> Response in Response(status: .notFound) }
+                .get("config") { _, _ -> Response in Response(status: .notFound) }
+                .put("config") { _, _ -> Response in Response(status: .notFound) }
+        }
         let sessions = router.group().add(middleware: MemcachedSessionMiddleware<Context>(manager: manager, cookie: cookie))
         sessions.get("counter") { _, context -> String in
             String(try await CounterWorkload.counter(context.sessions))

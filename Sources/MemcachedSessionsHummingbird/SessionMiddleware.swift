@@ -1,6 +1,7 @@
 import HTTPTypes
 @_exported import MemcachedSessions
 import Hummingbird
+import NIOCore
 
 /// A request context that gives handlers their session (through ``MemcachedSessionMiddleware``).
 ///
@@ -16,16 +17,25 @@ import Hummingbird
 public protocol MemcachedSessionRequestContext: RequestContext {
     /// Set by ``MemcachedSessionMiddleware`` for each request.
     var sessions: RequestSessions { get set }
+    /// The event loop of the request's channel, if known: the middleware then runs the handler on
+    /// it (see ``EventLoopExecutor``). The default is nil (the handler runs where Hummingbird runs it).
+    var channelEventLoop: (any EventLoop)? { get }
+}
+
+extension MemcachedSessionRequestContext {
+    public var channelEventLoop: (any EventLoop)? { nil }
 }
 
 /// The simplest context with sessions.
 public struct BasicMemcachedSessionRequestContext: MemcachedSessionRequestContext {
     public var coreContext: CoreRequestContextStorage
     public var sessions: RequestSessions
+    public let channelEventLoop: (any EventLoop)?
 
     public init(source: ApplicationRequestContextSource) {
         self.coreContext = .init(source: source)
         self.sessions = RequestSessions()
+        self.channelEventLoop = source.channel.eventLoop
     }
 }
 
@@ -39,13 +49,28 @@ public struct BasicMemcachedSessionRequestContext: MemcachedSessionRequestContex
 public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext>: RouterMiddleware {
     public let manager: SessionManager
     public let cookie: SessionCookie
+    /// Whether the handler runs on its channel's event loop (when the context knows it).
+    public let runsOnChannelEventLoop: Bool
 
-    public init(manager: SessionManager, cookie: SessionCookie = .default) {
+    public init(manager: SessionManager, cookie: SessionCookie = .default, runsOnChannelEventLoop: Bool = true) {
         self.manager = manager
         self.cookie = cookie
+        self.runsOnChannelEventLoop = runsOnChannelEventLoop
     }
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        // Already on the loop (NIO installed as the global executor, for one) there is nothing to gain.
+        if runsOnChannelEventLoop, let eventLoop = context.channelEventLoop, !eventLoop.inEventLoop {
+            return try await withTaskExecutorPreference(EventLoopExecutor.for(eventLoop)) {
+                try await handleOnLoop(request, context: context, next: next)
+            }
+        }
+        return try await handleOnLoop(request, context: context, next: next)
+    }
+
+    private func handleOnLoop(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
+        -> Response
+    {
         let path = request.uri.path
         if manager.isIgnored(path: path) {
             return try await next(request, context)

@@ -22,13 +22,25 @@ import Vapor
 public struct MemcachedSessionsMiddleware: AsyncMiddleware {
     public let manager: SessionManager
     public let cookie: SessionCookie
+    /// Whether the route runs on the request's event loop (see ``EventLoopExecutor``).
+    public let runsOnRequestEventLoop: Bool
 
-    public init(manager: SessionManager, cookie: SessionCookie = .default) {
+    public init(manager: SessionManager, cookie: SessionCookie = .default, runsOnRequestEventLoop: Bool = true) {
         self.manager = manager
         self.cookie = cookie
+        self.runsOnRequestEventLoop = runsOnRequestEventLoop
     }
 
     public func respond(to request: Request, chainingTo next: any AsyncResponder) async throws -> Response {
+        if runsOnRequestEventLoop, !request.eventLoop.inEventLoop {
+            return try await withTaskExecutorPreference(EventLoopExecutor.for(request.eventLoop)) {
+                try await respondOnLoop(to: request, chainingTo: next)
+            }
+        }
+        return try await respondOnLoop(to: request, chainingTo: next)
+    }
+
+    private func respondOnLoop(to request: Request, chainingTo next: any AsyncResponder) async throws -> Response {
         let path = request.url.path
         if manager.isIgnored(path: path) {
             return try await next.respond(to: request)

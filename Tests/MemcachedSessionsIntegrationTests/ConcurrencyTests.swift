@@ -57,7 +57,7 @@ struct ConcurrencyTests {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers) {
                 $0.locking = .all
-                $0.lockExpiry = .seconds(1)
+                $0.lockExpiry = .seconds(2)
             }
             let impatient = try configuration(servers) {
                 $0.locking = .all
@@ -77,14 +77,14 @@ struct ConcurrencyTests {
                         return try await holder.request(&mine) { access in
                             let session = try #require(try await access.load())
                             await holding.arriveAndWait()
-                            try await Task.sleep(for: .seconds(3))
+                            try await Task.sleep(for: .seconds(6))
                             try session.set("count", 100)
                             return true
                         }
                     }
                     await holding.arriveAndWait()
-                    try await Task.sleep(for: .milliseconds(2500))
-                    // Past the 1 s expiry: still held, thanks to renewal.
+                    try await Task.sleep(for: .milliseconds(4500))
+                    // Past the 2 s expiry (3 s in memcached): still held, thanks to renewal.
                     let lock = try #require(try await inspector.node(id.nodeID).get(keys.lock), "the lock is still held")
                     #expect(managers[0].statistics.value(of: .lockRenewals) >= 1)
                     // Another request cannot have it...

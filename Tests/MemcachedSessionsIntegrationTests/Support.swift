@@ -67,6 +67,8 @@ func configuration(
     var configuration = try SessionManager.Configuration(nodes: nodeList(servers))
     configuration.mode = mode
     configuration.memcached.probeInterval = .milliseconds(100)
+    // Generous: the whole suite runs in parallel on two cores; tests about timeouts set their own.
+    configuration.memcached.requestTimeout = .seconds(5)
     configure(&configuration)
     return configuration
 }

@@ -222,6 +222,14 @@ public struct MemcachedNodeClient: MemcachedCommandRunner {
     /// Whether the node takes requests (false while it is marked down).
     public var isAvailable: Bool { node.health.isUp }
 
+    /// Requests, errors and latency seen by this node since the client was created.
+    public var statistics: MemcachedNodeStatistics {
+        MemcachedNodeStatistics(
+            requests: node.tally.requests.load(ordering: .relaxed), errors: node.tally.errors.load(ordering: .relaxed),
+            timeouts: node.tally.timeouts.load(ordering: .relaxed),
+            totalLatencyNanoseconds: node.tally.latencyNanoseconds.load(ordering: .relaxed), isAvailable: node.health.isUp)
+    }
+
     public func execute(_ request: MemcachedRequest) async throws(MemcachedError) -> MemcachedResponse {
         let prepared = try client.prepare(request)
         return try await node.execute(prepared, deadline: client.deadline(for: prepared))

@@ -1,3 +1,4 @@
+import Atomics
 import Logging
 import Metrics
 import NIOCore
@@ -8,6 +9,7 @@ final class MemcachedNode: Sendable {
     let pool: ConnectionPool
     let health: NodeHealth
     let metrics: NodeMetrics
+    let tally = NodeTally()
     let logger: Logger
 
     var id: String { address.id }
@@ -93,14 +95,19 @@ final class MemcachedNode: Sendable {
     private func finish(_ result: Result<MemcachedResponse, MemcachedError>, start: NIODeadline) -> Result<
         MemcachedResponse, MemcachedError
     > {
+        let elapsed = (NIODeadline.now() - start).nanoseconds
         metrics.requests.increment()
-        metrics.latency.recordNanoseconds((NIODeadline.now() - start).nanoseconds)
+        metrics.latency.recordNanoseconds(elapsed)
+        tally.requests.wrappingIncrement(ordering: .relaxed)
+        tally.latencyNanoseconds.wrappingIncrement(by: Int(elapsed), ordering: .relaxed)
         switch result {
         case .success:
             health.recordSuccess()
             return result
         case .failure(let error):
             metrics.record(error: error.code)
+            tally.errors.wrappingIncrement(ordering: .relaxed)
+            if error.code == .timeout { tally.timeouts.wrappingIncrement(ordering: .relaxed) }
             if error.isNodeFailure, health.recordFailure() {
                 metrics.up.record(0)
                 logger.warning("memcached node marked down", metadata: ["memcached.error": "\(error)"])
@@ -124,6 +131,34 @@ final class MemcachedNode: Sendable {
             }
         } catch {}
         return false
+    }
+}
+
+/// A node's counters as atomics, for ``MemcachedNodeClient/statistics`` (swift-metrics backends
+/// cannot be read back).
+final class NodeTally: Sendable {
+    let requests = ManagedAtomic<Int>(0)
+    let errors = ManagedAtomic<Int>(0)
+    let timeouts = ManagedAtomic<Int>(0)
+    let latencyNanoseconds = ManagedAtomic<Int>(0)
+}
+
+/// What one node has seen since the client started.
+public struct MemcachedNodeStatistics: Sendable, Hashable, Codable {
+    /// Requests completed (successfully or not).
+    public var requests: Int
+    /// Requests that failed.
+    public var errors: Int
+    /// Requests that timed out.
+    public var timeouts: Int
+    /// The sum of the requests' latencies.
+    public var totalLatencyNanoseconds: Int
+    /// Whether the node takes requests now.
+    public var isAvailable: Bool
+
+    /// Mean latency in microseconds (0 before any request).
+    public var meanLatencyMicroseconds: Double {
+        requests == 0 ? 0 : Double(totalLatencyNanoseconds) / Double(requests) / 1000
     }
 }
 

@@ -100,12 +100,13 @@ final class ReadOnlyPaths: Sendable {
 extension SessionManager {
     /// Whether a request on `path` takes the session's lock.
     func locks(path: String) -> Bool {
-        guard configuration.mode == .nonSticky, configuration.enabled else { return false }
-        switch configuration.locking {
+        let (locking, pattern, enabled) = runtime.withLock { ($0.locking, $0.lockPattern, $0.enabled) }
+        guard configuration.mode == .nonSticky, enabled else { return false }
+        switch locking {
         case .none: return false
         case .all: return true
         case .auto: return !readOnlyPaths.isReadOnly(path)
-        case .uriPattern: return lockPattern?.matches(path) ?? false
+        case .uriPattern: return pattern?.matches(path) ?? false
         }
     }
 

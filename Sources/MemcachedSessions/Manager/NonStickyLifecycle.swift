@@ -37,9 +37,20 @@ extension SessionManager {
             statistics.count(.sessionsLoaded)
             let session = makeSession(id: id, record: stored.record, casUnique: stored.casUnique, isNew: false)
             session.cacheKeys(keys)
+            // Read from a node being drained (removed by a reconfiguration): it moves now.
+            let drainTarget = topology.isDraining(id.nodeID) ? topology.nextAvailable(after: id.nodeID) : nil
+            if let drainTarget {
+                session.setID(id.relocated(to: drainTarget))
+                session.markAllChanged()
+                statistics.count(.relocations)
+            }
             access.state.withLock { state in
                 state.loaded.lock = lock
                 state.loaded.raw = stored.raw
+                if drainTarget != nil {
+                    state.loaded.mustWriteAll = true
+                    state.loaded.movedFrom = id.nodeID
+                }
             }
             return session
         case .missing where missMayBeRestart(on: id.nodeID):
@@ -123,7 +134,7 @@ extension SessionManager {
             // The lock on the target: concurrent recoveries of this session take turns.
             (lock, _) = try await lockAndRead(keys: keys, nodeID: target, touch: nil)
         }
-        let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isAvailable($0) })
+        let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
         if search.tombstone {
             // Logged out: a tombstone outranks any copy that survived somewhere.
             if let lock { await release(lock) }
@@ -148,6 +159,7 @@ extension SessionManager {
         logger.notice(
             "session recovered after a memcached node failure",
             metadata: ["memcached.node.failed": "\(id.nodeID)", "memcached.node.target": "\(home)"])
+        events.record(.failover, "sessions moved from \(id.nodeID) to \(home): \(id.nodeID) did not answer")
         if let held = lock, held.nodeID != home {
             await release(held)
             lock = nil
@@ -169,7 +181,7 @@ extension SessionManager {
     func restoreAfterRestart(id: SessionID, keys: SessionKeys, access: SessionAccess, lock: HeldLock?) async throws(SessionError)
         -> Session?
     {
-        let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isAvailable($0) })
+        let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
         guard !search.tombstone, let newest = search.newest, !isExpired(newest.stored.record, now: Self.currentTimeMillis())
         else {
             if let lock { await release(lock) }
@@ -207,8 +219,8 @@ extension SessionManager {
     }
 
     func endNonSticky(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
-        let (phase, session, lock, raw, mustWriteAll, regenerate) = access.state.withLock { state in
-            (state.phase, state.session, state.lock, state.loadedRaw, state.mustWriteAll, state.regenerate)
+        let (phase, session, lock, raw, mustWriteAll, regenerate, movedFrom) = access.state.withLock { state in
+            (state.phase, state.session, state.lock, state.loadedRaw, state.mustWriteAll, state.regenerate, state.movedFrom)
         }
         let incoming = access.requestedID
         guard phase == .loaded, let session else {
@@ -240,19 +252,24 @@ extension SessionManager {
             statistics.count(.sessionsRegenerated)
         }
 
-        if case .auto = configuration.locking {
+        if case .auto = lockingMode {
             // Learn which paths only read: they run unlocked until one of their requests writes.
             readOnlyPaths.record(access.path, modified: session.hasUnsavedChanges || mustWriteAll || regenerate)
         }
 
         if session.hasUnsavedChanges || mustWriteAll || regenerate {
             let isFreshPlacement = mustWriteAll || regenerate
+            // The lock rides with the write only when both are on the same node.
+            let lockWithWrite = (regenerate || lock?.nodeID != id.nodeID) ? nil : lock
             let (outcome, finalID) = await saveWithRelocation(
-                session, keys: keys, nodeID: id.nodeID, lock: regenerate ? nil : lock, forceAdd: isFreshPlacement)
-            if regenerate, let lock { await release(lock) }
+                session, keys: keys, nodeID: id.nodeID, lock: lockWithWrite, forceAdd: isFreshPlacement)
+            if lockWithWrite == nil, let lock { await release(lock) }
             switch outcome {
             case .saved(let record, let bytes):
                 await submitBackup(keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now)
+                if let movedFrom, movedFrom != finalID.nodeID, let drained = topology.node(movedFrom) {
+                    await drained.submit(prepared(.delete(keys.primary, quiet: true)))
+                }
                 if let (oldKeys, oldNode) = oldCopies {
                     // Waited for: the old id must be dead before the response (session fixation).
                     await deleteCopies(keys: oldKeys, nodeID: oldNode, lock: nil, wait: true)
@@ -263,10 +280,10 @@ extension SessionManager {
                 statistics.count(.sessionsNotFound)
                 return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
             case .tooLarge(let error):
-                if let lock { await release(lock) }
+                if let lockWithWrite { await release(lockWithWrite) }
                 throw error
             case .unreachable(let error):
-                if let lock { await release(lock) }
+                if let lockWithWrite { await release(lockWithWrite) }
                 _ = try unavailable(id: id, cause: "the session could be saved on no node (\(error.code))")
                 return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
             }
@@ -316,6 +333,7 @@ extension SessionManager {
             logger.notice(
                 "session relocated after a failed write",
                 metadata: ["memcached.node.failed": "\(nodeID)", "memcached.node.target": "\(next)"])
+            events.record(.failover, "sessions moved from \(nodeID) to \(next): a write to \(nodeID) failed")
             nodeID = next
             session.setID(session.id.relocated(to: next))
             session.markAllChanged()

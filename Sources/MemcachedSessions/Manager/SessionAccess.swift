@@ -43,6 +43,9 @@ public final class SessionAccess: Sendable {
         var mustWriteAll = false
         /// The id the session had before ``SessionAccess/regenerateID()``: its copies are deleted.
         var regenerate = false
+        /// Non-sticky: the draining node the session was read from (its copy there goes once the
+        /// session is written at its new place).
+        var movedFrom: String?
         /// Sticky: when memcached last saw this session (for TTL slides).
         var lastStoreRefresh: NIODeadline?
         /// What the load in progress found besides the session; adopted when the load completes,
@@ -59,6 +62,7 @@ public final class SessionAccess: Sendable {
         var raw: ByteBuffer?
         var mustWriteAll = false
         var lastStoreRefresh: NIODeadline?
+        var movedFrom: String?
     }
 
     let state = Mutex(State())
@@ -131,6 +135,7 @@ public final class SessionAccess: Sendable {
                         state.loadedRaw = state.loaded.raw
                         state.mustWriteAll = state.loaded.mustWriteAll
                         state.lastStoreRefresh = state.loaded.lastStoreRefresh
+                        state.movedFrom = state.loaded.movedFrom
                     } else {
                         // The request ended, or created a new session, while this load ran: what
                         // it found is not used, and its lock must not outlive the request.
@@ -213,7 +218,7 @@ public final class SessionAccess: Sendable {
 extension SessionManager {
     /// Whether sessions live in this instance's memory (sticky, or memcached disabled).
     var usesLocalLifecycle: Bool {
-        configuration.mode == .sticky || !configuration.enabled
+        configuration.mode == .sticky || !isEnabled
     }
 
     func load(for access: SessionAccess) async throws(SessionError) -> Session? {
@@ -236,7 +241,7 @@ extension SessionManager {
         let id = session.id
         let keys = self.keys(for: id.token)
         if usesLocalLifecycle { localStore.remove(id.token) }
-        guard configuration.enabled else { return }
+        guard isEnabled else { return }
         let lock = access.state.withLock { state -> HeldLock? in
             defer { state.lock = nil }
             return state.lock

@@ -4,6 +4,7 @@ import Memcached
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
+import Synchronization
 
 /// Highly available HTTP sessions in memcached: the framework-agnostic heart of the product.
 ///
@@ -19,14 +20,21 @@ public final class SessionManager: Service, Sendable {
     public let configuration: Configuration
     public let statistics: SessionStatistics
     let logger: Logger
-    let topology: NodeTopology
+    /// What can change while the manager runs (MSM's JMX operations): the nodes, the failover
+    /// nodes, the locking mode, enabled.
+    let runtime: Mutex<RuntimeState>
+    /// Running memcached clients: the current one and any retiring after a node change.
+    let clientTasks = Mutex<ClientTasks>(ClientTasks())
+    let events = EventLog()
+    let history = StatusHistory()
+    let eventLoopGroup: any EventLoopGroup
+    let metricsFactory: (any MetricsFactory)?
     let localStore: LocalSessionStore
     let backupMemo: BackupMemo
     let heldLocks = HeldLocks()
     let nodeRestarts = NodeRestarts()
     let readOnlyPaths: ReadOnlyPaths
     let ignoredPaths: PathPattern?
-    let lockPattern: PathPattern?
     let attributeFilter: PathPattern?
     let writer: AsynchronousWriter
     let byteBufferAllocator = ByteBufferAllocator()
@@ -34,7 +42,7 @@ public final class SessionManager: Service, Sendable {
     let defaultAbsoluteSeconds: Int64
     /// Sticky: how often an unchanged session's memcached TTL is slid.
     let stickyTouchInterval: TimeAmount
-    private let ownsClient: Bool
+    let ownsClient: Bool
 
     /// Creates a manager with its own memcached client over the configured nodes.
     /// - Throws: ``SessionError/Code/invalidConfiguration`` naming the setting at fault.
@@ -53,7 +61,9 @@ public final class SessionManager: Service, Sendable {
         } catch {
             throw .configuration(error.message)
         }
-        try self.init(configuration: configuration, client: client, ownsClient: true, logger: logger, metricsFactory: metricsFactory)
+        try self.init(
+            configuration: configuration, client: client, ownsClient: true, eventLoopGroup: eventLoopGroup, logger: logger,
+            metricsFactory: metricsFactory)
     }
 
     /// Creates a manager over an existing client, which the caller runs. The client's nodes must
@@ -64,16 +74,29 @@ public final class SessionManager: Service, Sendable {
         metricsFactory: (any MetricsFactory)? = nil
     ) throws(SessionError) {
         try configuration.validate()
-        try self.init(configuration: configuration, client: client, ownsClient: false, logger: logger, metricsFactory: metricsFactory)
+        try self.init(
+            configuration: configuration, client: client, ownsClient: false, eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
+            logger: logger, metricsFactory: metricsFactory)
     }
 
     private init(
-        configuration: Configuration, client: MemcachedClient, ownsClient: Bool, logger: Logger, metricsFactory: (any MetricsFactory)?
+        configuration: Configuration, client: MemcachedClient, ownsClient: Bool, eventLoopGroup: any EventLoopGroup, logger: Logger,
+        metricsFactory: (any MetricsFactory)?
     ) throws(SessionError) {
         self.configuration = configuration
         self.logger = logger
         self.ownsClient = ownsClient
-        self.topology = NodeTopology(client: client, failoverNodes: configuration.failoverNodes)
+        self.eventLoopGroup = eventLoopGroup
+        self.metricsFactory = metricsFactory
+        var lockPattern: PathPattern? = nil
+        if case .uriPattern(let pattern) = configuration.locking {
+            lockPattern = try PathPattern(pattern, setting: "locking uriPattern")
+        }
+        self.runtime = Mutex(
+            RuntimeState(
+                topology: NodeTopology(client: client, failoverNodes: configuration.failoverNodes), locking: configuration.locking,
+                lockPattern: lockPattern, enabled: configuration.enabled, nodes: configuration.memcached.nodes,
+                failoverNodes: configuration.failoverNodes))
         self.statistics = SessionStatistics(
             enabled: configuration.statisticsEnabled, factory: metricsFactory ?? MetricsSystem.factory)
         self.localStore = LocalSessionStore(capacity: configuration.localSessionLimit)
@@ -81,11 +104,6 @@ public final class SessionManager: Service, Sendable {
         self.readOnlyPaths = ReadOnlyPaths(limit: configuration.autoLockingPathLimit)
         self.ignoredPaths = try configuration.ignoredPathPattern.map { pattern throws(SessionError) in
             try PathPattern(pattern, setting: "ignoredPathPattern")
-        }
-        if case .uriPattern(let pattern) = configuration.locking {
-            self.lockPattern = try PathPattern(pattern, setting: "locking uriPattern")
-        } else {
-            self.lockPattern = nil
         }
         self.attributeFilter = try configuration.attributeFilter.map { pattern throws(SessionError) in
             try PathPattern(pattern, setting: "attributeFilter")
@@ -102,8 +120,17 @@ public final class SessionManager: Service, Sendable {
         }
     }
 
-    /// The memcached client the manager uses.
+    /// The memcached client the manager uses now (a node change replaces it).
     public var client: MemcachedClient { topology.client }
+
+    /// The nodes and placement rules in force.
+    var topology: NodeTopology { runtime.withLock { $0.topology } }
+
+    /// Whether memcached is used (``Configuration/enabled``, changeable at run time).
+    public var isEnabled: Bool { runtime.withLock { $0.enabled } }
+
+    /// The locking mode in force (changeable at run time).
+    public var lockingMode: LockingMode { runtime.withLock { $0.locking } }
 
     /// Sticky mode: changed sessions waiting for the asynchronous writer.
     public var pendingAsynchronousWrites: Int { writer.pendingCount }
@@ -119,14 +146,14 @@ public final class SessionManager: Service, Sendable {
         logger.info(
             "session manager running",
             metadata: [
-                "mode": "\(configuration.mode.rawValue)", "locking": "\(configuration.locking)",
+                "mode": "\(configuration.mode.rawValue)", "locking": "\(lockingMode)",
                 "nodes": "\(configuration.memcached.nodes.map(\.description))",
             ])
         // The client runs in a detached task, not a child of this one: it must outlive the flush
         // of queued writes, whereas a child task would be cancelled at once with its parent, and
         // any task inheriting this one's task locals would see the graceful shutdown too. It is
         // stopped, and awaited, right after the flush.
-        let clientTask: Task<Void, any Error>? = ownsClient ? Task.detached { try await self.topology.client.run() } : nil
+        if ownsClient { startClient(topology.client) }
         await cancelWhenGracefulShutdown {
             await withDiscardingTaskGroup { background in
                 background.addTask { await self.writer.run(manager: self) }
@@ -134,16 +161,16 @@ public final class SessionManager: Service, Sendable {
                 background.addTask { await self.sweepLocalSessionsPeriodically() }
                 background.addTask { await self.retryFailedSavesPeriodically() }
                 background.addTask { await self.watchNodeRestartsPeriodically() }
+                background.addTask { await self.recordStatusPeriodically() }
             }
         }
-        // The writer has flushed its queue; now stop the client.
-        clientTask?.cancel()
-        try await clientTask?.value
+        // The writer has flushed its queue; now stop the clients.
+        await stopClients()
         logger.info("session manager stopped")
     }
 
     private func retryFailedSavesPeriodically() async {
-        guard usesLocalLifecycle, configuration.enabled else { return }
+        guard configuration.mode == .sticky else { return }
         while !Task.isCancelled {
             do { try await Task.sleep(for: .seconds(1)) } catch { return }
             if writer.retryCount > 0 { writer.requeueRetries() }
@@ -151,7 +178,6 @@ public final class SessionManager: Service, Sendable {
     }
 
     private func sweepLocalSessionsPeriodically() async {
-        guard configuration.mode == .sticky || !configuration.enabled else { return }
         while !Task.isCancelled {
             do { try await Task.sleep(for: .seconds(5)) } catch { return }
             let removed = localStore.sweep(now: Self.currentTimeMillis())
@@ -175,7 +201,7 @@ public final class SessionManager: Service, Sendable {
         let id = sessionCookie.flatMap { SessionID(parsing: $0) }
         statistics.count(id == nil ? .requestsWithoutSession : .requestsWithSession)
         let locking = allowLocking && id != nil && locks(path: path)
-        if id != nil, !locking, case .auto = configuration.locking, !usesLocalLifecycle {
+        if id != nil, !locking, case .auto = lockingMode, !usesLocalLifecycle {
             statistics.count(.requestsUnlockedReadOnly)
         }
         return SessionAccess(manager: self, incomingID: id, path: path, ignored: false, locks: locking)

@@ -18,7 +18,7 @@ import NIOCore
 extension SessionManager {
     func loadSticky(_ access: SessionAccess) async throws(SessionError) -> Session? {
         guard let id = access.requestedID else { return nil }
-        let memoryOnly = !configuration.enabled
+        let memoryOnly = !isEnabled
         guard memoryOnly || topology.contains(id.nodeID) else {
             statistics.count(.sessionsNotFound)
             return nil
@@ -71,6 +71,7 @@ extension SessionManager {
             statistics.count(.sessionsLoaded)
             if takeover {
                 statistics.count(.takeovers)
+                events.record(.failover, "sessions taken over from route \(id.route ?? "-") (app server failover)")
                 logger.info(
                     "sticky session taken over from another instance",
                     metadata: ["route.previous": "\(id.route ?? "-")", "route": "\(configuration.route ?? "-")"])
@@ -101,7 +102,7 @@ extension SessionManager {
         if session.isInvalidated {
             statistics.count(.sessionsInvalidated)
             localStore.remove(id.token, ifSame: session)
-            if !session.isNew, configuration.enabled {
+            if !session.isNew, isEnabled {
                 await deleteCopies(keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true)
             }
             return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
@@ -115,14 +116,14 @@ extension SessionManager {
             localStore.remove(old.token, ifSame: session)
             localStore.put(session, token: id.token, now: now, refreshed: .now())
             statistics.count(.sessionsRegenerated)
-            if configuration.enabled {
+            if isEnabled {
                 await deleteCopies(keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true)
             }
         } else if session.isNew {
             localStore.put(session, token: id.token, now: now, refreshed: .now())
         }
 
-        guard configuration.enabled else {
+        guard isEnabled else {
             return id != incoming ? cookieAction(.set(id), session.metadata) : .unchanged
         }
 
@@ -130,6 +131,7 @@ extension SessionManager {
             // The node is down: the session is safe in memory; give it a live node and a new id.
             statistics.count(.relocations)
             statistics.count(.memcachedFailovers)
+            events.record(.failover, "sticky sessions moved from \(id.nodeID) to \(next): \(id.nodeID) is down or removed")
             id = id.relocated(to: next)
             session.setID(id)
             session.markAllChanged()
@@ -298,9 +300,9 @@ extension SessionManager {
     /// A request with the cookie that never opened the session: mark it accessed in memory and
     /// slide the memcached TTL when due.
     func slideUnopenedSticky(_ id: SessionID) async {
-        let takeover = configuration.enabled && configuration.route != nil && id.route != configuration.route
+        let takeover = isEnabled && configuration.route != nil && id.route != configuration.route
         guard !takeover, let (session, refreshed) = localStore.access(id.token, now: Self.currentTimeMillis()) else { return }
-        if configuration.enabled, NIODeadline.now() - refreshed >= stickyTouchInterval {
+        if isEnabled, NIODeadline.now() - refreshed >= stickyTouchInterval {
             await touchSticky(session)
         }
     }

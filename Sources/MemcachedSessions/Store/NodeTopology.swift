@@ -1,21 +1,22 @@
 import Atomics
 import Crypto
 import Memcached
+import NIOCore
 
 /// The memcached keys of one session. They derive from a SHA-256 of the session's token, not the
 /// token itself, so a dump of memcached's keys does not reveal live cookies; and not from the node
 /// or route, so a session keeps its keys when it moves.
-struct SessionKeys: Sendable, Hashable {
+public struct SessionKeys: Sendable, Hashable {
     /// The session itself, on its node.
-    let primary: String
+    public let primary: String
     /// The non-sticky backup copy, on the next node.
-    let backup: String
+    public let backup: String
     /// The non-sticky lock, on the session's node.
-    let lock: String
+    public let lock: String
     /// The token these keys belong to.
-    let token: SessionID.Token
+    public let token: SessionID.Token
 
-    init(token: SessionID.Token, prefix: String) {
+    public init(token: SessionID.Token, prefix: String) {
         self.token = token
         let digest = SHA256.hash(data: token.bytes)
         var hex = [UInt8]()
@@ -38,25 +39,49 @@ struct SessionKeys: Sendable, Hashable {
 /// bounded by their number: no loop can spin whatever the node states.
 final class NodeTopology: Sendable {
     let client: MemcachedClient
-    /// Node ids in configuration order.
+    /// Node ids in configuration order (draining nodes last).
     let order: [String]
     let failover: Set<String>
+    /// Nodes removed by a reconfiguration: still read (their sessions move off at their next
+    /// request), never chosen for new sessions, backups or relocations; forgotten at the deadline.
+    let draining: [String: NIODeadline]
     private let nodes: [String: MemcachedNodeClient]
     private let roundRobin = ManagedAtomic<Int>(0)
 
-    init(client: MemcachedClient, failoverNodes: [String]) {
+    init(client: MemcachedClient, failoverNodes: [String], draining: [String: NIODeadline] = [:]) {
         self.client = client
         let all = client.allNodes
         self.order = all.map(\.id)
         self.failover = Set(failoverNodes)
+        self.draining = draining
         self.nodes = Dictionary(uniqueKeysWithValues: all.map { ($0.id, $0) })
     }
 
     func node(_ id: String) -> MemcachedNodeClient? { nodes[id] }
 
-    func isAvailable(_ id: String) -> Bool { nodes[id]?.isAvailable ?? false }
+    /// Whether the node may take sessions: up, and not draining.
+    func isAvailable(_ id: String) -> Bool {
+        guard let node = nodes[id], draining[id] == nil else { return false }
+        return node.isAvailable
+    }
 
-    func contains(_ id: String) -> Bool { nodes[id] != nil }
+    /// Whether the node answers requests (draining nodes included).
+    func isReachable(_ id: String) -> Bool { nodes[id]?.isAvailable ?? false }
+
+    func isDraining(_ id: String) -> Bool { draining[id] != nil }
+
+    /// Whether session ids may name this node (a draining node until its deadline).
+    func contains(_ id: String) -> Bool {
+        guard nodes[id] != nil else { return false }
+        if let deadline = draining[id] { return NIODeadline.now() < deadline }
+        return true
+    }
+
+    /// What each node is for: `primary`, `failover` or `draining`.
+    func role(of id: String) -> String {
+        if draining[id] != nil { return "draining" }
+        return failover.contains(id) ? "failover" : "primary"
+    }
 
     private var primaries: [String] { order.filter { !failover.contains($0) } }
 
@@ -64,14 +89,14 @@ final class NodeTopology: Sendable {
     /// node, else the first primary (its write will fail and the unavailable policy applies; a
     /// sticky session stays in memory and is bound to a node once one answers).
     func placeNew() -> String {
-        let primaries = order.filter { !failover.contains($0) }
+        let primaries = order.filter { !failover.contains($0) && draining[$0] == nil }
         let start = roundRobin.loadThenWrappingIncrement(ordering: .relaxed)
         for offset in 0..<primaries.count {
             let id = primaries[(start &+ offset) % primaries.count]
             if isAvailable(id) { return id }
         }
         for id in order where failover.contains(id) && isAvailable(id) { return id }
-        return primaries.first ?? order[0]
+        return primaries.first ?? order.first { draining[$0] == nil } ?? order[0]
     }
 
     /// The next available node after `id` in configuration order, primaries first, never `id`

@@ -51,8 +51,8 @@ enum SaveOutcome: Sendable {
 }
 
 extension SessionManager {
-    /// Item flags marking a tombstone (`MSXT`): an invalidated sticky session's primary key.
-    static let tombstoneFlags: UInt32 = 0x4D53_5854
+    /// Item flags marking a tombstone (`MSXT`): an invalidated session's key.
+    public static let tombstoneFlags: UInt32 = 0x4D53_5854
 
     /// Set for the asynchronous writer's work: its round trips are not waited for by a request.
     @TaskLocal static var isBackgroundWork = false

@@ -26,10 +26,32 @@ enum Entry {
         }
         // The command may need the main actor: serve the main queue rather than block this thread.
         Task {
-            await MSM.main()
-            exit(0)
+            exit(await run())
         }
         dispatchMain()
+    }
+
+    /// Runs the command; exit codes: 0 all well, 1 bad input or usage, 2 some node unreachable,
+    /// 3 session not found (ArgumentParser's own usage errors, 64, become 1).
+    static func run() async -> Int32 {
+        do {
+            var command = try MSM.parseAsRoot()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+            return 0
+        } catch {
+            let code = MSM.exitCode(for: error)
+            let message = MSM.fullMessage(for: error)
+            if code == .success {
+                if !message.isEmpty { print(message) }
+                return 0
+            }
+            if !message.isEmpty { FileHandle.standardError.write(Data((message + "\n").utf8)) }
+            return code == .validationFailure ? 1 : code.rawValue
+        }
     }
 }
 
@@ -37,7 +59,7 @@ struct MSM: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "msm",
         abstract: "Highly available HTTP sessions in memcached: demo cluster, app server, and tools for memcached clusters.",
-        subcommands: [Demo.self, Serve.self]
+        subcommands: [Demo.self, Serve.self, Stats.self, Nodes.self, SessionCommand.self, Config.self]
     )
 }
 
@@ -91,6 +113,15 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "warning"
 
+    @Option(help: "Enables the management endpoints (/_msm/status, /_msm/, /_msm/config) behind this bearer token (or MSM_MANAGEMENT_TOKEN).")
+    var managementToken: String?
+
+    @Flag(help: "Serves Prometheus metrics at /metrics.")
+    var metrics = false
+
+    @Flag(help: "/metrics requires the management token too.")
+    var metricsRequireToken = false
+
     func validate() throws {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535") }
         if let eventLoops, eventLoops < 1 { throw ValidationError("--event-loops must be at least 1") }
@@ -111,6 +142,12 @@ struct Serve: AsyncParsableCommand {
         options.asynchronousSaveDelay = saveDelayMs.map { .milliseconds($0) }
         options.unavailablePolicy = unavailable
         options.logLevel = Logger.Level(rawValue: logLevel) ?? .warning
+        options.managementToken = managementToken ?? ProcessInfo.processInfo.environment["MSM_MANAGEMENT_TOKEN"]
+        options.metrics = metrics
+        options.metricsRequireToken = metricsRequireToken
+        if metricsRequireToken, options.managementToken == nil {
+            throw ValidationError("--metrics-require-token needs --management-token")
+        }
         do {
             _ = try options.sessionConfiguration()
         } catch {

@@ -1,0 +1,33 @@
+import MemcachedSessionsVapor
+import Vapor
+
+let app = try await Application.make(.detect())
+
+// 1. The session manager: your memcached nodes (`n1:host:port`, spaces or commas), sticky or not.
+var configuration = try SessionManager.Configuration(nodes: "n1:127.0.0.1:11211 n2:127.0.0.1:11212")
+configuration.mode = .nonSticky  // or .sticky, with `configuration.route = "app1"` (MSM's jvmRoute)
+let sessions = try SessionManager(configuration: configuration)
+app.lifecycle.use(SessionManagerLifecycle(manager: sessions))  // runs it; shutdown flushes it
+
+// 2a. Our middleware: no memcached write for an unchanged session, `Set-Cookie` only when the id
+//     changes, locking, 503 (never a silent logout) when memcached cannot be reached.
+let counted = app.grouped(MemcachedSessionsMiddleware(manager: sessions))
+counted.get("counter") { req async throws -> String in
+    let session = try await req.memcachedSessions.loadOrCreate()
+    let count = (session["count", as: Int.self] ?? 0) + 1
+    try session.set("count", count)
+    return "\(count)"
+}
+
+// 2b. Or keep Vapor's own session API (`req.session`, session authentication) on memcached.
+app.sessions.use { _ in MemcachedSessionDriver(manager: sessions) }
+app.sessions.configuration = MemcachedSessionDriver.sessionsConfiguration()
+let classic = app.grouped(app.sessions.middleware)
+classic.get("visits") { req -> String in
+    let visits = (req.session.data["visits"].flatMap(Int.init) ?? 0) + 1
+    req.session.data["visits"] = String(visits)
+    return "\(visits)"
+}
+
+try await app.execute()
+try await app.asyncShutdown()

@@ -1,0 +1,241 @@
+import Foundation
+import NIOCore
+
+/// A response of the management endpoints, for an adapter to send.
+public struct ManagementResponse: Sendable {
+    public var status: Int
+    public var contentType: String
+    public var body: String
+    public var headers: [(String, String)]
+
+    init(status: Int, contentType: String = "application/json", body: String, headers: [(String, String)] = []) {
+        self.status = status
+        self.contentType = contentType
+        self.body = body
+        self.headers = headers + [("Cache-Control", "no-store")]
+    }
+}
+
+/// The management endpoints of an app instance (MSM's JMX, over HTTP), framework-agnostic:
+///
+/// - `GET /_msm/status`: JSON status (mode, nodes with availability and latency, statistics, the
+///   last minutes' samples, recent events);
+/// - `GET /_msm/`: the same as an HTML page with charts (inline SVG, no external assets) that
+///   refreshes itself;
+/// - `GET /_msm/config`, `PUT /_msm/config` (JSON ``SessionManager/RuntimeChange``): the run-time
+///   settings, and changing them without a restart.
+///
+/// Off unless a token is configured; every request must then carry `Authorization: Bearer
+/// <token>`. Nothing here ever shows a session id or an attribute value.
+public struct ManagementEndpoints: Sendable {
+    public static let pathPrefix = "/_msm"
+
+    public let manager: SessionManager
+    public let instance: String
+    private let token: [UInt8]
+
+    /// - Throws: ``SessionError/Code/invalidConfiguration`` for a token shorter than 16 characters.
+    public init(manager: SessionManager, token: String, instance: String) throws(SessionError) {
+        guard token.utf8.count >= 16, token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+            throw .configuration("the management token must be at least 16 printable characters without spaces")
+        }
+        self.manager = manager
+        self.token = Array(token.utf8)
+        self.instance = instance
+    }
+
+    /// Whether a request path belongs to the management endpoints.
+    public static func handles(path: String) -> Bool {
+        path == pathPrefix || path.hasPrefix(pathPrefix + "/")
+    }
+
+    /// Whether an `Authorization` header carries the token (compared in constant time).
+    public func isAuthorized(_ authorization: String?) -> Bool {
+        guard let authorization, authorization.hasPrefix("Bearer ") else { return false }
+        let presented = Array(authorization.utf8.dropFirst(7))
+        guard presented.count == token.count else { return false }
+        var difference: UInt8 = 0
+        for (a, b) in zip(presented, token) { difference |= a ^ b }
+        return difference == 0
+    }
+
+    /// Answers one management request.
+    public func respond(method: String, path: String, authorization: String?, body: ByteBuffer?) async -> ManagementResponse {
+        guard isAuthorized(authorization) else {
+            return ManagementResponse(
+                status: 401, body: #"{"error":"a management token is required: Authorization: Bearer <token>"}"#,
+                headers: [("WWW-Authenticate", "Bearer")])
+        }
+        switch (method, path) {
+        case ("GET", "/_msm"), ("GET", "/_msm/"):
+            return ManagementResponse(
+                status: 200, contentType: "text/html; charset=utf-8", body: StatusPage.render(manager.status(instance: instance)))
+        case ("GET", "/_msm/status"):
+            return Self.json(manager.status(instance: instance))
+        case ("GET", "/_msm/config"):
+            return Self.json(manager.runtimeView)
+        case ("PUT", "/_msm/config"):
+            guard let body, let change = try? JSONDecoder().decode(SessionManager.RuntimeChange.self, from: Data(body.readableBytesView))
+            else {
+                return ManagementResponse(
+                    status: 400,
+                    body: #"{"error":"expected a JSON object with any of: nodes (string), failoverNodes (array), locking (string), enabled (bool)"}"#)
+            }
+            do {
+                return Self.json(try await manager.reconfigure(change))
+            } catch {
+                return ManagementResponse(status: 400, body: Self.errorJSON(error.message))
+            }
+        case (_, "/_msm"), (_, "/_msm/"), (_, "/_msm/status"), (_, "/_msm/config"):
+            return ManagementResponse(status: 405, body: #"{"error":"method not allowed"}"#)
+        default:
+            return ManagementResponse(status: 404, body: #"{"error":"no such management endpoint"}"#)
+        }
+    }
+
+    static func json(_ value: some Encodable) -> ManagementResponse {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        guard let data = try? encoder.encode(value) else {
+            return ManagementResponse(status: 500, body: errorJSON("could not encode the response"))
+        }
+        return ManagementResponse(status: 200, body: String(decoding: data, as: UTF8.self))
+    }
+
+    static func errorJSON(_ message: String) -> String {
+        let data = (try? JSONEncoder().encode(["error": message])) ?? Data(#"{"error":"error"}"#.utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+}
+
+/// The HTML status page: plain HTML and inline SVG, no script, no external asset; refreshes itself
+/// every five seconds.
+enum StatusPage {
+    static func escape(_ text: String) -> String {
+        var out = ""
+        for character in text {
+            switch character {
+            case "&": out += "&amp;"
+            case "<": out += "&lt;"
+            case ">": out += "&gt;"
+            case "\"": out += "&quot;"
+            case "'": out += "&#39;"
+            default: out.append(character)
+            }
+        }
+        return out
+    }
+
+    static func number(_ value: Double) -> String {
+        value >= 100 ? String(Int(value.rounded())) : String(format: "%.1f", value)
+    }
+
+    /// A line chart of one or more series over the samples' times.
+    static func chart(id: String, title: String, unit: String, series: [(name: String, values: [Double])], times: [Int64]) -> String {
+        let width = 560.0
+        let height = 140.0
+        let left = 44.0
+        let bottom = 18.0
+        let maximum = max(series.flatMap(\.values).max() ?? 0, 1)
+        let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+        var svg = """
+            <figure><figcaption>\(escape(title)) <small>(\(escape(unit)), last \(times.count) samples)</small></figcaption>
+            <svg id="\(id)" width="\(Int(width))" height="\(Int(height))" viewBox="0 0 \(Int(width)) \(Int(height))" role="img" aria-label="\(escape(title))">
+            <rect x="\(Int(left))" y="4" width="\(Int(width - left - 4))" height="\(Int(height - bottom - 4))" fill="#fafafa" stroke="#ccc"/>
+            <text x="4" y="14" font-size="10">\(number(maximum))</text><text x="4" y="\(Int(height - bottom))" font-size="10">0</text>
+
+            """
+        let count = max(times.count - 1, 1)
+        for (index, entry) in series.enumerated() {
+            let points = entry.values.enumerated().map { position, value -> String in
+                let x = left + (width - left - 4) * Double(position) / Double(count)
+                let y = (height - bottom) - (height - bottom - 8) * value / maximum
+                return String(format: "%.1f,%.1f", x, y)
+            }.joined(separator: " ")
+            let color = colors[index % colors.count]
+            svg += "<polyline class=\"series\" data-series=\"\(escape(entry.name))\" fill=\"none\" stroke=\"\(color)\" stroke-width=\"1.5\" points=\"\(points)\"/>\n"
+            svg += "<text x=\"\(Int(left) + 6 + index * 110)\" y=\"\(Int(height) - 4)\" font-size=\"10\" fill=\"\(color)\">\(escape(entry.name))</text>\n"
+        }
+        return svg + "</svg></figure>\n"
+    }
+
+    static func render(_ status: SessionManager.Status) -> String {
+        let counters = status.statistics.counters
+        func counter(_ name: String) -> Int { counters[name] ?? 0 }
+        let requests = counter("requests_with_session") + counter("requests_without_session")
+        let samples = status.history
+        let times = samples.map(\.time)
+        var nodeRows = ""
+        for node in status.nodes {
+            nodeRows += """
+                <tr id="node-\(escape(node.id))"><td class="node-id">\(escape(node.id))</td><td>\(escape(node.address))</td><td>\(escape(node.role))</td>\
+                <td class="\(node.available ? "up" : "down")">\(node.available ? "up" : "DOWN")</td><td>\(node.requests)</td><td>\(node.errors)</td>\
+                <td>\(number(node.meanLatencyMicroseconds))</td><td>\(number(node.recentLatencyMicroseconds))</td></tr>
+
+                """
+        }
+        var eventRows = ""
+        for event in status.events.suffix(20).reversed() {
+            let seconds = TimeInterval(event.time) / 1000
+            let stamp = Date(timeIntervalSince1970: seconds).formatted(.iso8601)
+            eventRows += "<li><time>\(escape(stamp))</time> <b>\(escape(event.kind.rawValue))</b> \(escape(event.message))\(event.count > 1 ? " (×\(event.count))" : "")</li>\n"
+        }
+        let keyCounters = [
+            "requests_with_session", "requests_without_session", "sessions_created", "sessions_loaded", "sessions_loaded_locally",
+            "writes", "writes_skipped", "write_conflicts", "backup_writes", "backup_failures", "memcached_failovers",
+            "app_server_failovers", "takeovers", "relocations", "locks_acquired", "lock_waits", "lock_failures", "unavailable",
+            "corrupt_sessions",
+        ]
+        var counterRows = ""
+        for name in keyCounters {
+            counterRows += "<tr><td>\(name)</td><td id=\"counter-\(name)\">\(counter(name))</td></tr>\n"
+        }
+        let nodeIDs = status.nodes.map(\.id)
+        var body = """
+            <!doctype html>
+            <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+            <title>msm status: \(escape(status.instance))</title>
+            <style>
+            body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; max-width: 1200px; }
+            table { border-collapse: collapse; margin-bottom: 1rem; } td, th { border-bottom: 1px solid #ddd; padding: .2rem .6rem; text-align: left; }
+            .up { color: #2a7; } .down { color: #c22; font-weight: bold; } .charts { display: flex; flex-wrap: wrap; gap: 1rem; }
+            figure { margin: 0; } figcaption { font-weight: 600; } .summary span { margin-right: 1.5rem; }
+            </style></head><body>
+            <h1>Session manager status</h1>
+            <p class="summary"><span>Instance <b id="instance">\(escape(status.instance))</b></span>
+            <span>Mode <b id="mode">\(escape(status.mode))</b></span><span>Locking <b id="locking">\(escape(status.locking))</b></span>
+            <span>Enabled <b id="enabled">\(status.enabled)</b></span><span>Route <b>\(escape(status.route ?? "-"))</b></span>
+            <span>Requests <b id="requests-total">\(requests)</b></span><span>Local sessions <b>\(status.localSessions)</b></span>
+            <span>Queued writes <b>\(status.pendingAsynchronousWrites)</b></span></p>
+            <h2>Memcached nodes</h2>
+            <table id="nodes"><tr><th>id</th><th>address</th><th>role</th><th>state</th><th>requests</th><th>errors</th><th>mean µs</th><th>recent µs</th></tr>
+            \(nodeRows)</table>
+            <h2>Last minutes</h2>
+            <div class="charts">
+
+            """
+        body += chart(
+            id: "chart-requests", title: "Requests", unit: "per second",
+            series: [("requests", samples.map(\.requestsPerSecond)), ("loads", samples.map(\.loadsPerSecond)), ("writes", samples.map(\.writesPerSecond))],
+            times: times)
+        body += chart(
+            id: "chart-latency", title: "Session load and write latency", unit: "µs",
+            series: [("load", samples.map(\.loadLatencyMicroseconds)), ("write", samples.map(\.writeLatencyMicroseconds))], times: times)
+        body += chart(
+            id: "chart-nodes", title: "Memcached latency per node", unit: "µs",
+            series: nodeIDs.map { id in (id, samples.map { $0.nodeLatencyMicroseconds[id] ?? 0 }) }, times: times)
+        body += chart(
+            id: "chart-failovers", title: "Failovers and lock waits", unit: "per second",
+            series: [("failovers", samples.map(\.failoversPerSecond)), ("lock waits", samples.map(\.lockWaitsPerSecond))], times: times)
+        body += """
+            </div>
+            <h2>Counters</h2>
+            <table id="counters">\(counterRows)</table>
+            <h2>Recent events</h2>
+            <ul id="events">\(eventRows.isEmpty ? "<li>none</li>" : eventRows)</ul>
+            <p><small>JSON: <code>GET /_msm/status</code>. Refreshes every 5 s.</small></p>
+            </body></html>
+            """
+        return body
+    }
+}

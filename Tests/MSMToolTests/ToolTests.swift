@@ -1,0 +1,162 @@
+import Foundation
+import Memcached
+import MemcachedSessions
+import MemcachedTestRig
+import Testing
+
+/// Runs the `msm` binary built next to the tests, as a person would from a shell.
+func msm(_ arguments: [String], environment: [String: String] = [:]) throws -> (code: Int32, output: String, errors: String) {
+    let directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    var binary = directory.appendingPathComponent("msm")
+    if !FileManager.default.isExecutableFile(atPath: binary.path) {
+        // Under `swift test` the first argument may be the xctest bundle inside the build folder.
+        binary = directory.deletingLastPathComponent().appendingPathComponent("msm")
+    }
+    let process = Process()
+    process.executableURL = binary
+    process.arguments = arguments
+    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    let output = Pipe()
+    let errors = Pipe()
+    process.standardOutput = output
+    process.standardError = errors
+    try process.run()
+    let out = output.fileHandleForReading.readDataToEndOfFile()
+    let err = errors.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: out, as: UTF8.self), String(decoding: err, as: UTF8.self))
+}
+
+func nodes(_ servers: [MemcachedServer]) -> String {
+    servers.enumerated().map { "n\($0.offset + 1):127.0.0.1:\($0.element.port)" }.joined(separator: ",")
+}
+
+/// A port nothing listens on.
+func deadPort() throws -> Int { try FreePort.find() }
+
+@Suite("The msm tool, run as a person would", .serialized)
+struct ToolTests {
+    @Test func helpAndUsageErrors() throws {
+        let help = try msm(["--help"])
+        #expect(help.code == 0)
+        for command in ["demo", "serve", "stats", "nodes", "session", "config"] { #expect(help.output.contains(command)) }
+        for command in [["stats", "--help"], ["nodes", "--help"], ["session", "show", "--help"], ["session", "delete", "--help"], ["config", "--help"]] {
+            let result = try msm(command)
+            #expect(result.code == 0, "\(command)")
+            #expect(result.output.contains("USAGE"), "\(command)")
+        }
+        #expect(try msm(["stats", "--no-such-option"]).code == 1)
+        #expect(try msm(["no-such-command"]).code == 1)
+        #expect(try msm(["stats", "--nodes", "n1:127.0.0.1"]).code == 1, "a malformed node list is bad input")
+    }
+
+    @Test func nodesAndStatsAgainstRealMemcached() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let client = try MemcachedClient(configuration: .init(nodes: nodes(servers)))
+            for index in 0..<37 { try await client.set("item\(index)", value: "v") }
+
+            let checked = try msm(["nodes", "--nodes", nodes(servers)])
+            #expect(checked.code == 0, "\(checked.errors)")
+            #expect(checked.output.contains("n1") && checked.output.contains("n2") && checked.output.contains("up"))
+            #expect(checked.output.contains("1.6"), "the memcached version")
+
+            let stats = try msm(["stats", "--nodes", nodes(servers)])
+            #expect(stats.code == 0)
+            let lines = stats.output.split(separator: "\n").map(String.init)
+            #expect(lines.first?.hasPrefix("stat") == true)
+            let items = try #require(lines.first { $0.hasPrefix("curr_items ") })
+            let counts = items.split(separator: " ", omittingEmptySubsequences: true).dropFirst().compactMap { Int($0) }
+            #expect(counts.count == 2 && counts.reduce(0, +) == 37, "plain numbers per node: \(items)")
+
+            let json = try msm(["stats", "--nodes", nodes(servers), "--json"])
+            let decoded = try JSONSerialization.jsonObject(with: Data(json.output.utf8)) as? [String: Any]
+            #expect((decoded?["nodes"] as? [String: Any])?.count == 2)
+
+            let settings = try msm(["stats", "--group", "settings", "--nodes", nodes(servers)])
+            #expect(settings.code == 0 && settings.output.contains("item_size_max"))
+            #expect(try msm(["stats", "--group", "bogus", "--nodes", nodes(servers)]).code == 1)
+
+            // One node unreachable: the others are still shown, exit code 2.
+            let withDead = nodes(servers) + ",n3:127.0.0.1:\(try deadPort())"
+            let partial = try msm(["stats", "--nodes", withDead, "--timeout-ms", "300"])
+            #expect(partial.code == 2)
+            #expect(partial.output.contains("unreachable") && partial.output.contains("curr_items"))
+            #expect(partial.errors.contains("n3"))
+            #expect(try msm(["nodes", "--nodes", withDead, "--timeout-ms", "300"]).code == 2)
+        }
+    }
+
+    @Test func sessionShowAndDelete() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            var configuration = try SessionManager.Configuration(nodes: nodes(servers))
+            configuration.mode = .nonSticky
+            let manager = try SessionManager(configuration: configuration)
+            let access = manager.beginRequest(path: "/", sessionCookie: nil)
+            let session = try access.create()
+            try session.set("user", "alice-personal-data")
+            try session.set("count", 42)
+            let action = try await manager.endRequest(access)
+            guard case .set(let id) = action.cookie else {
+                Issue.record("no cookie")
+                return
+            }
+            let shown = try msm(["session", "show", id.description, "--nodes", nodes(servers)])
+            #expect(shown.code == 0, "\(shown.errors)")
+            #expect(shown.output.contains("user") && shown.output.contains("count") && shown.output.contains("version"))
+            #expect(!shown.output.contains("alice-personal-data"), "values only with --values")
+            let withValues = try msm(["session", "show", id.description, "--nodes", nodes(servers), "--values"])
+            #expect(withValues.output.contains("alice-personal-data"))
+            let json = try msm(["session", "show", id.description, "--nodes", nodes(servers), "--json"])
+            let decoded = try JSONSerialization.jsonObject(with: Data(json.output.utf8)) as? [String: Any]
+            #expect((decoded?["attributes"] as? [[String: Any]])?.count == 2)
+
+            #expect(try msm(["session", "show", "not-a-session-id", "--nodes", nodes(servers)]).code == 1)
+            let unknown = SessionID.generate(nodeID: "n1", route: nil)
+            let missing = try msm(["session", "show", unknown.description, "--nodes", nodes(servers)])
+            #expect(missing.code == 3)
+            #expect(try msm(["session", "show", SessionID.generate(nodeID: "n9", route: nil).description, "--nodes", nodes(servers)]).code == 1)
+
+            let deleted = try msm(["session", "delete", id.description, "--nodes", nodes(servers)])
+            #expect(deleted.code == 0)
+            #expect(try msm(["session", "show", id.description, "--nodes", nodes(servers)]).code == 3)
+            #expect(try msm(["session", "delete", id.description, "--nodes", nodes(servers)]).code == 3)
+        }
+    }
+
+    @Test func configChangesARunningInstance() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let port = try FreePort.find()
+            let token = "tool-test-token-0123456789"
+            let server = Process()
+            server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("msm")
+            if !FileManager.default.isExecutableFile(atPath: server.executableURL!.path) {
+                server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().deletingLastPathComponent()
+                    .appendingPathComponent("msm")
+            }
+            server.arguments = ["serve", "--nodes", nodes(servers), "--port", "\(port)", "--management-token", token, "--metrics"]
+            server.standardOutput = FileHandle.nullDevice
+            server.standardError = FileHandle.nullDevice
+            try server.run()
+            defer {
+                server.terminate()
+                server.waitUntilExit()
+            }
+            let deadline = ContinuousClock.now + .seconds(30)
+            while ContinuousClock.now < deadline, !FreePort.accepts(port: port) { try await Task.sleep(for: .milliseconds(50)) }
+            let instance = "http://127.0.0.1:\(port)"
+
+            let shown = try msm(["config", "--instance", instance, "--token", token])
+            #expect(shown.code == 0, "\(shown.errors)")
+            #expect(shown.output.contains("locking         none"))
+            let changed = try msm(["config", "--instance", instance, "--token", token, "--locking", "all"])
+            #expect(changed.code == 0)
+            #expect(changed.output.contains("locking         all"))
+            let json = try msm(["config", "--instance", instance, "--locking", "auto", "--json"], environment: ["MSM_MANAGEMENT_TOKEN": token])
+            #expect(json.code == 0 && json.output.contains("\"locking\":\"auto\""))
+            #expect(try msm(["config", "--instance", instance, "--token", "wrong-token-0123456789"]).code == 1)
+            #expect(try msm(["config", "--instance", instance, "--token", token, "--locking", "never"]).code == 1)
+            #expect(try msm(["config", "--instance", "http://127.0.0.1:\(try deadPort())", "--token", token]).code == 2)
+            #expect(try msm(["config", "--instance", "not a url", "--token", token]).code == 1)
+        }
+    }
+}

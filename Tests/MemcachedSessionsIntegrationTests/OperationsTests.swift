@@ -1,0 +1,190 @@
+import Foundation
+import Memcached
+import MemcachedTestRig
+import NIOCore
+import Synchronization
+import Testing
+
+@testable import MemcachedSessions
+
+@Suite("Operations: reconfiguration, status, management endpoints", .serialized)
+struct OperationsTests {
+    /// A checked /counter load: each worker owns its sessions and checks every count.
+    final class CheckedLoad: Sendable {
+        let book: SessionBook
+        let mismatches = Mutex<[String]>([])
+        let failures = Mutex<[String]>([])
+        let requests = Atomic<Int>(0)
+        let stop = Atomic<Bool>(false)
+
+        init(book: SessionBook) { self.book = book }
+
+        func run(_ manager: @escaping @Sendable () -> SessionManager, workers: Int) async {
+            await withTaskGroup(of: Void.self) { group in
+                for worker in 0..<workers {
+                    group.addTask {
+                        var index = worker
+                        while !self.stop.load(ordering: .relaxed) {
+                            var entry = self.book[index]
+                            do {
+                                let count = try await manager().increment(&entry.browser)
+                                if count != entry.count + 1 {
+                                    self.mismatches.withLock { $0.append("session \(index): \(count) after \(entry.count)") }
+                                }
+                                entry.count = count
+                                self.book.update(index, entry)
+                                self.requests.add(1, ordering: .relaxed)
+                            } catch {
+                                self.failures.withLock { $0.append("session \(index): \(error)") }
+                            }
+                            index += workers
+                            if index >= self.book.count { index = worker }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    @Test func nodesChangeUnderLoadWithoutLosingSessions() async throws {
+        try await withMemcachedServers(count: 4) { servers in
+            let initial = "n1:127.0.0.1:\(servers[0].port),n2:127.0.0.1:\(servers[1].port),n3:127.0.0.1:\(servers[2].port)"
+            var config = try SessionManager.Configuration(nodes: initial)
+            config.memcached.probeInterval = .milliseconds(100)
+            try await withManager(config) { manager in
+                let book = try await FailoverTests.createSessions(manager, count: 60, readOnlyEvery: 1000)
+                let onN2 = (0..<book.count).filter { book[$0].browser.id?.nodeID == "n2" }
+                #expect(!onN2.isEmpty)
+                let load = CheckedLoad(book: book)
+                let running = Task { await load.run({ manager }, workers: 8) }
+                try await eventually("load running") { load.requests.load(ordering: .relaxed) > 200 }
+
+                // Remove n2: it drains; its sessions move at their next request.
+                let removed = try await manager.reconfigure(.init(nodes: "n1:127.0.0.1:\(servers[0].port) n3:127.0.0.1:\(servers[2].port)"))
+                #expect(removed.drainingNodes == ["n2"])
+                try await eventually("sessions moved off n2") {
+                    onN2.allSatisfy { book[$0].browser.id?.nodeID != "n2" }
+                }
+                // Add n4: new sessions land there too.
+                let before = load.requests.load(ordering: .relaxed)
+                try await manager.reconfigure(
+                    .init(nodes: "n1:127.0.0.1:\(servers[0].port),n3:127.0.0.1:\(servers[2].port),n4:127.0.0.1:\(servers[3].port)"))
+                try await eventually("load continued") { load.requests.load(ordering: .relaxed) > before + 200 }
+                load.stop.store(true, ordering: .relaxed)
+                await running.value
+
+                var fresh: [String] = []
+                for _ in 0..<12 {
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    fresh.append(browser.id!.nodeID)
+                }
+                #expect(fresh.contains("n4"), "new sessions land on the added node: \(fresh)")
+                #expect(!fresh.contains("n2"), "none on the removed one")
+                #expect(load.mismatches.withLock { $0 } == [], "no lost update")
+                #expect(load.failures.withLock { $0 } == [], "no failed request")
+                // Every session still reads back its last count.
+                try await FailoverTests.verifyAndAdvance(manager, book)
+                #expect(manager.runtimeView.locking == "none")
+                let events = manager.events.recent.filter { $0.kind == .configuration }
+                #expect(events.count == 2)
+            }
+        }
+    }
+
+    @Test func lockingAndEnabledChangeAtRunTime() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                #expect(manager.statistics.value(of: .locksAcquired) == 0)
+                try await manager.reconfigure(.init(locking: "all"))
+                try await manager.increment(&browser)
+                #expect(manager.statistics.value(of: .locksAcquired) == 1)
+                try await manager.reconfigure(.init(locking: "uriPattern:/cart/.*"))
+                try await manager.increment(&browser)
+                #expect(manager.statistics.value(of: .locksAcquired) == 1)
+                // Invalid changes are refused whole.
+                await #expect(throws: SessionError.self) { try await manager.reconfigure(.init(locking: "sometimes")) }
+                await #expect(throws: SessionError.self) { try await manager.reconfigure(.init(failoverNodes: ["n1"])) }
+                await #expect(throws: SessionError.self) { try await manager.reconfigure(.init(nodes: "bad node list")) }
+                #expect(manager.runtimeView.locking == "uriPattern(/cart/.*)")
+                // Disabled: sessions live in this instance's memory, memcached is not touched.
+                try await manager.reconfigure(.init(enabled: false))
+                #expect(!manager.isEnabled)
+                var local = Browser()
+                #expect(try await manager.increment(&local) == 1)
+                #expect(try await manager.increment(&local) == 2)
+            }
+        }
+    }
+
+    @Test func managementEndpointsNeedTheTokenAndShowNoSessionData() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                var browser = Browser()
+                try await manager.request(&browser) { access in
+                    let session = try await access.loadOrCreate()
+                    try session.set("secret", "attribute-value-never-shown")
+                }
+                let endpoints = try ManagementEndpoints(manager: manager, token: "0123456789abcdef-token", instance: "test-1")
+                #expect(throws: SessionError.self) { _ = try ManagementEndpoints(manager: manager, token: "short", instance: "x") }
+                for authorization in [nil, "Bearer wrong-token-0123456789", "0123456789abcdef-token", "Basic 0123456789abcdef-token"] {
+                    let denied = await endpoints.respond(method: "GET", path: "/_msm/status", authorization: authorization, body: nil)
+                    #expect(denied.status == 401)
+                }
+                let bearer = "Bearer 0123456789abcdef-token"
+                let status = await endpoints.respond(method: "GET", path: "/_msm/status", authorization: bearer, body: nil)
+                #expect(status.status == 200)
+                let decoded = try JSONDecoder().decode(SessionManager.Status.self, from: Data(status.body.utf8))
+                #expect(decoded.nodes.map(\.id) == ["n1", "n2"])
+                #expect(decoded.statistics.counters["sessions_created"] == 1)
+                let page = await endpoints.respond(method: "GET", path: "/_msm/", authorization: bearer, body: nil)
+                #expect(page.status == 200 && page.contentType.hasPrefix("text/html"))
+                #expect(page.body.contains("<svg") && page.body.contains("http-equiv=\"refresh\""))
+                for body in [status.body, page.body] {
+                    #expect(!body.contains(browser.id!.token.description), "no session id")
+                    #expect(!body.contains("attribute-value-never-shown"), "no attribute value")
+                }
+                // Reconfiguration over the endpoint.
+                let changed = await endpoints.respond(
+                    method: "PUT", path: "/_msm/config", authorization: bearer, body: ByteBuffer(string: #"{"locking":"auto"}"#))
+                #expect(changed.status == 200)
+                #expect(manager.lockingMode == .auto)
+                let bad = await endpoints.respond(
+                    method: "PUT", path: "/_msm/config", authorization: bearer, body: ByteBuffer(string: #"{"locking":"never"}"#))
+                #expect(bad.status == 400 && bad.body.contains("locking mode"))
+                let garbage = await endpoints.respond(method: "PUT", path: "/_msm/config", authorization: bearer, body: ByteBuffer(string: "]["))
+                #expect(garbage.status == 400)
+                #expect(await endpoints.respond(method: "DELETE", path: "/_msm/status", authorization: bearer, body: nil).status == 405)
+                #expect(await endpoints.respond(method: "GET", path: "/_msm/nothing", authorization: bearer, body: nil).status == 404)
+            }
+        }
+    }
+
+    @Test func statusHistoryTracksRatesAndNodeEvents() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            var config = try configuration(servers)
+            config.memcached.failureThreshold = 1
+            try await withManager(config) { manager in
+                var browsers = [Browser](repeating: Browser(), count: 20)
+                for round in 0..<3 {
+                    for index in browsers.indices { try await manager.increment(&browsers[index]) }
+                    _ = round
+                }
+                try await eventually("two samples") { manager.history.samples.count >= 2 }
+                try await eventually("a sample with traffic") {
+                    for index in browsers.indices { try await manager.increment(&browsers[index]) }
+                    return manager.history.samples.contains { $0.requestsPerSecond > 0 && $0.writesPerSecond > 0 }
+                }
+                try await servers[1].kill()
+                for index in browsers.indices { _ = try? await manager.increment(&browsers[index]) }
+                try await eventually("node-down event") { manager.events.recent.contains { $0.kind == .nodeDown } }
+                try await servers[1].restart()
+                try await eventually(timeout: .seconds(15), "node-up event") { manager.events.recent.contains { $0.kind == .nodeUp } }
+                #expect(manager.events.recent.contains { $0.kind == .failover })
+                #expect(manager.events.recent.allSatisfy { event in !browsers.contains { event.message.contains($0.id!.token.description) } })
+            }
+        }
+    }
+}
