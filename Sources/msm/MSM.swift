@@ -8,19 +8,26 @@ import NIOPosix
 
 @main
 enum Entry {
-    /// `msm serve` runs Swift concurrency's jobs on NIO's event loops (unless `MSM_GLOBAL_EXECUTOR=swift`),
-    /// so that a request's task, its HTTP channel and its memcached connection share a thread: no
-    /// thread hop per memcached round trip. This must happen before any async work, hence a
+    /// Where `msm serve` runs Swift concurrency's jobs. With one event loop, on it (NIO installed
+    /// as the global executor): a request's task, its HTTP channel and its memcached connection
+    /// share the one thread, and nothing ever hops. With several loops, Swift's own pool, and the
+    /// session middleware moves each handler to its channel's loop (a task executor preference);
+    /// installing NIO globally there would run every connection's task on the loop that accepted
+    /// it, crossing loops on every read and write (measured: a p99 several times worse). Override
+    /// with `MSM_GLOBAL_EXECUTOR=nio|swift`. This must happen before any async work, hence a
     /// synchronous entry point.
     static func main() {
         let arguments = CommandLine.arguments.dropFirst()
         if arguments.first == "serve" {
+            var loops = ProcessInfo.processInfo.environment["NIO_SINGLETON_GROUP_LOOP_COUNT"].flatMap { Int($0) } ?? System.coreCount
             if let index = arguments.firstIndex(of: "--event-loops"), index + 1 < arguments.endIndex,
                 let count = Int(arguments[index + 1]), count > 0
             {
                 NIOSingletons.groupLoopCountSuggestion = count
+                loops = count
             }
-            if ProcessInfo.processInfo.environment["MSM_GLOBAL_EXECUTOR"] != "swift" {
+            let choice = ProcessInfo.processInfo.environment["MSM_GLOBAL_EXECUTOR"]
+            if choice == "nio" || (choice == nil && loops == 1) {
                 _ = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
             }
         }
