@@ -190,4 +190,32 @@ struct VaporAdapterTests {
             }
         }
     }
+
+    @Test func ignoredPathsNeverTouchMemcached() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers) { $0.ignoredPathPattern = #".*\.css$"# }
+            try await withVaporApp(manager: manager) { app in
+                app.middleware = Middlewares()
+                let sessions = app.grouped(MemcachedSessionsMiddleware(manager: manager))
+                sessions.get("counter") { req async throws -> String in
+                    let session = try await req.memcachedSessions.loadOrCreate()
+                    let count = (session["count", as: Int.self] ?? 0) + 1
+                    try session.set("count", count)
+                    return String(count)
+                }
+                sessions.get("site.css") { req -> String in
+                    req.memcachedSessions.access == nil ? "no session machinery" : "sessions attached"
+                }
+            } _: { get in
+                let cookie = try #require(try await get("/counter", nil).sessionCookie)
+                let before = try await commandCount(manager, ["cmd_get", "cmd_set", "cmd_touch"])
+                for _ in 0..<5 {
+                    let css = try await get("/site.css", cookie)
+                    #expect(css.body == "no session machinery")
+                    #expect(css.setCookies.isEmpty)
+                }
+                #expect(try await commandCount(manager, ["cmd_get", "cmd_set", "cmd_touch"]) == before)
+            }
+        }
+    }
 }

@@ -227,6 +227,45 @@ def run_demo(mode, sessions):
         log.close()
 
 
+def respawns_when_asked():
+    """--respawn: a killed process comes back (new PID in cluster.json); Ctrl-C still ends all."""
+    state = tempfile.mkdtemp(prefix="msm-demo-e2e-respawn-")
+    command = [os.path.join(ROOT, "scripts", "demo"), "--state-directory", state, "--respawn"]
+    print(f"== {' '.join(command)}", flush=True)
+    log = open(os.path.join(state, "demo.out"), "w")
+    demo = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    layout_path = os.path.join(state, "cluster.json")
+    try:
+        wait_for(lambda: os.path.exists(layout_path) or demo.poll() is not None, 2400, "cluster.json")
+        def layout():
+            with open(layout_path) as file:
+                return {(p["role"], p["id"]): p["pid"] for p in json.load(file)["processes"]}
+        before = layout()
+        browser = Browser()
+        for _ in range(3):
+            increment_all([browser], "respawn warm-up")
+        for key in [("app", "app2"), ("memcached", "n3")]:
+            os.kill(before[key], signal.SIGKILL)
+            wait_for(lambda: layout().get(key) not in (None, before[key]) and alive(layout()[key]), 60, f"{key[1]} to come back")
+            print(f"   {key[0]} {key[1]}: pid {before[key]} killed, respawned as {layout()[key]}", flush=True)
+        increment_all([browser], "after respawns")
+        everything = list(layout().values())
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=60)
+        left = [pid for pid in everything if alive(pid)]
+        if left:
+            raise Failure(f"processes left after Ctrl-C with --respawn: {left}")
+        print("   Ctrl-C: nothing respawned, nothing left", flush=True)
+    finally:
+        if demo.poll() is None:
+            demo.send_signal(signal.SIGTERM)
+            try:
+                demo.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+        log.close()
+
+
 def refuses_taken_port():
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -251,6 +290,7 @@ def main():
     try:
         for mode in (["default", "sticky"] if arguments.mode == "both" else [arguments.mode]):
             run_demo(mode, arguments.sessions)
+        respawns_when_asked()
         refuses_taken_port()
     except Failure as failure:
         print(f"FAILED: {failure}", flush=True)

@@ -27,6 +27,10 @@ extension SessionManager {
             read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
         }
         let now = Self.currentTimeMillis()
+        if case .missing = read, await missMayBeRestartChecking(on: id.nodeID) {
+            // The node restarted (empty) recently: the backup may hold the session.
+            return try await restoreAfterRestart(id: id, keys: keys, access: access, lock: lock)
+        }
         switch read {
         case .found(let stored):
             if isExpired(stored.record, now: now) {
@@ -53,9 +57,6 @@ extension SessionManager {
                 }
             }
             return session
-        case .missing where missMayBeRestart(on: id.nodeID):
-            // The node restarted (empty) recently: the backup may hold the session.
-            return try await restoreAfterRestart(id: id, keys: keys, access: access, lock: lock)
         case .missing, .tombstone:
             statistics.count(.sessionsNotFound)
             if let lock { await release(lock) }

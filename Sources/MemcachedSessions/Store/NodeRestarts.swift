@@ -15,6 +15,18 @@ final class NodeRestarts: Sendable {
     }
 
     private let records = Mutex<[String: Record]>([:])
+    /// When a miss last made us ask a node for its pid (at most once a second per node).
+    private let lastOnDemandCheck = Mutex<[String: Int64]>([:])
+
+    /// Whether a miss may ask `node` for its pid now (rate-limited: misses on forged or expired
+    /// cookies must not turn into a `stats` request each).
+    func mayCheck(_ node: String, now: Int64) -> Bool {
+        lastOnDemandCheck.withLock { checks in
+            if let last = checks[node], now - last < 1000 { return false }
+            checks[node] = now
+            return true
+        }
+    }
 
     /// Records a node's process id and boot time (Unix seconds); a new pid, or a boot time that
     /// moved by more than 2 s (another host behind the same address), is a restart at `now`.
@@ -54,18 +66,32 @@ extension SessionManager {
         guard !usesLocalLifecycle else { return }
         while !Task.isCancelled {
             for nodeID in topology.order {
-                guard let node = topology.node(nodeID), node.isAvailable else { continue }
-                var request = MemcachedRequest.stats()
-                request.timeout = .seconds(1)
-                guard case .stats(let stats)? = try? await node.execute(request),
-                    let time = stats.first(where: { $0.name == "time" }).flatMap({ Int64($0.value) }),
-                    let uptime = stats.first(where: { $0.name == "uptime" }).flatMap({ Int64($0.value) })
-                else { continue }
-                let pid = stats.first(where: { $0.name == "pid" }).flatMap { Int64($0.value) } ?? 0
-                nodeRestarts.observe(node: nodeID, pid: pid, bootTime: time - uptime, now: Self.currentTimeMillis() / 1000)
+                await observeNode(nodeID)
             }
             do { try await Task.sleep(for: .seconds(1)) } catch { return }
         }
+    }
+
+    /// Asks a node for its pid and boot time and records them.
+    func observeNode(_ nodeID: String) async {
+        guard let node = topology.node(nodeID), node.isAvailable else { return }
+        var request = MemcachedRequest.stats()
+        request.timeout = .seconds(1)
+        guard case .stats(let stats)? = try? await node.execute(request),
+            let time = stats.first(where: { $0.name == "time" }).flatMap({ Int64($0.value) }),
+            let uptime = stats.first(where: { $0.name == "uptime" }).flatMap({ Int64($0.value) })
+        else { return }
+        let pid = stats.first(where: { $0.name == "pid" }).flatMap { Int64($0.value) } ?? 0
+        nodeRestarts.observe(node: nodeID, pid: pid, bootTime: time - uptime, now: Self.currentTimeMillis() / 1000)
+    }
+
+    /// On a miss: whether the node restarted recently, asking it now (rate-limited) if the
+    /// periodic watch has not seen a restart, since a request may come before the watch does.
+    func missMayBeRestartChecking(on nodeID: String) async -> Bool {
+        if missMayBeRestart(on: nodeID) { return true }
+        guard nodeRestarts.knows(nodeID), nodeRestarts.mayCheck(nodeID, now: Self.currentTimeMillis()) else { return false }
+        await observeNode(nodeID)
+        return missMayBeRestart(on: nodeID)
     }
 
     /// Whether a miss on `nodeID` may be a restart's loss rather than the session being gone.
