@@ -104,16 +104,14 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="msm-chromium-")
         to_browser_read, self.to_browser = os.pipe()
         self.from_browser, from_browser_write = os.pipe()
-
-        def wire():
-            os.dup2(to_browser_read, 3)
-            os.dup2(from_browser_write, 4)
-
+        # The DevTools pipe is the browser's fds 3 (commands in) and 4 (answers out): the shell
+        # puts our pipe ends there and execs the browser.
+        command = " ".join([
+            binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+            "--remote-debugging-pipe", f"--user-data-dir={self.profile}", "--window-size=1280,1600", "about:blank"])
         self.process = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-             "--remote-debugging-pipe", f"--user-data-dir={self.profile}", "--window-size=1280,1600", "about:blank"],
-            pass_fds=(to_browser_read, from_browser_write), preexec_fn=wire,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ["/bin/sh", "-c", f"exec {command} 3<&{to_browser_read} 4>&{from_browser_write}"],
+            pass_fds=(to_browser_read, from_browser_write), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser_read)
         os.close(from_browser_write)
         self.buffer = b""
