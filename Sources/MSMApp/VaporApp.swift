@@ -17,7 +17,8 @@ public enum VaporApp {
                     return Response(status: .unauthorized, headers: ["WWW-Authenticate": "Bearer"])
                 }
                 return Response(
-                    status: .ok, headers: ["Content-Type": "text/plain; version=0.0.4; charset=utf-8"], body: .init(string: MetricsExport.text()))
+                    status: .ok, headers: ["Content-Type": "text/plain; version=0.0.4; charset=utf-8"],
+                    body: .init(string: MetricsExport.text()))
             }
         }
         if let endpoints = operations.endpoints {

@@ -71,7 +71,8 @@ public struct MemcachedPersistDriver: PersistDriver {
         }
     }
 
-    public func getWithTTL<Object: Codable & Sendable>(key: String, as type: Object.Type) async throws -> (object: Object, ttl: Duration?)? {
+    public func getWithTTL<Object: Codable & Sendable>(key: String, as type: Object.Type) async throws -> (object: Object, ttl: Duration?)?
+    {
         do {
             guard case .item(let item?) = try await client.execute(.get(self.key(key), withTimeToLive: true)) else { return nil }
             let ttl: Duration? = item.timeToLive.flatMap { $0 >= 0 ? .seconds($0) : nil }
@@ -84,7 +85,7 @@ public struct MemcachedPersistDriver: PersistDriver {
     public func remove(key: String) async throws {
         do {
             try await client.delete(self.key(key))
-        } catch where error.code == .invalidKey {
+        } catch  where error.code == .invalidKey {
             return
         }
     }

@@ -1,6 +1,6 @@
 import HTTPTypes
-@_exported import MemcachedSessions
 import Hummingbird
+@_exported import MemcachedSessions
 import NIOCore
 
 /// A request context that gives handlers their session (through ``MemcachedSessionMiddleware``).

@@ -124,7 +124,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "warning"
 
-    @Option(help: "Enables the management endpoints (/_msm/status, /_msm/, /_msm/config) behind this bearer token (or MSM_MANAGEMENT_TOKEN).")
+    @Option(
+        help: "Enables the management endpoints (/_msm/status, /_msm/, /_msm/config) behind this bearer token (or MSM_MANAGEMENT_TOKEN).")
     var managementToken: String?
 
     @Flag(help: "Serves Prometheus metrics at /metrics.")

@@ -118,10 +118,11 @@ struct Stats: AsyncParsableCommand {
                 for stat in stats ?? [] where seen.insert(stat.name).inserted { names.append(stat.name) }
             }
             let rows = names.map { name in
-                [name] + results.map { result in
-                    guard let stats = result.stats else { return "unreachable" }
-                    return stats.first { $0.name == name }?.value ?? "-"
-                }
+                [name]
+                    + results.map { result in
+                        guard let stats = result.stats else { return "unreachable" }
+                        return stats.first { $0.name == name }?.value ?? "-"
+                    }
             }
             print(table(["stat"] + results.map(\.id), rows))
         }
@@ -153,7 +154,8 @@ struct Nodes: AsyncParsableCommand {
                 try await node.noop()
                 let latency = ContinuousClock.now - ping
                 let micros = Int(latency.components.seconds * 1_000_000 + latency.components.attoseconds / 1_000_000_000_000)
-                rows.append(Row(id: node.id, address: node.address.hostAndPort, available: true, version: version, latencyMicroseconds: micros))
+                rows.append(
+                    Row(id: node.id, address: node.address.hostAndPort, available: true, version: version, latencyMicroseconds: micros))
                 note("msm nodes: \(node.id) up")
             } catch {
                 rows.append(Row(id: node.id, address: node.address.hostAndPort, available: false, error: "\(error.code)"))

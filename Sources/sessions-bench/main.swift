@@ -195,7 +195,9 @@ rows += try await run(mode: "sticky, asynchronous saves") {
 }
 
 func f(_ value: Double) -> String { String(format: "%.2f", value) }
-print("| mode | request | waited round trips | mg (get) | mg with TTL (touch) | ms (set) | md (delete) | requests/s (\(options.concurrency) concurrent) |")
+print(
+    "| mode | request | waited round trips | mg (get) | mg with TTL (touch) | ms (set) | md (delete) | requests/s (\(options.concurrency) concurrent) |"
+)
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for row in rows {
     let rate = row.requestsPerSecond > 0 ? String(format: "%.0f", row.requestsPerSecond) : "-"

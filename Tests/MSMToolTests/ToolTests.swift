@@ -40,7 +40,9 @@ struct ToolTests {
         let help = try msm(["--help"])
         #expect(help.code == 0)
         for command in ["demo", "serve", "stats", "nodes", "session", "config"] { #expect(help.output.contains(command)) }
-        for command in [["stats", "--help"], ["nodes", "--help"], ["session", "show", "--help"], ["session", "delete", "--help"], ["config", "--help"]] {
+        for command in [
+            ["stats", "--help"], ["nodes", "--help"], ["session", "show", "--help"], ["session", "delete", "--help"], ["config", "--help"],
+        ] {
             let result = try msm(command)
             #expect(result.code == 0, "\(command)")
             #expect(result.output.contains("USAGE"), "\(command)")
@@ -114,7 +116,8 @@ struct ToolTests {
             let unknown = SessionID.generate(nodeID: "n1", route: nil)
             let missing = try msm(["session", "show", unknown.description, "--nodes", nodes(servers)])
             #expect(missing.code == 3)
-            #expect(try msm(["session", "show", SessionID.generate(nodeID: "n9", route: nil).description, "--nodes", nodes(servers)]).code == 1)
+            #expect(
+                try msm(["session", "show", SessionID.generate(nodeID: "n9", route: nil).description, "--nodes", nodes(servers)]).code == 1)
 
             let deleted = try msm(["session", "delete", id.description, "--nodes", nodes(servers)])
             #expect(deleted.code == 0)
@@ -130,7 +133,8 @@ struct ToolTests {
             let server = Process()
             server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("msm")
             if !FileManager.default.isExecutableFile(atPath: server.executableURL!.path) {
-                server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().deletingLastPathComponent()
+                server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+                    .deletingLastPathComponent()
                     .appendingPathComponent("msm")
             }
             server.arguments = ["serve", "--nodes", nodes(servers), "--port", "\(port)", "--management-token", token, "--metrics"]
@@ -151,7 +155,8 @@ struct ToolTests {
             let changed = try msm(["config", "--instance", instance, "--token", token, "--locking", "all"])
             #expect(changed.code == 0)
             #expect(changed.output.contains("locking         all"))
-            let json = try msm(["config", "--instance", instance, "--locking", "auto", "--json"], environment: ["MSM_MANAGEMENT_TOKEN": token])
+            let json = try msm(
+                ["config", "--instance", instance, "--locking", "auto", "--json"], environment: ["MSM_MANAGEMENT_TOKEN": token])
             #expect(json.code == 0 && json.output.contains("\"locking\":\"auto\""))
             #expect(try msm(["config", "--instance", instance, "--token", "wrong-token-0123456789"]).code == 1)
             #expect(try msm(["config", "--instance", instance, "--token", token, "--locking", "never"]).code == 1)

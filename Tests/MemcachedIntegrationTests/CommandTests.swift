@@ -161,10 +161,12 @@ struct CommandTests {
                     }
                     #expect(abs(ttl - 60 * 60 * 24 * 45) < 5)
                     let forever = try await client.execute(.get("forever", withTimeToLive: true))
-                    #expect(forever == .item(MemcachedItem(value: bytes("v"), flags: 0, cas: nil, timeToLive: -1)) || {
-                        if case .item(let item?) = forever { return item.timeToLive == -1 }
-                        return false
-                    }())
+                    #expect(
+                        forever == .item(MemcachedItem(value: bytes("v"), flags: 0, cas: nil, timeToLive: -1))
+                            || {
+                                if case .item(let item?) = forever { return item.timeToLive == -1 }
+                                return false
+                            }())
                 }
                 try await client.set("exactly30", value: bytes("v"), ttl: .seconds(60 * 60 * 24 * 30))
                 #expect(try await client.get("exactly30")?.string == "v")

@@ -94,7 +94,12 @@ struct SafetyAndLoadTests {
 
     @Test func coalescingRequestsShareWritesAndStillComplete() async throws {
         try await withMemcachedServers(count: 1) { servers in
-            try await withClient(servers, configure: { $0.coalescingWindow = .milliseconds(400); $0.connectionsPerNode = 1 }) { client in
+            try await withClient(
+                servers,
+                configure: {
+                    $0.coalescingWindow = .milliseconds(400); $0.connectionsPerNode = 1
+                }
+            ) { client in
                 // Alone, a coalescing request leaves when its window ends.
                 var lonely = MemcachedRequest.store("lonely", value: bytes("v"))
                 lonely.coalesces = true

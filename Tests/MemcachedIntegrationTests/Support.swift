@@ -11,6 +11,8 @@ func withClient(
     var configuration = MemcachedClient.Configuration(
         nodes: servers.enumerated().map { MemcachedNodeAddress(id: "n\($0.offset + 1)", host: "127.0.0.1", port: $0.element.port) })
     configuration.protocolMode = mode
+    // Generous: the whole suite runs in parallel on two cores; tests about timeouts set their own.
+    configuration.requestTimeout = .seconds(5)
     configure(&configuration)
     let client = try MemcachedClient(configuration: configuration)
     return try await withThrowingTaskGroup(of: Void.self) { group in

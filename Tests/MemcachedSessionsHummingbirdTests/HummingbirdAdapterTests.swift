@@ -220,7 +220,9 @@ struct HummingbirdAdapterTests {
                 #expect(ttl > .seconds(590) && ttl <= .seconds(600))
                 // A key from a hostile cookie is "missing", never a command.
                 #expect(try await driver.get(key: "x\r\nflush_all", as: Visit.self) == nil)
-                await #expect(throws: (any Error).self) { try await driver.create(key: "hbs.\(cookie)", value: Visit(count: 0), expires: nil) }
+                await #expect(throws: (any Error).self) {
+                    try await driver.create(key: "hbs.\(cookie)", value: Visit(count: 0), expires: nil)
+                }
             }
         }
     }

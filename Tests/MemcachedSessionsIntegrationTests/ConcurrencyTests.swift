@@ -205,7 +205,8 @@ struct ConcurrencyTests {
                         try await group.waitForAll()
                     }
                     // A fresh instance (memcached's view) sees both changes.
-                    try await withManager(try configuration(servers, mode: mode) { $0.route = "z" }) { (fresh: SessionManager) async throws in
+                    try await withManager(try configuration(servers, mode: mode) { $0.route = "z" }) {
+                        (fresh: SessionManager) async throws in
                         var probe = cookie
                         let (a, b) = try await fresh.request(&probe) { access -> (Int?, Int?) in
                             let session = try await access.load()

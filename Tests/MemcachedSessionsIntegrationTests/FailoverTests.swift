@@ -169,7 +169,8 @@ struct FailoverTests {
                 #expect(try await manager.increment(&newcomer) == 2)
                 #expect(try await manager.increment(&browser) == 7)
                 // Now in memcached: a second instance sees both.
-                try await withManager(try configuration(servers, mode: .sticky) { $0.route = "b" }) { (second: SessionManager) async throws in
+                try await withManager(try configuration(servers, mode: .sticky) { $0.route = "b" }) {
+                    (second: SessionManager) async throws in
                     var b1 = browser
                     var b2 = newcomer
                     #expect(try await second.readCount(&b1) == 7)

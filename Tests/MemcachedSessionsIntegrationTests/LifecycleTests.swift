@@ -1,7 +1,7 @@
 import Foundation
+import Logging
 import Memcached
 import MemcachedTestRig
-import Logging
 import NIOCore
 import ServiceLifecycle
 import Testing
@@ -260,11 +260,12 @@ struct LifecycleTests {
     @Test func idleAndAbsoluteExpiry() async throws {
         try await withMemcachedServers(count: 1) { servers in
             // Idle: reads slide the TTL; without requests the session expires.
-            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(2) }) { manager in
+            // (memcached's clock ticks once a second: a 3 s TTL lives 2 to 3 s.)
+            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(3) }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
-                for _ in 0..<4 {
-                    try await Task.sleep(for: .milliseconds(800))
+                for _ in 0..<6 {
+                    try await Task.sleep(for: .milliseconds(700))
                     #expect(try await manager.readCount(&browser) == 1, "each read slides the idle timeout")
                 }
                 // Look without touching (a load would slide the TTL again).

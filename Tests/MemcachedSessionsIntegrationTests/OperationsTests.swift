@@ -154,7 +154,8 @@ struct OperationsTests {
                 let bad = await endpoints.respond(
                     method: "PUT", path: "/_msm/config", authorization: bearer, body: ByteBuffer(string: #"{"locking":"never"}"#))
                 #expect(bad.status == 400 && bad.body.contains("locking mode"))
-                let garbage = await endpoints.respond(method: "PUT", path: "/_msm/config", authorization: bearer, body: ByteBuffer(string: "]["))
+                let garbage = await endpoints.respond(
+                    method: "PUT", path: "/_msm/config", authorization: bearer, body: ByteBuffer(string: "]["))
                 #expect(garbage.status == 400)
                 #expect(await endpoints.respond(method: "DELETE", path: "/_msm/status", authorization: bearer, body: nil).status == 405)
                 #expect(await endpoints.respond(method: "GET", path: "/_msm/nothing", authorization: bearer, body: nil).status == 404)
@@ -183,7 +184,8 @@ struct OperationsTests {
                 try await servers[1].restart()
                 try await eventually(timeout: .seconds(15), "node-up event") { manager.events.recent.contains { $0.kind == .nodeUp } }
                 #expect(manager.events.recent.contains { $0.kind == .failover })
-                #expect(manager.events.recent.allSatisfy { event in !browsers.contains { event.message.contains($0.id!.token.description) } })
+                #expect(
+                    manager.events.recent.allSatisfy { event in !browsers.contains { event.message.contains($0.id!.token.description) } })
             }
         }
     }

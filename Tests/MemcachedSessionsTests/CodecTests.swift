@@ -98,7 +98,9 @@ struct CodecTests {
 
     @Test func wrongTypesAreDecodingErrors() throws {
         #expect(throws: SessionCodecError.self) { _ = try JSONValueCoding.decode(Int.self, from: ByteBuffer(string: "\"x\"")) }
-        #expect(throws: SessionCodecError.self) { _ = try JSONValueCoding.decode(Int.self, from: ByteBuffer(string: "99999999999999999999999")) }
+        #expect(throws: SessionCodecError.self) {
+            _ = try JSONValueCoding.decode(Int.self, from: ByteBuffer(string: "99999999999999999999999"))
+        }
         #expect(throws: SessionCodecError.self) { _ = try JSONValueCoding.decode(String.self, from: ByteBuffer(string: "12")) }
         #expect(throws: SessionCodecError.self) { _ = try JSONValueCoding.decode(Int.self, from: ByteBuffer(string: "")) }
     }

@@ -61,7 +61,10 @@ struct SessionModelTests {
         // Meanwhile another request stored b = 5 and c = 7 (version 4).
         let stored = SessionRecord(
             metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 8, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 4),
-            attributes: ["a": try codec.encodeValue(1), "b": try codec.encodeValue(5), "c": try codec.encodeValue(7), "gone": try codec.encodeValue(0)])
+            attributes: [
+                "a": try codec.encodeValue(1), "b": try codec.encodeValue(5), "c": try codec.encodeValue(7),
+                "gone": try codec.encodeValue(0),
+            ])
         let merged = Session.merge(snapshot, onto: stored, now: 10)
         #expect(try codec.decodeValue(Int.self, from: merged.attributes["a"]!) == 2)
         #expect(try codec.decodeValue(Int.self, from: merged.attributes["b"]!) == 5)
@@ -102,7 +105,10 @@ struct SessionModelTests {
         #expect(try error { $0.failoverNodes = ["n1", "n2"] }?.contains("at least one must be a primary") == true)
         #expect(try error { $0.locking = .uriPattern("(") }?.contains("locking uriPattern") == true)
         #expect(try error { $0.ignoredPathPattern = "[" }?.contains("ignoredPathPattern") == true)
-        #expect(try error { $0.mode = .sticky; $0.locking = .all }?.contains("non-sticky") == true)
+        #expect(
+            try error {
+                $0.mode = .sticky; $0.locking = .all
+            }?.contains("non-sticky") == true)
         #expect(try error { $0.keyPrefix = "has space" }?.contains("keyPrefix") == true)
         #expect(try error { $0.route = "bad.route" }?.contains("route") == true)
         #expect(try error { $0.lockExpiry = .milliseconds(10) }?.contains("lockExpiry") == true)

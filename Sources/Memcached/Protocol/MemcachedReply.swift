@@ -245,7 +245,9 @@ struct MemcachedReplyDecoder: NIOSingleStepByteToMessageDecoder {
             if value.count == 2, value[0] == UInt8(ascii: "-"), value[1] == UInt8(ascii: "1") {
                 reply.timeToLive = -1
             } else {
-                guard let ttl = parseUInt64(value), ttl <= UInt64(Int32.max) else { throw MemcachedError.protocolError("malformed TTL flag") }
+                guard let ttl = parseUInt64(value), ttl <= UInt64(Int32.max) else {
+                    throw MemcachedError.protocolError("malformed TTL flag")
+                }
                 reply.timeToLive = Int(ttl)
             }
         default:

@@ -178,7 +178,8 @@ extension SessionManager {
                 logger.notice("session lock not acquired within the wait budget", metadata: ["memcached.node": "\(nodeID)"])
                 switch configuration.lockFailurePolicy {
                 case .fail:
-                    throw SessionError(code: .lockUnavailable, message: "the session's lock was not released within \(configuration.lockWaitBudget)")
+                    throw SessionError(
+                        code: .lockUnavailable, message: "the session's lock was not released within \(configuration.lockWaitBudget)")
                 case .proceedUnlocked:
                     return (nil, readOutcome)
                 }

@@ -79,7 +79,9 @@ public struct ManagementEndpoints: Sendable {
             else {
                 return ManagementResponse(
                     status: 400,
-                    body: #"{"error":"expected a JSON object with any of: nodes (string), failoverNodes (array), locking (string), enabled (bool)"}"#)
+                    body:
+                        #"{"error":"expected a JSON object with any of: nodes (string), failoverNodes (array), locking (string), enabled (bool)"}"#
+                )
             }
             do {
                 return Self.json(try await manager.reconfigure(change))
@@ -153,8 +155,10 @@ enum StatusPage {
                 return String(format: "%.1f,%.1f", x, y)
             }.joined(separator: " ")
             let color = colors[index % colors.count]
-            svg += "<polyline class=\"series\" data-series=\"\(escape(entry.name))\" fill=\"none\" stroke=\"\(color)\" stroke-width=\"1.5\" points=\"\(points)\"/>\n"
-            svg += "<text x=\"\(Int(left) + 6 + index * 110)\" y=\"\(Int(height) - 4)\" font-size=\"10\" fill=\"\(color)\">\(escape(entry.name))</text>\n"
+            svg +=
+                "<polyline class=\"series\" data-series=\"\(escape(entry.name))\" fill=\"none\" stroke=\"\(color)\" stroke-width=\"1.5\" points=\"\(points)\"/>\n"
+            svg +=
+                "<text x=\"\(Int(left) + 6 + index * 110)\" y=\"\(Int(height) - 4)\" font-size=\"10\" fill=\"\(color)\">\(escape(entry.name))</text>\n"
         }
         return svg + "</svg></figure>\n"
     }
@@ -178,7 +182,8 @@ enum StatusPage {
         for event in status.events.suffix(20).reversed() {
             let seconds = TimeInterval(event.time) / 1000
             let stamp = Date(timeIntervalSince1970: seconds).formatted(.iso8601)
-            eventRows += "<li><time>\(escape(stamp))</time> <b>\(escape(event.kind.rawValue))</b> \(escape(event.message))\(event.count > 1 ? " (×\(event.count))" : "")</li>\n"
+            eventRows +=
+                "<li><time>\(escape(stamp))</time> <b>\(escape(event.kind.rawValue))</b> \(escape(event.message))\(event.count > 1 ? " (×\(event.count))" : "")</li>\n"
         }
         let keyCounters = [
             "requests_with_session", "requests_without_session", "sessions_created", "sessions_loaded", "sessions_loaded_locally",
@@ -216,7 +221,10 @@ enum StatusPage {
             """
         body += chart(
             id: "chart-requests", title: "Requests", unit: "per second",
-            series: [("requests", samples.map(\.requestsPerSecond)), ("loads", samples.map(\.loadsPerSecond)), ("writes", samples.map(\.writesPerSecond))],
+            series: [
+                ("requests", samples.map(\.requestsPerSecond)), ("loads", samples.map(\.loadsPerSecond)),
+                ("writes", samples.map(\.writesPerSecond)),
+            ],
             times: times)
         body += chart(
             id: "chart-latency", title: "Session load and write latency", unit: "µs",

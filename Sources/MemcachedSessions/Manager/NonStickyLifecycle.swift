@@ -90,7 +90,8 @@ extension SessionManager {
                             if item.flags == Self.tombstoneFlags {
                                 reads.append((nodeID, isPrimary, .tombstone))
                             } else {
-                                reads.append((nodeID, isPrimary, self.decodeStored(item, key: key, node: node).map { .found($0) } ?? .missing))
+                                reads.append(
+                                    (nodeID, isPrimary, self.decodeStored(item, key: key, node: node).map { .found($0) } ?? .missing))
                             }
                         case .success: reads.append((nodeID, isPrimary, .missing))
                         case .failure(let error): reads.append((nodeID, isPrimary, .unreachable(error)))
@@ -364,9 +365,10 @@ extension SessionManager {
             guard idle > 0 else { return }  // never expires from inactivity: nothing to slide
             let metadata = SessionMetadata(createdAt: 0, lastAccessedAt: 0, idleTimeoutSeconds: idle, absoluteTimeoutSeconds: 0, version: 0)
             let backupNode = self.topology.nextAvailable(after: id.nodeID)
-            let backupDue = backupNode.map {
-                self.backupMemo.needsRefresh(keys.backup, node: $0, window: self.backupRefreshWindow(metadata))
-            } ?? false
+            let backupDue =
+                backupNode.map {
+                    self.backupMemo.needsRefresh(keys.backup, node: $0, window: self.backupRefreshWindow(metadata))
+                } ?? false
             if backupDue, let backupNode { self.backupMemo.record(keys.backup, node: backupNode) }
             let backupTTL = self.backupTTL(metadata, now: Self.currentTimeMillis())
             _ = Task {
@@ -389,7 +391,8 @@ extension SessionManager {
         let statistics = self.statistics
         let memo = self.backupMemo
         statistics.count(.backupTouches)
-        let submit = { @Sendable (request: MemcachedRequest, completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void) in
+        let submit = {
+            @Sendable (request: MemcachedRequest, completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void) in
             _ = Task { await node.submit(request, completion: completion) }
         }
         Task {

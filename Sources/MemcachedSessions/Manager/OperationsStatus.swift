@@ -104,7 +104,8 @@ public final class StatusHistory: Sendable {
                 available[id] = node.isAvailable
                 if let before = previous.nodes[id], node.requests > before.requests {
                     nodeLatency[id] =
-                        Double(node.totalLatencyNanoseconds - before.totalLatencyNanoseconds) / Double(node.requests - before.requests) / 1000
+                        Double(node.totalLatencyNanoseconds - before.totalLatencyNanoseconds) / Double(node.requests - before.requests)
+                        / 1000
                 } else {
                     nodeLatency[id] = 0
                 }
@@ -189,7 +190,9 @@ extension SessionManager {
                 let statistics = node.statistics
                 nodes[id] = statistics
                 if let before = wasAvailable[id], before != statistics.isAvailable {
-                    events.record(statistics.isAvailable ? .nodeUp : .nodeDown, "memcached node \(id) is \(statistics.isAvailable ? "up again" : "down")")
+                    events.record(
+                        statistics.isAvailable ? .nodeUp : .nodeDown,
+                        "memcached node \(id) is \(statistics.isAvailable ? "up again" : "down")")
                 }
                 wasAvailable[id] = statistics.isAvailable
             }

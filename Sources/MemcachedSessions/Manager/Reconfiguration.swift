@@ -82,9 +82,11 @@ extension SessionManager {
         var newNodes: [MemcachedNodeAddress]? = nil
         if let list = change.nodes {
             var candidate = try Configuration(nodes: list)
-            candidate.failoverNodes = change.failoverNodes ?? runtime.withLock { $0.failoverNodes }.filter { id in
-                candidate.memcached.nodes.contains { $0.id == id }
-            }
+            candidate.failoverNodes =
+                change.failoverNodes
+                ?? runtime.withLock { $0.failoverNodes }.filter { id in
+                    candidate.memcached.nodes.contains { $0.id == id }
+                }
             candidate.mode = configuration.mode
             try candidate.validate()
             guard ownsClient else {
@@ -162,8 +164,13 @@ extension SessionManager {
             startClientIfRunning(newClient)
             if let oldClient { retire(oldClient) }
         }
-        events.record(.configuration, "configuration changed: nodes \(view.nodes), failover \(view.failoverNodes), locking \(view.locking), enabled \(view.enabled)" + (view.drainingNodes.isEmpty ? "" : ", draining \(view.drainingNodes)"))
-        logger.notice("session manager reconfigured", metadata: ["nodes": "\(view.nodes)", "locking": "\(view.locking)", "enabled": "\(view.enabled)"])
+        events.record(
+            .configuration,
+            "configuration changed: nodes \(view.nodes), failover \(view.failoverNodes), locking \(view.locking), enabled \(view.enabled)"
+                + (view.drainingNodes.isEmpty ? "" : ", draining \(view.drainingNodes)"))
+        logger.notice(
+            "session manager reconfigured",
+            metadata: ["nodes": "\(view.nodes)", "locking": "\(view.locking)", "enabled": "\(view.enabled)"])
         return view
     }
 

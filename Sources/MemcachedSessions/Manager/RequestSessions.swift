@@ -52,4 +52,3 @@ public struct RequestSessions: Sendable {
     /// The well-formed session id the request's cookie carried, if any.
     public var requestedID: SessionID? { access?.requestedID }
 }
-

@@ -295,8 +295,10 @@ extension SessionManager {
             keys.backup, value: ByteBuffer(), ttl: tombstoneTTL, flags: Self.tombstoneFlags, quiet: true)
         tombstone.connectionAffinity = Self.affinity(of: keys.backup)
         tombstone = prepared(tombstone)
-        for other in topology.others(than: nodeID) {
-            if let backupNode = topology.node(other), backupNode.isAvailable { await backupNode.submit(tombstone) }
+        // Every node, the session's own included: after a relocation the new primary may be the
+        // old backup node, still holding a backup key.
+        for candidate in topology.order {
+            if let backupNode = topology.node(candidate), backupNode.isAvailable { await backupNode.submit(tombstone) }
         }
     }
 }

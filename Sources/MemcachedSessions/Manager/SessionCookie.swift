@@ -101,7 +101,9 @@ public struct SessionCookie: Sendable, Hashable {
         var index = utf8.startIndex
         while index < utf8.endIndex {
             // Skip separators and whitespace before a cookie pair.
-            while index < utf8.endIndex, utf8[index] == UInt8(ascii: " ") || utf8[index] == UInt8(ascii: ";") || utf8[index] == UInt8(ascii: ",") {
+            while index < utf8.endIndex,
+                utf8[index] == UInt8(ascii: " ") || utf8[index] == UInt8(ascii: ";") || utf8[index] == UInt8(ascii: ",")
+            {
                 index = utf8.index(after: index)
             }
             guard index < utf8.endIndex else { break }

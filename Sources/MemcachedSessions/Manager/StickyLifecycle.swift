@@ -216,7 +216,8 @@ extension SessionManager {
                     let requests = pending.map { item in
                         var request = MemcachedRequest.store(
                             self.keys(of: item.session).primary, value: item.bytes,
-                            mode: item.snapshot.casUnique == nil ? .add : .set, ttl: Self.primaryTTL(item.snapshot.record.metadata, now: now),
+                            mode: item.snapshot.casUnique == nil ? .add : .set,
+                            ttl: Self.primaryTTL(item.snapshot.record.metadata, now: now),
                             flags: Self.primaryFlags(item.snapshot.record.metadata), cas: item.snapshot.casUnique)
                         request.timeout = self.configuration.saveTimeout
                         return self.prepared(request)

@@ -49,7 +49,7 @@ public final class SessionStatistics: Sendable {
         case bytesRead
         /// Memcached round trips a request waited for (writes it does not wait for are not counted).
         case memcachedRoundTrips
-    
+
         /// The name in snapshots and metrics (`msm_<name>_total`): snake case.
         public var name: String { SessionStatistics.counterNames[rawValue] }
     }
@@ -64,7 +64,7 @@ public final class SessionStatistics: Sendable {
         case lockWait
         /// The manager's own time at the end of a request.
         case end
-    
+
         public var name: String { SessionStatistics.timerNames[rawValue] }
     }
 
@@ -122,7 +122,6 @@ public final class SessionStatistics: Sendable {
             CoreMetrics.Timer(label: "msm_\($0.name)_duration_seconds", dimensions: [], factory: factory)
         }
     }
-
 
     /// Adds to a counter.
     func count(_ counter: Counter, _ amount: Int = 1) {

@@ -151,7 +151,8 @@ extension SessionManager {
     /// Encodes a record, refusing sessions larger than memcached's item size limit before
     /// anything is sent (memcached drops the stored item when it refuses an oversized set).
     func encode(_ record: SessionRecord, keyLength: Int) throws(SessionError) -> ByteBuffer {
-        var buffer = byteBufferAllocator.buffer(capacity: 64 + record.attributes.reduce(0) { $0 + $1.key.utf8.count + $1.value.readableBytes + 6 })
+        var buffer = byteBufferAllocator.buffer(
+            capacity: 64 + record.attributes.reduce(0) { $0 + $1.key.utf8.count + $1.value.readableBytes + 6 })
         do {
             try configuration.codec.encodeSession(record, into: &buffer)
         } catch {
