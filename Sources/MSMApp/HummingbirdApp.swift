@@ -80,21 +80,7 @@ public enum HummingbirdApp {
 /// The demo's home page: the session's attributes, which instance served the request, which
 /// memcached node holds the session, and a button that adds one to the counter.
 enum HomePage {
-    static func escape(_ text: String) -> String {
-        var out = ""
-        out.reserveCapacity(text.utf8.count)
-        for character in text {
-            switch character {
-            case "&": out += "&amp;"
-            case "<": out += "&lt;"
-            case ">": out += "&gt;"
-            case "\"": out += "&quot;"
-            case "'": out += "&#39;"
-            default: out.append(character)
-            }
-        }
-        return out
-    }
+    static func escape(_ text: String) -> String { HTMLEscaping.escape(text) }
 
     static func render(session: Session?, instance: String) -> String {
         var rows = ""

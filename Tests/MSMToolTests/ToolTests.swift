@@ -27,9 +27,7 @@ func msm(_ arguments: [String], environment: [String: String] = [:]) throws -> (
     return (process.terminationStatus, String(decoding: out, as: UTF8.self), String(decoding: err, as: UTF8.self))
 }
 
-func nodes(_ servers: [MemcachedServer]) -> String {
-    servers.enumerated().map { "n\($0.offset + 1):127.0.0.1:\($0.element.port)" }.joined(separator: ",")
-}
+func nodes(_ servers: [MemcachedServer]) -> String { servers.nodeList }
 
 /// A port nothing listens on.
 func deadPort() throws -> Int { try FreePort.find() }

@@ -28,18 +28,6 @@ func withClient(
     }
 }
 
-/// Waits until `condition` holds, checking every 20 ms, or fails after `timeout`.
-func eventually(
-    timeout: Duration = .seconds(10), _ what: String, _ condition: () async throws -> Bool
-) async throws {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return }
-        try await Task.sleep(for: .milliseconds(20))
-    }
-    throw RigError("timed out after \(timeout) waiting for: \(what)")
-}
-
 /// Runs `body` and returns the MemcachedError it throws, or nil.
 func memcachedError(_ body: () async throws -> Void) async -> MemcachedError? {
     do {

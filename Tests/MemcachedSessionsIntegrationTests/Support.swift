@@ -56,9 +56,7 @@ extension SessionManager {
 }
 
 /// Node ids n1, n2, ... for `servers`.
-func nodeList(_ servers: [MemcachedServer]) -> String {
-    servers.enumerated().map { "n\($0.offset + 1):127.0.0.1:\($0.element.port)" }.joined(separator: ",")
-}
+func nodeList(_ servers: [MemcachedServer]) -> String { servers.nodeList }
 
 func configuration(
     _ servers: [MemcachedServer], mode: SessionManager.Mode = .nonSticky,
@@ -144,18 +142,6 @@ func commandCounts(_ client: MemcachedClient, nodes: [String]? = nil) async thro
         counts.deletes += value("delete_hits") + value("delete_misses")
     }
     return counts
-}
-
-/// Waits until `condition` holds, checking every 20 ms, or fails after `timeout`.
-func eventually(
-    timeout: Duration = .seconds(10), _ what: String, _ condition: () async throws -> Bool
-) async throws {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return }
-        try await Task.sleep(for: .milliseconds(20))
-    }
-    throw RigError("timed out after \(timeout) waiting for: \(what)")
 }
 
 func sessionError(_ body: () async throws -> Void) async -> SessionError? {

@@ -7,9 +7,7 @@ import NIOHTTP1
 import Testing
 import Vapor
 
-func nodes(_ servers: [MemcachedServer]) -> String {
-    servers.enumerated().map { "n\($0.offset + 1):127.0.0.1:\($0.element.port)" }.joined(separator: ",")
-}
+func nodes(_ servers: [MemcachedServer]) -> String { servers.nodeList }
 
 func makeManager(
     _ servers: [MemcachedServer], _ configure: (inout SessionManager.Configuration) -> Void = { _ in }

@@ -112,9 +112,11 @@ public struct ManagementEndpoints: Sendable {
 
 /// The HTML status page: plain HTML and inline SVG, no script, no external asset; refreshes itself
 /// every five seconds.
-enum StatusPage {
-    static func escape(_ text: String) -> String {
+/// Text made safe to put in HTML (element content or a quoted attribute).
+public enum HTMLEscaping {
+    public static func escape(_ text: String) -> String {
         var out = ""
+        out.reserveCapacity(text.utf8.count)
         for character in text {
             switch character {
             case "&": out += "&amp;"
@@ -127,6 +129,10 @@ enum StatusPage {
         }
         return out
     }
+}
+
+enum StatusPage {
+    static func escape(_ text: String) -> String { HTMLEscaping.escape(text) }
 
     static func number(_ value: Double) -> String {
         value >= 100 ? String(Int(value.rounded())) : String(format: "%.1f", value)

@@ -162,17 +162,27 @@ extension SessionManager {
             "session recovered after a memcached node failure",
             metadata: ["memcached.node.failed": "\(id.nodeID)", "memcached.node.target": "\(home)"])
         events.record(.failover, "sessions moved from \(id.nodeID) to \(home): \(id.nodeID) did not answer")
-        if let held = lock, held.nodeID != home {
+        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access)
+    }
+
+    /// Serves a copy found on another node: under `id` (whose node is where it lives now), with
+    /// the lock only if it is on that node, and, when the copy was a backup, marked to be written
+    /// in full at the end of the request.
+    private func adopt(
+        _ copy: (stored: StoredSession, nodeID: String, isPrimary: Bool), id: SessionID, lock: HeldLock?, access: SessionAccess
+    ) async -> Session {
+        var lock = lock
+        if let held = lock, held.nodeID != id.nodeID {
             await release(held)
             lock = nil
         }
         let session = makeSession(
-            id: id.relocated(to: home), record: newest.stored.record, casUnique: newest.isPrimary ? newest.stored.casUnique : nil,
-            isNew: false)
+            id: id, record: copy.stored.record, casUnique: copy.isPrimary ? copy.stored.casUnique : nil, isNew: false)
+        if !copy.isPrimary { session.markAllChanged() }
         access.state.withLock { state in
             state.loaded.lock = lock
-            state.loaded.raw = newest.stored.raw
-            state.loaded.mustWriteAll = !newest.isPrimary
+            state.loaded.raw = copy.stored.raw
+            state.loaded.mustWriteAll = !copy.isPrimary
         }
         return session
     }
@@ -191,22 +201,8 @@ extension SessionManager {
             return nil
         }
         statistics.count(.sessionsRestored)
-        var lock = lock
         let home = newest.isPrimary ? newest.nodeID : id.nodeID
-        if let held = lock, held.nodeID != home {
-            await release(held)
-            lock = nil
-        }
-        let session = makeSession(
-            id: id.relocated(to: home), record: newest.stored.record, casUnique: newest.isPrimary ? newest.stored.casUnique : nil,
-            isNew: false)
-        if !newest.isPrimary { session.markAllChanged() }
-        access.state.withLock { state in
-            state.loaded.lock = lock
-            state.loaded.raw = newest.stored.raw
-            state.loaded.mustWriteAll = !newest.isPrimary
-        }
-        return session
+        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access)
     }
 
     func unavailable(id: SessionID, cause: String) throws(SessionError) -> Session? {
