@@ -59,18 +59,6 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
     }
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        // Already on the loop (NIO installed as the global executor, for one) there is nothing to gain.
-        if runsOnChannelEventLoop, let eventLoop = context.channelEventLoop, !eventLoop.inEventLoop {
-            return try await withTaskExecutorPreference(EventLoopExecutor.for(eventLoop)) {
-                try await handleOnLoop(request, context: context, next: next)
-            }
-        }
-        return try await handleOnLoop(request, context: context, next: next)
-    }
-
-    private func handleOnLoop(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
-        -> Response
-    {
         let path = request.uri.path
         if manager.isIgnored(path: path) {
             return try await next(request, context)
@@ -80,6 +68,19 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
             cookieValue = cookie.value(inCookieHeader: header)
         }
         let access = manager.beginRequest(path: path, sessionCookie: cookieValue.map(String.init))
+        // Requests that may wait for memcached run on their channel's event loop, with the
+        // connection they talk to; already there (NIO as the global executor), nothing to gain.
+        if runsOnChannelEventLoop, access.mayWaitForMemcached, let eventLoop = context.channelEventLoop, !eventLoop.inEventLoop {
+            return try await withTaskExecutorPreference(EventLoopExecutor.for(eventLoop)) {
+                try await handle(request, context: context, access: access, next: next)
+            }
+        }
+        return try await handle(request, context: context, access: access, next: next)
+    }
+
+    private func handle(
+        _ request: Request, context: Context, access: SessionAccess, next: (Request, Context) async throws -> Response
+    ) async throws -> Response {
         var context = context
         context.sessions = RequestSessions(access: access)
         var response: Response

@@ -32,15 +32,6 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
     }
 
     public func respond(to request: Request, chainingTo next: any AsyncResponder) async throws -> Response {
-        if runsOnRequestEventLoop, !request.eventLoop.inEventLoop {
-            return try await withTaskExecutorPreference(EventLoopExecutor.for(request.eventLoop)) {
-                try await respondOnLoop(to: request, chainingTo: next)
-            }
-        }
-        return try await respondOnLoop(to: request, chainingTo: next)
-    }
-
-    private func respondOnLoop(to request: Request, chainingTo next: any AsyncResponder) async throws -> Response {
         let path = request.url.path
         if manager.isIgnored(path: path) {
             return try await next.respond(to: request)
@@ -50,6 +41,17 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
             cookieValue = cookie.value(inCookieHeader: header)
         }
         let access = manager.beginRequest(path: path, sessionCookie: cookieValue.map(String.init))
+        // Requests that may wait for memcached run on their event loop, with the connection they
+        // talk to; already there (NIO as the global executor), nothing to gain.
+        if runsOnRequestEventLoop, access.mayWaitForMemcached, !request.eventLoop.inEventLoop {
+            return try await withTaskExecutorPreference(EventLoopExecutor.for(request.eventLoop)) {
+                try await respond(to: request, access: access, chainingTo: next)
+            }
+        }
+        return try await respond(to: request, access: access, chainingTo: next)
+    }
+
+    private func respond(to request: Request, access: SessionAccess, chainingTo next: any AsyncResponder) async throws -> Response {
         request.storage[SessionAccessKey.self] = access
         let response: Response
         do {

@@ -1,8 +1,9 @@
-import Memcached
 import MemcachedTestRig
 import NIOCore
 import NIOPosix
 import Testing
+
+@testable import Memcached
 
 @Suite("Faults: killed nodes, silent servers, recovery")
 struct FaultTests {
@@ -111,6 +112,35 @@ struct FaultTests {
         }
         let error = await memcachedError { _ = try await client.get("k") }
         #expect(error?.code == .nodeUnavailable)
+    }
+
+    /// A connection can close between the pool handing it out and the request reaching it (the
+    /// server restarted, the connection stalled): the request, never sent, goes out on a new one.
+    @Test func aConnectionClosedUnderARequestIsReplacedNotReported() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withClient(servers) { client in
+                try await client.set("k", value: bytes("v"))
+                let pool = client.nodes[0].pool
+                let first = try await pool.connection()
+                try await first.eventLoop.submit { first.channel.close(promise: nil) }.get()
+
+                // The connection refuses the request as unsent, rather than losing it.
+                let refused = await first.execute(.get("k"), deadline: .now() + .seconds(5))
+                guard case .failure(let error) = refused else {
+                    Issue.record("a closed connection answered: \(refused)")
+                    return
+                }
+                #expect(error.wasNotSent)
+                // The pool does not hand out the closed connection again.
+                let second = try await pool.connection(replacing: first)
+                #expect(second !== first)
+                #expect(second.channel.isActive)
+                // And requests through the client never see it.
+                try await first.eventLoop.submit { second.channel.close(promise: nil) }.get()
+                #expect(try await client.get("k")?.string == "v")
+                #expect(try await client.getMany(["k", "missing"]).count == 1)
+            }
+        }
     }
 
     @Test func requestsThatIgnoreCancellationCompleteInACancelledTask() async throws {

@@ -105,6 +105,53 @@ struct ConcurrencyTests {
         }
     }
 
+    /// A renewal racing the release changes the lock's CAS unique before the release lands: the
+    /// owner's conditional delete finds `EX`. The lock, still holding the owner's token, must go
+    /// anyway; a lock that now holds someone else's token must stay.
+    @Test(arguments: [true, false])
+    func aReleaseRacingARenewalStillReleasesOnlyItsOwnLock(modifies: Bool) async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let config = try configuration(servers) {
+                $0.locking = .all
+                $0.lockExpiry = .seconds(30)
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let node = try inspector.node(id.nodeID)
+
+                    // The owner's token under a new CAS unique: what a renewal does.
+                    try await manager.request(&browser) { access in
+                        let session = try #require(try await access.load())
+                        let lock = try #require(try await node.get(keys.lock))
+                        try await node.set(keys.lock, value: lock.value, ttl: .seconds(30))
+                        if modifies { try session.set("count", 7) }
+                    }
+                    // (A request that changed nothing releases without waiting for the reply.) Well
+                    // before the lock's 30 s expiry:
+                    try await eventually(timeout: .seconds(3), "the owner's lock is released despite the renewal") {
+                        try await node.get(keys.lock) == nil
+                    }
+
+                    // Someone else's token: the lock expired and another request took it.
+                    try await manager.request(&browser) { access in
+                        let session = try #require(try await access.load())
+                        try await node.set(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30))
+                        if modifies { try session.set("count", 8) }
+                    }
+                    try await eventually(timeout: .seconds(3), "the second release is done") {
+                        manager.statistics.value(of: .lockReleaseRaces) == 2
+                    }
+                    let left = try await node.get(keys.lock)
+                    #expect(left?.value == ByteBuffer(string: "someone-else"), "another request's lock is left alone")
+                }
+            }
+        }
+    }
+
     @Test func aCancelledRequestStillReleasesItsLockAndSaves() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers) {

@@ -175,13 +175,22 @@ struct LifecycleTests {
             let manager = try SessionManager(configuration: try configuration(servers, mode: .sticky) { $0.route = "a" })
             let group = ServiceGroup(
                 configuration: .init(services: [manager], gracefulShutdownSignals: [], logger: Logger(label: "test")))
-            let running = Task { try await group.run() }
-            var browsers = [Browser](repeating: Browser(), count: 200)
-            for index in browsers.indices {
-                for _ in 0..<3 { try await manager.increment(&browsers[index]) }
+            // Structured: whatever happens, the service group stops before the test goes on.
+            let browsers = try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await group.run() }
+                var browsers = [Browser](repeating: Browser(), count: 200)
+                do {
+                    for index in browsers.indices {
+                        for _ in 0..<3 { try await manager.increment(&browsers[index]) }
+                    }
+                } catch {
+                    tasks.cancelAll()
+                    throw error
+                }
+                await group.triggerGracefulShutdown()
+                try await tasks.waitForAll()
+                return browsers
             }
-            await group.triggerGracefulShutdown()
-            try await running.value
             // Every queued write reached memcached: another instance reads every final count.
             try await withManager(try configuration(servers, mode: .sticky) { $0.route = "b" }) { (other: SessionManager) async throws in
                 for index in browsers.indices {

@@ -70,6 +70,7 @@ class Load(threading.Thread):
         self.stop = threading.Event()
         self.mismatches = 0
         self.requests = 0
+        self.error = None
 
     def one(self, connection, index):
         headers = {"Cookie": f"SESSION_ID={self.cookies[index]}"} if self.cookies[index] else {}
@@ -91,10 +92,13 @@ class Load(threading.Thread):
 
     def run(self):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        while not self.stop.is_set():
-            for index in range(len(self.cookies)):
-                self.one(connection, index)
-            time.sleep(0.005)
+        try:
+            while not self.stop.is_set():
+                for index in range(len(self.cookies)):
+                    self.one(connection, index)
+                time.sleep(0.005)
+        except Exception as error:  # reported by the main thread
+            self.error = f"{error!r} after {self.requests} requests"
 
 
 class Browser:
@@ -146,16 +150,6 @@ class Browser:
             messages.append(json.loads(raw))
         return messages
 
-    def wait_event(self, method, session, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for index, event in enumerate(self.events):
-                if event.get("method") == method and event.get("sessionId") == session:
-                    del self.events[index]
-                    return event
-            self.events.extend(self.read())
-        raise Failure(f"no {method} within {timeout} s")
-
     def open_page(self, url, headers):
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -165,10 +159,22 @@ class Browser:
         return session
 
     def visit(self, session, url):
-        self.send("Page.navigate", {"url": url}, session=session)
-        self.wait_event("Page.loadEventFired", session)
-        dom = self.send("Runtime.evaluate", {"expression": "document.documentElement.outerHTML", "returnByValue": True},
-                        session=session)["result"]["value"]
+        navigation = self.send("Page.navigate", {"url": url}, session=session)
+        if navigation.get("errorText"):
+            raise Failure(f"the browser could not load {url}: {navigation['errorText']}")
+        # Load events are not tied to a navigation (the blank page's may come late): wait instead
+        # until this document is the one shown and fully loaded, then read it.
+        expression = (f"(document.readyState === 'complete' && location.href === {json.dumps(url)} && "
+                      "document.documentElement) ? document.documentElement.outerHTML : null")
+        deadline = time.monotonic() + 30
+        while True:
+            evaluated = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session)
+            dom = evaluated.get("result", {}).get("value")
+            if isinstance(dom, str):
+                break
+            if time.monotonic() > deadline:
+                raise Failure(f"{url} was not loaded after 30 s: {evaluated}")
+            time.sleep(0.1)
         shot = self.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
         return dom, base64.b64decode(shot)
 
@@ -203,6 +209,7 @@ def main():
     os.makedirs(arguments.artifacts, exist_ok=True)
     processes = []
     browser = None
+    app = None
     try:
         user = ["-u", "nobody"] if os.getuid() == 0 else []
         ports = [free_port(), free_port()]
@@ -212,9 +219,11 @@ def main():
             wait_port(port)
         app_port = free_port()
         nodes = f"n1:127.0.0.1:{ports[0]},n2:127.0.0.1:{ports[1]}"
-        processes.append(subprocess.Popen(
+        app_log = open(os.path.join(arguments.artifacts, "status-page-app.log"), "wb")
+        app = subprocess.Popen(
             [arguments.msm, "serve", "--nodes", nodes, "--port", str(app_port), "--instance", "status-e2e",
-             "--management-token", TOKEN, "--metrics"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+             "--management-token", TOKEN, "--metrics"], stdout=app_log, stderr=subprocess.STDOUT)
+        processes.append(app)
         wait_port(app_port)
 
         # Without the token: refused.
@@ -234,7 +243,12 @@ def main():
         session = browser.open_page(f"http://127.0.0.1:{app_port}/_msm/", {"Authorization": f"Bearer {TOKEN}"})
         pages = []
         for visit in range(2):
-            dom, png = browser.visit(session, f"http://127.0.0.1:{app_port}/_msm/")
+            if app.poll() is not None:
+                raise Failure(f"msm serve exited with {app.returncode} under load")
+            if load.error:
+                raise Failure(f"the load failed: {load.error}")
+            # A distinct address per visit: the page read is surely the new one.
+            dom, png = browser.visit(session, f"http://127.0.0.1:{app_port}/_msm/?visit={visit + 1}")
             status, body = get(app_port, "/_msm/status", token=TOKEN)
             if status != 200:
                 raise Failure(f"/_msm/status answered {status}")
@@ -267,12 +281,20 @@ def main():
             raise Failure("/metrics contains a session id")
         load.stop.set()
         load.join(timeout=10)
+        if load.error:
+            raise Failure(f"the load failed: {load.error}")
         if load.mismatches:
             raise Failure(f"{load.mismatches} mismatches in the load")
         print(f"status page end-to-end: passed ({load.requests} checked requests, charts changed, metrics served)", flush=True)
         return 0
-    except Failure as failure:
-        print(f"FAILED: {failure}", flush=True)
+    except Exception as failure:
+        print(f"FAILED: {failure!r}", flush=True)
+        if app is not None:
+            print(f"   msm serve: {'running' if app.poll() is None else f'exited with {app.returncode}'}; "
+                  f"last lines of {app_log.name}:", flush=True)
+            with open(app_log.name, "rb") as log:
+                for line in log.read().decode(errors="replace").splitlines()[-30:]:
+                    print(f"   | {line}", flush=True)
         return 1
     finally:
         if browser:

@@ -71,7 +71,7 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
 
     func submit(_ request: MemcachedRequest, id: UInt64, deadline: NIODeadline, context requestContext: RequestContext) {
         guard let context, stateMachine.canEnqueue else {
-            requestContext.complete(.failure(stateMachine.state == .draining ? MemcachedError.shutdownError : .connectionClosed()))
+            requestContext.complete(.failure(stateMachine.state == .draining ? MemcachedError.shutdownError : .notSent))
             return
         }
         nextOpaque &+= 1

@@ -104,6 +104,12 @@ public struct MemcachedError: Error, Sendable, Hashable, CustomStringConvertible
     static func connectionClosed(_ message: String = "connection closed") -> MemcachedError {
         MemcachedError(code: .connectionClosed, message: message)
     }
+    /// A request refused by a connection that was already closing: it was never written, so it
+    /// may be sent again on another connection whatever it does.
+    static let notSentMessage = "connection was closing; request not sent"
+    static let notSent = MemcachedError(code: .connectionClosed, message: notSentMessage)
+    var wasNotSent: Bool { code == .connectionClosed && message == Self.notSentMessage }
+
     static func protocolError(_ message: String) -> MemcachedError {
         MemcachedError(code: .protocolError, message: message)
     }

@@ -39,7 +39,12 @@ final class ConnectionPool: Sendable {
     }
 
     /// A connection, opening one if needed. Prefers a connection on the caller's own event loop.
-    func connection(affinity: Int? = nil) async throws(MemcachedError) -> MemcachedConnection {
+    ///
+    /// A connection that is closing (or `replacing`, one that just refused a request because it was
+    /// closing) is not handed out: a new one is opened in its place.
+    func connection(affinity: Int? = nil, replacing stale: MemcachedConnection? = nil) async throws(MemcachedError)
+        -> MemcachedConnection
+    {
         let slot = affinity.map { slots[Int(UInt(bitPattern: $0) % UInt(slots.count))] } ?? pickSlot()
         enum Next {
             case ready(MemcachedConnection)
@@ -50,7 +55,11 @@ final class ConnectionPool: Sendable {
         let next: Next = slot.state.withLockedValue { state in
             switch state {
             case .connected(let connection):
-                return .ready(connection)
+                if connection !== stale, connection.channel.isActive { return .ready(connection) }
+                // Closing: its close callback will find another connection in the slot and leave it.
+                let promise = slot.eventLoop.makePromise(of: MemcachedConnection.self)
+                state = .connecting(promise.futureResult)
+                return .connect(promise, attempts: 0)
             case .connecting(let future):
                 return .wait(future)
             case .shutDown:

@@ -46,7 +46,13 @@ final class MemcachedNode: Sendable {
         let result: Result<MemcachedResponse, MemcachedError>
         do {
             let connection = try await pool.connection(affinity: request.connectionAffinity)
-            result = await connection.execute(request, deadline: deadline)
+            var attempt = await connection.execute(request, deadline: deadline)
+            if case .failure(let error) = attempt, error.wasNotSent {
+                // The connection closed under us before the request went out: once more on a new one.
+                let fresh = try await pool.connection(affinity: request.connectionAffinity, replacing: connection)
+                attempt = await fresh.execute(request, deadline: deadline)
+            }
+            result = attempt
         } catch {
             result = .failure(error)
         }
@@ -64,7 +70,13 @@ final class MemcachedNode: Sendable {
         let results: [Result<MemcachedResponse, MemcachedError>]
         do {
             let connection = try await pool.connection(affinity: requests.first?.connectionAffinity)
-            results = await connection.executeBatch(requests, deadline: deadline)
+            var attempt = await connection.executeBatch(requests, deadline: deadline)
+            if attempt.allSatisfy({ if case .failure(let error) = $0 { error.wasNotSent } else { false } }) {
+                // The connection closed under us before the batch went out: once more on a new one.
+                let fresh = try await pool.connection(affinity: requests.first?.connectionAffinity, replacing: connection)
+                attempt = await fresh.executeBatch(requests, deadline: deadline)
+            }
+            results = attempt
         } catch {
             results = requests.map { _ in .failure(error) }
         }
@@ -85,8 +97,26 @@ final class MemcachedNode: Sendable {
         do {
             let connection = try await pool.connection(affinity: request.connectionAffinity)
             connection.submit(request, deadline: deadline) { result in
+                if case .failure(let error) = result, error.wasNotSent {
+                    // Rare (the connection closed under us before the request went out): once more
+                    // on a new connection, from a task since this runs on the event loop.
+                    Task { await self.resubmit(request, deadline: deadline, replacing: connection, start: start, completion: completion) }
+                    return
+                }
                 completion(self.finish(result, start: start))
             }
+        } catch {
+            completion(finish(.failure(error), start: start))
+        }
+    }
+
+    private func resubmit(
+        _ request: MemcachedRequest, deadline: NIODeadline, replacing stale: MemcachedConnection, start: NIODeadline,
+        completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void
+    ) async {
+        do {
+            let connection = try await pool.connection(affinity: request.connectionAffinity, replacing: stale)
+            connection.submit(request, deadline: deadline) { result in completion(self.finish(result, start: start)) }
         } catch {
             completion(finish(.failure(error), start: start))
         }

@@ -215,31 +215,46 @@ extension SessionManager {
         heldLocks.remove(lock)
     }
 
-    /// Releases a lock on its own (when there is nothing to write). A renewal that raced the
-    /// release changed the CAS unique (the delete then finds `EX`): the release is retried once
-    /// with the new one, so the lock does not linger until it expires.
+    /// Releases a lock on its own (when there is nothing to write), without waiting for the reply.
     func release(_ lock: HeldLock) async {
         heldLocks.remove(lock)
         guard let node = topology.node(lock.nodeID) else { return }
-        let statistics = self.statistics
-        let request = lockReleaseRequest(lock)
-        let usedCas = lock.casUnique
-        await node.submit(request) { result in
-            switch result {
-            case .failure(let error) where !error.meansNodeUnreachable:
-                statistics.count(.lockReleaseFailures)
-            case .success(.deleted(.exists)):
-                if lock.casUnique != usedCas {
-                    var retry = MemcachedRequest.delete(lock.key, cas: lock.casUnique, quiet: true)
-                    retry.honorsCancellation = false
-                    Task { await node.submit(retry) }
-                } else {
-                    statistics.count(.lockReleaseFailures)
-                }
-            default:
-                break
-            }
+        await node.submit(lockReleaseRequest(lock)) { result in
+            self.releaseAnswered(result, lock: lock, node: node)
         }
+    }
+
+    /// Handles the reply to a release sent without waiting (see ``releaseAfterConflict(_:node:)``).
+    func releaseAnswered(_ result: Result<MemcachedResponse, MemcachedError>, lock: HeldLock, node: MemcachedNodeClient) {
+        switch result {
+        case .success(.deleted(.exists)):
+            // Rare, and bounded by the request timeout: the follow-up cannot run on the event
+            // loop that delivers this reply.
+            Task { await self.releaseAfterConflict(lock, node: node) }
+        case .failure(let error) where !error.meansNodeUnreachable:
+            statistics.count(.lockReleaseFailures)
+        default:
+            break
+        }
+    }
+
+    /// A conditional release found the lock's CAS unique changed (`EX`). A renewal of ours racing
+    /// the release does that (its reply may not even be in yet), so the lock is read back: if it
+    /// still holds this request's random token it is ours, and is deleted under its current CAS.
+    /// Someone else's lock (ours expired and was taken) is left alone. Without this the lock
+    /// would linger until it expires, blocking the session's next requests.
+    func releaseAfterConflict(_ lock: HeldLock, node: MemcachedNodeClient) async {
+        defer { statistics.count(.lockReleaseRaces) }
+        for _ in 0..<3 {
+            countRoundTrip()
+            guard let item = try? await node.get(lock.key) else { return }  // gone, or unreachable: nothing to do
+            guard item.value.readableBytesView.elementsEqual(lock.token.utf8) else { return }  // not ours
+            var delete = MemcachedRequest.delete(lock.key, cas: item.cas)
+            delete.honorsCancellation = false
+            countRoundTrip()
+            guard case .success(.deleted(.exists)) = await node.executeBatch([delete])[0] else { return }
+        }
+        statistics.count(.lockReleaseFailures)
     }
 
     /// Renews one lock's lease: a CAS write of the same token, so it only succeeds for the owner.

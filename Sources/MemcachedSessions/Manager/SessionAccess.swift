@@ -197,6 +197,14 @@ public final class SessionAccess: Sendable {
         try await load()?.invalidate()
     }
 
+    /// Whether this request may wait for memcached round trips (a load, a synchronous save, a
+    /// lock). Adapters move a request to its channel's event loop only when it may: a sticky
+    /// request served from memory with asynchronous saving never waits, and the move would be two
+    /// thread hops for nothing.
+    public var mayWaitForMemcached: Bool {
+        !isIgnored && manager.mayWaitForMemcached(requestedID)
+    }
+
     /// The session if it was loaded or created by this request (no I/O).
     public var current: Session? {
         state.withLock { $0.phase == .loaded ? $0.session : nil }
@@ -216,6 +224,14 @@ public final class SessionAccess: Sendable {
 }
 
 extension SessionManager {
+    func mayWaitForMemcached(_ id: SessionID?) -> Bool {
+        guard isEnabled else { return false }
+        if configuration.mode == .nonSticky || !configuration.asynchronousSaving { return true }
+        guard let id else { return false }  // a new sticky session is saved by the writer
+        if configuration.route != nil, id.route != configuration.route { return true }  // takeover: a load
+        return !localStore.holdsFresh(id.token, within: stickyTouchInterval)
+    }
+
     /// Whether sessions live in this instance's memory (sticky, or memcached disabled).
     var usesLocalLifecycle: Bool {
         configuration.mode == .sticky || !isEnabled
@@ -277,15 +293,18 @@ extension SessionManager {
         }
         // The primary goes first: a concurrent write that has not landed yet then finds nothing
         // and writes no backup.
-        var requests = [prepared(MemcachedRequest.delete(keys.primary))]
-        if let lock {
-            requests.append(prepared(lockReleaseRequest(lock)))
-        }
+        let delete = prepared(MemcachedRequest.delete(keys.primary))
         if wait {
             countRoundTrip()
-            _ = await node.executeBatch(requests)
+            let results = await node.executeBatch([delete] + (lock.map { [prepared(lockReleaseRequest($0))] } ?? []))
+            if let lock, results.count > 1 { releaseAnswered(results[1], lock: lock, node: node) }
         } else {
-            for request in requests { await node.submit(request) }
+            await node.submit(delete)
+            if let lock {
+                await node.submit(prepared(lockReleaseRequest(lock))) { result in
+                    self.releaseAnswered(result, lock: lock, node: node)
+                }
+            }
         }
         // The backup may be on any other node (placement follows availability): leave a tombstone
         // on every one, so that neither a recovery nor a backup repair racing this logout brings

@@ -41,6 +41,9 @@ public final class SessionStatistics: Sendable {
         case lockFailures
         case lockRenewals
         case lockReleaseFailures
+        /// A release found the lock's CAS unique changed (a renewal raced it) and read the lock
+        /// back: deleted if it still held the request's token, left alone if not.
+        case lockReleaseRaces
         case requestsUnlockedReadOnly
         case corruptSessions
         case oversizedSessions

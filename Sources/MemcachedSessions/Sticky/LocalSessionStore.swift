@@ -52,6 +52,14 @@ final class LocalSessionStore: Sendable {
         }
     }
 
+    /// Whether the session is held and memcached saw it within `interval` (no revalidation due).
+    func holdsFresh(_ token: SessionID.Token, within interval: TimeAmount) -> Bool {
+        shard(token).withLock { entries in
+            guard let entry = entries[token] else { return false }
+            return NIODeadline.now() - entry.lastStoreRefresh < interval
+        }
+    }
+
     func markRefreshed(_ token: SessionID.Token, at deadline: NIODeadline) {
         shard(token).withLock { entries in
             entries[token]?.lastStoreRefresh = deadline

@@ -172,7 +172,7 @@ extension SessionManager {
     /// One store on one node; `extra` requests (quiet lock releases) ride in the same write.
     func writeStored(
         key: String, on nodeID: String, bytes: ByteBuffer, ttl: MemcachedTTL, flags: UInt32 = 0, casUnique: UInt64?, add: Bool,
-        extra: [MemcachedRequest] = []
+        releasing lock: HeldLock? = nil
     ) async -> StoredWrite {
         guard let node = topology.node(nodeID) else {
             return .unreachable(MemcachedError(code: .unknownNode, message: "no node \(nodeID)"))
@@ -183,17 +183,22 @@ extension SessionManager {
         request = prepared(request)
         countRoundTrip()
         let result: Result<MemcachedResponse, MemcachedError>
-        if extra.isEmpty {
+        if let lock {
+            let results = await node.executeBatch([request, prepared(lockReleaseRequest(lock))])
+            result = results[0]
+            switch results[1] {
+            case .success(.deleted(.exists)):
+                await releaseAfterConflict(lock, node: node)
+            case .failure(let error) where !error.meansNodeUnreachable:
+                statistics.count(.lockReleaseFailures)
+            default:
+                break
+            }
+        } else {
             do {
                 result = .success(try await node.execute(request))
             } catch {
                 result = .failure(error)
-            }
-        } else {
-            let results = await node.executeBatch([request] + extra.map(prepared))
-            result = results[0]
-            for case .failure(let error) in results.dropFirst() where !error.meansNodeUnreachable {
-                statistics.count(.lockReleaseFailures)
             }
         }
         switch result {
@@ -250,10 +255,9 @@ extension SessionManager {
             } catch {
                 return .tooLarge(error)
             }
-            let extra = lock.map { [lockReleaseRequest($0)] } ?? []
             let result = await writeStored(
                 key: keys.primary, on: nodeID, bytes: bytes, ttl: Self.primaryTTL(record.metadata, now: now),
-                flags: Self.primaryFlags(record.metadata), casUnique: casUnique, add: add, extra: extra)
+                flags: Self.primaryFlags(record.metadata), casUnique: casUnique, add: add, releasing: lock)
             switch result {
             case .stored(let newCas):
                 if let lock { releasedLock(lock) }
