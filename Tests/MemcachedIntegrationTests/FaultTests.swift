@@ -139,6 +139,11 @@ struct FaultTests {
                 try await first.eventLoop.submit { second.channel.close(promise: nil) }.get()
                 #expect(try await client.get("k")?.string == "v")
                 #expect(try await client.getMany(["k", "missing"]).count == 1)
+                // A batch refused whole before sending (an invalid key) leaves the connection be.
+                let current = try await pool.connection()
+                let refusedBatch = await (try client.node("n1")).executeBatch([.get("bad key")])
+                #expect(refusedBatch.count == 1)
+                #expect(try await pool.connection() === current)
             }
         }
     }

@@ -52,11 +52,13 @@ final class ConnectionPool: Sendable {
             case connect(EventLoopPromise<MemcachedConnection>, attempts: Int)
             case fail(MemcachedError)
         }
+        var displaced: MemcachedConnection?
         let next: Next = slot.state.withLockedValue { state in
             switch state {
             case .connected(let connection):
                 if connection !== stale, connection.channel.isActive { return .ready(connection) }
                 // Closing: its close callback will find another connection in the slot and leave it.
+                displaced = connection
                 let promise = slot.eventLoop.makePromise(of: MemcachedConnection.self)
                 state = .connecting(promise.futureResult)
                 return .connect(promise, attempts: 0)
@@ -75,6 +77,8 @@ final class ConnectionPool: Sendable {
                 return .connect(promise, attempts: 0)
             }
         }
+        // No longer tracked by the slot: it must not stay open (its requests in flight finish).
+        if let displaced, displaced.channel.isActive { _ = displaced.closeGracefully() }
         let future: EventLoopFuture<MemcachedConnection>
         switch next {
         case .ready(let connection):

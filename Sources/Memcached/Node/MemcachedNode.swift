@@ -71,7 +71,7 @@ final class MemcachedNode: Sendable {
         do {
             let connection = try await pool.connection(affinity: requests.first?.connectionAffinity)
             var attempt = await connection.executeBatch(requests, deadline: deadline)
-            if attempt.allSatisfy({ if case .failure(let error) = $0 { error.wasNotSent } else { false } }) {
+            if !attempt.isEmpty, attempt.allSatisfy({ if case .failure(let error) = $0 { error.wasNotSent } else { false } }) {
                 // The connection closed under us before the batch went out: once more on a new one.
                 let fresh = try await pool.connection(affinity: requests.first?.connectionAffinity, replacing: connection)
                 attempt = await fresh.executeBatch(requests, deadline: deadline)
@@ -97,9 +97,11 @@ final class MemcachedNode: Sendable {
         do {
             let connection = try await pool.connection(affinity: request.connectionAffinity)
             connection.submit(request, deadline: deadline) { result in
-                if case .failure(let error) = result, error.wasNotSent {
-                    // Rare (the connection closed under us before the request went out): once more
-                    // on a new connection, from a task since this runs on the event loop.
+                // Rare (the connection closed under us before the request went out): once more on
+                // a new connection, from a task since this runs on the event loop. Not a request
+                // with a connection affinity: those rely on their order on one connection, which a
+                // late retry could break (an old backup landing after a logout's tombstone).
+                if case .failure(let error) = result, error.wasNotSent, request.connectionAffinity == nil {
                     Task { await self.resubmit(request, deadline: deadline, replacing: connection, start: start, completion: completion) }
                     return
                 }

@@ -228,9 +228,7 @@ extension SessionManager {
     func releaseAnswered(_ result: Result<MemcachedResponse, MemcachedError>, lock: HeldLock, node: MemcachedNodeClient) {
         switch result {
         case .success(.deleted(.exists)):
-            // Rare, and bounded by the request timeout: the follow-up cannot run on the event
-            // loop that delivers this reply.
-            Task { await self.releaseAfterConflict(lock, node: node) }
+            releaseAfterConflictInBackground(lock, node: node)
         case .failure(let error) where !error.meansNodeUnreachable:
             statistics.count(.lockReleaseFailures)
         default:
@@ -246,15 +244,26 @@ extension SessionManager {
     func releaseAfterConflict(_ lock: HeldLock, node: MemcachedNodeClient) async {
         defer { statistics.count(.lockReleaseRaces) }
         for _ in 0..<3 {
-            countRoundTrip()
-            guard let item = try? await node.get(lock.key) else { return }  // gone, or unreachable: nothing to do
+            var read = MemcachedRequest.get(lock.key)
+            read.honorsCancellation = false
+            guard case .success(.item(let item?)) = await node.executeBatch([read])[0] else { return }  // gone, or unreachable
             guard item.value.readableBytesView.elementsEqual(lock.token.utf8) else { return }  // not ours
             var delete = MemcachedRequest.delete(lock.key, cas: item.cas)
             delete.honorsCancellation = false
-            countRoundTrip()
             guard case .success(.deleted(.exists)) = await node.executeBatch([delete])[0] else { return }
         }
         statistics.count(.lockReleaseFailures)
+    }
+
+    /// Runs ``releaseAfterConflict(_:node:)`` without anyone waiting for it: it is rare, bounded
+    /// (at most six round trips, each within the request timeout), must not delay the response,
+    /// and cannot run on the event loop that delivers the reply that calls for it.
+    func releaseAfterConflictInBackground(_ lock: HeldLock, node: MemcachedNodeClient) {
+        Task {
+            await SessionManager.$isBackgroundWork.withValue(true) {
+                await self.releaseAfterConflict(lock, node: node)
+            }
+        }
     }
 
     /// Renews one lock's lease: a CAS write of the same token, so it only succeeds for the owner.

@@ -188,7 +188,7 @@ extension SessionManager {
             result = results[0]
             switch results[1] {
             case .success(.deleted(.exists)):
-                await releaseAfterConflict(lock, node: node)
+                releaseAfterConflictInBackground(lock, node: node)
             case .failure(let error) where !error.meansNodeUnreachable:
                 statistics.count(.lockReleaseFailures)
             default:
