@@ -179,6 +179,28 @@ struct Nodes: AsyncParsableCommand {
     }
 }
 
+/// What `msm session show|delete` act on: a session id, the nodes, the key prefix.
+struct SessionTarget: ParsableArguments {
+    @Argument(help: "The session id (the cookie's value).")
+    var id: String
+
+    @OptionGroup var options: NodeOptions
+
+    @Option(help: "The applications' key prefix (storageKeyPrefix).")
+    var keyPrefix: String = "msm:"
+
+    /// The parsed id and its keys; a malformed id is bad input.
+    func parse(command: String) throws -> (SessionID, SessionKeys) {
+        guard let sessionID = SessionID(parsing: id) else {
+            note(
+                "msm session \(command): '\(id)' is not a session id (32 upper-case hex digits, '-', a node id, optionally '.' and a route)"
+            )
+            throw ToolExit.badInput
+        }
+        return (sessionID, SessionKeys(token: sessionID.token, prefix: keyPrefix))
+    }
+}
+
 struct SessionCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "session", abstract: "Inspect or delete a stored session.", subcommands: [Show.self, Delete.self])
@@ -187,28 +209,20 @@ struct SessionCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Decodes a stored session: metadata, attribute names and sizes (values with --values), and where its copies are.")
 
-        @Argument(help: "The session id (the cookie's value).")
-        var id: String
-
-        @OptionGroup var options: NodeOptions
-
-        @Option(help: "The applications' key prefix (storageKeyPrefix).")
-        var keyPrefix: String = "msm:"
+        @OptionGroup var target: SessionTarget
+        var options: NodeOptions { target.options }
 
         @Flag(help: "Also print the attribute values (they may be personal data).")
         var values = false
 
         func run() async throws {
-            guard let sessionID = SessionID(parsing: id) else {
-                note("msm session show: '\(id)' is not a session id (32 upper-case hex digits, '-', a node id, optionally '.' and a route)")
-                throw ToolExit.badInput
-            }
+            let (sessionID, keys) = try target.parse(command: "show")
+            let id = target.id
             let client = try options.client()
             guard (try? client.node(sessionID.nodeID)) != nil else {
                 note("msm session show: the id names node '\(sessionID.nodeID)', which is not among --nodes")
                 throw ToolExit.badInput
             }
-            let keys = SessionKeys(token: sessionID.token, prefix: keyPrefix)
             struct Copy: Encodable {
                 var node: String
                 var kind: String
@@ -304,21 +318,13 @@ struct SessionCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Deletes every copy of a session (primary, backups, lock) on every node.")
 
-        @Argument(help: "The session id (the cookie's value).")
-        var id: String
-
-        @OptionGroup var options: NodeOptions
-
-        @Option(help: "The applications' key prefix (storageKeyPrefix).")
-        var keyPrefix: String = "msm:"
+        @OptionGroup var target: SessionTarget
+        var options: NodeOptions { target.options }
 
         func run() async throws {
-            guard let sessionID = SessionID(parsing: id) else {
-                note("msm session delete: '\(id)' is not a session id")
-                throw ToolExit.badInput
-            }
+            let (_, keys) = try target.parse(command: "delete")
+            let id = target.id
             let client = try options.client()
-            let keys = SessionKeys(token: sessionID.token, prefix: keyPrefix)
             var deleted = 0
             var unreachable: [String] = []
             for node in client.allNodes {

@@ -94,12 +94,7 @@ struct VaporAdapterTests {
             try await withVaporApp(manager: manager) { app in
                 app.middleware = Middlewares()
                 let sessions = app.grouped(MemcachedSessionsMiddleware(manager: manager))
-                sessions.get("counter") { req async throws -> String in
-                    let session = try await req.memcachedSessions.loadOrCreate()
-                    let count = (session["count", as: Int.self] ?? 0) + 1
-                    try session.set("count", count)
-                    return String(count)
-                }
+                addCounterRoute(sessions)
             } _: { get in
                 let first = try await get("/counter", nil)
                 #expect(first.body == "1")
@@ -125,12 +120,7 @@ struct VaporAdapterTests {
                 app.middleware = Middlewares()
                 app.middleware.use(ErrorMiddleware.default(environment: app.environment))
                 let sessions = app.grouped(MemcachedSessionsMiddleware(manager: manager))
-                sessions.get("counter") { req async throws -> String in
-                    let session = try await req.memcachedSessions.loadOrCreate()
-                    let count = (session["count", as: Int.self] ?? 0) + 1
-                    try session.set("count", count)
-                    return String(count)
-                }
+                addCounterRoute(sessions)
                 sessions.get("fail") { req async throws -> String in
                     let session = try await req.memcachedSessions.loadOrCreate()
                     try session.set("count", (session["count", as: Int.self] ?? 0) + 100)
@@ -195,12 +185,7 @@ struct VaporAdapterTests {
             try await withVaporApp(manager: manager) { app in
                 app.middleware = Middlewares()
                 let sessions = app.grouped(MemcachedSessionsMiddleware(manager: manager))
-                sessions.get("counter") { req async throws -> String in
-                    let session = try await req.memcachedSessions.loadOrCreate()
-                    let count = (session["count", as: Int.self] ?? 0) + 1
-                    try session.set("count", count)
-                    return String(count)
-                }
+                addCounterRoute(sessions)
                 sessions.get("site.css") { req -> String in
                     req.memcachedSessions.access == nil ? "no session machinery" : "sessions attached"
                 }
@@ -215,5 +200,15 @@ struct VaporAdapterTests {
                 #expect(try await commandCount(manager, ["cmd_get", "cmd_set", "cmd_touch"]) == before)
             }
         }
+    }
+}
+
+/// `GET /counter`: adds one to the session's count and answers it.
+func addCounterRoute(_ routes: some RoutesBuilder) {
+    routes.get("counter") { req async throws -> String in
+        let session = try await req.memcachedSessions.loadOrCreate()
+        let count = (session["count", as: Int.self] ?? 0) + 1
+        try session.set("count", count)
+        return String(count)
     }
 }

@@ -137,6 +137,16 @@ class Background(threading.Thread):
             time.sleep(0.01)
 
 
+def stop_demo(demo):
+    """SIGTERM for a demo still running (a failed check), then SIGKILL after 30 s."""
+    if demo.poll() is None:
+        demo.send_signal(signal.SIGTERM)
+        try:
+            demo.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+
+
 def run_demo(mode, sessions):
     sticky = mode == "sticky"
     state = tempfile.mkdtemp(prefix=f"msm-demo-e2e-{mode}-")
@@ -218,12 +228,7 @@ def run_demo(mode, sessions):
             raise Failure(f"demo exited with {demo.returncode} after Ctrl-C")
         print(f"   Ctrl-C: demo exited 0, no process left", flush=True)
     finally:
-        if demo.poll() is None:
-            demo.send_signal(signal.SIGTERM)
-            try:
-                demo.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                demo.kill()
+        stop_demo(demo)
         log.close()
 
 
@@ -257,12 +262,7 @@ def respawns_when_asked():
             raise Failure(f"processes left after Ctrl-C with --respawn: {left}")
         print("   Ctrl-C: nothing respawned, nothing left", flush=True)
     finally:
-        if demo.poll() is None:
-            demo.send_signal(signal.SIGTERM)
-            try:
-                demo.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                demo.kill()
+        stop_demo(demo)
         log.close()
 
 

@@ -224,11 +224,18 @@ extension SessionManager {
         }
     }
 
-    /// Handles the reply to a release sent without waiting (see ``releaseAfterConflict(_:node:)``).
+    /// Handles the reply to a release (alone or riding with a write). After a conflict the
+    /// follow-up (``releaseAfterConflict(_:node:)``) runs in the background: it is rare, bounded
+    /// (at most six round trips, each within the request timeout), must not delay the response,
+    /// and cannot run on the event loop that may be delivering this reply.
     func releaseAnswered(_ result: Result<MemcachedResponse, MemcachedError>, lock: HeldLock, node: MemcachedNodeClient) {
         switch result {
         case .success(.deleted(.exists)):
-            releaseAfterConflictInBackground(lock, node: node)
+            Task {
+                await SessionManager.$isBackgroundWork.withValue(true) {
+                    await self.releaseAfterConflict(lock, node: node)
+                }
+            }
         case .failure(let error) where !error.meansNodeUnreachable:
             statistics.count(.lockReleaseFailures)
         default:
@@ -253,17 +260,6 @@ extension SessionManager {
             guard case .success(.deleted(.exists)) = await node.executeBatch([delete])[0] else { return }
         }
         statistics.count(.lockReleaseFailures)
-    }
-
-    /// Runs ``releaseAfterConflict(_:node:)`` without anyone waiting for it: it is rare, bounded
-    /// (at most six round trips, each within the request timeout), must not delay the response,
-    /// and cannot run on the event loop that delivers the reply that calls for it.
-    func releaseAfterConflictInBackground(_ lock: HeldLock, node: MemcachedNodeClient) {
-        Task {
-            await SessionManager.$isBackgroundWork.withValue(true) {
-                await self.releaseAfterConflict(lock, node: node)
-            }
-        }
     }
 
     /// Renews one lock's lease: a CAS write of the same token, so it only succeeds for the owner.

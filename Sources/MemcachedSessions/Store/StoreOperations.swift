@@ -186,14 +186,7 @@ extension SessionManager {
         if let lock {
             let results = await node.executeBatch([request, prepared(lockReleaseRequest(lock))])
             result = results[0]
-            switch results[1] {
-            case .success(.deleted(.exists)):
-                releaseAfterConflictInBackground(lock, node: node)
-            case .failure(let error) where !error.meansNodeUnreachable:
-                statistics.count(.lockReleaseFailures)
-            default:
-                break
-            }
+            releaseAnswered(results[1], lock: lock, node: node)
         } else {
             do {
                 result = .success(try await node.execute(request))
