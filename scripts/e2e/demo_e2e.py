@@ -75,12 +75,15 @@ def alive(pid):
         return False
     except PermissionError:
         return True
-    # A zombie is gone for our purposes only once reaped; check /proc.
+    # A zombie counts as gone. The process can also be reaped between the
+    # kill above and this read: opening or reading /proc/PID/stat then fails
+    # with ENOENT or ESRCH, both of which mean it is gone.
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
+            fields = stat.read().split(")")[-1].split()
+    except (FileNotFoundError, ProcessLookupError):
         return False
+    return bool(fields) and fields[0] != "Z"
 
 
 def wait_for(condition, timeout, what):
