@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -131,7 +132,7 @@ class Browser:
         wanted = self.next_id
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            for reply in self.read():
+            for reply in self.read(deadline):
                 if reply.get("id") == wanted:
                     if "error" in reply:
                         raise Failure(f"{method}: {reply['error']}")
@@ -139,7 +140,11 @@ class Browser:
                 self.events.append(reply)
         raise Failure(f"no answer to {method}")
 
-    def read(self):
+    def read(self, deadline):
+        """The messages that arrive before the deadline (none if the browser stays silent)."""
+        ready, _, _ = select.select([self.from_browser], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return []
         chunk = os.read(self.from_browser, 1 << 20)
         if not chunk:
             raise Failure("the browser closed the pipe")
@@ -237,7 +242,15 @@ def main():
         load = Load(app_port)
         load.create_all()
         load.start()
-        time.sleep(6)  # a few status samples under load
+        # A few status samples under load before the first visit, so that the charts have lines.
+        def samples():
+            status, body = get(app_port, "/_msm/status", token=TOKEN)
+            return len(json.loads(body).get("history", [])) if status == 200 else 0
+        deadline = time.monotonic() + 60
+        while samples() < 3:
+            if time.monotonic() > deadline:
+                raise Failure(f"the status history has {samples()} samples after 60 s under load")
+            time.sleep(0.2)
 
         browser = Browser(arguments.chromium)
         session = browser.open_page(f"http://127.0.0.1:{app_port}/_msm/", {"Authorization": f"Bearer {TOKEN}"})
