@@ -29,7 +29,10 @@ enum Entry {
             }
             // Vapor creates each request's task from its channel's loop, so there the tasks stay
             // with their channels at any loop count (measured: 5.3k against 3.7k req/s).
-            let vapor = arguments.firstIndex(of: "--framework").map { $0 + 1 < arguments.endIndex && arguments[$0 + 1] == "vapor" } ?? false
+            // Both spellings argument-parser accepts: `--framework vapor` and `--framework=vapor`.
+            let vapor =
+                arguments.contains("--framework=vapor")
+                || (arguments.firstIndex(of: "--framework").map { $0 + 1 < arguments.endIndex && arguments[$0 + 1] == "vapor" } ?? false)
             let choice = ProcessInfo.processInfo.environment["MSM_GLOBAL_EXECUTOR"]
             if choice == "nio" || (choice == nil && (loops == 1 || vapor)) {
                 _ = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()

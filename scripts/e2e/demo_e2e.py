@@ -150,10 +150,11 @@ def stop_demo(demo):
             demo.kill()
 
 
-def run_demo(mode, sessions):
-    sticky = mode == "sticky"
-    state = tempfile.mkdtemp(prefix=f"msm-demo-e2e-{mode}-")
-    command = [os.path.join(ROOT, "scripts", "demo"), "--state-directory", state] + (["--sticky"] if sticky else [])
+def start_demo(label, arguments):
+    """Starts scripts/demo with its own state directory; returns (process, log, cluster.json path)
+    once the layout is written. A demo that exits first is a failure, with its output."""
+    state = tempfile.mkdtemp(prefix=f"msm-demo-e2e-{label}-")
+    command = [os.path.join(ROOT, "scripts", "demo"), "--state-directory", state] + arguments
     print(f"== {' '.join(command)}", flush=True)
     log = open(os.path.join(state, "demo.out"), "w")
     demo = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -162,7 +163,18 @@ def run_demo(mode, sessions):
         # The first run builds msm in release mode: allow for it.
         wait_for(lambda: os.path.exists(layout_path) or demo.poll() is not None, 2400, "cluster.json")
         if demo.poll() is not None:
-            raise Failure(f"demo exited with {demo.returncode}: {open(os.path.join(state, 'demo.out')).read()[-3000:]}")
+            raise Failure(f"demo exited with {demo.returncode}: {open(log.name).read()[-3000:]}")
+    except BaseException:
+        stop_demo(demo)
+        log.close()
+        raise
+    return demo, log, layout_path
+
+
+def run_demo(mode, sessions):
+    sticky = mode == "sticky"
+    demo, log, layout_path = start_demo(mode, ["--sticky"] if sticky else [])
+    try:
         with open(layout_path) as file:
             layout = json.load(file)
         processes = layout["processes"]
@@ -237,14 +249,8 @@ def run_demo(mode, sessions):
 
 def respawns_when_asked():
     """--respawn: a killed process comes back (new PID in cluster.json); Ctrl-C still ends all."""
-    state = tempfile.mkdtemp(prefix="msm-demo-e2e-respawn-")
-    command = [os.path.join(ROOT, "scripts", "demo"), "--state-directory", state, "--respawn"]
-    print(f"== {' '.join(command)}", flush=True)
-    log = open(os.path.join(state, "demo.out"), "w")
-    demo = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    layout_path = os.path.join(state, "cluster.json")
+    demo, log, layout_path = start_demo("respawn", ["--respawn"])
     try:
-        wait_for(lambda: os.path.exists(layout_path) or demo.poll() is not None, 2400, "cluster.json")
         def layout():
             with open(layout_path) as file:
                 return {(p["role"], p["id"]): p["pid"] for p in json.load(file)["processes"]}
