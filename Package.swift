@@ -162,6 +162,7 @@ let package = Package(
             dependencies: [
                 "Memcached",
                 "MemcachedTestRig",
+                .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -87,10 +87,13 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
         do {
             response = try await next(request, context)
         } catch {
-            // The lock is released and what changed is saved even when the handler failed.
-            _ = try? await manager.endRequest(access)
-            if let sessionError = error as? SessionError { throw Self.httpError(sessionError) }
-            throw error
+            // The lock is released and what changed is saved even when the handler failed, and
+            // the error response carries the cookie that goes with it (a regenerated id whose old
+            // copies are already deleted, a new session, a logout).
+            let failure: any Error = (error as? SessionError).map { Self.httpError($0) } ?? error
+            let header = (try? await manager.endRequest(access)).flatMap { cookie.setCookieHeader(for: $0) }
+            guard let header else { throw failure }
+            throw ErrorWithSessionCookie(error: failure, setCookie: header)
         }
         let action: SessionResponseAction
         do throws(SessionError) {
@@ -116,4 +119,30 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
             return HTTPError(.internalServerError, message: "Session error: \(error.code)")
         }
     }
+}
+
+/// A handler's error with the session cookie its response must carry. Hummingbird turns it into
+/// the response the wrapped error would have made (a 500 for errors that make none), with the
+/// `Set-Cookie` added.
+public struct ErrorWithSessionCookie: HTTPResponseError, CustomStringConvertible {
+    /// What the handler threw.
+    public let error: any Error
+    let setCookie: String
+
+    public var status: HTTPResponse.Status {
+        (error as? any HTTPResponseError)?.status ?? .internalServerError
+    }
+
+    public func response(from request: Request, context: some RequestContext) throws -> Response {
+        var response: Response
+        if let error = error as? any HTTPResponseError {
+            response = try error.response(from: request, context: context)
+        } else {
+            response = Response(status: .internalServerError)
+        }
+        response.headers.append(HTTPField(name: .setCookie, value: setCookie))
+        return response
+    }
+
+    public var description: String { "\(error)" }
 }

@@ -39,6 +39,12 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
         typealias Value = SessionAccess
     }
 
+    /// The attribute names this request showed Vapor in `req.session.data`: only those can have
+    /// been removed through it.
+    struct ShownKey: StorageKey {
+        typealias Value = Set<String>
+    }
+
     private func access(for request: Request, cookie: String?) -> SessionAccess {
         if let access = request.storage[AccessKey.self] { return access }
         let access = manager.beginRequest(path: request.url.path, sessionCookie: cookie, allowLocking: false)
@@ -46,17 +52,21 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
         return access
     }
 
-    private static func data(of session: MemcachedSessions.Session) -> SessionData {
+    /// What Vapor's `SessionData` can show: the attributes whose values are strings. Attributes of
+    /// other types (set through the typed API) are not shown, and survive untouched.
+    static func data(of session: MemcachedSessions.Session) -> (data: SessionData, shown: Set<String>) {
         var values: [String: String] = [:]
         for name in session.attributeNames {
             if let value = session[name, as: String.self] { values[name] = value }
         }
-        return SessionData(initialData: values)
+        return (SessionData(initialData: values), Set(values.keys))
     }
 
-    private static func apply(_ data: SessionData, to session: MemcachedSessions.Session) throws {
+    /// Applies Vapor's data: sets what it holds, and removes only what it showed and no longer
+    /// holds (`shown` nil: nothing was shown, so nothing can have been removed).
+    static func apply(_ data: SessionData, shown: Set<String>?, to session: MemcachedSessions.Session) throws {
         let snapshot = data.snapshot
-        for name in session.attributeNames where snapshot[name] == nil {
+        for name in shown ?? [] where snapshot[name] == nil {
             session.remove(name)
         }
         for (name, value) in snapshot {
@@ -66,6 +76,7 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
 
     private func finish(_ access: SessionAccess, request: Request, fallback: Vapor.SessionID?) async throws -> Vapor.SessionID {
         request.storage[AccessKey.self] = nil
+        request.storage[ShownKey.self] = nil
         let action: SessionResponseAction
         do throws(SessionError) {
             action = try await manager.endRequest(access)
@@ -85,7 +96,9 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
         let access = self.access(for: request, cookie: sessionID.string)
         do throws(SessionError) {
             guard let session = try await access.load() else { return nil }
-            return Self.data(of: session)
+            let (data, shown) = Self.data(of: session)
+            request.storage[ShownKey.self] = shown
+            return data
         } catch {
             throw MemcachedSessionsMiddleware.abort(error)
         }
@@ -94,7 +107,7 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
     public func createSession(_ data: SessionData, for request: Request) async throws -> Vapor.SessionID {
         let access = self.access(for: request, cookie: nil)
         let session = try access.create()
-        try Self.apply(data, to: session)
+        try Self.apply(data, shown: nil, to: session)
         return try await finish(access, request: request, fallback: nil)
     }
 
@@ -105,14 +118,14 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
             guard let loaded = try await access.load() else {
                 // Gone meanwhile: Vapor asked to update what no longer exists; start it again.
                 let created = try access.create()
-                try Self.apply(data, to: created)
+                try Self.apply(data, shown: nil, to: created)
                 return try await finish(access, request: request, fallback: nil)
             }
             session = loaded
         } catch let error as SessionError {
             throw MemcachedSessionsMiddleware.abort(error)
         }
-        try Self.apply(data, to: session)
+        try Self.apply(data, shown: request.storage[ShownKey.self], to: session)
         return try await finish(access, request: request, fallback: sessionID)
     }
 

@@ -57,10 +57,13 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
         do {
             response = try await next.respond(to: request)
         } catch {
-            // The lock is released and what changed is saved even when the route failed.
-            _ = try? await manager.endRequest(access)
-            if let sessionError = error as? SessionError { throw Self.abort(sessionError) }
-            throw error
+            // The lock is released and what changed is saved even when the route failed, and the
+            // error response carries the cookie that goes with it (a regenerated id whose old
+            // copies are already deleted, a new session, a logout).
+            let failure: any Error = (error as? SessionError).map { Self.abort($0) } ?? error
+            let header = (try? await manager.endRequest(access)).flatMap { cookie.setCookieHeader(for: $0) }
+            guard let header else { throw failure }
+            throw ErrorWithSessionCookie(error: failure, setCookie: header)
         }
         let action: SessionResponseAction
         do throws(SessionError) {
@@ -87,6 +90,25 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
             return Abort(.internalServerError, reason: "Session error: \(error.code)")
         }
     }
+}
+
+/// A route's error with the session cookie its response must carry: Vapor's error middleware
+/// answers with the wrapped error's status, reason and headers (a 500 for errors that are not
+/// `AbortError`s), plus the `Set-Cookie`.
+public struct ErrorWithSessionCookie: AbortError, CustomStringConvertible {
+    /// What the route threw.
+    public let error: any Error
+    let setCookie: String
+
+    public var status: HTTPResponseStatus { (error as? any AbortError)?.status ?? .internalServerError }
+    public var reason: String { (error as? any AbortError)?.reason ?? HTTPResponseStatus.internalServerError.reasonPhrase }
+    public var headers: HTTPHeaders {
+        var headers = (error as? any AbortError)?.headers ?? [:]
+        headers.add(name: .setCookie, value: setCookie)
+        return headers
+    }
+
+    public var description: String { "\(error)" }
 }
 
 struct SessionAccessKey: StorageKey {

@@ -62,6 +62,14 @@ func counterApp(_ manager: SessionManager, cookie: SessionCookie = .default) -> 
         try await context.sessions.invalidate()
         return "bye"
     }
+    group.get("login-then-fail") { _, context -> String in
+        try await context.sessions.regenerateID()
+        throw HTTPError(.forbidden, message: "second factor required")
+    }
+    group.get("create-then-fail") { _, context -> String in
+        try await context.sessions.loadOrCreate().set("count", 7)
+        throw Boom()
+    }
     return Application(router: router, services: [manager])
 }
 
@@ -152,6 +160,33 @@ struct HummingbirdAdapterTests {
                 #expect(next.status == .ok)
                 #expect(String(buffer: next.body) == "102")
                 #expect(manager.statistics.value(of: .lockFailures) == 0)
+            }
+        }
+    }
+
+    /// A handler that regenerates the id (the old copies are deleted before the response) and
+    /// then throws: the error response still carries the new cookie, or the browser would keep a
+    /// dead one and lose its session. A new session made by a failing handler gets its cookie too.
+    @Test func anErrorResponseCarriesTheSessionCookie() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers)
+            try await counterApp(manager).test(.live) { client in
+                let created = try await client.execute(uri: "/counter", method: .get)
+                let old = try #require(sessionCookie(created))
+                let failed = try await client.execute(uri: "/login-then-fail", method: .get, headers: [.cookie: "SESSION_ID=\(old)"])
+                #expect(failed.status == .forbidden, "the handler's own error response")
+                let new = try #require(sessionCookie(failed), "the new id reaches the browser")
+                #expect(new != old)
+                let read = try await client.execute(uri: "/read", method: .get, headers: [.cookie: "SESSION_ID=\(new)"])
+                #expect(String(buffer: read.body) == "1")
+                let stale = try await client.execute(uri: "/read", method: .get, headers: [.cookie: "SESSION_ID=\(old)"])
+                #expect(String(buffer: stale.body) == "0", "the old id is dead")
+
+                let fresh = try await client.execute(uri: "/create-then-fail", method: .get)
+                #expect(fresh.status == .internalServerError)
+                let freshCookie = try #require(sessionCookie(fresh))
+                let count = try await client.execute(uri: "/read", method: .get, headers: [.cookie: "SESSION_ID=\(freshCookie)"])
+                #expect(String(buffer: count.body) == "7")
             }
         }
     }

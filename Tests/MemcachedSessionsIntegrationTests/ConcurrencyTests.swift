@@ -53,11 +53,14 @@ struct ConcurrencyTests {
         }
     }
 
+    /// A request that holds its lock past the lock's TTL keeps it by renewal; nobody else can take
+    /// or release it; once the request has answered, the session's next request does not wait
+    /// for it at all (the release rode with the write and was acknowledged).
     @Test func aLongRequestRenewsItsLockAndOnlyTheOwnerCanRelease() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers) {
                 $0.locking = .all
-                $0.lockExpiry = .seconds(2)
+                $0.lockExpiry = .seconds(3)
             }
             let impatient = try configuration(servers) {
                 $0.locking = .all
@@ -70,6 +73,7 @@ struct ConcurrencyTests {
                     let id = try #require(browser.id)
                     let keys = managers[0].keys(for: id.token)
                     let holding = Barrier(count: 2)
+                    let finish = Barrier(count: 2)
                     let cookie = browser
                     let holder = managers[0]
                     let longRequest = Task {
@@ -77,16 +81,20 @@ struct ConcurrencyTests {
                         return try await holder.request(&mine) { access in
                             let session = try #require(try await access.load())
                             await holding.arriveAndWait()
-                            try await Task.sleep(for: .seconds(6))
+                            await finish.arriveAndWait()
                             try session.set("count", 100)
                             return true
                         }
                     }
                     await holding.arriveAndWait()
-                    try await Task.sleep(for: .milliseconds(4500))
-                    // Past the 2 s expiry (3 s in memcached): still held, thanks to renewal.
+                    let acquired = try #require(try await inspector.node(id.nodeID).get(keys.lock))
+                    // Three renewals, one per second: held longer than the item's 3 s TTL.
+                    try await eventually(timeout: .seconds(30), "three renewals") {
+                        managers[0].statistics.value(of: .lockRenewals) >= 3
+                    }
                     let lock = try #require(try await inspector.node(id.nodeID).get(keys.lock), "the lock is still held")
-                    #expect(managers[0].statistics.value(of: .lockRenewals) >= 1)
+                    #expect(lock.value == acquired.value, "the same owner's token")
+                    #expect(lock.cas != acquired.cas, "renewed")
                     // Another request cannot have it...
                     var other = browser
                     let error = await sessionError { _ = try await managers[1].readCount(&other) }
@@ -97,9 +105,44 @@ struct ConcurrencyTests {
                     #expect(forged == .exists)
                     #expect(try await inspector.node(id.nodeID).get(keys.lock) != nil)
 
+                    let releasedBefore = managers[0].statistics.value(of: .locksReleased)
+                    await finish.arriveAndWait()
                     #expect(try await longRequest.value)
-                    #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil, "released at the end")
+                    // Answered: the release was acknowledged before the response (no race with a
+                    // renewal, which a release waits for), so the next request finds no lock.
+                    #expect(managers[0].statistics.value(of: .locksReleased) == releasedBefore + 1)
+                    #expect(managers[0].statistics.value(of: .lockReleaseRaces) == 0)
+                    let waitsBefore = managers[1].statistics.value(of: .lockWaits)
                     #expect(try await managers[1].readCount(&other) == 100)
+                    #expect(managers[1].statistics.value(of: .lockWaits) == waitsBefore, "did not wait for the lock")
+                }
+            }
+        }
+    }
+
+    /// The worst case: a lock whose owner died without releasing it blocks the session's next
+    /// request no longer than `lockExpiry` (memcached's one-second clock included), plus
+    /// scheduling margin.
+    @Test func anAbandonedLockBlocksNoLongerThanTheLockExpiry() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let config = try configuration(servers) {
+                $0.locking = .all
+                $0.lockExpiry = .seconds(3)
+                $0.lockWaitBudget = .seconds(20)
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    // What a request of a crashed instance leaves: its lock, with the manager's TTL.
+                    let abandoned = ContinuousClock.now
+                    #expect(try await inspector.node(id.nodeID).add(keys.lock, value: ByteBuffer(string: "dead"), ttl: manager.lockItemTTL))
+                    #expect(try await manager.increment(&browser) == 2)
+                    let waited = ContinuousClock.now - abandoned
+                    #expect(manager.statistics.value(of: .lockWaits) == 1)
+                    #expect(waited < .seconds(3) + .seconds(1), "waited \(waited) for an abandoned lock")
                 }
             }
         }
@@ -130,7 +173,7 @@ struct ConcurrencyTests {
                         try await node.set(keys.lock, value: lock.value, ttl: .seconds(30))
                         if modifies { try session.set("count", 7) }
                     }
-                    // (A request that changed nothing releases without waiting for the reply.) Well
+                    // (The read-back after the conflict runs in the background, after the response.) Well
                     // before the lock's 30 s expiry:
                     try await eventually(timeout: .seconds(3), "the owner's lock is released despite the renewal") {
                         try await node.get(keys.lock) == nil

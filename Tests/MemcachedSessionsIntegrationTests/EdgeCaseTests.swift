@@ -167,9 +167,42 @@ struct EdgeCaseTests {
                     #expect(try await manager.readCount(&browser) == 0)
                     try await eventually("TTL back to the session's own") { try await remaining() > 3000 }
                     // A request that never opens the session slides with the session's timeout.
+                    let touchesBefore = try await commandCounts(inspector).touches
                     try await manager.request(&browser, path: "/static") { _ in }
-                    try await Task.sleep(for: .milliseconds(200))
+                    // The slide is a touch the request does not wait for: wait until it landed.
+                    try await eventually("the slide's touch landed") {
+                        try await commandCounts(inspector).touches > touchesBefore
+                    }
                     #expect(try await remaining() > 3000, "not shortened to the 30 s default")
+                }
+            }
+        }
+    }
+
+    /// An idle timeout far beyond ten years (here `Int64.max` seconds) used to trap on overflow in
+    /// TTL, deadline and expiry arithmetic. It is clamped to ten years: stored, served, no crash.
+    @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
+    func anEnormousIdleTimeoutIsClampedNotACrash(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers, mode: mode) { $0.asynchronousSaving = false }) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.request(&browser) { access in
+                        let session = try await access.loadOrCreate()
+                        try session.set("count", 1)
+                        session.setIdleTimeout(.seconds(Int64.max))
+                        #expect(session.metadata.idleTimeoutSeconds == SessionMetadata.maximumTimeoutSeconds)
+                    }
+                    #expect(try await manager.increment(&browser) == 2)
+                    #expect(try await manager.readCount(&browser) == 2)
+                    let id = try #require(browser.id)
+                    let key = manager.keys(for: id.token).primary
+                    guard case .item(let item?) = try await inspector.node(id.nodeID).execute(.getMetadata(key)) else {
+                        Issue.record("not stored")
+                        return
+                    }
+                    // Sent as an absolute time ten years out (memcached reports what remains).
+                    #expect((item.timeToLive ?? 0) > 9 * 365 * 24 * 3600)
                 }
             }
         }

@@ -94,9 +94,13 @@ struct FailoverTests {
                 let first = busiestNode()
                 let firstIndex = Int(first.dropFirst())! - 1
                 let onFirst = (0..<book.count).filter { book[$0].browser.id?.nodeID == first }
+                let requestsBefore = manager.statistics.value(of: .requestsWithSession)
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask { try await Self.verifyAndAdvance(manager, book) }
-                    try await Task.sleep(for: .milliseconds(50))
+                    // Killed under load: once a tenth of the round is through.
+                    try await eventually(timeout: .seconds(60), "the load is running") {
+                        manager.statistics.value(of: .requestsWithSession) - requestsBefore >= 100
+                    }
                     try await servers[firstIndex].kill()
                     try await group.waitForAll()
                 }

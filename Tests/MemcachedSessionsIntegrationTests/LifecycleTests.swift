@@ -270,21 +270,26 @@ struct LifecycleTests {
         try await withMemcachedServers(count: 1) { servers in
             // Idle: reads slide the TTL; without requests the session expires.
             // (memcached's clock ticks once a second: a 3 s TTL lives 2 to 3 s.)
-            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(3) }) { manager in
-                var browser = Browser()
-                try await manager.increment(&browser)
-                for _ in 0..<6 {
-                    try await Task.sleep(for: .milliseconds(700))
-                    #expect(try await manager.readCount(&browser) == 1, "each read slides the idle timeout")
-                }
-                // Look without touching (a load would slide the TTL again).
-                let id = try #require(browser.id)
+            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(4) }) { manager in
                 try await withInspector(servers) { inspector in
-                    try await eventually(timeout: .seconds(10), "idle expiry") {
-                        try await inspector.node(id.nodeID).get(manager.keys(for: id.token).primary) == nil
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let key = manager.keys(for: id.token).primary
+                    // The TTL memcached reports, looked at without touching (a load would slide it).
+                    func remaining() async throws -> Int {
+                        guard case .item(let item?) = try await inspector.node(id.nodeID).execute(.getMetadata(key)) else { return -1 }
+                        return item.timeToLive ?? -1
                     }
+                    for _ in 0..<2 {
+                        // Wait until memcached's clock has run the TTL down, then read: it is back up.
+                        try await eventually("the TTL runs down") { try await remaining() <= 2 }
+                        #expect(try await manager.readCount(&browser) == 1, "each read slides the idle timeout")
+                        #expect(try await remaining() >= 3, "slid back to the 4 s idle timeout")
+                    }
+                    try await eventually(timeout: .seconds(10), "idle expiry") { try await remaining() == -1 }
+                    #expect(try await manager.readCount(&browser) == 0)
                 }
-                #expect(try await manager.readCount(&browser) == 0)
             }
             // Absolute: gone after its lifetime even when used all the time.
             try await withManager(try configuration(servers) { $0.absoluteTimeout = .seconds(2) }) { manager in

@@ -179,6 +179,91 @@ struct VaporAdapterTests {
         }
     }
 
+    /// The getting-started mix: typed attributes through our middleware, strings through Vapor's
+    /// `req.session`, on the same session. Vapor's `SessionData` shows only strings; whatever it
+    /// cannot show must survive its request (it used to be deleted: `count` was lost).
+    @Test func attributesVaporCannotShowSurviveItsRequests() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers)
+            try await withVaporApp(manager: manager) { app in
+                app.middleware = Middlewares()
+                app.sessions.use { _ in MemcachedSessionDriver(manager: manager) }
+                app.sessions.configuration = MemcachedSessionDriver.sessionsConfiguration()
+                app.grouped(MemcachedSessionsMiddleware(manager: manager)).get("counter") { req async throws -> String in
+                    let session = try await req.memcachedSessions.loadOrCreate()
+                    let count = (session["count", as: Int.self] ?? 0) + 1
+                    try session.set("count", count)
+                    return "\(count)"
+                }
+                let classic = app.grouped(app.sessions.middleware)
+                classic.get("visits") { req -> String in
+                    let visits = (req.session.data["visits"].flatMap(Int.init) ?? 0) + 1
+                    req.session.data["visits"] = String(visits)
+                    req.session.data["note"] = nil
+                    return "\(visits)"
+                }
+                classic.get("note") { req -> String in
+                    req.session.data["note"] = "kept"
+                    return "ok"
+                }
+            } _: { get in
+                let first = try await get("/counter", nil)
+                let cookie = try #require(first.sessionCookie)
+                #expect(try await get("/counter", cookie).body == "2")
+                #expect(try await get("/note", cookie).body == "ok")
+                #expect(try await get("/visits", cookie).body == "1")
+                #expect(try await get("/visits", cookie).body == "2")
+                #expect(try await get("/counter", cookie).body == "3", "the typed count survived Vapor's requests")
+                // A string Vapor showed and the route removed is removed.
+                let access = manager.beginRequest(path: "/inspect", sessionCookie: cookie)
+                let session = try #require(try await access.load())
+                #expect(session["note", as: String.self] == nil)
+                #expect(session["visits", as: String.self] == "2")
+                _ = try await manager.endRequest(access)
+            }
+        }
+    }
+
+    /// A route that regenerates the id (the old copies are deleted before the response) and then
+    /// throws: the error response still carries the new cookie.
+    @Test func anErrorResponseCarriesTheSessionCookie() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers)
+            try await withVaporApp(manager: manager) { app in
+                let sessions = app.grouped(MemcachedSessionsMiddleware(manager: manager))
+                sessions.get("counter") { req async throws -> String in
+                    let session = try await req.memcachedSessions.loadOrCreate()
+                    let count = (session["count", as: Int.self] ?? 0) + 1
+                    try session.set("count", count)
+                    return "\(count)"
+                }
+                sessions.get("read") { req async throws -> String in
+                    String(try await req.memcachedSessions.load()?["count", as: Int.self] ?? 0)
+                }
+                sessions.get("login-then-fail") { req async throws -> String in
+                    try await req.memcachedSessions.regenerateID()
+                    throw Abort(.forbidden, reason: "second factor required")
+                }
+                sessions.get("create-then-fail") { req async throws -> String in
+                    try await req.memcachedSessions.loadOrCreate().set("count", 7)
+                    throw Boom()
+                }
+            } _: { get in
+                let old = try #require(try await get("/counter", nil).sessionCookie)
+                let failed = try await get("/login-then-fail", old)
+                #expect(failed.status == 403, "the route's own error response")
+                let new = try #require(failed.sessionCookie, "the new id reaches the browser")
+                #expect(new != old)
+                #expect(try await get("/read", new).body == "1")
+                #expect(try await get("/read", old).body == "0", "the old id is dead")
+                let fresh = try await get("/create-then-fail", nil)
+                #expect(fresh.status == 500)
+                let freshCookie = try #require(fresh.sessionCookie)
+                #expect(try await get("/read", freshCookie).body == "7")
+            }
+        }
+    }
+
     @Test func ignoredPathsNeverTouchMemcached() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let manager = try makeManager(servers) { $0.ignoredPathPattern = #".*\.css$"# }

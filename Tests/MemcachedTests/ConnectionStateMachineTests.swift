@@ -191,6 +191,42 @@ struct ConnectionStateMachineTests {
         #expect(h.response(9) == .stats([MemcachedStat(name: "a", value: "1"), MemcachedStat(name: "b", value: "2")]))
     }
 
+    /// A `stats` reply that never ends (a broken or hostile server) is cut off at a bound, both in
+    /// lines and in bytes: the request fails with a protocol error and the connection closes.
+    @Test(arguments: [(lines: Machine.maximumStatLines + 1, valueBytes: 1), (lines: 300, valueBytes: 7_000)])
+    func anEndlessStatsReplyIsCutOffAtItsBound(lines: Int, valueBytes: Int) throws {
+        var h = Harness()
+        h.send(1, .stats)
+        h.send(2, .version)
+        let value = String(repeating: "v", count: valueBytes)
+        var closed = false
+        for index in 0..<lines {
+            let actions = try h.receive("STAT s\(index) \(value)\r\n")
+            if actions.contains(.close) {
+                closed = true
+                break
+            }
+            #expect(h.response(1) == nil && h.errorCode(1) == nil)
+        }
+        #expect(closed)
+        #expect(h.errorCode(1) == .protocolError)
+        #expect(h.errorCode(2) == .connectionClosed)
+    }
+
+    @Test func aLongStatsReplyWithinTheBoundsIsKept() throws {
+        var h = Harness()
+        h.send(1, .stats)
+        var text = ""
+        for index in 0..<2_000 { text += "STAT s\(index) \(index)\r\n" }
+        _ = try h.receive(text + "END\r\n")
+        guard case .stats(let stats)? = h.response(1) else {
+            Issue.record("no stats: \(String(describing: h.outcome(1)))")
+            return
+        }
+        #expect(stats.count == 2_000)
+        #expect(stats.last == MemcachedStat(name: "s1999", value: "1999"))
+    }
+
     @Test func versionAfterQuietWritesSettlesThem() throws {
         var h = Harness()
         h.send(1, .metaStore, quiet: true)

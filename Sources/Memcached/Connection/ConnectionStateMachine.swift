@@ -32,7 +32,14 @@ struct ConnectionStateMachine<Context> {
         /// Lines collected so far for multi-line replies (`VALUE ... END`, `STAT ... END`).
         var partialItem: MemcachedItem?
         var partialStats: [MemcachedStat]?
+        var partialStatsBytes = 0
     }
+
+    /// The most `STAT` lines one reply may have (memcached's `stats` has about 100, `stats
+    /// settings` about 80, `stats slabs` about 15 per slab class, `stats items` about 20 per class).
+    static var maximumStatLines: Int { 10_000 }
+    /// The most bytes of names and values one `stats` reply may have.
+    static var maximumStatBytes: Int { 1 << 20 }
 
     enum State {
         case active
@@ -140,8 +147,24 @@ struct ConnectionStateMachine<Context> {
         case (.textNoop, .version):
             return finishHead(.noop, complete: complete)
         case (.stats, .stat):
-            head.partialStats = (head.partialStats ?? []) + [MemcachedStat(name: reply.text ?? "", value: reply.statValue ?? "")]
-            pending[pending.startIndex] = head
+            // Appended in place (linear in the reply), and bounded: a broken or hostile server
+            // cannot grow one reply without end or stall the event loop.
+            let stat = MemcachedStat(name: reply.text ?? "", value: reply.statValue ?? "")
+            let size = stat.name.utf8.count + stat.value.utf8.count
+            let index = pending.startIndex
+            if pending[index].partialStats == nil {
+                pending[index].partialStats = []
+                pending[index].partialStats?.reserveCapacity(128)
+            }
+            pending[index].partialStats?.append(stat)
+            pending[index].partialStatsBytes += size
+            guard (pending[index].partialStats?.count ?? 0) <= Self.maximumStatLines,
+                pending[index].partialStatsBytes <= Self.maximumStatBytes
+            else {
+                return desync(
+                    "stats reply longer than \(Self.maximumStatLines) lines or \(Self.maximumStatBytes) bytes",
+                    complete: complete)
+            }
             return .none
         case (.stats, .end):
             return finishHead(.stats(head.partialStats ?? []), complete: complete)

@@ -47,6 +47,8 @@ public struct BinarySessionCodec: SessionCodec {
     static let formatVersion: UInt8 = 1
     /// The largest attribute count and name length accepted when decoding.
     static let maximumAttributes = 65_535
+    /// 10000-01-01T00:00:00Z in milliseconds since 1970.
+    static let latestTimestamp: Int64 = 253_402_300_800_000
 
     public init() {}
 
@@ -116,6 +118,11 @@ public struct BinarySessionCodec: SessionCodec {
         }
         guard buffer.readableBytes == 0 else { throw SessionCodecError("trailing bytes after the envelope") }
         guard created >= 0, accessed >= 0 else { throw SessionCodecError("negative timestamps") }
+        // Milliseconds since 1970 before the year 10000: anything later is garbage, and would
+        // overflow expiry arithmetic.
+        guard created < Self.latestTimestamp, accessed < Self.latestTimestamp else {
+            throw SessionCodecError("timestamps past the year 10000")
+        }
         return SessionRecord(
             metadata: SessionMetadata(
                 createdAt: created, lastAccessedAt: accessed, idleTimeoutSeconds: Int64(idle),

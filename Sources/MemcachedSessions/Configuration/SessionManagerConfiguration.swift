@@ -212,7 +212,9 @@ extension SessionManager {
             if let stickyTouchInterval, stickyTouchInterval > .seconds(24 * 3600) {
                 throw .configuration("stickyTouchInterval must be at most a day")
             }
-            if lockExpiry < .seconds(1) { throw .configuration("lockExpiry must be at least 1 second") }
+            if lockExpiry < .seconds(2) {
+                throw .configuration("lockExpiry must be at least 2 seconds (memcached's clock ticks once a second)")
+            }
             if lockWaitBudget < .zero { throw .configuration("lockWaitBudget cannot be negative") }
             if saveTimeout <= .zero { throw .configuration("saveTimeout must be positive") }
             if asynchronousQueueLimit < 1 { throw .configuration("asynchronousQueueLimit must be at least 1") }

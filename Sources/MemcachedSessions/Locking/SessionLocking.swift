@@ -16,6 +16,10 @@ final class HeldLock: Sendable {
         var renewedAt: NIODeadline
         var lost = false
         var releasing = false
+        /// A renewal is on the wire: its reply brings the lock's next CAS unique.
+        var renewing = false
+        /// Releases waiting for that reply.
+        var waitingForRenewal: [CheckedContinuation<Void, Never>] = []
     }
 
     private let state: Mutex<State>
@@ -35,23 +39,56 @@ final class HeldLock: Sendable {
     var isLost: Bool { state.withLock { $0.lost } }
     var isReleasing: Bool { state.withLock { $0.releasing } }
 
-    func renewed(casUnique: UInt64?) {
+    /// Starts a renewal: the CAS unique it must use, or nil when the lock is being released (a
+    /// release is never raced by a renewal of the same lock).
+    func beginRenewal() -> UInt64?? {
         state.withLock { state in
-            state.casUnique = casUnique
-            state.renewedAt = .now()
+            guard !state.releasing, !state.renewing else { return nil }
+            state.renewing = true
+            return .some(state.casUnique)
         }
+    }
+
+    /// Ends a renewal; `casUnique` is the lock's new CAS unique when it was renewed, nil when the
+    /// outcome is unknown (no reply) or the lock is lost. Wakes a release waiting for it.
+    func endRenewal(renewed: Bool, casUnique: UInt64?, lost: Bool = false) {
+        let waiting = state.withLock { state in
+            state.renewing = false
+            if renewed {
+                state.casUnique = casUnique
+                state.renewedAt = .now()
+            }
+            if lost { state.lost = true }
+            defer { state.waitingForRenewal = [] }
+            return state.waitingForRenewal
+        }
+        for continuation in waiting { continuation.resume() }
     }
 
     func markLost() {
         state.withLock { $0.lost = true }
     }
 
-    /// Stops renewals; returns the CAS unique the release must use.
-    func beginRelease() -> UInt64? {
-        state.withLock { state in
+    /// Stops renewals and waits for one in flight (its reply changes the CAS unique a release
+    /// must use: without the wait, the release would find `EX` and leave the lock behind).
+    /// Returns the CAS unique the release must use. The wait is bounded by the renewal's own
+    /// request timeout.
+    func beginRelease() async -> UInt64? {
+        let mustWait = state.withLock { state in
             state.releasing = true
-            return state.casUnique
+            return state.renewing
         }
+        if mustWait {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLock { state in
+                    guard state.renewing else { return true }
+                    state.waitingForRenewal.append(continuation)
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        }
+        return state.withLock { $0.casUnique }
     }
 }
 
@@ -110,10 +147,19 @@ extension SessionManager {
         }
     }
 
-    /// memcached's clock ticks once a second, so an item with a TTL of N seconds lives between
-    /// N-1 and N seconds: the lock item gets one second more than the configured expiry.
+    /// The lock item's TTL: `lockExpiry`, rounded up to whole seconds. memcached's clock ticks once
+    /// a second, so the item lives between `lockExpiry - 1 s` and `lockExpiry`: a request waiting
+    /// for a lock whose owner died or lost its release never waits longer than `lockExpiry`.
+    /// The owner renews every third of `lockExpiry` (at least 2 s, so at least a second before the
+    /// item can expire), and counts its lease as ``lockLease`` from each acquisition or renewal.
     var lockItemTTL: MemcachedTTL {
-        .duration(configuration.lockExpiry + .seconds(1))
+        .duration(configuration.lockExpiry)
+    }
+
+    /// How long a lock is surely held after its acquisition or last renewal: one memcached clock
+    /// tick less than its TTL.
+    var lockLease: TimeAmount {
+        TimeAmount(configuration.lockExpiry - .seconds(1))
     }
 
     static func newLockToken() -> String {
@@ -199,8 +245,8 @@ extension SessionManager {
 
     /// The owner-only release: a delete conditional on the lock's CAS unique (meta protocol). In
     /// text mode, which has no conditional delete, the lock is deleted by key (documented limit).
-    func lockReleaseRequest(_ lock: HeldLock) -> MemcachedRequest {
-        let cas = lock.beginRelease()
+    func lockReleaseRequest(_ lock: HeldLock) async -> MemcachedRequest {
+        let cas = await lock.beginRelease()
         var request: MemcachedRequest
         if configuration.memcached.protocolMode == .meta {
             request = .delete(lock.key, cas: cas, quiet: true)
@@ -215,13 +261,16 @@ extension SessionManager {
         heldLocks.remove(lock)
     }
 
-    /// Releases a lock on its own (when there is nothing to write), without waiting for the reply.
+    /// Releases a lock on its own (when there is nothing to write) and waits for the reply
+    /// (bounded by the request timeout), so that the browser's next request, sent after the
+    /// response, never finds this request's lock.
     func release(_ lock: HeldLock) async {
         heldLocks.remove(lock)
         guard let node = topology.node(lock.nodeID) else { return }
-        await node.submit(lockReleaseRequest(lock)) { result in
-            self.releaseAnswered(result, lock: lock, node: node)
-        }
+        let request = prepared(await lockReleaseRequest(lock))
+        countRoundTrip()
+        let result = await node.executeBatch([request])[0]
+        releaseAnswered(result, lock: lock, node: node)
     }
 
     /// Handles the reply to a release (alone or riding with a write). After a conflict the
@@ -230,6 +279,8 @@ extension SessionManager {
     /// and cannot run on the event loop that may be delivering this reply.
     func releaseAnswered(_ result: Result<MemcachedResponse, MemcachedError>, lock: HeldLock, node: MemcachedNodeClient) {
         switch result {
+        case .success(.deleted(.deleted)):
+            statistics.count(.locksReleased)
         case .success(.deleted(.exists)):
             Task {
                 await SessionManager.$isBackgroundWork.withValue(true) {
@@ -257,7 +308,13 @@ extension SessionManager {
             guard item.value.readableBytesView.elementsEqual(lock.token.utf8) else { return }  // not ours
             var delete = MemcachedRequest.delete(lock.key, cas: item.cas)
             delete.honorsCancellation = false
-            guard case .success(.deleted(.exists)) = await node.executeBatch([delete])[0] else { return }
+            switch await node.executeBatch([delete])[0] {
+            case .success(.deleted(.exists)): continue
+            case .success(.deleted(.deleted)):
+                statistics.count(.locksReleased)
+                return
+            default: return
+            }
         }
         statistics.count(.lockReleaseFailures)
     }
@@ -266,30 +323,31 @@ extension SessionManager {
     /// (Text mode has no CAS on a plain renewal: it touches the lock instead, which cannot take
     /// over or re-create someone else's.)
     func renew(_ lock: HeldLock) async {
-        guard let node = topology.node(lock.nodeID), !lock.isReleasing else { return }
+        guard let node = topology.node(lock.nodeID), let casUnique = lock.beginRenewal() else { return }
         if configuration.memcached.protocolMode == .text {
-            if (try? await node.touch(lock.key, ttl: lockItemTTL)) == true {
-                lock.renewed(casUnique: nil)
-                statistics.count(.lockRenewals)
-            }
+            let touched = (try? await node.touch(lock.key, ttl: lockItemTTL)) == true
+            lock.endRenewal(renewed: touched, casUnique: nil)
+            if touched { statistics.count(.lockRenewals) }
             return
         }
         let request = MemcachedRequest.store(
-            lock.key, value: ByteBuffer(string: lock.token), mode: .set, ttl: lockItemTTL,
-            cas: lock.casUnique)
+            lock.key, value: ByteBuffer(string: lock.token), mode: .set, ttl: lockItemTTL, cas: casUnique)
         do {
             switch try await node.execute(request) {
             case .stored(.stored(let cas)):
-                lock.renewed(casUnique: cas)
+                lock.endRenewal(renewed: true, casUnique: cas)
                 statistics.count(.lockRenewals)
             case .stored:
-                lock.markLost()
+                lock.endRenewal(renewed: false, casUnique: nil, lost: true)
                 heldLocks.remove(lock)
                 logger.warning("a held session lock was lost before its renewal", metadata: ["memcached.node": "\(lock.nodeID)"])
             default:
-                break
+                lock.endRenewal(renewed: false, casUnique: nil)
             }
         } catch {
+            // No reply: the CAS unique may have changed or not. A release then finds `EX` and
+            // reads the lock back (``releaseAfterConflict(_:node:)``).
+            lock.endRenewal(renewed: false, casUnique: nil)
             logger.debug("lock renewal failed", metadata: ["memcached.error": "\(error)"])
         }
     }
@@ -305,7 +363,9 @@ extension SessionManager {
     func renewLocksPeriodically() async {
         let interval = configuration.lockExpiry / 3
         while !Task.isCancelled {
-            do { try await Task.sleep(for: min(interval, .milliseconds(500))) } catch { return }
+            // Woken four times per renewal interval: a renewal is sent at most a quarter interval
+            // late, well within the lease.
+            do { try await Task.sleep(for: min(interval / 4, .milliseconds(250))) } catch { return }
             let now = NIODeadline.now()
             let due = now - TimeAmount(interval)
             var renewals: [HeldLock] = []

@@ -296,12 +296,14 @@ extension SessionManager {
         let delete = prepared(MemcachedRequest.delete(keys.primary))
         if wait {
             countRoundTrip()
-            let results = await node.executeBatch([delete] + (lock.map { [prepared(lockReleaseRequest($0))] } ?? []))
+            var batch = [delete]
+            if let lock { batch.append(prepared(await lockReleaseRequest(lock))) }
+            let results = await node.executeBatch(batch)
             if let lock, results.count > 1 { releaseAnswered(results[1], lock: lock, node: node) }
         } else {
             await node.submit(delete)
             if let lock {
-                await node.submit(prepared(lockReleaseRequest(lock))) { result in
+                await node.submit(prepared(await lockReleaseRequest(lock))) { result in
                     self.releaseAnswered(result, lock: lock, node: node)
                 }
             }

@@ -8,20 +8,32 @@ public struct SessionMetadata: Sendable, Hashable {
     /// The last request that used the session and saved it, milliseconds since 1970. (Requests that
     /// only read the session slide its memcached TTL without rewriting it.)
     public var lastAccessedAt: Int64
-    /// Idle timeout in seconds; 0 means the session never expires from inactivity.
-    public var idleTimeoutSeconds: Int64
-    /// Absolute lifetime in seconds from creation; 0 means none.
-    public var absoluteTimeoutSeconds: Int64
+    /// Idle timeout in seconds; 0 means the session never expires from inactivity. Kept within
+    /// 0 to ``maximumTimeoutSeconds`` (larger values are clamped, negative ones mean none).
+    public var idleTimeoutSeconds: Int64 {
+        didSet { idleTimeoutSeconds = Self.clamped(idleTimeoutSeconds) }
+    }
+    /// Absolute lifetime in seconds from creation; 0 means none. Clamped like the idle timeout.
+    public var absoluteTimeoutSeconds: Int64 {
+        didSet { absoluteTimeoutSeconds = Self.clamped(absoluteTimeoutSeconds) }
+    }
     /// Incremented by every save: the newest of several copies wins.
     public var version: UInt64
+
+    /// The longest timeout a session can have: ten years (as the configuration allows). Longer
+    /// ones are clamped to it, so that no timeout arithmetic (deadlines in nanoseconds, expiry
+    /// times in milliseconds, memcached TTLs) can overflow.
+    public static let maximumTimeoutSeconds: Int64 = 10 * 366 * 24 * 3600
+
+    static func clamped(_ seconds: Int64) -> Int64 { min(max(seconds, 0), maximumTimeoutSeconds) }
 
     public init(
         createdAt: Int64, lastAccessedAt: Int64, idleTimeoutSeconds: Int64, absoluteTimeoutSeconds: Int64, version: UInt64
     ) {
         self.createdAt = createdAt
         self.lastAccessedAt = lastAccessedAt
-        self.idleTimeoutSeconds = idleTimeoutSeconds
-        self.absoluteTimeoutSeconds = absoluteTimeoutSeconds
+        self.idleTimeoutSeconds = Self.clamped(idleTimeoutSeconds)
+        self.absoluteTimeoutSeconds = Self.clamped(absoluteTimeoutSeconds)
         self.version = version
     }
 
@@ -37,7 +49,16 @@ public struct SessionMetadata: Sendable, Hashable {
 
     /// Whether the absolute lifetime is over at `now` (milliseconds since 1970).
     func isPastAbsoluteTimeout(now: Int64) -> Bool {
-        absoluteTimeoutSeconds > 0 && now >= createdAt + absoluteTimeoutSeconds * 1000
+        guard let end = absoluteEndMillis else { return false }
+        return now >= end
+    }
+
+    /// When the absolute lifetime ends (milliseconds since 1970), or nil for none. Saturates
+    /// rather than overflowing, whatever a codec decoded.
+    var absoluteEndMillis: Int64? {
+        guard absoluteTimeoutSeconds > 0 else { return nil }
+        let (end, overflow) = createdAt.addingReportingOverflow(absoluteTimeoutSeconds * 1000)
+        return overflow ? .max : end
     }
 }
 
@@ -183,8 +204,10 @@ public final class Session: Sendable {
 
     /// Sets this session's idle timeout (e.g. longer for "remember me"); zero or less: never
     /// expires from inactivity.
+    ///
+    /// Timeouts longer than ``SessionMetadata/maximumTimeoutSeconds`` (ten years) are clamped to it.
     public func setIdleTimeout(_ timeout: Duration) {
-        let seconds = max(0, timeout.components.seconds)
+        let seconds = SessionMetadata.clamped(timeout.components.seconds)
         state.withLock { state in
             guard state.metadata.idleTimeoutSeconds != seconds else { return }
             state.metadata.idleTimeoutSeconds = seconds

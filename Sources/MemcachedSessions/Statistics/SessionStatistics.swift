@@ -40,6 +40,8 @@ public final class SessionStatistics: Sendable {
         case lockWaits
         case lockFailures
         case lockRenewals
+        /// A lock release acknowledged by memcached.
+        case locksReleased
         case lockReleaseFailures
         /// A release found the lock's CAS unique changed (a renewal raced it) and read the lock
         /// back: deleted if it still held the request's token, left alone if not.

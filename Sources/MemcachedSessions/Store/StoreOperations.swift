@@ -85,8 +85,9 @@ extension SessionManager {
     /// its absolute timeout; nil when the session never expires.
     static func primaryTTLSeconds(_ metadata: SessionMetadata, now: Int64) -> Int64? {
         var seconds = metadata.idleTimeoutSeconds
-        if metadata.absoluteTimeoutSeconds > 0 {
-            let remaining = max(1, (metadata.createdAt + metadata.absoluteTimeoutSeconds * 1000 - now + 999) / 1000)
+        if let end = metadata.absoluteEndMillis {
+            let (left, overflow) = end.subtractingReportingOverflow(now)
+            let remaining = overflow ? SessionMetadata.maximumTimeoutSeconds : min(max(1, (left + 999) / 1000), SessionMetadata.maximumTimeoutSeconds)
             seconds = seconds > 0 ? min(seconds, remaining) : remaining
         }
         return seconds > 0 ? seconds : nil
@@ -184,7 +185,8 @@ extension SessionManager {
         countRoundTrip()
         let result: Result<MemcachedResponse, MemcachedError>
         if let lock {
-            let results = await node.executeBatch([request, prepared(lockReleaseRequest(lock))])
+            let release = prepared(await lockReleaseRequest(lock))
+            let results = await node.executeBatch([request, release])
             result = results[0]
             releaseAnswered(results[1], lock: lock, node: node)
         } else {
