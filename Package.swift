@@ -69,6 +69,7 @@ let package = Package(
             dependencies: [
                 "MemcachedSessions",
                 "Memcached",
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
             ]

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Hummingbird
 import Memcached
@@ -6,10 +7,14 @@ import NIOCore
 /// Hummingbird's `PersistDriver` on memcached, for applications that keep hummingbird-auth's own
 /// `SessionMiddleware` (or use the persist API directly) and want the data in memcached.
 ///
-/// Values are JSON. Keys get `keyPrefix` and are checked before anything is sent: a key that is
-/// not a valid memcached key (it comes from a cookie, after all) reads as missing and cannot be
-/// written. `set` without an expiry keeps the item's current TTL, as the protocol requires (one
-/// extra round trip to read it, meta protocol).
+/// - Keys: the memcached key is `keyPrefix` plus a SHA-256 digest of the persist key (128 bits,
+///   hex), as the session manager does for its sessions: a dump of memcached's keys does not
+///   reveal the session cookies hummingbird-auth uses as keys, and any key, hostile ones
+///   included, is a valid memcached key that can never inject a command.
+/// - Values: a small envelope (`HBP1`, the absolute expiry in Unix seconds or 0, then the JSON of
+///   the value), so that `set` without an expiry keeps the item's current TTL, as the protocol
+///   requires, in both protocol modes (the classic text protocol cannot read a TTL). Values
+///   written by earlier versions (bare JSON) are still read.
 ///
 /// The driver runs the client: add the driver (not the client) to the application's services.
 public struct MemcachedPersistDriver: PersistDriver {
@@ -25,68 +30,113 @@ public struct MemcachedPersistDriver: PersistDriver {
         try await client.run()
     }
 
-    private func key(_ key: String) -> String { keyPrefix + key }
-
-    private static func encode(_ value: some Encodable) throws -> ByteBuffer {
-        ByteBuffer(bytes: try JSONEncoder().encode(value))
+    /// The memcached key of a persist key: the prefix and the first 128 bits of its SHA-256, in hex.
+    public func memcachedKey(_ key: String) -> String {
+        let digest = SHA256.hash(data: Array(key.utf8))
+        var hex = keyPrefix
+        hex.reserveCapacity(keyPrefix.utf8.count + 32)
+        for byte in digest.prefix(16) {
+            hex.append(Self.hexDigits[Int(byte >> 4)])
+            hex.append(Self.hexDigits[Int(byte & 0xF)])
+        }
+        return hex
     }
 
-    private static func decode<Object: Decodable>(_ type: Object.Type, _ buffer: ByteBuffer) throws -> Object {
+    private static let hexDigits: [Character] = Array("0123456789abcdef")
+    private static let magic: [UInt8] = Array("HBP1".utf8)
+
+    /// Unix seconds now.
+    private static func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
+
+    private static func encode(_ value: some Encodable, expiresAt: Int64) throws -> ByteBuffer {
+        let json = try JSONEncoder().encode(value)
+        var buffer = ByteBuffer()
+        buffer.reserveCapacity(12 + json.count)
+        buffer.writeBytes(magic)
+        buffer.writeInteger(expiresAt)
+        buffer.writeBytes(json)
+        return buffer
+    }
+
+    /// The value and its absolute expiry (nil: never, or unknown for a value of an earlier version).
+    private static func decode<Object: Decodable>(_ type: Object.Type, _ buffer: ByteBuffer) throws -> (Object, expiresAt: Int64?) {
+        var buffer = buffer
+        var expiresAt: Int64? = nil
+        if buffer.readableBytesView.starts(with: magic) {
+            buffer.moveReaderIndex(forwardBy: magic.count)
+            guard let expiry = buffer.readInteger(as: Int64.self) else { throw PersistError.invalidConversion }
+            expiresAt = expiry > 0 ? expiry : nil
+        }
         do {
-            return try JSONDecoder().decode(type, from: Data(buffer.readableBytesView))
+            return (try JSONDecoder().decode(type, from: Data(buffer.readableBytesView)), expiresAt)
         } catch {
             throw PersistError.invalidConversion
         }
     }
 
-    private static func ttl(_ expires: Duration?) -> MemcachedTTL {
-        expires.map { MemcachedTTL.duration($0) } ?? .never
+    /// The absolute expiry of `expires` from now, 0 for none (as for memcached, a zero duration
+    /// never expires); at most ten years out.
+    private static func expiry(_ expires: Duration?) -> Int64 {
+        guard let expires else { return 0 }
+        let (seconds, attoseconds) = expires.components
+        if seconds < 0 || (seconds == 0 && attoseconds < 0) { return now() - 1 }
+        if seconds == 0 && attoseconds == 0 { return 0 }
+        let rounded = min(seconds + (attoseconds > 0 ? 1 : 0), 10 * 366 * 24 * 3600)
+        return now() + rounded
+    }
+
+    private static func ttl(expiresAt: Int64) -> MemcachedTTL {
+        if expiresAt == 0 { return .never }
+        return expiresAt <= now() ? .expired : .at(unixTime: Int(expiresAt))
     }
 
     public func create<Object: Codable & Sendable>(key: String, value: Object, expires: Duration?) async throws {
-        let stored = try await client.add(self.key(key), value: try Self.encode(value), ttl: Self.ttl(expires))
+        let expiresAt = Self.expiry(expires)
+        let stored = try await client.add(
+            memcachedKey(key), value: try Self.encode(value, expiresAt: expiresAt), ttl: Self.ttl(expiresAt: expiresAt))
         if !stored { throw PersistError.duplicate }
     }
 
     public func set<Object: Codable & Sendable>(key: String, value: Object, expires: Duration?) async throws {
-        let key = self.key(key)
-        var ttl = Self.ttl(expires)
-        if expires == nil, client.configuration.protocolMode == .meta {
-            // Keep the current TTL: read it, then write with it.
-            if case .item(let item?) = try await client.execute(.get(key, withTimeToLive: true)), let remaining = item.timeToLive,
-                remaining > 0
-            {
-                ttl = .seconds(remaining)
+        let key = memcachedKey(key)
+        var expiresAt = Self.expiry(expires)
+        if expires == nil {
+            // Keep the current expiry: it is in the stored envelope (values of earlier versions:
+            // the meta protocol can read the remaining TTL).
+            let meta = client.configuration.protocolMode == .meta
+            if case .item(let item?) = try await client.execute(meta ? .get(key, withTimeToLive: true) : .get(key)) {
+                if let (_, stored) = try? Self.decode(Raw.self, item.value), let stored {
+                    expiresAt = stored
+                } else if let remaining = item.timeToLive, remaining > 0 {
+                    expiresAt = Self.now() + Int64(remaining)
+                }
             }
         }
-        try await client.set(key, value: try Self.encode(value), ttl: ttl)
+        try await client.set(key, value: try Self.encode(value, expiresAt: expiresAt), ttl: Self.ttl(expiresAt: expiresAt))
+    }
+
+    /// Any JSON: to read an envelope's expiry without knowing the value's type.
+    private struct Raw: Decodable {
+        init(from decoder: any Decoder) throws {}
     }
 
     public func get<Object: Codable & Sendable>(key: String, as type: Object.Type) async throws -> Object? {
-        do {
-            guard let item = try await client.get(self.key(key)) else { return nil }
-            return try Self.decode(type, item.value)
-        } catch let error as MemcachedError where error.code == .invalidKey {
-            return nil
-        }
+        guard let item = try await client.get(memcachedKey(key)) else { return nil }
+        return try Self.decode(type, item.value).0
     }
 
     public func getWithTTL<Object: Codable & Sendable>(key: String, as type: Object.Type) async throws -> (object: Object, ttl: Duration?)?
     {
-        do {
-            guard case .item(let item?) = try await client.execute(.get(self.key(key), withTimeToLive: true)) else { return nil }
-            let ttl: Duration? = item.timeToLive.flatMap { $0 >= 0 ? .seconds($0) : nil }
-            return (try Self.decode(type, item.value), ttl)
-        } catch let error as MemcachedError where error.code == .invalidKey {
-            return nil
-        }
+        let meta = client.configuration.protocolMode == .meta
+        let key = memcachedKey(key)
+        guard case .item(let item?) = try await client.execute(meta ? .get(key, withTimeToLive: true) : .get(key)) else { return nil }
+        let (object, expiresAt) = try Self.decode(type, item.value)
+        if let expiresAt { return (object, .seconds(max(0, expiresAt - Self.now()))) }
+        let ttl: Duration? = item.timeToLive.flatMap { $0 >= 0 ? .seconds($0) : nil }
+        return (object, ttl)
     }
 
     public func remove(key: String) async throws {
-        do {
-            try await client.delete(self.key(key))
-        } catch  where error.code == .invalidKey {
-            return
-        }
+        try await client.delete(memcachedKey(key))
     }
 }

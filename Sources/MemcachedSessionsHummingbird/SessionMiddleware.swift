@@ -115,6 +115,8 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
             return HTTPError(.serviceUnavailable, headers: [.retryAfter: "1"], message: "The session store is unavailable; please retry.")
         case .lockUnavailable:
             return HTTPError(.serviceUnavailable, headers: [.retryAfter: "1"], message: "The session is busy; please retry.")
+        case .localStoreFull:
+            return HTTPError(.serviceUnavailable, headers: [.retryAfter: "5"], message: "No new sessions can be started now; please retry.")
         default:
             return HTTPError(.internalServerError, message: "Session error: \(error.code)")
         }

@@ -86,6 +86,8 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
             return Abort(.serviceUnavailable, headers: ["Retry-After": "1"], reason: "The session store is unavailable; please retry.")
         case .lockUnavailable:
             return Abort(.serviceUnavailable, headers: ["Retry-After": "1"], reason: "The session is busy; please retry.")
+        case .localStoreFull:
+            return Abort(.serviceUnavailable, headers: ["Retry-After": "5"], reason: "No new sessions can be started now; please retry.")
         default:
             return Abort(.internalServerError, reason: "Session error: \(error.code)")
         }

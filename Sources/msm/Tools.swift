@@ -316,7 +316,7 @@ struct SessionCommand: AsyncParsableCommand {
 
     struct Delete: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Deletes every copy of a session (primary, backups, lock) on every node.")
+            abstract: "Ends a session as a logout does: every copy (primary, backups, lock) on every node, tombstoned.")
 
         @OptionGroup var target: SessionTarget
         var options: NodeOptions { target.options }
@@ -325,17 +325,11 @@ struct SessionCommand: AsyncParsableCommand {
             let (_, keys) = try target.parse(command: "delete")
             let id = target.id
             let client = try options.client()
-            var deleted = 0
-            var unreachable: [String] = []
-            for node in client.allNodes {
-                for key in [keys.primary, keys.backup, keys.lock] {
-                    do {
-                        if try await node.delete(key) == .deleted { deleted += 1 }
-                    } catch {
-                        if !unreachable.contains(node.id) { unreachable.append(node.id) }
-                    }
-                }
-            }
+            // Tombstones, as a logout leaves them: a sticky instance holding the session in
+            // memory must not take a bare delete for a copy lost by a restart and write it back.
+            let outcome = await SessionManager.invalidateStored(keys: keys, on: client)
+            let deleted = outcome.copiesEnded
+            let unreachable = outcome.unreachableNodes
             if options.json {
                 printJSON(["deleted": "\(deleted)", "unreachable": unreachable.joined(separator: ",")])
             } else {

@@ -124,6 +124,50 @@ struct ToolTests {
         }
     }
 
+    /// `msm session delete` ends a session the way a logout does: a sticky instance that still
+    /// holds it in memory stops serving it at its next check, and does not write it back (a bare
+    /// delete looked like a copy lost by a restart, which the instance restored from memory).
+    @Test func sessionDeleteIsNotUndoneByAStickyInstance() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            var configuration = try SessionManager.Configuration(nodes: nodes(servers))
+            configuration.mode = .sticky
+            configuration.route = "a"
+            configuration.asynchronousSaving = false
+            configuration.stickyTouchInterval = .milliseconds(200)
+            let manager = try SessionManager(configuration: configuration)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await manager.run() }
+                func count(_ cookie: String, increment: Bool) async throws -> Int {
+                    let access = manager.beginRequest(path: "/counter", sessionCookie: cookie)
+                    let session = try await access.load()
+                    let value = session?["count", as: Int.self] ?? 0
+                    if increment, let session { try session.set("count", value + 1) }
+                    _ = try await manager.endRequest(access)
+                    return increment && session != nil ? value + 1 : value
+                }
+                let access = manager.beginRequest(path: "/", sessionCookie: nil)
+                try access.create().set("count", 1)
+                guard case .set(let id) = try await manager.endRequest(access).cookie else {
+                    Issue.record("no cookie")
+                    return
+                }
+                let cookie = id.description
+                #expect(try await count(cookie, increment: true) == 2)
+
+                let deleted = try msm(["session", "delete", cookie, "--nodes", nodes(servers)])
+                #expect(deleted.code == 0, "\(deleted.errors)")
+                // Within one check interval the instance sees the tombstone and drops its copy.
+                try await eventually("the sticky instance stops serving the deleted session") {
+                    try await count(cookie, increment: true) == 0
+                }
+                let shown = try msm(["session", "show", cookie, "--nodes", nodes(servers)])
+                #expect(shown.code == 3, "nothing written back: \(shown.output)")
+                #expect(try await count(cookie, increment: false) == 0)
+                group.cancelAll()
+            }
+        }
+    }
+
     @Test func configChangesARunningInstance() async throws {
         try await withMemcachedServers(count: 2) { servers in
             let port = try FreePort.find()

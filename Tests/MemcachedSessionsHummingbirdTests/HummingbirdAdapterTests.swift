@@ -251,12 +251,49 @@ struct HummingbirdAdapterTests {
                 #expect(stored?.object.count == 4)
                 let ttl = try #require(stored?.ttl)
                 #expect(ttl > .seconds(590) && ttl <= .seconds(600))
+                // The memcached key is a digest: the cookie is not in a key dump.
+                #expect(try await client.get("hbp:hbs.\(cookie)") == nil)
+                #expect(try await client.get(driver.memcachedKey("hbs.\(cookie)")) != nil)
+                #expect(!driver.memcachedKey("hbs.\(cookie)").contains(cookie))
                 // A key from a hostile cookie is "missing", never a command.
                 #expect(try await driver.get(key: "x\r\nflush_all", as: Visit.self) == nil)
                 await #expect(throws: (any Error).self) {
                     try await driver.create(key: "hbs.\(cookie)", value: Visit(count: 0), expires: nil)
                 }
             }
+        }
+    }
+
+    /// `set` without an expiry keeps the item's TTL (hummingbird-auth's contract), in both
+    /// protocol modes: the text protocol, which cannot read a TTL, used to store it forever.
+    @Test(arguments: MemcachedProtocolMode.allCases)
+    func persistDriverSetKeepsTheExpiryInEitherProtocol(mode: MemcachedProtocolMode) async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            var configuration = try MemcachedClient.Configuration(nodes: "n1:127.0.0.1:\(servers[0].port)")
+            configuration.protocolMode = mode
+            let driver = MemcachedPersistDriver(client: try MemcachedClient(configuration: configuration))
+            let inspector = try MemcachedClient(configuration: .init(nodes: "n1:127.0.0.1:\(servers[0].port)"))
+            func remaining(_ key: String) async throws -> Int? {
+                guard case .item(let item?) = try await inspector.execute(.getMetadata(driver.memcachedKey(key))) else { return nil }
+                return item.timeToLive
+            }
+            try await driver.create(key: "a", value: 1, expires: .seconds(600))
+            try await driver.set(key: "a", value: 2)
+            #expect(try await driver.get(key: "a", as: Int.self) == 2)
+            let kept = try #require(try await remaining("a"))
+            #expect(kept > 590 && kept <= 600, "TTL \(kept)")
+            let reported = try #require(try await driver.getWithTTL(key: "a", as: Int.self))
+            #expect(reported.object == 2)
+            #expect(reported.ttl.map { $0 > .seconds(590) && $0 <= .seconds(600) } == true)
+            // A new expiry replaces it; a key that never had one keeps none.
+            try await driver.set(key: "a", value: 3, expires: .seconds(60))
+            #expect(try await remaining("a").map { $0 > 50 && $0 <= 60 } == true)
+            try await driver.set(key: "b", value: 1)
+            try await driver.set(key: "b", value: 2)
+            #expect(try await remaining("b") == -1, "no expiry")
+            // Values written by earlier versions (bare JSON) are still read.
+            try await inspector.set(driver.memcachedKey("c"), value: "42")
+            #expect(try await driver.get(key: "c", as: Int.self) == 42)
         }
     }
 }

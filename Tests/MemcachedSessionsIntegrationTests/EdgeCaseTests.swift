@@ -207,4 +207,46 @@ struct EdgeCaseTests {
             }
         }
     }
+
+    /// Sticky, every node down: sessions live in memory only, and memory is bounded. At the bound
+    /// new sessions are refused with a typed error (503 through the adapters); the unsaved ones
+    /// are never dropped, and are written once memcached is back, which frees room again.
+    @Test func localMemoryIsBoundedWhileMemcachedIsDown() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let config = try configuration(servers, mode: .sticky) {
+                $0.localSessionLimit = 32
+                $0.memcached.requestTimeout = .milliseconds(300)
+                $0.memcached.failureThreshold = 1
+            }
+            try await withManager(config) { manager in
+                try await servers[0].kill()
+                var kept: [Browser] = []
+                var refused = 0
+                for _ in 0..<100 {
+                    var browser = Browser()
+                    do {
+                        #expect(try await manager.increment(&browser) == 1)
+                        kept.append(browser)
+                    } catch let error as SessionError {
+                        #expect(error.code == .localStoreFull, "\(error)")
+                        #expect(browser.cookie == nil, "a refused session gets no cookie")
+                        refused += 1
+                    }
+                }
+                #expect(refused > 0)
+                #expect(kept.count <= 32)
+                #expect(manager.localStore.count <= 32)
+                #expect(manager.statistics.value(of: .localStoreRefusals) == refused)
+                // Nothing unsaved was dropped: every kept session still counts on.
+                for index in kept.indices { #expect(try await manager.increment(&kept[index]) == 2) }
+
+                try await servers[0].restart()
+                try await eventually(timeout: .seconds(20), "the unsaved sessions are written and room is free") {
+                    var browser = Browser()
+                    return (try? await manager.increment(&browser)) == 1
+                }
+                for index in kept.indices { #expect(try await manager.readCount(&kept[index]) == 2) }
+            }
+        }
+    }
 }

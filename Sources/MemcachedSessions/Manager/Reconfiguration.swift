@@ -76,8 +76,34 @@ extension SessionManager {
     /// Applies a change without a restart and without losing sessions: new node lists build a new
     /// client (the old one finishes its requests, then closes), removed nodes drain.
     /// - Throws: ``SessionError/Code/invalidConfiguration`` for an invalid change (nothing applied).
+    ///
+    /// Changes are serialized: concurrent calls (two `PUT /_msm/config` at once) apply one after
+    /// the other, never interleaved (interleaved, one could drop the other's draining nodes). A
+    /// node keeps its address for as long as it has its id: a moved node gets a new id (and the
+    /// old id drains), because sessions name their node by id. A `uriPattern` is limited to a safe
+    /// subset of regular expressions here (see `PathPattern.checkSafe(_:)`), since it may come
+    /// over HTTP.
     @discardableResult
     public func reconfigure(_ change: RuntimeChange) async throws(SessionError) -> RuntimeView {
+        let (view, newClient, oldClient) = try reconfiguration.withLock { _ throws(SessionError) in
+            try applyReconfiguration(change)
+        }
+        if let newClient {
+            startClientIfRunning(newClient)
+            if let oldClient { retire(oldClient) }
+        }
+        events.record(
+            .configuration,
+            "configuration changed: nodes \(view.nodes), failover \(view.failoverNodes), locking \(view.locking), enabled \(view.enabled)"
+                + (view.drainingNodes.isEmpty ? "" : ", draining \(view.drainingNodes)"))
+        logger.notice(
+            "session manager reconfigured",
+            metadata: ["nodes": "\(view.nodes)", "locking": "\(view.locking)", "enabled": "\(view.enabled)"])
+        return view
+    }
+
+    /// The body of ``reconfigure(_:)``, under the reconfiguration lock (it never suspends).
+    private func applyReconfiguration(_ change: RuntimeChange) throws(SessionError) -> (RuntimeView, MemcachedClient?, MemcachedClient?) {
         // Everything is checked before anything changes.
         var newNodes: [MemcachedNodeAddress]? = nil
         if let list = change.nodes {
@@ -92,6 +118,15 @@ extension SessionManager {
             guard ownsClient else {
                 throw .configuration("this manager runs a client it was given: its nodes cannot change at run time")
             }
+            let (current, draining) = runtime.withLock { ($0.nodes, $0.draining) }
+            let known = current + draining.values.map(\.address)
+            for node in candidate.memcached.nodes {
+                if let old = known.first(where: { $0.id == node.id }), old.host != node.host || old.port != node.port {
+                    throw .configuration(
+                        "node '\(node.id)' is \(old.host):\(old.port); a node cannot change its address under the same id (sessions name their node by id): give the moved node a new id, and the old id drains"
+                    )
+                }
+            }
             newNodes = candidate.memcached.nodes
         }
         var newLocking: LockingMode? = nil
@@ -101,7 +136,10 @@ extension SessionManager {
             if locking != .none, configuration.mode == .sticky {
                 throw .configuration("locking applies to non-sticky mode only")
             }
-            if case .uriPattern(let pattern) = locking { newPattern = try PathPattern(pattern, setting: "locking uriPattern") }
+            if case .uriPattern(let pattern) = locking {
+                try PathPattern.checkSafe(pattern)
+                newPattern = try PathPattern(pattern, setting: "locking uriPattern")
+            }
             newLocking = locking
         }
         let nodeIDs = Set((newNodes ?? runtime.withLock { $0.nodes }).map(\.id))
@@ -160,18 +198,7 @@ extension SessionManager {
                     enabled: state.enabled)
             )
         }
-        if let newClient {
-            startClientIfRunning(newClient)
-            if let oldClient { retire(oldClient) }
-        }
-        events.record(
-            .configuration,
-            "configuration changed: nodes \(view.nodes), failover \(view.failoverNodes), locking \(view.locking), enabled \(view.enabled)"
-                + (view.drainingNodes.isEmpty ? "" : ", draining \(view.drainingNodes)"))
-        logger.notice(
-            "session manager reconfigured",
-            metadata: ["nodes": "\(view.nodes)", "locking": "\(view.locking)", "enabled": "\(view.enabled)"])
-        return view
+        return (view, newClient, oldClient)
     }
 
     // MARK: - clients

@@ -15,6 +15,7 @@ public struct SessionError: Error, Sendable, Hashable, CustomStringConvertible {
             case decodingFailed
             case invalidated
             case disabled
+            case localStoreFull
         }
 
         fileprivate let base: Base
@@ -38,6 +39,10 @@ public struct SessionError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let invalidated = Code(.invalidated)
         /// The request matched the ignore pattern, or sessions are used outside a request.
         public static let disabled = Code(.disabled)
+        /// Sticky mode: this instance's memory holds ``SessionManager/Configuration/localSessionLimit``
+        /// sessions with changes memcached has not taken yet (every node down). New sessions are
+        /// refused until memcached answers; unsaved ones are never dropped. Adapters answer 503.
+        public static let localStoreFull = Code(.localStoreFull)
 
         public var description: String { base.rawValue }
     }

@@ -25,6 +25,8 @@ public final class SessionManager: Service, Sendable {
     let runtime: Mutex<RuntimeState>
     /// Running memcached clients: the current one and any retiring after a node change.
     let clientTasks = Mutex<ClientTasks>(ClientTasks())
+    /// Held for the whole of a run-time change, so that concurrent changes never interleave.
+    let reconfiguration = Mutex<Void>(())
     let events = EventLog()
     let history = StatusHistory()
     let eventLoopGroup: any EventLoopGroup

@@ -66,7 +66,7 @@ extension SessionManager {
             let owned = id.routed(to: configuration.route)
             let session = makeSession(id: owned, record: stored.record, casUnique: stored.casUnique, isNew: false)
             let refreshed = NIODeadline.now()
-            localStore.put(session, token: id.token, now: now, refreshed: refreshed)
+            guard localStore.put(session, token: id.token, now: now, refreshed: refreshed) else { throw localStoreFull() }
             access.state.withLock { $0.loaded.lastStoreRefresh = refreshed }
             statistics.count(.sessionsLoaded)
             if takeover {
@@ -114,13 +114,13 @@ extension SessionManager {
             session.setID(id)
             session.markAllChanged()
             localStore.remove(old.token, ifSame: session)
-            localStore.put(session, token: id.token, now: now, refreshed: .now())
+            localStore.put(session, token: id.token, now: now, refreshed: .now(), force: true)
             statistics.count(.sessionsRegenerated)
             if isEnabled {
                 await deleteCopies(keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true)
             }
         } else if session.isNew {
-            localStore.put(session, token: id.token, now: now, refreshed: .now())
+            guard localStore.put(session, token: id.token, now: now, refreshed: .now()) else { throw localStoreFull() }
         }
 
         guard isEnabled else {
@@ -306,5 +306,18 @@ extension SessionManager {
         if isEnabled, NIODeadline.now() - refreshed >= stickyTouchInterval {
             await touchSticky(session)
         }
+    }
+
+    /// The error for a new session refused because memory is full of unsaved sessions.
+    func localStoreFull() -> SessionError {
+        statistics.count(.localStoreRefusals)
+        logger.warning(
+            "new session refused: local memory is full of sessions memcached has not taken yet",
+            metadata: ["sessions.limit": "\(configuration.localSessionLimit)"])
+        return SessionError(
+            code: .localStoreFull,
+            message:
+                "this instance holds \(configuration.localSessionLimit) sessions with changes memcached has not taken yet; new sessions are refused until a node answers"
+        )
     }
 }

@@ -50,6 +50,8 @@ public final class SessionStatistics: Sendable {
         case corruptSessions
         case oversizedSessions
         case unavailable
+        /// Sticky: a new session refused because memory is full of unsaved sessions.
+        case localStoreRefusals
         case bytesWritten
         case bytesRead
         /// Memcached round trips a request waited for (writes it does not wait for are not counted).

@@ -43,12 +43,18 @@ final class LocalSessionStore: Sendable {
     }
 
     /// Adds or replaces a session. Evicts the least recently used sixteenth of the shard when full.
-    func put(_ session: Session, token: SessionID.Token, now: Int64, refreshed: NIODeadline) {
+    /// Sessions with unsaved changes are never evicted: when the shard holds nothing else, a new
+    /// token is refused (returns false), unless `force` (a session moving to a new token, which
+    /// adds nothing overall).
+    @discardableResult
+    func put(_ session: Session, token: SessionID.Token, now: Int64, refreshed: NIODeadline, force: Bool = false) -> Bool {
         shard(token).withLock { entries in
             if entries[token] == nil, entries.count >= capacityPerShard {
                 Self.evictOldest(&entries, count: max(1, capacityPerShard / 16))
+                if entries.count >= capacityPerShard, !force { return false }
             }
             entries[token] = Entry(session: session, lastAccess: now, lastStoreRefresh: refreshed)
+            return true
         }
     }
 
