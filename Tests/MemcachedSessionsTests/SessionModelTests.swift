@@ -1,3 +1,4 @@
+import Synchronization
 import Memcached
 import NIOCore
 import Testing
@@ -128,7 +129,7 @@ struct SessionModelTests {
     @Test func placementIsBoundedAndSkipsDownNodes() throws {
         let client = try MemcachedClient(
             configuration: .init(nodes: "n1:127.0.0.1:1 n2:127.0.0.1:2 n3:127.0.0.1:3 f1:127.0.0.1:4"))
-        let topology = NodeTopology(client: client, failoverNodes: ["f1"])
+        let topology = NodeTopology(nodes: client, failoverNodes: ["f1"], clock: SystemSessionClock())
         // All up (a new client assumes so): round robin over the primaries, never the failover.
         let placed = Set((0..<30).map { _ in topology.placeNew() })
         #expect(placed == ["n1", "n2", "n3"])
@@ -151,13 +152,15 @@ struct SessionModelTests {
     }
 
     @Test func backupMemoRefreshesOncePerWindowPerNode() {
-        let memo = BackupMemo(limit: 100)
-        let start = NIODeadline.now()
-        #expect(memo.needsRefresh("k", node: "n2", window: .seconds(10), now: start))
-        memo.record("k", node: "n2", at: start)
-        #expect(!memo.needsRefresh("k", node: "n2", window: .seconds(10), now: start + .seconds(5)))
-        #expect(memo.needsRefresh("k", node: "n3", window: .seconds(10), now: start + .seconds(5)))
-        #expect(memo.needsRefresh("k", node: "n2", window: .seconds(10), now: start + .seconds(10)))
+        let clock = ManualClock()
+        let memo = BackupMemo(limit: 100, clock: clock)
+        #expect(memo.needsRefresh("k", node: "n2", window: .seconds(10)))
+        memo.record("k", node: "n2")
+        clock.advance(by: .seconds(5))
+        #expect(!memo.needsRefresh("k", node: "n2", window: .seconds(10)))
+        #expect(memo.needsRefresh("k", node: "n3", window: .seconds(10)))
+        clock.advance(by: .seconds(5))
+        #expect(memo.needsRefresh("k", node: "n2", window: .seconds(10)))
     }
 
     @Test func localStoreExpiresAndStaysBounded() throws {
@@ -172,5 +175,23 @@ struct SessionModelTests {
             store.put(other, token: other.id.token, now: 5_000, refreshed: .now())
         }
         #expect(store.count <= 64)
+    }
+}
+
+/// A clock that moves only when told to: unit tests drive time explicitly.
+final class ManualClock: SessionClock {
+    private let state = Mutex<(monotonic: NIODeadline, wall: Int64)>((.uptimeNanoseconds(1_000_000_000), 1_800_000_000_000))
+
+    func now() -> NIODeadline { state.withLock { $0.monotonic } }
+    func wallMilliseconds() -> Int64 { state.withLock { $0.wall } }
+    func advance(by duration: Duration) {
+        let nanoseconds = duration.components.seconds * 1_000_000_000 + duration.components.attoseconds / 1_000_000_000
+        state.withLock { state in
+            state.monotonic = state.monotonic + .nanoseconds(nanoseconds)
+            state.wall += nanoseconds / 1_000_000
+        }
+    }
+    func sleep(for duration: Duration) async throws {
+        Issue.record("a unit test's manual clock does not sleep")
     }
 }

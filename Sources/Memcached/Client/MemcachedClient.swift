@@ -212,7 +212,7 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
 
 /// One node of a ``MemcachedClient``, addressed by id: every request goes to this node, whatever
 /// its key. Also where the node-level commands live (`noop`, `version`, `stats`).
-public struct MemcachedNodeClient: MemcachedCommandRunner {
+public struct MemcachedNodeClient: MemcachedNodeCommandRunner {
     let client: MemcachedClient
     let node: MemcachedNode
 
@@ -280,10 +280,8 @@ public struct MemcachedNodeClient: MemcachedCommandRunner {
         return version
     }
 
-    /// The node's statistics for a group (`stats`, `stats slabs`, `stats items`, `stats settings`...).
-    public func stats(_ group: MemcachedStatsGroup = .general) async throws(MemcachedError) -> [MemcachedStat] {
-        let response = try await execute(.stats(group))
-        guard case .stats(let stats) = response else { throw Self.unexpected(response) }
-        return stats
-    }
+}
+
+extension MemcachedClient: MemcachedNodeSet {
+    public var nodeRunners: [any MemcachedNodeCommandRunner] { allNodes }
 }

@@ -11,6 +11,41 @@ public protocol MemcachedCommandRunner: Sendable {
     func executeBatch(_ requests: [MemcachedRequest]) async -> [Result<MemcachedResponse, MemcachedError>]
 }
 
+/// One memcached node, as the layers above the client (the session manager) reach it: commands
+/// in, replies out. ``MemcachedNodeClient`` is the real one; a simulated cluster (memcached's
+/// semantics in memory, with injected faults) implements it too, so that the session logic above
+/// (CAS merges, backups, tombstones, locks) runs for real against exhaustive fault schedules.
+public protocol MemcachedNodeCommandRunner: MemcachedCommandRunner {
+    /// The node's id (`n1`).
+    var id: String { get }
+    /// Whether the node takes requests (false while it is marked down).
+    var isAvailable: Bool { get }
+    /// Sends a request without waiting for it; `completion` gets the outcome (keep it short).
+    func submit(_ request: MemcachedRequest, completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void) async
+}
+
+extension MemcachedNodeCommandRunner {
+    /// Sends a request without waiting for it or its outcome.
+    public func submit(_ request: MemcachedRequest) async {
+        await submit(request) { _ in }
+    }
+
+    /// The node's statistics for a group.
+    public func stats(_ group: MemcachedStatsGroup = .general) async throws(MemcachedError) -> [MemcachedStat] {
+        let response = try await execute(.stats(group))
+        guard case .stats(let stats) = response else { throw Self.unexpected(response) }
+        return stats
+    }
+}
+
+/// The nodes of a cluster, as the session manager uses them; ``MemcachedClient`` is the real one.
+public protocol MemcachedNodeSet: Sendable {
+    /// Every node, in configuration order.
+    var nodeRunners: [any MemcachedNodeCommandRunner] { get }
+    /// Runs whatever keeps the nodes healthy (probes, connections) until cancelled or shut down.
+    func run() async throws
+}
+
 extension MemcachedCommandRunner {
     public func executeBatch(_ requests: [MemcachedRequest]) async -> [Result<MemcachedResponse, MemcachedError>] {
         var results: [Result<MemcachedResponse, MemcachedError>] = []

@@ -105,7 +105,9 @@ public struct MemcachedStatsGroup: Sendable, Hashable, CustomStringConvertible {
 /// A command for a memcached node, built with the static functions below and run with
 /// ``MemcachedCommandRunner/execute(_:)``.
 public struct MemcachedRequest: Sendable {
-    enum Command: Sendable {
+    /// What the request asks the server to do. Public for implementations of
+    /// ``MemcachedNodeCommandRunner`` other than the client's own (a simulated cluster in tests).
+    public enum Command: Sendable {
         case get(key: String, value: Bool, touch: MemcachedTTL?)
         case store(key: String, value: ByteBuffer, flags: UInt32, ttl: MemcachedTTL, mode: MemcachedStoreMode, cas: UInt64?)
         case delete(key: String, cas: UInt64?)
@@ -116,7 +118,7 @@ public struct MemcachedRequest: Sendable {
         case stats(MemcachedStatsGroup)
     }
 
-    var command: Command
+    public internal(set) var command: Command
     /// Quiet writes ask the server for no reply unless something fails (meta mode); the client
     /// still learns the outcome from the next reply on the connection and completes the call then.
     /// Ignored in text mode, where the write is acknowledged as usual.

@@ -52,8 +52,9 @@ public struct MemcachedTTL: Sendable, Hashable, CustomStringConvertible {
         return MemcachedTTL(storage: .absolute(Int64(unixTime)))
     }
 
-    /// The exptime field sent to memcached, relative when it may be, absolute otherwise.
-    func wireValue(now: @autoclosure () -> Int64 = MemcachedTTL.currentUnixTime()) -> Int64 {
+    /// The exptime field memcached gets: 0 for never, -1 for expired, a relative number of
+    /// seconds up to 30 days, an absolute Unix time beyond (`now` is the current Unix time).
+    public func wireValue(now: @autoclosure () -> Int64 = MemcachedTTL.currentUnixTime()) -> Int64 {
         switch storage {
         case .never: return 0
         case .expired: return -1
@@ -66,7 +67,8 @@ public struct MemcachedTTL: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    static func currentUnixTime() -> Int64 {
+    /// The current Unix time in seconds (the system's real-time clock).
+    public static func currentUnixTime() -> Int64 {
         var spec = timespec()
         clock_gettime(CLOCK_REALTIME, &spec)
         return Int64(spec.tv_sec)

@@ -24,11 +24,14 @@ final class HeldLock: Sendable {
 
     private let state: Mutex<State>
 
-    init(key: String, nodeID: String, token: String, casUnique: UInt64?) {
+    /// Acquisition order, for a stable order of renewals.
+    let sequence: UInt64
+
+    init(key: String, nodeID: String, token: String, casUnique: UInt64?, now: NIODeadline, sequence: UInt64) {
         self.key = key
         self.nodeID = nodeID
         self.token = token
-        let now = NIODeadline.now()
+        self.sequence = sequence
         self.acquiredAt = now
         self.state = Mutex(State(casUnique: casUnique, renewedAt: now))
     }
@@ -51,12 +54,12 @@ final class HeldLock: Sendable {
 
     /// Ends a renewal; `casUnique` is the lock's new CAS unique when it was renewed, nil when the
     /// outcome is unknown (no reply) or the lock is lost. Wakes a release waiting for it.
-    func endRenewal(renewed: Bool, casUnique: UInt64?, lost: Bool = false) {
+    func endRenewal(renewed: Bool, casUnique: UInt64?, lost: Bool = false, now: NIODeadline) {
         let waiting = state.withLock { state in
             state.renewing = false
             if renewed {
                 state.casUnique = casUnique
-                state.renewedAt = .now()
+                state.renewedAt = now
             }
             if lost { state.lost = true }
             defer { state.waitingForRenewal = [] }
@@ -98,7 +101,12 @@ final class HeldLocks: Sendable {
 
     func add(_ lock: HeldLock) { locks.withLock { $0[ObjectIdentifier(lock)] = lock } }
     func remove(_ lock: HeldLock) { _ = locks.withLock { $0.removeValue(forKey: ObjectIdentifier(lock)) } }
-    var all: [HeldLock] { locks.withLock { Array($0.values) } }
+    private let sequence = Mutex<UInt64>(0)
+
+    /// The next acquisition number.
+    func nextSequence() -> UInt64 { sequence.withLock { $0 &+= 1; return $0 } }
+    /// Every lock held, in acquisition order.
+    var all: [HeldLock] { locks.withLock { $0.values.sorted { $0.sequence < $1.sequence } } }
 }
 
 /// `auto` locking: learns which request paths only read the session, so that they run unlocked,
@@ -162,8 +170,8 @@ extension SessionManager {
         TimeAmount(configuration.lockExpiry - .seconds(1))
     }
 
-    static func newLockToken() -> String {
-        SessionID.Token.random().description
+    func newLockToken() -> String {
+        randomToken().description
     }
 
     /// Takes the session's lock on `nodeID` and reads the session in the same round trip
@@ -173,9 +181,9 @@ extension SessionManager {
     /// - Returns: the lock (nil when the policy let the request proceed without it) and the read.
     func lockAndRead(keys: SessionKeys, nodeID: String, touch: MemcachedTTL?) async throws(SessionError) -> (HeldLock?, StoredRead) {
         guard let node = topology.node(nodeID) else { return (nil, .missing) }
-        let token = Self.newLockToken()
+        let token = newLockToken()
         let lockTTL = lockItemTTL
-        let start = NIODeadline.now()
+        let start = clock.now()
         let budget = TimeAmount(configuration.lockWaitBudget)
         var attempt = 0
         var waited = false
@@ -199,7 +207,8 @@ extension SessionManager {
             }
             switch results[0] {
             case .success(.stored(.stored(let cas))):
-                let lock = HeldLock(key: keys.lock, nodeID: nodeID, token: token, casUnique: cas)
+                let lock = HeldLock(
+                    key: keys.lock, nodeID: nodeID, token: token, casUnique: cas, now: clock.now(), sequence: heldLocks.nextSequence())
                 heldLocks.add(lock)
                 statistics.count(.locksAcquired)
                 if waited { statistics.time(.lockWait, since: start) }
@@ -217,7 +226,7 @@ extension SessionManager {
                 waited = true
                 statistics.count(.lockWaits)
             }
-            let elapsed = NIODeadline.now() - start
+            let elapsed = clock.now() - start
             if elapsed >= budget {
                 statistics.count(.lockFailures)
                 statistics.time(.lockWait, since: start)
@@ -232,11 +241,11 @@ extension SessionManager {
             }
             // 1 ms doubling to 32 ms, times a random factor in 0.5...1.5, never past the budget.
             let base = Int64(1_000_000) << Int64(min(attempt, 5))
-            let jittered = Int64(Double(base) * Double.random(in: 0.5...1.5))
+            let jittered = Int64(Double(base) * (0.5 + unitRandom()))
             let remaining = (budget - elapsed).nanoseconds
             attempt += 1
             do {
-                try await Task.sleep(nanoseconds: UInt64(max(100_000, min(jittered, remaining))))
+                try await clock.sleep(for: .nanoseconds(max(100_000, min(jittered, remaining))))
             } catch {
                 throw SessionError(code: .lockUnavailable, message: "cancelled while waiting for the session's lock")
             }
@@ -277,7 +286,7 @@ extension SessionManager {
     /// follow-up (``releaseAfterConflict(_:node:)``) runs in the background: it is rare, bounded
     /// (at most six round trips, each within the request timeout), must not delay the response,
     /// and cannot run on the event loop that may be delivering this reply.
-    func releaseAnswered(_ result: Result<MemcachedResponse, MemcachedError>, lock: HeldLock, node: MemcachedNodeClient) {
+    func releaseAnswered(_ result: Result<MemcachedResponse, MemcachedError>, lock: HeldLock, node: any MemcachedNodeCommandRunner) {
         switch result {
         case .success(.deleted(.deleted)):
             statistics.count(.locksReleased)
@@ -299,7 +308,7 @@ extension SessionManager {
     /// still holds this request's random token it is ours, and is deleted under its current CAS.
     /// Someone else's lock (ours expired and was taken) is left alone. Without this the lock
     /// would linger until it expires, blocking the session's next requests.
-    func releaseAfterConflict(_ lock: HeldLock, node: MemcachedNodeClient) async {
+    func releaseAfterConflict(_ lock: HeldLock, node: any MemcachedNodeCommandRunner) async {
         defer { statistics.count(.lockReleaseRaces) }
         for _ in 0..<3 {
             var read = MemcachedRequest.get(lock.key)
@@ -326,7 +335,7 @@ extension SessionManager {
         guard let node = topology.node(lock.nodeID), let casUnique = lock.beginRenewal() else { return }
         if configuration.memcached.protocolMode == .text {
             let touched = (try? await node.touch(lock.key, ttl: lockItemTTL)) == true
-            lock.endRenewal(renewed: touched, casUnique: nil)
+            lock.endRenewal(renewed: touched, casUnique: nil, now: clock.now())
             if touched { statistics.count(.lockRenewals) }
             return
         }
@@ -335,19 +344,19 @@ extension SessionManager {
         do {
             switch try await node.execute(request) {
             case .stored(.stored(let cas)):
-                lock.endRenewal(renewed: true, casUnique: cas)
+                lock.endRenewal(renewed: true, casUnique: cas, now: clock.now())
                 statistics.count(.lockRenewals)
             case .stored:
-                lock.endRenewal(renewed: false, casUnique: nil, lost: true)
+                lock.endRenewal(renewed: false, casUnique: nil, lost: true, now: clock.now())
                 heldLocks.remove(lock)
                 logger.warning("a held session lock was lost before its renewal", metadata: ["memcached.node": "\(lock.nodeID)"])
             default:
-                lock.endRenewal(renewed: false, casUnique: nil)
+                lock.endRenewal(renewed: false, casUnique: nil, now: clock.now())
             }
         } catch {
             // No reply: the CAS unique may have changed or not. A release then finds `EX` and
             // reads the lock back (``releaseAfterConflict(_:node:)``).
-            lock.endRenewal(renewed: false, casUnique: nil)
+            lock.endRenewal(renewed: false, casUnique: nil, now: clock.now())
             logger.debug("lock renewal failed", metadata: ["memcached.error": "\(error)"])
         }
     }
@@ -365,8 +374,8 @@ extension SessionManager {
         while !Task.isCancelled {
             // Woken four times per renewal interval: a renewal is sent at most a quarter interval
             // late, well within the lease.
-            do { try await Task.sleep(for: min(interval / 4, .milliseconds(250))) } catch { return }
-            let now = NIODeadline.now()
+            do { try await clock.sleep(for: min(interval / 4, .milliseconds(250))) } catch { return }
+            let now = clock.now()
             let due = now - TimeAmount(interval)
             var renewals: [HeldLock] = []
             for lock in heldLocks.all where lock.renewedAt <= due && !lock.isReleasing {

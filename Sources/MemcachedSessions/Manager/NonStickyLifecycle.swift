@@ -26,7 +26,7 @@ extension SessionManager {
         } else {
             read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
         }
-        let now = Self.currentTimeMillis()
+        let now = currentTimeMillis()
         if case .missing = read, await missMayBeRestartChecking(on: id.nodeID) {
             // The node restarted (empty) recently: the backup may hold the session.
             return try await restoreAfterRestart(id: id, keys: keys, access: access, lock: lock)
@@ -149,7 +149,7 @@ extension SessionManager {
             // exist on the silent node. Never read that as "no session".
             return try unavailable(id: id, cause: "its node did not answer (\(cause.code)) and no backup copy was found")
         }
-        if isExpired(newest.stored.record, now: Self.currentTimeMillis()) {
+        if isExpired(newest.stored.record, now: currentTimeMillis()) {
             statistics.count(.sessionsExpired)
             if let lock { await release(lock) }
             return nil
@@ -194,7 +194,7 @@ extension SessionManager {
         -> Session?
     {
         let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
-        guard !search.tombstone, let newest = search.newest, !isExpired(newest.stored.record, now: Self.currentTimeMillis())
+        guard !search.tombstone, let newest = search.newest, !isExpired(newest.stored.record, now: currentTimeMillis())
         else {
             if let lock { await release(lock) }
             statistics.count(.sessionsNotFound)
@@ -228,7 +228,7 @@ extension SessionManager {
         }
         var id = session.id
         var keys = self.keys(of: session)
-        let now = Self.currentTimeMillis()
+        let now = currentTimeMillis()
 
         if session.isInvalidated {
             statistics.count(.sessionsInvalidated)
@@ -243,7 +243,7 @@ extension SessionManager {
         var oldCopies: (SessionKeys, String)? = nil
         if regenerate {
             oldCopies = (keys, id.nodeID)
-            id = SessionID.generate(nodeID: placementNode(), route: configuration.route)
+            id = generateID(nodeID: placementNode(), route: configuration.route)
             keys = self.keys(for: id.token)
             session.setID(id)
             session.markAllChanged()
@@ -366,7 +366,7 @@ extension SessionManager {
                     self.backupMemo.needsRefresh(keys.backup, node: $0, window: self.backupRefreshWindow(metadata))
                 } ?? false
             if backupDue, let backupNode { self.backupMemo.record(keys.backup, node: backupNode) }
-            let backupTTL = self.backupTTL(metadata, now: Self.currentTimeMillis())
+            let backupTTL = self.backupTTL(metadata, now: self.currentTimeMillis())
             _ = Task {
                 await node.submit(.touch(keys.primary, ttl: .seconds(Int(idle))))
                 if backupDue, let backupNode, let backup = self.topology.node(backupNode) {

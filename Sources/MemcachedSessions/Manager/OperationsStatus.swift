@@ -35,7 +35,7 @@ public final class EventLog: Sendable {
     static let mergeWindowMilliseconds: Int64 = 5_000
 
     func record(_ kind: Kind, _ message: String) {
-        let now = SessionManager.currentTimeMillis()
+        let now = SessionManager.systemTimeMillis()
         events.withLock { events in
             if let last = events.indices.last, events[last].kind == kind, events[last].message == message,
                 now - events[last].time < Self.mergeWindowMilliseconds
@@ -163,7 +163,8 @@ extension SessionManager {
         let view = runtimeView
         let latest = history.samples.last
         let nodes = topology.order.compactMap { id -> NodeStatus? in
-            guard let node = topology.node(id) else { return nil }
+            // Per-node statistics come from the memcached client (a simulated node set has none).
+            guard let node = topology.node(id) as? MemcachedNodeClient else { return nil }
             let statistics = node.statistics
             return NodeStatus(
                 id: id, address: node.address.hostAndPort, role: topology.role(of: id), available: statistics.isAvailable,
@@ -172,7 +173,7 @@ extension SessionManager {
                 recentLatencyMicroseconds: latest?.nodeLatencyMicroseconds[id] ?? 0)
         }
         return Status(
-            instance: instance, time: Self.currentTimeMillis(), mode: configuration.mode.rawValue, locking: view.locking,
+            instance: instance, time: Self.systemTimeMillis(), mode: configuration.mode.rawValue, locking: view.locking,
             enabled: view.enabled, route: configuration.route, nodes: nodes, statistics: statistics.snapshot(),
             localSessions: localStore.count, pendingAsynchronousWrites: writer.pendingCount, history: history.samples,
             events: events.recent)
@@ -186,7 +187,7 @@ extension SessionManager {
             let topology = self.topology
             var nodes: [String: MemcachedNodeStatistics] = [:]
             for id in topology.order {
-                guard let node = topology.node(id) else { continue }
+                guard let node = topology.node(id) as? MemcachedNodeClient else { continue }
                 let statistics = node.statistics
                 nodes[id] = statistics
                 if let before = wasAvailable[id], before != statistics.isAvailable {
@@ -196,8 +197,8 @@ extension SessionManager {
                 }
                 wasAvailable[id] = statistics.isAvailable
             }
-            history.record(statistics: statistics.snapshot(), nodes: nodes, now: Self.currentTimeMillis())
-            do { try await Task.sleep(for: StatusHistory.sampleInterval) } catch { return }
+            history.record(statistics: statistics.snapshot(), nodes: nodes, now: Self.systemTimeMillis())
+            do { try await clock.sleep(for: StatusHistory.sampleInterval) } catch { return }
         }
     }
 }

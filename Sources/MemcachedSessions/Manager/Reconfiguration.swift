@@ -156,9 +156,9 @@ extension SessionManager {
         if let newNodes {
             // Removed nodes drain; a node added back stops draining.
             let (current, draining) = runtime.withLock { ($0.nodes, $0.draining) }
-            var stillDraining = draining.filter { id, entry in !newNodes.contains { $0.id == id } && NIODeadline.now() < entry.until }
+            var stillDraining = draining.filter { id, entry in !newNodes.contains { $0.id == id } && clock.now() < entry.until }
             for node in current where !newNodes.contains(where: { $0.id == node.id }) {
-                stillDraining[node.id] = (node, .now() + drainPeriod)
+                stillDraining[node.id] = (node, clock.now() + drainPeriod)
             }
             var clientConfiguration = configuration.memcached
             clientConfiguration.nodes = newNodes + stillDraining.values.map(\.address).sorted { $0.id < $1.id }
@@ -186,10 +186,10 @@ extension SessionManager {
             } else if newNodes != nil {
                 state.failoverNodes = state.failoverNodes.filter { nodeIDs.contains($0) }
             }
-            let client = newClient ?? state.topology.client
+            let nodes: any MemcachedNodeSet = newClient ?? state.topology.nodeSet
             if newClient != nil { replaced = state.topology.client }
             state.topology = NodeTopology(
-                client: client, failoverNodes: state.failoverNodes, draining: state.draining.mapValues(\.until))
+                nodes: nodes, failoverNodes: state.failoverNodes, draining: state.draining.mapValues(\.until), clock: clock)
             return (
                 replaced,
                 RuntimeView(

@@ -165,8 +165,8 @@ public final class SessionAccess: Sendable {
         guard !isIgnored else {
             throw SessionError(code: .disabled, message: "the request matches the ignore pattern: it cannot have a session")
         }
-        let now = SessionManager.currentTimeMillis()
-        let id = SessionID.generate(nodeID: manager.placementNode(), route: manager.configuration.route)
+        let now = manager.currentTimeMillis()
+        let id = manager.generateID(nodeID: manager.placementNode(), route: manager.configuration.route)
         let session = manager.makeSession(id: id, record: manager.newSessionRecord(now: now), casUnique: nil, isNew: true)
         let previous = state.withLock { state -> Session? in
             let previous = state.session
@@ -229,7 +229,7 @@ extension SessionManager {
         if configuration.mode == .nonSticky || !configuration.asynchronousSaving { return true }
         guard let id else { return false }  // a new sticky session is saved by the writer
         if configuration.route != nil, id.route != configuration.route { return true }  // takeover: a load
-        return !localStore.holdsFresh(id.token, within: stickyTouchInterval)
+        return !localStore.holdsFresh(id.token, within: stickyTouchInterval, now: clock.now())
     }
 
     /// Whether sessions live in this instance's memory (sticky, or memcached disabled).

@@ -45,6 +45,10 @@ public final class SessionManager: Service, Sendable {
     /// Sticky: how often an unchanged session's memcached TTL is slid.
     let stickyTouchInterval: TimeAmount
     let ownsClient: Bool
+    /// The manager's time (the system's, or a simulation's).
+    let clock: any SessionClock
+    /// A simulation's seeded random numbers; nil: the system's CSPRNG.
+    let entropy: (any SessionEntropy)?
 
     /// Creates a manager with its own memcached client over the configured nodes.
     /// - Throws: ``SessionError/Code/invalidConfiguration`` naming the setting at fault.
@@ -64,8 +68,8 @@ public final class SessionManager: Service, Sendable {
             throw .configuration(error.message)
         }
         try self.init(
-            configuration: configuration, client: client, ownsClient: true, eventLoopGroup: eventLoopGroup, logger: logger,
-            metricsFactory: metricsFactory)
+            configuration: configuration, nodes: client, ownsClient: true, eventLoopGroup: eventLoopGroup, logger: logger,
+            metricsFactory: metricsFactory, clock: SystemSessionClock(), entropy: nil)
     }
 
     /// Creates a manager over an existing client, which the caller runs. The client's nodes must
@@ -77,15 +81,32 @@ public final class SessionManager: Service, Sendable {
     ) throws(SessionError) {
         try configuration.validate()
         try self.init(
-            configuration: configuration, client: client, ownsClient: false, eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
-            logger: logger, metricsFactory: metricsFactory)
+            configuration: configuration, nodes: client, ownsClient: false, eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
+            logger: logger, metricsFactory: metricsFactory, clock: SystemSessionClock(), entropy: nil)
+    }
+
+    /// Creates a manager over another implementation of the command-level seam (a simulated
+    /// cluster), on a clock and with random numbers the caller drives. For simulations: such a
+    /// manager has no ``client`` (and its nodes cannot change at run time).
+    @_spi(Simulation)
+    public convenience init(
+        configuration: Configuration, nodes: any MemcachedNodeSet, clock: any SessionClock, entropy: any SessionEntropy,
+        logger: Logger = Logger(label: "memcached-sessions", factory: { _ in SwiftLogNoOpLogHandler() }),
+        metricsFactory: (any MetricsFactory)? = nil
+    ) throws(SessionError) {
+        try configuration.validate()
+        try self.init(
+            configuration: configuration, nodes: nodes, ownsClient: false, eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
+            logger: logger, metricsFactory: metricsFactory, clock: clock, entropy: entropy)
     }
 
     private init(
-        configuration: Configuration, client: MemcachedClient, ownsClient: Bool, eventLoopGroup: any EventLoopGroup, logger: Logger,
-        metricsFactory: (any MetricsFactory)?
+        configuration: Configuration, nodes: any MemcachedNodeSet, ownsClient: Bool, eventLoopGroup: any EventLoopGroup,
+        logger: Logger, metricsFactory: (any MetricsFactory)?, clock: any SessionClock, entropy: (any SessionEntropy)?
     ) throws(SessionError) {
         self.configuration = configuration
+        self.clock = clock
+        self.entropy = entropy
         self.logger = logger
         self.ownsClient = ownsClient
         self.eventLoopGroup = eventLoopGroup
@@ -96,13 +117,14 @@ public final class SessionManager: Service, Sendable {
         }
         self.runtime = Mutex(
             RuntimeState(
-                topology: NodeTopology(client: client, failoverNodes: configuration.failoverNodes), locking: configuration.locking,
+                topology: NodeTopology(nodes: nodes, failoverNodes: configuration.failoverNodes, clock: clock),
+                locking: configuration.locking,
                 lockPattern: lockPattern, enabled: configuration.enabled, nodes: configuration.memcached.nodes,
                 failoverNodes: configuration.failoverNodes))
         self.statistics = SessionStatistics(
             enabled: configuration.statisticsEnabled, factory: metricsFactory ?? MetricsSystem.factory)
         self.localStore = LocalSessionStore(capacity: configuration.localSessionLimit)
-        self.backupMemo = BackupMemo(limit: max(configuration.localSessionLimit, 10_000))
+        self.backupMemo = BackupMemo(limit: max(configuration.localSessionLimit, 10_000), clock: clock)
         self.readOnlyPaths = ReadOnlyPaths(limit: configuration.autoLockingPathLimit)
         self.ignoredPaths = try configuration.ignoredPathPattern.map { pattern throws(SessionError) in
             try PathPattern(pattern, setting: "ignoredPathPattern")
@@ -115,15 +137,19 @@ public final class SessionManager: Service, Sendable {
         let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 1200
         self.stickyTouchInterval = TimeAmount(configuration.stickyTouchInterval ?? .seconds(min(max(idle / 4, 1), 300)))
         self.writer = AsynchronousWriter(
-            limit: configuration.asynchronousQueueLimit, delay: TimeAmount(configuration.asynchronousSaveDelay))
+            limit: configuration.asynchronousQueueLimit, delay: TimeAmount(configuration.asynchronousSaveDelay), clock: clock)
         if configuration.mode == .sticky, configuration.route == nil, configuration.enabled {
             logger.notice(
                 "sticky mode without a route: another instance cannot take a session over explicitly; set `route` (MSM's jvmRoute)")
         }
     }
 
-    /// The memcached client the manager uses now (a node change replaces it).
-    public var client: MemcachedClient { topology.client }
+    /// The memcached client the manager uses now (a node change replaces it). A simulation's
+    /// manager (over another node set) has none: asking for it is a programming error.
+    public var client: MemcachedClient {
+        guard let client = topology.client else { preconditionFailure("a manager over a simulated node set has no client") }
+        return client
+    }
 
     /// The nodes and placement rules in force.
     var topology: NodeTopology { runtime.withLock { $0.topology } }
@@ -155,7 +181,7 @@ public final class SessionManager: Service, Sendable {
         // of queued writes, whereas a child task would be cancelled at once with its parent, and
         // any task inheriting this one's task locals would see the graceful shutdown too. It is
         // stopped, and awaited, right after the flush.
-        if ownsClient { startClient(topology.client) }
+        if ownsClient, let client = topology.client { startClient(client) }
         await cancelWhenGracefulShutdown {
             await withDiscardingTaskGroup { background in
                 background.addTask { await self.writer.run(manager: self) }
@@ -174,15 +200,15 @@ public final class SessionManager: Service, Sendable {
     private func retryFailedSavesPeriodically() async {
         guard configuration.mode == .sticky else { return }
         while !Task.isCancelled {
-            do { try await Task.sleep(for: .seconds(1)) } catch { return }
+            do { try await clock.sleep(for: .seconds(1)) } catch { return }
             if writer.retryCount > 0 { writer.requeueRetries() }
         }
     }
 
     private func sweepLocalSessionsPeriodically() async {
         while !Task.isCancelled {
-            do { try await Task.sleep(for: .seconds(5)) } catch { return }
-            let removed = localStore.sweep(now: Self.currentTimeMillis())
+            do { try await clock.sleep(for: .seconds(5)) } catch { return }
+            let removed = localStore.sweep(now: currentTimeMillis())
             if removed > 0 { statistics.count(.sessionsExpired, removed) }
         }
     }

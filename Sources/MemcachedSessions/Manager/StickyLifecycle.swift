@@ -23,7 +23,7 @@ extension SessionManager {
             statistics.count(.sessionsNotFound)
             return nil
         }
-        let now = Self.currentTimeMillis()
+        let now = currentTimeMillis()
         let takeover = !memoryOnly && configuration.route != nil && id.route != configuration.route
         if !takeover, let (session, refreshed) = localStore.access(id.token, now: now) {
             if session.isInvalidated { return nil }
@@ -34,13 +34,13 @@ extension SessionManager {
                 return nil
             }
             statistics.count(.sessionsLoadedLocally)
-            if !memoryOnly, NIODeadline.now() - refreshed >= stickyTouchInterval {
+            if !memoryOnly, clock.now() - refreshed >= stickyTouchInterval {
                 // Once per touch interval the local copy is checked against memcached, in the
                 // same round trip that slides its TTL: a copy another instance changed or
                 // invalidated (it took the session over while a stale cookie still routes here)
                 // is not served past that.
                 guard await revalidate(session) else { return nil }
-                access.state.withLock { $0.loaded.lastStoreRefresh = .now() }
+                access.state.withLock { $0.loaded.lastStoreRefresh = clock.now() }
             } else {
                 access.state.withLock { $0.loaded.lastStoreRefresh = refreshed }
             }
@@ -65,7 +65,7 @@ extension SessionManager {
             }
             let owned = id.routed(to: configuration.route)
             let session = makeSession(id: owned, record: stored.record, casUnique: stored.casUnique, isNew: false)
-            let refreshed = NIODeadline.now()
+            let refreshed = clock.now()
             guard localStore.put(session, token: id.token, now: now, refreshed: refreshed) else { throw localStoreFull() }
             access.state.withLock { $0.loaded.lastStoreRefresh = refreshed }
             statistics.count(.sessionsLoaded)
@@ -97,7 +97,7 @@ extension SessionManager {
             return .unchanged
         }
         var id = session.id
-        let now = Self.currentTimeMillis()
+        let now = currentTimeMillis()
 
         if session.isInvalidated {
             statistics.count(.sessionsInvalidated)
@@ -110,17 +110,17 @@ extension SessionManager {
 
         if regenerate {
             let old = id
-            id = SessionID.generate(nodeID: placementNode(), route: configuration.route)
+            id = generateID(nodeID: placementNode(), route: configuration.route)
             session.setID(id)
             session.markAllChanged()
             localStore.remove(old.token, ifSame: session)
-            localStore.put(session, token: id.token, now: now, refreshed: .now(), force: true)
+            localStore.put(session, token: id.token, now: now, refreshed: clock.now(), force: true)
             statistics.count(.sessionsRegenerated)
             if isEnabled {
                 await deleteCopies(keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true)
             }
         } else if session.isNew {
-            guard localStore.put(session, token: id.token, now: now, refreshed: .now()) else { throw localStoreFull() }
+            guard localStore.put(session, token: id.token, now: now, refreshed: clock.now()) else { throw localStoreFull() }
         }
 
         guard isEnabled else {
@@ -145,7 +145,7 @@ extension SessionManager {
             }
         } else {
             statistics.count(.writesSkipped)
-            if lastRefresh.map({ NIODeadline.now() - $0 >= stickyTouchInterval }) ?? true {
+            if lastRefresh.map({ clock.now() - $0 >= stickyTouchInterval }) ?? true {
                 await touchSticky(session)
             }
         }
@@ -164,7 +164,7 @@ extension SessionManager {
             session, keys: keys, nodeID: id.nodeID, lock: nil, forceAdd: false, restoreIfMissing: true)
         switch outcome {
         case .saved:
-            localStore.markRefreshed(finalID.token, at: .now())
+            localStore.markRefreshed(finalID.token, at: clock.now())
         case .gone:
             // Deleted in memcached meanwhile: logged out on another instance. End it here too.
             statistics.count(.sessionsNotFound)
@@ -186,7 +186,7 @@ extension SessionManager {
     /// write did not simply succeed (a conflict, a lost copy, a node down) then takes the full
     /// save path of ``saveSticky(_:synchronous:)``.
     func saveStickyBatch(_ sessions: [Session]) async {
-        let now = Self.currentTimeMillis()
+        let now = currentTimeMillis()
         struct Pending {
             let session: Session
             let snapshot: Session.Snapshot
@@ -229,7 +229,7 @@ extension SessionManager {
                             item.session.markSaved(item.snapshot, saved: item.snapshot.record, casUnique: cas)
                             self.statistics.count(.writes)
                             self.statistics.count(.bytesWritten, item.bytes.readableBytes)
-                            self.localStore.markRefreshed(item.snapshot.id.token, at: .now())
+                            self.localStore.markRefreshed(item.snapshot.id.token, at: self.clock.now())
                         } else {
                             retry.append(item.session)
                         }
@@ -257,7 +257,7 @@ extension SessionManager {
     func revalidate(_ session: Session) async -> Bool {
         let id = session.id
         let keys = self.keys(of: session)
-        let ttl = Self.primaryTTL(session.metadata, now: Self.currentTimeMillis())
+        let ttl = Self.primaryTTL(session.metadata, now: currentTimeMillis())
         statistics.count(.touches)
         switch await readStored(key: keys.primary, on: id.nodeID, touch: ttl) {
         case .found(let stored):
@@ -277,7 +277,7 @@ extension SessionManager {
         case .unreachable:
             break  // sticky sessions keep working from memory
         }
-        localStore.markRefreshed(id.token, at: .now())
+        localStore.markRefreshed(id.token, at: clock.now())
         return true
     }
 
@@ -285,9 +285,9 @@ extension SessionManager {
     func touchSticky(_ session: Session) async {
         let id = session.id
         guard let node = topology.node(id.nodeID), node.isAvailable else { return }
-        let ttl = Self.primaryTTL(session.metadata, now: Self.currentTimeMillis())
+        let ttl = Self.primaryTTL(session.metadata, now: currentTimeMillis())
         statistics.count(.touches)
-        localStore.markRefreshed(id.token, at: .now())
+        localStore.markRefreshed(id.token, at: clock.now())
         let statistics = self.statistics
         await node.submit(.touch(keys(of: session).primary, ttl: ttl)) { [weak self] result in
             // memcached lost the copy (restarted, evicted): write it again from memory.
@@ -302,8 +302,8 @@ extension SessionManager {
     /// slide the memcached TTL when due.
     func slideUnopenedSticky(_ id: SessionID) async {
         let takeover = isEnabled && configuration.route != nil && id.route != configuration.route
-        guard !takeover, let (session, refreshed) = localStore.access(id.token, now: Self.currentTimeMillis()) else { return }
-        if isEnabled, NIODeadline.now() - refreshed >= stickyTouchInterval {
+        guard !takeover, let (session, refreshed) = localStore.access(id.token, now: currentTimeMillis()) else { return }
+        if isEnabled, clock.now() - refreshed >= stickyTouchInterval {
             await touchSticky(session)
         }
     }

@@ -32,21 +32,24 @@ final class AsynchronousWriter: Sendable {
     private let state = Mutex(State())
     private let limit: Int
     private let delay: TimeAmount
+    private let clock: any SessionClock
     static let batchSize = 256
 
-    init(limit: Int, delay: TimeAmount = .zero) {
+    init(limit: Int, delay: TimeAmount = .zero, clock: any SessionClock = SystemSessionClock()) {
         self.limit = limit
         self.delay = delay
+        self.clock = clock
     }
 
     /// Queues a session for saving; false when the queue is full or the writer has stopped (the
     /// caller then saves synchronously).
     func enqueue(_ session: Session) -> Bool {
+        let now = clock.now()
         let (accepted, waiter) = state.withLock { state -> (Bool, CheckedContinuation<Void, Never>?) in
             guard !state.stopped else { return (false, nil) }
             if state.queued.contains(ObjectIdentifier(session)) { return (true, nil) }
             guard state.queue.count < limit else { return (false, nil) }
-            state.queue.append(Entry(session: session, due: .now() + delay))
+            state.queue.append(Entry(session: session, due: now + delay))
             state.queued.insert(ObjectIdentifier(session))
             defer { state.waiter = nil }
             return (true, state.waiter)
@@ -120,7 +123,7 @@ final class AsynchronousWriter: Sendable {
     /// Takes up to a batch of sessions that are due (all of them when `all`).
     private func takeBatch(_ state: inout State, all: Bool = false) -> [Session] {
         var batch: [Session] = []
-        let now = NIODeadline.now()
+        let now = clock.now()
         while batch.count < Self.batchSize, let first = state.queue.first, all || state.stopping || first.due <= now {
             state.queue.removeFirst()
             state.queued.remove(ObjectIdentifier(first.session))
@@ -140,7 +143,7 @@ final class AsynchronousWriter: Sendable {
                 // Not due yet: wait out its coalescing window (cancellation ends the wait and the
                 // stop flag then makes everything due).
                 do {
-                    try await Task.sleep(nanoseconds: UInt64(max(0, (firstDue - .now()).nanoseconds)))
+                    try await clock.sleep(for: .nanoseconds(max(0, (firstDue - clock.now()).nanoseconds)))
                 } catch {
                     state.withLock { $0.stopping = true }
                 }

@@ -59,10 +59,10 @@ final class LocalSessionStore: Sendable {
     }
 
     /// Whether the session is held and memcached saw it within `interval` (no revalidation due).
-    func holdsFresh(_ token: SessionID.Token, within interval: TimeAmount) -> Bool {
+    func holdsFresh(_ token: SessionID.Token, within interval: TimeAmount, now: NIODeadline) -> Bool {
         shard(token).withLock { entries in
             guard let entry = entries[token] else { return false }
-            return NIODeadline.now() - entry.lastStoreRefresh < interval
+            return now - entry.lastStoreRefresh < interval
         }
     }
 

@@ -18,8 +18,10 @@ final class BackupMemo: Sendable {
     private static let shardCount = 8
     private let shards: [LockedBox<[String: Entry]>]
     private let limitPerShard: Int
+    private let clock: any SessionClock
 
-    init(limit: Int) {
+    init(limit: Int, clock: any SessionClock = SystemSessionClock()) {
+        self.clock = clock
         shards = (0..<Self.shardCount).map { _ in LockedBox([:]) }
         limitPerShard = max(16, limit / Self.shardCount)
     }
@@ -29,7 +31,8 @@ final class BackupMemo: Sendable {
         shards[Int(key.utf8.last ?? 0) % Self.shardCount]
     }
 
-    func record(_ key: String, node: String, at now: NIODeadline = .now()) {
+    func record(_ key: String, node: String) {
+        let now = clock.now()
         shard(key).withLock { entries in
             if entries.count >= limitPerShard, entries[key] == nil {
                 for stale in entries.keys.prefix(limitPerShard / 2) { entries[stale] = nil }
@@ -39,8 +42,9 @@ final class BackupMemo: Sendable {
     }
 
     /// Whether the backup on `node` needs a refresh (not refreshed here within `window`).
-    func needsRefresh(_ key: String, node: String, window: Duration, now: NIODeadline = .now()) -> Bool {
-        shard(key).withLock { entries in
+    func needsRefresh(_ key: String, node: String, window: Duration) -> Bool {
+        let now = clock.now()
+        return shard(key).withLock { entries in
             guard let entry = entries[key], entry.node == node else { return true }
             return now - entry.at >= TimeAmount(window)
         }

@@ -68,7 +68,7 @@ extension SessionManager {
             for nodeID in topology.order {
                 await observeNode(nodeID)
             }
-            do { try await Task.sleep(for: .seconds(1)) } catch { return }
+            do { try await clock.sleep(for: .seconds(1)) } catch { return }
         }
     }
 
@@ -82,14 +82,14 @@ extension SessionManager {
             let uptime = stats.first(where: { $0.name == "uptime" }).flatMap({ Int64($0.value) })
         else { return }
         let pid = stats.first(where: { $0.name == "pid" }).flatMap { Int64($0.value) } ?? 0
-        nodeRestarts.observe(node: nodeID, pid: pid, bootTime: time - uptime, now: Self.currentTimeMillis() / 1000)
+        nodeRestarts.observe(node: nodeID, pid: pid, bootTime: time - uptime, now: currentTimeMillis() / 1000)
     }
 
     /// On a miss: whether the node restarted recently, asking it now (rate-limited) if the
     /// periodic watch has not seen a restart, since a request may come before the watch does.
     func missMayBeRestartChecking(on nodeID: String) async -> Bool {
         if missMayBeRestart(on: nodeID) { return true }
-        guard nodeRestarts.knows(nodeID), nodeRestarts.mayCheck(nodeID, now: Self.currentTimeMillis()) else { return false }
+        guard nodeRestarts.knows(nodeID), nodeRestarts.mayCheck(nodeID, now: currentTimeMillis()) else { return false }
         await observeNode(nodeID)
         return missMayBeRestart(on: nodeID)
     }
@@ -98,6 +98,6 @@ extension SessionManager {
     func missMayBeRestart(on nodeID: String) -> Bool {
         let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 24 * 3600
         let window = min(max(idle / 4, 1), 300)
-        return nodeRestarts.restarted(nodeID, within: idle + 2 * window, now: Self.currentTimeMillis() / 1000)
+        return nodeRestarts.restarted(nodeID, within: idle + 2 * window, now: currentTimeMillis() / 1000)
     }
 }

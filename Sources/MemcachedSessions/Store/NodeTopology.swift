@@ -38,26 +38,33 @@ public struct SessionKeys: Sendable, Hashable {
 /// relocation to the next available node after the one that failed. Every walk over the nodes is
 /// bounded by their number: no loop can spin whatever the node states.
 final class NodeTopology: Sendable {
-    let client: MemcachedClient
+    /// The nodes: the memcached client, or (in simulations) another implementation of the
+    /// command-level seam.
+    let nodeSet: any MemcachedNodeSet
+    /// The memcached client, when the nodes are one's (always, outside simulations).
+    var client: MemcachedClient? { nodeSet as? MemcachedClient }
     /// Node ids in configuration order (draining nodes last).
     let order: [String]
     let failover: Set<String>
     /// Nodes removed by a reconfiguration: still read (their sessions move off at their next
     /// request), never chosen for new sessions, backups or relocations; forgotten at the deadline.
     let draining: [String: NIODeadline]
-    private let nodes: [String: MemcachedNodeClient]
+    /// The clock `draining` deadlines are on.
+    let clock: any SessionClock
+    private let nodes: [String: any MemcachedNodeCommandRunner]
     private let roundRobin = ManagedAtomic<Int>(0)
 
-    init(client: MemcachedClient, failoverNodes: [String], draining: [String: NIODeadline] = [:]) {
-        self.client = client
-        let all = client.allNodes
+    init(nodes nodeSet: any MemcachedNodeSet, failoverNodes: [String], draining: [String: NIODeadline] = [:], clock: any SessionClock) {
+        self.nodeSet = nodeSet
+        let all = nodeSet.nodeRunners
         self.order = all.map(\.id)
         self.failover = Set(failoverNodes)
         self.draining = draining
+        self.clock = clock
         self.nodes = Dictionary(uniqueKeysWithValues: all.map { ($0.id, $0) })
     }
 
-    func node(_ id: String) -> MemcachedNodeClient? { nodes[id] }
+    func node(_ id: String) -> (any MemcachedNodeCommandRunner)? { nodes[id] }
 
     /// Whether the node may take sessions: up, and not draining.
     func isAvailable(_ id: String) -> Bool {
@@ -73,7 +80,7 @@ final class NodeTopology: Sendable {
     /// Whether session ids may name this node (a draining node until its deadline).
     func contains(_ id: String) -> Bool {
         guard nodes[id] != nil else { return false }
-        if let deadline = draining[id] { return NIODeadline.now() < deadline }
+        if let deadline = draining[id] { return clock.now() < deadline }
         return true
     }
 

@@ -74,11 +74,14 @@ extension SessionManager {
         if !Self.isBackgroundWork { statistics.count(.memcachedRoundTrips) }
     }
 
-    /// Milliseconds since 1970.
-    static func currentTimeMillis() -> Int64 {
-        var spec = timespec()
-        clock_gettime(CLOCK_REALTIME, &spec)
-        return Int64(spec.tv_sec) * 1000 + Int64(spec.tv_nsec) / 1_000_000
+    /// Milliseconds since 1970 on the system clock: for what is only shown (event log, status).
+    static func systemTimeMillis() -> Int64 {
+        SystemSessionClock().wallMilliseconds()
+    }
+
+    /// Milliseconds since 1970 on the manager's clock: what sessions store and expire by.
+    func currentTimeMillis() -> Int64 {
+        clock.wallMilliseconds()
     }
 
     /// The memcached TTL of a session's primary copy: its idle timeout, capped by what remains of
@@ -134,7 +137,7 @@ extension SessionManager {
         return .found(stored)
     }
 
-    func decodeStored(_ item: MemcachedItem, key: String, node: MemcachedNodeClient) -> StoredSession? {
+    func decodeStored(_ item: MemcachedItem, key: String, node: any MemcachedNodeCommandRunner) -> StoredSession? {
         statistics.count(.bytesRead, item.value.readableBytes)
         do {
             let record = try configuration.codec.decodeSession(from: item.value)
@@ -233,7 +236,7 @@ extension SessionManager {
         _ session: Session, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false,
         restoreIfMissing: Bool = false
     ) async -> SaveOutcome {
-        let now = Self.currentTimeMillis()
+        let now = currentTimeMillis()
         let snapshot = session.snapshotForSave(now: now)
         var record = snapshot.record
         // A write to a new place (relocation, regenerated id) adds: it never overwrites a copy
