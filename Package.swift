@@ -65,6 +65,21 @@ let package = Package(
             ]
         ),
         .target(
+            name: "MemcachedSimulation",
+            dependencies: [
+                "Memcached",
+                "MemcachedSessions",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        .executableTarget(
+            name: "session-sim",
+            dependencies: [
+                "MemcachedSimulation",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .target(
             name: "MemcachedSessionsHummingbird",
             dependencies: [
                 "MemcachedSessions",

@@ -81,6 +81,11 @@ public enum MemcachedDeleteResult: Sendable, Hashable {
 public struct MemcachedStat: Sendable, Hashable {
     public var name: String
     public var value: String
+
+    public init(name: String, value: String) {
+        self.name = name
+        self.value = value
+    }
 }
 
 /// Which `stats` group to ask a node for.
