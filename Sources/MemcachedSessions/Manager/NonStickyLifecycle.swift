@@ -71,41 +71,63 @@ extension SessionManager {
     /// relocation, or a backup), and whether any node holds a tombstone (logged out).
     struct CopySearch {
         var newest: (stored: StoredSession, nodeID: String, isPrimary: Bool)?
+        /// The newest copy's remaining TTL in seconds, when it is a backup read in meta mode.
+        var newestTimeToLive: Int?
         var tombstone = false
+    }
+
+    /// Whether the newest copy found is a backup whose session has been idle past its timeout.
+    /// A backup lives `idle + 2 windows` from its last refresh, and every request refreshes it
+    /// within a window; so the session was last used at most a window after that refresh, and
+    /// when less than a window (and memcached's one-second tick) of the backup's TTL remains, it
+    /// has been idle longer than its timeout: it must not come back.
+    func isIdleExpired(_ search: CopySearch) -> Bool {
+        guard let newest = search.newest, !newest.isPrimary, let remaining = search.newestTimeToLive, remaining >= 0 else {
+            return false
+        }
+        let metadata = newest.stored.record.metadata
+        guard metadata.idleTimeoutSeconds > 0 else { return false }
+        return Int64(remaining) < backupRefreshWindow(metadata).components.seconds + 1
     }
 
     /// Reads the session's primary and backup keys on each of `nodes`: one round trip per node,
     /// all nodes in parallel. Bounded by the number of nodes.
     func searchCopies(keys: SessionKeys, on nodes: [String]) async -> CopySearch {
-        let reads = await withTaskGroup(of: [(String, Bool, StoredRead)].self) { group in
+        let meta = configuration.memcached.protocolMode == .meta
+        let reads = await withTaskGroup(of: [(String, Bool, StoredRead, Int?)].self) { group in
             for nodeID in nodes {
                 guard let node = topology.node(nodeID) else { continue }
                 group.addTask {
                     self.countRoundTrip()
-                    let results = await node.executeBatch([self.prepared(.get(keys.primary)), self.prepared(.get(keys.backup))])
-                    var reads: [(String, Bool, StoredRead)] = []
+                    let results = await node.executeBatch([
+                        self.prepared(.get(keys.primary)), self.prepared(.get(keys.backup, withTimeToLive: meta)),
+                    ])
+                    var reads: [(String, Bool, StoredRead, Int?)] = []
                     for (index, (isPrimary, key)) in [(true, keys.primary), (false, keys.backup)].enumerated() {
                         switch results[index] {
                         case .success(.item(let item?)):
                             if item.flags == Self.tombstoneFlags {
-                                reads.append((nodeID, isPrimary, .tombstone))
+                                reads.append((nodeID, isPrimary, .tombstone, nil))
                             } else {
                                 reads.append(
-                                    (nodeID, isPrimary, self.decodeStored(item, key: key, node: node).map { .found($0) } ?? .missing))
+                                    (
+                                        nodeID, isPrimary, self.decodeStored(item, key: key, node: node).map { .found($0) } ?? .missing,
+                                        item.timeToLive
+                                    ))
                             }
-                        case .success: reads.append((nodeID, isPrimary, .missing))
-                        case .failure(let error): reads.append((nodeID, isPrimary, .unreachable(error)))
+                        case .success: reads.append((nodeID, isPrimary, .missing, nil))
+                        case .failure(let error): reads.append((nodeID, isPrimary, .unreachable(error), nil))
                         }
                     }
                     return reads
                 }
             }
-            var all: [(String, Bool, StoredRead)] = []
+            var all: [(String, Bool, StoredRead, Int?)] = []
             for await part in group { all += part }
             return all
         }
         var search = CopySearch()
-        for (nodeID, isPrimary, read) in reads {
+        for (nodeID, isPrimary, read, timeToLive) in reads {
             switch read {
             case .found(let stored):
                 let version = stored.record.metadata.version
@@ -115,6 +137,7 @@ extension SessionManager {
                     guard version > currentVersion || (version == currentVersion && isPrimary && !current.isPrimary) else { continue }
                 }
                 search.newest = (stored, nodeID, isPrimary)
+                search.newestTimeToLive = timeToLive
             case .tombstone: search.tombstone = true
             case .missing, .unreachable: break
             }
@@ -149,7 +172,7 @@ extension SessionManager {
             // exist on the silent node. Never read that as "no session".
             return try unavailable(id: id, cause: "its node did not answer (\(cause.code)) and no backup copy was found")
         }
-        if isExpired(newest.stored.record, now: currentTimeMillis()) {
+        if isExpired(newest.stored.record, now: currentTimeMillis()) || isIdleExpired(search) {
             statistics.count(.sessionsExpired)
             if let lock { await release(lock) }
             return nil
@@ -194,7 +217,8 @@ extension SessionManager {
         -> Session?
     {
         let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
-        guard !search.tombstone, let newest = search.newest, !isExpired(newest.stored.record, now: currentTimeMillis())
+        guard !search.tombstone, let newest = search.newest, !isExpired(newest.stored.record, now: currentTimeMillis()),
+            !isIdleExpired(search)
         else {
             if let lock { await release(lock) }
             statistics.count(.sessionsNotFound)
@@ -274,9 +298,11 @@ extension SessionManager {
                 }
                 return finalID != incoming ? cookieAction(.set(finalID), record.metadata) : .unchanged
             case .gone:
-                // Deleted meanwhile (a logout raced this request): it stays deleted.
+                // Deleted meanwhile (a logout, or a login that gave it a new id, raced this
+                // request): it stays deleted. The cookie is left alone: this request did not set
+                // it, and the browser may hold a newer one by now (the login's).
                 statistics.count(.sessionsNotFound)
-                return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+                return .unchanged
             case .tooLarge(let error):
                 if let lockWithWrite { await release(lockWithWrite) }
                 throw error

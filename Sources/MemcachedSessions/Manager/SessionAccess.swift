@@ -55,6 +55,8 @@ public final class SessionAccess: Sendable {
         /// The stored copy is known to be gone (deleted meanwhile): clear the cookie.
         var gone = false
         var ended = false
+        /// The session was created by this request (its id never reached the browser).
+        var createdHere = false
     }
 
     struct LoadExtras: Sendable {
@@ -175,6 +177,7 @@ public final class SessionAccess: Sendable {
             state.loadError = nil
             state.mustWriteAll = false
             state.regenerate = false
+            state.createdHere = true
             return previous
         }
         manager.statistics.count(.sessionsCreated)
@@ -186,9 +189,15 @@ public final class SessionAccess: Sendable {
 
     /// Gives the session a new id (do it after a login, against session fixation): the data moves
     /// to the new id and the old copies are deleted at the end of the request.
+    ///
+    /// Only a session this request created is left alone (its id has not reached the browser
+    /// yet): a session made by an earlier request gets a new id even when it is not in memcached
+    /// yet (a sticky instance's asynchronous save may still be queued).
     public func regenerateID() async throws(SessionError) {
-        guard let session = try await load(), !session.isNew else { return }
-        state.withLock { $0.regenerate = true }
+        guard try await load() != nil else { return }
+        state.withLock { state in
+            if !state.createdHere { state.regenerate = true }
+        }
     }
 
     /// Ends the request's session: every copy is removed at the end of the request, and the cookie

@@ -151,7 +151,9 @@ extension SessionManager {
         }
         id = session.id
         if session.isInvalidated {
-            return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+            // Ended by this request: clear the cookie. Found ended by another (a logout there):
+            // leave the cookie alone, the browser may hold a newer one by now.
+            return incoming == nil || session.wasInvalidatedElsewhere ? .unchanged : SessionResponseAction(cookie: .clear)
         }
         return id != incoming ? cookieAction(.set(id), session.metadata) : .unchanged
     }
@@ -166,9 +168,12 @@ extension SessionManager {
         case .saved:
             localStore.markRefreshed(finalID.token, at: clock.now())
         case .gone:
-            // Deleted in memcached meanwhile: logged out on another instance. End it here too.
             statistics.count(.sessionsNotFound)
-            session.invalidate()
+            // A copy under an id the session no longer has (a login gave it a new one while this
+            // save was on its way): that id's end is expected; the session lives on under its new id.
+            guard session.id.token == id.token else { return }
+            // Deleted in memcached meanwhile: logged out on another instance. End it here too.
+            session.invalidate(byAnotherRequest: true)
             localStore.remove(id.token, ifSame: session)
         case .tooLarge(let error):
             logger.warning("session too large to save", metadata: ["reason": "\(error.message)"])

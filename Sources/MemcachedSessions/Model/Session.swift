@@ -100,6 +100,7 @@ public final class Session: Sendable {
         var casUnique: UInt64?
         var isNew: Bool
         var invalidated = false
+        var invalidatedElsewhere = false
         /// Bumped by every change: a save that raced a change knows to keep the change pending.
         var generation: UInt64 = 0
         /// The memcached keys of the current token (a SHA-256 away from the token: computed once).
@@ -219,11 +220,21 @@ public final class Session: Sendable {
     /// Ends the session: every copy (memcached primary and backup, its lock, this instance's
     /// memory) is removed at the end of the request, and the cookie is cleared.
     public func invalidate() {
+        invalidate(byAnotherRequest: false)
+    }
+
+    /// Ends the session; `byAnotherRequest`: the manager found it ended elsewhere (its stored
+    /// copy deleted by a logout on another instance), so this request must not clear the cookie.
+    func invalidate(byAnotherRequest: Bool) {
         state.withLock { state in
+            if !state.invalidated { state.invalidatedElsewhere = byAnotherRequest }
             state.invalidated = true
             state.generation &+= 1
         }
     }
+
+    /// Whether the manager found the session ended elsewhere (not by this instance's requests).
+    var wasInvalidatedElsewhere: Bool { state.withLock { $0.invalidatedElsewhere } }
 
     // MARK: - for the manager
 
