@@ -341,4 +341,46 @@ struct EdgeCaseTests {
             }
         }
     }
+
+    /// Two requests of one session take it over on the same instance at once (its cookie still
+    /// names another instance): they must share one local copy. Each used to load its own, and
+    /// the copy kept in memory (authoritative in sticky mode) lacked the other's change.
+    @Test func concurrentTakeoversOnOneInstanceShareOneCopy() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let a = try configuration(servers, mode: .sticky) {
+                $0.route = "a"
+                $0.asynchronousSaving = false
+            }
+            let b = try configuration(servers, mode: .sticky) {
+                $0.route = "b"
+                $0.asynchronousSaving = false
+            }
+            try await withManagers([a, b]) { managers in
+                var browser = Browser()
+                try await managers[0].increment(&browser)
+                let cookie = browser
+                let instanceB = managers[1]
+                let first = instanceB.beginRequest(path: "/part", sessionCookie: cookie.cookie)
+                let second = instanceB.beginRequest(path: "/part", sessionCookie: cookie.cookie)
+                async let loadFirst = first.load()
+                async let loadSecond = second.load()
+                let (left, right) = try await (try #require(loadFirst), try #require(loadSecond))
+                #expect(left === right, "one copy")
+                try left.set("left", "left")
+                try right.set("right", "right")
+                // The copy memory keeps ends first; the other's save then merges in memcached.
+                let token = try #require(cookie.id).token
+                let held = instanceB.localStore.held(token, refreshedSince: .uptimeNanoseconds(0))
+                for access in held === right ? [second, first] : [first, second] {
+                    _ = try await instanceB.endRequest(access)
+                }
+                var atB = Browser(cookie: cookie.id!.routed(to: "b").description)
+                try await instanceB.request(&atB, path: "/read") { access in
+                    let session = try #require(try await access.load())
+                    #expect(session["left", as: String.self] == "left")
+                    #expect(session["right", as: String.self] == "right")
+                }
+            }
+        }
+    }
 }

@@ -69,8 +69,12 @@ public final class SessionAccess: Sendable {
 
     let state = Mutex(State())
 
+    /// When the request began (the manager's clock).
+    let started: NIODeadline
+
     init(manager: SessionManager, incomingID: SessionID?, path: String, ignored: Bool, locks: Bool) {
         self.manager = manager
+        self.started = manager.clock.now()
         self.requestedID = incomingID
         self.path = path
         self.isIgnored = ignored

@@ -51,6 +51,11 @@ extension SessionManager {
             return nil
         }
         if takeover {
+            // A concurrent request of this session already took it over here: share its copy.
+            if let shared = localStore.held(id.token, refreshedSince: access.started), !shared.isInvalidated {
+                access.state.withLock { $0.loaded.lastStoreRefresh = clock.now() }
+                return shared
+            }
             // Another instance owned it: whatever this instance remembers may be stale.
             localStore.remove(id.token)
         }
@@ -64,9 +69,11 @@ extension SessionManager {
                 return nil
             }
             let owned = id.routed(to: configuration.route)
-            let session = makeSession(id: owned, record: stored.record, casUnique: stored.casUnique, isNew: false)
+            let loaded = makeSession(id: owned, record: stored.record, casUnique: stored.casUnique, isNew: false)
             let refreshed = clock.now()
-            guard localStore.put(session, token: id.token, now: now, refreshed: refreshed) else { throw localStoreFull() }
+            // Concurrent requests of this session that loaded it meanwhile share one copy.
+            guard let session = localStore.adopt(loaded, token: id.token, now: now, refreshed: refreshed, since: access.started)
+            else { throw localStoreFull() }
             access.state.withLock { $0.loaded.lastStoreRefresh = refreshed }
             statistics.count(.sessionsLoaded)
             if takeover {

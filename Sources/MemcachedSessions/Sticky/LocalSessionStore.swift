@@ -58,6 +58,30 @@ final class LocalSessionStore: Sendable {
         }
     }
 
+    /// The session held for `token` if it was loaded or saved at `since` or later (by a request
+    /// running concurrently with the one asking).
+    func held(_ token: SessionID.Token, refreshedSince since: NIODeadline) -> Session? {
+        shard(token).withLock { entries in
+            guard let entry = entries[token], entry.lastStoreRefresh >= since else { return nil }
+            return entry.session
+        }
+    }
+
+    /// Adds a session just loaded from memcached, unless a concurrent request (one that began
+    /// after `since`... or at it) already put one: then that one is returned, so that concurrent
+    /// requests of one session on this instance share one copy. Nil when full (see ``put``).
+    func adopt(_ session: Session, token: SessionID.Token, now: Int64, refreshed: NIODeadline, since: NIODeadline) -> Session? {
+        shard(token).withLock { entries in
+            if let entry = entries[token], entry.lastStoreRefresh >= since { return entry.session }
+            if entries[token] == nil, entries.count >= capacityPerShard {
+                Self.evictOldest(&entries, count: max(1, capacityPerShard / 16))
+                if entries.count >= capacityPerShard { return nil }
+            }
+            entries[token] = Entry(session: session, lastAccess: now, lastStoreRefresh: refreshed)
+            return session
+        }
+    }
+
     /// Whether the session is held and memcached saw it within `interval` (no revalidation due).
     func holdsFresh(_ token: SessionID.Token, within interval: TimeAmount, now: NIODeadline) -> Bool {
         shard(token).withLock { entries in
