@@ -58,6 +58,8 @@ public struct SimulationOutcome: Sendable {
     public var virtualSeconds: Double
     public var jobs: Int
     public var finished: Bool
+    /// Every line of the run's history.
+    public var history: [String]
 }
 
 /// Runs scenarios on the ``DeterministicScheduler``.
@@ -82,7 +84,7 @@ public enum Simulation {
         scheduler.abandon()
         return SimulationOutcome(
             scenario: scenario, violations: world.violations, requests: world.requests, failedRequests: world.failedRequests,
-            virtualSeconds: Double(scheduler.nanoseconds) / 1e9, jobs: scheduler.jobsRun, finished: completed)
+            virtualSeconds: Double(scheduler.nanoseconds) / 1e9, jobs: scheduler.jobsRun, finished: completed, history: world.history)
     }
 }
 
@@ -326,6 +328,7 @@ final class World: @unchecked Sendable {
         _ browser: inout BrowserState, path: String = "/counter", instance: Int? = nil, cookie: String?? = nil,
         applyCookie: Bool = true, handlerNanoseconds: UInt64 = 0, _ handler: (SessionAccess) async throws -> T
     ) async -> (value: T?, cookie: SessionResponseAction.Cookie?) {
+        absorbLossyFaults(&browser)
         let manager = managers[instance ?? browser.instance]
         let sent = cookie ?? browser.cookie
         let started = now
@@ -349,6 +352,10 @@ final class World: @unchecked Sendable {
             violation(
                 "bounded requests", "\(browser.name) \(path) took \(Double(elapsed) / 1e9) s (bound \(Double(requestBound) / 1e9) s)",
                 browser: browser.name)
+        }
+        absorbLossyFaults(&browser)
+        if let action, case .set(let id) = action.cookie {
+            keyOwners[String(SessionKeys(token: id.token, prefix: "").primary.dropFirst(2))] = browser.name
         }
         if applyCookie, let action {
             switch action.cookie {

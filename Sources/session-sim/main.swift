@@ -56,7 +56,10 @@ struct SessionSim: ParsableCommand {
             failedRequests += outcome.failedRequests
             virtualSeconds += outcome.virtualSeconds
             jobs += outcome.jobs
-            if verbose { print(scenario) }
+            if verbose {
+                print(scenario)
+                if seed == range.first, range.count == 1 { print(outcome.history.joined(separator: "\n")) }
+            }
             if !outcome.violations.isEmpty {
                 failing += 1
                 print("FAILED \(scenario)")

@@ -383,4 +383,30 @@ struct EdgeCaseTests {
             }
         }
     }
+
+    /// Non-sticky: the session's node restarts (empty) while a request holds the session. The
+    /// write then finds no copy; the request still holds the whole session, so it writes it
+    /// again (no logout's tombstone anywhere) instead of dropping the change or clearing the
+    /// cookie as for a logout. (The simulation found it on its own.)
+    @Test func aNodeRestartedDuringARequestDoesNotLoseTheSession() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                try await manager.increment(&browser)
+                let id = try #require(browser.id)
+                let primary = Int(id.nodeID.dropFirst())! - 1
+                try await eventually("the nodes' boot times are known") { manager.nodeRestarts.knows(id.nodeID) }
+                let access = manager.beginRequest(path: "/counter", sessionCookie: browser.cookie)
+                let session = try #require(try await access.load())
+                try await servers[primary].kill()
+                try await servers[primary].restart()
+                try await eventually("the restart is seen") { manager.missMayBeRestart(on: id.nodeID) }
+                try session.set("count", 3)
+                let action = try await manager.endRequest(access)
+                #expect(action.cookie == .unchanged)
+                #expect(try await manager.readCount(&browser) == 3, "the change and the session survived")
+            }
+        }
+    }
 }

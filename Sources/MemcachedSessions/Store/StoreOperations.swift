@@ -246,6 +246,7 @@ extension SessionManager {
         var add = snapshot.isNew || forceAdd || casUnique == nil
         let start = NIODeadline.now()
         defer { statistics.time(.write, since: start) }
+        var restoreChecked = false
         for _ in 0..<Self.maximumSaveAttempts {
             let bytes: ByteBuffer
             do {
@@ -267,6 +268,14 @@ extension SessionManager {
                     casUnique = nil
                     add = true
                     continue
+                }
+                if !restoreChecked {
+                    restoreChecked = true
+                    if await lostByARestart(keys: keys, nodeID: nodeID) {
+                        casUnique = nil
+                        add = true
+                        continue
+                    }
                 }
                 if let lock { releasedLock(lock) }
                 return .gone
@@ -291,6 +300,14 @@ extension SessionManager {
                         add = true
                         continue
                     }
+                    if !restoreChecked {
+                        restoreChecked = true
+                        if await lostByARestart(keys: keys, nodeID: nodeID) {
+                            casUnique = nil
+                            add = true
+                            continue
+                        }
+                    }
                     if let lock { releasedLock(lock) }
                     return .gone
                 case .tombstone:
@@ -307,6 +324,16 @@ extension SessionManager {
     }
 
     static let maximumSaveAttempts = 8
+
+    /// Non-sticky: a write found the session's copy missing. When its node restarted while the
+    /// request ran (it lost everything), and no node holds a logout's tombstone for it, the copy
+    /// was lost, not deleted: the request still holds the whole session and writes it again.
+    /// (A logout deletes the primary and tombstones the backup key on every node.)
+    func lostByARestart(keys: SessionKeys, nodeID: String) async -> Bool {
+        guard !usesLocalLifecycle, await missMayBeRestartChecking(on: nodeID) else { return false }
+        let search = await searchCopies(keys: keys, on: topology.order.filter { topology.isReachable($0) })
+        return !search.tombstone
+    }
 
     /// A stable connection choice for a key (its last bytes are hex digest characters).
     static func affinity(of key: String) -> Int {
