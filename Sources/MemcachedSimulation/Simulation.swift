@@ -306,9 +306,14 @@ final class World: @unchecked Sendable {
                 }
                 log("[\(browser.name)] now routed to instance \(browser.instance + 1)")
             case .idle:
-                // Idle past the timeout (memcached's clock and the sweep included): gone for good.
-                await sleep(milliseconds: (scenario.idleTimeoutSeconds + 6) * 1000)
-                log("[\(browser.name)] was idle for \(scenario.idleTimeoutSeconds + 6) s")
+                // Idle past the timeout: gone for good. After a failure the backup is the only copy,
+                // and it bounds the last use to within one refresh window (idle / 4) of its last
+                // refresh: the documented bound is the timeout plus that window (and memcached's
+                // one-second clock).
+                let idle = scenario.idleTimeoutSeconds
+                let seconds = idle + max(idle / 4, 1) + 2
+                await sleep(milliseconds: seconds * 1000)
+                log("[\(browser.name)] was idle for \(seconds) s")
                 browser.expected = [0]
                 if let cookie = browser.cookie { browser.loggedOut.append(cookie) }
                 browser.loggedOut += browser.ids

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Memcached
 import MemcachedTestRig
 import NIOCore
@@ -406,6 +409,46 @@ struct EdgeCaseTests {
                 let action = try await manager.endRequest(access)
                 #expect(action.cookie == .unchanged)
                 #expect(try await manager.readCount(&browser) == 3, "the change and the session survived")
+            }
+        }
+    }
+
+    /// The busiest defect of the review: a node freezes (SIGSTOP) past the request timeout, the
+    /// session moves to another node under a new id, the node thaws, the user logs out: the
+    /// pre-failover cookie must read nothing, on any instance. The old primary used to stay, so
+    /// every pre-failover cookie still read its session after the logout.
+    @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
+    func aLogoutAfterAFailoverEndsTheOldPrimaryToo(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            func config(_ route: String) throws -> SessionManager.Configuration {
+                try configuration(servers, mode: mode) {
+                    $0.memcached.requestTimeout = .milliseconds(300)
+                    $0.memcached.failureThreshold = 1
+                    $0.asynchronousSaving = false
+                    if mode == .sticky { $0.route = route }
+                }
+            }
+            try await withManagers([try config("a"), try config("b")]) { managers in
+                var browser = Browser()
+                for _ in 0..<2 { try await managers[0].increment(&browser) }
+                let old = browser
+                let id = try #require(old.id)
+                let frozen = servers[Int(id.nodeID.dropFirst())! - 1]
+                let pid = try #require(frozen.pid)
+                kill(pid, SIGSTOP)
+                // The session moves off the frozen node (a write to it times out) under a new id.
+                try await eventually(timeout: .seconds(20), "the session moved") {
+                    (try? await managers[0].increment(&browser)) != nil && browser.id?.nodeID != id.nodeID
+                }
+                kill(pid, SIGCONT)
+                try await eventually("the thawed node is back") { managers[0].topology.isAvailable(id.nodeID) }
+                try await managers[0].request(&browser, path: "/logout") { access in try await access.invalidate() }
+                #expect(browser.cookie == nil)
+                // Every pre-failover cookie reads nothing, on both instances.
+                for manager in managers {
+                    var stale = old
+                    #expect(try await manager.readCount(&stale) == 0, "the old primary is ended too")
+                }
             }
         }
     }

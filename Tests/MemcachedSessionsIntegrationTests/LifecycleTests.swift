@@ -75,7 +75,13 @@ struct LifecycleTests {
 
                     try await manager.request(&browser) { access in try await access.invalidate() }
                     #expect(browser.cookie == nil, "the cookie is cleared")
-                    #expect(try await inspector.node(id.nodeID).get(keys.primary) == nil)
+                    // The primary is a tombstone on every node (after a move the old primary may be
+                    // anywhere), the lock is gone.
+                    for node in inspector.allNodes {
+                        try await eventually("primary tombstone on \(node.id)") {
+                            try await node.get(keys.primary)?.flags == SessionManager.tombstoneFlags
+                        }
+                    }
                     #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil)
                     // Every backup key is now a tombstone: no recovery or repair can bring it back.
                     try await eventually("backup replaced by a tombstone") {
@@ -103,9 +109,9 @@ struct LifecycleTests {
                         let new = try #require(browser.id)
                         #expect(new.token != old.token)
                         #expect(try await manager.readCount(&browser) == 2)
-                        // Gone (non-sticky), or a tombstone that tells other sticky instances so.
+                        // A tombstone: it tells other sticky instances so, and no copy can come back.
                         let leftover = try await inspector.node(old.nodeID).get(manager.keys(for: old.token).primary)
-                        #expect(leftover == nil || (mode == .sticky && leftover?.flags == SessionManager.tombstoneFlags))
+                        #expect(leftover?.flags == SessionManager.tombstoneFlags)
                         #expect(try await inspector.node(new.nodeID).get(manager.keys(for: new.token).primary) != nil)
                         var stale = Browser(cookie: old.description)
                         #expect(try await manager.readCount(&stale) == 0)

@@ -18,6 +18,8 @@ extension SessionManager {
             return nil
         }
         let keys = self.keys(for: id.token)
+        // A copy this instance left there to end (a move, a logout) goes before it can be read.
+        if leftovers.count > 0 { await cleanLeftovers(on: id.nodeID, key: keys.primary) }
         let slide: MemcachedTTL = defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds)) : .never
         let read: StoredRead
         var lock: HeldLock? = nil
@@ -185,6 +187,8 @@ extension SessionManager {
             "session recovered after a memcached node failure",
             metadata: ["memcached.node.failed": "\(id.nodeID)", "memcached.node.target": "\(home)"])
         events.record(.failover, "sessions moved from \(id.nodeID) to \(home): \(id.nodeID) did not answer")
+        // The copy on the silent node goes once it answers again (a logout must not find it).
+        leaveOldPrimary(keys: keys, on: id.nodeID, version: newest.stored.record.metadata.version + 1)
         return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access)
     }
 
@@ -358,6 +362,7 @@ extension SessionManager {
                 "session relocated after a failed write",
                 metadata: ["memcached.node.failed": "\(nodeID)", "memcached.node.target": "\(next)"])
             events.record(.failover, "sessions moved from \(nodeID) to \(next): a write to \(nodeID) failed")
+            leaveOldPrimary(keys: keys, on: nodeID, version: session.metadata.version + 1)
             nodeID = next
             session.setID(session.id.relocated(to: next))
             session.markAllChanged()

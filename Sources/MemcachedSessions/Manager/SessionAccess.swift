@@ -287,52 +287,59 @@ extension SessionManager {
         return .seconds(Int(min(idle + 2 * window + 60, 30 * 24 * 3600)))
     }
 
-    /// Deletes a session's primary, backup and lock. Sticky instances leave a tombstone in the
-    /// primary's place instead, so that another instance still holding the session in memory
-    /// learns it was invalidated (and does not take a missing copy for one lost by a restart).
+    /// Ends a session's stored copies: its primary and backup keys get a tombstone on every node
+    /// (after a move, the old primary may be on any node; the backup follows availability), and
+    /// its lock is released. A node that does not answer gets its tombstones as soon as it
+    /// answers again (``LeftoverCopies``). A tombstone, not a delete: another instance still
+    /// holding the session in memory learns it was invalidated (a missing copy would look like
+    /// one lost by a restart), and no recovery, backup repair or racing write can bring it back.
     func deleteCopies(keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool) async {
         if let lock { heldLocks.remove(lock) }
-        guard let node = topology.node(nodeID) else { return }
-        if usesLocalLifecycle {
-            let tombstone = prepared(
-                MemcachedRequest.store(keys.primary, value: ByteBuffer(), ttl: tombstoneTTL, flags: Self.tombstoneFlags))
-            if wait {
-                countRoundTrip()
-                _ = try? await node.execute(tombstone)
-            } else {
-                await node.submit(tombstone)
-            }
-            return
+        backupMemo.forget(keys.backup)
+        let ttl = tombstoneTTL
+        let seconds = Int(ttl.wireValue(now: 0))
+        func tombstone(_ key: String, quiet: Bool) -> MemcachedRequest {
+            var request = MemcachedRequest.store(key, value: ByteBuffer(), ttl: ttl, flags: Self.tombstoneFlags, quiet: quiet)
+            if key == keys.backup { request.connectionAffinity = Self.affinity(of: keys.backup) }
+            request.honorsCancellation = false
+            return prepared(request)
         }
-        // The primary goes first: a concurrent write that has not landed yet then finds nothing
-        // and writes no backup.
-        let delete = prepared(MemcachedRequest.delete(keys.primary))
-        if wait {
-            countRoundTrip()
-            var batch = [delete]
+        // The session's own node first, with the lock release: a concurrent write that has not
+        // landed yet then finds the tombstone and writes no backup.
+        if let node = topology.node(nodeID) {
+            var batch = [tombstone(keys.primary, quiet: false)]
+            if !usesLocalLifecycle { batch.append(tombstone(keys.backup, quiet: false)) }
             if let lock { batch.append(prepared(await lockReleaseRequest(lock))) }
-            let results = await node.executeBatch(batch)
-            if let lock, results.count > 1 { releaseAnswered(results[1], lock: lock, node: node) }
-        } else {
-            await node.submit(delete)
-            if let lock {
-                await node.submit(prepared(await lockReleaseRequest(lock))) { result in
-                    self.releaseAnswered(result, lock: lock, node: node)
+            let requests = batch
+            let backups = !usesLocalLifecycle
+            let home = { @Sendable in
+                let results = await node.executeBatch(requests)
+                if let lock { self.releaseAnswered(results[requests.count - 1], lock: lock, node: node) }
+                if case .failure = results[0] { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.primary, on: nodeID) }
+                if backups, case .failure = results[1] {
+                    self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.backup, on: nodeID)
                 }
             }
+            if wait {
+                countRoundTrip()
+                await home()
+            } else {
+                Task { await home() }
+            }
         }
-        // The backup may be on any other node (placement follows availability): leave a tombstone
-        // on every one, so that neither a recovery nor a backup repair racing this logout brings
-        // the session back.
-        backupMemo.forget(keys.backup)
-        var tombstone = MemcachedRequest.store(
-            keys.backup, value: ByteBuffer(), ttl: tombstoneTTL, flags: Self.tombstoneFlags, quiet: true)
-        tombstone.connectionAffinity = Self.affinity(of: keys.backup)
-        tombstone = prepared(tombstone)
-        // Every node, the session's own included: after a relocation the new primary may be the
-        // old backup node, still holding a backup key.
-        for candidate in topology.order {
-            if let backupNode = topology.node(candidate), backupNode.isAvailable { await backupNode.submit(tombstone) }
+        // Every other node, the ones that answer now and the others when they answer again.
+        for candidate in topology.order where candidate != nodeID {
+            guard let other = topology.node(candidate) else { continue }
+            let keysThere = usesLocalLifecycle ? [keys.primary] : [keys.primary, keys.backup]
+            guard other.isAvailable else {
+                for key in keysThere { leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                continue
+            }
+            for key in keysThere {
+                await other.submit(tombstone(key, quiet: true)) { result in
+                    if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                }
+            }
         }
     }
 }

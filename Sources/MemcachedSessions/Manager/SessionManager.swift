@@ -34,6 +34,7 @@ public final class SessionManager: Service, Sendable {
     let localStore: LocalSessionStore
     let backupMemo: BackupMemo
     let heldLocks = HeldLocks()
+    let leftovers = LeftoverCopies()
     let nodeRestarts = NodeRestarts()
     let readOnlyPaths: ReadOnlyPaths
     let ignoredPaths: PathPattern?
@@ -190,6 +191,7 @@ public final class SessionManager: Service, Sendable {
                 background.addTask { await self.retryFailedSavesPeriodically() }
                 background.addTask { await self.watchNodeRestartsPeriodically() }
                 background.addTask { await self.recordStatusPeriodically() }
+                background.addTask { await self.cleanLeftoversPeriodically() }
             }
         }
         // The writer has flushed its queue; now stop the clients.

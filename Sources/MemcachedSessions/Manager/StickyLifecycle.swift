@@ -60,6 +60,7 @@ extension SessionManager {
             localStore.remove(id.token)
         }
         let keys = self.keys(for: id.token)
+        if leftovers.count > 0 { await cleanLeftovers(on: id.nodeID, key: keys.primary) }
         let slide: MemcachedTTL = defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds)) : .never
         switch await readStored(key: keys.primary, on: id.nodeID, touch: slide) {
         case .found(let stored):
@@ -139,6 +140,7 @@ extension SessionManager {
             statistics.count(.relocations)
             statistics.count(.memcachedFailovers)
             events.record(.failover, "sticky sessions moved from \(id.nodeID) to \(next): \(id.nodeID) is down or removed")
+            leaveOldPrimary(keys: keys(for: id.token), on: id.nodeID, version: session.metadata.version + 1)
             id = id.relocated(to: next)
             session.setID(id)
             session.markAllChanged()

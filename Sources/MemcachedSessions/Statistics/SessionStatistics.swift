@@ -50,6 +50,13 @@ public final class SessionStatistics: Sendable {
         case corruptSessions
         case oversizedSessions
         case unavailable
+        /// A copy left on a node that did not answer (an old primary after a move, a logout's
+        /// tombstone), remembered to be dealt with when it answers again.
+        case leftoversQueued
+        /// Such a copy dealt with.
+        case leftoversCleaned
+        /// Such a copy forgotten for room (bounded memory); it expires with its TTL.
+        case leftoversDropped
         /// Sticky: a new session refused because memory is full of unsaved sessions.
         case localStoreRefusals
         case bytesWritten

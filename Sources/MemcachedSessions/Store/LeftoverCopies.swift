@@ -1,0 +1,143 @@
+import Memcached
+import NIOCore
+import Synchronization
+
+/// Copies of sessions left on nodes that did not answer when they had to go: the old primary of
+/// a session that moved to another node, a logout's tombstone a node never got. Each is dealt
+/// with as soon as the node answers again (a loop retries every quarter second), and before this
+/// instance reads that key on that node; so a logout or a move is never undone by a copy the
+/// failed node kept.
+///
+/// Bounded: past ``limit`` entries the oldest go first (counted as
+/// ``SessionStatistics/Counter/leftoversDropped``; they still expire with their TTL).
+final class LeftoverCopies: Sendable {
+    enum Action: Sendable, Hashable {
+        /// A logout's tombstone (the session's keys must read as ended).
+        case tombstone(ttlSeconds: Int)
+        /// An old primary: deleted if it is not newer than `version` (a session that moved back
+        /// to this node since has a newer copy there, which stays).
+        case deleteUnlessNewer(version: UInt64)
+    }
+
+    struct Entry: Sendable {
+        var nodeID: String
+        var key: String
+        var action: Action
+    }
+
+    private struct State {
+        var entries: [String: Entry] = [:]
+        var order: [String] = []
+    }
+
+    private let state = Mutex(State())
+    let limit: Int
+
+    init(limit: Int = 100_000) { self.limit = limit }
+
+    private static func slot(_ nodeID: String, _ key: String) -> String { nodeID + " " + key }
+
+    /// Remembers a copy to deal with; returns how many older entries were dropped for room.
+    @discardableResult
+    func add(_ entry: Entry) -> Int {
+        state.withLock { state in
+            let slot = Self.slot(entry.nodeID, entry.key)
+            if state.entries[slot] == nil { state.order.append(slot) }
+            state.entries[slot] = entry
+            var dropped = 0
+            while state.entries.count > limit, !state.order.isEmpty {
+                let oldest = state.order.removeFirst()
+                if state.entries.removeValue(forKey: oldest) != nil { dropped += 1 }
+            }
+            return dropped
+        }
+    }
+
+    /// Takes the entries for `nodeID` (all of them, or the one for `key`).
+    func take(nodeID: String, key: String? = nil) -> [Entry] {
+        state.withLock { state in
+            if let key {
+                guard let entry = state.entries.removeValue(forKey: Self.slot(nodeID, key)) else { return [] }
+                state.order.removeAll { $0 == Self.slot(nodeID, key) }
+                return [entry]
+            }
+            let taken = state.order.compactMap { slot -> Entry? in
+                guard let entry = state.entries[slot], entry.nodeID == nodeID else { return nil }
+                state.entries[slot] = nil
+                return entry
+            }
+            state.order.removeAll { state.entries[$0] == nil }
+            return taken
+        }
+    }
+
+    var count: Int { state.withLock { $0.entries.count } }
+
+    /// Nodes with entries waiting.
+    var nodes: Set<String> { state.withLock { Set($0.entries.values.map(\.nodeID)) } }
+}
+
+extension SessionManager {
+    /// Remembers a copy to deal with once `nodeID` answers again.
+    func leaveForLater(_ action: LeftoverCopies.Action, key: String, on nodeID: String) {
+        let dropped = leftovers.add(LeftoverCopies.Entry(nodeID: nodeID, key: key, action: action))
+        if dropped > 0 { statistics.count(.leftoversDropped, dropped) }
+        statistics.count(.leftoversQueued)
+    }
+
+    /// Deals with what is waiting for `nodeID` (for one key only, when given): before a read of
+    /// that key there, and from the periodic loop. An entry whose node does not answer waits again.
+    func cleanLeftovers(on nodeID: String, key: String? = nil) async {
+        guard let node = topology.node(nodeID), node.isAvailable else { return }
+        let entries = leftovers.take(nodeID: nodeID, key: key)
+        for entry in entries {
+            if await !clean(entry, node: node) { leaveForLater(entry.action, key: entry.key, on: nodeID) }
+        }
+    }
+
+    /// One entry; false when the node did not answer.
+    private func clean(_ entry: LeftoverCopies.Entry, node: any MemcachedNodeCommandRunner) async -> Bool {
+        switch entry.action {
+        case .tombstone(let seconds):
+            var request = MemcachedRequest.store(entry.key, value: ByteBuffer(), ttl: .seconds(seconds), flags: Self.tombstoneFlags)
+            request.honorsCancellation = false
+            guard case .success = await node.executeBatch([prepared(request)])[0] else { return false }
+            statistics.count(.leftoversCleaned)
+            return true
+        case .deleteUnlessNewer(let version):
+            var read = MemcachedRequest.get(entry.key)
+            read.honorsCancellation = false
+            switch await node.executeBatch([prepared(read)])[0] {
+            case .success(.item(let item?)):
+                guard item.flags != Self.tombstoneFlags else { return true }
+                if let stored = decodeStored(item, key: entry.key, node: node), stored.record.metadata.version > version {
+                    return true  // the session lives here again: keep it
+                }
+                var delete = MemcachedRequest.delete(entry.key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil)
+                delete.honorsCancellation = false
+                guard case .success = await node.executeBatch([prepared(delete)])[0] else { return false }
+                statistics.count(.leftoversCleaned)
+                return true
+            case .success:
+                return true
+            case .failure:
+                return false
+            }
+        }
+    }
+
+    /// Retries the leftovers of every node that answers again, four times a second. Runs in `run()`.
+    func cleanLeftoversPeriodically() async {
+        while !Task.isCancelled {
+            do { try await clock.sleep(for: .milliseconds(250)) } catch { return }
+            for nodeID in leftovers.nodes.sorted() where topology.node(nodeID)?.isAvailable == true {
+                await cleanLeftovers(on: nodeID)
+            }
+        }
+    }
+
+    /// A session moved off `nodeID` (it did not answer): its copy there goes once it answers.
+    func leaveOldPrimary(keys: SessionKeys, on nodeID: String, version: UInt64) {
+        leaveForLater(.deleteUnlessNewer(version: version), key: keys.primary, on: nodeID)
+    }
+}
