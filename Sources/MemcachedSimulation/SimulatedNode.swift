@@ -7,7 +7,9 @@ public enum CommandFault: Sendable, Hashable, CustomStringConvertible {
     case replyLost
     /// The command never reached the server: the caller times out.
     case neverApplied
-    /// The command is applied after the caller's deadline: the caller times out, the change lands later.
+    /// The node stalls on the command (a slow disk, a stop-the-world pause) past the caller's
+    /// deadline: the caller times out, the command and every one after it are applied later, in
+    /// order (a connection never reorders).
     case appliedLate
     /// The connection is cut before the command: it fails with `connectionClosed`, unapplied.
     case connectionCut
@@ -298,7 +300,9 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
                 }
                 var replyLost = false
                 var cut = false
+                var stalled = false
                 for (index, request) in requests.enumerated() {
+                    if stalled { break }
                     if cut {
                         results[index] = .failure(MemcachedError(code: .connectionClosed, message: "connection closed", nodeID: self.id))
                         continue
@@ -315,12 +319,17 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
                         self.observer?("\(self.id) applied (reply lost) \(Self.summary(request))")
                         replyLost = true
                     case .appliedLate?:
+                        // Stall: this command and all that follow wait, then apply in order.
                         replyLost = true
-                        scheduler.schedule(at: deadline + 1_000_000 + scheduler.random(below: 500_000_000)) {
-                            guard self.state == .up else { return }
+                        let rest = Array(requests[index...].dropFirst())
+                        self.freeze()
+                        self.frozenQueue.append {
                             _ = self.apply(request)
                             self.observer?("\(self.id) applied late \(Self.summary(request))")
+                            for later in rest { _ = self.apply(later) }
                         }
+                        scheduler.schedule(at: deadline + 1_000_000 + scheduler.random(below: 500_000_000)) { self.thaw() }
+                        stalled = true  // (the rest of this batch is applied with it, later)
                     case nil:
                         results[index] = self.apply(request)
                         self.observer?("\(self.id) applied \(Self.summary(request))")

@@ -76,6 +76,8 @@ extension SessionManager {
         /// The newest copy's remaining TTL in seconds, when it is a backup read in meta mode.
         var newestTimeToLive: Int?
         var tombstone = false
+        /// Whether a node searched did not answer.
+        var unreachable = false
     }
 
     /// Whether the newest copy found is a backup whose session has been idle past its timeout.
@@ -141,7 +143,8 @@ extension SessionManager {
                 search.newest = (stored, nodeID, isPrimary)
                 search.newestTimeToLive = timeToLive
             case .tombstone: search.tombstone = true
-            case .missing, .unreachable: break
+            case .unreachable: search.unreachable = true
+            case .missing: break
             }
         }
         return search
@@ -220,7 +223,16 @@ extension SessionManager {
     func restoreAfterRestart(id: SessionID, keys: SessionKeys, access: SessionAccess, lock: HeldLock?) async throws(SessionError)
         -> Session?
     {
-        let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
+        let others = topology.others(than: id.nodeID)
+        let search = await searchCopies(keys: keys, on: others.filter { topology.isReachable($0) })
+        // Where its backup usually is: the next node after its own in configuration order.
+        let usualBackup = topology.order.firstIndex(of: id.nodeID).map { topology.order[($0 + 1) % topology.order.count] }
+        if !search.tombstone, search.newest == nil, search.unreachable || usualBackup.map({ !topology.isReachable($0) }) == true {
+            // The node lost everything, and a node that may hold the backup does not answer:
+            // not "no session" (a second fault at once), but unavailable.
+            if let lock { await release(lock) }
+            return try unavailable(id: id, cause: "its node restarted empty and a node that may hold its backup did not answer")
+        }
         guard !search.tombstone, let newest = search.newest, !isExpired(newest.stored.record, now: currentTimeMillis()),
             !isIdleExpired(search)
         else {

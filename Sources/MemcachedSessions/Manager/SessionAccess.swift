@@ -57,6 +57,8 @@ public final class SessionAccess: Sendable {
         var ended = false
         /// The session was created by this request (its id never reached the browser).
         var createdHere = false
+        /// The request logged out a session that was not found: its id is ended all the same.
+        var endMissing = false
     }
 
     struct LoadExtras: Sendable {
@@ -206,8 +208,15 @@ public final class SessionAccess: Sendable {
 
     /// Ends the request's session: every copy is removed at the end of the request, and the cookie
     /// is cleared.
+    ///
+    /// A logout whose session is not found (evicted, or on a node that restarted) still ends its
+    /// id: tombstones go where its copies could be, so that no backup brings it back later.
     public func invalidate() async throws(SessionError) {
-        try await load()?.invalidate()
+        guard let session = try await load() else {
+            if requestedID != nil, !isIgnored { state.withLock { $0.endMissing = true } }
+            return
+        }
+        session.invalidate()
     }
 
     /// Whether this request may wait for memcached round trips (a load, a synchronous save, a
@@ -229,6 +238,12 @@ public final class SessionAccess: Sendable {
             return state.ended
         }
         guard !alreadyEnded, !isIgnored else { return .unchanged }
+        let (endMissing, session) = state.withLock { ($0.endMissing, $0.session) }
+        if endMissing, session == nil, let id = requestedID, manager.isEnabled, manager.topology.contains(id.nodeID) {
+            // A logout of a session that was not found: its id ends all the same.
+            await manager.deleteCopies(keys: manager.keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true)
+            return SessionResponseAction(cookie: .clear)
+        }
         if manager.usesLocalLifecycle {
             return try await manager.endSticky(self)
         }

@@ -271,7 +271,7 @@ extension SessionManager {
                 }
                 if !restoreChecked {
                     restoreChecked = true
-                    if await lostByARestart(keys: keys, nodeID: nodeID) {
+                    if await lostCopyMayBeRewritten(keys: keys, nodeID: nodeID) {
                         casUnique = nil
                         add = true
                         continue
@@ -302,7 +302,7 @@ extension SessionManager {
                     }
                     if !restoreChecked {
                         restoreChecked = true
-                        if await lostByARestart(keys: keys, nodeID: nodeID) {
+                        if await lostCopyMayBeRewritten(keys: keys, nodeID: nodeID) {
                             casUnique = nil
                             add = true
                             continue
@@ -325,12 +325,13 @@ extension SessionManager {
 
     static let maximumSaveAttempts = 8
 
-    /// Non-sticky: a write found the session's copy missing. When its node restarted while the
-    /// request ran (it lost everything), and no node holds a logout's tombstone for it, the copy
-    /// was lost, not deleted: the request still holds the whole session and writes it again.
-    /// (A logout deletes the primary and tombstones the backup key on every node.)
-    func lostByARestart(keys: SessionKeys, nodeID: String) async -> Bool {
-        guard !usesLocalLifecycle, await missMayBeRestartChecking(on: nodeID) else { return false }
+    /// Non-sticky: a write found the session's copy missing. Ends leave tombstones (a logout, an
+    /// expiry, `msm session delete`, a login's old id: on the primary and backup keys of every
+    /// node), so a missing copy was lost, not ended: evicted, or its node restarted while the
+    /// request ran. Unless some node holds a tombstone for it (the primary's own may have been
+    /// evicted too), the request, which holds the whole session, writes it again.
+    func lostCopyMayBeRewritten(keys: SessionKeys, nodeID: String) async -> Bool {
+        guard !usesLocalLifecycle else { return false }
         let search = await searchCopies(keys: keys, on: topology.order.filter { topology.isReachable($0) })
         return !search.tombstone
     }
