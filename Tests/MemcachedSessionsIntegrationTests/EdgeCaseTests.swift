@@ -452,4 +452,51 @@ struct EdgeCaseTests {
             }
         }
     }
+
+    /// Non-sticky: the session's copy is evicted while a request holds it. Its write finds
+    /// nothing; no tombstone says the session ended, so the request writes it again rather than
+    /// dropping the change (a logout would have left tombstones). (The simulation found it.)
+    @Test func anEvictedCopyIsWrittenAgainByTheRequestHoldingIt() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let access = manager.beginRequest(path: "/counter", sessionCookie: browser.cookie)
+                    let session = try #require(try await access.load())
+                    #expect(try await inspector.node(id.nodeID).delete(keys.primary) == .deleted)  // "evicted"
+                    try session.set("count", 2)
+                    #expect(try await manager.endRequest(access).cookie == .unchanged)
+                    #expect(try await manager.readCount(&browser) == 2)
+                }
+            }
+        }
+    }
+
+    /// A logout whose session is not found (evicted) still ends its id: the backup that
+    /// survived cannot bring it back when the primary's node later fails. (The simulation found it.)
+    @Test func aLogoutOfAnEvictedSessionEndsItsBackupToo() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers) { $0.memcached.requestTimeout = .milliseconds(500) }) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = try inspector.node(id.nodeID == "n1" ? "n2" : "n1")
+                    try await eventually("the backup is written") { try await backupNode.get(keys.backup) != nil }
+                    #expect(try await inspector.node(id.nodeID).delete(keys.primary) == .deleted)  // "evicted"
+                    let old = browser
+                    try await manager.request(&browser, path: "/logout") { access in try await access.invalidate() }
+                    #expect(browser.cookie == nil)
+                    #expect(try await backupNode.get(keys.backup)?.flags == SessionManager.tombstoneFlags)
+                    try await servers[Int(id.nodeID.dropFirst())! - 1].kill()
+                    var stale = old
+                    #expect(try await manager.readCount(&stale) == 0, "not restored from the backup")
+                }
+            }
+        }
+    }
 }
