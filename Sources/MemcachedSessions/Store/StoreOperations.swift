@@ -247,6 +247,14 @@ extension SessionManager {
         let start = NIODeadline.now()
         defer { statistics.time(.write, since: start) }
         var restoreChecked = false
+        /// Whether a copy found missing may be written again: always in sticky mode (memory is
+        /// authoritative), once per save in non-sticky mode when no tombstone says it ended.
+        func mayRewriteLostCopy() async -> Bool {
+            if restoreIfMissing { return true }
+            guard !restoreChecked else { return false }
+            restoreChecked = true
+            return await lostCopyMayBeRewritten(keys: keys, nodeID: nodeID)
+        }
         for _ in 0..<Self.maximumSaveAttempts {
             let bytes: ByteBuffer
             do {
@@ -264,18 +272,10 @@ extension SessionManager {
                 statistics.count(.writes)
                 return .saved(record: record, bytes: bytes)
             case .gone:
-                if restoreIfMissing {
+                if await mayRewriteLostCopy() {
                     casUnique = nil
                     add = true
                     continue
-                }
-                if !restoreChecked {
-                    restoreChecked = true
-                    if await lostCopyMayBeRewritten(keys: keys, nodeID: nodeID) {
-                        casUnique = nil
-                        add = true
-                        continue
-                    }
                 }
                 if let lock { releasedLock(lock) }
                 return .gone
@@ -293,20 +293,16 @@ extension SessionManager {
                     casUnique = stored.casUnique
                     add = false
                 case .missing:
-                    if add || restoreIfMissing {
-                        // An add found a copy that vanished since, or a sticky copy was lost: write
-                        // it again.
+                    // An add found a copy that vanished since, or a copy was lost: write it again.
+                    if add {
                         casUnique = nil
                         add = true
                         continue
                     }
-                    if !restoreChecked {
-                        restoreChecked = true
-                        if await lostCopyMayBeRewritten(keys: keys, nodeID: nodeID) {
-                            casUnique = nil
-                            add = true
-                            continue
-                        }
+                    if await mayRewriteLostCopy() {
+                        casUnique = nil
+                        add = true
+                        continue
                     }
                     if let lock { releasedLock(lock) }
                     return .gone
