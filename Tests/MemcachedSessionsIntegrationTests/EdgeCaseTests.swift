@@ -491,10 +491,90 @@ struct EdgeCaseTests {
                     let old = browser
                     try await manager.request(&browser, path: "/logout") { access in try await access.invalidate() }
                     #expect(browser.cookie == nil)
-                    #expect(try await backupNode.get(keys.backup)?.flags == SessionManager.tombstoneFlags)
+                    // (The other nodes' tombstones are sent without waiting for them.)
+                    try await eventually("the backup is tombstoned") {
+                        try await backupNode.get(keys.backup)?.flags == SessionManager.tombstoneFlags
+                    }
                     try await servers[Int(id.nodeID.dropFirst())! - 1].kill()
                     var stale = old
                     #expect(try await manager.readCount(&stale) == 0, "not restored from the backup")
+                }
+            }
+        }
+    }
+
+    /// Two requests recover one session from its backup at once (its node is dead), on two
+    /// instances: one counts, the other changes another attribute. The loser of the race to write
+    /// it at its new place merges only its own change; it used to merge its whole recovered copy,
+    /// putting the old count back over the winner's.
+    @Test func concurrentRecoveriesMergeOnlyTheirOwnChanges() async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            let config = try configuration(servers) {
+                $0.memcached.requestTimeout = .milliseconds(500)
+                $0.memcached.failureThreshold = 1
+            }
+            try await withManagers([config, config]) { managers in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await managers[0].increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = managers[0].keys(for: id.token)
+                    let backupNode = managers[0].topology.nextAvailable(after: id.nodeID)!
+                    try await eventually("the backup is written") { try await inspector.node(backupNode).get(keys.backup) != nil }
+                    try await servers[Int(id.nodeID.dropFirst())! - 1].kill()
+                    let counting = managers[0].beginRequest(path: "/counter", sessionCookie: browser.cookie)
+                    let noting = managers[1].beginRequest(path: "/note", sessionCookie: browser.cookie)
+                    async let first = counting.load()
+                    async let second = noting.load()
+                    let (counted, noted) = try await (try #require(first), try #require(second))
+                    try counted.set("count", (counted["count", as: Int.self] ?? 0) + 1)
+                    try noted.set("note", "kept")
+                    let winner = try await managers[0].endRequest(counting)
+                    _ = try await managers[1].endRequest(noting)
+                    if case .set(let moved) = winner.cookie { browser.cookie = moved.description }
+                    try await managers[1].request(&browser, path: "/read") { access in
+                        let session = try #require(try await access.load())
+                        #expect(session["count", as: Int.self] == 2, "the winner's count survives")
+                        #expect(session["note", as: String.self] == "kept")
+                    }
+                }
+            }
+        }
+    }
+
+    /// A backup write racing a logout can land after the logout's tombstone on the backup key
+    /// (backups are unconditional, nobody waits for them). The logout's tombstones on the primary
+    /// key of every node still outrank it: when the session's node later fails, neither recovery
+    /// nor restore brings the logged-out session back.
+    @Test(arguments: [false, true])
+    func aBackupLandingAfterALogoutDoesNotBringItBack(restart: Bool) async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            let config = try configuration(servers) {
+                $0.memcached.requestTimeout = .milliseconds(500)
+                $0.memcached.failureThreshold = 1
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = try inspector.node(manager.topology.nextAvailable(after: id.nodeID)!)
+                    try await eventually("the backup is written") { try await backupNode.get(keys.backup) != nil }
+                    let copy = try #require(try await backupNode.get(keys.backup))
+                    try await eventually("the boot times are known") { manager.nodeRestarts.knows(id.nodeID) }
+                    let old = browser
+                    try await manager.request(&browser, path: "/logout") { access in try await access.invalidate() }
+                    // The racing backup write lands last.
+                    try await backupNode.set(keys.backup, value: copy.value, ttl: .seconds(60))
+                    let home = servers[Int(id.nodeID.dropFirst())! - 1]
+                    try await home.kill()
+                    if restart {
+                        try await home.restart()
+                        try await eventually("the restart is seen") { manager.missMayBeRestart(on: id.nodeID) }
+                    }
+                    var stale = old
+                    #expect(try await manager.readCount(&stale) == 0, "the logged-out session stays ended")
                 }
             }
         }

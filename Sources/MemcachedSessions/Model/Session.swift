@@ -334,11 +334,13 @@ public final class Session: Sendable {
     }
 
     /// Marks the whole session as changed: it must be written in full to a new place.
+    /// The session moved (relocated, recovered from a backup, a new id): its next save writes it
+    /// in full at the new place, with an add. Only the request's own changes count as changes: if
+    /// the add finds a copy there (a concurrent request recovered it first), the merge re-applies
+    /// just those, not the whole, possibly older, copy this request recovered.
     func markAllChanged() {
         state.withLock { state in
             state.moved = true
-            for (name, value) in state.attributes { state.changes[name] = .some(value) }
-            state.metadataChanged = true
             state.generation &+= 1
         }
     }
