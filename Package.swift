@@ -243,3 +243,13 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// Fuzzing (issue 8 §5): libFuzzer targets, only when scripts/fuzz asks for them (MSM_FUZZ=1):
+// they build with -sanitize=fuzzer and take libFuzzer's main.
+if Context.environment["MSM_FUZZ"] != nil {
+    package.targets += [
+        .executableTarget(name: "FuzzReplies", dependencies: ["Memcached"], path: "Fuzz/FuzzReplies"),
+        .executableTarget(name: "FuzzCookie", dependencies: ["MemcachedSessions"], path: "Fuzz/FuzzCookie"),
+        .executableTarget(name: "FuzzEnvelope", dependencies: ["MemcachedSessions"], path: "Fuzz/FuzzEnvelope"),
+    ]
+}

@@ -55,6 +55,8 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
     }
 
     private var items: [String: Item] = [:]
+    /// Items evicted since the process started (memcached's `evictions`).
+    private var evictions = 0
     private var casCounter: UInt64 = 0
     private(set) var state: State = .up
     /// Virtual nanoseconds when the process started.
@@ -107,6 +109,7 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
         frozenQueue = []
         items = [:]
         casCounter = 0
+        evictions = 0
         pid = newPID
         bootNanoseconds = DeterministicScheduler.shared.nanoseconds
         state = .up
@@ -119,6 +122,7 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
             let keys = items.keys.sorted()
             let key = keys[Int(DeterministicScheduler.shared.random(below: UInt64(keys.count)))]
             items[key] = nil
+            evictions += 1
         }
     }
 
@@ -248,6 +252,7 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
                     MemcachedStat(name: "uptime", value: "\(uptime)"),
                     MemcachedStat(name: "time", value: "\(clock.unixSeconds)"),
                     MemcachedStat(name: "curr_items", value: "\(items.count)"),
+                    MemcachedStat(name: "evictions", value: "\(evictions)"),
                 ]))
         }
     }

@@ -266,3 +266,34 @@ final class BlackholeServer: Sendable {
         }
     }
 }
+
+@Suite("Fault proxy")
+struct FaultProxyTests {
+    @Test func forwardsDelaysStallsAndCutsReplies() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let proxy = try await FaultProxy.start(port: servers[0].port)
+            defer { proxy.stop() }
+            var configuration = try MemcachedClient.Configuration(nodes: "n1:\(proxy.hostAndPort)")
+            configuration.requestTimeout = .seconds(5)
+            configuration.failureThreshold = 100
+            let client = try MemcachedClient(configuration: configuration)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await client.run() }
+                try await client.set("k", value: "v")
+                #expect(try await client.get("k")?.value == ByteBuffer(string: "v"))
+                // A cut reply: the command was applied, its reply lost.
+                proxy.cutNextReplies(1)
+                await #expect(throws: MemcachedError.self) { try await client.set("k", value: "w") }
+                #expect(proxy.repliesCut == 1)
+                try await eventually("reconnected") { (try? await client.get("k"))?.value == ByteBuffer(string: "w") }
+                // Stalled: nothing comes back until resumed, then everything in order.
+                proxy.stall()
+                let stalled = Task { try await client.get("k") }
+                try await eventually("the request is held") { proxy.heldChunks > 0 }
+                proxy.resume()
+                #expect(try await stalled.value?.value == ByteBuffer(string: "w"))
+                group.cancelAll()
+            }
+        }
+    }
+}

@@ -68,9 +68,6 @@ final class HeldLock: Sendable {
         for continuation in waiting { continuation.resume() }
     }
 
-    func markLost() {
-        state.withLock { $0.lost = true }
-    }
 
     /// Stops renewals and waits for one in flight (its reply changes the CAS unique a release
     /// must use: without the wait, the release would find `EX` and leave the lock behind).
@@ -179,9 +176,17 @@ extension SessionManager {
     /// waits with exponential backoff and jitter within the wait budget.
     ///
     /// - Returns: the lock (nil when the policy let the request proceed without it) and the read.
-    func lockAndRead(keys: SessionKeys, nodeID: String, touch: MemcachedTTL?) async throws(SessionError) -> (HeldLock?, StoredRead) {
+    ///
+    /// - Parameters:
+    ///   - token: the lock's value (a new random token when nil).
+    ///   - mayAlreadyHold: `token` was sent by an attempt whose reply was lost: a lock found held
+    ///     with it is this request's own (that `add` was applied), taken under its CAS unique
+    ///     instead of being waited out.
+    func lockAndRead(
+        keys: SessionKeys, nodeID: String, touch: MemcachedTTL?, token: String? = nil, mayAlreadyHold: Bool = false
+    ) async throws(SessionError) -> (HeldLock?, StoredRead) {
         guard let node = topology.node(nodeID) else { return (nil, .missing) }
-        let token = newLockToken()
+        let token = token ?? newLockToken()
         let lockTTL = lockItemTTL
         let start = clock.now()
         let budget = TimeAmount(configuration.lockWaitBudget)
@@ -214,7 +219,14 @@ extension SessionManager {
                 if waited { statistics.time(.lockWait, since: start) }
                 return (lock, readOutcome)
             case .success(.stored(.notStored)), .success(.stored(.exists)):
-                break  // held by another request
+                if mayAlreadyHold, attempt == 0, let cas = await ownLock(keys.lock, token: token, on: node) {
+                    let lock = HeldLock(
+                        key: keys.lock, nodeID: nodeID, token: token, casUnique: cas, now: clock.now(), sequence: heldLocks.nextSequence())
+                    heldLocks.add(lock)
+                    statistics.count(.locksAcquired)
+                    return (lock, readOutcome)
+                }
+                // held by another request
             case .failure(let error) where error.meansNodeUnreachable:
                 return (nil, .unreachable(error))
             default:
@@ -252,6 +264,44 @@ extension SessionManager {
         }
     }
 
+    /// The CAS unique of the lock at `key` when it holds `token` (an acquisition of this request's
+    /// whose reply was lost), else nil.
+    func ownLock(_ key: String, token: String, on node: any MemcachedNodeCommandRunner) async -> UInt64? {
+        guard case .success(.item(let item?)) = await node.executeBatch([prepared(.get(key))])[0],
+            item.value.readableBytesView.elementsEqual(token.utf8)
+        else { return nil }
+        return item.cas
+    }
+
+    /// Deletes the lock at `key` if it holds `token` (taken by an acquisition whose reply was lost).
+    /// Tried every 100 ms until the lock would have expired anyway (the node just failed: its
+    /// connection may be reconnecting).
+    func releaseIfOwn(_ key: String, token: String, on node: any MemcachedNodeCommandRunner) async {
+        let attempts = max(1, Int(configuration.lockExpiry / .milliseconds(100)))
+        for attempt in 0..<attempts {
+            if attempt > 0 {
+                do { try await clock.sleep(for: .milliseconds(100)) } catch { return }
+            }
+            var read = MemcachedRequest.get(key)
+            read.honorsCancellation = false
+            switch await node.executeBatch([read])[0] {
+            case .success(.item(let item?)):
+                guard item.value.readableBytesView.elementsEqual(token.utf8) else { return }  // not ours
+                var delete = MemcachedRequest.delete(key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil)
+                delete.honorsCancellation = false
+                switch await node.executeBatch([delete])[0] {
+                case .success(.deleted(.deleted)):
+                    statistics.count(.locksReleased)
+                    return
+                case .success: return
+                case .failure: continue
+                }
+            case .success: return  // gone
+            case .failure: continue
+            }
+        }
+    }
+
     /// The owner-only release: a delete conditional on the lock's CAS unique (meta protocol). In
     /// text mode, which has no conditional delete, the lock is deleted by key (documented limit).
     func lockReleaseRequest(_ lock: HeldLock) async -> MemcachedRequest {
@@ -275,7 +325,8 @@ extension SessionManager {
     /// response, never finds this request's lock.
     func release(_ lock: HeldLock) async {
         heldLocks.remove(lock)
-        guard let node = topology.node(lock.nodeID) else { return }
+        // Already released (it rode with a write) or being released: nothing left to do.
+        guard !lock.isReleasing, let node = topology.node(lock.nodeID) else { return }
         let request = prepared(await lockReleaseRequest(lock))
         countRoundTrip()
         let result = await node.executeBatch([request])[0]
@@ -334,9 +385,17 @@ extension SessionManager {
     func renew(_ lock: HeldLock) async {
         guard let node = topology.node(lock.nodeID), let casUnique = lock.beginRenewal() else { return }
         if configuration.memcached.protocolMode == .text {
-            let touched = (try? await node.touch(lock.key, ttl: lockItemTTL)) == true
-            lock.endRenewal(renewed: touched, casUnique: nil, now: clock.now())
-            if touched { statistics.count(.lockRenewals) }
+            switch await node.executeBatch([.touch(lock.key, ttl: lockItemTTL)])[0] {
+            case .success(.touched(true)):
+                lock.endRenewal(renewed: true, casUnique: nil, now: clock.now())
+                statistics.count(.lockRenewals)
+            case .success(.touched(false)):
+                lock.endRenewal(renewed: false, casUnique: nil, lost: true, now: clock.now())
+                heldLocks.remove(lock)
+                statistics.count(.locksLost)
+            default:
+                lock.endRenewal(renewed: false, casUnique: nil, now: clock.now())
+            }
             return
         }
         let request = MemcachedRequest.store(
@@ -349,6 +408,7 @@ extension SessionManager {
             case .stored:
                 lock.endRenewal(renewed: false, casUnique: nil, lost: true, now: clock.now())
                 heldLocks.remove(lock)
+                statistics.count(.locksLost)
                 logger.warning("a held session lock was lost before its renewal", metadata: ["memcached.node": "\(lock.nodeID)"])
             default:
                 lock.endRenewal(renewed: false, casUnique: nil, now: clock.now())
@@ -359,6 +419,46 @@ extension SessionManager {
             lock.endRenewal(renewed: false, casUnique: nil, now: clock.now())
             logger.debug("lock renewal failed", metadata: ["memcached.error": "\(error)"])
         }
+    }
+
+    /// Whether the request surely still holds `lock`: not found lost, and within its lease.
+    func holdsLease(_ lock: HeldLock) -> Bool {
+        !lock.isLost && clock.now() - lock.renewedAt < lockLease
+    }
+
+    /// Makes sure a locked request still holds its lock before it writes. A lock found lost by a
+    /// renewal, or whose lease ran out (renewals went unanswered, or the request ran past the
+    /// longest hold), did not keep other requests out: the request takes the lock again (waiting
+    /// within the budget) and writes only if the session is the copy it read (its CAS unique is
+    /// unchanged); otherwise its changes are refused (``SessionError/Code/lockUnavailable``), so
+    /// that no locked request's change is lost silently.
+    ///
+    /// - Returns: the lock to write under; nil when the failure policy lets the request proceed
+    ///   unlocked.
+    func confirmLock(_ lock: HeldLock, keys: SessionKeys, session: Session) async throws(SessionError) -> HeldLock? {
+        if holdsLease(lock) { return lock }
+        if !lock.isLost {
+            // Renewals went unanswered, or are late: one now says which.
+            await renew(lock)
+            if holdsLease(lock) { return lock }
+            // Still unknown (no reply): as good as lost. (A renewal that found it lost counted it.)
+            if !lock.isLost { statistics.count(.locksLost) }
+        }
+        heldLocks.remove(lock)
+        logger.notice("a session lock expired before its request ended; taking it again", metadata: ["memcached.node": "\(lock.nodeID)"])
+        let (relocked, read) = try await lockAndRead(keys: keys, nodeID: lock.nodeID, touch: nil)
+        guard let relocked else { return nil }
+        switch (read, session.storedCasUnique) {
+        case (.found(let stored), let expected?) where stored.casUnique == expected:
+            return relocked  // nobody wrote meanwhile
+        case (.missing, nil):
+            return relocked  // still to be placed there (its write is an add)
+        default:
+            break
+        }
+        await release(relocked)
+        statistics.count(.lockConflicts)
+        throw Self.lockConflictError
     }
 
     /// The longest a lock is renewed: a request that never ends (a bug, or an adapter that never

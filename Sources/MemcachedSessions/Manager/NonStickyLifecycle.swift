@@ -20,13 +20,32 @@ extension SessionManager {
         let keys = self.keys(for: id.token)
         // A copy this instance left there to end (a move, a logout) goes before it can be read.
         if leftovers.count > 0 { await cleanLeftovers(on: id.nodeID, key: keys.primary) }
-        let slide: MemcachedTTL = defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds)) : .never
-        let read: StoredRead
+        let slide = slideTTL
+        var read: StoredRead
         var lock: HeldLock? = nil
-        if access.locks {
-            (lock, read) = try await lockAndRead(keys: keys, nodeID: id.nodeID, touch: slide)
-        } else {
-            read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
+        var attempt = 0
+        var lockToken: String? = nil
+        while true {
+            if access.locks {
+                // The same token on the retry: if the lost reply was the lock's, the lock is ours.
+                let token = lockToken ?? newLockToken()
+                lockToken = token
+                (lock, read) = try await lockAndRead(
+                    keys: keys, nodeID: id.nodeID, touch: slide, token: token, mayAlreadyHold: attempt > 0)
+            } else {
+                read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
+            }
+            // A read that fails on a node still marked up (a lost reply, a cut connection) is
+            // tried once more: moving the session off a node other requests still reach would
+            // leave two copies, and two locks.
+            guard case .unreachable(let error) = read, attempt == 0, error.meansNodeUnreachable, topology.isReachable(id.nodeID)
+            else { break }
+            attempt += 1
+            statistics.count(.readRetries)
+            if let held = lock {
+                await release(held)
+                lock = nil
+            }
         }
         let now = currentTimeMillis()
         if case .missing = read, await missMayBeRestartChecking(on: id.nodeID) {
@@ -65,6 +84,14 @@ extension SessionManager {
             return nil
         case .unreachable(let error):
             if let lock { await release(lock) }
+            if let lockToken, let node = topology.node(id.nodeID) {
+                // A lock a lost reply took is this request's: it goes, not waited out.
+                Task { await self.releaseIfOwn(keys.lock, token: lockToken, on: node) }
+            }
+            guard !topology.isReachable(id.nodeID) else {
+                // Twice no answer, yet not marked down: other requests may still reach it.
+                return try unavailable(id: id, cause: "its node did not answer twice (\(error.code)) but is not marked down")
+            }
             return try await recoverNonSticky(id: id, keys: keys, access: access, cause: error)
         }
     }
@@ -257,9 +284,10 @@ extension SessionManager {
     }
 
     func endNonSticky(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
-        let (phase, session, lock, raw, mustWriteAll, regenerate, movedFrom) = access.state.withLock { state in
+        let (phase, session, loadedLock, raw, mustWriteAll, regenerate, movedFrom) = access.state.withLock { state in
             (state.phase, state.session, state.lock, state.loadedRaw, state.mustWriteAll, state.regenerate, state.movedFrom)
         }
+        var lock = loadedLock
         let incoming = access.requestedID
         guard phase == .loaded, let session else {
             if phase == .idle, let incoming { await slideUnopened(incoming) }
@@ -295,6 +323,11 @@ extension SessionManager {
             readOnlyPaths.record(access.path, modified: session.hasUnsavedChanges || mustWriteAll || regenerate)
         }
 
+        if let held = lock, !regenerate, session.hasUnsavedChanges || mustWriteAll {
+            // A locked request writes only under its lock.
+            lock = try await confirmLock(held, keys: keys, session: session)
+        }
+
         if session.hasUnsavedChanges || mustWriteAll || regenerate {
             let isFreshPlacement = mustWriteAll || regenerate
             // The lock rides with the write only when both are on the same node.
@@ -311,6 +344,14 @@ extension SessionManager {
                 if let (oldKeys, oldNode) = oldCopies {
                     // Waited for: the old id must be dead before the response (session fixation).
                     await deleteCopies(keys: oldKeys, nodeID: oldNode, lock: nil, wait: true)
+                } else if let incoming, finalID.token == incoming.token, finalID.nodeID != incoming.nodeID,
+                    case .tombstone = await readStored(key: keys.primary, on: finalID.nodeID, touch: nil)
+                {
+                    // Moved, and ended meanwhile: a login racing this request gave the session a
+                    // new id (or a logout ended it). The browser may hold the login's cookie by
+                    // now, which this request's cookie would replace.
+                    statistics.count(.sessionsNotFound)
+                    return .unchanged
                 }
                 return finalID != incoming ? cookieAction(.set(finalID), record.metadata) : .unchanged
             case .gone:
@@ -319,7 +360,7 @@ extension SessionManager {
                 // it, and the browser may hold a newer one by now (the login's).
                 statistics.count(.sessionsNotFound)
                 return .unchanged
-            case .tooLarge(let error):
+            case .refused(let error):
                 if let lockWithWrite { await release(lockWithWrite) }
                 throw error
             case .unreachable(let error):
@@ -334,7 +375,7 @@ extension SessionManager {
         if let lock { await release(lock) }
         let metadata = session.metadata
         refreshBackupIfDue(keys: keys, primaryNode: id.nodeID, raw: raw, metadata: metadata, now: now)
-        if let expected = Self.primaryTTLSeconds(metadata, now: now), expected != defaultIdleSeconds,
+        if let expected = Self.primaryTTLSeconds(metadata, now: now), expected != defaultIdleSeconds + 1,
             let node = topology.node(id.nodeID)
         {
             // The load slid the TTL to the default; this session has its own timeout.
@@ -354,6 +395,7 @@ extension SessionManager {
     ) async -> (SaveOutcome, SessionID) {
         var nodeID = nodeID
         var lock = lock
+        let locked = lock != nil
         var forceAdd = forceAdd
         var tried: Set<String> = []
         var outcome: SaveOutcome = .unreachable(MemcachedError(code: .nodeUnavailable, message: "no node available"))
@@ -379,6 +421,30 @@ extension SessionManager {
             session.setID(session.id.relocated(to: next))
             session.markAllChanged()
             forceAdd = true
+            if locked {
+                // A locked request moves under the lock of the node it moves to, and only to a
+                // node that holds no copy yet: a copy there was put by a request this request's
+                // lock did not exclude (it recovered the session meanwhile).
+                let relocked: (HeldLock?, StoredRead)
+                do {
+                    relocked = try await lockAndRead(keys: keys, nodeID: next, touch: nil)
+                } catch {
+                    return (.refused(error), session.id)
+                }
+                switch relocked.1 {
+                case .missing:
+                    lock = relocked.0
+                case .found:
+                    if let newLock = relocked.0 { await release(newLock) }
+                    statistics.count(.lockConflicts)
+                    return (.refused(Self.lockConflictError), session.id)
+                case .tombstone:
+                    if let newLock = relocked.0 { await release(newLock) }
+                    return (.gone, session.id)
+                case .unreachable:
+                    if let newLock = relocked.0 { await release(newLock) }
+                }
+            }
         }
         return (outcome, session.id)
     }
@@ -394,7 +460,7 @@ extension SessionManager {
         statistics.count(.touches)
         guard configuration.memcached.protocolMode == .meta else {
             // The text protocol cannot read flags without the value: slide to the default.
-            let slide: MemcachedTTL = defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds)) : .never
+            let slide = slideTTL
             await node.submit(prepared(.touch(keys.primary, ttl: slide)))
             return
         }
@@ -411,7 +477,7 @@ extension SessionManager {
             if backupDue, let backupNode { self.backupMemo.record(keys.backup, node: backupNode) }
             let backupTTL = self.backupTTL(metadata, now: self.currentTimeMillis())
             _ = Task {
-                await node.submit(.touch(keys.primary, ttl: .seconds(Int(idle))))
+                await node.submit(.touch(keys.primary, ttl: .seconds(Int(idle) + 1)))
                 if backupDue, let backupNode, let backup = self.topology.node(backupNode) {
                     self.statistics.count(.backupTouches)
                     await backup.submit(.touch(keys.backup, ttl: backupTTL))
@@ -443,7 +509,8 @@ extension SessionManager {
                     statistics.count(.backupRepairs)
                     // An add: it cannot overwrite a tombstone (a logout racing this read) or a
                     // newer backup written meanwhile.
-                    var repair = MemcachedRequest.store(keys.backup, value: raw, mode: .add, ttl: ttl, quiet: true)
+                    var repair = MemcachedRequest.store(
+                        keys.backup, value: raw, mode: .add, ttl: ttl, flags: SessionManager.backupFlags(metadata), quiet: true)
                     repair.connectionAffinity = SessionManager.affinity(of: keys.backup)
                     submit(repair) { result in
                         if case .failure = result { statistics.count(.backupFailures) }

@@ -61,7 +61,7 @@ extension SessionManager {
         }
         let keys = self.keys(for: id.token)
         if leftovers.count > 0 { await cleanLeftovers(on: id.nodeID, key: keys.primary) }
-        let slide: MemcachedTTL = defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds)) : .never
+        let slide = slideTTL
         switch await readStored(key: keys.primary, on: id.nodeID, touch: slide) {
         case .found(let stored):
             if isExpired(stored.record, now: now) {
@@ -184,8 +184,8 @@ extension SessionManager {
             // Deleted in memcached meanwhile: logged out on another instance. End it here too.
             session.invalidate(byAnotherRequest: true)
             localStore.remove(id.token, ifSame: session)
-        case .tooLarge(let error):
-            logger.warning("session too large to save", metadata: ["reason": "\(error.message)"])
+        case .refused(let error):
+            logger.warning("session not saved", metadata: ["reason": "\(error.message)"])
             if synchronous { throw error }
         case .unreachable(let error):
             // Every node is down: the session keeps living in memory; the writer tries again

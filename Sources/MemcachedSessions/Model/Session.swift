@@ -109,6 +109,10 @@ public final class Session: Sendable {
 
     let state: Mutex<State>
     let codec: any SessionCodec
+
+    /// The CAS unique of the stored copy this session derives from (nil when never stored, or
+    /// moved: its next save is an add).
+    var storedCasUnique: UInt64? { state.withLock { $0.moved ? nil : $0.casUnique } }
     let attributeFilter: PathPattern?
 
     init(

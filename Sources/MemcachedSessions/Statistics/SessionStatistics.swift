@@ -46,6 +46,13 @@ public final class SessionStatistics: Sendable {
         /// A release found the lock's CAS unique changed (a renewal raced it) and read the lock
         /// back: deleted if it still held the request's token, left alone if not.
         case lockReleaseRaces
+        /// A locked request's lock was lost (expired, or taken) before its write: re-taken when
+        /// the session had not changed meanwhile, else the write refused.
+        case locksLost
+        /// Non-sticky: a read that failed on a node still marked up, tried once more.
+        case readRetries
+        /// A locked request's write refused: a change its lock did not keep out came first.
+        case lockConflicts
         case requestsUnlockedReadOnly
         case corruptSessions
         case oversizedSessions

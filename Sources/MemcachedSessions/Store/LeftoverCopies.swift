@@ -17,6 +17,15 @@ final class LeftoverCopies: Sendable {
         /// An old primary: deleted if it is not newer than `version` (a session that moved back
         /// to this node since has a newer copy there, which stays).
         case deleteUnlessNewer(version: UInt64)
+        /// A backup write the node did not answer: written (in order, never over a newer copy or
+        /// a tombstone) once it answers.
+        /// `expiresAt`: the backup's end (milliseconds since 1970; nil: never).
+        case backup(bytes: ByteBuffer, flags: UInt32, expiresAt: Int64?)
+
+        var isTombstone: Bool {
+            if case .tombstone = self { return true }
+            return false
+        }
     }
 
     struct Entry: Sendable {
@@ -42,6 +51,8 @@ final class LeftoverCopies: Sendable {
     func add(_ entry: Entry) -> Int {
         state.withLock { state in
             let slot = Self.slot(entry.nodeID, entry.key)
+            // A tombstone waiting there stays: no later write may take its place.
+            if let waiting = state.entries[slot], waiting.action.isTombstone, !entry.action.isTombstone { return 0 }
             if state.entries[slot] == nil { state.order.append(slot) }
             state.entries[slot] = entry
             var dropped = 0
@@ -123,6 +134,16 @@ extension SessionManager {
             case .failure:
                 return false
             }
+        case .backup(let bytes, let flags, let expiresAt):
+            var ttl = MemcachedTTL.never
+            if let expiresAt {
+                let left = (expiresAt - currentTimeMillis()) / 1000
+                guard left > 0 else { return true }  // its session has expired by now
+                ttl = .seconds(Int(left))
+            }
+            guard await writeBackupInOrder(key: entry.key, on: node, bytes: bytes, flags: flags, ttl: ttl) else { return false }
+            statistics.count(.leftoversCleaned)
+            return true
         }
     }
 

@@ -2,7 +2,8 @@ import Memcached
 import Synchronization
 
 /// When each memcached node last restarted, from its own `stats`: a new `pid`, or a boot time
-/// (`time` - `uptime`) that moved.
+/// (`time` - `uptime`) that moved; and when it last evicted items (its `evictions` counter went
+/// up): memory pressure loses sessions as a restart does, one at a time.
 ///
 /// A node that restarted is empty: a session missing from it may well have a backup elsewhere,
 /// whereas a miss on a node that has been up all along means the session is gone (expired or
@@ -12,6 +13,8 @@ final class NodeRestarts: Sendable {
         var pid: Int64
         var bootTime: Int64
         var restartedAt: Int64?
+        var evictions: Int64
+        var evictedAt: Int64?
     }
 
     private let records = Mutex<[String: Record]>([:])
@@ -28,20 +31,24 @@ final class NodeRestarts: Sendable {
         }
     }
 
-    /// Records a node's process id and boot time (Unix seconds); a new pid, or a boot time that
-    /// moved by more than 2 s (another host behind the same address), is a restart at `now`.
-    func observe(node: String, pid: Int64, bootTime: Int64, now: Int64) {
+    /// Records a node's process id, boot time (Unix seconds) and eviction count; a new pid, or a
+    /// boot time that moved by more than 2 s (another host behind the same address), is a restart
+    /// at `now`; a higher eviction count, an eviction at `now`.
+    func observe(node: String, pid: Int64, bootTime: Int64, evictions: Int64, now: Int64) {
         records.withLock { records in
             guard var record = records[node] else {
-                records[node] = Record(pid: pid, bootTime: bootTime)
+                records[node] = Record(pid: pid, bootTime: bootTime, evictions: evictions)
                 return
             }
             if record.pid != pid || abs(record.bootTime - bootTime) > 2 {
                 record.restartedAt = now
                 record.pid = pid
                 record.bootTime = bootTime
-                records[node] = record
+            } else if evictions > record.evictions {
+                record.evictedAt = now
             }
+            record.evictions = evictions
+            records[node] = record
         }
     }
 
@@ -50,11 +57,12 @@ final class NodeRestarts: Sendable {
         records.withLock { $0[node] != nil }
     }
 
-    /// Whether `node` restarted within the last `seconds` (Unix seconds `now`).
+    /// Whether `node` restarted, or evicted items, within the last `seconds` (Unix seconds `now`).
     func restarted(_ node: String, within seconds: Int64, now: Int64) -> Bool {
         records.withLock { records in
-            guard let at = records[node]?.restartedAt else { return false }
-            return now - at <= seconds
+            guard let record = records[node] else { return false }
+            let last = max(record.restartedAt ?? .min, record.evictedAt ?? .min)
+            return last != .min && now - last <= seconds
         }
     }
 }
@@ -82,10 +90,11 @@ extension SessionManager {
             let uptime = stats.first(where: { $0.name == "uptime" }).flatMap({ Int64($0.value) })
         else { return }
         let pid = stats.first(where: { $0.name == "pid" }).flatMap { Int64($0.value) } ?? 0
-        nodeRestarts.observe(node: nodeID, pid: pid, bootTime: time - uptime, now: currentTimeMillis() / 1000)
+        let evictions = stats.first(where: { $0.name == "evictions" }).flatMap { Int64($0.value) } ?? 0
+        nodeRestarts.observe(node: nodeID, pid: pid, bootTime: time - uptime, evictions: evictions, now: currentTimeMillis() / 1000)
     }
 
-    /// On a miss: whether the node restarted recently, asking it now (rate-limited) if the
+    /// On a miss: whether the node restarted (or evicted items) recently, asking it now (rate-limited) if the
     /// periodic watch has not seen a restart, since a request may come before the watch does.
     func missMayBeRestartChecking(on nodeID: String) async -> Bool {
         if missMayBeRestart(on: nodeID) { return true }
@@ -94,7 +103,8 @@ extension SessionManager {
         return missMayBeRestart(on: nodeID)
     }
 
-    /// Whether a miss on `nodeID` may be a restart's loss rather than the session being gone.
+    /// Whether a miss on `nodeID` may be a restart's or an eviction's loss rather than the session
+    /// being gone.
     func missMayBeRestart(on nodeID: String) -> Bool {
         let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 24 * 3600
         let window = min(max(idle / 4, 1), 300)

@@ -46,7 +46,9 @@ enum SaveOutcome: Sendable {
     case saved(record: SessionRecord, bytes: ByteBuffer)
     /// The stored copy was deleted meanwhile (logout): nothing was written.
     case gone
-    case tooLarge(SessionError)
+    /// Not written, for a reason the request must answer with: the session is too large, or a
+    /// locked request found that its lock did not keep a concurrent change out.
+    case refused(SessionError)
     case unreachable(MemcachedError)
 }
 
@@ -86,14 +88,24 @@ extension SessionManager {
 
     /// The memcached TTL of a session's primary copy: its idle timeout, capped by what remains of
     /// its absolute timeout; nil when the session never expires.
+    ///
+    /// memcached's clock ticks once a second, so an item stored with a TTL of `n` seconds lives
+    /// between `n - 1` and `n` seconds: the idle part is the timeout plus one second, so that a
+    /// session lives at least its idle timeout, and at most a second more.
     static func primaryTTLSeconds(_ metadata: SessionMetadata, now: Int64) -> Int64? {
-        var seconds = metadata.idleTimeoutSeconds
+        var seconds = metadata.idleTimeoutSeconds > 0 ? metadata.idleTimeoutSeconds + 1 : 0
         if let end = metadata.absoluteEndMillis {
             let (left, overflow) = end.subtractingReportingOverflow(now)
             let remaining = overflow ? SessionMetadata.maximumTimeoutSeconds : min(max(1, (left + 999) / 1000), SessionMetadata.maximumTimeoutSeconds)
             seconds = seconds > 0 ? min(seconds, remaining) : remaining
         }
         return seconds > 0 ? seconds : nil
+    }
+
+    /// The TTL a read slides a session's primary to: the default idle timeout, plus memcached's
+    /// one-second tick (see ``primaryTTLSeconds(_:now:)``).
+    var slideTTL: MemcachedTTL {
+        defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds) + 1) : .never
     }
 
     static func primaryTTL(_ metadata: SessionMetadata, now: Int64) -> MemcachedTTL {
@@ -103,8 +115,12 @@ extension SessionManager {
     /// How long a backup copy lives: the primary's TTL plus two refresh windows, so that a backup
     /// refreshed at most once per window by each instance always outlives the primary.
     func backupTTL(_ metadata: SessionMetadata, now: Int64) -> MemcachedTTL {
-        guard let primary = Self.primaryTTLSeconds(metadata, now: now) else { return .never }
-        return .seconds(Int(primary + 2 * backupRefreshWindow(metadata).components.seconds))
+        backupTTLSeconds(metadata, now: now).map { .seconds(Int($0)) } ?? .never
+    }
+
+    func backupTTLSeconds(_ metadata: SessionMetadata, now: Int64) -> Int64? {
+        guard let primary = Self.primaryTTLSeconds(metadata, now: now) else { return nil }
+        return primary + 2 * backupRefreshWindow(metadata).components.seconds
     }
 
     /// How often each instance refreshes a read-only session's backup: a quarter of the idle
@@ -255,12 +271,13 @@ extension SessionManager {
             restoreChecked = true
             return await lostCopyMayBeRewritten(keys: keys, nodeID: nodeID)
         }
+        var lock = lock
         for _ in 0..<Self.maximumSaveAttempts {
             let bytes: ByteBuffer
             do {
                 bytes = try encode(record, keyLength: keys.primary.utf8.count)
             } catch {
-                return .tooLarge(error)
+                return .refused(error)
             }
             let result = await writeStored(
                 key: keys.primary, on: nodeID, bytes: bytes, ttl: Self.primaryTTL(record.metadata, now: now),
@@ -281,12 +298,64 @@ extension SessionManager {
                 return .gone
             case .tooLarge(let error):
                 statistics.count(.oversizedSessions)
-                return .tooLarge(SessionError(code: .sessionTooLarge, message: "\(error.message); the stored copy is unchanged"))
+                return .refused(SessionError(code: .sessionTooLarge, message: "\(error.message); the stored copy is unchanged"))
             case .unreachable(let error):
                 statistics.count(.writeFailures)
                 return .unreachable(error)
             case .conflict:
                 statistics.count(.writeConflicts)
+                if let held = lock {
+                    // The release rode with the failed write: the lock is free now, and the merge
+                    // must not run without it (a locked request could slip in between and both
+                    // would save changes made from the same copy). Take it again, with the read.
+                    releasedLock(held)
+                    lock = nil
+                    let relocked: (HeldLock?, StoredRead)
+                    do {
+                        relocked = try await lockAndRead(keys: keys, nodeID: nodeID, touch: nil)
+                    } catch {
+                        return .refused(error)
+                    }
+                    lock = relocked.0
+                    if let newLock = lock {
+                        switch relocked.1 {
+                        case .found(let stored):
+                            // While this request held its lock, only a write its lock does not
+                            // cover (an unlocked request) could change the copy: exactly one
+                            // version on. More means a locked request wrote after the release,
+                            // from a copy without this request's changes: merging would lose its
+                            // changes or ours.
+                            guard stored.record.metadata.version == snapshot.record.metadata.version else {
+                                await release(newLock)
+                                statistics.count(.lockConflicts)
+                                return .refused(Self.lockConflictError)
+                            }
+                            record = Session.merge(snapshot, onto: stored.record, now: now)
+                            casUnique = stored.casUnique
+                            add = false
+                            continue
+                        case .missing:
+                            // Vanished since the conflict: an add found a copy that is gone now,
+                            // or the copy was lost (a restart, an eviction).
+                            let rewrite = add ? true : await mayRewriteLostCopy()
+                            if rewrite {
+                                casUnique = nil
+                                add = true
+                                continue
+                            }
+                            await release(newLock)
+                            return .gone
+                        case .tombstone:
+                            await release(newLock)
+                            return .gone
+                        case .unreachable(let error):
+                            await release(newLock)
+                            statistics.count(.writeFailures)
+                            return .unreachable(error)
+                        }
+                    }
+                    // No lock: the failure policy let the request proceed without it.
+                }
                 switch await readStored(key: keys.primary, on: nodeID, touch: nil) {
                 case .found(let stored):
                     record = Session.merge(snapshot, onto: stored.record, now: now)
@@ -321,6 +390,13 @@ extension SessionManager {
 
     static let maximumSaveAttempts = 8
 
+    /// A locked request whose lock did not keep out a concurrent change of the same session (it
+    /// expired, or was freed by a failed write): its changes are not saved, so no change is lost
+    /// silently; the browser may retry.
+    static let lockConflictError = SessionError(
+        code: .lockUnavailable,
+        message: "the session was changed by another request while this request's lock was not held; its changes were not saved")
+
     /// Non-sticky: a write found the session's copy missing. Ends leave tombstones (a logout, an
     /// expiry, `msm session delete`, a login's old id: on the primary and backup keys of every
     /// node), so a missing copy was lost, not ended: evicted, or its node restarted while the
@@ -339,20 +415,99 @@ extension SessionManager {
         return hash
     }
 
+    /// The client flags of a backup copy: the session's version (below the tombstone's flags), so
+    /// that a backup write can tell an older copy from a newer one without reading its value.
+    static func backupFlags(_ metadata: SessionMetadata) -> UInt32 {
+        UInt32(min(metadata.version, UInt64(tombstoneFlags) - 1))
+    }
+
     /// Writes the backup copy without waiting for it; a failure is counted, never assumed away.
+    ///
+    /// A backup never goes back: saves of one session by different instances send their backups
+    /// over different connections, and a slow one may land after a newer one (the newer backup
+    /// would then be lost to a failover of the primary). In meta mode the write reads the backup's
+    /// flags (its version) and CAS unique first, writes only over an older copy, with CAS, and
+    /// never over a tombstone; text mode, which cannot read flags without the value, writes as is
+    /// (documented).
     func submitBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
         guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
         let statistics = self.statistics
-        var request = MemcachedRequest.store(keys.backup, value: bytes, ttl: backupTTL(metadata, now: now), quiet: true)
-        // One connection per session's backups: two saves' backups cannot overtake each other.
-        request.connectionAffinity = Self.affinity(of: keys.backup)
-        // Nobody waits for it: it may share a write with other requests' backups.
-        request.coalesces = true
+        let ttl = backupTTL(metadata, now: now)
         backupMemo.record(keys.backup, node: backupNode)
         statistics.count(.backupWrites)
-        // `submit` suspends only to reach a connection; it does not wait for the reply.
-        await node.submit(request) { result in
-            if case .failure = result { statistics.count(.backupFailures) }
+        guard configuration.memcached.protocolMode == .meta else {
+            var request = MemcachedRequest.store(keys.backup, value: bytes, ttl: ttl, quiet: true)
+            // One connection per session's backups: two saves' backups of one instance cannot
+            // overtake each other.
+            request.connectionAffinity = Self.affinity(of: keys.backup)
+            // Nobody waits for it: it may share a write with other requests' backups.
+            request.coalesces = true
+            // `submit` suspends only to reach a connection; it does not wait for the reply.
+            await node.submit(request) { result in
+                if case .failure = result { statistics.count(.backupFailures) }
+            }
+            return
         }
+        let flags = Self.backupFlags(metadata)
+        // The backup's end in wall time: a write retried later keeps it (a backup lives as long
+        // as its session may, never longer: the idle-expiry check relies on it).
+        let expiresAt = backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
+        Task {
+            await SessionManager.$isBackgroundWork.withValue(true) {
+                if await !self.writeBackupInOrder(key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl) {
+                    // Written once the node answers again (a frozen backup node must not leave
+                    // the session with an old backup only).
+                    self.leaveForLater(.backup(bytes: bytes, flags: flags, expiresAt: expiresAt), key: keys.backup, on: backupNode)
+                }
+            }
+        }
+    }
+
+    /// The ordered backup write of ``submitBackup(keys:primaryNode:bytes:metadata:now:)``: at most
+    /// four rounds of read and conditional write, each bounded by the request timeout. Returns
+    /// false when the node did not answer (the write is to be tried again).
+    func writeBackupInOrder(
+        key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL
+    ) async -> Bool {
+        let affinity = Self.affinity(of: key)
+        func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
+            var request = request
+            request.honorsCancellation = false
+            request.connectionAffinity = affinity
+            return await node.executeBatch([request])[0]
+        }
+        for _ in 0..<4 {
+            let write: MemcachedRequest
+            switch await send(.getMetadata(key)) {
+            case .success(.item(nil)):
+                write = .store(key, value: bytes, mode: .add, ttl: ttl, flags: flags)
+            case .success(.item(let item?)):
+                // Ended (a logout's tombstone), or as new already: nothing to do.
+                if item.flags == Self.tombstoneFlags || item.flags >= flags { return true }
+                write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
+            case .failure(let error) where error.meansNodeUnreachable:
+                statistics.count(.backupFailures)
+                backupMemo.forget(key)
+                return false
+            default:
+                statistics.count(.backupFailures)
+                return true
+            }
+            switch await send(write) {
+            case .success(.stored(.stored)):
+                return true
+            case .success(.stored):
+                continue  // changed between the read and the write: look again
+            case .failure(let error) where error.meansNodeUnreachable:
+                statistics.count(.backupFailures)
+                backupMemo.forget(key)
+                return false
+            default:
+                statistics.count(.backupFailures)
+                return true
+            }
+        }
+        statistics.count(.backupFailures)
+        return true
     }
 }
