@@ -38,7 +38,7 @@ extension SessionManager {
             // A read that fails on a node still marked up (a lost reply, a cut connection) is
             // tried once more: moving the session off a node other requests still reach would
             // leave two copies, and two locks.
-            guard case .unreachable(let error) = read, attempt == 0, error.meansNodeUnreachable, topology.isReachable(id.nodeID)
+            guard case .unreachable(let error) = read, attempt == 0, error.leavesOutcomeUnknown, topology.isReachable(id.nodeID)
             else { break }
             attempt += 1
             statistics.count(.readRetries)
@@ -88,8 +88,9 @@ extension SessionManager {
                 // A lock a lost reply took is this request's: it goes, not waited out.
                 Task { await self.releaseIfOwn(keys.lock, token: lockToken, on: node) }
             }
-            guard !topology.isReachable(id.nodeID) else {
-                // Twice no answer, yet not marked down: other requests may still reach it.
+            guard !topology.isReachable(id.nodeID) || !error.leavesOutcomeUnknown else {
+                // Twice no answer, yet not marked down: other requests may still reach it. (A
+                // refused connection is an answer: the process is gone, nobody reaches it.)
                 return try unavailable(id: id, cause: "its node did not answer twice (\(error.code)) but is not marked down")
             }
             return try await recoverNonSticky(id: id, keys: keys, access: access, cause: error)

@@ -69,6 +69,16 @@ public struct SessionError: Error, Sendable, Hashable, CustomStringConvertible {
 extension MemcachedError {
     /// Whether the error says the node could not be reached or did not answer (as opposed to an
     /// answer such as a miss or a refusal): "missing" must never be confused with "unavailable".
+    /// Whether the command may have reached the node (a timeout, a connection closed under it, a
+    /// reply that made no sense): the node may be up for others. A refused connection, or a node
+    /// already marked down, is not: the command never left.
+    var leavesOutcomeUnknown: Bool {
+        switch code {
+        case .timeout, .connectionClosed, .protocolError: return true
+        default: return false
+        }
+    }
+
     var meansNodeUnreachable: Bool {
         switch code {
         case .timeout, .connectionClosed, .connectFailed, .nodeUnavailable, .protocolError, .unknownNode:
