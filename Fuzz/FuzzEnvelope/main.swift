@@ -1,8 +1,21 @@
-// libFuzzer target: a stored session envelope through the session codec, and its round trip.
+// libFuzzer target (scripts/fuzz builds it: MSM_FUZZ=1, -sanitize=fuzzer,address,
+// -parse-as-library). SwiftPM links an executable's entry point as `<Target>_main`; it hands
+// control to libFuzzer's driver with the input callback.
 @_spi(Fuzzing) import MemcachedSessions
 
-@_cdecl("LLVMFuzzerTestOneInput")
-public func fuzzEnvelope(_ start: UnsafeRawPointer, _ count: Int) -> CInt {
-    SessionsFuzzing.sessionEnvelope(UnsafeRawBufferPointer(start: start, count: count))
-    return 0
+@_silgen_name("LLVMFuzzerRunDriver")
+func runFuzzerDriver(
+    _ argc: UnsafeMutablePointer<CInt>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> CInt
+) -> CInt
+
+@_cdecl("FuzzEnvelope_main")
+public func fuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
+    var argc = argc
+    var argv = argv
+    return runFuzzerDriver(&argc, &argv) { data, count in
+        guard let data else { return 0 }
+        SessionsFuzzing.sessionEnvelope(UnsafeRawBufferPointer(start: data, count: count))
+        return 0
+    }
 }

@@ -1,9 +1,21 @@
-// libFuzzer target: a server's reply stream through the reply decoder and the connection state
-// machine. Built by scripts/fuzz (MSM_FUZZ=1, -sanitize=fuzzer,address, -parse-as-library).
+// libFuzzer target (scripts/fuzz builds it: MSM_FUZZ=1, -sanitize=fuzzer,address,
+// -parse-as-library). SwiftPM links an executable's entry point as `<Target>_main`; it hands
+// control to libFuzzer's driver with the input callback.
 @_spi(Fuzzing) import Memcached
 
-@_cdecl("LLVMFuzzerTestOneInput")
-public func fuzzReplies(_ start: UnsafeRawPointer, _ count: Int) -> CInt {
-    MemcachedFuzzing.replies(UnsafeRawBufferPointer(start: start, count: count))
-    return 0
+@_silgen_name("LLVMFuzzerRunDriver")
+func runFuzzerDriver(
+    _ argc: UnsafeMutablePointer<CInt>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> CInt
+) -> CInt
+
+@_cdecl("FuzzReplies_main")
+public func fuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
+    var argc = argc
+    var argv = argv
+    return runFuzzerDriver(&argc, &argv) { data, count in
+        guard let data else { return 0 }
+        MemcachedFuzzing.replies(UnsafeRawBufferPointer(start: data, count: count))
+        return 0
+    }
 }

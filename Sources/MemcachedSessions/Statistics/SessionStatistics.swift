@@ -30,6 +30,9 @@ public final class SessionStatistics: Sendable {
         case backupTouches
         case backupRepairs
         case backupFailures
+        /// A backup write found the copy there as new or newer (written by a later save), or a
+        /// tombstone: it left it alone.
+        case backupsOutdated
         case memcachedFailovers
         case appServerFailovers
         case takeovers

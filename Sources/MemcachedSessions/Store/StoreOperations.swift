@@ -483,7 +483,10 @@ extension SessionManager {
                 write = .store(key, value: bytes, mode: .add, ttl: ttl, flags: flags)
             case .success(.item(let item?)):
                 // Ended (a logout's tombstone), or as new already: nothing to do.
-                if item.flags == Self.tombstoneFlags || item.flags >= flags { return true }
+                if item.flags == Self.tombstoneFlags || item.flags >= flags {
+                    statistics.count(.backupsOutdated)
+                    return true
+                }
                 write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
             case .failure(let error) where error.meansNodeUnreachable:
                 statistics.count(.backupFailures)
