@@ -35,6 +35,8 @@ public final class SessionManager: Service, Sendable {
     let backupMemo: BackupMemo
     let heldLocks = HeldLocks()
     let leftovers = LeftoverCopies()
+    /// Sticky: when this instance last read its ownership notices.
+    let notices = OwnershipNotices()
     let nodeRestarts = NodeRestarts()
     let readOnlyPaths: ReadOnlyPaths
     let ignoredPaths: PathPattern?
@@ -192,6 +194,7 @@ public final class SessionManager: Service, Sendable {
                 background.addTask { await self.watchNodeRestartsPeriodically() }
                 background.addTask { await self.recordStatusPeriodically() }
                 background.addTask { await self.cleanLeftoversPeriodically() }
+                background.addTask { await self.readNoticesPeriodically() }
             }
         }
         // The writer has flushed its queue; now stop the clients.

@@ -34,7 +34,10 @@ extension SessionManager {
                 return nil
             }
             statistics.count(.sessionsLoadedLocally)
-            if !memoryOnly, clock.now() - refreshed >= stickyTouchInterval {
+            let now = clock.now()
+            if !memoryOnly,
+                now - refreshed >= stickyTouchInterval || notices.mayHaveMissed(now: now, limit: TimeAmount(Self.noticeInterval * 4))
+            {
                 // Once per touch interval the local copy is checked against memcached, in the
                 // same round trip that slides its TTL: a copy another instance changed or
                 // invalidated (it took the session over while a stale cookie still routes here)
@@ -62,7 +65,15 @@ extension SessionManager {
         let keys = self.keys(for: id.token)
         if leftovers.count > 0 { await cleanLeftovers(on: id.nodeID, key: keys.primary) }
         let slide = slideTTL
-        switch await readStored(key: keys.primary, on: id.nodeID, touch: slide) {
+        var read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
+        if takeover, case .missing = read, configuration.asynchronousSaving {
+            // The previous owner may still have the session's first save queued (asynchronous
+            // saving): wait out its window once, then look again. A crashed owner's window is
+            // lost, as documented; a live one's lands within it.
+            do { try await clock.sleep(for: configuration.asynchronousSaveDelay + .milliseconds(100)) } catch {}
+            read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
+        }
+        switch read {
         case .found(let stored):
             if isExpired(stored.record, now: now) {
                 statistics.count(.sessionsExpired)
@@ -75,8 +86,18 @@ extension SessionManager {
             // Concurrent requests of this session that loaded it meanwhile share one copy.
             guard let session = localStore.adopt(loaded, token: id.token, now: now, refreshed: refreshed, since: access.started)
             else { throw localStoreFull() }
+            if session.isInvalidated {
+                // Ended by a request of this instance since this one began (its read came first).
+                statistics.count(.sessionsNotFound)
+                return nil
+            }
             access.state.withLock { $0.loaded.lastStoreRefresh = refreshed }
             statistics.count(.sessionsLoaded)
+            if takeover, let previous = id.route {
+                // The previous owner drops its copy (and its queued write) when it reads this.
+                session.takenOverFrom = previous
+                Task { await self.postNotice(keys, to: previous) }
+            }
             if takeover {
                 statistics.count(.takeovers)
                 events.record(.failover, "sessions taken over from route \(id.route ?? "-") (app server failover)")
@@ -109,9 +130,17 @@ extension SessionManager {
 
         if session.isInvalidated {
             statistics.count(.sessionsInvalidated)
-            localStore.remove(id.token, ifSame: session)
+            if session.wasInvalidatedElsewhere {
+                localStore.remove(id.token, ifSame: session)
+            } else {
+                localStore.end(id.token, at: clock.now())
+            }
             if !session.isNew, isEnabled {
                 await deleteCopies(keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true)
+                // The instance it was taken over from must not serve it from memory any more.
+                if let previous = session.takenOverFrom, previous != configuration.route {
+                    await endTakenOver(keys(for: id.token), from: previous)
+                }
             }
             return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
         }
@@ -121,11 +150,15 @@ extension SessionManager {
             id = generateID(nodeID: placementNode(), route: configuration.route)
             session.setID(id)
             session.markAllChanged()
-            localStore.remove(old.token, ifSame: session)
+            localStore.end(old.token, at: clock.now())
             localStore.put(session, token: id.token, now: now, refreshed: clock.now(), force: true)
             statistics.count(.sessionsRegenerated)
             if isEnabled {
                 await deleteCopies(keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true)
+                if let previous = session.takenOverFrom, previous != configuration.route {
+                    await endTakenOver(keys(for: old.token), from: previous)
+                    session.takenOverFrom = nil
+                }
             }
         } else if session.isNew {
             guard localStore.put(session, token: id.token, now: now, refreshed: clock.now()) else { throw localStoreFull() }
@@ -208,7 +241,9 @@ extension SessionManager {
         }
         var perNode: [String: [Pending]] = [:]
         var slow: [Session] = []
-        for session in sessions where !session.isInvalidated {
+        // A session another instance took over meanwhile is dead here: its queued write goes
+        // no further (it would merge older values over the new owner's).
+        for session in sessions where !session.isInvalidated && !session.isTakenOver {
             let snapshot = session.snapshotForSave(now: now)
             let nodeID = snapshot.id.nodeID
             guard !snapshot.moved, snapshot.casUnique != nil || snapshot.isNew, topology.isAvailable(nodeID) else {
@@ -285,6 +320,13 @@ extension SessionManager {
             statistics.count(.sessionsNotFound)
             return false
         case .missing:
+            if await endedOnSomeNode(keys) {
+                // Ended (its node lost the tombstone in a restart; the other nodes have theirs).
+                session.invalidate(byAnotherRequest: true)
+                localStore.remove(id.token, ifSame: session)
+                statistics.count(.sessionsNotFound)
+                return false
+            }
             statistics.count(.backupRepairs)
             session.markAllChanged()
             if !writer.enqueue(session) { writer.retryLater(session) }

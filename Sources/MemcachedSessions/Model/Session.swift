@@ -101,6 +101,11 @@ public final class Session: Sendable {
         var isNew: Bool
         var invalidated = false
         var invalidatedElsewhere = false
+        /// Sticky: the route of the instance this one took the session over from.
+        var takenOverFrom: String?
+        /// Sticky: another instance took the session over; this copy is dead here (its queued
+        /// asynchronous write is dropped, as an app-server failover would).
+        var takenOver = false
         /// Bumped by every change: a save that raced a change knows to keep the change pending.
         var generation: UInt64 = 0
         /// The memcached keys of the current token (a SHA-256 away from the token: computed once).
@@ -240,6 +245,30 @@ public final class Session: Sendable {
     /// Whether the manager found the session ended elsewhere (not by this instance's requests).
     var wasInvalidatedElsewhere: Bool { state.withLock { $0.invalidatedElsewhere } }
 
+    /// Sticky: the route this instance took the session over from (nil: it was never another's).
+    var takenOverFrom: String? {
+        get { state.withLock { $0.takenOverFrom } }
+        set { state.withLock { $0.takenOverFrom = newValue } }
+    }
+    var isTakenOver: Bool { state.withLock { $0.takenOver } }
+
+    /// The state as it is (no version bump, no access), for writing a lost copy back.
+    var currentRecord: SessionRecord { state.withLock { SessionRecord(metadata: $0.metadata, attributes: $0.attributes) } }
+
+    /// The stored copy's CAS unique changed (this instance wrote it back as it was).
+    func setStoredCasUnique(_ cas: UInt64?, ifVersion version: UInt64) {
+        state.withLock { state in
+            if state.metadata.version == version { state.casUnique = cas }
+        }
+    }
+
+    /// A copy of a session this instance has ended meanwhile: served as ended.
+    func endedHere() -> Session {
+        invalidate(byAnotherRequest: true)
+        return self
+    }
+    func markTakenOver() { state.withLock { $0.takenOver = true } }
+
     // MARK: - for the manager
 
     /// Whether there is anything to save.
@@ -275,6 +304,9 @@ public final class Session: Sendable {
     /// the snapshot stay pending.
     func markSaved(_ snapshot: Snapshot, saved record: SessionRecord, casUnique: UInt64?) {
         state.withLock { state in
+            // Saved under an id the session no longer has (a login gave it a new one meanwhile):
+            // nothing of it is saved under the new id.
+            guard state.id.token == snapshot.id.token else { return }
             state.casUnique = casUnique
             state.isNew = false
             state.moved = false

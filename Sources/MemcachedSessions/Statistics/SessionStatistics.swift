@@ -69,6 +69,15 @@ public final class SessionStatistics: Sendable {
         case leftoversDropped
         /// Sticky: a new session refused because memory is full of unsaved sessions.
         case localStoreRefusals
+        /// Sticky: notices sent to a session's previous owner (a takeover, or an ending).
+        case noticesSent
+        /// Sticky: local copies dropped on a notice (another instance took the session over).
+        case noticesRead
+        /// Sticky: an ending whose notice the previous owner, alive, did not read within a second.
+        case noticesUnread
+        /// Sticky: this instance did not run for a while (frozen): every local copy is checked
+        /// against memcached before it is served again.
+        case noticeGaps
         case bytesWritten
         case bytesRead
         /// Memcached round trips a request waited for (writes it does not wait for are not counted).

@@ -77,7 +77,7 @@ final class AsynchronousWriter: Sendable {
             defer { state.retry = [:] }
             return Array(state.retry.values)
         }
-        for session in sessions where !session.isInvalidated && session.hasUnsavedChanges {
+        for session in sessions where !session.isInvalidated && !session.isTakenOver && session.hasUnsavedChanges {
             if !enqueue(session) { retryLater(session) }
         }
     }
@@ -96,7 +96,7 @@ final class AsynchronousWriter: Sendable {
         // stay in memcached for the other instances); requests still ending during shutdown may
         // add more, so take until empty.
         requeueRetries()
-        for session in manager.localStore.allSessions where session.hasUnsavedChanges && !session.isInvalidated {
+        for session in manager.localStore.allSessions where session.hasUnsavedChanges && !session.isInvalidated && !session.isTakenOver {
             _ = enqueue(session)
         }
         while true {

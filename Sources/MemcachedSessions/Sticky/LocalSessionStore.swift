@@ -42,6 +42,15 @@ final class LocalSessionStore: Sendable {
         }
     }
 
+    /// The held sessions whose id names `nodeID`, with their last access (milliseconds since 1970).
+    func sessions(on nodeID: String) -> [(session: Session, lastAccess: Int64)] {
+        shards.flatMap { shard in
+            shard.withLock { entries in
+                entries.values.filter { $0.session.id.nodeID == nodeID }.map { ($0.session, $0.lastAccess) }
+            }
+        }
+    }
+
     /// Adds or replaces a session. Evicts the least recently used sixteenth of the shard when full.
     /// Sessions with unsaved changes are never evicted: when the shard holds nothing else, a new
     /// token is refused (returns false), unless `force` (a session moving to a new token, which
@@ -73,6 +82,7 @@ final class LocalSessionStore: Sendable {
     func adopt(_ session: Session, token: SessionID.Token, now: Int64, refreshed: NIODeadline, since: NIODeadline) -> Session? {
         shard(token).withLock { entries in
             if let entry = entries[token], entry.lastStoreRefresh >= since { return entry.session }
+            if wasEnded(token) { return session.endedHere() }
             if entries[token] == nil, entries.count >= capacityPerShard {
                 Self.evictOldest(&entries, count: max(1, capacityPerShard / 16))
                 if entries.count >= capacityPerShard { return nil }
@@ -94,6 +104,38 @@ final class LocalSessionStore: Sendable {
         shard(token).withLock { entries in
             entries[token]?.lastStoreRefresh = deadline
         }
+    }
+
+    /// Every session is to be checked against memcached before it is served again (this
+    /// instance missed its ownership notices for a while: it was frozen, or cut off).
+    func markAllStale() {
+        for shard in shards {
+            shard.withLock { entries in
+                for token in entries.keys { entries[token]?.lastStoreRefresh = .distantPast }
+            }
+        }
+    }
+
+    /// Tokens this instance ended (a logout, a login's old id), and when: a copy read from
+    /// memcached before the end's tombstones landed must not be adopted after it (the ended
+    /// session would live on in memory). Tokens are random and never reused, so no live copy of
+    /// an ended token exists. Kept a minute, at most 10,000.
+    private let ended = Mutex<[SessionID.Token: NIODeadline]>([:])
+
+    func end(_ token: SessionID.Token, at deadline: NIODeadline) {
+        remove(token)
+        ended.withLock { ended in
+            if ended.count >= 10_000 {
+                let cutoff = deadline - .seconds(60)
+                ended = ended.filter { $0.value >= cutoff }
+                if ended.count >= 10_000 { ended.removeAll() }
+            }
+            ended[token] = deadline
+        }
+    }
+
+    private func wasEnded(_ token: SessionID.Token) -> Bool {
+        ended.withLock { ended in ended[token] != nil }
     }
 
     func remove(_ token: SessionID.Token) {

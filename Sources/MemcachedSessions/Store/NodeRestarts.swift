@@ -34,21 +34,26 @@ final class NodeRestarts: Sendable {
     /// Records a node's process id, boot time (Unix seconds) and eviction count; a new pid, or a
     /// boot time that moved by more than 2 s (another host behind the same address), is a restart
     /// at `now`; a higher eviction count, an eviction at `now`.
-    func observe(node: String, pid: Int64, bootTime: Int64, evictions: Int64, now: Int64) {
+    /// Returns true when this observation is a restart.
+    @discardableResult
+    func observe(node: String, pid: Int64, bootTime: Int64, evictions: Int64, now: Int64) -> Bool {
         records.withLock { records in
             guard var record = records[node] else {
                 records[node] = Record(pid: pid, bootTime: bootTime, evictions: evictions)
-                return
+                return false
             }
+            var restarted = false
             if record.pid != pid || abs(record.bootTime - bootTime) > 2 {
                 record.restartedAt = now
                 record.pid = pid
                 record.bootTime = bootTime
+                restarted = true
             } else if evictions > record.evictions {
                 record.evictedAt = now
             }
             record.evictions = evictions
             records[node] = record
+            return restarted
         }
     }
 
@@ -70,28 +75,35 @@ final class NodeRestarts: Sendable {
 extension SessionManager {
     /// Watches the nodes' boot times while the manager runs (non-sticky mode: where a session's
     /// only other copy is its backup).
+    ///
+    /// Sticky mode: a node that restarted lost the copies of the sessions this instance holds
+    /// there; they are written again from memory at once (``restoreLocalCopies(on:)``), so that a
+    /// browser routed to another instance meanwhile still finds its session.
     func watchNodeRestartsPeriodically() async {
-        guard !usesLocalLifecycle else { return }
         while !Task.isCancelled {
             for nodeID in topology.order {
-                await observeNode(nodeID)
+                if await observeNode(nodeID), usesLocalLifecycle, isEnabled {
+                    await restoreLocalCopies(on: nodeID)
+                }
             }
             do { try await clock.sleep(for: .seconds(1)) } catch { return }
         }
     }
 
-    /// Asks a node for its pid and boot time and records them.
-    func observeNode(_ nodeID: String) async {
-        guard let node = topology.node(nodeID), node.isAvailable else { return }
+    /// Asks a node for its pid and boot time and records them; true when it restarted.
+    @discardableResult
+    func observeNode(_ nodeID: String) async -> Bool {
+        guard let node = topology.node(nodeID), node.isAvailable else { return false }
         var request = MemcachedRequest.stats()
         request.timeout = .seconds(1)
         guard case .stats(let stats)? = try? await node.execute(request),
             let time = stats.first(where: { $0.name == "time" }).flatMap({ Int64($0.value) }),
             let uptime = stats.first(where: { $0.name == "uptime" }).flatMap({ Int64($0.value) })
-        else { return }
+        else { return false }
         let pid = stats.first(where: { $0.name == "pid" }).flatMap { Int64($0.value) } ?? 0
         let evictions = stats.first(where: { $0.name == "evictions" }).flatMap { Int64($0.value) } ?? 0
-        nodeRestarts.observe(node: nodeID, pid: pid, bootTime: time - uptime, evictions: evictions, now: currentTimeMillis() / 1000)
+        return nodeRestarts.observe(
+            node: nodeID, pid: pid, bootTime: time - uptime, evictions: evictions, now: currentTimeMillis() / 1000)
     }
 
     /// On a miss: whether the node restarted (or evicted items) recently, asking it now (rate-limited) if the
@@ -109,5 +121,65 @@ extension SessionManager {
         let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 24 * 3600
         let window = min(max(idle / 4, 1), 300)
         return nodeRestarts.restarted(nodeID, within: idle + 2 * window, now: currentTimeMillis() / 1000)
+    }
+}
+
+extension SessionManager {
+    /// Sticky: `nodeID` restarted empty. Every session this instance holds there is written back
+    /// from memory as it is (with an add: never over a copy written meanwhile), for what is left
+    /// of its idle timeout since its last use here (a restore is not a use), unless another node
+    /// holds a tombstone for it: then it ended elsewhere (its own node lost the tombstone in the
+    /// restart) and ends here too. Pipelined in batches of 100.
+    func restoreLocalCopies(on nodeID: String) async {
+        guard let node = topology.node(nodeID) else { return }
+        let held = localStore.sessions(on: nodeID).filter { !$0.session.isInvalidated && !$0.session.isTakenOver }
+        guard !held.isEmpty else { return }
+        logger.notice("memcached node restarted: writing this instance's sessions there again", metadata: ["memcached.node": "\(nodeID)"])
+        var start = 0
+        while start < held.count {
+            let chunk = Array(held[start..<min(start + 100, held.count)])
+            start += 100
+            var ended = Set<ObjectIdentifier>()
+            for other in topology.order where other != nodeID && topology.isReachable(other) {
+                guard let otherNode = topology.node(other) else { continue }
+                let results = await otherNode.executeBatch(chunk.map { prepared(.getMetadata(keys(of: $0.session).primary)) })
+                for (entry, result) in zip(chunk, results) {
+                    if case .success(.item(let item?)) = result, item.flags == Self.tombstoneFlags {
+                        ended.insert(ObjectIdentifier(entry.session))
+                    }
+                }
+            }
+            let now = currentTimeMillis()
+            var writes: [(Session, UInt64, MemcachedRequest)] = []
+            for (session, lastAccess) in chunk {
+                if ended.contains(ObjectIdentifier(session)) {
+                    session.invalidate(byAnotherRequest: true)
+                    localStore.remove(session.id.token, ifSame: session)
+                    statistics.count(.sessionsNotFound)
+                    continue
+                }
+                let record = session.currentRecord
+                var ttl = Self.primaryTTL(record.metadata, now: now)
+                let idle = record.metadata.idleTimeoutSeconds
+                if idle > 0 {
+                    let left = idle - (now - lastAccess) / 1000
+                    guard left > 0 else { continue }  // idle-expired: it goes with the restart
+                    ttl = .seconds(Int(min(left + 1, Self.primaryTTLSeconds(record.metadata, now: now) ?? left + 1)))
+                }
+                let keys = self.keys(of: session)
+                guard let bytes = try? encode(record, keyLength: keys.primary.utf8.count) else { continue }
+                let request = MemcachedRequest.store(
+                    keys.primary, value: bytes, mode: .add, ttl: ttl, flags: Self.primaryFlags(record.metadata))
+                writes.append((session, record.metadata.version, prepared(request)))
+            }
+            guard !writes.isEmpty else { continue }
+            let results = await node.executeBatch(writes.map(\.2))
+            for ((session, version, _), result) in zip(writes, results) {
+                if case .success(.stored(.stored(let cas))) = result {
+                    statistics.count(.sessionsRestored)
+                    session.setStoredCasUnique(cas, ifVersion: version)
+                }
+            }
+        }
     }
 }

@@ -266,7 +266,11 @@ extension SessionManager {
         /// Whether a copy found missing may be written again: always in sticky mode (memory is
         /// authoritative), once per save in non-sticky mode when no tombstone says it ended.
         func mayRewriteLostCopy() async -> Bool {
-            if restoreIfMissing { return true }
+            if restoreIfMissing {
+                // Sticky: memory is authoritative, unless some node says the session ended (its
+                // own node may have lost the logout's tombstone in a restart).
+                return await !endedOnSomeNode(keys)
+            }
             guard !restoreChecked else { return false }
             restoreChecked = true
             return await lostCopyMayBeRewritten(keys: keys, nodeID: nodeID)
@@ -404,8 +408,13 @@ extension SessionManager {
     /// evicted too), the request, which holds the whole session, writes it again.
     func lostCopyMayBeRewritten(keys: SessionKeys, nodeID: String) async -> Bool {
         guard !usesLocalLifecycle else { return false }
-        let search = await searchCopies(keys: keys, on: topology.order.filter { topology.isReachable($0) })
-        return !search.tombstone
+        return await !endedOnSomeNode(keys)
+    }
+
+    /// Whether some node that answers holds a tombstone for the session (a logout, a login's old
+    /// id, `msm session delete`: they leave one on every node).
+    func endedOnSomeNode(_ keys: SessionKeys) async -> Bool {
+        await searchCopies(keys: keys, on: topology.order.filter { topology.isReachable($0) }).tombstone
     }
 
     /// A stable connection choice for a key (its last bytes are hex digest characters).

@@ -1,0 +1,164 @@
+import Logging
+import Memcached
+import NIOCore
+import Synchronization
+
+/// Sticky mode: an instance that takes a session over tells the instance that held it (by its
+/// route), which drops its copy, and its queued write, as soon as it reads the notice; an instance
+/// that ends a session it took over (a logout, a login's new id) waits, before it answers, until
+/// the previous owner has read the notice, so that a stale cookie still routed there is never
+/// served the ended session from memory.
+///
+/// Notices are token digests (never tokens) appended to the recipient's mailbox key,
+/// `<prefix>n:<route>`, on the first available node; each instance reads its mailbox on every
+/// node four times a second and deletes what it read (CAS-checked: a notice appended meanwhile
+/// stays). Each instance also keeps a heartbeat, `<prefix>h:<route>` (3 s TTL, refreshed every
+/// second): an ending waits only for a previous owner that is alive, at most a second.
+///
+/// An instance that could not read its notices for longer than a second (it was frozen, or cut
+/// off from memcached) checks every session in its memory against memcached before serving it
+/// again.
+final class OwnershipNotices: Sendable {
+    private let lastRead = Mutex<NIODeadline?>(nil)
+
+    func read(at deadline: NIODeadline) { lastRead.withLock { $0 = deadline } }
+
+    /// Whether notices may have been missed: none read within `limit`.
+    func mayHaveMissed(now: NIODeadline, limit: TimeAmount) -> Bool {
+        lastRead.withLock { last in last.map { now - $0 > limit } ?? false }
+    }
+}
+
+extension SessionManager {
+    static let noticeInterval = Duration.milliseconds(250)
+    /// The longest an ending waits for the previous owner to read its notice.
+    static let noticeWait = Duration.seconds(1)
+
+    func noticeKey(_ route: String) -> String { configuration.keyPrefix + "n:" + route }
+    func heartbeatKey(_ route: String) -> String { configuration.keyPrefix + "h:" + route }
+
+    /// The digest part of a session's keys: what notices carry.
+    func noticeDigest(_ keys: SessionKeys) -> Substring {
+        keys.primary.dropFirst(configuration.keyPrefix.utf8.count + 2)
+    }
+
+    /// Where heartbeats live, and notices go first: the first available node in configuration
+    /// order (a notice that node does not take goes to the next; mailboxes are read on every node).
+    var noticeNode: (any MemcachedNodeCommandRunner)? {
+        noticeNodes.first
+    }
+
+    var noticeNodes: [any MemcachedNodeCommandRunner] {
+        topology.order.filter { topology.isAvailable($0) }.compactMap { topology.node($0) }
+    }
+
+    /// Appends a notice for the session with `keys` to `route`'s mailbox. Returns the node it
+    /// went to, nil when no node took it.
+    @discardableResult
+    func postNotice(_ keys: SessionKeys, to route: String) async -> (any MemcachedNodeCommandRunner)? {
+        let key = noticeKey(route)
+        let line = ByteBuffer(string: noticeDigest(keys) + "\n")
+        nodes: for node in noticeNodes {
+            func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
+                var request = request
+                request.honorsCancellation = false
+                return await node.executeBatch([request])[0]
+            }
+            for _ in 0..<3 {
+                switch await send(.store(key, value: line, mode: .append)) {
+                case .success(.stored(.stored)):
+                    statistics.count(.noticesSent)
+                    return node
+                case .success(.stored):
+                    // No mailbox yet: create it (another poster may have, meanwhile: append again).
+                    if case .success(.stored(.stored)) = await send(.store(key, value: line, mode: .add, ttl: .seconds(60))) {
+                        statistics.count(.noticesSent)
+                        return node
+                    }
+                default:
+                    continue nodes  // no answer: the next node
+                }
+            }
+        }
+        return nil
+    }
+
+    /// Ends a session this instance took over from `route`: posts the notice and waits, at most
+    /// ``noticeWait``, until `route` has read it (when `route` is alive: its heartbeat is there).
+    func endTakenOver(_ keys: SessionKeys, from route: String) async {
+        guard let node = await postNotice(keys, to: route) else { return }
+        var heartbeat = MemcachedRequest.getMetadata(heartbeatKey(route))
+        heartbeat.honorsCancellation = false
+        guard case .success(.item(_?)) = await node.executeBatch([heartbeat])[0] else { return }  // not alive
+        let digest = noticeDigest(keys)
+        let deadline = clock.now() + TimeAmount(Self.noticeWait)
+        while clock.now() < deadline {
+            var read = MemcachedRequest.get(noticeKey(route))
+            read.honorsCancellation = false
+            guard case .success(.item(let item)) = await node.executeBatch([read])[0] else { return }
+            guard let item, String(buffer: item.value).contains(digest) else { return }  // read by the owner
+            do { try await clock.sleep(for: .milliseconds(50)) } catch { return }
+        }
+        statistics.count(.noticesUnread)
+        logger.notice(
+            "the previous owner of a sticky session did not read its notice in time", metadata: ["route.previous": "\(route)"])
+    }
+
+    /// Reads this instance's notices four times a second, and keeps its heartbeat. Runs in
+    /// `run()` (sticky mode with a route).
+    func readNoticesPeriodically() async {
+        guard usesLocalLifecycle, let route = configuration.route else { return }
+        var lastLoop = clock.now()
+        var beats = 0
+        while !Task.isCancelled {
+            do { try await clock.sleep(for: Self.noticeInterval) } catch { return }
+            let now = clock.now()
+            if now - lastLoop > TimeAmount(Self.noticeInterval * 4) {
+                // This instance did not run for a while (frozen): notices may have come and gone.
+                localStore.markAllStale()
+                statistics.count(.noticeGaps)
+            }
+            lastLoop = now
+            if beats % 4 == 0, let node = noticeNode {
+                var beat = MemcachedRequest.store(heartbeatKey(route), value: ByteBuffer(string: "1"), ttl: .seconds(3), quiet: true)
+                beat.honorsCancellation = false
+                await node.submit(beat)
+            }
+            beats += 1
+            if await readNotices(route: route) { notices.read(at: now) }
+        }
+    }
+
+    /// Reads and clears this instance's mailbox on every node that answers; false when none did.
+    func readNotices(route: String) async -> Bool {
+        let key = noticeKey(route)
+        var answered = false
+        var digests: Set<Substring> = []
+        for nodeID in topology.order where topology.isReachable(nodeID) {
+            guard let node = topology.node(nodeID) else { continue }
+            var read = MemcachedRequest.get(key)
+            read.honorsCancellation = false
+            switch await node.executeBatch([read])[0] {
+            case .success(.item(let item?)):
+                answered = true
+                let text = String(buffer: item.value)
+                for line in text.split(separator: "\n") where !line.isEmpty { digests.insert(line) }
+                var delete = MemcachedRequest.delete(key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil)
+                delete.honorsCancellation = false
+                _ = await node.executeBatch([delete])
+            case .success:
+                answered = true
+            case .failure:
+                break
+            }
+        }
+        if !digests.isEmpty {
+            for session in localStore.allSessions where digests.contains(noticeDigest(keys(of: session))) {
+                session.markTakenOver()
+                localStore.remove(session.id.token, ifSame: session)
+                statistics.count(.noticesRead)
+            }
+        }
+        return answered
+    }
+}
