@@ -92,12 +92,14 @@ struct EdgeCaseTests {
         }
     }
 
+    /// Sticky ownership notices: a takeover tells the previous owner, which drops its copy; a
+    /// logout on the new owner answers only once the previous owner has read that it ended, so an
+    /// old tab's cookie, still routed to the previous owner, is never served it again.
     @Test func aStickyInstanceStopsServingACopyTakenOverElsewhere() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let a = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
                 $0.asynchronousSaving = false
-                $0.stickyTouchInterval = .milliseconds(200)
             }
             let b = try configuration(servers, mode: .sticky) {
                 $0.route = "b"
@@ -110,16 +112,16 @@ struct EdgeCaseTests {
                 let staleCookie = browser  // route a
                 var atB = browser
                 #expect(try await instanceB.increment(&atB) == 4)  // takeover
-                // An old tab still sends A's cookie to A: within one touch interval A checks its copy.
-                try await Task.sleep(for: .milliseconds(300))
+                try await eventually("A read the takeover notice") { instanceA.statistics.value(of: .noticesRead) == 1 }
                 var stale = staleCookie
                 #expect(try await instanceA.readCount(&stale) == 4, "A serves B's data, not its stale copy")
-                #expect(instanceA.statistics.value(of: .localCopiesReplaced) == 1)
-                // Logged out on B: A's copy ends too.
+                // A holds it again (the old tab's request took it back); logged out on B: the
+                // logout answers once A has read the notice, so A's copy has ended by then.
                 try await instanceB.request(&atB) { access in try await access.invalidate() }
-                try await Task.sleep(for: .milliseconds(300))
+                #expect(instanceB.statistics.value(of: .noticesSent) == 2)
+                #expect(instanceB.statistics.value(of: .noticesUnread) == 0)
                 var again = staleCookie
-                #expect(try await instanceA.readCount(&again) == 0)
+                #expect(try await instanceA.readCount(&again) == 0, "no sleep: ended on A before B answered")
             }
         }
     }
