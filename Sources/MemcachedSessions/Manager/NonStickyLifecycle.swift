@@ -364,8 +364,13 @@ extension SessionManager {
             case .refused(let error):
                 if let lockWithWrite { await release(lockWithWrite) }
                 throw error
-            case .unreachable(let error):
+            case .unreachable(let error, let afterConflict):
                 if let lockWithWrite { await release(lockWithWrite) }
+                if error.leavesOutcomeUnknown || afterConflict {
+                    // It may have been saved, or not: never a cleared cookie, never "saved".
+                    statistics.count(.unavailable)
+                    throw SessionError.unavailable("the session's write got no answer (\(error.code)): it may not have been saved")
+                }
                 _ = try unavailable(id: id, cause: "the session could be saved on no node (\(error.code))")
                 return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
             }
@@ -405,7 +410,12 @@ extension SessionManager {
             outcome = await save(
                 session, keys: keys, on: nodeID, releasing: lock, forceAdd: forceAdd, restoreIfMissing: restoreIfMissing)
             // Only a node that does not answer is a reason to move; a refusal (a server error) is not.
-            guard case .unreachable(let error) = outcome, error.meansNodeUnreachable else { break }
+            guard case .unreachable(let error, let afterConflict) = outcome, error.meansNodeUnreachable else { break }
+            // Non-sticky: a write whose outcome is unknown (no reply: it may have been applied,
+            // and the node may still serve other requests), or that met a concurrent write there
+            // first, does not move the session: a copy elsewhere would hide the changes others
+            // make there. The request fails instead.
+            if !restoreIfMissing, error.leavesOutcomeUnknown || afterConflict { break }
             if let held = lock {
                 heldLocks.remove(held)
                 lock = nil

@@ -220,7 +220,7 @@ extension SessionManager {
         case .refused(let error):
             logger.warning("session not saved", metadata: ["reason": "\(error.message)"])
             if synchronous { throw error }
-        case .unreachable(let error):
+        case .unreachable(let error, _):
             // Every node is down: the session keeps living in memory; the writer tries again
             // until a node answers (and a later change would save it anyway).
             logger.warning("sticky session could not be saved: no memcached node answered", metadata: ["memcached.error": "\(error)"])

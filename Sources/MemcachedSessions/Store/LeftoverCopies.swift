@@ -51,8 +51,17 @@ final class LeftoverCopies: Sendable {
     func add(_ entry: Entry) -> Int {
         state.withLock { state in
             let slot = Self.slot(entry.nodeID, entry.key)
-            // A tombstone waiting there stays: no later write may take its place.
-            if let waiting = state.entries[slot], waiting.action.isTombstone, !entry.action.isTombstone { return 0 }
+            if let waiting = state.entries[slot] {
+                // A tombstone waiting there stays: no later write may take its place.
+                if waiting.action.isTombstone, !entry.action.isTombstone { return 0 }
+                // Nor may an older backup replace a newer one (a retry that failed again, put
+                // back after a newer save's backup had been queued).
+                if case .backup(_, let waitingFlags, _) = waiting.action, case .backup(_, let flags, _) = entry.action,
+                    waitingFlags >= flags
+                {
+                    return 0
+                }
+            }
             if state.entries[slot] == nil { state.order.append(slot) }
             state.entries[slot] = entry
             var dropped = 0

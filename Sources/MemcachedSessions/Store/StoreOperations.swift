@@ -49,7 +49,9 @@ enum SaveOutcome: Sendable {
     /// Not written, for a reason the request must answer with: the session is too large, or a
     /// locked request found that its lock did not keep a concurrent change out.
     case refused(SessionError)
-    case unreachable(MemcachedError)
+    /// Not stored. `afterConflict`: a concurrent write on the node came first (the node serves
+    /// other requests): the session must not move off it.
+    case unreachable(MemcachedError, afterConflict: Bool = false)
 }
 
 extension SessionManager {
@@ -276,6 +278,7 @@ extension SessionManager {
             return await lostCopyMayBeRewritten(keys: keys, nodeID: nodeID)
         }
         var lock = lock
+        var sawConflict = false
         for _ in 0..<Self.maximumSaveAttempts {
             let bytes: ByteBuffer
             do {
@@ -305,9 +308,10 @@ extension SessionManager {
                 return .refused(SessionError(code: .sessionTooLarge, message: "\(error.message); the stored copy is unchanged"))
             case .unreachable(let error):
                 statistics.count(.writeFailures)
-                return .unreachable(error)
+                return .unreachable(error, afterConflict: sawConflict)
             case .conflict:
                 statistics.count(.writeConflicts)
+                sawConflict = true
                 if let held = lock {
                     // The release rode with the failed write: the lock is free now, and the merge
                     // must not run without it (a locked request could slip in between and both
@@ -355,7 +359,7 @@ extension SessionManager {
                         case .unreachable(let error):
                             await release(newLock)
                             statistics.count(.writeFailures)
-                            return .unreachable(error)
+                            return .unreachable(error, afterConflict: true)
                         }
                     }
                     // No lock: the failure policy let the request proceed without it.
@@ -384,7 +388,7 @@ extension SessionManager {
                     return .gone
                 case .unreachable(let error):
                     statistics.count(.writeFailures)
-                    return .unreachable(error)
+                    return .unreachable(error, afterConflict: true)
                 }
             }
         }
