@@ -405,17 +405,32 @@ extension SessionManager {
         var forceAdd = forceAdd
         var tried: Set<String> = []
         var outcome: SaveOutcome = .unreachable(MemcachedError(code: .nodeUnavailable, message: "no node available"))
-        for _ in 0..<max(1, topology.order.count) {
+        var outcomeUnknown = false
+        var attempts = 0
+        while attempts < max(1, topology.order.count) + 1 {
+            attempts += 1
             tried.insert(nodeID)
             outcome = await save(
                 session, keys: keys, on: nodeID, releasing: lock, forceAdd: forceAdd, restoreIfMissing: restoreIfMissing)
             // Only a node that does not answer is a reason to move; a refusal (a server error) is not.
             guard case .unreachable(let error, let afterConflict) = outcome, error.meansNodeUnreachable else { break }
-            // Non-sticky: a write whose outcome is unknown (no reply: it may have been applied,
-            // and the node may still serve other requests), or that met a concurrent write there
-            // first, does not move the session: a copy elsewhere would hide the changes others
-            // make there. The request fails instead.
-            if !restoreIfMissing, error.leavesOutcomeUnknown || afterConflict { break }
+            if !restoreIfMissing {
+                // Non-sticky: the session moves only off a node nobody else can write to. A write
+                // that met a concurrent write there first does not move (the node serves other
+                // requests). A write whose outcome is unknown (no reply: it may have been applied,
+                // and the node may still serve others) is tried once more there, unlocked (a
+                // retry finds its own write, if it landed, as a conflict, and merges onto it);
+                // after it, the session moves only off a node that refuses connections (dead:
+                // what it held is gone). Otherwise the request fails: it may not have been saved.
+                if afterConflict { break }
+                if error.leavesOutcomeUnknown {
+                    guard !outcomeUnknown, !locked, topology.isReachable(nodeID) else { break }
+                    outcomeUnknown = true
+                    statistics.count(.writeRetries)
+                    continue
+                }
+                if outcomeUnknown, error.code != .connectFailed { break }
+            }
             if let held = lock {
                 heldLocks.remove(held)
                 lock = nil

@@ -54,6 +54,8 @@ public final class SessionStatistics: Sendable {
         case locksLost
         /// Non-sticky: a read that failed on a node still marked up, tried once more.
         case readRetries
+        /// Non-sticky: an unlocked write whose outcome was unknown (no reply), tried once more.
+        case writeRetries
         /// A locked request's write refused: a change its lock did not keep out came first.
         case lockConflicts
         case requestsUnlockedReadOnly
