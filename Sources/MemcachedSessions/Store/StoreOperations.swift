@@ -489,9 +489,18 @@ extension SessionManager {
             request.connectionAffinity = affinity
             return await node.executeBatch([request])[0]
         }
+        /// A failed round: counted; false (try again later) when the node did not answer, true
+        /// when it refused (a retry would be refused too).
+        func failed(_ result: Result<MemcachedResponse, MemcachedError>) -> Bool {
+            statistics.count(.backupFailures)
+            guard case .failure(let error) = result, error.meansNodeUnreachable else { return true }
+            backupMemo.forget(key)
+            return false
+        }
         for _ in 0..<4 {
             let write: MemcachedRequest
-            switch await send(.getMetadata(key)) {
+            let read = await send(.getMetadata(key))
+            switch read {
             case .success(.item(nil)):
                 write = .store(key, value: bytes, mode: .add, ttl: ttl, flags: flags)
             case .success(.item(let item?)):
@@ -501,26 +510,17 @@ extension SessionManager {
                     return true
                 }
                 write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
-            case .failure(let error) where error.meansNodeUnreachable:
-                statistics.count(.backupFailures)
-                backupMemo.forget(key)
-                return false
             default:
-                statistics.count(.backupFailures)
-                return true
+                return failed(read)
             }
-            switch await send(write) {
+            let result = await send(write)
+            switch result {
             case .success(.stored(.stored)):
                 return true
             case .success(.stored):
                 continue  // changed between the read and the write: look again
-            case .failure(let error) where error.meansNodeUnreachable:
-                statistics.count(.backupFailures)
-                backupMemo.forget(key)
-                return false
             default:
-                statistics.count(.backupFailures)
-                return true
+                return failed(result)
             }
         }
         statistics.count(.backupFailures)
