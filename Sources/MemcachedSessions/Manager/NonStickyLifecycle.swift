@@ -338,7 +338,7 @@ extension SessionManager {
             if lockWithWrite == nil, let lock { await release(lock) }
             switch outcome {
             case .saved(let record, let bytes):
-                await submitBackup(keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now)
+                await writeBackup(keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now)
                 if let movedFrom, movedFrom != finalID.nodeID, let drained = topology.node(movedFrom) {
                     await drained.submit(prepared(.delete(keys.primary, quiet: true)))
                 }

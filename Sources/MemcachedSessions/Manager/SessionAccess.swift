@@ -342,17 +342,38 @@ extension SessionManager {
                 Task { await home() }
             }
         }
-        // Every other node, the ones that answer now and the others when they answer again.
+        // Every other node, the ones that answer now and the others when they answer again. When
+        // the caller waits (a logout, a login's old id), it waits for these too, all nodes in
+        // parallel: a copy an earlier failover left on another node must be ended before the
+        // response, or an old tab's cookie sent right after it could still read it there.
+        let keysThere = usesLocalLifecycle ? [keys.primary] : [keys.primary, keys.backup]
+        var reachable: [(String, any MemcachedNodeCommandRunner)] = []
         for candidate in topology.order where candidate != nodeID {
             guard let other = topology.node(candidate) else { continue }
-            let keysThere = usesLocalLifecycle ? [keys.primary] : [keys.primary, keys.backup]
             guard other.isAvailable else {
                 for key in keysThere { leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
                 continue
             }
-            for key in keysThere {
-                await other.submit(tombstone(key, quiet: true)) { result in
-                    if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+            reachable.append((candidate, other))
+        }
+        guard wait else {
+            for (candidate, other) in reachable {
+                for key in keysThere {
+                    await other.submit(tombstone(key, quiet: true)) { result in
+                        if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                    }
+                }
+            }
+            return
+        }
+        let requests = keysThere.map { tombstone($0, quiet: false) }
+        await withTaskGroup(of: Void.self) { group in
+            for (candidate, other) in reachable {
+                group.addTask {
+                    let results = await other.executeBatch(requests)
+                    for (key, result) in zip(keysThere, results) {
+                        if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                    }
                 }
             }
         }

@@ -18,16 +18,54 @@ final class NodeRestarts: Sendable {
     }
 
     private let records = Mutex<[String: Record]>([:])
-    /// When a miss last made us ask a node for its pid (at most once a second per node).
-    private let lastOnDemandCheck = Mutex<[String: Int64]>([:])
 
-    /// Whether a miss may ask `node` for its pid now (rate-limited: misses on forged or expired
-    /// cookies must not turn into a `stats` request each).
-    func mayCheck(_ node: String, now: Int64) -> Bool {
-        lastOnDemandCheck.withLock { checks in
-            if let last = checks[node], now - last < 1000 { return false }
-            checks[node] = now
-            return true
+    /// The checks that misses asked for, per node: how many were started and finished, whether
+    /// the last finished one failed, and the one in flight. At most one is in flight per node, and
+    /// every miss waiting at once shares it: misses on forged or expired cookies cost one `stats`
+    /// per round trip at most, never one each.
+    private struct Checks {
+        var started = 0
+        var finished = 0
+        var lastFailed = false
+        var inFlight: Task<Void, Never>?
+    }
+    private let checks = Mutex<[String: Checks]>([:])
+
+    enum CheckState {
+        /// A check started after the miss has finished; whether it failed (the node did not say).
+        case done(failed: Bool)
+        /// Wait for this check, then look again.
+        case wait(Task<Void, Never>)
+    }
+
+    /// How many checks of `node` have been started: a miss needs one started after it.
+    func startedChecks(_ node: String) -> Int {
+        checks.withLock { $0[node]?.started ?? 0 }
+    }
+
+    /// Where a miss that saw `seen` started checks stands: done once a check started after it has
+    /// finished; otherwise the check to wait for (the one in flight, or a new one from `start`).
+    func check(after seen: Int, node: String, start: @escaping @Sendable (Int) -> Task<Void, Never>) -> CheckState {
+        checks.withLock { all in
+            var state = all[node] ?? Checks()
+            defer { all[node] = state }
+            if state.finished > seen { return .done(failed: state.lastFailed) }
+            if let inFlight = state.inFlight { return .wait(inFlight) }
+            state.started += 1
+            let task = start(state.started)
+            state.inFlight = task
+            return .wait(task)
+        }
+    }
+
+    /// A check started as number `number` finished.
+    func finishCheck(_ number: Int, node: String, failed: Bool) {
+        checks.withLock { all in
+            var state = all[node] ?? Checks()
+            state.finished = max(state.finished, number)
+            state.lastFailed = failed
+            state.inFlight = nil
+            all[node] = state
         }
     }
 
@@ -82,7 +120,7 @@ extension SessionManager {
     func watchNodeRestartsPeriodically() async {
         while !Task.isCancelled {
             for nodeID in topology.order {
-                if await observeNode(nodeID), usesLocalLifecycle, isEnabled {
+                if await observeNode(nodeID) == true, usesLocalLifecycle, isEnabled {
                     await restoreLocalCopies(on: nodeID)
                 }
             }
@@ -90,29 +128,49 @@ extension SessionManager {
         }
     }
 
-    /// Asks a node for its pid and boot time and records them; true when it restarted.
+    /// Asks a node for its pid and boot time and records them; true when it restarted, nil when
+    /// the node did not say.
     @discardableResult
-    func observeNode(_ nodeID: String) async -> Bool {
-        guard let node = topology.node(nodeID), node.isAvailable else { return false }
+    func observeNode(_ nodeID: String) async -> Bool? {
+        guard let node = topology.node(nodeID), node.isAvailable else { return nil }
         var request = MemcachedRequest.stats()
         request.timeout = .seconds(1)
+        request.honorsCancellation = false
         guard case .stats(let stats)? = try? await node.execute(request),
             let time = stats.first(where: { $0.name == "time" }).flatMap({ Int64($0.value) }),
             let uptime = stats.first(where: { $0.name == "uptime" }).flatMap({ Int64($0.value) })
-        else { return false }
+        else { return nil }
         let pid = stats.first(where: { $0.name == "pid" }).flatMap { Int64($0.value) } ?? 0
         let evictions = stats.first(where: { $0.name == "evictions" }).flatMap { Int64($0.value) } ?? 0
         return nodeRestarts.observe(
             node: nodeID, pid: pid, bootTime: time - uptime, evictions: evictions, now: currentTimeMillis() / 1000)
     }
 
-    /// On a miss: whether the node restarted (or evicted items) recently, asking it now (rate-limited) if the
-    /// periodic watch has not seen a restart, since a request may come before the watch does.
+    /// On a miss: whether the node restarted (or evicted items) recently. Unless the periodic
+    /// watch has seen a restart already, the node is asked, by a check started after the miss (a
+    /// request may come before the watch does, and a check from before the miss may predate the
+    /// restart); concurrent misses share one check. A node that does not say counts as restarted:
+    /// the other nodes are searched (a tombstone there still ends the session), never "no session"
+    /// on a guess.
     func missMayBeRestartChecking(on nodeID: String) async -> Bool {
         if missMayBeRestart(on: nodeID) { return true }
-        guard nodeRestarts.knows(nodeID), nodeRestarts.mayCheck(nodeID, now: currentTimeMillis()) else { return false }
-        await observeNode(nodeID)
-        return missMayBeRestart(on: nodeID)
+        guard nodeRestarts.knows(nodeID) else { return false }
+        let seen = nodeRestarts.startedChecks(nodeID)
+        let restarts = nodeRestarts
+        while true {
+            let state = restarts.check(after: seen, node: nodeID) { number in
+                Task {
+                    let restarted = await self.observeNode(nodeID)
+                    restarts.finishCheck(number, node: nodeID, failed: restarted == nil)
+                }
+            }
+            switch state {
+            case .done(let failed):
+                return failed || missMayBeRestart(on: nodeID)
+            case .wait(let check):
+                await check.value
+            }
+        }
     }
 
     /// Whether a miss on `nodeID` may be a restart's or an eviction's loss rather than the session

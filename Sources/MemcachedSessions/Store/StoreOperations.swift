@@ -434,7 +434,10 @@ extension SessionManager {
         UInt32(min(metadata.version, UInt64(tombstoneFlags) - 1))
     }
 
-    /// Writes the backup copy without waiting for it; a failure is counted, never assumed away.
+    /// Writes the backup copy and waits for it, before the response: a primary that loses its
+    /// data right after the write (restarted empty, an eviction) must find the acknowledged change
+    /// in the backup. A backup node that does not answer gets the write when it answers again;
+    /// the response does not wait for that (the primary has the change: one fault at a time).
     ///
     /// A backup never goes back: saves of one session by different instances send their backups
     /// over different connections, and a slow one may land after a newer one (the newer backup
@@ -442,41 +445,33 @@ extension SessionManager {
     /// flags (its version) and CAS unique first, writes only over an older copy, with CAS, and
     /// never over a tombstone; text mode, which cannot read flags without the value, writes as is
     /// (documented).
-    func submitBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
+    func writeBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
         guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
-        let statistics = self.statistics
         let ttl = backupTTL(metadata, now: now)
         backupMemo.record(keys.backup, node: backupNode)
         statistics.count(.backupWrites)
         guard configuration.memcached.protocolMode == .meta else {
-            var request = MemcachedRequest.store(keys.backup, value: bytes, ttl: ttl, quiet: true)
+            countRoundTrip()
+            var request = MemcachedRequest.store(keys.backup, value: bytes, ttl: ttl)
             // One connection per session's backups: two saves' backups of one instance cannot
             // overtake each other.
             request.connectionAffinity = Self.affinity(of: keys.backup)
-            // Nobody waits for it: it may share a write with other requests' backups.
-            request.coalesces = true
-            // `submit` suspends only to reach a connection; it does not wait for the reply.
-            await node.submit(request) { result in
-                if case .failure = result { statistics.count(.backupFailures) }
-            }
+            request.honorsCancellation = false
+            if case .failure = await node.executeBatch([prepared(request)])[0] { statistics.count(.backupFailures) }
             return
         }
         let flags = Self.backupFlags(metadata)
         // The backup's end in wall time: a write retried later keeps it (a backup lives as long
         // as its session may, never longer: the idle-expiry check relies on it).
         let expiresAt = backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
-        Task {
-            await SessionManager.$isBackgroundWork.withValue(true) {
-                if await !self.writeBackupInOrder(key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl) {
-                    // Written once the node answers again (a frozen backup node must not leave
-                    // the session with an old backup only).
-                    self.leaveForLater(.backup(bytes: bytes, flags: flags, expiresAt: expiresAt), key: keys.backup, on: backupNode)
-                }
-            }
+        if await !writeBackupInOrder(key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl) {
+            // Written once the node answers again (a frozen backup node must not leave the
+            // session with an old backup only).
+            leaveForLater(.backup(bytes: bytes, flags: flags, expiresAt: expiresAt), key: keys.backup, on: backupNode)
         }
     }
 
-    /// The ordered backup write of ``submitBackup(keys:primaryNode:bytes:metadata:now:)``: at most
+    /// The ordered backup write of ``writeBackup(keys:primaryNode:bytes:metadata:now:)``: at most
     /// four rounds of read and conditional write, each bounded by the request timeout. Returns
     /// false when the node did not answer (the write is to be tried again).
     func writeBackupInOrder(
@@ -487,6 +482,7 @@ extension SessionManager {
             var request = request
             request.honorsCancellation = false
             request.connectionAffinity = affinity
+            countRoundTrip()
             return await node.executeBatch([request])[0]
         }
         /// A failed round: counted; false (try again later) when the node did not answer, true
