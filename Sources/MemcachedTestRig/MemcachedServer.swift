@@ -67,8 +67,11 @@ public final class MemcachedServer: Sendable {
         try await signalAndWait(SIGTERM)
     }
 
-    /// Starts the server again on the same port (after ``kill()`` or ``stop()``).
+    /// Starts the server again on the same port, empty: after ``kill()`` or ``stop()``, or killing
+    /// the running process first (a second one would find the port taken, and the first would be
+    /// left running).
     public func restart(timeout: Duration = .seconds(10)) async throws {
+        try await kill()
         let task = try await Self.launch(
             port: port, memoryMegabytes: memoryMegabytes, itemSizeLimit: itemSizeLimit, extraArguments: extraArguments,
             timeout: timeout)

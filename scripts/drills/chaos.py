@@ -368,8 +368,7 @@ class Load:
             if set_cookie:
                 browser.history.add(set_cookie)
         ok = status == 200
-        with self.lock:
-            self.records.append((started, duration, ok))
+        self.record(started, duration, ok, refused)
         if not ok:
             if not refused:
                 browser.uncertain += 1
@@ -391,6 +390,10 @@ class Load:
                           f"{browser.uncertain} failed requests (skipped)")
         browser.acked = count
         browser.uncertain = 0
+
+    def record(self, started, duration, ok, refused):
+        with self.lock:
+            self.records.append((started, duration, ok, refused))
 
     def _violate(self, message):
         with self.lock:
@@ -525,8 +528,9 @@ def run_drill(cluster, name, fault_seconds, recovery_seconds):
     row = {
         "mode": cluster.mode, "drill": name, "target": target,
         "requests": len(during) + len(after),
-        "failed_during": sum(1 for r in during if not r[2]),
-        "failed_after": sum(1 for r in after if not r[2]),
+        "failed_during": sum(1 for r in during if not r[2] and not r[3]),
+        "failed_after": sum(1 for r in after if not r[2] and not r[3]),
+        "refused": sum(1 for r in during + after if r[3]),
         "max_during": max((r[1] for r in during), default=0.0),
         "max_after": max((r[1] for r in after), default=0.0),
         "ok_after": sum(1 for r in after if r[2]),
@@ -607,7 +611,7 @@ def broke(row):
 
 def format_row(row):
     reasons = broke(row)
-    return (f"| {row['mode']} | {row['drill']} | {row['target']} | {row['requests']} | {row['failed_during']} | "
+    return (f"| {row['mode']} | {row['drill']} | {row['target']} | {row['requests']} | {row['refused']} | {row['failed_during']} | "
             f"{row['failed_after']} | {row['max_during']:.2f} | {row['max_after']:.2f} | {row['bound']:.1f} | "
             f"{len(row['violations'])} | {row['served_after_logout']} | {'; '.join(reasons) or 'ok'} |")
 
@@ -656,9 +660,9 @@ def main():
     except SetupError as error:
         print(f"set-up failed: {error}", file=sys.stderr)
         return 2
-    header = ("| mode | drill | fault on | requests | failed during | failed after | max latency during (s) | "
-              "max latency after (s) | bound (s) | count violations | logged-out cookies served | result |\n"
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    header = ("| mode | drill | fault on | requests | refused (instance down) | failed during | failed after | "
+              "max latency during (s) | max latency after (s) | bound (s) | count violations | logged-out cookies served | result |\n"
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     table = header + "\n" + "\n".join(format_row(row) for row in rows)
     failed = [row for row in rows if broke(row)]
     print(table)
@@ -692,8 +696,10 @@ once; **app-kill** `kill -9` of an app instance with requests in flight (sticky:
 most sessions), restarted after the fault.
 
 The bound is `lockWaitBudget` (locked mode only, 10 s) + 3 nodes x `requestTimeout` (0.5 s) +
-`saveTimeout` (0.5 s) + 1 s; a drill fails when a request takes more than 3x that. "Failed" counts
-non-200 answers and connections that broke (an app instance being killed).
+`saveTimeout` (0.5 s) + 1 s; a drill fails when a request takes more than 3x that. "Refused"
+counts connections to a killed app instance that were refused (nothing reached it; the browser's
+next request goes to either instance, as a load balancer's retry would); "failed" counts non-200
+answers and connections that broke with a request in flight (each may or may not have counted).
 
 Reproduce: `swift build -c release --product msm && scripts/drills/chaos.py` (root, for nftables;
 about {fault:g} + {recovery:g} s per drill). CI runs `scripts/drills/chaos.py --short`.

@@ -46,6 +46,18 @@ class ChurningLoad(chaos.Load):
         super().__init__(apps, browsers, sticky)
         self.logout_probability = logout_probability
         self.logouts = 0
+        # Counters, not a list of every request: half an hour of records would slow the load
+        # generator itself down (Python's garbage collector walks them).
+        self.requests = 0
+        self.failed = 0
+        self.max_latency = 0.0
+
+    def record(self, started, duration, ok, refused):
+        with self.lock:
+            self.requests += 1
+            if not ok:
+                self.failed += 1
+            self.max_latency = max(self.max_latency, duration)
 
     def step(self, browser):
         if browser.cookie and random.random() < self.logout_probability:
@@ -158,7 +170,7 @@ def main():
                 print(f"== {(now - started) / 60:5.1f} min: memcached {down_node.node_id} back, empty", flush=True)
                 restart_at = None
                 next_kill = now + arguments.kill_every - arguments.down
-            count = sum(len(load.records) for load in loads)
+            count = sum(load.requests for load in loads)
             sample = {
                 "t": now - started,
                 "rps": (count - last_count) / (now - last_time),
@@ -198,8 +210,9 @@ def main():
                     f"{baseline['fds'][app]} | {fds_end} | {fds_growth:+.1%} |")
         if rss_growth > 0.10 or fds_growth > 0.10:
             broke.append(f"{app}: RSS {rss_growth:+.1%}, fds {fds_growth:+.1%}")
-    requests = sum(len(load.records) for load in loads)
-    failed = sum(sum(1 for r in load.records if not r[2]) for load in loads)
+    requests = sum(load.requests for load in loads)
+    failed = sum(load.failed for load in loads)
+    max_latency = max(load.max_latency for load in loads)
     violations = [v for load in loads for v in load.violations]
     logouts = sum(load.logouts for load in loads)
     if violations:
@@ -217,7 +230,8 @@ starts a new session now and then). Every {arguments.kill_every:g} s the next me
 (`kill -9`) and started empty {arguments.down:g} s later. Baseline: the first sample after
 {arguments.warmup:g} minutes of warm-up; end: the highest sample of the last minute.
 
-- requests: {requests}, failed (non-200 or broken connection, while a node was down): {failed}
+- requests: {requests}, failed (non-200 or broken connection, while a node was down): {failed};
+  slowest request: {max_latency:.2f} s
 - count violations (lost, backwards or skipped): {len(violations)}
 - logouts (each followed by a new session): {logouts}
 - node kills: {len(kills)}
