@@ -134,8 +134,6 @@ final class World: @unchecked Sendable {
     var faultActive = false
     /// Faults that may lose data legitimately (memcached evicting items), so far.
     var lossyFaults = 0
-    /// Restarts and evictions so far (data a primary loses; backups may not have landed yet).
-    var dataLosingFaults = 0
     /// Key digests of the sessions each browser had, to show their commands in a history.
     var keyOwners: [String: String] = [:]
 
@@ -244,17 +242,14 @@ final class World: @unchecked Sendable {
                 node.kill()
                 await sleep(milliseconds: duration)
                 node.restartEmpty(pid: 5000 + random(1000))
-                dataLosingFaults += 1
             case 2:
                 log("FAULT \(node.id) restarted empty")
                 node.restartEmpty(pid: 5000 + random(1000))
-                dataLosingFaults += 1
             case 3:
                 let count = 1 + random(4)
                 log("FAULT \(node.id) evicts \(count) items")
                 node.evict(count: count)
                 lossyFaults += 1
-                dataLosingFaults += 1
             default:
                 let kinds: [CommandFault] = [.replyLost, .neverApplied, .appliedLate, .connectionCut]
                 var injected: [CommandFault] = []
@@ -597,7 +592,6 @@ final class World: @unchecked Sendable {
             return
         }
         // Different attributes at once: every change survives the others (CAS merge).
-        let lossyBefore = dataLosingFaults
         var outcomes: [(String, Bool?, SessionResponseAction.Cookie?)] = []
         await withTaskGroup(of: (String, Bool?, SessionResponseAction.Cookie?).self) { group in
             for part in 0..<size {
@@ -652,7 +646,6 @@ final class World: @unchecked Sendable {
         log("[\(name)] burst of \(size) attribute changes\(withLogin ? " with a login" : "") → \(written.sorted())")
         // (Changes racing a login went to the old id, which the login ended: not checked.)
         guard !written.isEmpty, !withLogin, browser.cookie != nil else { return }
-        _ = lossyBefore
         // Every acknowledged change is there.
         var missing: [String] = []
         let (found, _) = await request(&browser, path: "/read") { access -> Bool in

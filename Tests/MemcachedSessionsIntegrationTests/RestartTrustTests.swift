@@ -10,15 +10,14 @@ import Testing
 /// restart must all find the backup.
 @Suite("Restarts under load")
 struct RestartTrustTests {
-    /// The system's clock, except that one-second sleeps (the restart watch's period) last until
-    /// cancelled: the watch looks once, at start, and never again, so only misses can find a
-    /// restart.
+    /// The system's clock, except that the restart watch's sleeps last until cancelled: the watch
+    /// looks once, at start, and never again, so only misses can find a restart.
     struct NoRestartWatchClock: SessionClock {
         let system = SystemSessionClock()
         func now() -> NIODeadline { system.now() }
         func wallMilliseconds() -> Int64 { system.wallMilliseconds() }
         func sleep(for duration: Duration) async throws {
-            if duration == .seconds(1) {
+            if duration == NodeRestarts.watchInterval {
                 try await Task.sleep(for: .seconds(3600))
             }
             try await system.sleep(for: duration)

@@ -205,7 +205,7 @@ public final class SessionManager: Service, Sendable {
     private func retryFailedSavesPeriodically() async {
         guard configuration.mode == .sticky else { return }
         while !Task.isCancelled {
-            do { try await clock.sleep(for: .seconds(1)) } catch { return }
+            do { try await clock.sleep(for: AsynchronousWriter.retryInterval) } catch { return }
             if writer.retryCount > 0 { writer.requeueRetries() }
         }
     }

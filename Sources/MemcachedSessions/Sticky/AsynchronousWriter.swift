@@ -34,6 +34,8 @@ final class AsynchronousWriter: Sendable {
     private let delay: TimeAmount
     private let clock: any SessionClock
     static let batchSize = 256
+    /// How often saves that failed are queued again.
+    static let retryInterval = Duration.seconds(1)
 
     init(limit: Int, delay: TimeAmount = .zero, clock: any SessionClock = SystemSessionClock()) {
         self.limit = limit

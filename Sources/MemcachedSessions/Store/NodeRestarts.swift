@@ -9,6 +9,9 @@ import Synchronization
 /// whereas a miss on a node that has been up all along means the session is gone (expired or
 /// logged out). Without this, a quickly restarted node would turn its sessions into "no session".
 final class NodeRestarts: Sendable {
+    /// How often the watch asks every node for its pid and boot time.
+    static let watchInterval = Duration.seconds(1)
+
     private struct Record {
         var pid: Int64
         var bootTime: Int64
@@ -124,7 +127,7 @@ extension SessionManager {
                     await restoreLocalCopies(on: nodeID)
                 }
             }
-            do { try await clock.sleep(for: .seconds(1)) } catch { return }
+            do { try await clock.sleep(for: NodeRestarts.watchInterval) } catch { return }
         }
     }
 
