@@ -420,7 +420,7 @@ final class World: @unchecked Sendable {
     func increment(_ browser: inout BrowserState, handlerMilliseconds: Int = 0, path: String = "/counter") async {
         let name = browser.name
         var mismatch: Error? = nil
-        let before = browser.expected
+        let expectedBefore = browser.expected
         let (value, _) = await request(&browser, path: path, handlerNanoseconds: UInt64(handlerMilliseconds) * 1_000_000) { access -> Int in
             let session = try await access.loadOrCreate()
             let count: Int
@@ -434,6 +434,9 @@ final class World: @unchecked Sendable {
             return count + 1
         }
         noteOwnerMismatch(mismatch, browser)
+        // An eviction while the request ran may have taken the session, as one before it may.
+        absorbLossyFaults(&browser)
+        let before = expectedBefore.union(browser.expected)
         guard let value else {
             // Unknown outcome: it may have counted.
             browser.expected = before.union(before.map { $0 + 1 }).union([0])
@@ -468,6 +471,7 @@ final class World: @unchecked Sendable {
             }
         }
         noteOwnerMismatch(mismatch, browser)
+        absorbLossyFaults(&browser)  // an eviction while the request ran
         guard let value else { return }
         log("[\(name)] read → \(value) (cookie \(short(browser.cookie)))")
         if !browser.expected.contains(value) {
@@ -643,7 +647,16 @@ final class World: @unchecked Sendable {
             }
         }
         let written = outcomes.filter { $0.1 == true }.map(\.0)
-        log("[\(name)] burst of \(size) attribute changes\(withLogin ? " with a login" : "") → \(written.sorted())")
+        let answers = outcomes.map { outcome -> String in
+            let cookie: String
+            switch outcome.2 {
+            case .set(let id)?: cookie = "set \(short(id.description))"
+            case .clear?: cookie = "clear"
+            default: cookie = "-"
+            }
+            return "\(outcome.0): \(outcome.1.map { "\($0)" } ?? "failed"), \(cookie)"
+        }
+        log("[\(name)] burst of \(size) attribute changes\(withLogin ? " with a login" : "") → \(written.sorted()) (answers in order: \(answers.joined(separator: "; ")))")
         // (Changes racing a login went to the old id, which the login ended: not checked.)
         guard !written.isEmpty, !withLogin, browser.cookie != nil else { return }
         // Every acknowledged change is there.

@@ -10,27 +10,6 @@ import Testing
 /// restart must all find the backup.
 @Suite("Restarts under load")
 struct RestartTrustTests {
-    /// The system's clock, except that the restart watch's sleeps last until cancelled: the watch
-    /// looks once, at start, and never again, so only misses can find a restart.
-    struct NoRestartWatchClock: SessionClock {
-        let system = SystemSessionClock()
-        func now() -> NIODeadline { system.now() }
-        func wallMilliseconds() -> Int64 { system.wallMilliseconds() }
-        func sleep(for duration: Duration) async throws {
-            if duration == NodeRestarts.watchInterval {
-                try await Task.sleep(for: .seconds(3600))
-            }
-            try await system.sleep(for: duration)
-        }
-    }
-
-    struct SystemEntropy: SessionEntropy {
-        func next() -> UInt64 {
-            var generator = SystemRandomNumberGenerator()
-            return generator.next()
-        }
-    }
-
     /// Every new session on n1 (n2 only takes over), so every backup on n2.
     func configuration(n1: String, n2: String) throws -> SessionManager.Configuration {
         var config = try SessionManager.Configuration(nodes: "n1:\(n1),n2:\(n2)")
@@ -72,7 +51,7 @@ struct RestartTrustTests {
         try await withMemcachedServers(count: 2) { servers in
             let config = try configuration(n1: servers[0].hostAndPort, n2: servers[1].hostAndPort)
             let client = try MemcachedClient(configuration: config.memcached)
-            let manager = try SessionManager(configuration: config, nodes: client, clock: NoRestartWatchClock(), entropy: SystemEntropy())
+            let manager = try SessionManager(configuration: config, nodes: client, clock: StretchingClock.noRestartWatch, entropy: SystemEntropy())
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await client.run() }
                 group.addTask { try await manager.run() }

@@ -3,7 +3,7 @@ import MemcachedTestRig
 import NIOCore
 import Testing
 
-@testable import MemcachedSessions
+@_spi(Simulation) @testable import MemcachedSessions
 
 /// What a browser keeps between requests: the session cookie.
 struct Browser: Sendable {
@@ -152,5 +152,52 @@ func sessionError(_ body: () async throws -> Void) async -> SessionError? {
         return error
     } catch {
         return SessionError(code: .disabled, message: "not a SessionError: \(error)")
+    }
+}
+
+/// The system's clock, except for the sleeps `stretch` picks: those last the duration it returns
+/// instead (an hour: until the manager stops). Drives a background loop's timing explicitly (a
+/// restart watch that looks only once, notices read late), never a test's own waits.
+struct StretchingClock: SessionClock {
+    let system = SystemSessionClock()
+    let stretch: @Sendable (Duration) -> Duration?
+
+    func now() -> NIODeadline { system.now() }
+    func wallMilliseconds() -> Int64 { system.wallMilliseconds() }
+    func sleep(for duration: Duration) async throws {
+        try await system.sleep(for: stretch(duration) ?? duration)
+    }
+
+    /// The restart watch looks once, at start, and never again: only misses' checks see restarts.
+    static let noRestartWatch = StretchingClock { $0 == NodeRestarts.watchInterval ? .seconds(3600) : nil }
+}
+
+struct SystemEntropy: SessionEntropy {
+    func next() -> UInt64 {
+        var generator = SystemRandomNumberGenerator()
+        return generator.next()
+    }
+}
+
+/// Runs `body` with running managers, each over its own client and on its own clock, then shuts
+/// them down.
+func withManagers(
+    _ setups: [(SessionManager.Configuration, any SessionClock)], _ body: ([SessionManager]) async throws -> Void
+) async throws {
+    let clients = try setups.map { try MemcachedClient(configuration: $0.0.memcached) }
+    let managers = try zip(setups, clients).map { setup, client in
+        try SessionManager(configuration: setup.0, nodes: client, clock: setup.1, entropy: SystemEntropy())
+    }
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for client in clients { group.addTask { try await client.run() } }
+        for manager in managers { group.addTask { try await manager.run() } }
+        do {
+            try await body(managers)
+        } catch {
+            group.cancelAll()
+            throw error
+        }
+        group.cancelAll()
+        try await group.waitForAll()
     }
 }

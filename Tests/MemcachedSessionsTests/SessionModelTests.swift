@@ -89,6 +89,31 @@ struct SessionModelTests {
         #expect(throws: SessionError.self) { try session.set("x", 1) }
     }
 
+    /// The simulation, seed 1571: a request that found the old id ended (a tombstone) while a
+    /// concurrent login of the same instance had given the shared copy a new id ended the login's
+    /// session too, and the login's response cleared its own cookie.
+    @Test func anEndFoundUnderAnOldIdLeavesTheNewIdAlone() throws {
+        let session = try Self.session()
+        let old = session.id
+        session.setID(.generate(nodeID: "n1", route: nil))
+        #expect(!session.invalidate(byAnotherRequest: false, ifToken: old.token))
+        #expect(!session.isInvalidated)
+        #expect(session.invalidate(byAnotherRequest: true, ifToken: session.id.token))
+        #expect(session.isInvalidated && session.wasInvalidatedElsewhere)
+    }
+
+    /// The simulation, seed 87: a session whose first save was sent may be stored even while new.
+    @Test func aSessionWhoseFirstSaveWasSentMayBeStored() throws {
+        let session = Session(
+            id: .generate(nodeID: "n1", route: nil), record: SessionRecord(
+                metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 1, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 0),
+                attributes: [:]),
+            casUnique: nil, isNew: true, codec: BinarySessionCodec(), attributeFilter: nil)
+        #expect(!session.mayBeStored)
+        _ = session.snapshotForSave(now: 2)
+        #expect(session.mayBeStored && session.isNew)
+    }
+
     @Test func configurationErrorsNameTheSetting() throws {
         func error(_ configure: (inout SessionManager.Configuration) throws -> Void) throws -> String? {
             var configuration = try SessionManager.Configuration(nodes: "n1:127.0.0.1:1 n2:127.0.0.1:2")

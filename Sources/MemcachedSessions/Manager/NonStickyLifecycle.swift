@@ -301,7 +301,7 @@ extension SessionManager {
 
         if session.isInvalidated {
             statistics.count(.sessionsInvalidated)
-            if !session.isNew {
+            if session.mayBeStored {
                 await deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: true)
             } else if let lock {
                 await release(lock)

@@ -73,14 +73,60 @@ extension SessionManager {
             do { try await clock.sleep(for: configuration.asynchronousSaveDelay + .milliseconds(100)) } catch {}
             read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
         }
+        if takeover, case .missing = read, await previousOwnerMayBeRestoring(on: id.nodeID) {
+            // The node restarted empty a moment ago: the previous owner writes the sessions it
+            // holds there back from memory (``restoreLocalCopies(on:)``) once its own watch has
+            // seen the restart. Wait for that, bounded, before calling the session gone.
+            read = await awaitRestoredCopy(key: keys.primary, on: id.nodeID, touch: slide)
+        }
+        var home = id.nodeID
+        if takeover, case .missing = read {
+            // The previous owner may have moved the session to another node while its own was
+            // down (a save that found the node down relocates it, keeping its token), with no
+            // response to carry the new cookie: look there, in one parallel round trip (the
+            // simulation, seeds 2933 and 3182: the node restarted empty, or answered again and
+            // had its old copy deleted).
+            let search = await searchCopies(
+                keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
+            if search.tombstone {
+                statistics.count(.sessionsNotFound)
+                return nil
+            }
+            if let newest = search.newest, newest.isPrimary {
+                read = .found(newest.stored)
+                home = newest.nodeID
+                statistics.count(.sessionsRestored)
+            }
+        }
+        var noticePosted = false
+        var writeBack = false
+        if takeover, configuration.asynchronousSaving, case .found = read, let previous = id.route {
+            // The takeover handshake: the previous owner may hold a queued write of this session
+            // (asynchronous saving). Once it has read the notice, nothing of it is queued or in
+            // flight; the copy read after that has whatever landed. Without the handshake a write
+            // due just before the notice's read lands after this copy was read, and the browser
+            // sees a change come back it had not seen since (the simulation, seed 1146).
+            noticePosted = true
+            if await endTakenOver(keys, from: previous) {
+                let again = await readStored(key: keys.primary, on: home, touch: slide)
+                if case .missing = again {
+                    // The node restarted meanwhile, and the previous owner has dropped its copy:
+                    // the copy read before is the newest there is; it is written back at the
+                    // end of this request (the simulation, seed 1187).
+                    writeBack = true
+                } else {
+                    read = again
+                }
+            }
+        }
         switch read {
         case .found(let stored):
             if isExpired(stored.record, now: now) {
                 statistics.count(.sessionsExpired)
-                await deleteCopies(keys: keys, nodeID: id.nodeID, lock: nil, wait: false)
+                await deleteCopies(keys: keys, nodeID: home, lock: nil, wait: false)
                 return nil
             }
-            let owned = id.routed(to: configuration.route)
+            let owned = id.relocated(to: home).routed(to: configuration.route)
             let loaded = makeSession(id: owned, record: stored.record, casUnique: stored.casUnique, isNew: false)
             let refreshed = clock.now()
             // Concurrent requests of this session that loaded it meanwhile share one copy.
@@ -92,11 +138,12 @@ extension SessionManager {
                 return nil
             }
             access.state.withLock { $0.loaded.lastStoreRefresh = refreshed }
+            if writeBack { session.markAllChanged() }
             statistics.count(.sessionsLoaded)
             if takeover, let previous = id.route {
                 // The previous owner drops its copy (and its queued write) when it reads this.
                 session.takenOverFrom = previous
-                Task { await self.postNotice(keys, to: previous) }
+                if !noticePosted { Task { await self.postNotice(keys, to: previous) } }
             }
             if takeover {
                 statistics.count(.takeovers)
@@ -135,7 +182,11 @@ extension SessionManager {
             } else {
                 localStore.end(id.token, at: clock.now())
             }
-            if !session.isNew, isEnabled {
+            // A write of the session the asynchronous writer has in flight lands first; a new
+            // session whose first add had its reply lost may be stored as well (the simulation,
+            // seed 87: a logout left that copy alone, and another instance served it).
+            if isEnabled { await writer.awaitWrites(of: [session]) }
+            if session.mayBeStored, isEnabled {
                 await deleteCopies(keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true)
                 // The instance it was taken over from must not serve it from memory any more.
                 if let previous = session.takenOverFrom, previous != configuration.route {
@@ -315,18 +366,22 @@ extension SessionManager {
                 statistics.count(.localCopiesReplaced)
             }
         case .tombstone:
-            session.invalidate()
+            // A login of this instance racing this request may have given the shared copy a new
+            // id and ended the old one meanwhile: the old id is gone, the copy under its new id
+            // stays (the simulation, seed 1571: the login's response cleared its own cookie).
+            session.invalidate(byAnotherRequest: false, ifToken: id.token)
             localStore.remove(id.token, ifSame: session)
             statistics.count(.sessionsNotFound)
             return false
         case .missing:
             if await endedOnSomeNode(keys) {
                 // Ended (its node lost the tombstone in a restart; the other nodes have theirs).
-                session.invalidate(byAnotherRequest: true)
+                session.invalidate(byAnotherRequest: true, ifToken: id.token)
                 localStore.remove(id.token, ifSame: session)
                 statistics.count(.sessionsNotFound)
                 return false
             }
+            guard session.id.token == id.token else { return false }  // regenerated meanwhile
             statistics.count(.backupRepairs)
             session.markAllChanged()
             if !writer.enqueue(session) { writer.retryLater(session) }

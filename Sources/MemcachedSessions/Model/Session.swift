@@ -99,6 +99,9 @@ public final class Session: Sendable {
         /// The stored copy's CAS unique this state derives from; nil when never stored.
         var casUnique: UInt64?
         var isNew: Bool
+        /// A save was sent (acknowledged or not): a copy may be in memcached even while the
+        /// session is still new (an add whose reply was lost).
+        var saveSent = false
         var invalidated = false
         var invalidatedElsewhere = false
         /// Sticky: the route of the instance this one took the session over from.
@@ -138,6 +141,10 @@ public final class Session: Sendable {
 
     /// Whether the session was created by this request (or has never been stored yet).
     public var isNew: Bool { state.withLock { $0.isNew } }
+
+    /// Whether memcached may hold a copy: the session was stored, or a save of it was sent (its
+    /// outcome unknown). A logout then writes tombstones.
+    var mayBeStored: Bool { state.withLock { !$0.isNew || $0.saveSent } }
 
     /// Whether ``invalidate()`` was called.
     public var isInvalidated: Bool { state.withLock { $0.invalidated } }
@@ -242,6 +249,21 @@ public final class Session: Sendable {
         }
     }
 
+    /// Ends the session as ``invalidate(byAnotherRequest:)`` does, but only while it still has
+    /// `token`: a concurrent request of this instance may have given it a new id (a login) since
+    /// the copy that said "ended" was read, and the old id's end is not the new one's. Returns
+    /// whether it ended the session.
+    @discardableResult
+    func invalidate(byAnotherRequest: Bool, ifToken token: SessionID.Token) -> Bool {
+        state.withLock { state in
+            guard state.id.token == token else { return false }
+            if !state.invalidated { state.invalidatedElsewhere = byAnotherRequest }
+            state.invalidated = true
+            state.generation &+= 1
+            return true
+        }
+    }
+
     /// Whether the manager found the session ended elsewhere (not by this instance's requests).
     var wasInvalidatedElsewhere: Bool { state.withLock { $0.invalidatedElsewhere } }
 
@@ -290,6 +312,7 @@ public final class Session: Sendable {
     /// The state to save, with the version and access time it will be saved with.
     func snapshotForSave(now: Int64) -> Snapshot {
         state.withLock { state in
+            state.saveSent = true
             var metadata = state.metadata
             metadata.version &+= 1
             metadata.lastAccessedAt = max(metadata.lastAccessedAt, now)

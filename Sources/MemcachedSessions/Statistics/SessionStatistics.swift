@@ -39,6 +39,9 @@ public final class SessionStatistics: Sendable {
         case relocations
         /// Non-sticky: a session missing from a node that restarted, restored from its backup.
         case sessionsRestored
+        /// Sticky: a takeover that missed on a node restarted a moment ago, and waited for the
+        /// previous owner to write its copy back.
+        case restoreWaits
         case locksAcquired
         case lockWaits
         case lockFailures

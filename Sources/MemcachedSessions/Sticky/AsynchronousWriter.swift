@@ -25,6 +25,10 @@ final class AsynchronousWriter: Sendable {
         /// Sessions whose save failed because no node answered: queued again periodically.
         var retry: [ObjectIdentifier: Session] = [:]
         var waiter: CheckedContinuation<Void, Never>?
+        /// The batch being written now (taken from the queue, not yet acknowledged).
+        var writing: Set<ObjectIdentifier> = []
+        /// Waiting until the batch being written now is done (``awaitWrites(of:)``).
+        var writingWaiters: [CheckedContinuation<Void, Never>] = []
         var stopping = false
         var stopped = false
     }
@@ -120,6 +124,29 @@ final class AsynchronousWriter: Sendable {
                 await manager.saveStickyBatch(batch)
             }
         }.value
+        let waiters = state.withLock { state in
+            state.writing = []
+            defer { state.writingWaiters = [] }
+            return state.writingWaiters
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    /// Returns once none of `sessions` is being written: a write taken from the queue before they
+    /// were taken over has landed (or failed) by then. (Queued ones are dropped when written: a
+    /// taken-over session's write goes no further.)
+    func awaitWrites(of sessions: [Session]) async {
+        let ids = Set(sessions.map(ObjectIdentifier.init))
+        while !state.withLock({ $0.writing.isDisjoint(with: ids) }) {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let writing = state.withLock { state -> Bool in
+                    guard !state.writing.isDisjoint(with: ids) else { return false }
+                    state.writingWaiters.append(continuation)
+                    return true
+                }
+                if !writing { continuation.resume() }
+            }
+        }
     }
 
     /// Takes up to a batch of sessions that are due (all of them when `all`).
@@ -129,6 +156,7 @@ final class AsynchronousWriter: Sendable {
         while batch.count < Self.batchSize, let first = state.queue.first, all || state.stopping || first.due <= now {
             state.queue.removeFirst()
             state.queued.remove(ObjectIdentifier(first.session))
+            state.writing.insert(ObjectIdentifier(first.session))
             batch.append(first.session)
         }
         return batch

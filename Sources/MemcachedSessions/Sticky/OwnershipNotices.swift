@@ -23,6 +23,9 @@ final class OwnershipNotices: Sendable {
 
     func read(at deadline: NIODeadline) { lastRead.withLock { $0 = deadline } }
 
+    /// When notices were last read (nil: never yet).
+    var lastReadAt: NIODeadline? { lastRead.withLock { $0 } }
+
     /// Whether notices may have been missed: none read within `limit`.
     func mayHaveMissed(now: NIODeadline, limit: TimeAmount) -> Bool {
         lastRead.withLock { last in last.map { now - $0 > limit } ?? false }
@@ -85,23 +88,29 @@ extension SessionManager {
 
     /// Ends a session this instance took over from `route`: posts the notice and waits, at most
     /// ``noticeWait``, until `route` has read it (when `route` is alive: its heartbeat is there).
-    func endTakenOver(_ keys: SessionKeys, from route: String) async {
-        guard let node = await postNotice(keys, to: route) else { return }
+    ///
+    /// Also the takeover handshake of asynchronous saving: once the previous owner has read the
+    /// notice, none of its writes of the session is queued or in flight any more.
+    /// Returns true when the previous owner read the notice (false: not alive, or not in time).
+    @discardableResult
+    func endTakenOver(_ keys: SessionKeys, from route: String) async -> Bool {
+        guard let node = await postNotice(keys, to: route) else { return false }
         var heartbeat = MemcachedRequest.getMetadata(heartbeatKey(route))
         heartbeat.honorsCancellation = false
-        guard case .success(.item(_?)) = await node.executeBatch([heartbeat])[0] else { return }  // not alive
+        guard case .success(.item(_?)) = await node.executeBatch([heartbeat])[0] else { return false }  // not alive
         let digest = noticeDigest(keys)
         let deadline = clock.now() + TimeAmount(Self.noticeWait)
         while clock.now() < deadline {
             var read = MemcachedRequest.get(noticeKey(route))
             read.honorsCancellation = false
-            guard case .success(.item(let item)) = await node.executeBatch([read])[0] else { return }
-            guard let item, String(buffer: item.value).contains(digest) else { return }  // read by the owner
-            do { try await clock.sleep(for: .milliseconds(50)) } catch { return }
+            guard case .success(.item(let item)) = await node.executeBatch([read])[0] else { return false }
+            guard let item, String(buffer: item.value).contains(digest) else { return true }  // read by the owner
+            do { try await clock.sleep(for: .milliseconds(50)) } catch { return false }
         }
         statistics.count(.noticesUnread)
         logger.notice(
             "the previous owner of a sticky session did not read its notice in time", metadata: ["route.previous": "\(route)"])
+        return false
     }
 
     /// Reads this instance's notices four times a second, and keeps its heartbeat. Runs in
@@ -111,6 +120,16 @@ extension SessionManager {
         var lastLoop = clock.now()
         var beats = 0
         while !Task.isCancelled {
+            // The heartbeat first, before the first sleep: an instance that serves sessions is
+            // alive from its start on, or an ending elsewhere would not wait for it to read its
+            // notice (the simulation, seed 1354: a logout answered while this instance, started
+            // 0.1 s before, still served the session from memory).
+            if beats % 4 == 0, let node = noticeNode {
+                var beat = MemcachedRequest.store(heartbeatKey(route), value: ByteBuffer(string: "1"), ttl: .seconds(3), quiet: true)
+                beat.honorsCancellation = false
+                await node.submit(beat)
+            }
+            beats += 1
             do { try await clock.sleep(for: Self.noticeInterval) } catch { return }
             let now = clock.now()
             if now - lastLoop > TimeAmount(Self.noticeInterval * 4) {
@@ -119,12 +138,6 @@ extension SessionManager {
                 statistics.count(.noticeGaps)
             }
             lastLoop = now
-            if beats % 4 == 0, let node = noticeNode {
-                var beat = MemcachedRequest.store(heartbeatKey(route), value: ByteBuffer(string: "1"), ttl: .seconds(3), quiet: true)
-                beat.honorsCancellation = false
-                await node.submit(beat)
-            }
-            beats += 1
             if await readNotices(route: route) { notices.read(at: now) }
         }
     }
@@ -133,16 +146,30 @@ extension SessionManager {
     func readNotices(route: String) async -> Bool {
         let key = noticeKey(route)
         var answered = false
-        var digests: Set<Substring> = []
+        // Node by node, each mailbox acted on as soon as it is read: a node slow to answer does
+        // not hold back the acknowledgement of a notice read from another (the new owner waits
+        // for it; the simulation, seed 9874).
         for nodeID in topology.order where topology.isReachable(nodeID) {
             guard let node = topology.node(nodeID) else { continue }
-            var read = MemcachedRequest.get(key)
-            read.honorsCancellation = false
-            switch await node.executeBatch([read])[0] {
+            var get = MemcachedRequest.get(key)
+            get.honorsCancellation = false
+            switch await node.executeBatch([get])[0] {
             case .success(.item(let item?)):
                 answered = true
-                let text = String(buffer: item.value)
-                for line in text.split(separator: "\n") where !line.isEmpty { digests.insert(line) }
+                var digests: Set<Substring> = []
+                for line in String(buffer: item.value).split(separator: "\n") where !line.isEmpty { digests.insert(line) }
+                var takenOver: [Session] = []
+                for session in localStore.allSessions where digests.contains(noticeDigest(keys(of: session))) {
+                    session.markTakenOver()
+                    localStore.remove(session.id.token, ifSame: session)
+                    statistics.count(.noticesRead)
+                    takenOver.append(session)
+                }
+                // A write of these sessions already taken from the queue lands before the notice
+                // goes: the new owner, seeing it gone, reads the copy with it (the simulation,
+                // seed 1146: a queued write that landed after the takeover brought back a count
+                // the browser had not seen since).
+                if !takenOver.isEmpty { await writer.awaitWrites(of: takenOver) }
                 var delete = MemcachedRequest.delete(key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil)
                 delete.honorsCancellation = false
                 _ = await node.executeBatch([delete])
@@ -150,13 +177,6 @@ extension SessionManager {
                 answered = true
             case .failure:
                 break
-            }
-        }
-        if !digests.isEmpty {
-            for session in localStore.allSessions where digests.contains(noticeDigest(keys(of: session))) {
-                session.markTakenOver()
-                localStore.remove(session.id.token, ifSame: session)
-                statistics.count(.noticesRead)
             }
         }
         return answered

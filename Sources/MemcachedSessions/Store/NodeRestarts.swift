@@ -1,4 +1,5 @@
 import Memcached
+import NIOCore
 import Synchronization
 
 /// When each memcached node last restarted, from its own `stats`: a new `pid`, or a boot time
@@ -123,9 +124,7 @@ extension SessionManager {
     func watchNodeRestartsPeriodically() async {
         while !Task.isCancelled {
             for nodeID in topology.order {
-                if await observeNode(nodeID) == true, usesLocalLifecycle, isEnabled {
-                    await restoreLocalCopies(on: nodeID)
-                }
+                if await observeNode(nodeID) == true { await restoreLocalCopiesIfSticky(on: nodeID) }
             }
             do { try await clock.sleep(for: NodeRestarts.watchInterval) } catch { return }
         }
@@ -165,6 +164,9 @@ extension SessionManager {
                 Task {
                     let restarted = await self.observeNode(nodeID)
                     restarts.finishCheck(number, node: nodeID, failed: restarted == nil)
+                    // The restart is seen here first, not by the watch (which will not see it
+                    // again): sticky copies are written back from here (the simulation, seed 188).
+                    if restarted == true { await self.restoreLocalCopiesIfSticky(on: nodeID) }
                 }
             }
             switch state {
@@ -186,6 +188,40 @@ extension SessionManager {
 }
 
 extension SessionManager {
+    /// Sticky: how long after a node's restart its sessions' owners may still be writing them back
+    /// from memory: an owner's probe marks the node up again, its restart watch sees the new boot
+    /// time on its next round, and then it writes.
+    var restoreWindow: Duration {
+        NodeRestarts.watchInterval + configuration.memcached.probeInterval + .milliseconds(500)
+    }
+
+    /// Sticky, on a takeover's miss: whether the node restarted within ``restoreWindow``, so that
+    /// the previous owner may not have written its copy back yet.
+    func previousOwnerMayBeRestoring(on nodeID: String) async -> Bool {
+        guard await missMayBeRestartChecking(on: nodeID) else { return false }
+        let seconds = Int64((restoreWindow.components.seconds)) + 1
+        return nodeRestarts.restarted(nodeID, within: seconds, now: currentTimeMillis() / 1000)
+    }
+
+    /// Reads `key` every 100 ms until it is there (or a tombstone, or the node stops answering),
+    /// for at most ``restoreWindow``.
+    func awaitRestoredCopy(key: String, on nodeID: String, touch: MemcachedTTL?) async -> StoredRead {
+        statistics.count(.restoreWaits)
+        let deadline = clock.now() + TimeAmount(restoreWindow)
+        while true {
+            do { try await clock.sleep(for: .milliseconds(100)) } catch { return .missing }
+            let read = await readStored(key: key, on: nodeID, touch: touch)
+            guard case .missing = read, clock.now() < deadline else { return read }
+        }
+    }
+
+    /// A restart seen by the watch or by a miss's check, seen once: in sticky mode the sessions
+    /// this instance holds on the node are written back.
+    func restoreLocalCopiesIfSticky(on nodeID: String) async {
+        guard usesLocalLifecycle, isEnabled else { return }
+        await restoreLocalCopies(on: nodeID)
+    }
+
     /// Sticky: `nodeID` restarted empty. Every session this instance holds there is written back
     /// from memory as it is (with an add: never over a copy written meanwhile), for what is left
     /// of its idle timeout since its last use here (a restore is not a use), unless another node
@@ -193,7 +229,12 @@ extension SessionManager {
     /// restart) and ends here too. Pipelined in batches of 100.
     func restoreLocalCopies(on nodeID: String) async {
         guard let node = topology.node(nodeID) else { return }
-        let held = localStore.sessions(on: nodeID).filter { !$0.session.isInvalidated && !$0.session.isTakenOver }
+        // Not the new ones: their first save is still to come (queued, or in their request), and
+        // a copy written here behind their back would outlive a logout that finds nothing stored
+        // (the simulation, seed 950).
+        let held = localStore.sessions(on: nodeID).filter {
+            !$0.session.isInvalidated && !$0.session.isTakenOver && !$0.session.isNew
+        }
         guard !held.isEmpty else { return }
         logger.notice("memcached node restarted: writing this instance's sessions there again", metadata: ["memcached.node": "\(nodeID)"])
         var start = 0
