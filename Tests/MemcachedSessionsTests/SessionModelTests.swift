@@ -53,6 +53,18 @@ struct SessionModelTests {
         #expect(next.changes.keys.sorted() == ["b"])
     }
 
+    /// The simulation, seed 14589: a save that landed on the node a concurrent request had just
+    /// moved the session off counted as saved, and its change never reached the new node.
+    @Test func aSaveOnANodeTheSessionLeftSavesNothing() throws {
+        let session = try Self.session()
+        try session.set("a", 1)
+        let snapshot = session.snapshotForSave(now: 5)
+        session.setID(session.id.relocated(to: "n2"))  // moved by a concurrent request meanwhile
+        session.markSaved(snapshot, saved: snapshot.record, casUnique: 10)
+        #expect(session.hasUnsavedChanges)
+        #expect(session.snapshotForSave(now: 6).changes.keys.sorted() == ["a"])
+    }
+
     @Test func mergeReappliesOnlyOwnChanges() throws {
         let codec = BinarySessionCodec()
         let session = try Self.session(["a": try codec.encodeValue(1), "b": try codec.encodeValue(1), "gone": try codec.encodeValue(0)])

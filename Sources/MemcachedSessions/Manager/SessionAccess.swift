@@ -308,6 +308,10 @@ extension SessionManager {
     /// answers again (``LeftoverCopies``). A tombstone, not a delete: another instance still
     /// holding the session in memory learns it was invalidated (a missing copy would look like
     /// one lost by a restart), and no recovery, backup repair or racing write can bring it back.
+    ///
+    /// The primary's tombstone on the session's own node is tried once more when its outcome is
+    /// unknown and the node is still marked up (the simulation, seed 14016: a logout answered while
+    /// its node had dropped the tombstone, and another instance served the session there).
     func deleteCopies(keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool) async {
         if let lock { heldLocks.remove(lock) }
         backupMemo.forget(keys.backup)
@@ -327,10 +331,20 @@ extension SessionManager {
             if let lock { batch.append(prepared(await lockReleaseRequest(lock))) }
             let requests = batch
             let backups = !usesLocalLifecycle
-            let home = { @Sendable in
+            let primaryTombstone = requests[0]
+            let home = { @Sendable () async in
                 let results = await node.executeBatch(requests)
                 if let lock { self.releaseAnswered(results[requests.count - 1], lock: lock, node: node) }
-                if case .failure = results[0] { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.primary, on: nodeID) }
+                if case .failure(let error) = results[0] {
+                    // Once more while the node is marked up (a lost reply, a dropped command).
+                    var ended = false
+                    if error.leavesOutcomeUnknown, self.topology.isReachable(nodeID),
+                        case .success = await node.executeBatch([primaryTombstone])[0]
+                    {
+                        ended = true
+                    }
+                    if !ended { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.primary, on: nodeID) }
+                }
                 if backups, case .failure = results[1] {
                     self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.backup, on: nodeID)
                 }

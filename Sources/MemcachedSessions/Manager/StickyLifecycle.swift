@@ -107,16 +107,20 @@ extension SessionManager {
             // due just before the notice's read lands after this copy was read, and the browser
             // sees a change come back it had not seen since (the simulation, seed 1146).
             noticePosted = true
-            if await endTakenOver(keys, from: previous) {
-                let again = await readStored(key: keys.primary, on: home, touch: slide)
-                if case .missing = again {
-                    // The node restarted meanwhile, and the previous owner has dropped its copy:
-                    // the copy read before is the newest there is; it is written back at the
-                    // end of this request (the simulation, seed 1187).
-                    writeBack = true
-                } else {
-                    read = again
-                }
+            // Read again even when the owner did not acknowledge in time (a fault slowed its
+            // notice read): its write, due meanwhile, has most likely landed by now (the
+            // simulation, seed 11679).
+            _ = await endTakenOver(keys, from: previous)
+            switch await readStored(key: keys.primary, on: home, touch: slide) {
+            case .missing:
+                // The node restarted meanwhile, and the previous owner has dropped its copy: the
+                // copy read before is the newest there is; it is written back at the end of this
+                // request (the simulation, seed 1187).
+                writeBack = true
+            case .unreachable:
+                break  // the copy read before
+            case let again:
+                read = again
             }
         }
         switch read {
@@ -252,7 +256,7 @@ extension SessionManager {
     }
 
     /// Saves a sticky session (at the end of the request, or from the asynchronous writer).
-    func saveSticky(_ session: Session, synchronous: Bool) async throws(SessionError) {
+    func saveSticky(_ session: Session, synchronous: Bool, again: Bool = false) async throws(SessionError) {
         let id = session.id
         let keys = self.keys(of: session)
         let (outcome, finalID) = await saveWithRelocation(
@@ -260,6 +264,13 @@ extension SessionManager {
         switch outcome {
         case .saved:
             localStore.markRefreshed(finalID.token, at: clock.now())
+            let now = session.id
+            if !again, now.token == finalID.token, now.nodeID != finalID.nodeID, session.hasUnsavedChanges {
+                // A concurrent request of this instance moved the session while this save went
+                // to the node it left: this request's changes go where the session is now, before
+                // the response.
+                try await saveSticky(session, synchronous: synchronous, again: true)
+            }
         case .gone:
             statistics.count(.sessionsNotFound)
             // A copy under an id the session no longer has (a login gave it a new one while this
@@ -330,6 +341,12 @@ extension SessionManager {
                             self.statistics.count(.writes)
                             self.statistics.count(.bytesWritten, item.bytes.readableBytes)
                             self.localStore.markRefreshed(item.snapshot.id.token, at: self.clock.now())
+                            let current = item.session.id
+                            if current.token == item.snapshot.id.token, current.nodeID != item.snapshot.id.nodeID,
+                                item.session.hasUnsavedChanges
+                            {
+                                retry.append(item.session)  // moved meanwhile: written where it is now
+                            }
                         } else {
                             retry.append(item.session)
                         }

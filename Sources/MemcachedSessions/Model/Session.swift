@@ -327,9 +327,10 @@ public final class Session: Sendable {
     /// the snapshot stay pending.
     func markSaved(_ snapshot: Snapshot, saved record: SessionRecord, casUnique: UInt64?) {
         state.withLock { state in
-            // Saved under an id the session no longer has (a login gave it a new one meanwhile):
-            // nothing of it is saved under the new id.
-            guard state.id.token == snapshot.id.token else { return }
+            // Saved under an id the session no longer has (a login gave it a new one meanwhile),
+            // or on a node it has left (a concurrent request moved it meanwhile): nothing of it
+            // is saved where the session is now (the simulation, seed 14589).
+            guard state.id.token == snapshot.id.token, state.id.nodeID == snapshot.id.nodeID else { return }
             state.casUnique = casUnique
             state.isNew = false
             state.moved = false
