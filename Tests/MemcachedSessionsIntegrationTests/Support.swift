@@ -71,17 +71,13 @@ func configuration(
     return configuration
 }
 
-/// Runs `body` with running managers (one per configuration), then shuts them down gracefully.
-func withManagers(
-    _ configurations: [SessionManager.Configuration], _ body: ([SessionManager]) async throws -> Void
-) async throws {
-    let managers = try configurations.map { try SessionManager(configuration: $0) }
+/// Runs `services` (managers, clients) in the background while `body` runs, then cancels them
+/// (a graceful shutdown) and waits for them to end.
+func whileRunning(_ services: [@Sendable () async throws -> Void], _ body: () async throws -> Void) async throws {
     try await withThrowingTaskGroup(of: Void.self) { group in
-        for manager in managers {
-            group.addTask { try await manager.run() }
-        }
+        for service in services { group.addTask { try await service() } }
         do {
-            try await body(managers)
+            try await body()
         } catch {
             group.cancelAll()
             throw error
@@ -89,6 +85,16 @@ func withManagers(
         group.cancelAll()
         try await group.waitForAll()
     }
+}
+
+/// Runs `body` with running managers (one per configuration), then shuts them down gracefully.
+func withManagers(
+    _ configurations: [SessionManager.Configuration], _ body: ([SessionManager]) async throws -> Void
+) async throws {
+    let managers = try configurations.map { try SessionManager(configuration: $0) }
+    var services: [@Sendable () async throws -> Void] = []
+    for manager in managers { services.append { try await manager.run() } }
+    try await whileRunning(services) { try await body(managers) }
 }
 
 func withManager(
@@ -102,17 +108,7 @@ func withInspector(_ servers: [MemcachedServer], _ body: (MemcachedClient) async
     var configuration = try MemcachedClient.Configuration(nodes: nodeList(servers))
     configuration.probeInterval = .milliseconds(100)
     let client = try MemcachedClient(configuration: configuration)
-    try await withThrowingTaskGroup(of: Void.self) { group in
-        group.addTask { try await client.run() }
-        do {
-            try await body(client)
-        } catch {
-            group.cancelAll()
-            throw error
-        }
-        group.cancelAll()
-        try await group.waitForAll()
-    }
+    try await whileRunning([{ try await client.run() }]) { try await body(client) }
 }
 
 /// memcached's own command counters summed over nodes.
@@ -188,16 +184,8 @@ func withManagers(
     let managers = try zip(setups, clients).map { setup, client in
         try SessionManager(configuration: setup.0, nodes: client, clock: setup.1, entropy: SystemEntropy())
     }
-    try await withThrowingTaskGroup(of: Void.self) { group in
-        for client in clients { group.addTask { try await client.run() } }
-        for manager in managers { group.addTask { try await manager.run() } }
-        do {
-            try await body(managers)
-        } catch {
-            group.cancelAll()
-            throw error
-        }
-        group.cancelAll()
-        try await group.waitForAll()
-    }
+    var services: [@Sendable () async throws -> Void] = []
+    for client in clients { services.append { try await client.run() } }
+    for manager in managers { services.append { try await manager.run() } }
+    try await whileRunning(services) { try await body(managers) }
 }
