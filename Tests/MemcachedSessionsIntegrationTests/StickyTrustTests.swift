@@ -248,4 +248,35 @@ struct StickyTrustTests {
             }
         }
     }
+
+    /// The review: after an instance crashed, its heartbeat outlives it for up to 3 s, and each
+    /// asynchronous takeover of its sessions waited the whole second for a notice nobody reads.
+    /// Once it has not read one in time, it is not waited for again until its heartbeat changes.
+    @Test func aCrashedOwnerIsWaitedForOnceUntilItsHeartbeatChanges() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            var browsers = [Browser(), Browser(), Browser()]
+            // "dead" serves three sessions, then stops without a word, its heartbeat left behind.
+            try await withManager(try sticky(servers, route: "dead", asynchronous: true)) { dead in
+                for index in browsers.indices { try await dead.increment(&browsers[index]) }
+            }
+            try await withManager(try sticky(servers, route: "b", asynchronous: true)) { b in
+                try await withInspector(servers) { inspector in
+                    func beat() async throws {
+                        // Longer than the test: the heartbeat of an instance that died a moment ago.
+                        try await inspector.node("n1").set(b.heartbeatKey("dead"), value: ByteBuffer(string: "1"), ttl: .seconds(60))
+                    }
+                    try await beat()
+                    #expect(try await b.readCount(&browsers[0]) == 1)
+                    #expect(b.statistics.value(of: .noticesUnread) == 1, "waited for the first")
+                    #expect(try await b.readCount(&browsers[1]) == 1)
+                    #expect(b.statistics.value(of: .noticesUnread) == 1)
+                    #expect(b.statistics.value(of: .noticeWaitsSkipped) == 1, "not for the second")
+                    try await beat()  // alive again, by its heartbeat
+                    #expect(try await b.readCount(&browsers[2]) == 1)
+                    #expect(b.statistics.value(of: .noticesUnread) == 2, "waited again")
+                    #expect(b.statistics.value(of: .noticeWaitsSkipped) == 1)
+                }
+            }
+        }
+    }
 }

@@ -109,18 +109,20 @@ extension SessionManager {
             noticePosted = true
             // Read again even when the owner did not acknowledge in time (a fault slowed its
             // notice read): its write, due meanwhile, has most likely landed by now (the
-            // simulation, seed 11679).
-            _ = await endTakenOver(keys, from: previous)
-            switch await readStored(key: keys.primary, on: home, touch: slide) {
-            case .missing:
-                // The node restarted meanwhile, and the previous owner has dropped its copy: the
-                // copy read before is the newest there is; it is written back at the end of this
-                // request (the simulation, seed 1187).
-                writeBack = true
-            case .unreachable:
-                break  // the copy read before
-            case let again:
-                read = again
+            // simulation, seed 11679). Not when it is not alive (no heartbeat): nothing of it
+            // lands meanwhile, and reading again would only cost a round trip.
+            if await endTakenOver(keys, from: previous) != .notAlive {
+                switch await readStored(key: keys.primary, on: home, touch: slide) {
+                case .missing:
+                    // The node restarted meanwhile, and the previous owner has dropped its copy:
+                    // the copy read before is the newest there is; it is written back at the end
+                    // of this request (the simulation, seed 1187).
+                    writeBack = true
+                case .unreachable:
+                    break  // the copy read before
+                case let again:
+                    read = again
+                }
             }
         }
         switch read {

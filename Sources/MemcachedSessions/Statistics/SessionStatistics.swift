@@ -80,6 +80,9 @@ public final class SessionStatistics: Sendable {
         case noticesRead
         /// Sticky: an ending whose notice the previous owner, alive, did not read within a second.
         case noticesUnread
+        /// Sticky: an ending that did not wait for the previous owner: it had not read an earlier
+        /// notice in time, and its heartbeat has not been refreshed since (crashed, or frozen).
+        case noticeWaitsSkipped
         /// Sticky: this instance did not run for a while (frozen): every local copy is checked
         /// against memcached before it is served again.
         case noticeGaps

@@ -20,16 +20,46 @@ import Synchronization
 /// again.
 final class OwnershipNotices: Sendable {
     private let lastRead = Mutex<NIODeadline?>(nil)
+    /// Per previous owner (route) that did not read a notice in time: its heartbeat's CAS unique
+    /// then. While the heartbeat is the same item (not refreshed since: the owner crashed, or is
+    /// frozen), further endings do not wait for it again.
+    private let silentHeartbeats = Mutex<[String: UInt64]>([:])
 
     func read(at deadline: NIODeadline) { lastRead.withLock { $0 = deadline } }
 
     /// When notices were last read (nil: never yet).
     var lastReadAt: NIODeadline? { lastRead.withLock { $0 } }
 
+    func markSilent(_ route: String, heartbeat cas: UInt64) {
+        silentHeartbeats.withLock { $0[route] = cas }
+    }
+
+    /// Whether `route` did not read a notice in time and has not refreshed its heartbeat since.
+    /// Forgets `route` when it has.
+    func isSilent(_ route: String, heartbeat cas: UInt64) -> Bool {
+        silentHeartbeats.withLock { silent in
+            guard let known = silent[route] else { return false }
+            if known == cas { return true }
+            silent[route] = nil
+            return false
+        }
+    }
+
     /// Whether notices may have been missed: none read within `limit`.
     func mayHaveMissed(now: NIODeadline, limit: TimeAmount) -> Bool {
         lastRead.withLock { last in last.map { now - $0 > limit } ?? false }
     }
+}
+
+/// How an ending's notice to the previous owner went.
+enum NoticeHandshake: Equatable {
+    /// The previous owner has read it: nothing of the session is queued or in flight there.
+    case read
+    /// The previous owner is not alive (no heartbeat), or no node took the notice.
+    case notAlive
+    /// The previous owner, alive by its heartbeat, did not read it within ``SessionManager/noticeWait``
+    /// (or did not read an earlier one and has not refreshed its heartbeat since).
+    case timedOut
 }
 
 extension SessionManager {
@@ -91,26 +121,36 @@ extension SessionManager {
     ///
     /// Also the takeover handshake of asynchronous saving: once the previous owner has read the
     /// notice, none of its writes of the session is queued or in flight any more.
-    /// Returns true when the previous owner read the notice (false: not alive, or not in time).
+    ///
+    /// A previous owner that did not read a notice in time and whose heartbeat has not been
+    /// refreshed since (it crashed, and its heartbeat has not expired yet; or it is frozen) is not
+    /// waited for again: after an instance crashes, each takeover of its sessions would otherwise
+    /// wait a second for up to the heartbeat's 3 s TTL. It checks every copy in its memory against
+    /// memcached before serving again when it missed notices for more than a second.
     @discardableResult
-    func endTakenOver(_ keys: SessionKeys, from route: String) async -> Bool {
-        guard let node = await postNotice(keys, to: route) else { return false }
+    func endTakenOver(_ keys: SessionKeys, from route: String) async -> NoticeHandshake {
+        guard let node = await postNotice(keys, to: route) else { return .notAlive }
         var heartbeat = MemcachedRequest.getMetadata(heartbeatKey(route))
         heartbeat.honorsCancellation = false
-        guard case .success(.item(_?)) = await node.executeBatch([heartbeat])[0] else { return false }  // not alive
+        guard case .success(.item(let beat?)) = await node.executeBatch([heartbeat])[0] else { return .notAlive }
+        if let cas = beat.cas, notices.isSilent(route, heartbeat: cas) {
+            statistics.count(.noticeWaitsSkipped)
+            return .timedOut
+        }
         let digest = noticeDigest(keys)
         let deadline = clock.now() + TimeAmount(Self.noticeWait)
         while clock.now() < deadline {
             var read = MemcachedRequest.get(noticeKey(route))
             read.honorsCancellation = false
-            guard case .success(.item(let item)) = await node.executeBatch([read])[0] else { return false }
-            guard let item, String(buffer: item.value).contains(digest) else { return true }  // read by the owner
-            do { try await clock.sleep(for: .milliseconds(50)) } catch { return false }
+            guard case .success(.item(let item)) = await node.executeBatch([read])[0] else { return .timedOut }
+            guard let item, String(buffer: item.value).contains(digest) else { return .read }  // read by the owner
+            do { try await clock.sleep(for: .milliseconds(50)) } catch { return .timedOut }
         }
         statistics.count(.noticesUnread)
+        if let cas = beat.cas { notices.markSilent(route, heartbeat: cas) }
         logger.notice(
             "the previous owner of a sticky session did not read its notice in time", metadata: ["route.previous": "\(route)"])
-        return false
+        return .timedOut
     }
 
     /// Reads this instance's notices four times a second, and keeps its heartbeat. Runs in
