@@ -10,6 +10,20 @@ let package = Package(
         .library(name: "MemcachedSessions", targets: ["MemcachedSessions"]),
         .library(name: "MemcachedSessionsHummingbird", targets: ["MemcachedSessionsHummingbird"]),
         .library(name: "MemcachedSessionsVapor", targets: ["MemcachedSessionsVapor"]),
+        .executable(name: "msm", targets: ["msm"]),
+    ],
+    // Each framework's adapter, and the msm tool, behind a trait, none on by default: a package
+    // that depends on this one fetches a web framework only when it enables its adapter's trait
+    // (SwiftPM prunes a dependency whose every use is behind a trait that is off), e.g.
+    //     .package(url: "https://github.com/.../swift-memcached-sessions", from: "1.0.0", traits: ["Hummingbird"])
+    // This repository's own scripts build with `--traits Tools` (scripts/traits), which turns on all.
+    traits: [
+        .trait(name: "Hummingbird", description: "The Hummingbird 2 adapter: MemcachedSessionsHummingbird."),
+        .trait(name: "Vapor", description: "The Vapor 4 adapter: MemcachedSessionsVapor."),
+        .trait(
+            name: "Tools", description: "The msm command: demo cluster, app server, inspection and management.",
+            enabledTraits: ["Hummingbird", "Vapor"]),
+        .default(enabledTraits: []),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
@@ -85,8 +99,8 @@ let package = Package(
                 "MemcachedSessions",
                 "Memcached",
                 .product(name: "Crypto", package: "swift-crypto"),
-                .product(name: "Hummingbird", package: "hummingbird"),
-                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "Hummingbird", package: "hummingbird", condition: .when(traits: ["Hummingbird"])),
+                .product(name: "HTTPTypes", package: "swift-http-types", condition: .when(traits: ["Hummingbird"])),
             ]
         ),
         .target(
@@ -94,7 +108,7 @@ let package = Package(
             dependencies: [
                 "MemcachedSessions",
                 "Memcached",
-                .product(name: "Vapor", package: "vapor"),
+                .product(name: "Vapor", package: "vapor", condition: .when(traits: ["Vapor"])),
             ]
         ),
         .target(
@@ -104,29 +118,29 @@ let package = Package(
                 "MemcachedSessions",
                 "MemcachedSessionsHummingbird",
                 "MemcachedSessionsVapor",
-                .product(name: "Hummingbird", package: "hummingbird"),
-                .product(name: "HTTPTypes", package: "swift-http-types"),
-                .product(name: "Vapor", package: "vapor"),
+                .product(name: "Hummingbird", package: "hummingbird", condition: .when(traits: ["Tools"])),
+                .product(name: "HTTPTypes", package: "swift-http-types", condition: .when(traits: ["Tools"])),
+                .product(name: "Vapor", package: "vapor", condition: .when(traits: ["Tools"])),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Metrics", package: "swift-metrics"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Prometheus", package: "swift-prometheus", condition: .when(traits: ["Tools"])),
             ]
         ),
         .executableTarget(
             name: "msm",
             dependencies: [
-                "MSMApp",
+                .target(name: "MSMApp", condition: .when(traits: ["Tools"])),
                 "Memcached",
                 "MemcachedSessions",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser", condition: .when(traits: ["Tools"])),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOFoundationCompat", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client", condition: .when(traits: ["Tools"])),
             ]
         ),
         // The getting-started code of the docs, compiled so that it cannot rot (scripts/check-docs

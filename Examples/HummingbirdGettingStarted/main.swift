@@ -1,3 +1,4 @@
+#if Hummingbird
 import Hummingbird
 import MemcachedSessionsHummingbird
 
@@ -39,3 +40,4 @@ let app = Application(
     services: [sessions]
 )
 try await app.runService()
+#endif

@@ -1,3 +1,4 @@
+#if Vapor
 import MemcachedSessionsVapor
 import Vapor
 
@@ -31,3 +32,4 @@ classic.get("visits") { req -> String in
 
 try await app.execute()
 try await app.asyncShutdown()
+#endif

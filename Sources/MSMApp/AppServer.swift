@@ -1,3 +1,4 @@
+#if Tools
 import Hummingbird
 import Logging
 import Memcached
@@ -109,3 +110,4 @@ public enum AppServer {
         }
     }
 }
+#endif

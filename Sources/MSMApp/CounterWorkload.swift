@@ -1,3 +1,4 @@
+#if Tools
 import MemcachedSessions
 
 /// The session-counter workload (`../shared/bench/README.md`), framework-agnostic: both the
@@ -24,3 +25,4 @@ public enum CounterWorkload {
         try await sessions.load()?["count", as: Int.self] ?? 0
     }
 }
+#endif

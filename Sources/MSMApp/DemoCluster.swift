@@ -1,3 +1,4 @@
+#if Tools
 import Foundation
 import MemcachedSessions
 import Synchronization
@@ -406,3 +407,4 @@ public final class DemoCluster: Sendable {
         }
     }
 }
+#endif

@@ -1,3 +1,4 @@
+#if Tools
 import HTTPTypes
 import Hummingbird
 import Logging
@@ -48,6 +49,7 @@ public enum HummingbirdApp {
                 .get("config") { _, _ -> Response in Response(status: .notFound) }
                 .put("config") { _, _ -> Response in Response(status: .notFound) }
         }
+        router.addSessionHealthCheck(manager: manager)
         let sessions = router.group().add(middleware: MemcachedSessionMiddleware<Context>(manager: manager, cookie: cookie))
         sessions.get("counter") { _, context -> String in
             String(try await CounterWorkload.counter(context.sessions))
@@ -115,3 +117,4 @@ enum HomePage {
             """
     }
 }
+#endif

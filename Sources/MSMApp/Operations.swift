@@ -1,3 +1,5 @@
+#if Tools
+import MemcachedSessions
 import Metrics
 import Prometheus
 import Synchronization
@@ -21,14 +23,9 @@ public enum MetricsExport {
         registry.emitToString()
     }
 
-    /// Whether an `Authorization` header carries `token` (constant-time comparison).
+    /// Whether an `Authorization` header carries `token` (``BearerToken``: constant time).
     static func authorized(_ header: String?, token: String) -> Bool {
-        guard let header, header.hasPrefix("Bearer ") else { return false }
-        let presented = Array(header.utf8.dropFirst(7))
-        let expected = Array(token.utf8)
-        guard presented.count == expected.count else { return false }
-        var difference: UInt8 = 0
-        for (a, b) in zip(presented, expected) { difference |= a ^ b }
-        return difference == 0
+        BearerToken(token).isPresented(in: header)
     }
 }
+#endif

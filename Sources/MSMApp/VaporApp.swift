@@ -1,3 +1,4 @@
+#if Tools
 import MemcachedSessions
 import MemcachedSessionsVapor
 import Vapor
@@ -29,6 +30,7 @@ public enum VaporApp {
             management.get("_msm", "config", use: notFound)
             management.put("_msm", "config", use: notFound)
         }
+        app.sessionHealthCheck(manager: manager)
         let sessions = app.grouped(MemcachedSessionsMiddleware(manager: manager, cookie: cookie))
         sessions.get("counter") { req async throws -> String in
             String(try await CounterWorkload.counter(req.memcachedSessions))
@@ -38,3 +40,4 @@ public enum VaporApp {
         }
     }
 }
+#endif

@@ -1,3 +1,4 @@
+#if Hummingbird
 import HTTPTypes
 import Hummingbird
 import MemcachedSessions
@@ -38,3 +39,4 @@ public struct MemcachedSessionManagementMiddleware<Context: RequestContext>: Rou
             status: HTTPResponse.Status(code: answer.status), headers: headers, body: .init(byteBuffer: ByteBuffer(string: answer.body)))
     }
 }
+#endif

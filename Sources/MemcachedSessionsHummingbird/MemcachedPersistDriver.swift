@@ -1,3 +1,4 @@
+#if Hummingbird
 import Crypto
 import Foundation
 import Hummingbird
@@ -140,3 +141,4 @@ public struct MemcachedPersistDriver: PersistDriver {
         try await client.delete(memcachedKey(key))
     }
 }
+#endif

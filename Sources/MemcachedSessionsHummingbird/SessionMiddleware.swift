@@ -1,3 +1,4 @@
+#if Hummingbird
 import HTTPTypes
 import Hummingbird
 @_exported import MemcachedSessions
@@ -46,20 +47,32 @@ public struct BasicMemcachedSessionRequestContext: MemcachedSessionRequestContex
 /// Requests matching the configuration's ignore pattern pass through untouched. When the session
 /// store cannot be reached and the unavailable policy is `fail`, the response is a 503 (never a
 /// silent logout).
+///
+/// The middleware also answers a load balancer's health check, `GET /_msm/health` (200 when a
+/// session can be served, 503 when not; no details): see ``SessionManager/canServeSessions``.
 public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext>: RouterMiddleware {
     public let manager: SessionManager
     public let cookie: SessionCookie
     /// Whether the handler runs on its channel's event loop (when the context knows it).
     public let runsOnChannelEventLoop: Bool
+    /// The path of the health check it answers (nil: none).
+    public let healthPath: String?
 
-    public init(manager: SessionManager, cookie: SessionCookie = .default, runsOnChannelEventLoop: Bool = true) {
+    public init(
+        manager: SessionManager, cookie: SessionCookie = .default, runsOnChannelEventLoop: Bool = true,
+        healthPath: String? = SessionManager.defaultHealthPath
+    ) {
         self.manager = manager
         self.cookie = cookie
         self.runsOnChannelEventLoop = runsOnChannelEventLoop
+        self.healthPath = healthPath
     }
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let path = request.uri.path
+        if let healthPath, path == healthPath, request.method == .get || request.method == .head {
+            return HealthCheck.response(manager, head: request.method == .head)
+        }
         if manager.isIgnored(path: path) {
             return try await next(request, context)
         }
@@ -110,16 +123,33 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
     /// Session errors as HTTP responses: the store being unreachable or a lock that cannot be had
     /// are 503s (the client may retry), anything else a 500. Never a silent logout.
     static func httpError(_ error: SessionError) -> HTTPError {
-        switch error.code {
-        case .unavailable:
-            return HTTPError(.serviceUnavailable, headers: [.retryAfter: "1"], message: "The session store is unavailable; please retry.")
-        case .lockUnavailable:
-            return HTTPError(.serviceUnavailable, headers: [.retryAfter: "1"], message: "The session is busy; please retry.")
-        case .localStoreFull:
-            return HTTPError(.serviceUnavailable, headers: [.retryAfter: "5"], message: "No new sessions can be started now; please retry.")
-        default:
-            return HTTPError(.internalServerError, message: "Session error: \(error.code)")
-        }
+        let answer = error.httpAnswer
+        var headers = HTTPFields()
+        if let retryAfter = answer.retryAfter { headers[.retryAfter] = String(retryAfter) }
+        return HTTPError(HTTPResponse.Status(code: answer.status), headers: headers, message: answer.message)
+    }
+}
+
+enum HealthCheck {
+    /// The health check's answer: 200 `ok` when a session can be served, 503 `unavailable` when
+    /// not; nothing else (no node names, no counts), never cached.
+    static func response(_ manager: SessionManager, head: Bool) -> Response {
+        let serving = manager.canServeSessions
+        return Response(
+            status: serving ? .ok : .serviceUnavailable, headers: [.cacheControl: "no-store", .contentType: "text/plain"],
+            body: head ? .init() : .init(byteBuffer: ByteBuffer(string: serving ? "ok\n" : "unavailable\n")))
+    }
+}
+
+extension RouterMethods {
+    /// Answers the health check (`GET`/`HEAD` `/_msm/health`, see
+    /// ``SessionManager/canServeSessions``) as a route: for an application that adds
+    /// ``MemcachedSessionMiddleware`` to a route group, whose middleware sees only that group's paths.
+    @discardableResult
+    public func addSessionHealthCheck(manager: SessionManager, path: RouterPath = RouterPath(SessionManager.defaultHealthPath)) -> Self {
+        get(path) { _, _ in HealthCheck.response(manager, head: false) }
+        head(path) { _, _ in HealthCheck.response(manager, head: true) }
+        return self
     }
 }
 
@@ -148,3 +178,4 @@ public struct ErrorWithSessionCookie: HTTPResponseError, CustomStringConvertible
 
     public var description: String { "\(error)" }
 }
+#endif

@@ -1,3 +1,4 @@
+#if Vapor
 import MemcachedSessions
 import Vapor
 
@@ -31,3 +32,4 @@ public struct MemcachedSessionManagementMiddleware: AsyncMiddleware {
         return Response(status: HTTPResponseStatus(statusCode: answer.status), headers: headers, body: .init(string: answer.body))
     }
 }
+#endif

@@ -1,3 +1,4 @@
+#if Vapor
 import MemcachedSessions
 import Synchronization
 import Vapor
@@ -169,3 +170,4 @@ public final class SessionManagerLifecycle: LifecycleHandler {
         _ = await running?.result
     }
 }
+#endif

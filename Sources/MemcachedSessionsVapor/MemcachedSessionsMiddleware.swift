@@ -1,3 +1,4 @@
+#if Vapor
 @_exported import MemcachedSessions
 import Vapor
 
@@ -19,20 +20,32 @@ import Vapor
 ///
 /// Requests matching the ignore pattern pass through untouched. When the session store cannot be
 /// reached and the unavailable policy is `fail`, the response is a 503 (never a silent logout).
+///
+/// The middleware also answers a load balancer's health check, `GET /_msm/health` (200 when a
+/// session can be served, 503 when not; no details): see ``SessionManager/canServeSessions``.
 public struct MemcachedSessionsMiddleware: AsyncMiddleware {
     public let manager: SessionManager
     public let cookie: SessionCookie
     /// Whether the route runs on the request's event loop (see ``EventLoopExecutor``).
     public let runsOnRequestEventLoop: Bool
+    /// The path of the health check it answers (nil: none).
+    public let healthPath: String?
 
-    public init(manager: SessionManager, cookie: SessionCookie = .default, runsOnRequestEventLoop: Bool = true) {
+    public init(
+        manager: SessionManager, cookie: SessionCookie = .default, runsOnRequestEventLoop: Bool = true,
+        healthPath: String? = SessionManager.defaultHealthPath
+    ) {
         self.manager = manager
         self.cookie = cookie
         self.runsOnRequestEventLoop = runsOnRequestEventLoop
+        self.healthPath = healthPath
     }
 
     public func respond(to request: Request, chainingTo next: any AsyncResponder) async throws -> Response {
         let path = request.url.path
+        if let healthPath, path == healthPath, request.method == .GET || request.method == .HEAD {
+            return Self.healthResponse(manager, head: request.method == .HEAD)
+        }
         if manager.isIgnored(path: path) {
             return try await next.respond(to: request)
         }
@@ -78,19 +91,32 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
         return response
     }
 
+    /// The health check's answer: 200 `ok` when a session can be served, 503 `unavailable` when
+    /// not; nothing else (no node names, no counts), never cached.
+    static func healthResponse(_ manager: SessionManager, head: Bool) -> Response {
+        let serving = manager.canServeSessions
+        return Response(
+            status: serving ? .ok : .serviceUnavailable,
+            headers: ["Cache-Control": "no-store", "Content-Type": "text/plain"],
+            body: head ? .empty : .init(string: serving ? "ok\n" : "unavailable\n"))
+    }
+
     /// Session errors as HTTP responses: an unreachable store or a busy lock are 503s (the client
     /// may retry), anything else a 500.
     static func abort(_ error: SessionError) -> Abort {
-        switch error.code {
-        case .unavailable:
-            return Abort(.serviceUnavailable, headers: ["Retry-After": "1"], reason: "The session store is unavailable; please retry.")
-        case .lockUnavailable:
-            return Abort(.serviceUnavailable, headers: ["Retry-After": "1"], reason: "The session is busy; please retry.")
-        case .localStoreFull:
-            return Abort(.serviceUnavailable, headers: ["Retry-After": "5"], reason: "No new sessions can be started now; please retry.")
-        default:
-            return Abort(.internalServerError, reason: "Session error: \(error.code)")
-        }
+        let answer = error.httpAnswer
+        var headers = HTTPHeaders()
+        if let retryAfter = answer.retryAfter { headers.add(name: "Retry-After", value: String(retryAfter)) }
+        return Abort(HTTPResponseStatus(statusCode: answer.status), headers: headers, reason: answer.message)
+    }
+}
+
+extension RoutesBuilder {
+    /// Answers the health check (`GET /_msm/health`, see
+    /// ``SessionManager/canServeSessions``) as a route: for an application that uses
+    /// ``MemcachedSessionsMiddleware`` on a route group, whose middleware sees only that group's paths.
+    public func sessionHealthCheck(manager: SessionManager, path: [PathComponent] = ["_msm", "health"]) {
+        on(.GET, path) { _ in MemcachedSessionsMiddleware.healthResponse(manager, head: false) }
     }
 }
 
@@ -123,3 +149,4 @@ extension Request {
         storage[SessionAccessKey.self].map { RequestSessions(access: $0) } ?? RequestSessions()
     }
 }
+#endif

@@ -1,3 +1,4 @@
+#if Tools
 import ArgumentParser
 import Foundation
 import Logging
@@ -214,3 +215,4 @@ struct Demo: ParsableCommand {
         (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
     }
 }
+#endif

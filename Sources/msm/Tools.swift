@@ -1,3 +1,4 @@
+#if Tools
 import ArgumentParser
 import AsyncHTTPClient
 import Foundation
@@ -424,3 +425,4 @@ struct Config: AsyncParsableCommand {
         print("enabled         \(view.enabled)")
     }
 }
+#endif

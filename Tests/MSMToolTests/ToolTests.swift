@@ -1,3 +1,4 @@
+#if Tools
 import Foundation
 import Memcached
 import MemcachedSessions
@@ -207,3 +208,4 @@ struct ToolTests {
         }
     }
 }
+#endif

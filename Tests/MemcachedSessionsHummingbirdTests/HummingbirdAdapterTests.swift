@@ -1,3 +1,4 @@
+#if Hummingbird
 import HTTPTypes
 import Hummingbird
 import HummingbirdAuth
@@ -103,6 +104,46 @@ struct HummingbirdAdapterTests {
                 let after = try await client.execute(uri: "/read", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
                 #expect(String(buffer: after.body) == "0")
                 #expect(client.port != nil, "a real port")
+            }
+        }
+    }
+
+    /// A load balancer's health check: 200 while a session can be served, 503 once no node can
+    /// take one (non-sticky, its only node killed), no details; answered by the middleware added
+    /// to the router, without a route of its own, and not at all when turned off.
+    @Test func theHealthCheckSaysWhetherASessionCanBeServed() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers) { $0.memcached.failureThreshold = 1 }
+            let router = Router(context: Context.self)
+            router.add(middleware: MemcachedSessionMiddleware<Context>(manager: manager))
+            router.get("counter") { _, context -> String in
+                try await context.sessions.loadOrCreate().set("count", 1)
+                return "1"
+            }
+            try await Application(router: router, services: [manager]).test(.live) { client in
+                let healthy = try await client.execute(uri: "/_msm/health", method: .get)
+                #expect(healthy.status == .ok)
+                #expect(String(buffer: healthy.body) == "ok\n")
+                #expect(healthy.headers[.cacheControl] == "no-store")
+                #expect(setCookies(healthy).isEmpty)
+                #expect(try await client.execute(uri: "/_msm/health", method: .head).status == .ok)
+                try await servers[0].kill()
+                _ = try await client.execute(uri: "/counter", method: .get)  // finds n1 down
+                try await eventually("the health check reports it") {
+                    try await client.execute(uri: "/_msm/health", method: .get).status == .serviceUnavailable
+                }
+                let down = try await client.execute(uri: "/_msm/health", method: .get)
+                #expect(String(buffer: down.body) == "unavailable\n", "no details")
+                try await servers[0].restart()
+                try await eventually("healthy again") {
+                    try await client.execute(uri: "/_msm/health", method: .get).status == .ok
+                }
+            }
+            let off = Router(context: Context.self)
+            off.add(middleware: MemcachedSessionMiddleware<Context>(manager: try makeManager(servers), healthPath: nil))
+            try await Application(router: off).test(.router) { client in
+                let response = try await client.execute(uri: "/_msm/health", method: .get)
+                #expect(response.status == .notFound)
             }
         }
     }
@@ -298,3 +339,4 @@ struct HummingbirdAdapterTests {
         }
     }
 }
+#endif

@@ -1,3 +1,4 @@
+#if Vapor
 import AsyncHTTPClient
 import Memcached
 import MemcachedSessionsVapor
@@ -84,6 +85,28 @@ func commandCount(_ manager: SessionManager, _ names: [String]) async throws -> 
 
 @Suite("Vapor adapter over real HTTP and real memcached", .serialized)
 struct VaporAdapterTests {
+    /// A load balancer's health check, through Vapor's global middleware: 200 while a session can
+    /// be served, 503 once no node can take one; no details, no cookie.
+    @Test func theHealthCheckSaysWhetherASessionCanBeServed() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers) { $0.memcached.failureThreshold = 1 }
+            try await withVaporApp(manager: manager, { app in
+                app.middleware.use(MemcachedSessionsMiddleware(manager: manager))
+                app.get("counter") { req async throws -> String in
+                    try await req.memcachedSessions.loadOrCreate().set("count", 1)
+                    return "1"
+                }
+            }) { get in
+                let healthy = try await get("/_msm/health", nil)
+                #expect(healthy.status == 200 && healthy.body == "ok\n" && healthy.setCookies.isEmpty)
+                try await servers[0].kill()
+                _ = try await get("/counter", nil)  // finds n1 down
+                try await eventually("the health check reports it") { try await get("/_msm/health", nil).status == 503 }
+                #expect(try await get("/_msm/health", nil).body == "unavailable\n", "no details")
+            }
+        }
+    }
+
     @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
     func middlewareCountsAndSetsTheCookieOnlyWhenTheIDChanges(mode: SessionManager.Mode) async throws {
         try await withMemcachedServers(count: 2) { servers in
@@ -297,3 +320,4 @@ func addCounterRoute(_ routes: some RoutesBuilder) {
         return String(count)
     }
 }
+#endif

@@ -641,7 +641,7 @@ def main():
     if arguments.output is None and not arguments.short:
         arguments.output = os.path.join(ROOT, "docs", "drills.md")
     if not os.access(arguments.binary, os.X_OK):
-        print(f"no msm binary at {arguments.binary}: swift build -c release --product msm", file=sys.stderr)
+        print(f"no msm binary at {arguments.binary}: swift build -c release --traits Tools --product msm", file=sys.stderr)
         return 2
     drills = arguments.drills.split(",")
     if "drop" in drills and not nft_usable():
@@ -701,7 +701,7 @@ counts connections to a killed app instance that were refused (nothing reached i
 next request goes to either instance, as a load balancer's retry would); "failed" counts non-200
 answers and connections that broke with a request in flight (each may or may not have counted).
 
-Reproduce: `swift build -c release --product msm && scripts/drills/chaos.py` (root, for nftables;
+Reproduce: `swift build -c release --traits Tools --product msm && scripts/drills/chaos.py` (root, for nftables;
 about {fault:g} + {recovery:g} s per drill). CI runs `scripts/drills/chaos.py --short`.
 
 """

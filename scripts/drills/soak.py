@@ -243,7 +243,7 @@ starts a new session now and then). Every {arguments.kill_every:g} s the next me
 
 ![memory and throughput over time](soak.svg)
 
-Reproduce: `swift build -c release --product msm && scripts/drills/soak.py` (`--minutes`,
+Reproduce: `swift build -c release --traits Tools --product msm && scripts/drills/soak.py` (`--minutes`,
 `--kill-every`, `--down`, `--browsers`; shorter runs write to `test-artifacts/`).
 """
     with open(os.path.join(arguments.output, "soak.md"), "w") as out:

@@ -227,10 +227,3 @@ struct NodeMetrics: Sendable {
         if code == .timeout { timeouts.increment() }
     }
 }
-
-extension TimeAmount {
-    init(_ duration: Duration) {
-        let (seconds, attoseconds) = duration.components
-        self = .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
-    }
-}

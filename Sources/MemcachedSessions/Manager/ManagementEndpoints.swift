@@ -32,7 +32,7 @@ public struct ManagementEndpoints: Sendable {
 
     public let manager: SessionManager
     public let instance: String
-    private let token: [UInt8]
+    private let token: BearerToken
 
     /// - Throws: ``SessionError/Code/invalidConfiguration`` for a token shorter than 16 characters.
     public init(manager: SessionManager, token: String, instance: String) throws(SessionError) {
@@ -40,7 +40,7 @@ public struct ManagementEndpoints: Sendable {
             throw .configuration("the management token must be at least 16 printable characters without spaces")
         }
         self.manager = manager
-        self.token = Array(token.utf8)
+        self.token = BearerToken(token)
         self.instance = instance
     }
 
@@ -51,12 +51,7 @@ public struct ManagementEndpoints: Sendable {
 
     /// Whether an `Authorization` header carries the token (compared in constant time).
     public func isAuthorized(_ authorization: String?) -> Bool {
-        guard let authorization, authorization.hasPrefix("Bearer ") else { return false }
-        let presented = Array(authorization.utf8.dropFirst(7))
-        guard presented.count == token.count else { return false }
-        var difference: UInt8 = 0
-        for (a, b) in zip(presented, token) { difference |= a ^ b }
-        return difference == 0
+        token.isPresented(in: authorization)
     }
 
     /// Answers one management request.

@@ -88,3 +88,29 @@ extension MemcachedError {
         }
     }
 }
+
+extension SessionError {
+    /// How an HTTP adapter answers this error: the one home of the mapping both adapters use.
+    /// The store unreachable, a busy lock or memory full of unsaved sessions are 503s with a
+    /// `Retry-After` (the client may retry; never a silent logout); anything else is a 500. The
+    /// message names the kind of failure only (no id, key or value).
+    public struct HTTPAnswer: Sendable, Hashable {
+        public var status: Int
+        /// Seconds, for the `Retry-After` header (nil: none).
+        public var retryAfter: Int?
+        public var message: String
+    }
+
+    public var httpAnswer: HTTPAnswer {
+        switch code {
+        case .unavailable:
+            return HTTPAnswer(status: 503, retryAfter: 1, message: "The session store is unavailable; please retry.")
+        case .lockUnavailable:
+            return HTTPAnswer(status: 503, retryAfter: 1, message: "The session is busy; please retry.")
+        case .localStoreFull:
+            return HTTPAnswer(status: 503, retryAfter: 5, message: "No new sessions can be started now; please retry.")
+        default:
+            return HTTPAnswer(status: 500, retryAfter: nil, message: "Session error: \(code)")
+        }
+    }
+}

@@ -54,10 +54,3 @@ final class BackupMemo: Sendable {
         _ = shard(key).withLock { $0.removeValue(forKey: key) }
     }
 }
-
-extension TimeAmount {
-    init(_ duration: Duration) {
-        let (seconds, attoseconds) = duration.components
-        self = .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
-    }
-}
