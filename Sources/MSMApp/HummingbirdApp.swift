@@ -14,14 +14,15 @@ public enum HummingbirdApp {
     public struct Operations: Sendable {
         /// The management endpoints (`/_msm/...`), nil when no token is configured.
         public var endpoints: ManagementEndpoints?
-        /// Whether `/metrics` serves Prometheus text, and the token it needs (nil: none).
+        /// Whether `/metrics` serves Prometheus text, and the token it needs (nil: none; its
+        /// digest made once, not per scrape).
         public var metrics = false
-        public var metricsToken: String? = nil
+        public var metricsToken: BearerToken? = nil
 
         public init(endpoints: ManagementEndpoints? = nil, metrics: Bool = false, metricsToken: String? = nil) {
             self.endpoints = endpoints
             self.metrics = metrics
-            self.metricsToken = metricsToken
+            self.metricsToken = metricsToken.map(BearerToken.init)
         }
     }
 
@@ -34,7 +35,7 @@ public enum HummingbirdApp {
         router.get("hello") { _, _ -> String in "hello" }
         if operations.metrics {
             router.get("metrics") { request, _ -> Response in
-                if let token = operations.metricsToken, !MetricsExport.authorized(request.headers[.authorization], token: token) {
+                if let token = operations.metricsToken, !token.isPresented(in: request.headers[.authorization]) {
                     return Response(status: .unauthorized, headers: [.wwwAuthenticate: "Bearer"])
                 }
                 return Response(

@@ -22,10 +22,5 @@ public enum MetricsExport {
     public static func text() -> String {
         registry.emitToString()
     }
-
-    /// Whether an `Authorization` header carries `token` (``BearerToken``: constant time).
-    static func authorized(_ header: String?, token: String) -> Bool {
-        BearerToken(token).isPresented(in: header)
-    }
 }
 #endif

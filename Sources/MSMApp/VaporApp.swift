@@ -14,7 +14,7 @@ public enum VaporApp {
         app.get("hello") { _ -> String in "hello" }
         if operations.metrics {
             app.get("metrics") { req -> Response in
-                if let token = operations.metricsToken, !MetricsExport.authorized(req.headers.first(name: .authorization), token: token) {
+                if let token = operations.metricsToken, !token.isPresented(in: req.headers.first(name: .authorization)) {
                     return Response(status: .unauthorized, headers: ["WWW-Authenticate": "Bearer"])
                 }
                 return Response(

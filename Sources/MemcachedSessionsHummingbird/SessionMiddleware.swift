@@ -131,13 +131,16 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
 }
 
 enum HealthCheck {
-    /// The health check's answer: 200 `ok` when a session can be served, 503 `unavailable` when
-    /// not; nothing else (no node names, no counts), never cached.
+    /// ``SessionManager/healthAnswer`` as a response.
     static func response(_ manager: SessionManager, head: Bool) -> Response {
-        let serving = manager.canServeSessions
+        let answer = manager.healthAnswer
+        var headers = HTTPFields()
+        for header in SessionManager.HealthAnswer.headers {
+            if let name = HTTPField.Name(header.name) { headers[name] = header.value }
+        }
         return Response(
-            status: serving ? .ok : .serviceUnavailable, headers: [.cacheControl: "no-store", .contentType: "text/plain"],
-            body: head ? .init() : .init(byteBuffer: ByteBuffer(string: serving ? "ok\n" : "unavailable\n")))
+            status: HTTPResponse.Status(code: answer.status), headers: headers,
+            body: head ? .init() : .init(byteBuffer: ByteBuffer(string: answer.body)))
     }
 }
 

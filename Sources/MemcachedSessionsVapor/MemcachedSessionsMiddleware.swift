@@ -91,14 +91,13 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
         return response
     }
 
-    /// The health check's answer: 200 `ok` when a session can be served, 503 `unavailable` when
-    /// not; nothing else (no node names, no counts), never cached.
+    /// ``SessionManager/healthAnswer`` as a response.
     static func healthResponse(_ manager: SessionManager, head: Bool) -> Response {
-        let serving = manager.canServeSessions
+        let answer = manager.healthAnswer
         return Response(
-            status: serving ? .ok : .serviceUnavailable,
-            headers: ["Cache-Control": "no-store", "Content-Type": "text/plain"],
-            body: head ? .empty : .init(string: serving ? "ok\n" : "unavailable\n"))
+            status: HTTPResponseStatus(statusCode: answer.status),
+            headers: HTTPHeaders(SessionManager.HealthAnswer.headers.map { ($0.name, $0.value) }),
+            body: head ? .empty : .init(string: answer.body))
     }
 
     /// Session errors as HTTP responses: an unreachable store or a busy lock are 503s (the client

@@ -260,6 +260,46 @@ struct EdgeCaseTests {
         }
     }
 
+    /// Sticky, no node answering: the health check says yes while memory can take a new session
+    /// (written sessions are evicted to make room; before, a memory full of them said no), and no
+    /// once none would fit (every new session is refused then).
+    @Test func theStickyHealthCheckCountsRoomNotEntries() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let config = try configuration(servers, mode: .sticky) {
+                $0.localSessionLimit = 32
+                $0.memcached.requestTimeout = .milliseconds(300)
+                $0.memcached.failureThreshold = 1
+                $0.asynchronousSaving = false
+            }
+            try await withManager(config) { manager in
+                var made = 0
+                while manager.localStore.count < 32, made < 2_000 {
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    made += 1
+                }
+                #expect(manager.localStore.count == 32, "memory full of written sessions")
+                try await servers[0].kill()
+                var probe = Browser()
+                try await manager.increment(&probe)  // finds the node down; kept in memory, unsaved
+                let topology = manager.topology
+                #expect(!topology.order.contains { topology.isAvailable($0) })
+                #expect(manager.canServeSessions, "written sessions make room")
+                var attempts = 0
+                while manager.canServeSessions, attempts < 2_000 {
+                    var browser = Browser()
+                    _ = try? await manager.increment(&browser)
+                    attempts += 1
+                }
+                #expect(!manager.canServeSessions, "memory full of unsaved sessions")
+                for _ in 0..<20 {
+                    var browser = Browser()
+                    await #expect(throws: SessionError.self) { try await manager.increment(&browser) }
+                }
+            }
+        }
+    }
+
     /// A request racing a login (it loaded the session under the old id, the login moved it to
     /// a new one and deleted the old copies) finds its copy gone: its response must not clear the
     /// cookie, which by then is the login's new one. (The simulation found it on its own.)

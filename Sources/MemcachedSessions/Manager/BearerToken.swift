@@ -12,7 +12,11 @@ public struct BearerToken: Sendable, CustomStringConvertible {
 
     /// Whether an `Authorization` header value carries this token.
     public func isPresented(in authorization: String?) -> Bool {
-        guard let authorization, authorization.hasPrefix("Bearer ") else { return false }
+        // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+        guard let authorization, authorization.utf8.count > 7,
+            authorization.utf8.prefix(6).map({ $0 | 0x20 }) == Array("bearer".utf8),
+            authorization.utf8.dropFirst(6).first == UInt8(ascii: " ")
+        else { return false }
         let presented = Array(SHA256.hash(data: Array(authorization.utf8.dropFirst(7))))
         var difference: UInt8 = 0
         for (a, b) in zip(presented, digest) { difference |= a ^ b }

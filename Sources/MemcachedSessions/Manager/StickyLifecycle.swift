@@ -110,8 +110,10 @@ extension SessionManager {
             // Read again even when the owner did not acknowledge in time (a fault slowed its
             // notice read): its write, due meanwhile, has most likely landed by now (the
             // simulation, seed 11679). Not when it is not alive (no heartbeat): nothing of it
-            // lands meanwhile, and reading again would only cost a round trip.
-            if await endTakenOver(keys, from: previous) != .notAlive {
+            // lands meanwhile, and reading again would only cost a round trip; nor when the
+            // notice reached no node (no node answers now: a second read would not either).
+            let handshake = await endTakenOver(keys, from: previous)
+            if handshake == .read || handshake == .timedOut {
                 switch await readStored(key: keys.primary, on: home, touch: slide) {
                 case .missing:
                     // The node restarted meanwhile, and the previous owner has dropped its copy:

@@ -151,6 +151,17 @@ final class LocalSessionStore: Sendable {
 
     var count: Int { shards.reduce(0) { $0 + $1.withLock { $0.count } } }
 
+    /// Whether some shard would take a new session now: it has room, or holds a session without
+    /// unsaved changes to evict (see ``put(_:token:now:refreshed:force:)``). A new token lands in
+    /// one shard by its hash, so near the bound some new sessions are refused while others fit.
+    var acceptsNewSessions: Bool {
+        shards.contains { shard in
+            shard.withLock { entries in
+                entries.count < capacityPerShard || entries.values.contains { !$0.session.hasUnsavedChanges }
+            }
+        }
+    }
+
     /// Every held session (for flushing on shutdown).
     var allSessions: [Session] {
         shards.flatMap { $0.withLock { $0.values.map(\.session) } }

@@ -55,8 +55,11 @@ final class OwnershipNotices: Sendable {
 enum NoticeHandshake: Equatable {
     /// The previous owner has read it: nothing of the session is queued or in flight there.
     case read
-    /// The previous owner is not alive (no heartbeat), or no node took the notice.
+    /// The previous owner is not alive: no heartbeat on the node that took the notice.
     case notAlive
+    /// No node took the notice, or the node that did stopped answering: the previous owner
+    /// cannot be told (nor asked whether it is alive).
+    case undelivered
     /// The previous owner, alive by its heartbeat, did not read it within ``SessionManager/noticeWait``
     /// (or did not read an earlier one and has not refreshed its heartbeat since).
     case timedOut
@@ -129,10 +132,15 @@ extension SessionManager {
     /// memcached before serving again when it missed notices for more than a second.
     @discardableResult
     func endTakenOver(_ keys: SessionKeys, from route: String) async -> NoticeHandshake {
-        guard let node = await postNotice(keys, to: route) else { return .notAlive }
+        guard let node = await postNotice(keys, to: route) else { return .undelivered }
         var heartbeat = MemcachedRequest.getMetadata(heartbeatKey(route))
         heartbeat.honorsCancellation = false
-        guard case .success(.item(let beat?)) = await node.executeBatch([heartbeat])[0] else { return .notAlive }
+        let beat: MemcachedItem
+        switch await node.executeBatch([heartbeat])[0] {
+        case .success(.item(let item?)): beat = item
+        case .success(.item(nil)): return .notAlive
+        default: return .undelivered
+        }
         if let cas = beat.cas, notices.isSilent(route, heartbeat: cas) {
             statistics.count(.noticeWaitsSkipped)
             return .timedOut
