@@ -118,6 +118,7 @@ let package = Package(
                 "MemcachedSessions",
                 "MemcachedSessionsHummingbird",
                 "MemcachedSessionsVapor",
+                "MemcachedTestRig",
                 .product(name: "Hummingbird", package: "hummingbird", condition: .when(traits: ["Tools"])),
                 .product(name: "HTTPTypes", package: "swift-http-types", condition: .when(traits: ["Tools"])),
                 .product(name: "Vapor", package: "vapor", condition: .when(traits: ["Tools"])),

@@ -5,7 +5,7 @@ import MemcachedSessionsHummingbird
 // 1. The session manager: your memcached nodes (`n1:host:port`, spaces or commas), sticky or not.
 var configuration = try SessionManager.Configuration(nodes: "n1:127.0.0.1:11211 n2:127.0.0.1:11212")
 configuration.mode = .nonSticky  // or .sticky, with `configuration.route = "app1"` (MSM's jvmRoute)
-configuration.locking = .none  // .all, .auto or .uriPattern("/cart/.*") against concurrent requests
+configuration.locking.mode = .none  // .all, .auto or .uriPattern("/cart/.*") against concurrent requests
 let sessions = try SessionManager(configuration: configuration)
 
 // 2. A request context with sessions (or add `var sessions = RequestSessions()` to your own

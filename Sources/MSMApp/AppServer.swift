@@ -54,10 +54,10 @@ public struct ServeOptions: Sendable {
             configuration.mode = .sticky
             configuration.enabled = false
         }
-        configuration.locking = mode == .nonSticky ? locking : .none
+        configuration.locking.mode = mode == .nonSticky ? locking : .none
         configuration.route = route
-        configuration.asynchronousSaving = !synchronousSaves
-        if let asynchronousSaveDelay { configuration.asynchronousSaveDelay = asynchronousSaveDelay }
+        configuration.sticky.asynchronousSaving = !synchronousSaves
+        if let asynchronousSaveDelay { configuration.sticky.saveDelay = asynchronousSaveDelay }
         configuration.unavailablePolicy = unavailablePolicy
         configuration.memcached.connectTimeout = .milliseconds(500)
         configuration.memcached.requestTimeout = .milliseconds(500)

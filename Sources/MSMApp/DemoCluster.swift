@@ -1,6 +1,7 @@
 #if Tools
 import Foundation
 import MemcachedSessions
+import MemcachedTestRig
 import Synchronization
 
 #if canImport(Glibc)
@@ -232,44 +233,12 @@ public final class DemoCluster: Sendable {
         if rename(temporary, path) != 0 { throw DemoError.startFailed("cannot write \(path)") }
     }
 
-    static func portIsFree(_ port: Int) -> Bool {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        // As the servers do: connections of an earlier run in TIME_WAIT do not make a port taken,
-        // a listener does.
-        var one: Int32 = 1
-        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        return result == 0
-    }
-
-    static func accepts(_ port: Int) -> Bool {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        return result == 0
-    }
-
     func waitUntilListening(_ process: DemoProcess, timeout: TimeInterval = 30) throws {
         let port = Int(process.address.split(separator: ":").last!)!  // addresses are built above as host:port
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             if demoStopRequested.load(ordering: .relaxed) { throw DemoError.startFailed("interrupted") }
-            if Self.accepts(port) { return }
+            if FreePort.accepts(port: port) { return }
             if !process.isRunning {
                 throw DemoError.startFailed("\(process.role) \(process.id) exited at start; see \(process.logPath)")
             }
@@ -288,7 +257,7 @@ public final class DemoCluster: Sendable {
         cleanUpAfterAKilledDemo()
         for process in processes {
             let port = Int(process.address.split(separator: ":").last!)!  // built above as host:port
-            if !Self.portIsFree(port) { throw DemoError.portTaken(port, "\(process.role) \(process.id)") }
+            if !FreePort.isFree(port) { throw DemoError.portTaken(port, "\(process.role) \(process.id)") }
         }
         let nginxState = options.stateDirectory + "/nginx"
         for directory in [options.stateDirectory, nginxState, nginxState + "/tmp"] {

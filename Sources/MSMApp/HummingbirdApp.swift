@@ -28,7 +28,7 @@ public enum HummingbirdApp {
 
     /// The router: `/hello` without session machinery, everything else through the middleware.
     public static func router(
-        manager: SessionManager, cookie: SessionCookie = .default, instance: String, operations: Operations = .init()
+        manager: SessionManager, cookie: SessionCookie? = nil, instance: String, operations: Operations = .init()
     ) -> Router<Context> {
         let router = Router(context: Context.self)
         // The framework's ceiling: no session middleware at all.

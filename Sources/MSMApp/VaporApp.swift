@@ -6,7 +6,7 @@ import Vapor
 /// The session-counter endpoints on Vapor, with ``MemcachedSessionsMiddleware``.
 public enum VaporApp {
     public static func configure(
-        _ app: Application, manager: SessionManager, cookie: SessionCookie = .default,
+        _ app: Application, manager: SessionManager, cookie: SessionCookie? = nil,
         operations: HummingbirdApp.Operations = .init()
     ) {
         // No per-request logging middleware (Vapor's default logs every request at info).

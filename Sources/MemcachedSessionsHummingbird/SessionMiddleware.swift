@@ -52,6 +52,7 @@ public struct BasicMemcachedSessionRequestContext: MemcachedSessionRequestContex
 /// session can be served, 503 when not; no details): see ``SessionManager/canServeSessions``.
 public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext>: RouterMiddleware {
     public let manager: SessionManager
+    /// The session cookie: the one given, else the manager's (``SessionManager/Configuration/cookie``).
     public let cookie: SessionCookie
     /// Whether the handler runs on its channel's event loop (when the context knows it).
     public let runsOnChannelEventLoop: Bool
@@ -59,11 +60,11 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
     public let healthPath: String?
 
     public init(
-        manager: SessionManager, cookie: SessionCookie = .default, runsOnChannelEventLoop: Bool = true,
+        manager: SessionManager, cookie: SessionCookie? = nil, runsOnChannelEventLoop: Bool = true,
         healthPath: String? = SessionManager.defaultHealthPath
     ) {
         self.manager = manager
-        self.cookie = cookie
+        self.cookie = cookie ?? manager.configuration.cookie
         self.runsOnChannelEventLoop = runsOnChannelEventLoop
         self.healthPath = healthPath
     }

@@ -25,6 +25,7 @@ import Vapor
 /// session can be served, 503 when not; no details): see ``SessionManager/canServeSessions``.
 public struct MemcachedSessionsMiddleware: AsyncMiddleware {
     public let manager: SessionManager
+    /// The session cookie: the one given, else the manager's (``SessionManager/Configuration/cookie``).
     public let cookie: SessionCookie
     /// Whether the route runs on the request's event loop (see ``EventLoopExecutor``).
     public let runsOnRequestEventLoop: Bool
@@ -32,11 +33,11 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
     public let healthPath: String?
 
     public init(
-        manager: SessionManager, cookie: SessionCookie = .default, runsOnRequestEventLoop: Bool = true,
+        manager: SessionManager, cookie: SessionCookie? = nil, runsOnRequestEventLoop: Bool = true,
         healthPath: String? = SessionManager.defaultHealthPath
     ) {
         self.manager = manager
-        self.cookie = cookie
+        self.cookie = cookie ?? manager.configuration.cookie
         self.runsOnRequestEventLoop = runsOnRequestEventLoop
         self.healthPath = healthPath
     }

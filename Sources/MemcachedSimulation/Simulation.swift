@@ -146,17 +146,17 @@ final class World: @unchecked Sendable {
             switch scenario.mode {
             case .nonSticky:
                 configuration.mode = .nonSticky
-                configuration.locking = try! SessionManager.LockingMode(parsing: scenario.locking)
+                configuration.locking.mode = try! SessionManager.LockingMode(parsing: scenario.locking)
             case .stickySync, .stickyAsync:
                 configuration.mode = .sticky
                 configuration.route = "r\(index + 1)"
-                configuration.asynchronousSaving = scenario.mode == .stickyAsync
+                configuration.sticky.asynchronousSaving = scenario.mode == .stickyAsync
             }
-            configuration.idleTimeout = .seconds(Int64(scenario.idleTimeoutSeconds))
+            configuration.timeouts.idle = .seconds(Int64(scenario.idleTimeoutSeconds))
             configuration.memcached.requestTimeout = requestTimeout
-            configuration.lockWaitBudget = lockWaitBudget
-            configuration.lockExpiry = .seconds(3)
-            configuration.saveTimeout = saveTimeout
+            configuration.locking.waitBudget = lockWaitBudget
+            configuration.locking.expiry = .seconds(3)
+            configuration.timeouts.save = saveTimeout
             configuration.unavailablePolicy = .fail
             managers.append(try! SessionManager(configuration: configuration, nodes: cluster, clock: clock, entropy: SimulatedEntropy()))
         }

@@ -24,6 +24,21 @@ public enum FreePort {
         return Int(UInt16(bigEndian: address.sin_port))
     }
 
+    /// Whether a server could listen on 127.0.0.1:`port` now. As servers bind (`SO_REUSEADDR`):
+    /// connections of an earlier run in `TIME_WAIT` do not make a port taken, a listener does.
+    public static func isFree(_ port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var one: Int32 = 1
+        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var address = loopback(port: port)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        return bound == 0
+    }
+
     /// Whether something accepts TCP connections on 127.0.0.1:`port`.
     public static func accepts(port: Int) -> Bool {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

@@ -187,8 +187,8 @@ struct SessionTarget: ParsableArguments {
 
     @OptionGroup var options: NodeOptions
 
-    @Option(help: "The applications' key prefix (storageKeyPrefix).")
-    var keyPrefix: String = "msm:"
+    @Option(help: "The applications' key prefix (keyPrefix).")
+    var keyPrefix: String = SessionManager.Configuration.defaultKeyPrefix
 
     /// The parsed id and its keys; a malformed id is bad input.
     func parse(command: String) throws -> (SessionID, SessionKeys) {
@@ -229,43 +229,28 @@ struct SessionCommand: AsyncParsableCommand {
                 var kind: String
                 var bytes: Int
             }
-            var copies: [Copy] = []
-            var record: SessionRecord? = nil
-            var recordCopy: Copy? = nil
-            var unreachable: [String] = []
-            var invalidated = false
-            for node in client.allNodes {
-                for (kind, key) in [("primary", keys.primary), ("backup", keys.backup)] {
-                    do {
-                        guard let item = try await node.get(key) else { continue }
-                        if item.flags == SessionManager.tombstoneFlags {
-                            invalidated = true
-                            copies.append(Copy(node: node.id, kind: "\(kind) tombstone (invalidated)", bytes: 0))
-                            continue
-                        }
-                        let copy = Copy(node: node.id, kind: kind, bytes: item.value.readableBytes)
-                        copies.append(copy)
-                        if let decoded = try? BinarySessionCodec().decodeSession(from: item.value),
-                            record.map({ decoded.metadata.version > $0.metadata.version }) ?? true
-                        {
-                            record = decoded
-                            recordCopy = copy
-                        }
-                    } catch {
-                        if !unreachable.contains(node.id) {
-                            unreachable.append(node.id)
-                            note("msm session show: \(node.id) unreachable: \(error.code)")
-                        }
-                    }
-                }
+            let inspection = await SessionManager.inspectStored(keys: keys, on: client)
+            func described(_ copy: StoredSessionInspection.Copy) -> Copy {
+                let kind = copy.isPrimary ? "primary" : "backup"
+                return Copy(node: copy.nodeID, kind: copy.isTombstone ? "\(kind) tombstone (invalidated)" : kind, bytes: copy.bytes)
             }
-            guard let record else {
+            let copies = inspection.copies.map(described)
+            let unreachable = inspection.unreachableNodes
+            for (node, error) in inspection.unreachable { note("msm session show: \(node) unreachable: \(error.code)") }
+            if inspection.undecodable > 0 {
+                note(
+                    "msm session show: \(inspection.undecodable) cop\(inspection.undecodable == 1 ? "y" : "ies") not in the binary session format (another codec, or damaged)"
+                )
+            }
+            let invalidated = inspection.isInvalidated
+            guard let (record, newestCopy) = inspection.newest else {
                 note(
                     invalidated
                         ? "msm session show: the session was invalidated"
                         : "msm session show: no stored copy of this session\(unreachable.isEmpty ? "" : " on the nodes that answered")")
                 throw unreachable.isEmpty || invalidated ? ToolExit.notFound : ToolExit.unreachable
             }
+            let recordCopy: Copy? = described(newestCopy)
             let metadata = record.metadata
             func date(_ milliseconds: Int64) -> String {
                 Date(timeIntervalSince1970: TimeInterval(milliseconds) / 1000).formatted(.iso8601)

@@ -187,11 +187,11 @@ var rows: [Row] = []
 rows += try await run(mode: "non-sticky") { $0.mode = .nonSticky }
 rows += try await run(mode: "sticky, synchronous saves") {
     $0.mode = .sticky
-    $0.asynchronousSaving = false
+    $0.sticky.asynchronousSaving = false
 }
 rows += try await run(mode: "sticky, asynchronous saves") {
     $0.mode = .sticky
-    $0.asynchronousSaving = true
+    $0.sticky.asynchronousSaving = true
 }
 
 func f(_ value: Double) -> String { String(format: "%.2f", value) }

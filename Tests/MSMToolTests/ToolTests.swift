@@ -133,8 +133,8 @@ struct ToolTests {
             var configuration = try SessionManager.Configuration(nodes: nodes(servers))
             configuration.mode = .sticky
             configuration.route = "a"
-            configuration.asynchronousSaving = false
-            configuration.stickyTouchInterval = .milliseconds(200)
+            configuration.sticky.asynchronousSaving = false
+            configuration.sticky.touchInterval = .milliseconds(200)
             let manager = try SessionManager(configuration: configuration)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await manager.run() }

@@ -111,6 +111,29 @@ struct HummingbirdAdapterTests {
     /// A load balancer's health check: 200 while a session can be served, 503 once no node can
     /// take one (non-sticky, its only node killed), no details; answered by the middleware added
     /// to the router, without a route of its own, and not at all when turned off.
+    /// The manager's configuration names the cookie (`configuration.cookie`); a middleware given
+    /// one of its own uses that one.
+    @Test func theCookieComesFromTheManagersConfigurationUnlessGiven() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let configured = try SessionCookie(name: "sid", path: "/")
+            let manager = try makeManager(servers) { $0.cookie = configured }
+            let router = Router(context: Context.self)
+            router.add(middleware: MemcachedSessionMiddleware<Context>(manager: manager))
+            router.get("counter") { _, context -> String in
+                try await context.sessions.loadOrCreate().set("count", 1)
+                return "1"
+            }
+            try await Application(router: router, services: [manager]).test(.live) { client in
+                let response = try await client.execute(uri: "/counter", method: .get)
+                #expect(sessionCookie(response, name: "sid") != nil, "\(setCookies(response))")
+                #expect(sessionCookie(response) == nil, "not the default name")
+            }
+            let given = try SessionCookie(name: "other")
+            #expect(MemcachedSessionMiddleware<Context>(manager: manager, cookie: given).cookie == given)
+            #expect(MemcachedSessionMiddleware<Context>(manager: manager).cookie == configured)
+        }
+    }
+
     @Test func theHealthCheckSaysWhetherASessionCanBeServed() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let manager = try makeManager(servers) { $0.memcached.failureThreshold = 1 }
@@ -188,8 +211,8 @@ struct HummingbirdAdapterTests {
     @Test func aThrowingRouteStillSavesAndReleasesTheLock() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let manager = try makeManager(servers) {
-                $0.locking = .all
-                $0.lockWaitBudget = .milliseconds(300)
+                $0.locking.mode = .all
+                $0.locking.waitBudget = .milliseconds(300)
             }
             try await counterApp(manager).test(.live) { client in
                 let created = try await client.execute(uri: "/counter", method: .get)

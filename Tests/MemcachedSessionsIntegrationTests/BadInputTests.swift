@@ -131,7 +131,7 @@ struct BadInputTests {
     @Test(arguments: SessionManager.Mode.allCases)
     func oversizedSessionsAreAClearErrorAndThePreviousCopyStays(mode: SessionManager.Mode) async throws {
         try await withMemcachedServers(count: 1) { servers in
-            let config = try configuration(servers, mode: mode) { $0.asynchronousSaving = false }
+            let config = try configuration(servers, mode: mode) { $0.sticky.asynchronousSaving = false }
             try await withManager(config) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)

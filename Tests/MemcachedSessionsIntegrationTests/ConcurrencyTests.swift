@@ -28,7 +28,7 @@ actor Barrier {
 struct ConcurrencyTests {
     @Test func fiftyConcurrentIncrementsOverTwoInstancesWithLockingAll() async throws {
         try await withMemcachedServers(count: 2) { servers in
-            let config = try configuration(servers) { $0.locking = .all }
+            let config = try configuration(servers) { $0.locking.mode = .all }
             try await withManagers([config, config]) { managers in
                 var browser = Browser()
                 #expect(try await managers[0].increment(&browser) == 1)
@@ -59,12 +59,12 @@ struct ConcurrencyTests {
     @Test func aLongRequestRenewsItsLockAndOnlyTheOwnerCanRelease() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers) {
-                $0.locking = .all
-                $0.lockExpiry = .seconds(3)
+                $0.locking.mode = .all
+                $0.locking.expiry = .seconds(3)
             }
             let impatient = try configuration(servers) {
-                $0.locking = .all
-                $0.lockWaitBudget = .milliseconds(300)
+                $0.locking.mode = .all
+                $0.locking.waitBudget = .milliseconds(300)
             }
             try await withManagers([config, impatient]) { managers in
                 try await withInspector(servers) { inspector in
@@ -121,14 +121,14 @@ struct ConcurrencyTests {
     }
 
     /// The worst case: a lock whose owner died without releasing it blocks the session's next
-    /// request no longer than `lockExpiry` (memcached's one-second clock included), plus
+    /// request no longer than `locking.expiry` (memcached's one-second clock included), plus
     /// scheduling margin.
     @Test func anAbandonedLockBlocksNoLongerThanTheLockExpiry() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers) {
-                $0.locking = .all
-                $0.lockExpiry = .seconds(3)
-                $0.lockWaitBudget = .seconds(20)
+                $0.locking.mode = .all
+                $0.locking.expiry = .seconds(3)
+                $0.locking.waitBudget = .seconds(20)
             }
             try await withManager(config) { manager in
                 try await withInspector(servers) { inspector in
@@ -155,8 +155,8 @@ struct ConcurrencyTests {
     func aReleaseRacingARenewalStillReleasesOnlyItsOwnLock(modifies: Bool) async throws {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers) {
-                $0.locking = .all
-                $0.lockExpiry = .seconds(30)
+                $0.locking.mode = .all
+                $0.locking.expiry = .seconds(30)
             }
             try await withManager(config) { manager in
                 try await withInspector(servers) { inspector in
@@ -198,8 +198,8 @@ struct ConcurrencyTests {
     @Test func aCancelledRequestStillReleasesItsLockAndSaves() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers) {
-                $0.locking = .all
-                $0.lockWaitBudget = .milliseconds(300)
+                $0.locking.mode = .all
+                $0.locking.waitBudget = .milliseconds(300)
             }
             try await withManager(config) { manager in
                 var browser = Browser()
@@ -228,7 +228,7 @@ struct ConcurrencyTests {
 
     @Test func autoLockingLearnsReadOnlyPaths() async throws {
         try await withMemcachedServers(count: 1) { servers in
-            try await withManager(try configuration(servers) { $0.locking = .auto }) { manager in
+            try await withManager(try configuration(servers) { $0.locking.mode = .auto }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
                 let afterCreate = manager.statistics.value(of: .locksAcquired)
@@ -253,7 +253,7 @@ struct ConcurrencyTests {
 
     @Test func uriPatternLocksOnlyMatchingPaths() async throws {
         try await withMemcachedServers(count: 1) { servers in
-            try await withManager(try configuration(servers) { $0.locking = .uriPattern("/cart/.*") }) { manager in
+            try await withManager(try configuration(servers) { $0.locking.mode = .uriPattern("/cart/.*") }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser, path: "/home")
                 try await manager.increment(&browser, path: "/home")
@@ -269,11 +269,11 @@ struct ConcurrencyTests {
         try await withMemcachedServers(count: 2) { servers in
             let config = try configuration(servers, mode: mode) {
                 $0.route = mode == .sticky ? "a" : nil
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             let other = try configuration(servers, mode: mode) {
                 $0.route = mode == .sticky ? "a" : nil  // two instances claiming one route: a worst case
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             try await withManagers([config, other]) { managers in
                 var browser = Browser()

@@ -99,11 +99,11 @@ struct EdgeCaseTests {
         try await withMemcachedServers(count: 1) { servers in
             let a = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             let b = try configuration(servers, mode: .sticky) {
                 $0.route = "b"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             try await withManagers([a, b]) { managers in
                 let (instanceA, instanceB) = (managers[0], managers[1])
@@ -128,7 +128,7 @@ struct EdgeCaseTests {
 
     @Test func stickyIdleAndAbsoluteExpiry() async throws {
         try await withMemcachedServers(count: 1) { servers in
-            try await withManager(try configuration(servers, mode: .sticky) { $0.idleTimeout = .seconds(1) }) { manager in
+            try await withManager(try configuration(servers, mode: .sticky) { $0.timeouts.idle = .seconds(1) }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
                 #expect(try await manager.readCount(&browser) == 1)
@@ -138,7 +138,7 @@ struct EdgeCaseTests {
                 try await Task.sleep(for: .milliseconds(3500))
                 #expect(try await manager.readCount(&browser) == 0, "idle past its timeout: gone")
             }
-            try await withManager(try configuration(servers, mode: .sticky) { $0.absoluteTimeout = .seconds(1) }) { manager in
+            try await withManager(try configuration(servers, mode: .sticky) { $0.timeouts.absolute = .seconds(1) }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
                 let start = ContinuousClock.now
@@ -153,7 +153,7 @@ struct EdgeCaseTests {
 
     @Test func aRequestThatNeverOpensTheSessionSlidesItsOwnTimeout() async throws {
         try await withMemcachedServers(count: 2) { servers in
-            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(30) }) { manager in
+            try await withManager(try configuration(servers) { $0.timeouts.idle = .seconds(30) }) { manager in
                 try await withInspector(servers) { inspector in
                     var browser = Browser()
                     try await manager.request(&browser) { access in
@@ -184,12 +184,103 @@ struct EdgeCaseTests {
         }
     }
 
+    /// A logout's tombstones outlive the session's own copies, also when the session's idle
+    /// timeout is longer than the default ("remember me"): a backup on a node that missed the
+    /// logout must not be found once the tombstones are gone. They used to follow the default
+    /// only (60 s here: 150 s of tombstone for a copy living an hour and ten minutes).
+    @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
+    func aLogoutsTombstonesOutliveALongerIdleTimeoutsCopies(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers, mode: mode) {
+                $0.timeouts.idle = .seconds(60)
+                $0.sticky.asynchronousSaving = false
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.request(&browser) { access in
+                        let session = try await access.loadOrCreate()
+                        try session.set("user", "remembered")
+                        session.setIdleTimeout(.seconds(3600))
+                    }
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    func timeToLive(_ key: String, on node: String) async throws -> Int? {
+                        guard case .item(let item?) = try await inspector.node(node).execute(.getMetadata(key)) else { return nil }
+                        return item.timeToLive
+                    }
+                    let copy = try #require(try await timeToLive(keys.primary, on: id.nodeID))
+                    #expect(copy > 3000)
+                    try await manager.request(&browser, path: "/logout") { access in
+                        try #require(try await access.load()).invalidate()
+                    }
+                    for node in ["n1", "n2"] {
+                        // Sticky sessions have no backup copy: their primary key, on every node.
+                        for key in mode == .nonSticky ? [keys.primary, keys.backup] : [keys.primary] {
+                            let tombstone = try #require(try await timeToLive(key, on: node), "a tombstone on \(node)")
+                            // The copy's hour plus two refresh windows (5 minutes each), plus a minute.
+                            #expect(tombstone > 3600 + 600, "on \(node)")
+                        }
+                    }
+                    #expect(try await manager.readCount(&browser) == 0)
+                }
+            }
+        }
+    }
+
+    /// `msm session show`'s reading, from the core: the newest copy wins by version, on equal
+    /// versions the primary; undecodable bytes are counted, not shown; a tombstone says the
+    /// session was logged out; nothing is changed.
+    @Test func anInspectionFindsTheNewestCopyByTheRecoveriesRule() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withInspector(servers) { client in
+                let keys = SessionKeys(token: SessionID.generate(nodeID: "n1", route: nil).token, prefix: "msm:")
+                func bytes(version: UInt64, note: String) throws -> ByteBuffer {
+                    var buffer = ByteBuffer()
+                    try BinarySessionCodec().encodeSession(
+                        SessionRecord(
+                            metadata: SessionMetadata(
+                                createdAt: 1, lastAccessedAt: 2, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: version),
+                            attributes: ["note": ByteBuffer(string: note)]),
+                        into: &buffer)
+                    return buffer
+                }
+                func note(_ inspection: StoredSessionInspection) -> String? {
+                    inspection.newest?.record.attributes["note"].map { String(buffer: $0) }
+                }
+                let n1 = try client.node("n1")
+                let n2 = try client.node("n2")
+                var inspection = await SessionManager.inspectStored(keys: keys, on: client)
+                #expect(inspection.newest == nil && inspection.copies.isEmpty && !inspection.isInvalidated)
+
+                try await n1.set(keys.primary, value: try bytes(version: 3, note: "primary 3"))
+                try await n2.set(keys.backup, value: try bytes(version: 3, note: "backup 3"))
+                inspection = await SessionManager.inspectStored(keys: keys, on: client)
+                #expect(note(inspection) == "primary 3", "equal versions: the primary")
+                #expect(inspection.copies.count == 2)
+
+                try await n2.set(keys.backup, value: try bytes(version: 4, note: "backup 4"))
+                try await n2.set(keys.primary, value: ByteBuffer(string: "not a session"))
+                inspection = await SessionManager.inspectStored(keys: keys, on: client)
+                #expect(note(inspection) == "backup 4", "a newer backup over an older primary")
+                #expect(inspection.newest?.copy.nodeID == "n2" && inspection.newest?.copy.isPrimary == false)
+                #expect(inspection.undecodable == 1)
+                #expect(try await n2.get(keys.primary) != nil, "an inspection changes nothing")
+
+                _ = await SessionManager.invalidateStored(keys: keys, on: client)
+                inspection = await SessionManager.inspectStored(keys: keys, on: client)
+                #expect(inspection.isInvalidated && inspection.newest == nil)
+                #expect(inspection.unreachable.isEmpty)
+            }
+        }
+    }
+
     /// An idle timeout far beyond ten years (here `Int64.max` seconds) used to trap on overflow in
     /// TTL, deadline and expiry arithmetic. It is clamped to ten years: stored, served, no crash.
     @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
     func anEnormousIdleTimeoutIsClampedNotACrash(mode: SessionManager.Mode) async throws {
         try await withMemcachedServers(count: 2) { servers in
-            try await withManager(try configuration(servers, mode: mode) { $0.asynchronousSaving = false }) { manager in
+            try await withManager(try configuration(servers, mode: mode) { $0.sticky.asynchronousSaving = false }) { manager in
                 try await withInspector(servers) { inspector in
                     var browser = Browser()
                     try await manager.request(&browser) { access in
@@ -219,7 +310,7 @@ struct EdgeCaseTests {
     @Test func localMemoryIsBoundedWhileMemcachedIsDown() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers, mode: .sticky) {
-                $0.localSessionLimit = 32
+                $0.sticky.localSessionLimit = 32
                 $0.memcached.requestTimeout = .milliseconds(300)
                 $0.memcached.failureThreshold = 1
             }
@@ -266,10 +357,10 @@ struct EdgeCaseTests {
     @Test func theStickyHealthCheckCountsRoomNotEntries() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers, mode: .sticky) {
-                $0.localSessionLimit = 32
+                $0.sticky.localSessionLimit = 32
                 $0.memcached.requestTimeout = .milliseconds(300)
                 $0.memcached.failureThreshold = 1
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             try await withManager(config) { manager in
                 var made = 0
@@ -330,7 +421,7 @@ struct EdgeCaseTests {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
-                $0.asynchronousSaveDelay = .seconds(30)
+                $0.sticky.saveDelay = .seconds(30)
             }
             try await withManager(config) { manager in
                 var browser = Browser()
@@ -359,7 +450,7 @@ struct EdgeCaseTests {
     func anIdleExpiredSessionDoesNotComeBackFromItsBackup(restart: Bool) async throws {
         try await withMemcachedServers(count: 2) { servers in
             // Idle 12 s: refresh window 3 s, backup TTL 18 s.
-            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(12) }) { manager in
+            try await withManager(try configuration(servers) { $0.timeouts.idle = .seconds(12) }) { manager in
                 try await withInspector(servers) { inspector in
                     var browser = Browser()
                     try await manager.increment(&browser)
@@ -399,11 +490,11 @@ struct EdgeCaseTests {
         try await withMemcachedServers(count: 1) { servers in
             let a = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             let b = try configuration(servers, mode: .sticky) {
                 $0.route = "b"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             try await withManagers([a, b]) { managers in
                 var browser = Browser()
@@ -471,7 +562,7 @@ struct EdgeCaseTests {
                 try configuration(servers, mode: mode) {
                     $0.memcached.requestTimeout = .milliseconds(300)
                     $0.memcached.failureThreshold = 1
-                    $0.asynchronousSaving = false
+                    $0.sticky.asynchronousSaving = false
                     if mode == .sticky { $0.route = route }
                 }
             }

@@ -97,7 +97,7 @@ struct FailoverTests {
 
     @Test func nonStickySessionsSurviveKilledNodesAndGetRepaired() async throws {
         try await withMemcachedServers(count: 3) { servers in
-            let config = try configuration(servers) { $0.operationTimeout = .seconds(2) }
+            let config = try configuration(servers) { $0.memcached.requestTimeout = .seconds(2) }
             try await withManager(config) { manager in
                 let book = try await Self.createSessions(manager, count: 1_000, readOnlyEvery: 5)
                 try await Self.verifyAndAdvance(manager, book)
@@ -148,7 +148,7 @@ struct FailoverTests {
         try await withMemcachedServers(count: 3) { servers in
             let config = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             try await withManager(config) { manager in
                 let book = try await Self.createSessions(manager, count: 300, readOnlyEvery: 4)
@@ -177,8 +177,8 @@ struct FailoverTests {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
-                $0.asynchronousSaving = false
-                $0.operationTimeout = .milliseconds(300)
+                $0.sticky.asynchronousSaving = false
+                $0.memcached.requestTimeout = .milliseconds(300)
             }
             try await withManager(config) { manager in
                 var browser = Browser()
@@ -207,11 +207,11 @@ struct FailoverTests {
         try await withMemcachedServers(count: 2) { servers in
             let a = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             let b = try configuration(servers, mode: .sticky) {
                 $0.route = "b"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             try await withManagers([a, b]) { managers in
                 let (instanceA, instanceB) = (managers[0], managers[1])
@@ -238,11 +238,11 @@ struct FailoverTests {
         try await withMemcachedServers(count: 1) { servers in
             let a = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             let b = try configuration(servers, mode: .sticky) {
                 $0.route = "b"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             try await withManagers([a, b]) { managers in
                 let (instanceA, instanceB) = (managers[0], managers[1])
@@ -268,7 +268,7 @@ struct FailoverTests {
                 if servers[0].pid == nil { try await servers[0].restart() }
                 let config = try configuration(servers) {
                     $0.unavailablePolicy = policy
-                    $0.operationTimeout = .milliseconds(300)
+                    $0.memcached.requestTimeout = .milliseconds(300)
                 }
                 try await withManager(config) { manager in
                     var browser = Browser()

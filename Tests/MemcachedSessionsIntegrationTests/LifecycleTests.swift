@@ -64,7 +64,7 @@ struct LifecycleTests {
 
     @Test func invalidateRemovesEveryCopy() async throws {
         try await withMemcachedServers(count: 2) { servers in
-            try await withManager(try configuration(servers) { $0.locking = .all }) { manager in
+            try await withManager(try configuration(servers) { $0.locking.mode = .all }) { manager in
                 try await withInspector(servers) { inspector in
                     var browser = Browser()
                     try await manager.increment(&browser)
@@ -100,7 +100,7 @@ struct LifecycleTests {
     @Test func regeneratedIDMovesTheDataAndDeletesTheOldKey() async throws {
         for mode in SessionManager.Mode.allCases {
             try await withMemcachedServers(count: 2) { servers in
-                try await withManager(try configuration(servers, mode: mode) { $0.asynchronousSaving = false }) { manager in
+                try await withManager(try configuration(servers, mode: mode) { $0.sticky.asynchronousSaving = false }) { manager in
                     try await withInspector(servers) { inspector in
                         var browser = Browser()
                         try await manager.increment(&browser)
@@ -154,7 +154,7 @@ struct LifecycleTests {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
-                $0.asynchronousSaveDelay = .milliseconds(400)
+                $0.sticky.saveDelay = .milliseconds(400)
             }
             try await withManager(config) { manager in
                 try await withInspector(servers) { inspector in
@@ -213,7 +213,7 @@ struct LifecycleTests {
         try await withMemcachedServers(count: 1) { servers in
             let config = try configuration(servers, mode: .sticky) {
                 $0.route = "a"
-                $0.asynchronousSaving = false
+                $0.sticky.asynchronousSaving = false
             }
             try await withManager(config) { manager in
                 try await withInspector(servers) { inspector in
@@ -277,7 +277,7 @@ struct LifecycleTests {
         try await withMemcachedServers(count: 1) { servers in
             // Idle: reads slide the TTL; without requests the session expires.
             // (memcached's clock ticks once a second: a 3 s TTL lives 2 to 3 s.)
-            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(4) }) { manager in
+            try await withManager(try configuration(servers) { $0.timeouts.idle = .seconds(4) }) { manager in
                 try await withInspector(servers) { inspector in
                     var browser = Browser()
                     try await manager.increment(&browser)
@@ -299,7 +299,7 @@ struct LifecycleTests {
                 }
             }
             // Absolute: gone after its lifetime even when used all the time.
-            try await withManager(try configuration(servers) { $0.absoluteTimeout = .seconds(2) }) { manager in
+            try await withManager(try configuration(servers) { $0.timeouts.absolute = .seconds(2) }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
                 let start = ContinuousClock.now
@@ -315,7 +315,7 @@ struct LifecycleTests {
                 #expect(try await manager.readCount(&browser) == 0)
             }
             // Over 30 days: sent as an absolute time (a raw 31-day TTL would read as 1970: expired at once).
-            try await withManager(try configuration(servers) { $0.idleTimeout = .seconds(31 * 24 * 3600) }) { manager in
+            try await withManager(try configuration(servers) { $0.timeouts.idle = .seconds(31 * 24 * 3600) }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
                 try await Task.sleep(for: .milliseconds(1100))
@@ -323,7 +323,7 @@ struct LifecycleTests {
                 #expect(try await manager.readCount(&browser) == 2)
             }
             // Zero or less: never expires.
-            try await withManager(try configuration(servers) { $0.idleTimeout = .zero }) { manager in
+            try await withManager(try configuration(servers) { $0.timeouts.idle = .zero }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
                 #expect(try await manager.readCount(&browser) == 1)

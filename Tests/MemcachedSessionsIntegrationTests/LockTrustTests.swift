@@ -48,10 +48,10 @@ struct LockTrustTests {
     @Test func aLostLockRefusesTheWriteWhenTheSessionChangedMeanwhile() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let locked = try configuration(servers) {
-                $0.locking = .all
-                $0.lockExpiry = .seconds(3)
+                $0.locking.mode = .all
+                $0.locking.expiry = .seconds(3)
             }
-            let unlocked = try configuration(servers) { $0.locking = .none }
+            let unlocked = try configuration(servers) { $0.locking.mode = .none }
             try await withManagers([locked, unlocked]) { managers in
                 try await withInspector(servers) { inspector in
                     var browser = Browser()
@@ -81,8 +81,8 @@ struct LockTrustTests {
     @Test func aLostLockIsTakenAgainWhenTheSessionDidNotChange() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let locked = try configuration(servers) {
-                $0.locking = .all
-                $0.lockExpiry = .seconds(3)
+                $0.locking.mode = .all
+                $0.locking.expiry = .seconds(3)
             }
             try await withManager(locked) { manager in
                 try await withInspector(servers) { inspector in
@@ -113,8 +113,8 @@ struct LockTrustTests {
     /// request's changes, so the write is refused rather than merged.
     @Test func aConflictTakesTheLockAgainAndMergesOnlyWhatTheLockKeptApart() async throws {
         try await withMemcachedServers(count: 1) { servers in
-            let locked = try configuration(servers) { $0.locking = .all }
-            let unlocked = try configuration(servers) { $0.locking = .none }
+            let locked = try configuration(servers) { $0.locking.mode = .all }
+            let unlocked = try configuration(servers) { $0.locking.mode = .none }
             try await withManagers([locked, unlocked]) { managers in
                 try await withInspector(servers) { inspector in
                     var browser = Browser()
@@ -161,7 +161,7 @@ struct LockTrustTests {
             var config = try SessionManager.Configuration(nodes: "n1:\(proxy.hostAndPort),n2:\(servers[1].hostAndPort)")
             config.mode = .nonSticky
             config.failoverNodes = ["n2"]
-            config.locking = .all
+            config.locking.mode = .all
             config.memcached.probeInterval = .milliseconds(100)
             config.memcached.requestTimeout = .seconds(5)
             // Up (a cut fails the lock and the read, and background polls may fail too).

@@ -21,8 +21,8 @@ struct StickyTrustTests {
     {
         try configuration(servers, mode: .sticky) {
             $0.route = route
-            $0.asynchronousSaving = asynchronous
-            $0.asynchronousSaveDelay = delay
+            $0.sticky.asynchronousSaving = asynchronous
+            $0.sticky.saveDelay = delay
         }
     }
 
@@ -127,7 +127,7 @@ struct StickyTrustTests {
             var config = try SessionManager.Configuration(nodes: "n1:\(proxy.hostAndPort)")
             config.mode = .sticky
             config.route = "a"
-            config.asynchronousSaving = false
+            config.sticky.asynchronousSaving = false
             config.memcached.probeInterval = .milliseconds(100)
             config.memcached.requestTimeout = .seconds(5)
             try await withManager(config) { a in

@@ -141,16 +141,16 @@ struct SessionModelTests {
         #expect(try error { _ in } == nil)
         #expect(try error { $0.failoverNodes = ["n9"] }?.contains("failover node 'n9'") == true)
         #expect(try error { $0.failoverNodes = ["n1", "n2"] }?.contains("at least one must be a primary") == true)
-        #expect(try error { $0.locking = .uriPattern("(") }?.contains("locking uriPattern") == true)
+        #expect(try error { $0.locking.mode = .uriPattern("(") }?.contains("locking uriPattern") == true)
         #expect(try error { $0.ignoredPathPattern = "[" }?.contains("ignoredPathPattern") == true)
         #expect(
             try error {
-                $0.mode = .sticky; $0.locking = .all
+                $0.mode = .sticky; $0.locking.mode = .all
             }?.contains("non-sticky") == true)
         #expect(try error { $0.keyPrefix = "has space" }?.contains("keyPrefix") == true)
         #expect(try error { $0.route = "bad.route" }?.contains("route") == true)
-        #expect(try error { $0.lockExpiry = .milliseconds(10) }?.contains("lockExpiry") == true)
-        #expect(try error { $0.absoluteTimeout = .zero }?.contains("absoluteTimeout") == true)
+        #expect(try error { $0.locking.expiry = .milliseconds(10) }?.contains("locking.expiry") == true)
+        #expect(try error { $0.timeouts.absolute = .zero }?.contains("timeouts.absolute") == true)
 
         #expect(throws: SessionError.self) { _ = try SessionManager.Configuration(nodes: "n1:127.0.0.1") }
         #expect(throws: SessionError.self) { _ = try SessionManager.Configuration(nodes: "n1:h:1,n1:h:2") }

@@ -136,8 +136,8 @@ struct VaporAdapterTests {
     @Test func aThrowingRouteStillSavesAndReleasesTheLockAndADeadStoreIsA503() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let manager = try makeManager(servers) {
-                $0.locking = .all
-                $0.lockWaitBudget = .milliseconds(300)
+                $0.locking.mode = .all
+                $0.locking.waitBudget = .milliseconds(300)
             }
             try await withVaporApp(manager: manager) { app in
                 app.middleware = Middlewares()

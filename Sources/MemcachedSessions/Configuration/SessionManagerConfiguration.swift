@@ -67,52 +67,49 @@ extension SessionManager {
         case proceedUnlocked
     }
 
-    /// The session manager's settings: MSM's settings under Swift names.
+    /// The session manager's settings, grouped by concern: ``memcached`` (the nodes, the protocol,
+    /// timeouts; later TLS and authentication), ``timeouts``, ``sticky``, ``locking`` and
+    /// ``cookie``; the rest apply to every mode. MSM's settings under Swift names (each setting
+    /// names its MSM counterpart). The flat names of earlier releases (`lockExpiry`,
+    /// `asynchronousSaving`, ...) remain as deprecated aliases for one release.
     public struct Configuration: Sendable {
         /// The memcached client's settings, among them the nodes (`memcachedNodes`), the protocol
-        /// (meta, or text for memcached-protocol stores), the item size limit and timeouts.
+        /// (meta, or text for memcached-protocol stores), the item size limit and timeouts
+        /// (`operationTimeout` is ``MemcachedClient/Configuration/requestTimeout``).
         public var memcached: MemcachedClient.Configuration
         /// Ids of nodes (listed in ``memcached``) used only when no other node is available
         /// (`failoverNodes`). Sticky set-ups list the memcached on the same host here.
         public var failoverNodes: [String] = []
         /// Sticky or non-sticky (`sticky`).
         public var mode: Mode = .nonSticky
-        /// Which requests lock the session (`lockingMode`); non-sticky only.
-        public var locking: LockingMode = .none
+        /// How long sessions live and how long a save may take.
+        public var timeouts = Timeouts()
+        /// Sticky mode's settings: asynchronous saving, this instance's memory.
+        public var sticky = Sticky()
+        /// Which requests lock the session, and how locks behave (non-sticky only).
+        public var locking = Locking() {
+            didSet {
+                // The deprecated spelling `locking = .all` means the mode only.
+                if locking.setsModeOnly {
+                    let mode = locking.mode
+                    locking = oldValue
+                    locking.mode = mode
+                }
+            }
+        }
+        /// The session cookie the framework adapters set: its name, path, domain and flags. An
+        /// adapter given a cookie of its own uses that one.
+        public var cookie: SessionCookie = .default
         /// Requests whose path matches this regular expression never touch sessions
         /// (`requestUriIgnorePattern`), e.g. `.*\.(css|js|png|ico)$`. Matched against the path only.
         public var ignoredPathPattern: String? = nil
         /// Only attributes whose name matches this regular expression are stored
         /// (`sessionAttributeFilter`); the others live for the request only.
         public var attributeFilter: String? = nil
-        /// Sticky mode: changed sessions are saved by a background writer instead of before the
-        /// response (`sessionBackupAsync`). Faster; a crash of the app server loses the writes still
-        /// queued (at most ``asynchronousQueueLimit``), graceful shutdown flushes them.
-        public var asynchronousSaving: Bool = true
-        /// Sticky mode, asynchronous saving: how long a change may wait before it is written, so
-        /// that a session changed by a burst of requests is written once per window. A crash of the
-        /// app server loses at most this window's changes (plus the queue); graceful shutdown loses
-        /// nothing. Zero writes as soon as the writer gets to it.
-        public var asynchronousSaveDelay: Duration = .milliseconds(250)
-        /// Sticky mode: how long a save may take (`sessionBackupTimeout`).
-        public var saveTimeout: Duration = .milliseconds(500)
-        /// Sticky mode: the most sessions queued for asynchronous saving; beyond it a request saves
-        /// synchronously (back-pressure, never an unbounded queue).
-        public var asynchronousQueueLimit: Int = 10_000
-        /// How long a lock may live without renewal (`lockExpiration`); requests that run longer
-        /// renew it.
-        public var lockExpiry: Duration = .seconds(5)
-        /// How long a request waits for a lock before ``lockFailurePolicy`` applies.
-        public var lockWaitBudget: Duration = .seconds(10)
-        /// What happens when the lock cannot be had in time.
-        public var lockFailurePolicy: LockFailurePolicy = .fail
         /// Prefix of every memcached key (`storageKeyPrefix`): several applications can share nodes.
-        public var keyPrefix: String = "msm:"
-        /// A session expires after this long without a request (`maxInactiveInterval`); zero or less
-        /// means never.
-        public var idleTimeout: Duration = .seconds(30 * 60)
-        /// A session expires this long after its creation, whatever its activity; `nil`: no limit.
-        public var absoluteTimeout: Duration? = nil
+        public var keyPrefix: String = Self.defaultKeyPrefix
+        /// ``keyPrefix``'s default (also `msm session`'s).
+        public static let defaultKeyPrefix = "msm:"
         /// How sessions and attribute values are turned into bytes.
         public var codec: any SessionCodec = BinarySessionCodec()
         /// When false, sessions live in this instance's memory only and memcached is not used.
@@ -124,13 +121,85 @@ extension SessionManager {
         /// This instance's route (MSM's `jvmRoute`), appended to session ids as `.<route>` so a load
         /// balancer can route by it. Sticky set-ups need it for explicit takeover.
         public var route: String? = nil
-        /// Sticky mode: the most sessions kept in this instance's memory (least recently used go
-        /// first; they stay in memcached).
-        public var localSessionLimit: Int = 100_000
-        /// Sticky mode: an unchanged session's memcached TTL is slid at most this often.
-        public var stickyTouchInterval: Duration? = nil
-        /// Auto locking: the most request paths remembered as read-only.
-        public var autoLockingPathLimit: Int = 1_000
+
+        /// How long sessions live and how long a save may take.
+        public struct Timeouts: Sendable, Hashable {
+            /// A session expires after this long without a request (`maxInactiveInterval`); zero
+            /// or less means never. A session may set its own (``Session/setIdleTimeout(_:)``).
+            public var idle: Duration = .seconds(30 * 60)
+            /// A session expires this long after its creation, whatever its activity; `nil`: no limit.
+            public var absolute: Duration? = nil
+            /// Sticky mode: how long a save may take (`sessionBackupTimeout`).
+            public var save: Duration = .milliseconds(500)
+
+            public init() {}
+        }
+
+        /// Sticky mode's settings.
+        public struct Sticky: Sendable, Hashable {
+            /// Changed sessions are saved by a background writer instead of before the response
+            /// (`sessionBackupAsync`). Faster; a crash of the app server loses the writes still
+            /// queued (at most ``queueLimit``), graceful shutdown flushes them.
+            public var asynchronousSaving: Bool = true
+            /// Asynchronous saving: how long a change may wait before it is written, so that a
+            /// session changed by a burst of requests is written once per window. A crash of the app
+            /// server loses at most this window's changes (plus the queue); graceful shutdown loses
+            /// nothing. Zero writes as soon as the writer gets to it.
+            public var saveDelay: Duration = .milliseconds(250)
+            /// The most sessions queued for asynchronous saving; beyond it a request saves
+            /// synchronously (back-pressure, never an unbounded queue).
+            public var queueLimit: Int = 10_000
+            /// The most sessions kept in this instance's memory (least recently used go first;
+            /// they stay in memcached).
+            public var localSessionLimit: Int = 100_000
+            /// An unchanged session's memcached TTL is slid at most this often; nil: a quarter of
+            /// the idle timeout, between a second and five minutes.
+            public var touchInterval: Duration? = nil
+
+            public init() {}
+        }
+
+        /// Which requests take the session's lock, and how locks behave (non-sticky mode only).
+        public struct Locking: Sendable, Hashable {
+            /// Which requests lock the session (`lockingMode`).
+            public var mode: LockingMode = .none
+            /// How long a lock may live without renewal (`lockExpiration`); requests that run
+            /// longer renew it.
+            public var expiry: Duration = .seconds(5) {
+                didSet { setsModeOnly = false }
+            }
+            /// How long a request waits for a lock before ``failurePolicy`` applies.
+            public var waitBudget: Duration = .seconds(10) {
+                didSet { setsModeOnly = false }
+            }
+            /// What happens when the lock cannot be had in time.
+            public var failurePolicy: LockFailurePolicy = .fail {
+                didSet { setsModeOnly = false }
+            }
+            /// Auto locking: the most request paths remembered as read-only.
+            public var autoPathLimit: Int = 1_000 {
+                didSet { setsModeOnly = false }
+            }
+            /// Set by the deprecated `locking = .all` spelling: only the mode is meant.
+            var setsModeOnly = false
+
+            public init(mode: LockingMode = .none) {
+                self.mode = mode
+            }
+
+            public static func == (lhs: Self, rhs: Self) -> Bool {
+                lhs.mode == rhs.mode && lhs.expiry == rhs.expiry && lhs.waitBudget == rhs.waitBudget
+                    && lhs.failurePolicy == rhs.failurePolicy && lhs.autoPathLimit == rhs.autoPathLimit
+            }
+
+            public func hash(into hasher: inout Hasher) {
+                hasher.combine(mode)
+                hasher.combine(expiry)
+                hasher.combine(waitBudget)
+                hasher.combine(failurePolicy)
+                hasher.combine(autoPathLimit)
+            }
+        }
 
         /// A configuration over the given nodes.
         public init(memcached: MemcachedClient.Configuration) {
@@ -153,15 +222,9 @@ extension SessionManager {
             self.init(memcached: MemcachedClient.Configuration(nodes: addresses))
         }
 
-        /// The memcached request timeout (`operationTimeout`).
-        public var operationTimeout: Duration {
-            get { memcached.requestTimeout }
-            set { memcached.requestTimeout = newValue }
-        }
-
         /// The idle timeout, or nil when sessions never expire from inactivity.
         var effectiveIdleTimeout: Duration? {
-            idleTimeout > .zero ? idleTimeout : nil
+            timeouts.idle > .zero ? timeouts.idle : nil
         }
 
         /// Checks every setting; the error names the setting and why.
@@ -186,13 +249,13 @@ extension SessionManager {
             if let route, !SessionID.isValidComponent(route) {
                 throw .configuration("route '\(route)' must be letters, digits, '_' or '-' (at most 32)")
             }
-            if case .uriPattern(let pattern) = locking {
+            if case .uriPattern(let pattern) = locking.mode {
                 _ = try PathPattern(pattern, setting: "locking uriPattern")
                 if mode == .sticky {
-                    throw .configuration("locking applies to non-sticky mode only; set locking to none for sticky")
+                    throw .configuration("locking applies to non-sticky mode only; set locking.mode to none for sticky")
                 }
-            } else if locking != .none, mode == .sticky {
-                throw .configuration("locking applies to non-sticky mode only; set locking to none for sticky")
+            } else if locking.mode != .none, mode == .sticky {
+                throw .configuration("locking applies to non-sticky mode only; set locking.mode to none for sticky")
             }
             if let ignoredPathPattern { _ = try PathPattern(ignoredPathPattern, setting: "ignoredPathPattern") }
             if let attributeFilter { _ = try PathPattern(attributeFilter, setting: "attributeFilter") }
@@ -201,30 +264,32 @@ extension SessionManager {
             }
             // Upper bounds keep every duration far from arithmetic overflow (and from nonsense).
             let tenYears = Duration.seconds(10 * 365 * 24 * 3600)
-            if idleTimeout > tenYears { throw .configuration("idleTimeout must be at most ten years (zero or less: never)") }
-            if let absoluteTimeout, absoluteTimeout > tenYears { throw .configuration("absoluteTimeout must be at most ten years") }
-            if lockExpiry > .seconds(24 * 3600) { throw .configuration("lockExpiry must be at most a day") }
-            if lockWaitBudget > .seconds(3600) { throw .configuration("lockWaitBudget must be at most an hour") }
-            if saveTimeout > .seconds(3600) { throw .configuration("saveTimeout must be at most an hour") }
-            if asynchronousSaveDelay < .zero || asynchronousSaveDelay > .seconds(60) {
-                throw .configuration("asynchronousSaveDelay must be between 0 and 60 seconds")
+            if timeouts.idle > tenYears { throw .configuration("timeouts.idle must be at most ten years (zero or less: never)") }
+            if let absolute = timeouts.absolute, absolute > tenYears {
+                throw .configuration("timeouts.absolute must be at most ten years")
             }
-            if let stickyTouchInterval, stickyTouchInterval > .seconds(24 * 3600) {
-                throw .configuration("stickyTouchInterval must be at most a day")
+            if locking.expiry > .seconds(24 * 3600) { throw .configuration("locking.expiry must be at most a day") }
+            if locking.waitBudget > .seconds(3600) { throw .configuration("locking.waitBudget must be at most an hour") }
+            if timeouts.save > .seconds(3600) { throw .configuration("timeouts.save must be at most an hour") }
+            if sticky.saveDelay < .zero || sticky.saveDelay > .seconds(60) {
+                throw .configuration("sticky.saveDelay must be between 0 and 60 seconds")
             }
-            if lockExpiry < .seconds(2) {
-                throw .configuration("lockExpiry must be at least 2 seconds (memcached's clock ticks once a second)")
+            if let touchInterval = sticky.touchInterval, touchInterval > .seconds(24 * 3600) {
+                throw .configuration("sticky.touchInterval must be at most a day")
             }
-            if lockWaitBudget < .zero { throw .configuration("lockWaitBudget cannot be negative") }
-            if saveTimeout <= .zero { throw .configuration("saveTimeout must be positive") }
-            if asynchronousQueueLimit < 1 { throw .configuration("asynchronousQueueLimit must be at least 1") }
-            if localSessionLimit < 1 { throw .configuration("localSessionLimit must be at least 1") }
-            if autoLockingPathLimit < 1 { throw .configuration("autoLockingPathLimit must be at least 1") }
-            if let absoluteTimeout, absoluteTimeout <= .zero {
-                throw .configuration("absoluteTimeout must be positive, or nil for none")
+            if locking.expiry < .seconds(2) {
+                throw .configuration("locking.expiry must be at least 2 seconds (memcached's clock ticks once a second)")
             }
-            if let stickyTouchInterval, stickyTouchInterval <= .zero {
-                throw .configuration("stickyTouchInterval must be positive")
+            if locking.waitBudget < .zero { throw .configuration("locking.waitBudget cannot be negative") }
+            if timeouts.save <= .zero { throw .configuration("timeouts.save must be positive") }
+            if sticky.queueLimit < 1 { throw .configuration("sticky.queueLimit must be at least 1") }
+            if sticky.localSessionLimit < 1 { throw .configuration("sticky.localSessionLimit must be at least 1") }
+            if locking.autoPathLimit < 1 { throw .configuration("locking.autoPathLimit must be at least 1") }
+            if let absolute = timeouts.absolute, absolute <= .zero {
+                throw .configuration("timeouts.absolute must be positive, or nil for none")
+            }
+            if let touchInterval = sticky.touchInterval, touchInterval <= .zero {
+                throw .configuration("sticky.touchInterval must be positive")
             }
         }
     }

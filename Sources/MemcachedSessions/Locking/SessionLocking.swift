@@ -158,13 +158,13 @@ extension SessionManager {
     /// The owner renews every third of `lockExpiry` (at least 2 s, so at least a second before the
     /// item can expire), and counts its lease as ``lockLease`` from each acquisition or renewal.
     var lockItemTTL: MemcachedTTL {
-        .duration(configuration.lockExpiry)
+        .duration(configuration.locking.expiry)
     }
 
     /// How long a lock is surely held after its acquisition or last renewal: one memcached clock
     /// tick less than its TTL.
     var lockLease: TimeAmount {
-        TimeAmount(configuration.lockExpiry - .seconds(1))
+        TimeAmount(configuration.locking.expiry - .seconds(1))
     }
 
     func newLockToken() -> String {
@@ -189,7 +189,7 @@ extension SessionManager {
         let token = token ?? newLockToken()
         let lockTTL = lockItemTTL
         let start = clock.now()
-        let budget = TimeAmount(configuration.lockWaitBudget)
+        let budget = TimeAmount(configuration.locking.waitBudget)
         var attempt = 0
         var waited = false
         while true {
@@ -243,10 +243,10 @@ extension SessionManager {
                 statistics.count(.lockFailures)
                 statistics.time(.lockWait, since: start)
                 logger.notice("session lock not acquired within the wait budget", metadata: ["memcached.node": "\(nodeID)"])
-                switch configuration.lockFailurePolicy {
+                switch configuration.locking.failurePolicy {
                 case .fail:
                     throw SessionError(
-                        code: .lockUnavailable, message: "the session's lock was not released within \(configuration.lockWaitBudget)")
+                        code: .lockUnavailable, message: "the session's lock was not released within \(configuration.locking.waitBudget)")
                 case .proceedUnlocked:
                     return (nil, readOutcome)
                 }
@@ -277,7 +277,7 @@ extension SessionManager {
     /// Tried every 100 ms until the lock would have expired anyway (the node just failed: its
     /// connection may be reconnecting).
     func releaseIfOwn(_ key: String, token: String, on node: any MemcachedNodeCommandRunner) async {
-        let attempts = max(1, Int(configuration.lockExpiry / .milliseconds(100)))
+        let attempts = max(1, Int(configuration.locking.expiry / .milliseconds(100)))
         for attempt in 0..<attempts {
             if attempt > 0 {
                 do { try await clock.sleep(for: .milliseconds(100)) } catch { return }
@@ -464,13 +464,13 @@ extension SessionManager {
     /// The longest a lock is renewed: a request that never ends (a bug, or an adapter that never
     /// calls `endRequest`) must not lock its session forever.
     var maximumLockHold: TimeAmount {
-        TimeAmount(max(configuration.lockExpiry * 60, .seconds(300)))
+        TimeAmount(max(configuration.locking.expiry * 60, .seconds(300)))
     }
 
     /// Renews, concurrently, the leases of locks held for more than a third of the lock expiry.
     /// Runs in `run()`.
     func renewLocksPeriodically() async {
-        let interval = configuration.lockExpiry / 3
+        let interval = configuration.locking.expiry / 3
         while !Task.isCancelled {
             // Woken four times per renewal interval: a renewal is sent at most a quarter interval
             // late, well within the lease.

@@ -56,7 +56,8 @@ extension SessionManager {
         case .found(let stored):
             if isExpired(stored.record, now: now) {
                 statistics.count(.sessionsExpired)
-                await deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: false)
+                await deleteCopies(
+                    keys: keys, nodeID: id.nodeID, lock: lock, wait: false, sessionIdle: stored.record.metadata.idleTimeoutSeconds)
                 return nil
             }
             statistics.count(.sessionsLoaded)
@@ -162,11 +163,11 @@ extension SessionManager {
         for (nodeID, isPrimary, read, timeToLive) in reads {
             switch read {
             case .found(let stored):
-                let version = stored.record.metadata.version
                 if let current = search.newest {
-                    let currentVersion = current.stored.record.metadata.version
-                    // On equal versions a primary wins: it is where the session lives.
-                    guard version > currentVersion || (version == currentVersion && isPrimary && !current.isPrimary) else { continue }
+                    guard
+                        stored.record.metadata.supersedes(
+                            current.stored.record.metadata, asPrimary: isPrimary, otherIsPrimary: current.isPrimary)
+                    else { continue }
                 }
                 search.newest = (stored, nodeID, isPrimary)
                 search.newestTimeToLive = timeToLive
@@ -302,7 +303,7 @@ extension SessionManager {
         if session.isInvalidated {
             statistics.count(.sessionsInvalidated)
             if session.mayBeStored {
-                await deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: true)
+                await deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
             } else if let lock {
                 await release(lock)
             }
@@ -344,7 +345,7 @@ extension SessionManager {
                 }
                 if let (oldKeys, oldNode) = oldCopies {
                     // Waited for: the old id must be dead before the response (session fixation).
-                    await deleteCopies(keys: oldKeys, nodeID: oldNode, lock: nil, wait: true)
+                    await deleteCopies(keys: oldKeys, nodeID: oldNode, lock: nil, wait: true, sessionIdle: record.metadata.idleTimeoutSeconds)
                 } else if let incoming, finalID.token == incoming.token, finalID.nodeID != incoming.nodeID,
                     case .tombstone = await readStored(key: keys.primary, on: finalID.nodeID, touch: nil)
                 {

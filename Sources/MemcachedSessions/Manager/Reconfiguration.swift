@@ -68,9 +68,7 @@ extension SessionManager {
     /// How long a removed node is still read: long enough for every session on it to have had a
     /// request (and moved) or to have expired.
     var drainPeriod: TimeAmount {
-        let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 24 * 3600
-        let window = min(max(idle / 4, 1), 300)
-        return .seconds(idle + 2 * window)
+        .seconds(copyHorizonSeconds)
     }
 
     /// Applies a change without a restart and without losing sessions: new node lists build a new
@@ -219,7 +217,7 @@ extension SessionManager {
 
     /// Stops a replaced client once the requests it may still carry are over.
     private func retire(_ client: MemcachedClient) {
-        let grace = configuration.memcached.requestTimeout * 2 + configuration.lockWaitBudget + .seconds(1)
+        let grace = configuration.memcached.requestTimeout * 2 + configuration.locking.waitBudget + .seconds(1)
         Task.detached { [weak self] in
             try? await Task.sleep(for: grace)
             guard let self else { return }

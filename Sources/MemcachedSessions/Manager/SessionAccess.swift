@@ -241,7 +241,9 @@ public final class SessionAccess: Sendable {
         let (endMissing, session) = state.withLock { ($0.endMissing, $0.session) }
         if endMissing, session == nil, let id = requestedID, manager.isEnabled, manager.topology.contains(id.nodeID) {
             // A logout of a session that was not found: its id ends all the same.
-            await manager.deleteCopies(keys: manager.keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true)
+            // Its own idle timeout is not known: the default's horizon (a longer one's copies
+            // were not found either).
+            await manager.deleteCopies(keys: manager.keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: nil)
             return SessionResponseAction(cookie: .clear)
         }
         if manager.usesLocalLifecycle {
@@ -254,7 +256,7 @@ public final class SessionAccess: Sendable {
 extension SessionManager {
     func mayWaitForMemcached(_ id: SessionID?) -> Bool {
         guard isEnabled else { return false }
-        if configuration.mode == .nonSticky || !configuration.asynchronousSaving { return true }
+        if configuration.mode == .nonSticky || !configuration.sticky.asynchronousSaving { return true }
         guard let id else { return false }  // a new sticky session is saved by the writer
         if configuration.route != nil, id.route != configuration.route { return true }  // takeover: a load
         return !localStore.holdsFresh(id.token, within: stickyTouchInterval, now: clock.now())
@@ -284,6 +286,7 @@ extension SessionManager {
         session.invalidate()
         let id = session.id
         let keys = self.keys(for: id.token)
+        let idle = session.metadata.idleTimeoutSeconds
         if usesLocalLifecycle { localStore.remove(id.token) }
         guard isEnabled else { return }
         let lock = access.state.withLock { state -> HeldLock? in
@@ -291,15 +294,8 @@ extension SessionManager {
             return state.lock
         }
         Task {
-            await self.deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: false)
+            await self.deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: false, sessionIdle: idle)
         }
-    }
-
-    /// How long a tombstone stays: as long as any copy of the session could still be around.
-    var tombstoneTTL: MemcachedTTL {
-        let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 24 * 3600
-        let window = min(max(idle / 4, 1), 300)
-        return .seconds(Int(min(idle + 2 * window + 60, 30 * 24 * 3600)))
     }
 
     /// Ends a session's stored copies: its primary and backup keys get a tombstone on every node
@@ -312,10 +308,13 @@ extension SessionManager {
     /// The primary's tombstone on the session's own node is tried once more when its outcome is
     /// unknown and the node is still marked up (the simulation, seed 14016: a logout answered while
     /// its node had dropped the tombstone, and another instance served the session there).
-    func deleteCopies(keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool) async {
+    ///
+    /// `sessionIdle` is the session's own idle timeout when it is known: its tombstones outlive
+    /// its copies (``CopyLifetimes/tombstoneSeconds(defaultIdle:sessionIdle:)``).
+    func deleteCopies(keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool, sessionIdle: Int64?) async {
         if let lock { heldLocks.remove(lock) }
         backupMemo.forget(keys.backup)
-        let ttl = tombstoneTTL
+        let ttl = tombstoneTTL(sessionIdle: sessionIdle)
         let seconds = Int(ttl.wireValue(now: 0))
         func tombstone(_ key: String, quiet: Bool) -> MemcachedRequest {
             var request = MemcachedRequest.store(key, value: ByteBuffer(), ttl: ttl, flags: Self.tombstoneFlags, quiet: quiet)

@@ -115,32 +115,32 @@ public final class SessionManager: Service, Sendable {
         self.eventLoopGroup = eventLoopGroup
         self.metricsFactory = metricsFactory
         var lockPattern: PathPattern? = nil
-        if case .uriPattern(let pattern) = configuration.locking {
+        if case .uriPattern(let pattern) = configuration.locking.mode {
             lockPattern = try PathPattern(pattern, setting: "locking uriPattern")
         }
         self.runtime = Mutex(
             RuntimeState(
                 topology: NodeTopology(nodes: nodes, failoverNodes: configuration.failoverNodes, clock: clock),
-                locking: configuration.locking,
+                locking: configuration.locking.mode,
                 lockPattern: lockPattern, enabled: configuration.enabled, nodes: configuration.memcached.nodes,
                 failoverNodes: configuration.failoverNodes))
         self.statistics = SessionStatistics(
             enabled: configuration.statisticsEnabled, factory: metricsFactory ?? MetricsSystem.factory)
-        self.localStore = LocalSessionStore(capacity: configuration.localSessionLimit)
-        self.backupMemo = BackupMemo(limit: max(configuration.localSessionLimit, 10_000), clock: clock)
-        self.readOnlyPaths = ReadOnlyPaths(limit: configuration.autoLockingPathLimit)
+        self.localStore = LocalSessionStore(capacity: configuration.sticky.localSessionLimit)
+        self.backupMemo = BackupMemo(limit: max(configuration.sticky.localSessionLimit, 10_000), clock: clock)
+        self.readOnlyPaths = ReadOnlyPaths(limit: configuration.locking.autoPathLimit)
         self.ignoredPaths = try configuration.ignoredPathPattern.map { pattern throws(SessionError) in
             try PathPattern(pattern, setting: "ignoredPathPattern")
         }
         self.attributeFilter = try configuration.attributeFilter.map { pattern throws(SessionError) in
             try PathPattern(pattern, setting: "attributeFilter")
         }
-        self.defaultIdleSeconds = max(0, configuration.idleTimeout.components.seconds)
-        self.defaultAbsoluteSeconds = configuration.absoluteTimeout.map { max(1, $0.components.seconds) } ?? 0
-        let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 1200
-        self.stickyTouchInterval = TimeAmount(configuration.stickyTouchInterval ?? .seconds(min(max(idle / 4, 1), 300)))
+        self.defaultIdleSeconds = max(0, configuration.timeouts.idle.components.seconds)
+        self.defaultAbsoluteSeconds = configuration.timeouts.absolute.map { max(1, $0.components.seconds) } ?? 0
+        self.stickyTouchInterval = TimeAmount(
+            configuration.sticky.touchInterval ?? .seconds(CopyLifetimes.refreshWindowSeconds(idle: defaultIdleSeconds)))
         self.writer = AsynchronousWriter(
-            limit: configuration.asynchronousQueueLimit, delay: TimeAmount(configuration.asynchronousSaveDelay), clock: clock)
+            limit: configuration.sticky.queueLimit, delay: TimeAmount(configuration.sticky.saveDelay), clock: clock)
         if configuration.mode == .sticky, configuration.route == nil, configuration.enabled {
             logger.notice(
                 "sticky mode without a route: another instance cannot take a session over explicitly; set `route` (MSM's jvmRoute)")

@@ -30,7 +30,11 @@ extension SessionManager {
             if isExpired(SessionRecord(metadata: session.metadata, attributes: [:]), now: now) {
                 localStore.remove(id.token, ifSame: session)
                 statistics.count(.sessionsExpired)
-                if !memoryOnly { await deleteCopies(keys: keys(for: id.token), nodeID: session.id.nodeID, lock: nil, wait: false) }
+                if !memoryOnly {
+                    await deleteCopies(
+                        keys: keys(for: id.token), nodeID: session.id.nodeID, lock: nil, wait: false,
+                        sessionIdle: session.metadata.idleTimeoutSeconds)
+                }
                 return nil
             }
             statistics.count(.sessionsLoadedLocally)
@@ -66,11 +70,11 @@ extension SessionManager {
         if leftovers.count > 0 { await cleanLeftovers(on: id.nodeID, key: keys.primary) }
         let slide = slideTTL
         var read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
-        if takeover, case .missing = read, configuration.asynchronousSaving {
+        if takeover, case .missing = read, configuration.sticky.asynchronousSaving {
             // The previous owner may still have the session's first save queued (asynchronous
             // saving): wait out its window once, then look again. A crashed owner's window is
             // lost, as documented; a live one's lands within it.
-            do { try await clock.sleep(for: configuration.asynchronousSaveDelay + .milliseconds(100)) } catch {}
+            do { try await clock.sleep(for: configuration.sticky.saveDelay + .milliseconds(100)) } catch {}
             read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
         }
         if takeover, case .missing = read, await previousOwnerMayBeRestoring(on: id.nodeID) {
@@ -100,7 +104,7 @@ extension SessionManager {
         }
         var noticePosted = false
         var writeBack = false
-        if takeover, configuration.asynchronousSaving, case .found = read, let previous = id.route {
+        if takeover, configuration.sticky.asynchronousSaving, case .found = read, let previous = id.route {
             // The takeover handshake: the previous owner may hold a queued write of this session
             // (asynchronous saving). Once it has read the notice, nothing of it is queued or in
             // flight; the copy read after that has whatever landed. Without the handshake a write
@@ -131,7 +135,7 @@ extension SessionManager {
         case .found(let stored):
             if isExpired(stored.record, now: now) {
                 statistics.count(.sessionsExpired)
-                await deleteCopies(keys: keys, nodeID: home, lock: nil, wait: false)
+                await deleteCopies(keys: keys, nodeID: home, lock: nil, wait: false, sessionIdle: stored.record.metadata.idleTimeoutSeconds)
                 return nil
             }
             let owned = id.relocated(to: home).routed(to: configuration.route)
@@ -195,7 +199,8 @@ extension SessionManager {
             // seed 87: a logout left that copy alone, and another instance served it).
             if isEnabled { await writer.awaitWrites(of: [session]) }
             if session.mayBeStored, isEnabled {
-                await deleteCopies(keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true)
+                await deleteCopies(
+                    keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
                 // The instance it was taken over from must not serve it from memory any more.
                 if let previous = session.takenOverFrom, previous != configuration.route {
                     await endTakenOver(keys(for: id.token), from: previous)
@@ -213,7 +218,8 @@ extension SessionManager {
             localStore.put(session, token: id.token, now: now, refreshed: clock.now(), force: true)
             statistics.count(.sessionsRegenerated)
             if isEnabled {
-                await deleteCopies(keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true)
+                await deleteCopies(
+                    keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
                 if let previous = session.takenOverFrom, previous != configuration.route {
                     await endTakenOver(keys(for: old.token), from: previous)
                     session.takenOverFrom = nil
@@ -239,7 +245,7 @@ extension SessionManager {
         }
 
         if session.hasUnsavedChanges {
-            if configuration.asynchronousSaving, writer.enqueue(session) {
+            if configuration.sticky.asynchronousSaving, writer.enqueue(session) {
                 statistics.count(.writesAsynchronous)
             } else {
                 try await saveSticky(session, synchronous: true)
@@ -334,7 +340,7 @@ extension SessionManager {
                             mode: item.snapshot.casUnique == nil ? .add : .set,
                             ttl: Self.primaryTTL(item.snapshot.record.metadata, now: now),
                             flags: Self.primaryFlags(item.snapshot.record.metadata), cas: item.snapshot.casUnique)
-                        request.timeout = self.configuration.saveTimeout
+                        request.timeout = self.configuration.timeouts.save
                         return self.prepared(request)
                     }
                     let results = await node.executeBatch(requests)
@@ -445,11 +451,11 @@ extension SessionManager {
         statistics.count(.localStoreRefusals)
         logger.warning(
             "new session refused: local memory is full of sessions memcached has not taken yet",
-            metadata: ["sessions.limit": "\(configuration.localSessionLimit)"])
+            metadata: ["sessions.limit": "\(configuration.sticky.localSessionLimit)"])
         return SessionError(
             code: .localStoreFull,
             message:
-                "this instance holds \(configuration.localSessionLimit) sessions with changes memcached has not taken yet; new sessions are refused until a node answers"
+                "this instance holds \(configuration.sticky.localSessionLimit) sessions with changes memcached has not taken yet; new sessions are refused until a node answers"
         )
     }
 }

@@ -181,9 +181,7 @@ extension SessionManager {
     /// Whether a miss on `nodeID` may be a restart's or an eviction's loss rather than the session
     /// being gone.
     func missMayBeRestart(on nodeID: String) -> Bool {
-        let idle = defaultIdleSeconds > 0 ? defaultIdleSeconds : 24 * 3600
-        let window = min(max(idle / 4, 1), 300)
-        return nodeRestarts.restarted(nodeID, within: idle + 2 * window, now: currentTimeMillis() / 1000)
+        nodeRestarts.restarted(nodeID, within: copyHorizonSeconds, now: currentTimeMillis() / 1000)
     }
 }
 

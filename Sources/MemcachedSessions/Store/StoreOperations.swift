@@ -125,11 +125,10 @@ extension SessionManager {
         return primary + 2 * backupRefreshWindow(metadata).components.seconds
     }
 
-    /// How often each instance refreshes a read-only session's backup: a quarter of the idle
-    /// timeout, between 1 second and 5 minutes.
+    /// How often each instance refreshes a read-only session's backup
+    /// (``CopyLifetimes/refreshWindowSeconds(idle:)``).
     func backupRefreshWindow(_ metadata: SessionMetadata) -> Duration {
-        let idle = metadata.idleTimeoutSeconds > 0 ? metadata.idleTimeoutSeconds : 1200
-        return .seconds(min(max(idle / 4, 1), 300))
+        .seconds(CopyLifetimes.refreshWindowSeconds(idle: metadata.idleTimeoutSeconds))
     }
 
     /// Reads a session from one node, optionally sliding its TTL in the same round trip. Corrupt
@@ -201,7 +200,7 @@ extension SessionManager {
         }
         var request = MemcachedRequest.store(
             key, value: bytes, mode: add && casUnique == nil ? .add : .set, ttl: ttl, flags: flags, cas: casUnique)
-        if usesLocalLifecycle { request.timeout = configuration.saveTimeout }
+        if usesLocalLifecycle { request.timeout = configuration.timeouts.save }
         request = prepared(request)
         countRoundTrip()
         let result: Result<MemcachedResponse, MemcachedError>

@@ -43,8 +43,8 @@ extension SessionManager {
                 }
             }
         }
-        let month: Int64 = 30 * 24 * 3600
-        let seconds = neverExpires ? month : min(longest + 2 * 300 + 60, month)
+        let month = CopyLifetimes.longestRelativeTTLSeconds
+        let seconds = neverExpires ? month : min(longest + 2 * CopyLifetimes.longestRefreshWindowSeconds + 60, month)
         let ttl = MemcachedTTL.seconds(Int(seconds))
         for node in nodes where !unreachable.contains(node.id) {
             var batch = [

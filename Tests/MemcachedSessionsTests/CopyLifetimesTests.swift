@@ -1,0 +1,43 @@
+import Testing
+
+@testable import MemcachedSessions
+
+@Suite struct CopyLifetimesTests {
+    @Test func theRefreshWindowIsAQuarterOfTheIdleTimeoutBetweenASecondAndFiveMinutes() {
+        #expect(CopyLifetimes.refreshWindowSeconds(idle: 2) == 1)
+        #expect(CopyLifetimes.refreshWindowSeconds(idle: 12) == 3)
+        #expect(CopyLifetimes.refreshWindowSeconds(idle: 1200) == 300)
+        #expect(CopyLifetimes.refreshWindowSeconds(idle: 86_400) == 300)
+        #expect(CopyLifetimes.refreshWindowSeconds(idle: 0) == 300, "no idle timeout")
+        #expect(CopyLifetimes.refreshWindowSeconds(idle: -1) == 300)
+    }
+
+    @Test func theHorizonIsTheIdleTimeoutPlusTwoWindows() {
+        #expect(CopyLifetimes.horizonSeconds(idle: 12) == 18)
+        #expect(CopyLifetimes.horizonSeconds(idle: 1800) == 2400)
+        #expect(CopyLifetimes.horizonSeconds(idle: 0) == 86_400 + 600, "a day for sessions without an idle timeout")
+    }
+
+    @Test func aTombstoneOutlivesTheLongerOfTheDefaultsAndTheSessionsCopies() {
+        #expect(CopyLifetimes.tombstoneSeconds(defaultIdle: 60, sessionIdle: nil) == 60 + 30 + 60)
+        #expect(CopyLifetimes.tombstoneSeconds(defaultIdle: 60, sessionIdle: 30) == 60 + 30 + 60, "a shorter one: the default")
+        #expect(CopyLifetimes.tombstoneSeconds(defaultIdle: 60, sessionIdle: 3600) == 3600 + 600 + 60)
+        #expect(CopyLifetimes.tombstoneSeconds(defaultIdle: 60, sessionIdle: 0) == 86_400 + 600 + 60, "none: a day")
+        #expect(CopyLifetimes.tombstoneSeconds(defaultIdle: 60, sessionIdle: 10 * 365 * 86_400) == 30 * 86_400, "memcached's longest relative TTL")
+    }
+}
+
+@Suite struct NewestCopyTests {
+    func metadata(_ version: UInt64) -> SessionMetadata {
+        SessionMetadata(createdAt: 0, lastAccessedAt: 0, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: version)
+    }
+
+    @Test func theHigherVersionWinsAndOnEqualVersionsThePrimary() {
+        #expect(metadata(5).supersedes(metadata(4), asPrimary: false, otherIsPrimary: true))
+        #expect(!metadata(4).supersedes(metadata(5), asPrimary: true, otherIsPrimary: false))
+        #expect(metadata(5).supersedes(metadata(5), asPrimary: true, otherIsPrimary: false))
+        #expect(!metadata(5).supersedes(metadata(5), asPrimary: false, otherIsPrimary: true))
+        #expect(!metadata(5).supersedes(metadata(5), asPrimary: true, otherIsPrimary: true), "the first of equals stays")
+        #expect(!metadata(5).supersedes(metadata(5), asPrimary: false, otherIsPrimary: false))
+    }
+}
