@@ -28,9 +28,9 @@ struct BackupOrderTests {
                         try await inspector.node(backupNode).get(keys.backup)?.value == latest.value
                     }
                     // The first save's backup, arriving now.
-                    await manager.writeBackup(
+                    await manager.store.writeBackup(
                         keys: keys, primaryNode: id.nodeID, bytes: first.value, metadata: firstRecord.metadata,
-                        now: manager.currentTimeMillis())
+                        now: manager.context.currentTimeMillis())
                     try await eventually("the late backup looked at the copy there") {
                         manager.statistics.value(of: .backupsOutdated) == 1
                     }
@@ -56,8 +56,8 @@ struct BackupOrderTests {
                     #expect(try await inspector.node(backupNode).get(keys.backup)?.flags == SessionManager.tombstoneFlags)
                     // A save that raced the logout sends its (newer-versioned) backup only now.
                     record.metadata.version += 10
-                    await manager.writeBackup(
-                        keys: keys, primaryNode: id.nodeID, bytes: stored.value, metadata: record.metadata, now: manager.currentTimeMillis())
+                    await manager.store.writeBackup(
+                        keys: keys, primaryNode: id.nodeID, bytes: stored.value, metadata: record.metadata, now: manager.context.currentTimeMillis())
                     try await eventually("the backup write looked at the copy there") {
                         manager.statistics.value(of: .backupsOutdated) == 1
                     }

@@ -138,7 +138,7 @@ struct ConcurrencyTests {
                     let keys = manager.keys(for: id.token)
                     // What a request of a crashed instance leaves: its lock, with the manager's TTL.
                     let abandoned = ContinuousClock.now
-                    #expect(try await inspector.node(id.nodeID).add(keys.lock, value: ByteBuffer(string: "dead"), ttl: manager.lockItemTTL))
+                    #expect(try await inspector.node(id.nodeID).add(keys.lock, value: ByteBuffer(string: "dead"), ttl: manager.store.locks.itemTTL))
                     #expect(try await manager.increment(&browser) == 2)
                     let waited = ContinuousClock.now - abandoned
                     #expect(manager.statistics.value(of: .lockWaits) == 1)

@@ -72,13 +72,13 @@ struct EdgeCaseTests {
                     for _ in 0..<3 { try await manager.increment(&browsers[index]) }
                 }
                 try await eventually("both nodes' boot times known") {
-                    !manager.missMayBeRestart(on: "n1") && !manager.missMayBeRestart(on: "n2")
-                        && manager.nodeRestarts.knows("n1") && manager.nodeRestarts.knows("n2")
+                    !manager.store.missMayBeRestart(on: "n1") && !manager.store.missMayBeRestart(on: "n2")
+                        && manager.store.nodeRestarts.knows("n1") && manager.store.nodeRestarts.knows("n2")
                 }
                 // Restart n1 between requests: no request saw it down.
                 try await servers[0].kill()
                 try await servers[0].restart()
-                try await eventually("restart noticed") { manager.missMayBeRestart(on: "n1") }
+                try await eventually("restart noticed") { manager.store.missMayBeRestart(on: "n1") }
                 for index in browsers.indices {
                     #expect(try await manager.readCount(&browsers[index]) == 3, "session \(index)")
                     #expect(try await manager.increment(&browsers[index]) == 4)
@@ -331,7 +331,7 @@ struct EdgeCaseTests {
                 }
                 #expect(refused > 0)
                 #expect(kept.count <= 32)
-                #expect(manager.localStore.count <= 32)
+                #expect(manager.sticky.localStore.count <= 32)
                 #expect(manager.statistics.value(of: .localStoreRefusals) == refused)
                 // Nothing unsaved was dropped: every kept session still counts on.
                 for index in kept.indices { #expect(try await manager.increment(&kept[index]) == 2) }
@@ -342,7 +342,7 @@ struct EdgeCaseTests {
                 // reading that copy back then finds no room (the first fresh-clone CI run of
                 // 2026-12-02, under load).
                 try await eventually(timeout: .seconds(20), "the unsaved sessions are written") {
-                    manager.writer.pendingCount == 0 && !manager.localStore.allSessions.contains { $0.hasUnsavedChanges }
+                    manager.sticky.writer.pendingCount == 0 && !manager.sticky.localStore.allSessions.contains { $0.hasUnsavedChanges }
                 }
                 var fresh = Browser()
                 #expect(try await manager.increment(&fresh) == 1, "room again")
@@ -364,12 +364,12 @@ struct EdgeCaseTests {
             }
             try await withManager(config) { manager in
                 var made = 0
-                while manager.localStore.count < 32, made < 2_000 {
+                while manager.sticky.localStore.count < 32, made < 2_000 {
                     var browser = Browser()
                     try await manager.increment(&browser)
                     made += 1
                 }
-                #expect(manager.localStore.count == 32, "memory full of written sessions")
+                #expect(manager.sticky.localStore.count == 32, "memory full of written sessions")
                 try await servers[0].kill()
                 var probe = Browser()
                 try await manager.increment(&probe)  // finds the node down; kept in memory, unsaved
@@ -472,7 +472,7 @@ struct EdgeCaseTests {
                         try await servers[primary].kill()
                         try await servers[primary].restart()
                         // The manager knows the node restarted: a miss there looks for the backup.
-                        try await eventually("the restart is seen") { manager.missMayBeRestart(on: id.nodeID) }
+                        try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: id.nodeID) }
                     } else {
                         try await servers[primary].kill()
                     }
@@ -511,7 +511,7 @@ struct EdgeCaseTests {
                 try right.set("right", "right")
                 // The copy memory keeps ends first; the other's save then merges in memcached.
                 let token = try #require(cookie.id).token
-                let held = instanceB.localStore.held(token, refreshedSince: .uptimeNanoseconds(0))
+                let held = instanceB.sticky.localStore.held(token, refreshedSince: .uptimeNanoseconds(0))
                 for access in held === right ? [second, first] : [first, second] {
                     _ = try await instanceB.endRequest(access)
                 }
@@ -537,12 +537,12 @@ struct EdgeCaseTests {
                 try await manager.increment(&browser)
                 let id = try #require(browser.id)
                 let primary = Int(id.nodeID.dropFirst())! - 1
-                try await eventually("the nodes' boot times are known") { manager.nodeRestarts.knows(id.nodeID) }
+                try await eventually("the nodes' boot times are known") { manager.store.nodeRestarts.knows(id.nodeID) }
                 let access = manager.beginRequest(path: "/counter", sessionCookie: browser.cookie)
                 let session = try #require(try await access.load())
                 try await servers[primary].kill()
                 try await servers[primary].restart()
-                try await eventually("the restart is seen") { manager.missMayBeRestart(on: id.nodeID) }
+                try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: id.nodeID) }
                 try session.set("count", 3)
                 let action = try await manager.endRequest(access)
                 #expect(action.cookie == .unchanged)
@@ -700,7 +700,7 @@ struct EdgeCaseTests {
                     let backupNode = try inspector.node(manager.topology.nextAvailable(after: id.nodeID)!)
                     try await eventually("the backup is written") { try await backupNode.get(keys.backup) != nil }
                     let copy = try #require(try await backupNode.get(keys.backup))
-                    try await eventually("the boot times are known") { manager.nodeRestarts.knows(id.nodeID) }
+                    try await eventually("the boot times are known") { manager.store.nodeRestarts.knows(id.nodeID) }
                     let old = browser
                     try await manager.request(&browser, path: "/logout") { access in try await access.invalidate() }
                     // The racing backup write lands last.
@@ -709,7 +709,7 @@ struct EdgeCaseTests {
                     try await home.kill()
                     if restart {
                         try await home.restart()
-                        try await eventually("the restart is seen") { manager.missMayBeRestart(on: id.nodeID) }
+                        try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: id.nodeID) }
                     }
                     var stale = old
                     #expect(try await manager.readCount(&stale) == 0, "the logged-out session stays ended")

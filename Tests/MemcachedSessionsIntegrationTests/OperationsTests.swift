@@ -169,8 +169,8 @@ struct OperationsTests {
                 #expect(error?.code == .invalidConfiguration)
                 #expect(manager.runtimeView.locking == "none", "nothing applied")
                 try await manager.reconfigure(.init(locking: "uriPattern:/.*"))
-                #expect(manager.locks(path: "/cart"))
-                #expect(!manager.locks(path: "/" + String(repeating: "a", count: PathPattern.maximumPathLength)), "over the cap: not matched")
+                #expect(manager.store.locks.locksRequest(onPath: "/cart"))
+                #expect(!manager.store.locks.locksRequest(onPath: "/" + String(repeating: "a", count: PathPattern.maximumPathLength)), "over the cap: not matched")
             }
         }
     }

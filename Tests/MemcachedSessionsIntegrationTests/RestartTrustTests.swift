@@ -56,7 +56,7 @@ struct RestartTrustTests {
                 group.addTask { try await client.run() }
                 group.addTask { try await manager.run() }
                 defer { group.cancelAll() }
-                try await eventually("the restart watch has looked at n1 once") { manager.nodeRestarts.knows("n1") }
+                try await eventually("the restart watch has looked at n1 once") { manager.store.nodeRestarts.knows("n1") }
                 var browsers = [Browser](repeating: Browser(), count: 12)
                 for index in browsers.indices {
                     try await manager.increment(&browsers[index])

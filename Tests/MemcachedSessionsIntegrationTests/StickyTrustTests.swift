@@ -52,7 +52,7 @@ struct StickyTrustTests {
                 var browser = Browser()
                 for _ in 0..<2 { try await a.increment(&browser) }
                 // A restart is a boot time that changed: each watch must have seen the first one.
-                try await eventually("both watches have looked at n1") { a.nodeRestarts.knows("n1") && b.nodeRestarts.knows("n1") }
+                try await eventually("both watches have looked at n1") { a.store.nodeRestarts.knows("n1") && b.store.nodeRestarts.knows("n1") }
                 try await servers[0].restart()
                 try await reconnect(b, "n1")
                 var atB = browser
@@ -68,7 +68,7 @@ struct StickyTrustTests {
         try await withMemcachedServers(count: 1) { servers in
             try await withManagers([(try sticky(servers, route: "a"), StretchingClock.noRestartWatch)]) { managers in
                 let a = managers[0]
-                try await eventually("the watch has looked at n1 once") { a.nodeRestarts.knows("n1") }
+                try await eventually("the watch has looked at n1 once") { a.store.nodeRestarts.knows("n1") }
                 try await withInspector(servers) { inspector in
                     var browser = Browser()
                     for _ in 0..<2 { try await a.increment(&browser) }
@@ -92,7 +92,7 @@ struct StickyTrustTests {
         try await withMemcachedServers(count: 1) { servers in
             // A reads its notices every 900 ms (not 250): its queued write (due 100 ms after the
             // change) always comes first.
-            let slowNotices = StretchingClock { $0 == SessionManager.noticeInterval ? .milliseconds(900) : nil }
+            let slowNotices = StretchingClock { $0 == StickyLifecycle.noticeInterval ? .milliseconds(900) : nil }
             let a = try sticky(servers, route: "a", asynchronous: true)
             let b = try sticky(servers, route: "b", asynchronous: true)
             try await withManagers([(a, slowNotices), (b, SystemSessionClock())]) { managers in
@@ -103,13 +103,13 @@ struct StickyTrustTests {
                     let keys = a.keys(for: try #require(browser.id).token)
                     try await eventually("the first count written") { try await storedCount(inspector, "n1", keys.primary) == 1 }
                     // Right after A read its notices: the next read is 900 ms away.
-                    let last = a.notices.lastReadAt
-                    try await eventually("A read its notices") { a.notices.lastReadAt != last }
+                    let last = a.sticky.notices.lastReadAt
+                    try await eventually("A read its notices") { a.sticky.notices.lastReadAt != last }
                     #expect(try await a.increment(&browser) == 2)  // queued
                     var atB = browser
                     let seen = try await b.readCount(&atB)
                     try await eventually("A has read the notice and written what it had") {
-                        a.statistics.value(of: .noticesRead) == 1 && a.writer.pendingCount == 0
+                        a.statistics.value(of: .noticesRead) == 1 && a.sticky.writer.pendingCount == 0
                     }
                     #expect(try await storedCount(inspector, "n1", keys.primary) == seen, "B served what memcached kept")
                     #expect(seen == 2)
@@ -152,7 +152,7 @@ struct StickyTrustTests {
         try await withMemcachedServers(count: 1) { servers in
             try await withManagers([try sticky(servers, route: "a", asynchronous: true, delay: .seconds(4))]) { managers in
                 let a = managers[0]
-                try await eventually("the watch has looked at n1 once") { a.nodeRestarts.knows("n1") }
+                try await eventually("the watch has looked at n1 once") { a.store.nodeRestarts.knows("n1") }
                 try await withInspector(servers) { inspector in
                     var old = Browser()
                     try await a.increment(&old)
@@ -193,7 +193,7 @@ struct StickyTrustTests {
                     try await eventually("written") { try await storedCount(inspector, id.nodeID, keys.primary) == 1 }
                     #expect(try await a.increment(&browser) == 2)  // queued
                     try await eventually("both watches have looked at \(id.nodeID)") {
-                        a.nodeRestarts.knows(id.nodeID) && b.nodeRestarts.knows(id.nodeID)
+                        a.store.nodeRestarts.knows(id.nodeID) && b.store.nodeRestarts.knows(id.nodeID)
                     }
                     let pid = try #require(servers[home].pid)
                     if restartedEmpty { try await servers[home].kill() } else { kill(pid, SIGSTOP) }
@@ -227,7 +227,7 @@ struct StickyTrustTests {
         let sleeps = Sleeps()
         // A's first notice read comes only after 900 ms (B waits up to a second for it).
         let lateFirstRead = StretchingClock { duration in
-            guard duration == SessionManager.noticeInterval else { return nil }
+            guard duration == StickyLifecycle.noticeInterval else { return nil }
             return sleeps.count.withLock { count in
                 count += 1
                 return count == 1 ? .milliseconds(900) : nil
@@ -263,7 +263,7 @@ struct StickyTrustTests {
                 try await withInspector(servers) { inspector in
                     func beat() async throws {
                         // Longer than the test: the heartbeat of an instance that died a moment ago.
-                        try await inspector.node("n1").set(b.heartbeatKey("dead"), value: ByteBuffer(string: "1"), ttl: .seconds(60))
+                        try await inspector.node("n1").set(b.sticky.heartbeatKey("dead"), value: ByteBuffer(string: "1"), ttl: .seconds(60))
                     }
                     try await beat()
                     #expect(try await b.readCount(&browsers[0]) == 1)

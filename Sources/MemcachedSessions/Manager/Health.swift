@@ -18,7 +18,7 @@ extension SessionManager {
         guard isEnabled else { return true }
         let topology = self.topology
         if topology.order.contains(where: { topology.isAvailable($0) }) { return true }
-        return usesLocalLifecycle && localStore.acceptsNewSessions
+        return lifecycle === sticky && sticky.localStore.acceptsNewSessions
     }
 
     /// The health check's answer, for the framework adapters: 200 `ok` when

@@ -175,7 +175,7 @@ extension SessionManager {
         return Status(
             instance: instance, time: Self.systemTimeMillis(), mode: configuration.mode.rawValue, locking: view.locking,
             enabled: view.enabled, route: configuration.route, nodes: nodes, statistics: statistics.snapshot(),
-            localSessions: localStore.count, pendingAsynchronousWrites: writer.pendingCount, history: history.samples,
+            localSessions: sticky.localStore.count, pendingAsynchronousWrites: sticky.writer.pendingCount, history: history.samples,
             events: events.recent)
     }
 

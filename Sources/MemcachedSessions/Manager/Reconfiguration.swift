@@ -57,7 +57,7 @@ extension SessionManager {
 
     /// The settings in force.
     public var runtimeView: RuntimeView {
-        runtime.withLock { state in
+        context.runtime.withLock { state in
             RuntimeView(
                 mode: configuration.mode.rawValue, nodes: state.nodes.map(\.description).joined(separator: ","),
                 failoverNodes: state.failoverNodes, drainingNodes: state.draining.keys.sorted(), locking: "\(state.locking)",
@@ -68,7 +68,7 @@ extension SessionManager {
     /// How long a removed node is still read: long enough for every session on it to have had a
     /// request (and moved) or to have expired.
     var drainPeriod: TimeAmount {
-        .seconds(copyHorizonSeconds)
+        .seconds(context.copyHorizonSeconds)
     }
 
     /// Applies a change without a restart and without losing sessions: new node lists build a new
@@ -108,7 +108,7 @@ extension SessionManager {
             var candidate = try Configuration(nodes: list)
             candidate.failoverNodes =
                 change.failoverNodes
-                ?? runtime.withLock { $0.failoverNodes }.filter { id in
+                ?? context.runtime.withLock { $0.failoverNodes }.filter { id in
                     candidate.memcached.nodes.contains { $0.id == id }
                 }
             candidate.mode = configuration.mode
@@ -116,7 +116,7 @@ extension SessionManager {
             guard ownsClient else {
                 throw .configuration("this manager runs a client it was given: its nodes cannot change at run time")
             }
-            let (current, draining) = runtime.withLock { ($0.nodes, $0.draining) }
+            let (current, draining) = context.runtime.withLock { ($0.nodes, $0.draining) }
             let known = current + draining.values.map(\.address)
             for node in candidate.memcached.nodes {
                 if let old = known.first(where: { $0.id == node.id }), old.host != node.host || old.port != node.port {
@@ -140,7 +140,7 @@ extension SessionManager {
             }
             newLocking = locking
         }
-        let nodeIDs = Set((newNodes ?? runtime.withLock { $0.nodes }).map(\.id))
+        let nodeIDs = Set((newNodes ?? context.runtime.withLock { $0.nodes }).map(\.id))
         if let failover = change.failoverNodes {
             for id in failover where !nodeIDs.contains(id) {
                 throw .configuration("failover node '\(id)' is not one of the nodes \(nodeIDs.sorted())")
@@ -153,7 +153,7 @@ extension SessionManager {
         var newClient: MemcachedClient? = nil
         if let newNodes {
             // Removed nodes drain; a node added back stops draining.
-            let (current, draining) = runtime.withLock { ($0.nodes, $0.draining) }
+            let (current, draining) = context.runtime.withLock { ($0.nodes, $0.draining) }
             var stillDraining = draining.filter { id, entry in !newNodes.contains { $0.id == id } && clock.now() < entry.until }
             for node in current where !newNodes.contains(where: { $0.id == node.id }) {
                 stillDraining[node.id] = (node, clock.now() + drainPeriod)
@@ -166,12 +166,12 @@ extension SessionManager {
             } catch {
                 throw .configuration(error.message)
             }
-            runtime.withLock { state in
+            context.runtime.withLock { state in
                 state.draining = stillDraining
             }
         }
 
-        let (oldClient, view): (MemcachedClient?, RuntimeView) = runtime.withLock { state in
+        let (oldClient, view): (MemcachedClient?, RuntimeView) = context.runtime.withLock { state in
             var replaced: MemcachedClient? = nil
             if let locking = newLocking {
                 state.locking = locking

@@ -14,7 +14,9 @@ import Synchronization
 /// try session.set("count", count)
 /// ```
 public final class SessionAccess: Sendable {
-    let manager: SessionManager
+    let context: SessionContext
+    /// The mode's lifecycle (the sticky one, in memory only, while memcached is switched off).
+    let lifecycle: any SessionLifecycle
     /// The id the request's cookie carried, if it is a well-formed session id.
     public let requestedID: SessionID?
     /// The request path (what the ignore and locking patterns match).
@@ -74,9 +76,12 @@ public final class SessionAccess: Sendable {
     /// When the request began (the manager's clock).
     let started: NIODeadline
 
-    init(manager: SessionManager, incomingID: SessionID?, path: String, ignored: Bool, locks: Bool) {
-        self.manager = manager
-        self.started = manager.clock.now()
+    init(
+        context: SessionContext, lifecycle: any SessionLifecycle, incomingID: SessionID?, path: String, ignored: Bool, locks: Bool
+    ) {
+        self.context = context
+        self.lifecycle = lifecycle
+        self.started = context.clock.now()
         self.requestedID = incomingID
         self.path = path
         self.isIgnored = ignored
@@ -126,7 +131,9 @@ public final class SessionAccess: Sendable {
                     result = .success(nil)
                 } else {
                     do {
-                        result = .success(try await manager.load(for: self))
+                        let start = NIODeadline.now()
+                        defer { context.statistics.time(.load, since: start) }
+                        result = .success(try await lifecycle.load(self))
                     } catch {
                         result = .failure(error)
                     }
@@ -155,7 +162,7 @@ public final class SessionAccess: Sendable {
                     return (state.waiters, orphan)
                 }
                 for waiter in waiters { waiter.resume() }
-                if let orphan { await manager.release(orphan) }
+                if let orphan { await lifecycle.store.locks.release(orphan) }
             }
         }
     }
@@ -173,9 +180,9 @@ public final class SessionAccess: Sendable {
         guard !isIgnored else {
             throw SessionError(code: .disabled, message: "the request matches the ignore pattern: it cannot have a session")
         }
-        let now = manager.currentTimeMillis()
-        let id = manager.generateID(nodeID: manager.placementNode(), route: manager.configuration.route)
-        let session = manager.makeSession(id: id, record: manager.newSessionRecord(now: now), casUnique: nil, isNew: true)
+        let now = context.currentTimeMillis()
+        let id = context.generateID(nodeID: context.placementNode(), route: context.configuration.route)
+        let session = context.makeSession(id: id, record: context.newSessionRecord(now: now), casUnique: nil, isNew: true)
         let previous = state.withLock { state -> Session? in
             let previous = state.session
             state.session = session
@@ -186,9 +193,15 @@ public final class SessionAccess: Sendable {
             state.createdHere = true
             return previous
         }
-        manager.statistics.count(.sessionsCreated)
+        context.statistics.count(.sessionsCreated)
         if let previous, previous !== session, !previous.isNew {
-            manager.retire(previous, access: self)
+            // Replaced: invalidated, its stored copies go (with the lock it was loaded under).
+            previous.invalidate()
+            let lock = state.withLock { state -> HeldLock? in
+                defer { state.lock = nil }
+                return state.lock
+            }
+            lifecycle.retire(previous, lock: lock)
         }
         return session
     }
@@ -224,7 +237,7 @@ public final class SessionAccess: Sendable {
     /// request served from memory with asynchronous saving never waits, and the move would be two
     /// thread hops for nothing.
     public var mayWaitForMemcached: Bool {
-        !isIgnored && manager.mayWaitForMemcached(requestedID)
+        !isIgnored && lifecycle.mayWaitForMemcached(requestedID)
     }
 
     /// The session if it was loaded or created by this request (no I/O).
@@ -239,156 +252,13 @@ public final class SessionAccess: Sendable {
         }
         guard !alreadyEnded, !isIgnored else { return .unchanged }
         let (endMissing, session) = state.withLock { ($0.endMissing, $0.session) }
-        if endMissing, session == nil, let id = requestedID, manager.isEnabled, manager.topology.contains(id.nodeID) {
+        if endMissing, session == nil, let id = requestedID, context.isEnabled, context.topology.contains(id.nodeID) {
             // A logout of a session that was not found: its id ends all the same.
             // Its own idle timeout is not known: the default's horizon (a longer one's copies
             // were not found either).
-            await manager.deleteCopies(keys: manager.keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: nil)
+            await lifecycle.store.deleteCopies(keys: context.keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: nil)
             return SessionResponseAction(cookie: .clear)
         }
-        if manager.usesLocalLifecycle {
-            return try await manager.endSticky(self)
-        }
-        return try await manager.endNonSticky(self)
-    }
-}
-
-extension SessionManager {
-    func mayWaitForMemcached(_ id: SessionID?) -> Bool {
-        guard isEnabled else { return false }
-        if configuration.mode == .nonSticky || !configuration.sticky.asynchronousSaving { return true }
-        guard let id else { return false }  // a new sticky session is saved by the writer
-        if configuration.route != nil, id.route != configuration.route { return true }  // takeover: a load
-        return !localStore.holdsFresh(id.token, within: stickyTouchInterval, now: clock.now())
-    }
-
-    /// Whether sessions live in this instance's memory (sticky, or memcached disabled).
-    var usesLocalLifecycle: Bool {
-        configuration.mode == .sticky || !isEnabled
-    }
-
-    func load(for access: SessionAccess) async throws(SessionError) -> Session? {
-        let start = NIODeadline.now()
-        defer { statistics.time(.load, since: start) }
-        if usesLocalLifecycle {
-            return try await loadSticky(access)
-        }
-        return try await loadNonSticky(access)
-    }
-
-    /// A node for a new session.
-    func placementNode() -> String {
-        topology.placeNew()
-    }
-
-    /// A session replaced by ``SessionAccess/create()``: its stored copies go.
-    func retire(_ session: Session, access: SessionAccess) {
-        session.invalidate()
-        let id = session.id
-        let keys = self.keys(for: id.token)
-        let idle = session.metadata.idleTimeoutSeconds
-        if usesLocalLifecycle { localStore.remove(id.token) }
-        guard isEnabled else { return }
-        let lock = access.state.withLock { state -> HeldLock? in
-            defer { state.lock = nil }
-            return state.lock
-        }
-        Task {
-            await self.deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: false, sessionIdle: idle)
-        }
-    }
-
-    /// Ends a session's stored copies: its primary and backup keys get a tombstone on every node
-    /// (after a move, the old primary may be on any node; the backup follows availability), and
-    /// its lock is released. A node that does not answer gets its tombstones as soon as it
-    /// answers again (``LeftoverCopies``). A tombstone, not a delete: another instance still
-    /// holding the session in memory learns it was invalidated (a missing copy would look like
-    /// one lost by a restart), and no recovery, backup repair or racing write can bring it back.
-    ///
-    /// The primary's tombstone on the session's own node is tried once more when its outcome is
-    /// unknown and the node is still marked up (the simulation, seed 14016: a logout answered while
-    /// its node had dropped the tombstone, and another instance served the session there).
-    ///
-    /// `sessionIdle` is the session's own idle timeout when it is known: its tombstones outlive
-    /// its copies (``CopyLifetimes/tombstoneSeconds(defaultIdle:sessionIdle:)``).
-    func deleteCopies(keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool, sessionIdle: Int64?) async {
-        if let lock { heldLocks.remove(lock) }
-        backupMemo.forget(keys.backup)
-        let ttl = tombstoneTTL(sessionIdle: sessionIdle)
-        let seconds = Int(ttl.wireValue(now: 0))
-        func tombstone(_ key: String, quiet: Bool) -> MemcachedRequest {
-            var request = MemcachedRequest.store(key, value: ByteBuffer(), ttl: ttl, flags: Self.tombstoneFlags, quiet: quiet)
-            if key == keys.backup { request.connectionAffinity = Self.affinity(of: keys.backup) }
-            request.honorsCancellation = false
-            return prepared(request)
-        }
-        // The session's own node first, with the lock release: a concurrent write that has not
-        // landed yet then finds the tombstone and writes no backup.
-        if let node = topology.node(nodeID) {
-            var batch = [tombstone(keys.primary, quiet: false)]
-            if !usesLocalLifecycle { batch.append(tombstone(keys.backup, quiet: false)) }
-            if let lock { batch.append(prepared(await lockReleaseRequest(lock))) }
-            let requests = batch
-            let backups = !usesLocalLifecycle
-            let primaryTombstone = requests[0]
-            let home = { @Sendable () async in
-                let results = await node.executeBatch(requests)
-                if let lock { self.releaseAnswered(results[requests.count - 1], lock: lock, node: node) }
-                if case .failure(let error) = results[0] {
-                    // Once more while the node is marked up (a lost reply, a dropped command).
-                    var ended = false
-                    if error.leavesOutcomeUnknown, self.topology.isReachable(nodeID),
-                        case .success = await node.executeBatch([primaryTombstone])[0]
-                    {
-                        ended = true
-                    }
-                    if !ended { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.primary, on: nodeID) }
-                }
-                if backups, case .failure = results[1] {
-                    self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.backup, on: nodeID)
-                }
-            }
-            if wait {
-                countRoundTrip()
-                await home()
-            } else {
-                Task { await home() }
-            }
-        }
-        // Every other node, the ones that answer now and the others when they answer again. When
-        // the caller waits (a logout, a login's old id), it waits for these too, all nodes in
-        // parallel: a copy an earlier failover left on another node must be ended before the
-        // response, or an old tab's cookie sent right after it could still read it there.
-        let keysThere = usesLocalLifecycle ? [keys.primary] : [keys.primary, keys.backup]
-        var reachable: [(String, any MemcachedNodeCommandRunner)] = []
-        for candidate in topology.order where candidate != nodeID {
-            guard let other = topology.node(candidate) else { continue }
-            guard other.isAvailable else {
-                for key in keysThere { leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
-                continue
-            }
-            reachable.append((candidate, other))
-        }
-        guard wait else {
-            for (candidate, other) in reachable {
-                for key in keysThere {
-                    await other.submit(tombstone(key, quiet: true)) { result in
-                        if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
-                    }
-                }
-            }
-            return
-        }
-        let requests = keysThere.map { tombstone($0, quiet: false) }
-        await withTaskGroup(of: Void.self) { group in
-            for (candidate, other) in reachable {
-                group.addTask {
-                    let results = await other.executeBatch(requests)
-                    for (key, result) in zip(keysThere, results) {
-                        if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
-                    }
-                }
-            }
-        }
+        return try await lifecycle.end(self)
     }
 }

@@ -51,28 +51,3 @@ public struct SystemSessionClock: SessionClock {
 public protocol SessionEntropy: Sendable {
     func next() -> UInt64
 }
-
-extension SessionManager {
-    /// 64 random bits: the system's CSPRNG, or a simulation's seeded generator.
-    func randomUInt64() -> UInt64 {
-        if let entropy { return entropy.next() }
-        var generator = SystemRandomNumberGenerator()
-        return generator.next()
-    }
-
-    /// A new random token (session ids, lock values).
-    func randomToken() -> SessionID.Token {
-        if entropy == nil { return .random() }
-        return SessionID.Token(high: randomUInt64(), low: randomUInt64())
-    }
-
-    /// A new session id on `nodeID`.
-    func generateID(nodeID: String, route: String?) -> SessionID {
-        SessionID(token: randomToken(), nodeID: nodeID, route: route)
-    }
-
-    /// A uniform random number in `0..<1` (backoff jitter).
-    func unitRandom() -> Double {
-        Double(randomUInt64() >> 11) / Double(UInt64(1) << 53)
-    }
-}

@@ -19,39 +19,24 @@ import Synchronization
 public final class SessionManager: Service, Sendable {
     public let configuration: Configuration
     public let statistics: SessionStatistics
-    let logger: Logger
-    /// What can change while the manager runs (MSM's JMX operations): the nodes, the failover
-    /// nodes, the locking mode, enabled.
-    let runtime: Mutex<RuntimeState>
+    /// What the manager's parts share: settings, statistics, log, clock, the nodes in force.
+    let context: SessionContext
+    /// The sessions' copies in memcached.
+    let store: SessionStore
+    /// The mode's lifecycle, chosen once (``Configuration/mode``).
+    let lifecycle: any SessionLifecycle
+    /// Sticky mode's lifecycle (the same object as ``lifecycle``), or, in non-sticky mode, the one
+    /// that serves sessions from memory while memcached is switched off at run time.
+    let sticky: StickyLifecycle
     /// Running memcached clients: the current one and any retiring after a node change.
     let clientTasks = Mutex<ClientTasks>(ClientTasks())
     /// Held for the whole of a run-time change, so that concurrent changes never interleave.
     let reconfiguration = Mutex<Void>(())
-    let events = EventLog()
     let history = StatusHistory()
     let eventLoopGroup: any EventLoopGroup
     let metricsFactory: (any MetricsFactory)?
-    let localStore: LocalSessionStore
-    let backupMemo: BackupMemo
-    let heldLocks = HeldLocks()
-    let leftovers = LeftoverCopies()
-    /// Sticky: when this instance last read its ownership notices.
-    let notices = OwnershipNotices()
-    let nodeRestarts = NodeRestarts()
-    let readOnlyPaths: ReadOnlyPaths
     let ignoredPaths: PathPattern?
-    let attributeFilter: PathPattern?
-    let writer: AsynchronousWriter
-    let byteBufferAllocator = ByteBufferAllocator()
-    let defaultIdleSeconds: Int64
-    let defaultAbsoluteSeconds: Int64
-    /// Sticky: how often an unchanged session's memcached TTL is slid.
-    let stickyTouchInterval: TimeAmount
     let ownsClient: Bool
-    /// The manager's time (the system's, or a simulation's).
-    let clock: any SessionClock
-    /// A simulation's seeded random numbers; nil: the system's CSPRNG.
-    let entropy: (any SessionEntropy)?
 
     /// Creates a manager with its own memcached client over the configured nodes.
     /// - Throws: ``SessionError/Code/invalidConfiguration`` naming the setting at fault.
@@ -108,9 +93,6 @@ public final class SessionManager: Service, Sendable {
         logger: Logger, metricsFactory: (any MetricsFactory)?, clock: any SessionClock, entropy: (any SessionEntropy)?
     ) throws(SessionError) {
         self.configuration = configuration
-        self.clock = clock
-        self.entropy = entropy
-        self.logger = logger
         self.ownsClient = ownsClient
         self.eventLoopGroup = eventLoopGroup
         self.metricsFactory = metricsFactory
@@ -118,34 +100,33 @@ public final class SessionManager: Service, Sendable {
         if case .uriPattern(let pattern) = configuration.locking.mode {
             lockPattern = try PathPattern(pattern, setting: "locking uriPattern")
         }
-        self.runtime = Mutex(
-            RuntimeState(
+        self.statistics = SessionStatistics(
+            enabled: configuration.statisticsEnabled, factory: metricsFactory ?? MetricsSystem.factory)
+        self.context = try SessionContext(
+            configuration: configuration, statistics: statistics, logger: logger, clock: clock, entropy: entropy,
+            runtime: RuntimeState(
                 topology: NodeTopology(nodes: nodes, failoverNodes: configuration.failoverNodes, clock: clock),
                 locking: configuration.locking.mode,
                 lockPattern: lockPattern, enabled: configuration.enabled, nodes: configuration.memcached.nodes,
                 failoverNodes: configuration.failoverNodes))
-        self.statistics = SessionStatistics(
-            enabled: configuration.statisticsEnabled, factory: metricsFactory ?? MetricsSystem.factory)
-        self.localStore = LocalSessionStore(capacity: configuration.sticky.localSessionLimit)
-        self.backupMemo = BackupMemo(limit: max(configuration.sticky.localSessionLimit, 10_000), clock: clock)
-        self.readOnlyPaths = ReadOnlyPaths(limit: configuration.locking.autoPathLimit)
+        self.store = SessionStore(context: context, locks: SessionLocks(context: context))
+        self.sticky = StickyLifecycle(context: context, store: store)
+        switch configuration.mode {
+        case .sticky: self.lifecycle = sticky
+        case .nonSticky: self.lifecycle = NonStickyLifecycle(context: context, store: store)
+        }
         self.ignoredPaths = try configuration.ignoredPathPattern.map { pattern throws(SessionError) in
             try PathPattern(pattern, setting: "ignoredPathPattern")
         }
-        self.attributeFilter = try configuration.attributeFilter.map { pattern throws(SessionError) in
-            try PathPattern(pattern, setting: "attributeFilter")
-        }
-        self.defaultIdleSeconds = max(0, configuration.timeouts.idle.components.seconds)
-        self.defaultAbsoluteSeconds = configuration.timeouts.absolute.map { max(1, $0.components.seconds) } ?? 0
-        self.stickyTouchInterval = TimeAmount(
-            configuration.sticky.touchInterval ?? .seconds(CopyLifetimes.refreshWindowSeconds(idle: defaultIdleSeconds)))
-        self.writer = AsynchronousWriter(
-            limit: configuration.sticky.queueLimit, delay: TimeAmount(configuration.sticky.saveDelay), clock: clock)
         if configuration.mode == .sticky, configuration.route == nil, configuration.enabled {
             logger.notice(
                 "sticky mode without a route: another instance cannot take a session over explicitly; set `route` (MSM's jvmRoute)")
         }
     }
+
+    var logger: Logger { context.logger }
+    var events: EventLog { context.events }
+    var clock: any SessionClock { context.clock }
 
     /// The memcached client the manager uses now (a node change replaces it). A simulation's
     /// manager (over another node set) has none: asking for it is a programming error.
@@ -155,19 +136,19 @@ public final class SessionManager: Service, Sendable {
     }
 
     /// The nodes and placement rules in force.
-    var topology: NodeTopology { runtime.withLock { $0.topology } }
+    var topology: NodeTopology { context.topology }
 
     /// Whether memcached is used (``Configuration/enabled``, changeable at run time).
-    public var isEnabled: Bool { runtime.withLock { $0.enabled } }
+    public var isEnabled: Bool { context.runtime.withLock { $0.enabled } }
 
     /// The locking mode in force (changeable at run time).
-    public var lockingMode: LockingMode { runtime.withLock { $0.locking } }
+    public var lockingMode: LockingMode { context.runtime.withLock { $0.locking } }
 
     /// Sticky mode: changed sessions waiting for the asynchronous writer.
-    public var pendingAsynchronousWrites: Int { writer.pendingCount }
+    public var pendingAsynchronousWrites: Int { sticky.writer.pendingCount }
 
     /// Sticky mode: sessions held in this instance's memory.
-    public var localSessionCount: Int { localStore.count }
+    public var localSessionCount: Int { sticky.localStore.count }
 
     // MARK: - Service
 
@@ -187,35 +168,18 @@ public final class SessionManager: Service, Sendable {
         if ownsClient, let client = topology.client { startClient(client) }
         await cancelWhenGracefulShutdown {
             await withDiscardingTaskGroup { background in
-                background.addTask { await self.writer.run(manager: self) }
-                background.addTask { await self.renewLocksPeriodically() }
-                background.addTask { await self.sweepLocalSessionsPeriodically() }
-                background.addTask { await self.retryFailedSavesPeriodically() }
-                background.addTask { await self.watchNodeRestartsPeriodically() }
+                background.addTask { await self.lifecycle.run() }
+                if self.lifecycle !== self.sticky {
+                    // Memory-only sessions while memcached is switched off (swept, never written).
+                    background.addTask { await self.sticky.run() }
+                }
+                background.addTask { await self.store.run() }
                 background.addTask { await self.recordStatusPeriodically() }
-                background.addTask { await self.cleanLeftoversPeriodically() }
-                background.addTask { await self.readNoticesPeriodically() }
             }
         }
         // The writer has flushed its queue; now stop the clients.
         await stopClients()
         logger.info("session manager stopped")
-    }
-
-    private func retryFailedSavesPeriodically() async {
-        guard configuration.mode == .sticky else { return }
-        while !Task.isCancelled {
-            do { try await clock.sleep(for: AsynchronousWriter.retryInterval) } catch { return }
-            if writer.retryCount > 0 { writer.requeueRetries() }
-        }
-    }
-
-    private func sweepLocalSessionsPeriodically() async {
-        while !Task.isCancelled {
-            do { try await clock.sleep(for: .seconds(5)) } catch { return }
-            let removed = localStore.sweep(now: currentTimeMillis())
-            if removed > 0 { statistics.count(.sessionsExpired, removed) }
-        }
     }
 
     // MARK: - request lifecycle
@@ -229,15 +193,16 @@ public final class SessionManager: Service, Sendable {
     public func beginRequest(path: String, sessionCookie: String?, allowLocking: Bool = true) -> SessionAccess {
         if let ignoredPaths, ignoredPaths.matches(path) {
             statistics.count(.requestsIgnored)
-            return SessionAccess(manager: self, incomingID: nil, path: path, ignored: true, locks: false)
+            return SessionAccess(context: context, lifecycle: sticky, incomingID: nil, path: path, ignored: true, locks: false)
         }
         let id = sessionCookie.flatMap { SessionID(parsing: $0) }
         statistics.count(id == nil ? .requestsWithoutSession : .requestsWithSession)
-        let locking = allowLocking && id != nil && locks(path: path)
-        if id != nil, !locking, case .auto = lockingMode, !usesLocalLifecycle {
+        let lifecycle = context.isEnabled ? self.lifecycle : sticky
+        let locking = allowLocking && id != nil && store.locks.locksRequest(onPath: path)
+        if id != nil, !locking, case .auto = lockingMode, lifecycle is NonStickyLifecycle {
             statistics.count(.requestsUnlockedReadOnly)
         }
-        return SessionAccess(manager: self, incomingID: id, path: path, ignored: false, locks: locking)
+        return SessionAccess(context: context, lifecycle: lifecycle, incomingID: id, path: path, ignored: false, locks: locking)
     }
 
     /// Whether requests on `path` skip sessions entirely (the ignore pattern).
@@ -264,32 +229,26 @@ public final class SessionManager: Service, Sendable {
         return try result.get()
     }
 
-    // MARK: - helpers shared by the lifecycles
-
+    /// The memcached keys of a session's token (under this manager's key prefix).
     func keys(for token: SessionID.Token) -> SessionKeys {
-        SessionKeys(token: token, prefix: configuration.keyPrefix)
+        context.keys(for: token)
     }
+}
 
-    /// A session's keys, computed once per session and token.
-    func keys(of session: Session) -> SessionKeys {
-        session.keys(prefix: configuration.keyPrefix)
-    }
+extension SessionManager {
+    /// Item flags marking a tombstone (`MSXT`): an invalidated session's key.
+    public static let tombstoneFlags: UInt32 = 0x4D53_5854
 
-    func makeSession(id: SessionID, record: SessionRecord, casUnique: UInt64?, isNew: Bool) -> Session {
-        Session(id: id, record: record, casUnique: casUnique, isNew: isNew, codec: configuration.codec, attributeFilter: attributeFilter)
-    }
+    /// Set for the asynchronous writer's work: its round trips are not waited for by a request.
+    @TaskLocal static var isBackgroundWork = false
 
-    func newSessionRecord(now: Int64) -> SessionRecord {
-        SessionRecord(
-            metadata: SessionMetadata(
-                createdAt: now, lastAccessedAt: now, idleTimeoutSeconds: defaultIdleSeconds,
-                absoluteTimeoutSeconds: defaultAbsoluteSeconds, version: 0),
-            attributes: [:])
-    }
+    /// Set while a request ends: its memcached requests complete even if the request's task is
+    /// cancelled (the client went away), so that locks are released and changes saved.
+    @TaskLocal static var isEnding = false
 
-    /// A stored session that is past its absolute timeout is expired: deleted and not served.
-    func isExpired(_ record: SessionRecord, now: Int64) -> Bool {
-        record.metadata.isPastAbsoluteTimeout(now: now)
+    /// Milliseconds since 1970 on the system clock: for what is only shown (event log, status).
+    static func systemTimeMillis() -> Int64 {
+        SystemSessionClock().wallMilliseconds()
     }
 }
 

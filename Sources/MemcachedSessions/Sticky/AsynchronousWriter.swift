@@ -88,23 +88,22 @@ final class AsynchronousWriter: Sendable {
         }
     }
 
-    /// Writes queued sessions until cancelled, then flushes what is left and stops taking more.
-    func run(manager: SessionManager) async {
+    /// Writes queued sessions with `write` (one batch at a time) until cancelled, then flushes
+    /// what is left, with the `unsaved` sessions its owner holds, and stops taking more.
+    func run(write: @escaping @Sendable ([Session]) async -> Void, unsaved: () -> [Session]) async {
         while true {
             let batch = await nextBatch()
             if batch.isEmpty {
                 if state.withLock({ $0.stopping }) { break }
                 continue
             }
-            await write(batch, manager: manager)
+            await self.write(batch, with: write)
         }
         // Flush: what failed before, and whatever this instance holds unsaved, goes too (sessions
         // stay in memcached for the other instances); requests still ending during shutdown may
         // add more, so take until empty.
         requeueRetries()
-        for session in manager.localStore.allSessions where session.hasUnsavedChanges && !session.isInvalidated && !session.isTakenOver {
-            _ = enqueue(session)
-        }
+        for session in unsaved() { _ = enqueue(session) }
         while true {
             let batch = state.withLock { state -> [Session] in
                 let batch = takeBatch(&state, all: true)
@@ -112,16 +111,16 @@ final class AsynchronousWriter: Sendable {
                 return batch
             }
             if batch.isEmpty { break }
-            await write(batch, manager: manager)
+            await self.write(batch, with: write)
         }
     }
 
-    private func write(_ batch: [Session], manager: SessionManager) async {
+    private func write(_ batch: [Session], with write: @escaping @Sendable ([Session]) async -> Void) async {
         // Detached: the writer is cancelled to make it flush, and a cancelled task's memcached
         // requests fail at once; the batch's writes must not inherit that.
         await Task.detached {
             await SessionManager.$isBackgroundWork.withValue(true) {
-                await manager.saveStickyBatch(batch)
+                await write(batch)
             }
         }.value
         let waiters = state.withLock { state in

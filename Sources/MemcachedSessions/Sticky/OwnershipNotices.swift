@@ -60,12 +60,12 @@ enum NoticeHandshake: Equatable {
     /// No node took the notice, or the node that did stopped answering: the previous owner
     /// cannot be told (nor asked whether it is alive).
     case undelivered
-    /// The previous owner, alive by its heartbeat, did not read it within ``SessionManager/noticeWait``
+    /// The previous owner, alive by its heartbeat, did not read it within ``StickyLifecycle/noticeWait``
     /// (or did not read an earlier one and has not refreshed its heartbeat since).
     case timedOut
 }
 
-extension SessionManager {
+extension StickyLifecycle {
     static let noticeInterval = Duration.milliseconds(250)
     /// The longest an ending waits for the previous owner to read its notice.
     static let noticeWait = Duration.seconds(1)
@@ -164,7 +164,7 @@ extension SessionManager {
     /// Reads this instance's notices four times a second, and keeps its heartbeat. Runs in
     /// `run()` (sticky mode with a route).
     func readNoticesPeriodically() async {
-        guard usesLocalLifecycle, let route = configuration.route else { return }
+        guard configuration.mode == .sticky, let route = configuration.route else { return }
         var lastLoop = clock.now()
         var beats = 0
         while !Task.isCancelled {

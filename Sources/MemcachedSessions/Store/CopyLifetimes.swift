@@ -35,14 +35,3 @@ enum CopyLifetimes {
         return min(horizon + 60, longestRelativeTTLSeconds)
     }
 }
-
-extension SessionManager {
-    /// ``CopyLifetimes/horizonSeconds(idle:)`` under the default idle timeout.
-    var copyHorizonSeconds: Int64 { CopyLifetimes.horizonSeconds(idle: defaultIdleSeconds) }
-
-    /// How long a tombstone of a session whose own idle timeout is `sessionIdle` (nil: not known)
-    /// stays.
-    func tombstoneTTL(sessionIdle: Int64?) -> MemcachedTTL {
-        .seconds(Int(CopyLifetimes.tombstoneSeconds(defaultIdle: defaultIdleSeconds, sessionIdle: sessionIdle)))
-    }
-}

@@ -97,7 +97,7 @@ final class LeftoverCopies: Sendable {
     var nodes: Set<String> { state.withLock { Set($0.entries.values.map(\.nodeID)) } }
 }
 
-extension SessionManager {
+extension SessionStore {
     /// Remembers a copy to deal with once `nodeID` answers again.
     func leaveForLater(_ action: LeftoverCopies.Action, key: String, on nodeID: String) {
         let dropped = leftovers.add(LeftoverCopies.Entry(nodeID: nodeID, key: key, action: action))

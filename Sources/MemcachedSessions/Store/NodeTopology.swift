@@ -1,37 +1,6 @@
 import Atomics
-import Crypto
 import Memcached
 import NIOCore
-
-/// The memcached keys of one session. They derive from a SHA-256 of the session's token, not the
-/// token itself, so a dump of memcached's keys does not reveal live cookies; and not from the node
-/// or route, so a session keeps its keys when it moves.
-public struct SessionKeys: Sendable, Hashable {
-    /// The session itself, on its node.
-    public let primary: String
-    /// The non-sticky backup copy, on the next node.
-    public let backup: String
-    /// The non-sticky lock, on the session's node.
-    public let lock: String
-    /// The token these keys belong to.
-    public let token: SessionID.Token
-
-    public init(token: SessionID.Token, prefix: String) {
-        self.token = token
-        let digest = SHA256.hash(data: token.bytes)
-        var hex = [UInt8]()
-        hex.reserveCapacity(32)
-        let digits = SessionID.Token.hexDigits
-        for byte in digest.prefix(16) {
-            hex.append(digits[Int(byte >> 4)] | 0x20)  // lower case: letters get the 0x20 bit, digits have it
-            hex.append(digits[Int(byte & 0xF)] | 0x20)
-        }
-        let digestText = String(decoding: hex, as: UTF8.self)
-        primary = prefix + "s:" + digestText
-        backup = prefix + "b:" + digestText
-        lock = prefix + "l:" + digestText
-    }
-}
 
 /// The nodes sessions can live on, and the placement rules: new sessions on an available primary
 /// (round robin), failover nodes only when no primary is up, backups on the next available node,

@@ -15,8 +15,89 @@ import NIOCore
 ///   when every node is down sessions keep working from memory and are saved once a node is back.
 /// - Writes are CAS writes: a copy changed by another instance meanwhile is merged, never
 ///   overwritten, and a copy deleted meanwhile (logout elsewhere) ends the local one too.
-extension SessionManager {
-    func loadSticky(_ access: SessionAccess) async throws(SessionError) -> Session? {
+final class StickyLifecycle: SessionLifecycle {
+    let context: SessionContext
+    let store: SessionStore
+    /// This instance's sessions.
+    let localStore: LocalSessionStore
+    let writer: AsynchronousWriter
+    /// When this instance last read its ownership notices.
+    let notices = OwnershipNotices()
+    /// How often an unchanged session's memcached TTL is slid.
+    let touchInterval: TimeAmount
+
+    init(context: SessionContext, store: SessionStore) {
+        self.context = context
+        self.store = store
+        let configuration = context.configuration
+        self.localStore = LocalSessionStore(capacity: configuration.sticky.localSessionLimit)
+        self.writer = AsynchronousWriter(
+            limit: configuration.sticky.queueLimit, delay: TimeAmount(configuration.sticky.saveDelay), clock: context.clock)
+        self.touchInterval = TimeAmount(
+            configuration.sticky.touchInterval ?? .seconds(CopyLifetimes.refreshWindowSeconds(idle: context.defaultIdleSeconds)))
+        if configuration.mode == .sticky {
+            // A node that restarted lost this instance's copies there: written back from memory.
+            store.onNodeRestart { [weak self] nodeID in
+                guard let self, self.isEnabled else { return }
+                await self.restoreLocalCopies(on: nodeID)
+            }
+        }
+    }
+
+    /// The sticky instance's background work: the asynchronous writer (flushed on graceful
+    /// shutdown), retries of saves no node took, the sweep of idle sessions from memory, and the
+    /// ownership notices with the heartbeat.
+    func run() async {
+        await withDiscardingTaskGroup { background in
+            background.addTask {
+                await self.writer.run(
+                    write: { batch in await self.saveBatch(batch) },
+                    unsaved: {
+                        self.localStore.allSessions.filter { $0.hasUnsavedChanges && !$0.isInvalidated && !$0.isTakenOver }
+                    })
+            }
+            background.addTask { await self.retryFailedSavesPeriodically() }
+            background.addTask { await self.sweepPeriodically() }
+            background.addTask { await self.readNoticesPeriodically() }
+        }
+    }
+
+    private func retryFailedSavesPeriodically() async {
+        guard configuration.mode == .sticky else { return }
+        while !Task.isCancelled {
+            do { try await clock.sleep(for: AsynchronousWriter.retryInterval) } catch { return }
+            if writer.retryCount > 0 { writer.requeueRetries() }
+        }
+    }
+
+    private func sweepPeriodically() async {
+        while !Task.isCancelled {
+            do { try await clock.sleep(for: .seconds(5)) } catch { return }
+            let removed = localStore.sweep(now: currentTimeMillis())
+            if removed > 0 { statistics.count(.sessionsExpired, removed) }
+        }
+    }
+
+    func mayWaitForMemcached(_ id: SessionID?) -> Bool {
+        guard isEnabled else { return false }
+        if !configuration.sticky.asynchronousSaving { return true }
+        guard let id else { return false }  // a new sticky session is saved by the writer
+        if configuration.route != nil, id.route != configuration.route { return true }  // takeover: a load
+        return !localStore.holdsFresh(id.token, within: touchInterval, now: clock.now())
+    }
+
+    /// A session replaced by ``SessionAccess/create()``: gone from memory, its stored copies ended.
+    func retire(_ session: Session, lock: HeldLock?) {
+        localStore.remove(session.id.token)
+        guard isEnabled else { return }
+        Task {
+            await self.store.deleteCopies(
+                keys: self.keys(for: session.id.token), nodeID: session.id.nodeID, lock: lock, wait: false,
+                sessionIdle: session.metadata.idleTimeoutSeconds)
+        }
+    }
+
+    func load(_ access: SessionAccess) async throws(SessionError) -> Session? {
         guard let id = access.requestedID else { return nil }
         let memoryOnly = !isEnabled
         guard memoryOnly || topology.contains(id.nodeID) else {
@@ -27,11 +108,11 @@ extension SessionManager {
         let takeover = !memoryOnly && configuration.route != nil && id.route != configuration.route
         if !takeover, let (session, refreshed) = localStore.access(id.token, now: now) {
             if session.isInvalidated { return nil }
-            if isExpired(SessionRecord(metadata: session.metadata, attributes: [:]), now: now) {
+            if context.isExpired(SessionRecord(metadata: session.metadata, attributes: [:]), now: now) {
                 localStore.remove(id.token, ifSame: session)
                 statistics.count(.sessionsExpired)
                 if !memoryOnly {
-                    await deleteCopies(
+                    await store.deleteCopies(
                         keys: keys(for: id.token), nodeID: session.id.nodeID, lock: nil, wait: false,
                         sessionIdle: session.metadata.idleTimeoutSeconds)
                 }
@@ -40,7 +121,7 @@ extension SessionManager {
             statistics.count(.sessionsLoadedLocally)
             let now = clock.now()
             if !memoryOnly,
-                now - refreshed >= stickyTouchInterval || notices.mayHaveMissed(now: now, limit: TimeAmount(Self.noticeInterval * 4))
+                now - refreshed >= touchInterval || notices.mayHaveMissed(now: now, limit: TimeAmount(Self.noticeInterval * 4))
             {
                 // Once per touch interval the local copy is checked against memcached, in the
                 // same round trip that slides its TTL: a copy another instance changed or
@@ -67,15 +148,15 @@ extension SessionManager {
             localStore.remove(id.token)
         }
         let keys = self.keys(for: id.token)
-        if leftovers.count > 0 { await cleanLeftovers(on: id.nodeID, key: keys.primary) }
-        let slide = slideTTL
-        var read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
+        if store.leftovers.count > 0 { await store.cleanLeftovers(on: id.nodeID, key: keys.primary) }
+        let slide = store.slideTTL
+        var read = await store.readStored(key: keys.primary, on: id.nodeID, touch: slide)
         if takeover, case .missing = read, configuration.sticky.asynchronousSaving {
             // The previous owner may still have the session's first save queued (asynchronous
             // saving): wait out its window once, then look again. A crashed owner's window is
             // lost, as documented; a live one's lands within it.
             do { try await clock.sleep(for: configuration.sticky.saveDelay + .milliseconds(100)) } catch {}
-            read = await readStored(key: keys.primary, on: id.nodeID, touch: slide)
+            read = await store.readStored(key: keys.primary, on: id.nodeID, touch: slide)
         }
         if takeover, case .missing = read, await previousOwnerMayBeRestoring(on: id.nodeID) {
             // The node restarted empty a moment ago: the previous owner writes the sessions it
@@ -90,7 +171,7 @@ extension SessionManager {
             // response to carry the new cookie: look there, in one parallel round trip (the
             // simulation, seeds 2933 and 3182: the node restarted empty, or answered again and
             // had its old copy deleted).
-            let search = await searchCopies(
+            let search = await store.searchCopies(
                 keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
             if search.tombstone {
                 statistics.count(.sessionsNotFound)
@@ -118,7 +199,7 @@ extension SessionManager {
             // notice reached no node (no node answers now: a second read would not either).
             let handshake = await endTakenOver(keys, from: previous)
             if handshake == .read || handshake == .timedOut {
-                switch await readStored(key: keys.primary, on: home, touch: slide) {
+                switch await store.readStored(key: keys.primary, on: home, touch: slide) {
                 case .missing:
                     // The node restarted meanwhile, and the previous owner has dropped its copy:
                     // the copy read before is the newest there is; it is written back at the end
@@ -133,13 +214,13 @@ extension SessionManager {
         }
         switch read {
         case .found(let stored):
-            if isExpired(stored.record, now: now) {
+            if context.isExpired(stored.record, now: now) {
                 statistics.count(.sessionsExpired)
-                await deleteCopies(keys: keys, nodeID: home, lock: nil, wait: false, sessionIdle: stored.record.metadata.idleTimeoutSeconds)
+                await store.deleteCopies(keys: keys, nodeID: home, lock: nil, wait: false, sessionIdle: stored.record.metadata.idleTimeoutSeconds)
                 return nil
             }
             let owned = id.relocated(to: home).routed(to: configuration.route)
-            let loaded = makeSession(id: owned, record: stored.record, casUnique: stored.casUnique, isNew: false)
+            let loaded = context.makeSession(id: owned, record: stored.record, casUnique: stored.casUnique, isNew: false)
             let refreshed = clock.now()
             // Concurrent requests of this session that loaded it meanwhile share one copy.
             guard let session = localStore.adopt(loaded, token: id.token, now: now, refreshed: refreshed, since: access.started)
@@ -171,17 +252,17 @@ extension SessionManager {
             statistics.count(.sessionsNotFound)
             return nil
         case .unreachable(let error):
-            return try unavailable(id: id, cause: "not in this instance's memory and its node did not answer (\(error.code))")
+            return try context.unavailable(id: id, cause: "not in this instance's memory and its node did not answer (\(error.code))")
         }
     }
 
-    func endSticky(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
+    func end(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
         let (phase, session, regenerate, lastRefresh) = access.state.withLock { state in
             (state.phase, state.session, state.regenerate, state.lastStoreRefresh)
         }
         let incoming = access.requestedID
         guard phase == .loaded, let session else {
-            if phase == .idle, let incoming { await slideUnopenedSticky(incoming) }
+            if phase == .idle, let incoming { await slideUnopened(incoming) }
             return .unchanged
         }
         var id = session.id
@@ -199,7 +280,7 @@ extension SessionManager {
             // seed 87: a logout left that copy alone, and another instance served it).
             if isEnabled { await writer.awaitWrites(of: [session]) }
             if session.mayBeStored, isEnabled {
-                await deleteCopies(
+                await store.deleteCopies(
                     keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
                 // The instance it was taken over from must not serve it from memory any more.
                 if let previous = session.takenOverFrom, previous != configuration.route {
@@ -211,14 +292,14 @@ extension SessionManager {
 
         if regenerate {
             let old = id
-            id = generateID(nodeID: placementNode(), route: configuration.route)
+            id = context.generateID(nodeID: context.placementNode(), route: configuration.route)
             session.setID(id)
             session.markAllChanged()
             localStore.end(old.token, at: clock.now())
             localStore.put(session, token: id.token, now: now, refreshed: clock.now(), force: true)
             statistics.count(.sessionsRegenerated)
             if isEnabled {
-                await deleteCopies(
+                await store.deleteCopies(
                     keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
                 if let previous = session.takenOverFrom, previous != configuration.route {
                     await endTakenOver(keys(for: old.token), from: previous)
@@ -230,7 +311,7 @@ extension SessionManager {
         }
 
         guard isEnabled else {
-            return id != incoming ? cookieAction(.set(id), session.metadata) : .unchanged
+            return id != incoming ? context.cookieAction(.set(id), session.metadata) : .unchanged
         }
 
         if !topology.isAvailable(id.nodeID), let next = topology.nextAvailable(after: id.nodeID) {
@@ -238,7 +319,7 @@ extension SessionManager {
             statistics.count(.relocations)
             statistics.count(.memcachedFailovers)
             events.record(.failover, "sticky sessions moved from \(id.nodeID) to \(next): \(id.nodeID) is down or removed")
-            leaveOldPrimary(keys: keys(for: id.token), on: id.nodeID, version: session.metadata.version + 1)
+            store.leaveOldPrimary(keys: keys(for: id.token), on: id.nodeID, version: session.metadata.version + 1)
             id = id.relocated(to: next)
             session.setID(id)
             session.markAllChanged()
@@ -248,12 +329,12 @@ extension SessionManager {
             if configuration.sticky.asynchronousSaving, writer.enqueue(session) {
                 statistics.count(.writesAsynchronous)
             } else {
-                try await saveSticky(session, synchronous: true)
+                try await save(session, synchronous: true)
             }
         } else {
             statistics.count(.writesSkipped)
-            if lastRefresh.map({ clock.now() - $0 >= stickyTouchInterval }) ?? true {
-                await touchSticky(session)
+            if lastRefresh.map({ clock.now() - $0 >= touchInterval }) ?? true {
+                await touch(session)
             }
         }
         id = session.id
@@ -262,14 +343,14 @@ extension SessionManager {
             // leave the cookie alone, the browser may hold a newer one by now.
             return incoming == nil || session.wasInvalidatedElsewhere ? .unchanged : SessionResponseAction(cookie: .clear)
         }
-        return id != incoming ? cookieAction(.set(id), session.metadata) : .unchanged
+        return id != incoming ? context.cookieAction(.set(id), session.metadata) : .unchanged
     }
 
     /// Saves a sticky session (at the end of the request, or from the asynchronous writer).
-    func saveSticky(_ session: Session, synchronous: Bool, again: Bool = false) async throws(SessionError) {
+    func save(_ session: Session, synchronous: Bool, again: Bool = false) async throws(SessionError) {
         let id = session.id
         let keys = self.keys(of: session)
-        let (outcome, finalID) = await saveWithRelocation(
+        let (outcome, finalID) = await store.saveWithRelocation(
             session, keys: keys, nodeID: id.nodeID, lock: nil, forceAdd: false, restoreIfMissing: true)
         switch outcome {
         case .saved:
@@ -279,7 +360,7 @@ extension SessionManager {
                 // A concurrent request of this instance moved the session while this save went
                 // to the node it left: this request's changes go where the session is now, before
                 // the response.
-                try await saveSticky(session, synchronous: synchronous, again: true)
+                try await save(session, synchronous: synchronous, again: true)
             }
         case .gone:
             statistics.count(.sessionsNotFound)
@@ -303,8 +384,8 @@ extension SessionManager {
     /// The asynchronous writer's batch: the sessions are encoded and sent to their nodes in one
     /// pipelined write per node (one waiting task per node, not per session); a session whose
     /// write did not simply succeed (a conflict, a lost copy, a node down) then takes the full
-    /// save path of ``saveSticky(_:synchronous:)``.
-    func saveStickyBatch(_ sessions: [Session]) async {
+    /// save path of ``save(_:synchronous:)``.
+    func saveBatch(_ sessions: [Session]) async {
         let now = currentTimeMillis()
         struct Pending {
             let session: Session
@@ -324,7 +405,7 @@ extension SessionManager {
             }
             let keys = self.keys(of: session)
             do {
-                let bytes = try encode(snapshot.record, keyLength: keys.primary.utf8.count)
+                let bytes = try store.encode(snapshot.record, keyLength: keys.primary.utf8.count)
                 perNode[nodeID, default: []].append(Pending(session: session, snapshot: snapshot, bytes: bytes))
             } catch {
                 logger.warning("session not saved", metadata: ["reason": "\(error.message)"])
@@ -338,8 +419,8 @@ extension SessionManager {
                         var request = MemcachedRequest.store(
                             self.keys(of: item.session).primary, value: item.bytes,
                             mode: item.snapshot.casUnique == nil ? .add : .set,
-                            ttl: Self.primaryTTL(item.snapshot.record.metadata, now: now),
-                            flags: Self.primaryFlags(item.snapshot.record.metadata), cas: item.snapshot.casUnique)
+                            ttl: SessionStore.primaryTTL(item.snapshot.record.metadata, now: now),
+                            flags: SessionStore.primaryFlags(item.snapshot.record.metadata), cas: item.snapshot.casUnique)
                         request.timeout = self.configuration.timeouts.save
                         return self.prepared(request)
                     }
@@ -372,7 +453,7 @@ extension SessionManager {
         guard !remaining.isEmpty else { return }
         await withDiscardingTaskGroup { group in
             for session in remaining {
-                group.addTask { try? await self.saveSticky(session, synchronous: false) }
+                group.addTask { try? await self.save(session, synchronous: false) }
             }
         }
     }
@@ -384,9 +465,9 @@ extension SessionManager {
     func revalidate(_ session: Session) async -> Bool {
         let id = session.id
         let keys = self.keys(of: session)
-        let ttl = Self.primaryTTL(session.metadata, now: currentTimeMillis())
+        let ttl = SessionStore.primaryTTL(session.metadata, now: currentTimeMillis())
         statistics.count(.touches)
-        switch await readStored(key: keys.primary, on: id.nodeID, touch: ttl) {
+        switch await store.readStored(key: keys.primary, on: id.nodeID, touch: ttl) {
         case .found(let stored):
             if stored.record.metadata.version > session.metadata.version, !session.hasUnsavedChanges {
                 session.replace(with: stored.record, casUnique: stored.casUnique)
@@ -401,7 +482,7 @@ extension SessionManager {
             statistics.count(.sessionsNotFound)
             return false
         case .missing:
-            if await endedOnSomeNode(keys) {
+            if await store.endedOnSomeNode(keys) {
                 // Ended (its node lost the tombstone in a restart; the other nodes have theirs).
                 session.invalidate(byAnotherRequest: true, ifToken: id.token)
                 localStore.remove(id.token, ifSame: session)
@@ -420,10 +501,10 @@ extension SessionManager {
     }
 
     /// Slides an unchanged sticky session's memcached TTL (a touch the request does not wait for).
-    func touchSticky(_ session: Session) async {
+    func touch(_ session: Session) async {
         let id = session.id
         guard let node = topology.node(id.nodeID), node.isAvailable else { return }
-        let ttl = Self.primaryTTL(session.metadata, now: currentTimeMillis())
+        let ttl = SessionStore.primaryTTL(session.metadata, now: currentTimeMillis())
         statistics.count(.touches)
         localStore.markRefreshed(id.token, at: clock.now())
         let statistics = self.statistics
@@ -438,11 +519,11 @@ extension SessionManager {
 
     /// A request with the cookie that never opened the session: mark it accessed in memory and
     /// slide the memcached TTL when due.
-    func slideUnopenedSticky(_ id: SessionID) async {
+    func slideUnopened(_ id: SessionID) async {
         let takeover = isEnabled && configuration.route != nil && id.route != configuration.route
         guard !takeover, let (session, refreshed) = localStore.access(id.token, now: currentTimeMillis()) else { return }
-        if isEnabled, clock.now() - refreshed >= stickyTouchInterval {
-            await touchSticky(session)
+        if isEnabled, clock.now() - refreshed >= touchInterval {
+            await touch(session)
         }
     }
 

@@ -1,14 +1,7 @@
 import Logging
 import Memcached
 import NIOCore
-
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#elseif canImport(Darwin)
-    import Darwin
-#endif
+import Synchronization
 
 /// A session as read from memcached.
 struct StoredSession: Sendable {
@@ -54,39 +47,63 @@ enum SaveOutcome: Sendable {
     case unreachable(MemcachedError, afterConflict: Bool = false)
 }
 
-extension SessionManager {
-    /// Item flags marking a tombstone (`MSXT`): an invalidated session's key.
-    public static let tombstoneFlags: UInt32 = 0x4D53_5854
+/// The sessions' copies in memcached, above the command-level seam (``MemcachedNodeSet``): reads
+/// and CAS writes with the merge of concurrent changes, backups in order, tombstones (a logout's
+/// end on every node), copies left for nodes that did not answer, the search for the newest copy,
+/// and the watch of node restarts. Both lifecycles keep their sessions' copies through it.
+final class SessionStore: SessionManagerPart {
+    let context: SessionContext
+    /// The locks a locked request's writes go under (a merge takes the lock again).
+    let locks: SessionLocks
+    /// Non-sticky: every session has a backup copy on the next node. Sticky: the primary only
+    /// (this instance's memory is the other copy), and writes bounded by the save timeout.
+    let keepsBackups: Bool
+    let backupMemo: BackupMemo
+    let leftovers = LeftoverCopies()
+    let nodeRestarts = NodeRestarts()
+    let byteBufferAllocator = ByteBufferAllocator()
+    /// Told of each node restart (sticky: the sessions held in memory are written back there).
+    private let restartListener = Mutex<(@Sendable (String) async -> Void)?>(nil)
 
-    /// Set for the asynchronous writer's work: its round trips are not waited for by a request.
-    @TaskLocal static var isBackgroundWork = false
-
-    /// Set while a request ends: its memcached requests complete even if the request's task is
-    /// cancelled (the client went away), so that locks are released and changes saved.
-    @TaskLocal static var isEnding = false
-
-    /// Applies the cancellation rule of the current phase to a request.
-    func prepared(_ request: MemcachedRequest) -> MemcachedRequest {
-        guard Self.isEnding || Self.isBackgroundWork else { return request }
-        var request = request
-        request.honorsCancellation = false
-        return request
+    init(context: SessionContext, locks: SessionLocks) {
+        self.context = context
+        self.locks = locks
+        self.keepsBackups = context.configuration.mode == .nonSticky
+        self.backupMemo = BackupMemo(limit: max(context.configuration.sticky.localSessionLimit, 10_000), clock: context.clock)
     }
 
-    /// Counts a memcached round trip a request waits for.
-    func countRoundTrip() {
-        if !Self.isBackgroundWork { statistics.count(.memcachedRoundTrips) }
+    /// The store's background work: the watch of node restarts, and the copies left for nodes
+    /// that did not answer, dealt with once they answer again.
+    func run() async {
+        await withDiscardingTaskGroup { background in
+            background.addTask { await self.watchNodeRestartsPeriodically() }
+            background.addTask { await self.cleanLeftoversPeriodically() }
+        }
     }
 
-    /// Milliseconds since 1970 on the system clock: for what is only shown (event log, status).
-    static func systemTimeMillis() -> Int64 {
-        SystemSessionClock().wallMilliseconds()
+    /// Sets what runs when a node is seen to have restarted (once per restart).
+    func onNodeRestart(_ listener: @escaping @Sendable (String) async -> Void) {
+        restartListener.withLock { $0 = listener }
     }
 
-    /// Milliseconds since 1970 on the manager's clock: what sessions store and expire by.
-    func currentTimeMillis() -> Int64 {
-        clock.wallMilliseconds()
+    func nodeRestarted(_ nodeID: String) async {
+        guard let listener = restartListener.withLock({ $0 }) else { return }
+        await listener(nodeID)
     }
+
+    /// The TTL a read slides a session's primary to: the default idle timeout, plus memcached's
+    /// one-second tick (see ``primaryTTLSeconds(_:now:)``).
+    var slideTTL: MemcachedTTL {
+        defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds) + 1) : .never
+    }
+
+    /// How long a tombstone of a session whose own idle timeout is `sessionIdle` (nil: not known)
+    /// stays.
+    func tombstoneTTL(sessionIdle: Int64?) -> MemcachedTTL {
+        .seconds(Int(CopyLifetimes.tombstoneSeconds(defaultIdle: defaultIdleSeconds, sessionIdle: sessionIdle)))
+    }
+
+    // MARK: - TTLs and flags of the stored copies
 
     /// The memcached TTL of a session's primary copy: its idle timeout, capped by what remains of
     /// its absolute timeout; nil when the session never expires.
@@ -104,32 +121,51 @@ extension SessionManager {
         return seconds > 0 ? seconds : nil
     }
 
-    /// The TTL a read slides a session's primary to: the default idle timeout, plus memcached's
-    /// one-second tick (see ``primaryTTLSeconds(_:now:)``).
-    var slideTTL: MemcachedTTL {
-        defaultIdleSeconds > 0 ? .seconds(Int(defaultIdleSeconds) + 1) : .never
-    }
-
     static func primaryTTL(_ metadata: SessionMetadata, now: Int64) -> MemcachedTTL {
         primaryTTLSeconds(metadata, now: now).map { .seconds(Int($0)) } ?? .never
     }
 
     /// How long a backup copy lives: the primary's TTL plus two refresh windows, so that a backup
     /// refreshed at most once per window by each instance always outlives the primary.
-    func backupTTL(_ metadata: SessionMetadata, now: Int64) -> MemcachedTTL {
+    static func backupTTL(_ metadata: SessionMetadata, now: Int64) -> MemcachedTTL {
         backupTTLSeconds(metadata, now: now).map { .seconds(Int($0)) } ?? .never
     }
 
-    func backupTTLSeconds(_ metadata: SessionMetadata, now: Int64) -> Int64? {
-        guard let primary = Self.primaryTTLSeconds(metadata, now: now) else { return nil }
+    static func backupTTLSeconds(_ metadata: SessionMetadata, now: Int64) -> Int64? {
+        guard let primary = primaryTTLSeconds(metadata, now: now) else { return nil }
         return primary + 2 * backupRefreshWindow(metadata).components.seconds
     }
 
     /// How often each instance refreshes a read-only session's backup
     /// (``CopyLifetimes/refreshWindowSeconds(idle:)``).
-    func backupRefreshWindow(_ metadata: SessionMetadata) -> Duration {
+    static func backupRefreshWindow(_ metadata: SessionMetadata) -> Duration {
         .seconds(CopyLifetimes.refreshWindowSeconds(idle: metadata.idleTimeoutSeconds))
     }
+
+    /// The client flags of a primary copy: the session's idle timeout in seconds, so that a
+    /// request that never opens the session can slide its TTL to the right value. (Timeouts are
+    /// at most ten years, far below the tombstone's flags.)
+    static func primaryFlags(_ metadata: SessionMetadata) -> UInt32 {
+        UInt32(clamping: max(0, metadata.idleTimeoutSeconds))
+    }
+
+    /// The client flags of a backup copy: the session's version (below the tombstone's flags), so
+    /// that a backup write can tell an older copy from a newer one without reading its value.
+    static func backupFlags(_ metadata: SessionMetadata) -> UInt32 {
+        UInt32(min(metadata.version, UInt64(tombstoneFlags) - 1))
+    }
+
+    /// Item flags marking a tombstone (``SessionManager/tombstoneFlags``).
+    static var tombstoneFlags: UInt32 { SessionManager.tombstoneFlags }
+
+    /// A stable connection choice for a key (its last bytes are hex digest characters).
+    static func affinity(of key: String) -> Int {
+        var hash = 0
+        for byte in key.utf8.suffix(4) { hash = hash &* 31 &+ Int(byte) }
+        return hash
+    }
+
+    // MARK: - reads and writes
 
     /// Reads a session from one node, optionally sliding its TTL in the same round trip. Corrupt
     /// or foreign bytes are deleted, counted and logged (without the session id), and read as a miss.
@@ -152,21 +188,6 @@ extension SessionManager {
         if item.flags == Self.tombstoneFlags { return .tombstone }
         guard let stored = decodeStored(item, key: key, node: node) else { return .missing }
         return .found(stored)
-    }
-
-    func decodeStored(_ item: MemcachedItem, key: String, node: any MemcachedNodeCommandRunner) -> StoredSession? {
-        statistics.count(.bytesRead, item.value.readableBytes)
-        do {
-            let record = try configuration.codec.decodeSession(from: item.value)
-            return StoredSession(record: record, casUnique: item.cas, raw: item.value)
-        } catch {
-            statistics.count(.corruptSessions)
-            logger.warning(
-                "undecodable session data deleted",
-                metadata: ["memcached.node": "\(node.id)", "reason": "\(error.reason)", "bytes": "\(item.value.readableBytes)"])
-            Task { try? await node.delete(key, quiet: true) }
-            return nil
-        }
     }
 
     /// Encodes a record, refusing sessions larger than memcached's item size limit before
@@ -200,15 +221,15 @@ extension SessionManager {
         }
         var request = MemcachedRequest.store(
             key, value: bytes, mode: add && casUnique == nil ? .add : .set, ttl: ttl, flags: flags, cas: casUnique)
-        if usesLocalLifecycle { request.timeout = configuration.timeouts.save }
+        if !keepsBackups { request.timeout = configuration.timeouts.save }
         request = prepared(request)
         countRoundTrip()
         let result: Result<MemcachedResponse, MemcachedError>
         if let lock {
-            let release = prepared(await lockReleaseRequest(lock))
+            let release = prepared(await locks.releaseRequest(lock))
             let results = await node.executeBatch([request, release])
             result = results[0]
-            releaseAnswered(results[1], lock: lock, node: node)
+            locks.releaseAnswered(results[1], lock: lock, node: node)
         } else {
             do {
                 result = .success(try await node.execute(request))
@@ -232,13 +253,6 @@ extension SessionManager {
             // Unreachable or refused (a server error such as out of memory): either way not stored.
             return .unreachable(error)
         }
-    }
-
-    /// The client flags of a primary copy: the session's idle timeout in seconds, so that a
-    /// request that never opens the session can slide its TTL to the right value. (Timeouts are
-    /// at most ten years, far below the tombstone's flags.)
-    static func primaryFlags(_ metadata: SessionMetadata) -> UInt32 {
-        UInt32(clamping: max(0, metadata.idleTimeoutSeconds))
     }
 
     /// Saves a session's changes to `nodeID` with CAS. On a conflict the newer stored copy is read
@@ -290,7 +304,7 @@ extension SessionManager {
                 flags: Self.primaryFlags(record.metadata), casUnique: casUnique, add: add, releasing: lock)
             switch result {
             case .stored(let newCas):
-                if let lock { releasedLock(lock) }
+                if let lock { locks.released(lock) }
                 session.markSaved(snapshot, saved: record, casUnique: newCas)
                 statistics.count(.writes)
                 return .saved(record: record, bytes: bytes)
@@ -300,7 +314,7 @@ extension SessionManager {
                     add = true
                     continue
                 }
-                if let lock { releasedLock(lock) }
+                if let lock { locks.released(lock) }
                 return .gone
             case .tooLarge(let error):
                 statistics.count(.oversizedSessions)
@@ -315,11 +329,11 @@ extension SessionManager {
                     // The release rode with the failed write: the lock is free now, and the merge
                     // must not run without it (a locked request could slip in between and both
                     // would save changes made from the same copy). Take it again, with the read.
-                    releasedLock(held)
+                    locks.released(held)
                     lock = nil
                     let relocked: (HeldLock?, StoredRead)
                     do {
-                        relocked = try await lockAndRead(keys: keys, nodeID: nodeID, touch: nil)
+                        relocked = try await locks.lockAndRead(keys: keys, nodeID: nodeID, touch: nil)
                     } catch {
                         return .refused(error)
                     }
@@ -333,9 +347,9 @@ extension SessionManager {
                             // from a copy without this request's changes: merging would lose its
                             // changes or ours.
                             guard stored.record.metadata.version == snapshot.record.metadata.version else {
-                                await release(newLock)
+                                await locks.release(newLock)
                                 statistics.count(.lockConflicts)
-                                return .refused(Self.lockConflictError)
+                                return .refused(SessionLocks.conflictError)
                             }
                             record = Session.merge(snapshot, onto: stored.record, now: now)
                             casUnique = stored.casUnique
@@ -350,13 +364,13 @@ extension SessionManager {
                                 add = true
                                 continue
                             }
-                            await release(newLock)
+                            await locks.release(newLock)
                             return .gone
                         case .tombstone:
-                            await release(newLock)
+                            await locks.release(newLock)
                             return .gone
                         case .unreachable(let error):
-                            await release(newLock)
+                            await locks.release(newLock)
                             statistics.count(.writeFailures)
                             return .unreachable(error, afterConflict: true)
                         }
@@ -380,10 +394,10 @@ extension SessionManager {
                         add = true
                         continue
                     }
-                    if let lock { releasedLock(lock) }
+                    if let lock { locks.released(lock) }
                     return .gone
                 case .tombstone:
-                    if let lock { releasedLock(lock) }
+                    if let lock { locks.released(lock) }
                     return .gone
                 case .unreachable(let error):
                     statistics.count(.writeFailures)
@@ -397,128 +411,33 @@ extension SessionManager {
 
     static let maximumSaveAttempts = 8
 
-    /// A locked request whose lock did not keep out a concurrent change of the same session (it
-    /// expired, or was freed by a failed write): its changes are not saved, so no change is lost
-    /// silently; the browser may retry.
-    static let lockConflictError = SessionError(
-        code: .lockUnavailable,
-        message: "the session was changed by another request while this request's lock was not held; its changes were not saved")
-
     /// Non-sticky: a write found the session's copy missing. Ends leave tombstones (a logout, an
     /// expiry, `msm session delete`, a login's old id: on the primary and backup keys of every
     /// node), so a missing copy was lost, not ended: evicted, or its node restarted while the
     /// request ran. Unless some node holds a tombstone for it (the primary's own may have been
     /// evicted too), the request, which holds the whole session, writes it again.
     func lostCopyMayBeRewritten(keys: SessionKeys, nodeID: String) async -> Bool {
-        guard !usesLocalLifecycle else { return false }
+        guard keepsBackups, isEnabled else { return false }
         return await !endedOnSomeNode(keys)
     }
 
-    /// Whether some node that answers holds a tombstone for the session (a logout, a login's old
-    /// id, `msm session delete`: they leave one on every node).
-    func endedOnSomeNode(_ keys: SessionKeys) async -> Bool {
-        await searchCopies(keys: keys, on: topology.order.filter { topology.isReachable($0) }).tombstone
-    }
+}
 
-    /// A stable connection choice for a key (its last bytes are hex digest characters).
-    static func affinity(of key: String) -> Int {
-        var hash = 0
-        for byte in key.utf8.suffix(4) { hash = hash &* 31 &+ Int(byte) }
-        return hash
-    }
-
-    /// The client flags of a backup copy: the session's version (below the tombstone's flags), so
-    /// that a backup write can tell an older copy from a newer one without reading its value.
-    static func backupFlags(_ metadata: SessionMetadata) -> UInt32 {
-        UInt32(min(metadata.version, UInt64(tombstoneFlags) - 1))
-    }
-
-    /// Writes the backup copy and waits for it, before the response: a primary that loses its
-    /// data right after the write (restarted empty, an eviction) must find the acknowledged change
-    /// in the backup. A backup node that does not answer gets the write when it answers again;
-    /// the response does not wait for that (the primary has the change: one fault at a time).
-    ///
-    /// A backup never goes back: saves of one session by different instances send their backups
-    /// over different connections, and a slow one may land after a newer one (the newer backup
-    /// would then be lost to a failover of the primary). In meta mode the write reads the backup's
-    /// flags (its version) and CAS unique first, writes only over an older copy, with CAS, and
-    /// never over a tombstone; text mode, which cannot read flags without the value, writes as is
-    /// (documented).
-    func writeBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
-        guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
-        let ttl = backupTTL(metadata, now: now)
-        backupMemo.record(keys.backup, node: backupNode)
-        statistics.count(.backupWrites)
-        guard configuration.memcached.protocolMode == .meta else {
-            countRoundTrip()
-            var request = MemcachedRequest.store(keys.backup, value: bytes, ttl: ttl)
-            // One connection per session's backups: two saves' backups of one instance cannot
-            // overtake each other.
-            request.connectionAffinity = Self.affinity(of: keys.backup)
-            request.honorsCancellation = false
-            if case .failure = await node.executeBatch([prepared(request)])[0] { statistics.count(.backupFailures) }
-            return
+extension SessionManagerPart {
+    /// Decodes a stored copy. Corrupt or foreign bytes are deleted, counted and logged (without
+    /// the session id), and read as a miss (nil).
+    func decodeStored(_ item: MemcachedItem, key: String, node: any MemcachedNodeCommandRunner) -> StoredSession? {
+        statistics.count(.bytesRead, item.value.readableBytes)
+        do {
+            let record = try configuration.codec.decodeSession(from: item.value)
+            return StoredSession(record: record, casUnique: item.cas, raw: item.value)
+        } catch {
+            statistics.count(.corruptSessions)
+            logger.warning(
+                "undecodable session data deleted",
+                metadata: ["memcached.node": "\(node.id)", "reason": "\(error.reason)", "bytes": "\(item.value.readableBytes)"])
+            Task { try? await node.delete(key, quiet: true) }
+            return nil
         }
-        let flags = Self.backupFlags(metadata)
-        // The backup's end in wall time: a write retried later keeps it (a backup lives as long
-        // as its session may, never longer: the idle-expiry check relies on it).
-        let expiresAt = backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
-        if await !writeBackupInOrder(key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl) {
-            // Written once the node answers again (a frozen backup node must not leave the
-            // session with an old backup only).
-            leaveForLater(.backup(bytes: bytes, flags: flags, expiresAt: expiresAt), key: keys.backup, on: backupNode)
-        }
-    }
-
-    /// The ordered backup write of ``writeBackup(keys:primaryNode:bytes:metadata:now:)``: at most
-    /// four rounds of read and conditional write, each bounded by the request timeout. Returns
-    /// false when the node did not answer (the write is to be tried again).
-    func writeBackupInOrder(
-        key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL
-    ) async -> Bool {
-        let affinity = Self.affinity(of: key)
-        func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
-            var request = request
-            request.honorsCancellation = false
-            request.connectionAffinity = affinity
-            countRoundTrip()
-            return await node.executeBatch([request])[0]
-        }
-        /// A failed round: counted; false (try again later) when the node did not answer, true
-        /// when it refused (a retry would be refused too).
-        func failed(_ result: Result<MemcachedResponse, MemcachedError>) -> Bool {
-            statistics.count(.backupFailures)
-            guard case .failure(let error) = result, error.meansNodeUnreachable else { return true }
-            backupMemo.forget(key)
-            return false
-        }
-        for _ in 0..<4 {
-            let write: MemcachedRequest
-            let read = await send(.getMetadata(key))
-            switch read {
-            case .success(.item(nil)):
-                write = .store(key, value: bytes, mode: .add, ttl: ttl, flags: flags)
-            case .success(.item(let item?)):
-                // Ended (a logout's tombstone), or as new already: nothing to do.
-                if item.flags == Self.tombstoneFlags || item.flags >= flags {
-                    statistics.count(.backupsOutdated)
-                    return true
-                }
-                write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
-            default:
-                return failed(read)
-            }
-            let result = await send(write)
-            switch result {
-            case .success(.stored(.stored)):
-                return true
-            case .success(.stored):
-                continue  // changed between the read and the write: look again
-            default:
-                return failed(result)
-            }
-        }
-        statistics.count(.backupFailures)
-        return true
     }
 }

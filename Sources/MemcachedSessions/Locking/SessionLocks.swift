@@ -3,146 +3,30 @@ import Memcached
 import NIOCore
 import Synchronization
 
-/// A lock this instance holds: the key, the node, the random token stored as the lock's value,
-/// and the CAS unique that proves ownership (release and renewal are CAS-checked: only the owner
-/// can do either).
-final class HeldLock: Sendable {
-    let key: String
-    let nodeID: String
-    let token: String
-    let acquiredAt: NIODeadline
-    private struct State {
-        var casUnique: UInt64?
-        var renewedAt: NIODeadline
-        var lost = false
-        var releasing = false
-        /// A renewal is on the wire: its reply brings the lock's next CAS unique.
-        var renewing = false
-        /// Releases waiting for that reply.
-        var waitingForRenewal: [CheckedContinuation<Void, Never>] = []
+/// The sessions' locks (non-sticky mode): owned locks in memcached (a random token as the value,
+/// release and renewal CAS-checked so that only the owner can do either), taken in the same round
+/// trip as the session's read, renewed while a request runs, waited for with backoff within a
+/// budget; and which requests lock (the locking mode in force, the `auto` mode's read-only paths).
+final class SessionLocks: SessionManagerPart {
+    let context: SessionContext
+    let held = HeldLocks()
+    let readOnlyPaths: ReadOnlyPaths
+
+    init(context: SessionContext) {
+        self.context = context
+        self.readOnlyPaths = ReadOnlyPaths(limit: context.configuration.locking.autoPathLimit)
     }
 
-    private let state: Mutex<State>
+    /// A locked request whose lock did not keep out a concurrent change of the same session (it
+    /// expired, or was freed by a failed write): its changes are not saved, so no change is lost
+    /// silently; the browser may retry.
+    static let conflictError = SessionError(
+        code: .lockUnavailable,
+        message: "the session was changed by another request while this request's lock was not held; its changes were not saved")
 
-    /// Acquisition order, for a stable order of renewals.
-    let sequence: UInt64
-
-    init(key: String, nodeID: String, token: String, casUnique: UInt64?, now: NIODeadline, sequence: UInt64) {
-        self.key = key
-        self.nodeID = nodeID
-        self.token = token
-        self.sequence = sequence
-        self.acquiredAt = now
-        self.state = Mutex(State(casUnique: casUnique, renewedAt: now))
-    }
-
-    var casUnique: UInt64? { state.withLock { $0.casUnique } }
-    var renewedAt: NIODeadline { state.withLock { $0.renewedAt } }
-    /// Whether a renewal found the lock gone or owned by someone else.
-    var isLost: Bool { state.withLock { $0.lost } }
-    var isReleasing: Bool { state.withLock { $0.releasing } }
-
-    /// Starts a renewal: the CAS unique it must use, or nil when the lock is being released (a
-    /// release is never raced by a renewal of the same lock).
-    func beginRenewal() -> UInt64?? {
-        state.withLock { state in
-            guard !state.releasing, !state.renewing else { return nil }
-            state.renewing = true
-            return .some(state.casUnique)
-        }
-    }
-
-    /// Ends a renewal; `casUnique` is the lock's new CAS unique when it was renewed, nil when the
-    /// outcome is unknown (no reply) or the lock is lost. Wakes a release waiting for it.
-    func endRenewal(renewed: Bool, casUnique: UInt64?, lost: Bool = false, now: NIODeadline) {
-        let waiting = state.withLock { state in
-            state.renewing = false
-            if renewed {
-                state.casUnique = casUnique
-                state.renewedAt = now
-            }
-            if lost { state.lost = true }
-            defer { state.waitingForRenewal = [] }
-            return state.waitingForRenewal
-        }
-        for continuation in waiting { continuation.resume() }
-    }
-
-
-    /// Stops renewals and waits for one in flight (its reply changes the CAS unique a release
-    /// must use: without the wait, the release would find `EX` and leave the lock behind).
-    /// Returns the CAS unique the release must use. The wait is bounded by the renewal's own
-    /// request timeout.
-    func beginRelease() async -> UInt64? {
-        let mustWait = state.withLock { state in
-            state.releasing = true
-            return state.renewing
-        }
-        if mustWait {
-            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                let resumeNow = state.withLock { state in
-                    guard state.renewing else { return true }
-                    state.waitingForRenewal.append(continuation)
-                    return false
-                }
-                if resumeNow { continuation.resume() }
-            }
-        }
-        return state.withLock { $0.casUnique }
-    }
-}
-
-/// Locks held by this instance, for lease renewal.
-final class HeldLocks: Sendable {
-    private let locks = Mutex<[ObjectIdentifier: HeldLock]>([:])
-
-    func add(_ lock: HeldLock) { locks.withLock { $0[ObjectIdentifier(lock)] = lock } }
-    func remove(_ lock: HeldLock) { _ = locks.withLock { $0.removeValue(forKey: ObjectIdentifier(lock)) } }
-    private let sequence = Mutex<UInt64>(0)
-
-    /// The next acquisition number.
-    func nextSequence() -> UInt64 { sequence.withLock { $0 &+= 1; return $0 } }
-    /// Every lock held, in acquisition order.
-    var all: [HeldLock] { locks.withLock { $0.values.sorted { $0.sequence < $1.sequence } } }
-}
-
-/// `auto` locking: learns which request paths only read the session, so that they run unlocked,
-/// and locks a path again as soon as a request on it writes. Keys are paths without the query
-/// string (MSM matched "METHOD URI?query", so every distinct query made a new entry), and the
-/// table is bounded.
-final class ReadOnlyPaths: Sendable {
-    private let paths = Mutex<[String: Int]>([:])
-    private let limit: Int
-    /// Read-only requests needed before a path runs unlocked.
-    static let threshold = 1
-
-    init(limit: Int) { self.limit = limit }
-
-    func isReadOnly(_ path: String) -> Bool {
-        paths.withLock { ($0[path] ?? 0) >= Self.threshold }
-    }
-
-    func record(_ path: String, modified: Bool) {
-        paths.withLock { paths in
-            if modified {
-                paths[path] = nil
-                return
-            }
-            if paths[path] == nil, paths.count >= limit {
-                // Full: forget half of the table (the cost of a lock, not of correctness).
-                for key in paths.keys.prefix(limit / 2 + 1) { paths[key] = nil }
-            }
-            paths[path, default: 0] += 1
-        }
-    }
-
-    var count: Int { paths.withLock { $0.count } }
-}
-
-extension SessionManager {
     /// Whether a request on `path` takes the session's lock.
-    func locks(path: String) -> Bool {
-        let (locking, pattern, enabled) = runtime.withLock { ($0.locking, $0.lockPattern, $0.enabled) }
+    func locksRequest(onPath path: String) -> Bool {
+        let (locking, pattern, enabled) = context.runtime.withLock { ($0.locking, $0.lockPattern, $0.enabled) }
         guard configuration.mode == .nonSticky, enabled else { return false }
         switch locking {
         case .none: return false
@@ -156,19 +40,19 @@ extension SessionManager {
     /// a second, so the item lives between `lockExpiry - 1 s` and `lockExpiry`: a request waiting
     /// for a lock whose owner died or lost its release never waits longer than `lockExpiry`.
     /// The owner renews every third of `lockExpiry` (at least 2 s, so at least a second before the
-    /// item can expire), and counts its lease as ``lockLease`` from each acquisition or renewal.
-    var lockItemTTL: MemcachedTTL {
+    /// item can expire), and counts its lease as ``lease`` from each acquisition or renewal.
+    var itemTTL: MemcachedTTL {
         .duration(configuration.locking.expiry)
     }
 
     /// How long a lock is surely held after its acquisition or last renewal: one memcached clock
     /// tick less than its TTL.
-    var lockLease: TimeAmount {
+    var lease: TimeAmount {
         TimeAmount(configuration.locking.expiry - .seconds(1))
     }
 
-    func newLockToken() -> String {
-        randomToken().description
+    func newToken() -> String {
+        context.randomToken().description
     }
 
     /// Takes the session's lock on `nodeID` and reads the session in the same round trip
@@ -186,8 +70,8 @@ extension SessionManager {
         keys: SessionKeys, nodeID: String, touch: MemcachedTTL?, token: String? = nil, mayAlreadyHold: Bool = false
     ) async throws(SessionError) -> (HeldLock?, StoredRead) {
         guard let node = topology.node(nodeID) else { return (nil, .missing) }
-        let token = token ?? newLockToken()
-        let lockTTL = lockItemTTL
+        let token = token ?? newToken()
+        let lockTTL = itemTTL
         let start = clock.now()
         let budget = TimeAmount(configuration.locking.waitBudget)
         var attempt = 0
@@ -200,7 +84,7 @@ extension SessionManager {
             let readOutcome: StoredRead
             switch results[1] {
             case .success(.item(let item?)):
-                if item.flags == Self.tombstoneFlags {
+                if item.flags == SessionStore.tombstoneFlags {
                     readOutcome = .tombstone
                 } else {
                     readOutcome = decodeStored(item, key: keys.primary, node: node).map { .found($0) } ?? .missing
@@ -213,16 +97,16 @@ extension SessionManager {
             switch results[0] {
             case .success(.stored(.stored(let cas))):
                 let lock = HeldLock(
-                    key: keys.lock, nodeID: nodeID, token: token, casUnique: cas, now: clock.now(), sequence: heldLocks.nextSequence())
-                heldLocks.add(lock)
+                    key: keys.lock, nodeID: nodeID, token: token, casUnique: cas, now: clock.now(), sequence: held.nextSequence())
+                held.add(lock)
                 statistics.count(.locksAcquired)
                 if waited { statistics.time(.lockWait, since: start) }
                 return (lock, readOutcome)
             case .success(.stored(.notStored)), .success(.stored(.exists)):
                 if mayAlreadyHold, attempt == 0, let cas = await ownLock(keys.lock, token: token, on: node) {
                     let lock = HeldLock(
-                        key: keys.lock, nodeID: nodeID, token: token, casUnique: cas, now: clock.now(), sequence: heldLocks.nextSequence())
-                    heldLocks.add(lock)
+                        key: keys.lock, nodeID: nodeID, token: token, casUnique: cas, now: clock.now(), sequence: held.nextSequence())
+                    held.add(lock)
                     statistics.count(.locksAcquired)
                     return (lock, readOutcome)
                 }
@@ -253,7 +137,7 @@ extension SessionManager {
             }
             // 1 ms doubling to 32 ms, times a random factor in 0.5...1.5, never past the budget.
             let base = Int64(1_000_000) << Int64(min(attempt, 5))
-            let jittered = Int64(Double(base) * (0.5 + unitRandom()))
+            let jittered = Int64(Double(base) * (0.5 + context.unitRandom()))
             let remaining = (budget - elapsed).nanoseconds
             attempt += 1
             do {
@@ -304,7 +188,7 @@ extension SessionManager {
 
     /// The owner-only release: a delete conditional on the lock's CAS unique (meta protocol). In
     /// text mode, which has no conditional delete, the lock is deleted by key (documented limit).
-    func lockReleaseRequest(_ lock: HeldLock) async -> MemcachedRequest {
+    func releaseRequest(_ lock: HeldLock) async -> MemcachedRequest {
         let cas = await lock.beginRelease()
         var request: MemcachedRequest
         if configuration.memcached.protocolMode == .meta {
@@ -316,18 +200,25 @@ extension SessionManager {
         return request
     }
 
-    func releasedLock(_ lock: HeldLock) {
-        heldLocks.remove(lock)
+    /// A lock whose release rode with a write: no longer renewed.
+    func released(_ lock: HeldLock) {
+        held.remove(lock)
+    }
+
+    /// A lock this instance stops renewing (its request moved off the lock's node, or ended the
+    /// session: the lock goes with its tombstones).
+    func forget(_ lock: HeldLock) {
+        held.remove(lock)
     }
 
     /// Releases a lock on its own (when there is nothing to write) and waits for the reply
     /// (bounded by the request timeout), so that the browser's next request, sent after the
     /// response, never finds this request's lock.
     func release(_ lock: HeldLock) async {
-        heldLocks.remove(lock)
+        held.remove(lock)
         // Already released (it rode with a write) or being released: nothing left to do.
         guard !lock.isReleasing, let node = topology.node(lock.nodeID) else { return }
-        let request = prepared(await lockReleaseRequest(lock))
+        let request = prepared(await releaseRequest(lock))
         countRoundTrip()
         let result = await node.executeBatch([request])[0]
         releaseAnswered(result, lock: lock, node: node)
@@ -385,13 +276,13 @@ extension SessionManager {
     func renew(_ lock: HeldLock) async {
         guard let node = topology.node(lock.nodeID), let casUnique = lock.beginRenewal() else { return }
         if configuration.memcached.protocolMode == .text {
-            switch await node.executeBatch([.touch(lock.key, ttl: lockItemTTL)])[0] {
+            switch await node.executeBatch([.touch(lock.key, ttl: itemTTL)])[0] {
             case .success(.touched(true)):
                 lock.endRenewal(renewed: true, casUnique: nil, now: clock.now())
                 statistics.count(.lockRenewals)
             case .success(.touched(false)):
                 lock.endRenewal(renewed: false, casUnique: nil, lost: true, now: clock.now())
-                heldLocks.remove(lock)
+                held.remove(lock)
                 statistics.count(.locksLost)
             default:
                 lock.endRenewal(renewed: false, casUnique: nil, now: clock.now())
@@ -399,7 +290,7 @@ extension SessionManager {
             return
         }
         let request = MemcachedRequest.store(
-            lock.key, value: ByteBuffer(string: lock.token), mode: .set, ttl: lockItemTTL, cas: casUnique)
+            lock.key, value: ByteBuffer(string: lock.token), mode: .set, ttl: itemTTL, cas: casUnique)
         do {
             switch try await node.execute(request) {
             case .stored(.stored(let cas)):
@@ -407,7 +298,7 @@ extension SessionManager {
                 statistics.count(.lockRenewals)
             case .stored:
                 lock.endRenewal(renewed: false, casUnique: nil, lost: true, now: clock.now())
-                heldLocks.remove(lock)
+                held.remove(lock)
                 statistics.count(.locksLost)
                 logger.warning("a held session lock was lost before its renewal", metadata: ["memcached.node": "\(lock.nodeID)"])
             default:
@@ -423,7 +314,7 @@ extension SessionManager {
 
     /// Whether the request surely still holds `lock`: not found lost, and within its lease.
     func holdsLease(_ lock: HeldLock) -> Bool {
-        !lock.isLost && clock.now() - lock.renewedAt < lockLease
+        !lock.isLost && clock.now() - lock.renewedAt < lease
     }
 
     /// Makes sure a locked request still holds its lock before it writes. A lock found lost by a
@@ -444,7 +335,7 @@ extension SessionManager {
             // Still unknown (no reply): as good as lost. (A renewal that found it lost counted it.)
             if !lock.isLost { statistics.count(.locksLost) }
         }
-        heldLocks.remove(lock)
+        held.remove(lock)
         logger.notice("a session lock expired before its request ended; taking it again", metadata: ["memcached.node": "\(lock.nodeID)"])
         let (relocked, read) = try await lockAndRead(keys: keys, nodeID: lock.nodeID, touch: nil)
         guard let relocked else { return nil }
@@ -458,7 +349,7 @@ extension SessionManager {
         }
         await release(relocked)
         statistics.count(.lockConflicts)
-        throw Self.lockConflictError
+        throw Self.conflictError
     }
 
     /// The longest a lock is renewed: a request that never ends (a bug, or an adapter that never
@@ -469,7 +360,7 @@ extension SessionManager {
 
     /// Renews, concurrently, the leases of locks held for more than a third of the lock expiry.
     /// Runs in `run()`.
-    func renewLocksPeriodically() async {
+    func renewPeriodically() async {
         let interval = configuration.locking.expiry / 3
         while !Task.isCancelled {
             // Woken four times per renewal interval: a renewal is sent at most a quarter interval
@@ -478,9 +369,9 @@ extension SessionManager {
             let now = clock.now()
             let due = now - TimeAmount(interval)
             var renewals: [HeldLock] = []
-            for lock in heldLocks.all where lock.renewedAt <= due && !lock.isReleasing {
+            for lock in held.all where lock.renewedAt <= due && !lock.isReleasing {
                 if now - lock.acquiredAt > maximumLockHold {
-                    heldLocks.remove(lock)
+                    held.remove(lock)
                     logger.warning(
                         "a session lock was held longer than the maximum; it is no longer renewed",
                         metadata: ["memcached.node": "\(lock.nodeID)"])

@@ -1,0 +1,366 @@
+import Logging
+import Memcached
+import NIOCore
+
+/// Non-sticky mode: memcached is authoritative. A request reads the session (sliding its TTL in
+/// the same round trip, taking the lock in that round trip too when it locks) and, only if it
+/// changed, writes it back with CAS to its node, then the backup to the next node (a write the
+/// request does not wait for).
+///
+/// Round trips a request waits for: read-only 1, modifying 2 (read; write with the lock release
+/// riding along), new session 1.
+final class NonStickyLifecycle: SessionLifecycle {
+    let context: SessionContext
+    let store: SessionStore
+    var locks: SessionLocks { store.locks }
+
+    init(context: SessionContext, store: SessionStore) {
+        self.context = context
+        self.store = store
+    }
+
+    /// Renews the leases of the locks requests hold.
+    func run() async {
+        await locks.renewPeriodically()
+    }
+
+    func mayWaitForMemcached(_ id: SessionID?) -> Bool {
+        isEnabled
+    }
+
+    /// A session replaced by ``SessionAccess/create()``: its stored copies go, with its lock.
+    func retire(_ session: Session, lock: HeldLock?) {
+        Task {
+            await self.store.deleteCopies(
+                keys: self.keys(for: session.id.token), nodeID: session.id.nodeID, lock: lock, wait: false,
+                sessionIdle: session.metadata.idleTimeoutSeconds)
+        }
+    }
+
+    func load(_ access: SessionAccess) async throws(SessionError) -> Session? {
+        guard let id = access.requestedID else { return nil }
+        // A well-formed id naming a node we do not have is "no session", not "unavailable".
+        guard topology.contains(id.nodeID) else {
+            statistics.count(.sessionsNotFound)
+            return nil
+        }
+        let keys = self.keys(for: id.token)
+        // A copy this instance left there to end (a move, a logout) goes before it can be read.
+        if store.leftovers.count > 0 { await store.cleanLeftovers(on: id.nodeID, key: keys.primary) }
+        let slide = store.slideTTL
+        var read: StoredRead
+        var lock: HeldLock? = nil
+        var attempt = 0
+        var lockToken: String? = nil
+        while true {
+            if access.locks {
+                // The same token on the retry: if the lost reply was the lock's, the lock is ours.
+                let token = lockToken ?? locks.newToken()
+                lockToken = token
+                (lock, read) = try await locks.lockAndRead(
+                    keys: keys, nodeID: id.nodeID, touch: slide, token: token, mayAlreadyHold: attempt > 0)
+            } else {
+                read = await store.readStored(key: keys.primary, on: id.nodeID, touch: slide)
+            }
+            // A read that fails on a node still marked up (a lost reply, a cut connection) is
+            // tried once more: moving the session off a node other requests still reach would
+            // leave two copies, and two locks.
+            guard case .unreachable(let error) = read, attempt == 0, error.leavesOutcomeUnknown, topology.isReachable(id.nodeID)
+            else { break }
+            attempt += 1
+            statistics.count(.readRetries)
+            if let held = lock {
+                await locks.release(held)
+                lock = nil
+            }
+        }
+        let now = currentTimeMillis()
+        if case .missing = read, await store.missMayBeRestartChecking(on: id.nodeID) {
+            // The node restarted (empty) recently: the backup may hold the session.
+            return try await restoreAfterRestart(id: id, keys: keys, access: access, lock: lock)
+        }
+        switch read {
+        case .found(let stored):
+            if context.isExpired(stored.record, now: now) {
+                statistics.count(.sessionsExpired)
+                await store.deleteCopies(
+                    keys: keys, nodeID: id.nodeID, lock: lock, wait: false, sessionIdle: stored.record.metadata.idleTimeoutSeconds)
+                return nil
+            }
+            statistics.count(.sessionsLoaded)
+            let session = context.makeSession(id: id, record: stored.record, casUnique: stored.casUnique, isNew: false)
+            session.cacheKeys(keys)
+            // Read from a node being drained (removed by a reconfiguration): it moves now.
+            let drainTarget = topology.isDraining(id.nodeID) ? topology.nextAvailable(after: id.nodeID) : nil
+            if let drainTarget {
+                session.setID(id.relocated(to: drainTarget))
+                session.markAllChanged()
+                statistics.count(.relocations)
+            }
+            access.state.withLock { state in
+                state.loaded.lock = lock
+                state.loaded.raw = stored.raw
+                if drainTarget != nil {
+                    state.loaded.mustWriteAll = true
+                    state.loaded.movedFrom = id.nodeID
+                }
+            }
+            return session
+        case .missing, .tombstone:
+            statistics.count(.sessionsNotFound)
+            if let lock { await locks.release(lock) }
+            return nil
+        case .unreachable(let error):
+            if let lock { await locks.release(lock) }
+            if let lockToken, let node = topology.node(id.nodeID) {
+                // A lock a lost reply took is this request's: it goes, not waited out.
+                Task { await self.locks.releaseIfOwn(keys.lock, token: lockToken, on: node) }
+            }
+            guard !topology.isReachable(id.nodeID) || !error.leavesOutcomeUnknown else {
+                // Twice no answer, yet not marked down: other requests may still reach it. (A
+                // refused connection is an answer: the process is gone, nobody reaches it.)
+                return try context.unavailable(id: id, cause: "its node did not answer twice (\(error.code)) but is not marked down")
+            }
+            return try await recover(id: id, keys: keys, access: access, cause: error)
+        }
+    }
+
+    /// The session's node did not answer: find the newest copy on the other nodes (a primary a
+    /// concurrent request or an earlier failure put there, or a backup) and move the session to
+    /// the next available node under a new id, or to the node that already holds it.
+    func recover(
+        id: SessionID, keys: SessionKeys, access: SessionAccess, cause: MemcachedError
+    ) async throws(SessionError) -> Session? {
+        guard let target = topology.nextAvailable(after: id.nodeID) else {
+            return try context.unavailable(id: id, cause: "no other memcached node is available (\(cause.code))")
+        }
+        var lock: HeldLock? = nil
+        if access.locks {
+            // The lock on the target: concurrent recoveries of this session take turns.
+            (lock, _) = try await locks.lockAndRead(keys: keys, nodeID: target, touch: nil)
+        }
+        let search = await store.searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
+        if search.tombstone {
+            // Logged out: a tombstone outranks any copy that survived somewhere.
+            if let lock { await locks.release(lock) }
+            statistics.count(.sessionsNotFound)
+            return nil
+        }
+        guard let newest = search.newest else {
+            if let lock { await locks.release(lock) }
+            // The primary did not answer and no copy was found elsewhere: the session may well
+            // exist on the silent node. Never read that as "no session".
+            return try context.unavailable(id: id, cause: "its node did not answer (\(cause.code)) and no backup copy was found")
+        }
+        if context.isExpired(newest.stored.record, now: currentTimeMillis()) || store.isIdleExpired(search) {
+            statistics.count(.sessionsExpired)
+            if let lock { await locks.release(lock) }
+            return nil
+        }
+        statistics.count(.memcachedFailovers)
+        statistics.count(.relocations)
+        // Already living elsewhere as a primary: the session is there, under that node's id.
+        let home = newest.isPrimary ? newest.nodeID : target
+        logger.notice(
+            "session recovered after a memcached node failure",
+            metadata: ["memcached.node.failed": "\(id.nodeID)", "memcached.node.target": "\(home)"])
+        events.record(.failover, "sessions moved from \(id.nodeID) to \(home): \(id.nodeID) did not answer")
+        // The copy on the silent node goes once it answers again (a logout must not find it).
+        store.leaveOldPrimary(keys: keys, on: id.nodeID, version: newest.stored.record.metadata.version + 1)
+        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access)
+    }
+
+    /// Serves a copy found on another node: under `id` (whose node is where it lives now), with
+    /// the lock only if it is on that node, and, when the copy was a backup, marked to be written
+    /// in full at the end of the request.
+    private func adopt(
+        _ copy: (stored: StoredSession, nodeID: String, isPrimary: Bool), id: SessionID, lock: HeldLock?, access: SessionAccess
+    ) async -> Session {
+        var lock = lock
+        if let held = lock, held.nodeID != id.nodeID {
+            await locks.release(held)
+            lock = nil
+        }
+        let session = context.makeSession(
+            id: id, record: copy.stored.record, casUnique: copy.isPrimary ? copy.stored.casUnique : nil, isNew: false)
+        if !copy.isPrimary { session.markAllChanged() }
+        access.state.withLock { state in
+            state.loaded.lock = lock
+            state.loaded.raw = copy.stored.raw
+            state.loaded.mustWriteAll = !copy.isPrimary
+        }
+        return session
+    }
+
+    /// A miss on a node that restarted recently: the other nodes may hold the session (a backup,
+    /// or a primary it was moved to). A backup is served and written back to the session's node
+    /// at the end; a primary elsewhere is where the session lives now (new cookie).
+    func restoreAfterRestart(id: SessionID, keys: SessionKeys, access: SessionAccess, lock: HeldLock?) async throws(SessionError)
+        -> Session?
+    {
+        let others = topology.others(than: id.nodeID)
+        let search = await store.searchCopies(keys: keys, on: others.filter { topology.isReachable($0) })
+        // Where its backup usually is: the next node after its own in configuration order.
+        let usualBackup = topology.order.firstIndex(of: id.nodeID).map { topology.order[($0 + 1) % topology.order.count] }
+        if !search.tombstone, search.newest == nil, search.unreachable || usualBackup.map({ !topology.isReachable($0) }) == true {
+            // The node lost everything, and a node that may hold the backup does not answer:
+            // not "no session" (a second fault at once), but unavailable.
+            if let lock { await locks.release(lock) }
+            return try context.unavailable(id: id, cause: "its node restarted empty and a node that may hold its backup did not answer")
+        }
+        guard !search.tombstone, let newest = search.newest, !context.isExpired(newest.stored.record, now: currentTimeMillis()),
+            !store.isIdleExpired(search)
+        else {
+            if let lock { await locks.release(lock) }
+            statistics.count(.sessionsNotFound)
+            return nil
+        }
+        statistics.count(.sessionsRestored)
+        let home = newest.isPrimary ? newest.nodeID : id.nodeID
+        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access)
+    }
+
+    func end(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
+        let (phase, session, loadedLock, raw, mustWriteAll, regenerate, movedFrom) = access.state.withLock { state in
+            (state.phase, state.session, state.lock, state.loadedRaw, state.mustWriteAll, state.regenerate, state.movedFrom)
+        }
+        var lock = loadedLock
+        let incoming = access.requestedID
+        guard phase == .loaded, let session else {
+            if phase == .idle, let incoming { await slideUnopened(incoming) }
+            if let lock { await locks.release(lock) }
+            return .unchanged
+        }
+        var id = session.id
+        var keys = self.keys(of: session)
+        let now = currentTimeMillis()
+
+        if session.isInvalidated {
+            statistics.count(.sessionsInvalidated)
+            if session.mayBeStored {
+                await store.deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
+            } else if let lock {
+                await locks.release(lock)
+            }
+            return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+        }
+
+        var oldCopies: (SessionKeys, String)? = nil
+        if regenerate {
+            oldCopies = (keys, id.nodeID)
+            id = context.generateID(nodeID: context.placementNode(), route: configuration.route)
+            keys = self.keys(for: id.token)
+            session.setID(id)
+            session.markAllChanged()
+            statistics.count(.sessionsRegenerated)
+        }
+
+        if case .auto = context.lockingMode {
+            // Learn which paths only read: they run unlocked until one of their requests writes.
+            locks.readOnlyPaths.record(access.path, modified: session.hasUnsavedChanges || mustWriteAll || regenerate)
+        }
+
+        if let held = lock, !regenerate, session.hasUnsavedChanges || mustWriteAll {
+            // A locked request writes only under its lock.
+            lock = try await locks.confirmLock(held, keys: keys, session: session)
+        }
+
+        if session.hasUnsavedChanges || mustWriteAll || regenerate {
+            let isFreshPlacement = mustWriteAll || regenerate
+            // The lock rides with the write only when both are on the same node.
+            let lockWithWrite = (regenerate || lock?.nodeID != id.nodeID) ? nil : lock
+            let (outcome, finalID) = await store.saveWithRelocation(
+                session, keys: keys, nodeID: id.nodeID, lock: lockWithWrite, forceAdd: isFreshPlacement)
+            if lockWithWrite == nil, let lock { await locks.release(lock) }
+            switch outcome {
+            case .saved(let record, let bytes):
+                await store.writeBackup(keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now)
+                if let movedFrom, movedFrom != finalID.nodeID, let drained = topology.node(movedFrom) {
+                    await drained.submit(prepared(.delete(keys.primary, quiet: true)))
+                }
+                if let (oldKeys, oldNode) = oldCopies {
+                    // Waited for: the old id must be dead before the response (session fixation).
+                    await store.deleteCopies(keys: oldKeys, nodeID: oldNode, lock: nil, wait: true, sessionIdle: record.metadata.idleTimeoutSeconds)
+                } else if let incoming, finalID.token == incoming.token, finalID.nodeID != incoming.nodeID,
+                    case .tombstone = await store.readStored(key: keys.primary, on: finalID.nodeID, touch: nil)
+                {
+                    // Moved, and ended meanwhile: a login racing this request gave the session a
+                    // new id (or a logout ended it). The browser may hold the login's cookie by
+                    // now, which this request's cookie would replace.
+                    statistics.count(.sessionsNotFound)
+                    return .unchanged
+                }
+                return finalID != incoming ? context.cookieAction(.set(finalID), record.metadata) : .unchanged
+            case .gone:
+                // Deleted meanwhile (a logout, or a login that gave it a new id, raced this
+                // request): it stays deleted. The cookie is left alone: this request did not set
+                // it, and the browser may hold a newer one by now (the login's).
+                statistics.count(.sessionsNotFound)
+                return .unchanged
+            case .refused(let error):
+                if let lockWithWrite { await locks.release(lockWithWrite) }
+                throw error
+            case .unreachable(let error, let afterConflict):
+                if let lockWithWrite { await locks.release(lockWithWrite) }
+                if error.leavesOutcomeUnknown || afterConflict {
+                    // It may have been saved, or not: never a cleared cookie, never "saved".
+                    statistics.count(.unavailable)
+                    throw SessionError.unavailable("the session's write got no answer (\(error.code)): it may not have been saved")
+                }
+                _ = try context.unavailable(id: id, cause: "the session could be saved on no node (\(error.code))")
+                return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+            }
+        }
+
+        // Unchanged: no write at all.
+        statistics.count(.writesSkipped)
+        if let lock { await locks.release(lock) }
+        let metadata = session.metadata
+        store.refreshBackupIfDue(keys: keys, primaryNode: id.nodeID, raw: raw, metadata: metadata, now: now)
+        if let expected = SessionStore.primaryTTLSeconds(metadata, now: now), expected != defaultIdleSeconds + 1,
+            let node = topology.node(id.nodeID)
+        {
+            // The load slid the TTL to the default; this session has its own timeout.
+            await node.submit(.touch(keys.primary, ttl: .seconds(Int(expected))))
+        }
+        return id != incoming ? context.cookieAction(.set(id), metadata) : .unchanged
+    }
+
+    /// A request that carried a session cookie but never opened the session: slide its TTL with
+    /// requests it does not wait for. The session's own idle timeout is in the primary item's
+    /// flags (a "remember me" session must not be shortened to the default), so the slide reads
+    /// the item's metadata (`mg <key> f c t`, no value) and then touches primary and, when due,
+    /// backup with the right TTLs.
+    func slideUnopened(_ id: SessionID) async {
+        guard topology.contains(id.nodeID), let node = topology.node(id.nodeID), node.isAvailable else { return }
+        let keys = self.keys(for: id.token)
+        statistics.count(.touches)
+        guard configuration.memcached.protocolMode == .meta else {
+            // The text protocol cannot read flags without the value: slide to the default.
+            let slide = store.slideTTL
+            await node.submit(prepared(.touch(keys.primary, ttl: slide)))
+            return
+        }
+        await node.submit(prepared(.getMetadata(keys.primary))) { [weak self] result in
+            guard let self, case .success(.item(let item?)) = result, item.flags != SessionStore.tombstoneFlags else { return }
+            let idle = Int64(item.flags)
+            guard idle > 0 else { return }  // never expires from inactivity: nothing to slide
+            let metadata = SessionMetadata(createdAt: 0, lastAccessedAt: 0, idleTimeoutSeconds: idle, absoluteTimeoutSeconds: 0, version: 0)
+            let backupNode = self.topology.nextAvailable(after: id.nodeID)
+            let backupDue =
+                backupNode.map {
+                    self.store.backupMemo.needsRefresh(keys.backup, node: $0, window: SessionStore.backupRefreshWindow(metadata))
+                } ?? false
+            if backupDue, let backupNode { self.store.backupMemo.record(keys.backup, node: backupNode) }
+            let backupTTL = SessionStore.backupTTL(metadata, now: self.currentTimeMillis())
+            _ = Task {
+                await node.submit(.touch(keys.primary, ttl: .seconds(Int(idle) + 1)))
+                if backupDue, let backupNode, let backup = self.topology.node(backupNode) {
+                    self.statistics.count(.backupTouches)
+                    await backup.submit(.touch(keys.backup, ttl: backupTTL))
+                }
+            }
+        }
+    }
+
+}

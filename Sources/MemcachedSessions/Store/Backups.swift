@@ -1,0 +1,133 @@
+import Logging
+import Memcached
+import NIOCore
+
+extension SessionStore {
+    /// Writes the backup copy and waits for it, before the response: a primary that loses its
+    /// data right after the write (restarted empty, an eviction) must find the acknowledged change
+    /// in the backup. A backup node that does not answer gets the write when it answers again;
+    /// the response does not wait for that (the primary has the change: one fault at a time).
+    ///
+    /// A backup never goes back: saves of one session by different instances send their backups
+    /// over different connections, and a slow one may land after a newer one (the newer backup
+    /// would then be lost to a failover of the primary). In meta mode the write reads the backup's
+    /// flags (its version) and CAS unique first, writes only over an older copy, with CAS, and
+    /// never over a tombstone; text mode, which cannot read flags without the value, writes as is
+    /// (documented).
+    func writeBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
+        guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
+        let ttl = Self.backupTTL(metadata, now: now)
+        backupMemo.record(keys.backup, node: backupNode)
+        statistics.count(.backupWrites)
+        guard configuration.memcached.protocolMode == .meta else {
+            countRoundTrip()
+            var request = MemcachedRequest.store(keys.backup, value: bytes, ttl: ttl)
+            // One connection per session's backups: two saves' backups of one instance cannot
+            // overtake each other.
+            request.connectionAffinity = Self.affinity(of: keys.backup)
+            request.honorsCancellation = false
+            if case .failure = await node.executeBatch([prepared(request)])[0] { statistics.count(.backupFailures) }
+            return
+        }
+        let flags = Self.backupFlags(metadata)
+        // The backup's end in wall time: a write retried later keeps it (a backup lives as long
+        // as its session may, never longer: the idle-expiry check relies on it).
+        let expiresAt = Self.backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
+        if await !writeBackupInOrder(key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl) {
+            // Written once the node answers again (a frozen backup node must not leave the
+            // session with an old backup only).
+            leaveForLater(.backup(bytes: bytes, flags: flags, expiresAt: expiresAt), key: keys.backup, on: backupNode)
+        }
+    }
+
+    /// The ordered backup write of ``writeBackup(keys:primaryNode:bytes:metadata:now:)``: at most
+    /// four rounds of read and conditional write, each bounded by the request timeout. Returns
+    /// false when the node did not answer (the write is to be tried again).
+    func writeBackupInOrder(
+        key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL
+    ) async -> Bool {
+        let affinity = Self.affinity(of: key)
+        func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
+            var request = request
+            request.honorsCancellation = false
+            request.connectionAffinity = affinity
+            countRoundTrip()
+            return await node.executeBatch([request])[0]
+        }
+        /// A failed round: counted; false (try again later) when the node did not answer, true
+        /// when it refused (a retry would be refused too).
+        func failed(_ result: Result<MemcachedResponse, MemcachedError>) -> Bool {
+            statistics.count(.backupFailures)
+            guard case .failure(let error) = result, error.meansNodeUnreachable else { return true }
+            backupMemo.forget(key)
+            return false
+        }
+        for _ in 0..<4 {
+            let write: MemcachedRequest
+            let read = await send(.getMetadata(key))
+            switch read {
+            case .success(.item(nil)):
+                write = .store(key, value: bytes, mode: .add, ttl: ttl, flags: flags)
+            case .success(.item(let item?)):
+                // Ended (a logout's tombstone), or as new already: nothing to do.
+                if item.flags == Self.tombstoneFlags || item.flags >= flags {
+                    statistics.count(.backupsOutdated)
+                    return true
+                }
+                write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
+            default:
+                return failed(read)
+            }
+            let result = await send(write)
+            switch result {
+            case .success(.stored(.stored)):
+                return true
+            case .success(.stored):
+                continue  // changed between the read and the write: look again
+            default:
+                return failed(result)
+            }
+        }
+        statistics.count(.backupFailures)
+        return true
+    }
+
+    /// Refreshes a read-only session's backup at most once per window per instance, and repairs it
+    /// (copies the bytes just read) when the backup node has no copy, e.g. after a restart.
+    func refreshBackupIfDue(keys: SessionKeys, primaryNode: String, raw: ByteBuffer?, metadata: SessionMetadata, now: Int64) {
+        guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
+        guard backupMemo.needsRefresh(keys.backup, node: backupNode, window: Self.backupRefreshWindow(metadata)) else { return }
+        backupMemo.record(keys.backup, node: backupNode)
+        let ttl = Self.backupTTL(metadata, now: now)
+        let statistics = self.statistics
+        let memo = self.backupMemo
+        statistics.count(.backupTouches)
+        let submit = {
+            @Sendable (request: MemcachedRequest, completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void) in
+            _ = Task { await node.submit(request, completion: completion) }
+        }
+        Task {
+            await node.submit(.touch(keys.backup, ttl: ttl)) { result in
+                switch result {
+                case .success(.touched(false)):
+                    // No backup there: write one from the bytes just read.
+                    guard let raw else { return }
+                    statistics.count(.backupRepairs)
+                    // An add: it cannot overwrite a tombstone (a logout racing this read) or a
+                    // newer backup written meanwhile.
+                    var repair = MemcachedRequest.store(
+                        keys.backup, value: raw, mode: .add, ttl: ttl, flags: SessionStore.backupFlags(metadata), quiet: true)
+                    repair.connectionAffinity = SessionStore.affinity(of: keys.backup)
+                    submit(repair) { result in
+                        if case .failure = result { statistics.count(.backupFailures) }
+                    }
+                case .failure:
+                    memo.forget(keys.backup)
+                    statistics.count(.backupFailures)
+                default:
+                    break
+                }
+            }
+        }
+    }
+}

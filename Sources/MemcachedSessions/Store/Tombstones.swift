@@ -1,0 +1,105 @@
+import Logging
+import Memcached
+import NIOCore
+
+extension SessionStore {
+    /// Ends a session's stored copies: its primary and backup keys get a tombstone on every node
+    /// (after a move, the old primary may be on any node; the backup follows availability), and
+    /// its lock is released. A node that does not answer gets its tombstones as soon as it
+    /// answers again (``LeftoverCopies``). A tombstone, not a delete: another instance still
+    /// holding the session in memory learns it was invalidated (a missing copy would look like
+    /// one lost by a restart), and no recovery, backup repair or racing write can bring it back.
+    ///
+    /// The primary's tombstone on the session's own node is tried once more when its outcome is
+    /// unknown and the node is still marked up (the simulation, seed 14016: a logout answered while
+    /// its node had dropped the tombstone, and another instance served the session there).
+    ///
+    /// `sessionIdle` is the session's own idle timeout when it is known: its tombstones outlive
+    /// its copies (``CopyLifetimes/tombstoneSeconds(defaultIdle:sessionIdle:)``).
+    func deleteCopies(keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool, sessionIdle: Int64?) async {
+        if let lock { locks.forget(lock) }
+        backupMemo.forget(keys.backup)
+        let ttl = tombstoneTTL(sessionIdle: sessionIdle)
+        let seconds = Int(ttl.wireValue(now: 0))
+        func tombstone(_ key: String, quiet: Bool) -> MemcachedRequest {
+            var request = MemcachedRequest.store(key, value: ByteBuffer(), ttl: ttl, flags: Self.tombstoneFlags, quiet: quiet)
+            if key == keys.backup { request.connectionAffinity = Self.affinity(of: keys.backup) }
+            request.honorsCancellation = false
+            return prepared(request)
+        }
+        // The session's own node first, with the lock release: a concurrent write that has not
+        // landed yet then finds the tombstone and writes no backup.
+        if let node = topology.node(nodeID) {
+            var batch = [tombstone(keys.primary, quiet: false)]
+            if keepsBackups { batch.append(tombstone(keys.backup, quiet: false)) }
+            if let lock { batch.append(prepared(await locks.releaseRequest(lock))) }
+            let requests = batch
+            let backups = keepsBackups
+            let primaryTombstone = requests[0]
+            let home = { @Sendable () async in
+                let results = await node.executeBatch(requests)
+                if let lock { self.locks.releaseAnswered(results[requests.count - 1], lock: lock, node: node) }
+                if case .failure(let error) = results[0] {
+                    // Once more while the node is marked up (a lost reply, a dropped command).
+                    var ended = false
+                    if error.leavesOutcomeUnknown, self.topology.isReachable(nodeID),
+                        case .success = await node.executeBatch([primaryTombstone])[0]
+                    {
+                        ended = true
+                    }
+                    if !ended { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.primary, on: nodeID) }
+                }
+                if backups, case .failure = results[1] {
+                    self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.backup, on: nodeID)
+                }
+            }
+            if wait {
+                countRoundTrip()
+                await home()
+            } else {
+                Task { await home() }
+            }
+        }
+        // Every other node, the ones that answer now and the others when they answer again. When
+        // the caller waits (a logout, a login's old id), it waits for these too, all nodes in
+        // parallel: a copy an earlier failover left on another node must be ended before the
+        // response, or an old tab's cookie sent right after it could still read it there.
+        let keysThere = keepsBackups ? [keys.primary, keys.backup] : [keys.primary]
+        var reachable: [(String, any MemcachedNodeCommandRunner)] = []
+        for candidate in topology.order where candidate != nodeID {
+            guard let other = topology.node(candidate) else { continue }
+            guard other.isAvailable else {
+                for key in keysThere { leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                continue
+            }
+            reachable.append((candidate, other))
+        }
+        guard wait else {
+            for (candidate, other) in reachable {
+                for key in keysThere {
+                    await other.submit(tombstone(key, quiet: true)) { result in
+                        if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                    }
+                }
+            }
+            return
+        }
+        let requests = keysThere.map { tombstone($0, quiet: false) }
+        await withTaskGroup(of: Void.self) { group in
+            for (candidate, other) in reachable {
+                group.addTask {
+                    let results = await other.executeBatch(requests)
+                    for (key, result) in zip(keysThere, results) {
+                        if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether some node that answers holds a tombstone for the session (a logout, a login's old
+    /// id, `msm session delete`: they leave one on every node).
+    func endedOnSomeNode(_ keys: SessionKeys) async -> Bool {
+        await searchCopies(keys: keys, on: topology.order.filter { topology.isReachable($0) }).tombstone
+    }
+}
