@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "Memcached", targets: ["Memcached"]),
         .library(name: "MemcachedTestRig", targets: ["MemcachedTestRig"]),
         .library(name: "MemcachedSessions", targets: ["MemcachedSessions"]),
+        .library(name: "MemcachedSessionsOperations", targets: ["MemcachedSessionsOperations"]),
         .library(name: "MemcachedSessionsHummingbird", targets: ["MemcachedSessionsHummingbird"]),
         .library(name: "MemcachedSessionsVapor", targets: ["MemcachedSessionsVapor"]),
         .executable(name: "msm", targets: ["msm"]),
@@ -93,10 +94,22 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Operations out of the core: the management endpoints and the status page, the metrics
+        // page; framework-agnostic (swift-http-types), mounted by each adapter as a route group.
+        .target(
+            name: "MemcachedSessionsOperations",
+            dependencies: [
+                "MemcachedSessions",
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
         .target(
             name: "MemcachedSessionsHummingbird",
             dependencies: [
                 "MemcachedSessions",
+                "MemcachedSessionsOperations",
                 "Memcached",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Hummingbird", package: "hummingbird", condition: .when(traits: ["Hummingbird"])),
@@ -107,6 +120,8 @@ let package = Package(
             name: "MemcachedSessionsVapor",
             dependencies: [
                 "MemcachedSessions",
+                "MemcachedSessionsOperations",
+                .product(name: "HTTPTypes", package: "swift-http-types", condition: .when(traits: ["Vapor"])),
                 "Memcached",
                 .product(name: "Vapor", package: "vapor", condition: .when(traits: ["Vapor"])),
             ]
@@ -116,6 +131,7 @@ let package = Package(
             dependencies: [
                 "Memcached",
                 "MemcachedSessions",
+                "MemcachedSessionsOperations",
                 "MemcachedSessionsHummingbird",
                 "MemcachedSessionsVapor",
                 "MemcachedTestRig",
@@ -210,9 +226,21 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "MemcachedSessionsOperationsTests",
+            dependencies: [
+                "MemcachedSessionsOperations",
+                "MemcachedSessions",
+                "MemcachedTestRig",
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
             name: "MemcachedSessionsIntegrationTests",
             dependencies: [
                 "MemcachedSessions",
+                "MemcachedSessionsOperations",
+                .product(name: "HTTPTypes", package: "swift-http-types"),
                 "Memcached",
                 "MemcachedTestRig",
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -14,15 +14,12 @@ public enum HummingbirdApp {
     public struct Operations: Sendable {
         /// The management endpoints (`/_msm/...`), nil when no token is configured.
         public var endpoints: ManagementEndpoints?
-        /// Whether `/metrics` serves Prometheus text, and the token it needs (nil: none; its
-        /// digest made once, not per scrape).
-        public var metrics = false
-        public var metricsToken: BearerToken? = nil
+        /// `/metrics`: Prometheus text, behind its token when it has one (nil: not served).
+        public var metrics: MetricsPage?
 
         public init(endpoints: ManagementEndpoints? = nil, metrics: Bool = false, metricsToken: String? = nil) {
             self.endpoints = endpoints
-            self.metrics = metrics
-            self.metricsToken = metricsToken.map(BearerToken.init)
+            self.metrics = metrics ? MetricsPage(token: metricsToken) { MetricsExport.text() } : nil
         }
     }
 
@@ -33,23 +30,8 @@ public enum HummingbirdApp {
         let router = Router(context: Context.self)
         // The framework's ceiling: no session middleware at all.
         router.get("hello") { _, _ -> String in "hello" }
-        if operations.metrics {
-            router.get("metrics") { request, _ -> Response in
-                if let token = operations.metricsToken, !token.isPresented(in: request.headers[.authorization]) {
-                    return Response(status: .unauthorized, headers: [.wwwAuthenticate: "Bearer"])
-                }
-                return Response(
-                    status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-                    body: .init(byteBuffer: ByteBuffer(string: MetricsExport.text())))
-            }
-        }
-        if let endpoints = operations.endpoints {
-            router.group("_msm").add(middleware: MemcachedSessionManagementMiddleware<Context>(endpoints: endpoints))
-                .get { _, _ -> Response in Response(status: .notFound) }
-                .get("status") { _, _ -> Response in Response(status: .notFound) }
-                .get("config") { _, _ -> Response in Response(status: .notFound) }
-                .put("config") { _, _ -> Response in Response(status: .notFound) }
-        }
+        if let metrics = operations.metrics { router.addMetrics(metrics) }
+        if let endpoints = operations.endpoints { router.addSessionManagement(endpoints) }
         router.addSessionHealthCheck(manager: manager)
         let sessions = router.group().add(middleware: MemcachedSessionMiddleware<Context>(manager: manager, cookie: cookie))
         sessions.get("counter") { _, context -> String in

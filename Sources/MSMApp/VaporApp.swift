@@ -12,24 +12,8 @@ public enum VaporApp {
         // No per-request logging middleware (Vapor's default logs every request at info).
         app.middleware = Middlewares()
         app.get("hello") { _ -> String in "hello" }
-        if operations.metrics {
-            app.get("metrics") { req -> Response in
-                if let token = operations.metricsToken, !token.isPresented(in: req.headers.first(name: .authorization)) {
-                    return Response(status: .unauthorized, headers: ["WWW-Authenticate": "Bearer"])
-                }
-                return Response(
-                    status: .ok, headers: ["Content-Type": "text/plain; version=0.0.4; charset=utf-8"],
-                    body: .init(string: MetricsExport.text()))
-            }
-        }
-        if let endpoints = operations.endpoints {
-            let management = app.grouped(MemcachedSessionManagementMiddleware(endpoints: endpoints))
-            let notFound: @Sendable (Request) -> Response = { _ in Response(status: .notFound) }
-            management.get("_msm", use: notFound)
-            management.get("_msm", "status", use: notFound)
-            management.get("_msm", "config", use: notFound)
-            management.put("_msm", "config", use: notFound)
-        }
+        if let metrics = operations.metrics { app.metrics(metrics) }
+        if let endpoints = operations.endpoints { app.sessionManagement(endpoints) }
         app.sessionHealthCheck(manager: manager)
         let sessions = app.grouped(MemcachedSessionsMiddleware(manager: manager, cookie: cookie))
         sessions.get("counter") { req async throws -> String in

@@ -171,6 +171,38 @@ struct HummingbirdAdapterTests {
         }
     }
 
+    /// The management endpoints and the metrics page as route groups (no placeholder routes):
+    /// through real HTTP, with the token, with a wrong one, and a change of the settings.
+    @Test func theManagementRoutesServeTheStatusAndTheSettings() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers)
+            let token = "0123456789abcdef-token"
+            let router = Router(context: Context.self)
+            router.addSessionManagement(try ManagementEndpoints(manager: manager, token: token, instance: "hb-test"))
+            router.addMetrics(MetricsPage(token: token) { "msm_writes_total 0\n" })
+            try await Application(router: router, services: [manager]).test(.live) { client in
+                let bearer: HTTPFields = [.authorization: "Bearer \(token)"]
+                for path in ["/_msm", "/_msm/", "/_msm/status", "/_msm/config", "/metrics"] {
+                    let denied = try await client.execute(uri: path, method: .get)
+                    #expect(denied.status == .unauthorized, "\(path) without the token")
+                    #expect(denied.headers[.wwwAuthenticate] == "Bearer")
+                    let allowed = try await client.execute(uri: path, method: .get, headers: bearer)
+                    #expect(allowed.status == .ok, "\(path) with the token")
+                    #expect(allowed.headers[.cacheControl] == "no-store")
+                }
+                let page = try await client.execute(uri: "/_msm/", method: .get, headers: bearer)
+                #expect(String(buffer: page.body).contains("hb-test") && page.headers[.contentType]?.hasPrefix("text/html") == true)
+                let status = try await client.execute(uri: "/_msm/status", method: .get, headers: bearer)
+                #expect(String(buffer: status.body).contains(#""instance":"hb-test""#))
+                let changed = try await client.execute(
+                    uri: "/_msm/config", method: .put, headers: bearer, body: ByteBuffer(string: #"{"locking":"all"}"#))
+                #expect(changed.status == .ok)
+                #expect(manager.lockingMode == .all)
+                #expect(try await client.execute(uri: "/_msm/nothing", method: .get, headers: bearer).status == .notFound)
+            }
+        }
+    }
+
     @Test func ignoredPathsAndHelloNeverTouchMemcached() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let manager = try makeManager(servers) { $0.ignoredPathPattern = #".*\.css$"# }

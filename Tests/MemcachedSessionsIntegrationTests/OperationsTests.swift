@@ -1,5 +1,7 @@
 import Foundation
+import HTTPTypes
 import Memcached
+import MemcachedSessionsOperations
 import MemcachedTestRig
 import NIOCore
 import Synchronization
@@ -212,36 +214,42 @@ struct OperationsTests {
                 }
                 let endpoints = try ManagementEndpoints(manager: manager, token: "0123456789abcdef-token", instance: "test-1")
                 #expect(throws: SessionError.self) { _ = try ManagementEndpoints(manager: manager, token: "short", instance: "x") }
-                for authorization in [nil, "Bearer wrong-token-0123456789", "0123456789abcdef-token", "Basic 0123456789abcdef-token"] {
-                    let denied = await endpoints.respond(method: "GET", path: "/_msm/status", authorization: authorization, body: nil)
-                    #expect(denied.status == 401)
+                func fields(_ authorization: String?) -> HTTPFields {
+                    var fields = HTTPFields()
+                    if let authorization { fields[.authorization] = authorization }
+                    return fields
                 }
-                let bearer = "Bearer 0123456789abcdef-token"
-                let status = await endpoints.respond(method: "GET", path: "/_msm/status", authorization: bearer, body: nil)
-                #expect(status.status == 200)
-                let decoded = try JSONDecoder().decode(SessionManager.Status.self, from: Data(status.body.utf8))
+                for authorization in [nil, "Bearer wrong-token-0123456789", "0123456789abcdef-token", "Basic 0123456789abcdef-token"] {
+                    let denied = await endpoints.respond(to: .status, method: .get, headerFields: fields(authorization), body: nil)
+                    #expect(denied.status == .unauthorized)
+                    #expect(denied.headerFields[.wwwAuthenticate] == "Bearer")
+                }
+                let bearer = fields("Bearer 0123456789abcdef-token")
+                let status = await endpoints.respond(to: .status, method: .get, headerFields: bearer, body: nil)
+                #expect(status.status == .ok)
+                #expect(status.headerFields[.cacheControl] == "no-store")
+                let decoded = try JSONDecoder().decode(SessionManager.Status.self, from: Data(status.text.utf8))
                 #expect(decoded.nodes.map(\.id) == ["n1", "n2"])
                 #expect(decoded.statistics.counters["sessions_created"] == 1)
-                let page = await endpoints.respond(method: "GET", path: "/_msm/", authorization: bearer, body: nil)
-                #expect(page.status == 200 && page.contentType.hasPrefix("text/html"))
-                #expect(page.body.contains("<svg") && page.body.contains("http-equiv=\"refresh\""))
-                for body in [status.body, page.body] {
+                let page = await endpoints.respond(to: .page, method: .get, headerFields: bearer, body: nil)
+                #expect(page.status == .ok && page.headerFields[.contentType]?.hasPrefix("text/html") == true)
+                #expect(page.text.contains("<svg") && page.text.contains("http-equiv=\"refresh\""))
+                for body in [status.text, page.text] {
                     #expect(!body.contains(browser.id!.token.description), "no session id")
                     #expect(!body.contains("attribute-value-never-shown"), "no attribute value")
                 }
                 // Reconfiguration over the endpoint.
                 let changed = await endpoints.respond(
-                    method: "PUT", path: "/_msm/config", authorization: bearer, body: ByteBuffer(string: #"{"locking":"auto"}"#))
-                #expect(changed.status == 200)
+                    to: .config, method: .put, headerFields: bearer, body: ByteBuffer(string: #"{"locking":"auto"}"#))
+                #expect(changed.status == .ok)
                 #expect(manager.lockingMode == .auto)
                 let bad = await endpoints.respond(
-                    method: "PUT", path: "/_msm/config", authorization: bearer, body: ByteBuffer(string: #"{"locking":"never"}"#))
-                #expect(bad.status == 400 && bad.body.contains("locking mode"))
-                let garbage = await endpoints.respond(
-                    method: "PUT", path: "/_msm/config", authorization: bearer, body: ByteBuffer(string: "]["))
-                #expect(garbage.status == 400)
-                #expect(await endpoints.respond(method: "DELETE", path: "/_msm/status", authorization: bearer, body: nil).status == 405)
-                #expect(await endpoints.respond(method: "GET", path: "/_msm/nothing", authorization: bearer, body: nil).status == 404)
+                    to: .config, method: .put, headerFields: bearer, body: ByteBuffer(string: #"{"locking":"never"}"#))
+                #expect(bad.status == .badRequest && bad.text.contains("locking mode"))
+                let garbage = await endpoints.respond(to: .config, method: .put, headerFields: bearer, body: ByteBuffer(string: "]["))
+                #expect(garbage.status == .badRequest)
+                let wrongMethod = await endpoints.respond(to: .status, method: .delete, headerFields: bearer, body: nil)
+                #expect(wrongMethod.status == .methodNotAllowed && wrongMethod.headerFields[.allow] == "GET")
             }
         }
     }

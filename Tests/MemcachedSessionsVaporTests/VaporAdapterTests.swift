@@ -42,15 +42,7 @@ func withVaporApp(
     manager: SessionManager, _ configure: (Application) throws -> Void,
     _ body: (_ get: @escaping @Sendable (String, String?) async throws -> Reply) async throws -> Void
 ) async throws {
-    let app = try await Application.make(.testing)
-    app.logger.logLevel = .warning
-    app.http.server.configuration.reportMetrics = false
-    app.lifecycle.use(SessionManagerLifecycle(manager: manager))
-    try configure(app)
-    try await app.asyncBoot()  // runs the manager (SessionManagerLifecycle.didBootAsync)
-    do {
-        try await app.server.start(address: .hostname("127.0.0.1", port: 0))
-        let port = try #require(app.http.server.shared.localAddress?.port)
+    try await withVaporServer(manager: manager, configure) { port in
         let client = HTTPClient(eventLoopGroupProvider: .singleton)
         do {
             try await body { path, cookie in
@@ -65,6 +57,22 @@ func withVaporApp(
             throw error
         }
         try await client.shutdown()
+    }
+}
+
+/// Runs `configure`d Vapor app on a real port on 127.0.0.1 and gives `body` the port.
+func withVaporServer(
+    manager: SessionManager, _ configure: (Application) throws -> Void, _ body: (_ port: Int) async throws -> Void
+) async throws {
+    let app = try await Application.make(.testing)
+    app.logger.logLevel = .warning
+    app.http.server.configuration.reportMetrics = false
+    app.lifecycle.use(SessionManagerLifecycle(manager: manager))
+    try configure(app)
+    try await app.asyncBoot()  // runs the manager (SessionManagerLifecycle.didBootAsync)
+    do {
+        try await app.server.start(address: .hostname("127.0.0.1", port: 0))
+        try await body(try #require(app.http.server.shared.localAddress?.port))
     } catch {
         await app.server.shutdown()
         try? await app.asyncShutdown()
@@ -103,6 +111,42 @@ struct VaporAdapterTests {
                 _ = try await get("/counter", nil)  // finds n1 down
                 try await eventually("the health check reports it") { try await get("/_msm/health", nil).status == 503 }
                 #expect(try await get("/_msm/health", nil).body == "unavailable\n", "no details")
+            }
+        }
+    }
+
+    /// The management endpoints and the metrics page as route groups (no placeholder routes):
+    /// through real HTTP, with the token, with a wrong one, and a change of the settings.
+    @Test func theManagementRoutesServeTheStatusAndTheSettings() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let manager = try makeManager(servers)
+            let token = "0123456789abcdef-token"
+            try await withVaporServer(manager: manager, { app in
+                app.sessionManagement(try ManagementEndpoints(manager: manager, token: token, instance: "vapor-test"))
+                app.metrics(MetricsPage(token: token) { "msm_writes_total 0\n" })
+            }) { port in
+                let client = HTTPClient(eventLoopGroupProvider: .singleton)
+                defer { _ = client.shutdown() }
+                func send(_ method: NIOHTTP1.HTTPMethod, _ path: String, token: String?, body: String? = nil) async throws -> Reply {
+                    var request = HTTPClientRequest(url: "http://127.0.0.1:\(port)\(path)")
+                    request.method = method
+                    if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
+                    if let body { request.body = .bytes(ByteBuffer(string: body)) }
+                    let response = try await client.execute(request, timeout: .seconds(10))
+                    let bytes = try await response.body.collect(upTo: 1 << 20)
+                    return Reply(status: Int(response.status.code), body: String(buffer: bytes), setCookies: [])
+                }
+                for path in ["/_msm", "/_msm/", "/_msm/status", "/_msm/config", "/metrics"] {
+                    #expect(try await send(.GET, path, token: nil).status == 401, "\(path) without the token")
+                    #expect(try await send(.GET, path, token: "wrong-token-0123456789").status == 401)
+                    #expect(try await send(.GET, path, token: token).status == 200, "\(path) with the token")
+                }
+                #expect(try await send(.GET, "/_msm/", token: token).body.contains("vapor-test"))
+                #expect(try await send(.GET, "/_msm/status", token: token).body.contains(#""instance":"vapor-test""#))
+                let changed = try await send(.PUT, "/_msm/config", token: token, body: #"{"locking":"all"}"#)
+                #expect(changed.status == 200)
+                #expect(manager.lockingMode == .all)
+                #expect(try await send(.GET, "/_msm/nothing", token: token).status == 404)
             }
         }
     }

@@ -1,6 +1,6 @@
 import Testing
 
-@testable import MemcachedSessions
+@testable import MemcachedSessionsOperations
 
 @Suite struct BearerTokenTests {
     let token = BearerToken("s3cret-token")

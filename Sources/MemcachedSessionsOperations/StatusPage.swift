@@ -1,112 +1,6 @@
 import Foundation
-import NIOCore
+import MemcachedSessions
 
-/// A response of the management endpoints, for an adapter to send.
-public struct ManagementResponse: Sendable {
-    public var status: Int
-    public var contentType: String
-    public var body: String
-    public var headers: [(String, String)]
-
-    init(status: Int, contentType: String = "application/json", body: String, headers: [(String, String)] = []) {
-        self.status = status
-        self.contentType = contentType
-        self.body = body
-        self.headers = headers + [("Cache-Control", "no-store")]
-    }
-}
-
-/// The management endpoints of an app instance (MSM's JMX, over HTTP), framework-agnostic:
-///
-/// - `GET /_msm/status`: JSON status (mode, nodes with availability and latency, statistics, the
-///   last minutes' samples, recent events);
-/// - `GET /_msm/`: the same as an HTML page with charts (inline SVG, no external assets) that
-///   refreshes itself;
-/// - `GET /_msm/config`, `PUT /_msm/config` (JSON ``SessionManager/RuntimeChange``): the run-time
-///   settings, and changing them without a restart.
-///
-/// Off unless a token is configured; every request must then carry `Authorization: Bearer
-/// <token>`. Nothing here ever shows a session id or an attribute value.
-public struct ManagementEndpoints: Sendable {
-    public static let pathPrefix = "/_msm"
-
-    public let manager: SessionManager
-    public let instance: String
-    private let token: BearerToken
-
-    /// - Throws: ``SessionError/Code/invalidConfiguration`` for a token shorter than 16 characters.
-    public init(manager: SessionManager, token: String, instance: String) throws(SessionError) {
-        guard token.utf8.count >= 16, token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
-            throw .configuration("the management token must be at least 16 printable characters without spaces")
-        }
-        self.manager = manager
-        self.token = BearerToken(token)
-        self.instance = instance
-    }
-
-    /// Whether a request path belongs to the management endpoints.
-    public static func handles(path: String) -> Bool {
-        path == pathPrefix || path.hasPrefix(pathPrefix + "/")
-    }
-
-    /// Whether an `Authorization` header carries the token (compared in constant time).
-    public func isAuthorized(_ authorization: String?) -> Bool {
-        token.isPresented(in: authorization)
-    }
-
-    /// Answers one management request.
-    public func respond(method: String, path: String, authorization: String?, body: ByteBuffer?) async -> ManagementResponse {
-        guard isAuthorized(authorization) else {
-            return ManagementResponse(
-                status: 401, body: #"{"error":"a management token is required: Authorization: Bearer <token>"}"#,
-                headers: [("WWW-Authenticate", "Bearer")])
-        }
-        switch (method, path) {
-        case ("GET", "/_msm"), ("GET", "/_msm/"):
-            return ManagementResponse(
-                status: 200, contentType: "text/html; charset=utf-8", body: StatusPage.render(manager.status(instance: instance)))
-        case ("GET", "/_msm/status"):
-            return Self.json(manager.status(instance: instance))
-        case ("GET", "/_msm/config"):
-            return Self.json(manager.runtimeView)
-        case ("PUT", "/_msm/config"):
-            guard let body, let change = try? JSONDecoder().decode(SessionManager.RuntimeChange.self, from: Data(body.readableBytesView))
-            else {
-                return ManagementResponse(
-                    status: 400,
-                    body:
-                        #"{"error":"expected a JSON object with any of: nodes (string), failoverNodes (array), locking (string), enabled (bool)"}"#
-                )
-            }
-            do {
-                return Self.json(try await manager.reconfigure(change))
-            } catch {
-                return ManagementResponse(status: 400, body: Self.errorJSON(error.message))
-            }
-        case (_, "/_msm"), (_, "/_msm/"), (_, "/_msm/status"), (_, "/_msm/config"):
-            return ManagementResponse(status: 405, body: #"{"error":"method not allowed"}"#)
-        default:
-            return ManagementResponse(status: 404, body: #"{"error":"no such management endpoint"}"#)
-        }
-    }
-
-    static func json(_ value: some Encodable) -> ManagementResponse {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
-        guard let data = try? encoder.encode(value) else {
-            return ManagementResponse(status: 500, body: errorJSON("could not encode the response"))
-        }
-        return ManagementResponse(status: 200, body: String(decoding: data, as: UTF8.self))
-    }
-
-    static func errorJSON(_ message: String) -> String {
-        let data = (try? JSONEncoder().encode(["error": message])) ?? Data(#"{"error":"error"}"#.utf8)
-        return String(decoding: data, as: UTF8.self)
-    }
-}
-
-/// The HTML status page: plain HTML and inline SVG, no script, no external asset; refreshes itself
-/// every five seconds.
 /// Text made safe to put in HTML (element content or a quoted attribute).
 public enum HTMLEscaping {
     public static func escape(_ text: String) -> String {
@@ -126,6 +20,8 @@ public enum HTMLEscaping {
     }
 }
 
+/// The HTML status page: plain HTML and inline SVG, no script, no external asset; refreshes itself
+/// every five seconds.
 enum StatusPage {
     static func escape(_ text: String) -> String { HTMLEscaping.escape(text) }
 

@@ -1,0 +1,49 @@
+#if Vapor
+import HTTPTypes
+@_exported import MemcachedSessionsOperations
+import Vapor
+
+extension RoutesBuilder {
+    /// Mounts the session manager's management endpoints (``ManagementEndpoints``: the status
+    /// page, the JSON status, the run-time settings) as a route group at `/_msm`.
+    ///
+    /// ```swift
+    /// app.sessionManagement(try ManagementEndpoints(manager: sessions, token: token, instance: "app1"))
+    /// ```
+    public func sessionManagement(_ endpoints: ManagementEndpoints) {
+        let group = grouped(PathComponent(stringLiteral: String(ManagementEndpoints.pathPrefix.dropFirst())))
+        for endpoint in ManagementEndpoints.Endpoint.allCases {
+            let path: [PathComponent] = endpoint.rawValue.isEmpty ? [] : [PathComponent(stringLiteral: endpoint.rawValue)]
+            for method in endpoint.methods {
+                group.on(
+                    HTTPMethod(rawValue: method.rawValue), path, body: .collect(maxSize: ByteCount(value: ManagementEndpoints.maximumBodySize))
+                ) { request async -> Response in
+                    let answer = await endpoints.respond(
+                        to: endpoint, method: method, headerFields: Self.fields(of: request), body: request.body.data)
+                    return Self.response(answer)
+                }
+            }
+        }
+    }
+
+    /// Mounts the metrics page (``MetricsPage``) at `path` (`/metrics` by default).
+    public func metrics(_ page: MetricsPage, path: [PathComponent] = ["metrics"]) {
+        on(.GET, path) { request -> Response in
+            Self.response(page.respond(headerFields: Self.fields(of: request)))
+        }
+    }
+
+    /// The request's `Authorization` header, the only one the endpoints read.
+    private static func fields(of request: Request) -> HTTPFields {
+        var fields = HTTPFields()
+        if let authorization = request.headers.first(name: .authorization) { fields[.authorization] = authorization }
+        return fields
+    }
+
+    private static func response(_ answer: ManagementAnswer) -> Response {
+        var headers = HTTPHeaders()
+        for field in answer.headerFields { headers.add(name: field.name.rawName, value: field.value) }
+        return Response(status: HTTPResponseStatus(statusCode: answer.status.code), headers: headers, body: .init(buffer: answer.body))
+    }
+}
+#endif
