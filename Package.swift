@@ -19,8 +19,13 @@ let package = Package(
     //     .package(url: "https://github.com/.../swift-memcached-sessions", from: "1.0.0", traits: ["Hummingbird"])
     // This repository's own scripts build with `--traits Tools` (scripts/traits), which turns on all.
     traits: [
-        .trait(name: "Hummingbird", description: "The Hummingbird 2 adapter: MemcachedSessionsHummingbird."),
-        .trait(name: "Vapor", description: "The Vapor 4 adapter: MemcachedSessionsVapor."),
+        .trait(
+            name: "Operations",
+            description: "The management endpoints, status page and metrics page: MemcachedSessionsOperations (swift-http-types)."),
+        .trait(
+            name: "Hummingbird", description: "The Hummingbird 2 adapter: MemcachedSessionsHummingbird.",
+            enabledTraits: ["Operations"]),
+        .trait(name: "Vapor", description: "The Vapor 4 adapter: MemcachedSessionsVapor.", enabledTraits: ["Operations"]),
         .trait(
             name: "Tools", description: "The msm command: demo cluster, app server, inspection and management.",
             enabledTraits: ["Hummingbird", "Vapor"]),
@@ -100,7 +105,7 @@ let package = Package(
             name: "MemcachedSessionsOperations",
             dependencies: [
                 "MemcachedSessions",
-                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "HTTPTypes", package: "swift-http-types", condition: .when(traits: ["Operations"])),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]

@@ -1,3 +1,4 @@
+#if Operations
 import Crypto
 
 /// A secret that requests present as `Authorization: Bearer <token>` (the management endpoints,
@@ -25,3 +26,4 @@ public struct BearerToken: Sendable, CustomStringConvertible {
 
     public var description: String { "BearerToken(redacted)" }
 }
+#endif

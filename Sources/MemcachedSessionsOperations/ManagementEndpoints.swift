@@ -1,3 +1,4 @@
+#if Operations
 import Foundation
 import HTTPTypes
 import MemcachedSessions
@@ -159,3 +160,4 @@ public struct MetricsPage: Sendable {
         return ManagementAnswer(.ok, contentType: contentType, body: render())
     }
 }
+#endif

@@ -1,3 +1,4 @@
+#if Operations
 import Foundation
 import MemcachedSessions
 
@@ -144,3 +145,4 @@ enum StatusPage {
         return body
     }
 }
+#endif

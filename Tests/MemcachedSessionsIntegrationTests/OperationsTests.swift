@@ -204,6 +204,7 @@ struct OperationsTests {
         }
     }
 
+    #if Operations
     @Test func managementEndpointsNeedTheTokenAndShowNoSessionData() async throws {
         try await withMemcachedServers(count: 2) { servers in
             try await withManager(try configuration(servers)) { manager in
@@ -253,6 +254,7 @@ struct OperationsTests {
             }
         }
     }
+    #endif
 
     @Test func statusHistoryTracksRatesAndNodeEvents() async throws {
         try await withMemcachedServers(count: 2) { servers in

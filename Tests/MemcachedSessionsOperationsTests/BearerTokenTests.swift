@@ -1,3 +1,4 @@
+#if Operations
 import Testing
 
 @testable import MemcachedSessionsOperations
@@ -31,3 +32,4 @@ import Testing
         #expect(!String(reflecting: token).contains("s3cret"))
     }
 }
+#endif

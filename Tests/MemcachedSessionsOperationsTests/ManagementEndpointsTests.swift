@@ -1,3 +1,4 @@
+#if Operations
 import HTTPTypes
 import MemcachedSessions
 import NIOCore
@@ -64,3 +65,4 @@ import Testing
         #expect(guarded.respond(headerFields: fields("Bearer metrics-token-0123456789")).text == text)
     }
 }
+#endif
