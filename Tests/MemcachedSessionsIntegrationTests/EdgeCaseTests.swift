@@ -591,6 +591,55 @@ struct EdgeCaseTests {
         }
     }
 
+    /// The simulation, seed 9611: a request read the session on its node, a concurrent request
+    /// (another tab) then moved it off that node while it was frozen, and the move's cleanup
+    /// deleted the old copy once the node thawed. The first request's write, finding its copy
+    /// missing, wrote the session there again: two copies, the moved one without its change. Its
+    /// changes go where the session is now, merged onto that copy, with that cookie.
+    @Test func aWriteWhoseCopyAConcurrentRequestMovedGoesWhereTheSessionIsNow() async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            let config = try configuration(servers) {
+                $0.memcached.requestTimeout = .milliseconds(300)
+                $0.memcached.failureThreshold = 1
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    // The first tab's request has read the session and is still running.
+                    let slow = manager.beginRequest(path: "/part0", sessionCookie: browser.cookie)
+                    try #require(try await slow.load()).set("part0", true)
+                    // Its node freezes; another tab's request moves the session off it.
+                    let pid = try #require(servers[Int(id.nodeID.dropFirst())! - 1].pid)
+                    kill(pid, SIGSTOP)
+                    var tab = browser
+                    try await manager.request(&tab, path: "/part1") { access in
+                        try #require(try await access.load()).set("part1", true)
+                    }
+                    kill(pid, SIGCONT)
+                    let moved = try #require(tab.id)
+                    #expect(moved.nodeID != id.nodeID && moved.token == id.token, "moved, same token")
+                    try await eventually("the move's cleanup ended the old copy") {
+                        guard manager.topology.isAvailable(id.nodeID), manager.store.leftovers.count == 0 else { return false }
+                        return try await inspector.node(id.nodeID).get(keys.primary) == nil
+                    }
+                    // The first request ends: its write finds its copy gone.
+                    #expect(try await manager.endRequest(slow).cookie == .set(moved), "the cookie of where it is now")
+                    #expect(try await inspector.node(id.nodeID).get(keys.primary) == nil, "not written again where it was")
+                    var check = tab
+                    try await manager.request(&check) { access in
+                        let session = try #require(try await access.load())
+                        #expect(session["part0", as: Bool.self] == true, "the first request's change")
+                        #expect(session["part1", as: Bool.self] == true, "the mover's change")
+                        #expect(session["count", as: Int.self] == 1)
+                    }
+                }
+            }
+        }
+    }
+
     /// Non-sticky: the session's copy is evicted while a request holds it. Its write finds
     /// nothing; no tombstone says the session ended, so the request writes it again rather than
     /// dropping the change (a logout would have left tombstones). (The simulation found it.)

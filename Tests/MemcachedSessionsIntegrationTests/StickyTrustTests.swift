@@ -279,4 +279,56 @@ struct StickyTrustTests {
             }
         }
     }
+
+    /// The simulation, seed 6774: a logout's notice to the previous owner went to one node (the
+    /// first available) and its heartbeat was looked for there; that node then died, and the
+    /// previous owner, never told, served the logged-out session from memory to an old cookie.
+    /// Here the previous owner cannot reach the first node at all (cut off): the notice goes to
+    /// every node, the heartbeat lives on two, and the ending waits for the acknowledgement.
+    @Test func aNoticeReachesAPreviousOwnerCutOffFromTheFirstNode() async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            let proxy = try await FaultProxy.start(port: servers[0].port)
+            defer { proxy.stop() }
+            func config(_ route: String, nodes: String) throws -> SessionManager.Configuration {
+                var config = try SessionManager.Configuration(nodes: nodes)
+                config.mode = .sticky
+                config.route = route
+                config.sticky.asynchronousSaving = false
+                config.memcached.probeInterval = .milliseconds(100)
+                config.memcached.requestTimeout = .milliseconds(500)
+                config.memcached.failureThreshold = 1
+                return config
+            }
+            let others = "n2:127.0.0.1:\(servers[1].port),n3:127.0.0.1:\(servers[2].port)"
+            let a = try config("a", nodes: "n1:127.0.0.1:\(servers[0].port)," + others)
+            let b = try config("b", nodes: "n1:\(proxy.hostAndPort)," + others)
+            try await withManagers([a, b]) { managers in
+                let (a, b) = (managers[0], managers[1])
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    for _ in 0..<3 { try await b.increment(&browser) }
+                    // B is cut off from n1; A is not.
+                    proxy.stop()
+                    try await eventually("B sees n1 down") { !b.topology.isAvailable("n1") }
+                    try await eventually("B's heartbeat on a node it reaches") {
+                        try await inspector.node("n2").get(b.sticky.heartbeatKey("b")) != nil
+                    }
+                    // A takes the session over and logs it out.
+                    var atA = browser
+                    #expect(try await a.readCount(&atA) == 3)
+                    try await a.request(&atA, path: "/logout") { access in try await access.invalidate() }
+                    #expect(atA.cookie == nil)
+                    // The old cookie, routed to B, is not served from B's memory: B was told, though
+                    // not on n1 (when the session lives on n1, B cannot read it there: unavailable).
+                    var stale = browser
+                    do {
+                        #expect(try await b.readCount(&stale) == 0)
+                    } catch let error as SessionError {
+                        #expect(error.code == .unavailable && browser.id?.nodeID == "n1", "\(error)")
+                    }
+                    #expect(a.statistics.value(of: .noticesUnread) == 0)
+                }
+            }
+        }
+    }
 }

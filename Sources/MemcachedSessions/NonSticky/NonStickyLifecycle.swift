@@ -309,6 +309,11 @@ final class NonStickyLifecycle: SessionLifecycle {
                 }
                 _ = try context.unavailable(id: id, cause: "the session could be saved on no node (\(error.code))")
                 return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+            case .moved:
+                // Moved again and again while this request ran (its relocations are bounded).
+                if let lockWithWrite { await locks.release(lockWithWrite) }
+                statistics.count(.unavailable)
+                throw SessionError.unavailable("the session kept moving between nodes while this request ran: it was not saved")
             }
         }
 

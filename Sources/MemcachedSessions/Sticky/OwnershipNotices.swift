@@ -9,38 +9,52 @@ import Synchronization
 /// the previous owner has read the notice, so that a stale cookie still routed there is never
 /// served the ended session from memory.
 ///
-/// Notices are token digests (never tokens) appended to the recipient's mailbox key,
-/// `<prefix>n:<route>`, on the first available node; each instance reads its mailbox on every
-/// node four times a second and deletes what it read (CAS-checked: a notice appended meanwhile
-/// stays). Each instance also keeps a heartbeat, `<prefix>h:<route>` (3 s TTL, refreshed every
-/// second): an ending waits only for a previous owner that is alive, at most a second.
+/// Notices are lines `<token digest> <nonce>` (never tokens) appended to the recipient's mailbox,
+/// `<prefix>n:<route>`, on every available node; each instance reads its mailbox on every node
+/// four times a second, drops the sessions named, then acknowledges each line it read with an item
+/// `<prefix>a:<nonce>` on that node and deletes the mailbox (CAS-checked: a notice appended
+/// meanwhile stays). Each instance also keeps a heartbeat, `<prefix>h:<route>` (3 s TTL, refreshed
+/// every second) on the first two available nodes: an ending waits only for a previous owner that
+/// is alive (a heartbeat on some node), at most a second, for the acknowledgement on any node.
+///
+/// So one node that fails, or that one of the two instances cannot reach, neither loses the
+/// notice nor fakes its reading (the simulation, seed 6774: the node that held the notice and the
+/// heartbeat died right after the notice was posted, and the previous owner, never told, served
+/// the logged-out session from memory). A mailbox that vanished (its node restarted) is not an
+/// acknowledgement: only the nonce's item is.
 ///
 /// An instance that could not read its notices for longer than a second (it was frozen, or cut
 /// off from memcached) checks every session in its memory against memcached before serving it
 /// again.
 final class OwnershipNotices: Sendable {
     private let lastRead = Mutex<NIODeadline?>(nil)
-    /// Per previous owner (route) that did not read a notice in time: its heartbeat's CAS unique
-    /// then. While the heartbeat is the same item (not refreshed since: the owner crashed, or is
-    /// frozen), further endings do not wait for it again.
-    private let silentHeartbeats = Mutex<[String: UInt64]>([:])
+    /// Per previous owner (route) that did not read a notice in time: its heartbeat then (the
+    /// node and the CAS unique of a copy). While the heartbeat is the same item (not refreshed
+    /// since: the owner crashed, or is frozen), further endings do not wait for it again.
+    private let silentHeartbeats = Mutex<[String: Heartbeat]>([:])
+
+    /// One copy of an instance's heartbeat.
+    struct Heartbeat: Hashable {
+        var nodeID: String
+        var cas: UInt64
+    }
 
     func read(at deadline: NIODeadline) { lastRead.withLock { $0 = deadline } }
 
     /// When notices were last read (nil: never yet).
     var lastReadAt: NIODeadline? { lastRead.withLock { $0 } }
 
-    func markSilent(_ route: String, heartbeat cas: UInt64) {
-        silentHeartbeats.withLock { $0[route] = cas }
+    func markSilent(_ route: String, heartbeat: Heartbeat) {
+        silentHeartbeats.withLock { $0[route] = heartbeat }
     }
 
-    /// Whether `route` did not read a notice in time and has not refreshed its heartbeat since.
-    /// Forgets `route` when it has.
-    func isSilent(_ route: String, heartbeat cas: UInt64) -> Bool {
+    /// Whether `route` did not read a notice in time and has not refreshed its heartbeat since
+    /// (the copy remembered is among `heartbeats`, unchanged). Forgets `route` when it has.
+    func isSilent(_ route: String, heartbeats: [Heartbeat]) -> Bool {
         silentHeartbeats.withLock { silent in
             guard let known = silent[route] else { return false }
-            if known == cas { return true }
-            silent[route] = nil
+            if heartbeats.contains(known) { return true }
+            if heartbeats.contains(where: { $0.nodeID == known.nodeID }) || heartbeats.isEmpty { silent[route] = nil }
             return false
         }
     }
@@ -53,12 +67,12 @@ final class OwnershipNotices: Sendable {
 
 /// How an ending's notice to the previous owner went.
 enum NoticeHandshake: Equatable {
-    /// The previous owner has read it: nothing of the session is queued or in flight there.
+    /// The previous owner has read it (its acknowledgement is there): nothing of the session is
+    /// queued or in flight there.
     case read
-    /// The previous owner is not alive: no heartbeat on the node that took the notice.
+    /// The previous owner is not alive: no heartbeat on any node that answers.
     case notAlive
-    /// No node took the notice, or the node that did stopped answering: the previous owner
-    /// cannot be told (nor asked whether it is alive).
+    /// No node took the notice: the previous owner cannot be told (nor asked whether it is alive).
     case undelivered
     /// The previous owner, alive by its heartbeat, did not read it within ``StickyLifecycle/noticeWait``
     /// (or did not read an earlier one and has not refreshed its heartbeat since).
@@ -69,58 +83,68 @@ extension StickyLifecycle {
     static let noticeInterval = Duration.milliseconds(250)
     /// The longest an ending waits for the previous owner to read its notice.
     static let noticeWait = Duration.seconds(1)
+    /// The most notices one mailbox read acknowledges (a mailbox is a memcached item: bounded by
+    /// its size, but a hostile one must not make a long batch).
+    static let acknowledgementsPerRead = 1_000
 
     func noticeKey(_ route: String) -> String { configuration.keyPrefix + "n:" + route }
     func heartbeatKey(_ route: String) -> String { configuration.keyPrefix + "h:" + route }
+    func acknowledgementKey(_ nonce: Substring) -> String { configuration.keyPrefix + "a:" + nonce }
 
     /// The digest part of a session's keys: what notices carry.
     func noticeDigest(_ keys: SessionKeys) -> Substring {
         keys.primary.dropFirst(configuration.keyPrefix.utf8.count + 2)
     }
 
-    /// Where heartbeats live, and notices go first: the first available node in configuration
-    /// order (a notice that node does not take goes to the next; mailboxes are read on every node).
-    var noticeNode: (any MemcachedNodeCommandRunner)? {
-        noticeNodes.first
-    }
-
+    /// Where heartbeats live (the first two) and notices go (all of them): the available nodes in
+    /// configuration order.
     var noticeNodes: [any MemcachedNodeCommandRunner] {
         topology.order.filter { topology.isAvailable($0) }.compactMap { topology.node($0) }
     }
 
-    /// Appends a notice for the session with `keys` to `route`'s mailbox. Returns the node it
-    /// went to, nil when no node took it.
+    /// Appends a notice for the session with `keys` to `route`'s mailbox on every available node,
+    /// in parallel. Returns the notice's nonce (what its acknowledgement is named by) and the
+    /// number of nodes that took it.
     @discardableResult
-    func postNotice(_ keys: SessionKeys, to route: String) async -> (any MemcachedNodeCommandRunner)? {
+    func postNotice(_ keys: SessionKeys, to route: String) async -> (nonce: String, nodes: Int) {
         let key = noticeKey(route)
-        let line = ByteBuffer(string: noticeDigest(keys) + "\n")
-        nodes: for node in noticeNodes {
-            func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
-                var request = request
-                request.honorsCancellation = false
-                return await node.executeBatch([request])[0]
-            }
-            for _ in 0..<3 {
-                switch await send(.store(key, value: line, mode: .append)) {
-                case .success(.stored(.stored)):
-                    statistics.count(.noticesSent)
-                    return node
-                case .success(.stored):
-                    // No mailbox yet: create it (another poster may have, meanwhile: append again).
-                    if case .success(.stored(.stored)) = await send(.store(key, value: line, mode: .add, ttl: .seconds(60))) {
-                        statistics.count(.noticesSent)
-                        return node
+        let nonce = String(context.randomUInt64(), radix: 16)
+        let line = ByteBuffer(string: noticeDigest(keys) + " " + nonce + "\n")
+        let taken = await withTaskGroup(of: Bool.self) { group in
+            for node in noticeNodes {
+                group.addTask {
+                    func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
+                        var request = request
+                        request.honorsCancellation = false
+                        return await node.executeBatch([request])[0]
                     }
-                default:
-                    continue nodes  // no answer: the next node
+                    for _ in 0..<3 {
+                        switch await send(.store(key, value: line, mode: .append)) {
+                        case .success(.stored(.stored)):
+                            return true
+                        case .success(.stored):
+                            // No mailbox yet: create it (another poster may have, meanwhile: append again).
+                            if case .success(.stored(.stored)) = await send(.store(key, value: line, mode: .add, ttl: .seconds(60))) {
+                                return true
+                            }
+                        default:
+                            return false  // no answer
+                        }
+                    }
+                    return false
                 }
             }
+            var taken = 0
+            for await took in group where took { taken += 1 }
+            return taken
         }
-        return nil
+        if taken > 0 { statistics.count(.noticesSent) }
+        return (nonce, taken)
     }
 
-    /// Ends a session this instance took over from `route`: posts the notice and waits, at most
-    /// ``noticeWait``, until `route` has read it (when `route` is alive: its heartbeat is there).
+    /// Ends a session this instance took over from `route`: posts the notice on every available
+    /// node and waits, at most ``noticeWait``, until `route` has acknowledged it on some node
+    /// (when `route` is alive: its heartbeat is on some node).
     ///
     /// Also the takeover handshake of asynchronous saving: once the previous owner has read the
     /// notice, none of its writes of the session is queued or in flight any more.
@@ -132,33 +156,65 @@ extension StickyLifecycle {
     /// memcached before serving again when it missed notices for more than a second.
     @discardableResult
     func endTakenOver(_ keys: SessionKeys, from route: String) async -> NoticeHandshake {
-        guard let node = await postNotice(keys, to: route) else { return .undelivered }
-        var heartbeat = MemcachedRequest.getMetadata(heartbeatKey(route))
-        heartbeat.honorsCancellation = false
-        let beat: MemcachedItem
-        switch await node.executeBatch([heartbeat])[0] {
-        case .success(.item(let item?)): beat = item
-        case .success(.item(nil)): return .notAlive
-        default: return .undelivered
-        }
-        if let cas = beat.cas, notices.isSilent(route, heartbeat: cas) {
+        let (nonce, posted) = await postNotice(keys, to: route)
+        guard posted > 0 else { return .undelivered }
+        let heartbeats = await readHeartbeats(of: route)
+        // No heartbeat on any node that answers: not alive.
+        guard !heartbeats.isEmpty else { return .notAlive }
+        if notices.isSilent(route, heartbeats: heartbeats) {
             statistics.count(.noticeWaitsSkipped)
             return .timedOut
         }
-        let digest = noticeDigest(keys)
+        let acknowledgement = acknowledgementKey(Substring(nonce))
         let deadline = clock.now() + TimeAmount(Self.noticeWait)
         while clock.now() < deadline {
-            var read = MemcachedRequest.get(noticeKey(route))
-            read.honorsCancellation = false
-            guard case .success(.item(let item)) = await node.executeBatch([read])[0] else { return .timedOut }
-            guard let item, String(buffer: item.value).contains(digest) else { return .read }  // read by the owner
+            if await isAcknowledged(acknowledgement) { return .read }
             do { try await clock.sleep(for: .milliseconds(50)) } catch { return .timedOut }
         }
         statistics.count(.noticesUnread)
-        if let cas = beat.cas { notices.markSilent(route, heartbeat: cas) }
+        notices.markSilent(route, heartbeat: heartbeats[0])
         logger.notice(
             "the previous owner of a sticky session did not read its notice in time", metadata: ["route.previous": "\(route)"])
         return .timedOut
+    }
+
+    /// Whether some node that answers holds the acknowledgement (read in parallel).
+    private func isAcknowledged(_ key: String) async -> Bool {
+        let nodes = topology.order.filter { topology.isReachable($0) }.compactMap { topology.node($0) }
+        return await withTaskGroup(of: Bool.self) { group in
+            for node in nodes {
+                group.addTask {
+                    var read = MemcachedRequest.getMetadata(key)
+                    read.honorsCancellation = false
+                    if case .success(.item(.some)) = await node.executeBatch([read])[0] { return true }
+                    return false
+                }
+            }
+            for await found in group where found {
+                group.cancelAll()
+                return true
+            }
+            return false
+        }
+    }
+
+    /// The copies of `route`'s heartbeat on the nodes that answer now (read in parallel).
+    func readHeartbeats(of route: String) async -> [OwnershipNotices.Heartbeat] {
+        let key = heartbeatKey(route)
+        let nodes = topology.order.filter { topology.isReachable($0) }.compactMap { topology.node($0) }
+        return await withTaskGroup(of: OwnershipNotices.Heartbeat?.self) { group in
+            for node in nodes {
+                group.addTask {
+                    var read = MemcachedRequest.getMetadata(key)
+                    read.honorsCancellation = false
+                    guard case .success(.item(let item?)) = await node.executeBatch([read])[0] else { return nil }
+                    return OwnershipNotices.Heartbeat(nodeID: node.id, cas: item.cas ?? 0)
+                }
+            }
+            var found: [OwnershipNotices.Heartbeat] = []
+            for await heartbeat in group { if let heartbeat { found.append(heartbeat) } }
+            return found.sorted { $0.nodeID < $1.nodeID }
+        }
     }
 
     /// Reads this instance's notices four times a second, and keeps its heartbeat. Runs in
@@ -172,10 +228,13 @@ extension StickyLifecycle {
             // alive from its start on, or an ending elsewhere would not wait for it to read its
             // notice (the simulation, seed 1354: a logout answered while this instance, started
             // 0.1 s before, still served the session from memory).
-            if beats % 4 == 0, let node = noticeNode {
-                var beat = MemcachedRequest.store(heartbeatKey(route), value: ByteBuffer(string: "1"), ttl: .seconds(3), quiet: true)
-                beat.honorsCancellation = false
-                await node.submit(beat)
+            if beats % 4 == 0 {
+                // On two nodes: one that dies does not take this instance's liveness with it.
+                for node in noticeNodes.prefix(2) {
+                    var beat = MemcachedRequest.store(heartbeatKey(route), value: ByteBuffer(string: "1"), ttl: .seconds(3), quiet: true)
+                    beat.honorsCancellation = false
+                    await node.submit(beat)
+                }
             }
             beats += 1
             do { try await clock.sleep(for: Self.noticeInterval) } catch { return }
@@ -205,7 +264,12 @@ extension StickyLifecycle {
             case .success(.item(let item?)):
                 answered = true
                 var digests: Set<Substring> = []
-                for line in String(buffer: item.value).split(separator: "\n") where !line.isEmpty { digests.insert(line) }
+                var nonces: [Substring] = []
+                for line in String(buffer: item.value).split(separator: "\n") where !line.isEmpty {
+                    let parts = line.split(separator: " ", maxSplits: 1)
+                    digests.insert(parts[0])
+                    if parts.count == 2 { nonces.append(parts[1]) }
+                }
                 var takenOver: [Session] = []
                 for session in localStore.allSessions where digests.contains(noticeDigest(keys(of: session))) {
                     session.markTakenOver()
@@ -214,13 +278,16 @@ extension StickyLifecycle {
                     takenOver.append(session)
                 }
                 // A write of these sessions already taken from the queue lands before the notice
-                // goes: the new owner, seeing it gone, reads the copy with it (the simulation,
-                // seed 1146: a queued write that landed after the takeover brought back a count
-                // the browser had not seen since).
+                // is acknowledged: the new owner, seeing the acknowledgement, reads the copy with
+                // it (the simulation, seed 1146: a queued write that landed after the takeover
+                // brought back a count the browser had not seen since).
                 if !takenOver.isEmpty { await writer.awaitWrites(of: takenOver) }
-                var delete = MemcachedRequest.delete(key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil)
-                delete.honorsCancellation = false
-                _ = await node.executeBatch([delete])
+                var batch = nonces.prefix(Self.acknowledgementsPerRead).map { nonce in
+                    MemcachedRequest.store(acknowledgementKey(nonce), value: ByteBuffer(), ttl: .seconds(60), quiet: true)
+                }
+                batch.append(.delete(key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil))
+                for index in batch.indices { batch[index].honorsCancellation = false }
+                _ = await node.executeBatch(batch)
             case .success:
                 answered = true
             case .failure:

@@ -21,6 +21,24 @@ extension SessionStore {
             tried.insert(nodeID)
             outcome = await save(
                 session, keys: keys, on: nodeID, releasing: lock, forceAdd: forceAdd, restoreIfMissing: restoreIfMissing)
+            if case .moved(let home) = outcome {
+                // A concurrent request moved the session off this node while this one ran: its
+                // changes go where the session is now, merged onto that copy (an add that finds
+                // it, then a merge of this request's own changes only). A locked request's lock
+                // did not keep that move out: its changes are refused, as any such conflict.
+                lock = nil
+                guard !locked, !tried.contains(home) else {
+                    statistics.count(.lockConflicts)
+                    outcome = .refused(SessionLocks.conflictError)
+                    break
+                }
+                statistics.count(.relocations)
+                nodeID = home
+                session.setID(session.id.relocated(to: home))
+                session.markAllChanged()
+                forceAdd = true
+                continue
+            }
             // Only a node that does not answer is a reason to move; a refusal (a server error) is not.
             guard case .unreachable(let error, let afterConflict) = outcome, error.meansNodeUnreachable else { break }
             if !restoreIfMissing {

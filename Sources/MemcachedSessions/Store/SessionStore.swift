@@ -45,6 +45,9 @@ enum SaveOutcome: Sendable {
     /// Not stored. `afterConflict`: a concurrent write on the node came first (the node serves
     /// other requests): the session must not move off it.
     case unreachable(MemcachedError, afterConflict: Bool = false)
+    /// Not stored: a concurrent request moved the session to this node meanwhile (non-sticky);
+    /// the changes go there.
+    case moved(to: String)
 }
 
 /// The sessions' copies in memcached, above the command-level seam (``MemcachedNodeSet``): reads
@@ -278,17 +281,18 @@ final class SessionStore: SessionManagerPart {
         let start = NIODeadline.now()
         defer { statistics.time(.write, since: start) }
         var restoreChecked = false
-        /// Whether a copy found missing may be written again: always in sticky mode (memory is
-        /// authoritative), once per save in non-sticky mode when no tombstone says it ended.
-        func mayRewriteLostCopy() async -> Bool {
+        /// What a copy found missing means: written again always in sticky mode (memory is
+        /// authoritative), once per save in non-sticky mode, unless a tombstone says it ended or
+        /// (non-sticky) a concurrent request moved it to another node.
+        func lostCopy() async -> LostCopy {
             if restoreIfMissing {
                 // Sticky: memory is authoritative, unless some node says the session ended (its
                 // own node may have lost the logout's tombstone in a restart).
-                return await !endedOnSomeNode(keys)
+                return await endedOnSomeNode(keys) ? .ended : .rewrite
             }
-            guard !restoreChecked else { return false }
+            guard !restoreChecked else { return .ended }
             restoreChecked = true
-            return await lostCopyMayBeRewritten(keys: keys, nodeID: nodeID)
+            return await lostCopyVerdict(keys: keys, nodeID: nodeID, loadedVersion: snapshot.record.metadata.version &- 1)
         }
         var lock = lock
         var sawConflict = false
@@ -309,13 +313,18 @@ final class SessionStore: SessionManagerPart {
                 statistics.count(.writes)
                 return .saved(record: record, bytes: bytes)
             case .gone:
-                if await mayRewriteLostCopy() {
+                switch await lostCopy() {
+                case .rewrite:
                     casUnique = nil
                     add = true
                     continue
+                case .ended:
+                    if let lock { locks.released(lock) }
+                    return .gone
+                case .moved(let node):
+                    if let lock { locks.released(lock) }
+                    return .moved(to: node)
                 }
-                if let lock { locks.released(lock) }
-                return .gone
             case .tooLarge(let error):
                 statistics.count(.oversizedSessions)
                 return .refused(SessionError(code: .sessionTooLarge, message: "\(error.message); the stored copy is unchanged"))
@@ -358,13 +367,14 @@ final class SessionStore: SessionManagerPart {
                         case .missing:
                             // Vanished since the conflict: an add found a copy that is gone now,
                             // or the copy was lost (a restart, an eviction).
-                            let rewrite = add ? true : await mayRewriteLostCopy()
-                            if rewrite {
+                            let verdict: LostCopy = add ? .rewrite : await lostCopy()
+                            if case .rewrite = verdict {
                                 casUnique = nil
                                 add = true
                                 continue
                             }
                             await locks.release(newLock)
+                            if case .moved(let node) = verdict { return .moved(to: node) }
                             return .gone
                         case .tombstone:
                             await locks.release(newLock)
@@ -389,13 +399,18 @@ final class SessionStore: SessionManagerPart {
                         add = true
                         continue
                     }
-                    if await mayRewriteLostCopy() {
+                    switch await lostCopy() {
+                    case .rewrite:
                         casUnique = nil
                         add = true
                         continue
+                    case .ended:
+                        if let lock { locks.released(lock) }
+                        return .gone
+                    case .moved(let node):
+                        if let lock { locks.released(lock) }
+                        return .moved(to: node)
                     }
-                    if let lock { locks.released(lock) }
-                    return .gone
                 case .tombstone:
                     if let lock { locks.released(lock) }
                     return .gone
@@ -411,14 +426,38 @@ final class SessionStore: SessionManagerPart {
 
     static let maximumSaveAttempts = 8
 
+    /// What a missing copy means, when a write finds it so.
+    enum LostCopy {
+        /// Lost (evicted, its node restarted): the request, which holds the whole session,
+        /// writes it again.
+        case rewrite
+        /// Ended (a tombstone says so): it stays ended.
+        case ended
+        /// Moved to this node by a concurrent request (its node failed for that request): this
+        /// request's changes go there, merged onto that copy.
+        case moved(to: String)
+    }
+
     /// Non-sticky: a write found the session's copy missing. Ends leave tombstones (a logout, an
     /// expiry, `msm session delete`, a login's old id: on the primary and backup keys of every
-    /// node), so a missing copy was lost, not ended: evicted, or its node restarted while the
-    /// request ran. Unless some node holds a tombstone for it (the primary's own may have been
-    /// evicted too), the request, which holds the whole session, writes it again.
-    func lostCopyMayBeRewritten(keys: SessionKeys, nodeID: String) async -> Bool {
-        guard keepsBackups, isEnabled else { return false }
-        return await !endedOnSomeNode(keys)
+    /// node), and a move deletes the old primary once its node answers again; so a missing copy
+    /// was ended (a tombstone somewhere), moved (a primary elsewhere, at least as new as the copy
+    /// this request loaded), or lost: evicted, or its node restarted while the request ran.
+    ///
+    /// The simulation, seed 9611: a request read the old primary of a session a concurrent
+    /// request had just moved off a frozen node; the move's cleanup deleted that copy, and the
+    /// write, finding it missing, wrote the session there again: two copies, and the moved one
+    /// without this request's change.
+    func lostCopyVerdict(keys: SessionKeys, nodeID: String, loadedVersion: UInt64) async -> LostCopy {
+        guard keepsBackups, isEnabled else { return .ended }
+        let search = await searchCopies(keys: keys, on: topology.order.filter { topology.isReachable($0) })
+        if search.tombstone { return .ended }
+        if let newest = search.newest, newest.isPrimary, newest.nodeID != nodeID,
+            newest.stored.record.metadata.version >= loadedVersion
+        {
+            return .moved(to: newest.nodeID)
+        }
+        return .rewrite
     }
 
 }
