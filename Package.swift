@@ -25,10 +25,14 @@ let package = Package(
         .trait(
             name: "Hummingbird", description: "The Hummingbird 2 adapter: MemcachedSessionsHummingbird.",
             enabledTraits: ["Operations"]),
+        .trait(
+            name: "HummingbirdAuth",
+            description: "hummingbird-auth's session authentication on memcached sessions (MemcachedSessionAuthenticator).",
+            enabledTraits: ["Hummingbird"]),
         .trait(name: "Vapor", description: "The Vapor 4 adapter: MemcachedSessionsVapor.", enabledTraits: ["Operations"]),
         .trait(
             name: "Tools", description: "The msm command: demo cluster, app server, inspection and management.",
-            enabledTraits: ["Hummingbird", "Vapor"]),
+            enabledTraits: ["Hummingbird", "HummingbirdAuth", "Vapor"]),
         .default(enabledTraits: []),
     ],
     dependencies: [
@@ -118,6 +122,7 @@ let package = Package(
                 "Memcached",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Hummingbird", package: "hummingbird", condition: .when(traits: ["Hummingbird"])),
+                .product(name: "HummingbirdAuth", package: "hummingbird-auth", condition: .when(traits: ["HummingbirdAuth"])),
                 .product(name: "HTTPTypes", package: "swift-http-types", condition: .when(traits: ["Hummingbird"])),
             ]
         ),
@@ -172,6 +177,7 @@ let package = Package(
             dependencies: [
                 "MemcachedSessionsHummingbird",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdAuth", package: "hummingbird-auth"),
             ],
             path: "Examples/HummingbirdGettingStarted"
         ),

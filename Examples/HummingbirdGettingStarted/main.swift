@@ -1,5 +1,6 @@
-#if Hummingbird
+#if HummingbirdAuth
 import Hummingbird
+import HummingbirdAuth
 import MemcachedSessionsHummingbird
 
 // 1. The session manager: your memcached nodes (`n1:host:port`, spaces or commas), sticky or not.
@@ -8,28 +9,44 @@ configuration.mode = .nonSticky  // or .sticky, with `configuration.route = "app
 configuration.locking.mode = .none  // .all, .auto or .uriPattern("/cart/.*") against concurrent requests
 let sessions = try SessionManager(configuration: configuration)
 
-// 2. A request context with sessions (or add `var sessions = RequestSessions()` to your own
-//    context, conforming it to `MemcachedSessionRequestContext`), and the middleware.
-let router = Router(context: BasicMemcachedSessionRequestContext.self)
+// 2. A request context with sessions (`MemcachedSessionRequestContext`) and, for hummingbird-auth,
+//    an identity (`AuthRequestContext`); `BasicMemcachedSessionRequestContext` has sessions only.
+struct User: Sendable {
+    var name: String
+}
+
+struct AppContext: MemcachedSessionRequestContext, AuthRequestContext {
+    var coreContext: CoreRequestContextStorage
+    var memcachedSessions = RequestSessions()
+    var identity: User?
+    init(source: ApplicationRequestContextSource) { coreContext = .init(source: source) }
+}
+
+let router = Router(context: AppContext.self)
 router.add(middleware: MemcachedSessionMiddleware(manager: sessions))
+// hummingbird-auth: the user whose id the session holds becomes `context.identity`.
+router.add(middleware: MemcachedSessionAuthenticator(context: AppContext.self) { (id: String, _) in User(name: id) })
 
 router.get("counter") { _, context -> String in
     // Loaded on first use; routes that never ask cost no memcached round trip.
-    let session = try await context.sessions.loadOrCreate()
+    let session = try await context.memcachedSessions.loadOrCreate()
     let count = (session["count", as: Int.self] ?? 0) + 1
     try session.set("count", count)  // only a changed session is written back
     return "\(count)"
 }
 
 router.post("login") { _, context -> String in
-    let session = try await context.sessions.loadOrCreate()
-    try await context.sessions.regenerateID()  // a new id after login (session fixation)
-    try session.set("user", "alice")
+    // The user's id in the session, and a new session id (against session fixation).
+    try await context.memcachedSessions.logIn(userID: "alice")
     return "welcome"
 }
 
+router.get("me") { _, context -> String in
+    try context.requireIdentity().name  // 401 when nobody is logged in
+}
+
 router.post("logout") { _, context -> String in
-    try await context.sessions.invalidate()  // every copy goes, the cookie is cleared
+    try await context.memcachedSessions.logOut()  // every copy goes, the cookie is cleared
     return "bye"
 }
 

@@ -8,7 +8,7 @@ let app = try await Application.make(.detect())
 var configuration = try SessionManager.Configuration(nodes: "n1:127.0.0.1:11211 n2:127.0.0.1:11212")
 configuration.mode = .nonSticky  // or .sticky, with `configuration.route = "app1"` (MSM's jvmRoute)
 let sessions = try SessionManager(configuration: configuration)
-app.lifecycle.use(SessionManagerLifecycle(manager: sessions))  // runs it; shutdown flushes it
+SessionManagerLifecycle.register(sessions, on: app)  // runs it; shutdown flushes it
 
 // 2a. Our middleware: no memcached write for an unchanged session, `Set-Cookie` only when the id
 //     changes, locking, 503 (never a silent logout) when memcached cannot be reached.
@@ -20,9 +20,9 @@ counted.get("counter") { req async throws -> String in
     return "\(count)"
 }
 
-// 2b. Or keep Vapor's own session API (`req.session`, session authentication) on memcached.
-app.sessions.use { _ in MemcachedSessionDriver(manager: sessions) }
-app.sessions.configuration = MemcachedSessionDriver.sessionsConfiguration()
+// 2b. Or keep Vapor's own session API (`req.session`, session authentication) on memcached, as
+//     Vapor's `.memory` is used (the driver, its cookie, the manager's lifecycle once).
+app.sessions.use(.memcached(sessions))
 let classic = app.grouped(app.sessions.middleware)
 classic.get("visits") { req -> String in
     let visits = (req.session.data["visits"].flatMap(Int.init) ?? 0) + 1

@@ -98,7 +98,7 @@ public enum AppServer {
             app.http.server.configuration.hostname = "127.0.0.1"
             app.http.server.configuration.port = options.port
             app.http.server.configuration.reportMetrics = false
-            app.lifecycle.use(SessionManagerLifecycle(manager: manager))
+            SessionManagerLifecycle.register(manager, on: app)
             VaporApp.configure(app, manager: manager, operations: operations)
             do {
                 try await app.execute()

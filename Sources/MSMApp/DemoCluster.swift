@@ -125,7 +125,7 @@ public final class DemoCluster: Sendable {
 
     public init(options: DemoOptions) {
         self.options = options
-        self.managementToken = SessionID.Token.random().description + SessionID.Token.random().description
+        self.managementToken = MemcachedSessionID.Token.random().description + MemcachedSessionID.Token.random().description
         let state = options.stateDirectory
         var processes: [DemoProcess] = []
         let nodes = Self.memcachedIDs.enumerated().map { "\($1):127.0.0.1:\(options.memcachedBasePort + $0)" }.joined(separator: ",")

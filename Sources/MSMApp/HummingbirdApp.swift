@@ -35,21 +35,21 @@ public enum HummingbirdApp {
         router.addSessionHealthCheck(manager: manager)
         let sessions = router.group().add(middleware: MemcachedSessionMiddleware<Context>(manager: manager, cookie: cookie))
         sessions.get("counter") { _, context -> String in
-            String(try await CounterWorkload.counter(context.sessions))
+            String(try await CounterWorkload.counter(context.memcachedSessions))
         }
         sessions.get("read") { _, context -> String in
-            String(try await CounterWorkload.read(context.sessions))
+            String(try await CounterWorkload.read(context.memcachedSessions))
         }
         sessions.get("/") { _, context -> Response in
-            let session = try await context.sessions.load()
+            let session = try await context.memcachedSessions.load()
             return html(HomePage.render(session: session, instance: instance))
         }
         sessions.post("add") { _, context -> Response in
-            _ = try await CounterWorkload.counter(context.sessions)
+            _ = try await CounterWorkload.counter(context.memcachedSessions)
             return Response(status: .seeOther, headers: [.location: "/"])
         }
         sessions.post("logout") { _, context -> Response in
-            try await context.sessions.invalidate()
+            try await context.memcachedSessions.invalidate()
             return Response(status: .seeOther, headers: [.location: "/"])
         }
         return router
@@ -67,7 +67,7 @@ public enum HummingbirdApp {
 enum HomePage {
     static func escape(_ text: String) -> String { HTMLEscaping.escape(text) }
 
-    static func render(session: Session?, instance: String) -> String {
+    static func render(session: MemcachedSession?, instance: String) -> String {
         var rows = ""
         if let session {
             for name in session.attributeNames.sorted() {

@@ -11,13 +11,14 @@ import NIOCore
 /// ```swift
 /// struct AppContext: MemcachedSessionRequestContext {
 ///     var coreContext: CoreRequestContextStorage
-///     var sessions = RequestSessions()
+///     var memcachedSessions = RequestSessions()
 ///     init(source: ApplicationRequestContextSource) { coreContext = .init(source: source) }
 /// }
 /// ```
 public protocol MemcachedSessionRequestContext: RequestContext {
-    /// Set by ``MemcachedSessionMiddleware`` for each request.
-    var sessions: RequestSessions { get set }
+    /// Set by ``MemcachedSessionMiddleware`` for each request. (Not `sessions`: that is
+    /// hummingbird-auth's `SessionRequestContext.sessions`, and one context can be both.)
+    var memcachedSessions: RequestSessions { get set }
     /// The event loop of the request's channel, if known: the middleware then runs the handler on
     /// it (see ``EventLoopExecutor``). The default is nil (the handler runs where Hummingbird runs it).
     var channelEventLoop: (any EventLoop)? { get }
@@ -25,17 +26,23 @@ public protocol MemcachedSessionRequestContext: RequestContext {
 
 extension MemcachedSessionRequestContext {
     public var channelEventLoop: (any EventLoop)? { nil }
+
+    @available(*, deprecated, renamed: "memcachedSessions")
+    public var sessions: RequestSessions {
+        get { memcachedSessions }
+        set { memcachedSessions = newValue }
+    }
 }
 
 /// The simplest context with sessions.
 public struct BasicMemcachedSessionRequestContext: MemcachedSessionRequestContext {
     public var coreContext: CoreRequestContextStorage
-    public var sessions: RequestSessions
+    public var memcachedSessions: RequestSessions
     public let channelEventLoop: (any EventLoop)?
 
     public init(source: ApplicationRequestContextSource) {
         self.coreContext = .init(source: source)
-        self.sessions = RequestSessions()
+        self.memcachedSessions = RequestSessions()
         self.channelEventLoop = source.channel.eventLoop
     }
 }
@@ -96,7 +103,7 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
         _ request: Request, context: Context, access: SessionAccess, next: (Request, Context) async throws -> Response
     ) async throws -> Response {
         var context = context
-        context.sessions = RequestSessions(access: access)
+        context.memcachedSessions = RequestSessions(access: access)
         var response: Response
         do {
             response = try await next(request, context)

@@ -14,8 +14,7 @@ import Vapor
 /// release a lock when a route throws): use ``MemcachedSessionsMiddleware`` for locking.
 ///
 /// ```swift
-/// app.sessions.use { _ in MemcachedSessionDriver(manager: manager) }
-/// app.sessions.configuration = MemcachedSessionDriver.sessionsConfiguration()
+/// app.sessions.use(.memcached(manager))   // the driver, its cookie, and the manager's lifecycle
 /// app.middleware.use(app.sessions.middleware)
 /// ```
 public struct MemcachedSessionDriver: AsyncSessionDriver {
@@ -55,7 +54,7 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
 
     /// What Vapor's `SessionData` can show: the attributes whose values are strings. Attributes of
     /// other types (set through the typed API) are not shown, and survive untouched.
-    static func data(of session: MemcachedSessions.Session) -> (data: SessionData, shown: Set<String>) {
+    static func data(of session: MemcachedSession) -> (data: SessionData, shown: Set<String>) {
         var values: [String: String] = [:]
         for name in session.attributeNames {
             if let value = session[name, as: String.self] { values[name] = value }
@@ -65,7 +64,7 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
 
     /// Applies Vapor's data: sets what it holds, and removes only what it showed and no longer
     /// holds (`shown` nil: nothing was shown, so nothing can have been removed).
-    static func apply(_ data: SessionData, shown: Set<String>?, to session: MemcachedSessions.Session) throws {
+    static func apply(_ data: SessionData, shown: Set<String>?, to session: MemcachedSession) throws {
         let snapshot = data.snapshot
         for name in shown ?? [] where snapshot[name] == nil {
             session.remove(name)
@@ -114,7 +113,7 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
 
     public func updateSession(_ sessionID: Vapor.SessionID, to data: SessionData, for request: Request) async throws -> Vapor.SessionID {
         let access = self.access(for: request, cookie: sessionID.string)
-        let session: MemcachedSessions.Session
+        let session: MemcachedSession
         do {
             guard let loaded = try await access.load() else {
                 // Gone meanwhile: Vapor asked to update what no longer exists; start it again.
@@ -141,6 +140,31 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
     }
 }
 
+extension Application.Sessions.Provider {
+    /// Vapor's sessions (`req.session`, Vapor's session authentication) in memcached, as Vapor's
+    /// own `.memory` and `.fluent` are used: the ``MemcachedSessionDriver`` over `manager`, Vapor's
+    /// sessions configuration with `cookie` (the manager's own by default), and the manager's
+    /// lifecycle (run after boot, flushed at shutdown), registered once per application.
+    ///
+    /// ```swift
+    /// app.sessions.use(.memcached(manager))
+    /// app.middleware.use(app.sessions.middleware)
+    /// ```
+    public static func memcached(_ manager: SessionManager, cookie: SessionCookie? = nil) -> Self {
+        .init { app in
+            app.sessions.use { _ in MemcachedSessionDriver(manager: manager) }
+            app.sessions.configuration = MemcachedSessionDriver.sessionsConfiguration(cookie: cookie ?? manager.configuration.cookie)
+            SessionManagerLifecycle.register(manager, on: app)
+        }
+    }
+
+    /// The same, with a manager made from `configuration` (its own memcached client).
+    /// - Throws: ``SessionError/Code/invalidConfiguration`` naming the setting at fault.
+    public static func memcached(configuration: SessionManager.Configuration) throws(SessionError) -> Self {
+        .memcached(try SessionManager(configuration: configuration))
+    }
+}
+
 /// Runs a ``SessionManager`` for as long as a Vapor application runs (Vapor has no service
 /// groups): started after boot, and on shutdown cancelled, which flushes queued sticky writes
 /// before the manager stops.
@@ -154,6 +178,20 @@ public final class SessionManagerLifecycle: LifecycleHandler {
 
     public init(manager: SessionManager) {
         self.manager = manager
+    }
+
+    /// The managers whose lifecycle an application has registered through ``register(_:on:)``.
+    private struct Registered: StorageKey {
+        typealias Value = Set<ObjectIdentifier>
+    }
+
+    /// Registers `manager`'s lifecycle on `app` unless it is registered already (a manager runs
+    /// once, whichever of the provider and the middleware set-up asked first).
+    public static func register(_ manager: SessionManager, on app: Application) {
+        var registered = app.storage[Registered.self] ?? []
+        guard registered.insert(ObjectIdentifier(manager)).inserted else { return }
+        app.storage[Registered.self] = registered
+        app.lifecycle.use(SessionManagerLifecycle(manager: manager))
     }
 
     public func didBootAsync(_ application: Application) async throws {

@@ -1,5 +1,5 @@
 #if Vapor
-@_exported import MemcachedSessions
+import MemcachedSessions
 import Vapor
 
 /// Vapor middleware for memcached sessions: reads the cookie, gives the route its

@@ -388,7 +388,7 @@ final class World: @unchecked Sendable {
             switch action.cookie {
             case .unchanged: break
             case .set(let id):
-                if browser.cookie.flatMap({ SessionID(parsing: $0)?.token }) != id.token { browser.ids = [] }
+                if browser.cookie.flatMap({ MemcachedSessionID(parsing: $0)?.token }) != id.token { browser.ids = [] }
                 browser.cookie = id.description
                 if !browser.ids.contains(id.description) { browser.ids.append(id.description) }
             case .clear: browser.cookie = nil
@@ -405,7 +405,7 @@ final class World: @unchecked Sendable {
     struct OwnerMismatch: Error { let owner: String }
 
     /// The session's count after checking it is this browser's.
-    func checkedCount(_ session: MemcachedSessions.Session, _ browser: BrowserState) throws -> Int {
+    func checkedCount(_ session: MemcachedSession, _ browser: BrowserState) throws -> Int {
         let owner = session["owner", as: String.self]
         if let owner, owner != browser.name { throw OwnerMismatch(owner: owner) }
         return session["count", as: Int.self] ?? 0
@@ -568,7 +568,7 @@ final class World: @unchecked Sendable {
                     case .set(let id)?:
                         // Another session (each request of the burst made its own): the ids so
                         // far were other sessions'.
-                        if browser.cookie.flatMap({ SessionID(parsing: $0)?.token }) != id.token { browser.ids = [] }
+                        if browser.cookie.flatMap({ MemcachedSessionID(parsing: $0)?.token }) != id.token { browser.ids = [] }
                         browser.cookie = id.description
                         if !browser.ids.contains(id.description) { browser.ids.append(id.description) }
                     case .clear?: browser.cookie = nil
@@ -635,7 +635,7 @@ final class World: @unchecked Sendable {
             browser.ids = [loginCookie]
             if browser.cookie == nil { browser.cookie = loginCookie }  // (a violation was recorded)
             if let current = browser.cookie, current != loginCookie,
-                SessionID(parsing: current)?.token == SessionID(parsing: cookie)?.token
+                MemcachedSessionID(parsing: current)?.token == MemcachedSessionID(parsing: cookie)?.token
             {
                 // A racing request moved the old session (its node failed) and its response,
                 // after the login's, replaced the login's cookie: the documented limit of

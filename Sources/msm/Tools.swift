@@ -191,8 +191,8 @@ struct SessionTarget: ParsableArguments {
     var keyPrefix: String = SessionManager.Configuration.defaultKeyPrefix
 
     /// The parsed id and its keys; a malformed id is bad input.
-    func parse(command: String) throws -> (SessionID, SessionKeys) {
-        guard let sessionID = SessionID(parsing: id) else {
+    func parse(command: String) throws -> (MemcachedSessionID, SessionKeys) {
+        guard let sessionID = MemcachedSessionID(parsing: id) else {
             note(
                 "msm session \(command): '\(id)' is not a session id (32 upper-case hex digits, '-', a node id, optionally '.' and a route)"
             )

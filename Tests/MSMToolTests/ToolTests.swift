@@ -112,11 +112,11 @@ struct ToolTests {
             #expect((decoded?["attributes"] as? [[String: Any]])?.count == 2)
 
             #expect(try msm(["session", "show", "not-a-session-id", "--nodes", nodes(servers)]).code == 1)
-            let unknown = SessionID.generate(nodeID: "n1", route: nil)
+            let unknown = MemcachedSessionID.generate(nodeID: "n1", route: nil)
             let missing = try msm(["session", "show", unknown.description, "--nodes", nodes(servers)])
             #expect(missing.code == 3)
             #expect(
-                try msm(["session", "show", SessionID.generate(nodeID: "n9", route: nil).description, "--nodes", nodes(servers)]).code == 1)
+                try msm(["session", "show", MemcachedSessionID.generate(nodeID: "n9", route: nil).description, "--nodes", nodes(servers)]).code == 1)
 
             let deleted = try msm(["session", "delete", id.description, "--nodes", nodes(servers)])
             #expect(deleted.code == 0)

@@ -43,32 +43,32 @@ func counterApp(_ manager: SessionManager, cookie: SessionCookie = .default) -> 
     router.get("hello") { _, _ in "hello" }
     let group = router.group().add(middleware: MemcachedSessionMiddleware<Context>(manager: manager, cookie: cookie))
     group.get("counter") { _, context -> String in
-        let session = try await context.sessions.loadOrCreate()
+        let session = try await context.memcachedSessions.loadOrCreate()
         let count = (session["count", as: Int.self] ?? 0) + 1
         try session.set("count", count)
         return String(count)
     }
     group.get("read") { _, context -> String in
-        String(try await context.sessions.load()?["count", as: Int.self] ?? 0)
+        String(try await context.memcachedSessions.load()?["count", as: Int.self] ?? 0)
     }
     group.get("static/site.css") { _, context -> String in
-        context.sessions.access == nil ? "no session machinery" : "sessions attached"
+        context.memcachedSessions.access == nil ? "no session machinery" : "sessions attached"
     }
     group.get("fail-after-change") { _, context -> String in
-        let session = try await context.sessions.loadOrCreate()
+        let session = try await context.memcachedSessions.loadOrCreate()
         try session.set("count", (session["count", as: Int.self] ?? 0) + 100)
         throw Boom()
     }
     group.get("logout") { _, context -> String in
-        try await context.sessions.invalidate()
+        try await context.memcachedSessions.invalidate()
         return "bye"
     }
     group.get("login-then-fail") { _, context -> String in
-        try await context.sessions.regenerateID()
+        try await context.memcachedSessions.regenerateID()
         throw HTTPError(.forbidden, message: "second factor required")
     }
     group.get("create-then-fail") { _, context -> String in
-        try await context.sessions.loadOrCreate().set("count", 7)
+        try await context.memcachedSessions.loadOrCreate().set("count", 7)
         throw Boom()
     }
     return Application(router: router, services: [manager])
@@ -90,7 +90,7 @@ struct HummingbirdAdapterTests {
                 #expect(header.contains("; Path=/") && header.contains("; HttpOnly") && header.contains("; SameSite=Lax"))
                 #expect(!header.contains("Expires"), "no date formatted per response")
                 let cookie = try #require(sessionCookie(first))
-                #expect(SessionID(parsing: cookie) != nil)
+                #expect(MemcachedSessionID(parsing: cookie) != nil)
                 for expected in 2...5 {
                     let response = try await client.execute(uri: "/counter", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
                     #expect(String(buffer: response.body) == "\(expected)")
@@ -120,7 +120,7 @@ struct HummingbirdAdapterTests {
             let router = Router(context: Context.self)
             router.add(middleware: MemcachedSessionMiddleware<Context>(manager: manager))
             router.get("counter") { _, context -> String in
-                try await context.sessions.loadOrCreate().set("count", 1)
+                try await context.memcachedSessions.loadOrCreate().set("count", 1)
                 return "1"
             }
             try await Application(router: router, services: [manager]).test(.live) { client in
@@ -140,7 +140,7 @@ struct HummingbirdAdapterTests {
             let router = Router(context: Context.self)
             router.add(middleware: MemcachedSessionMiddleware<Context>(manager: manager))
             router.get("counter") { _, context -> String in
-                try await context.sessions.loadOrCreate().set("count", 1)
+                try await context.memcachedSessions.loadOrCreate().set("count", 1)
                 return "1"
             }
             try await Application(router: router, services: [manager]).test(.live) { client in
@@ -307,6 +307,58 @@ struct HummingbirdAdapterTests {
                 // The default name is not read when another is configured.
                 let other = try await client.execute(uri: "/read", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
                 #expect(String(buffer: other.body) == "0")
+            }
+        }
+    }
+
+    /// hummingbird-auth's session authentication on memcached sessions, in a context that is also
+    /// hummingbird-auth's `SessionRequestContext` (its `sessions` and our `memcachedSessions` side
+    /// by side, no qualification needed): log in, be recognized, log out, the old cookie is nobody.
+    @Test func theAuthenticatorSetsTheIdentityFromTheMemcachedSession() async throws {
+        struct User: Sendable { var name: String }
+        struct AuthContext: MemcachedSessionRequestContext, AuthRequestContext, SessionRequestContext {
+            var coreContext: CoreRequestContextStorage
+            var memcachedSessions = RequestSessions()
+            var identity: User?
+            var sessions: SessionContext<String>
+            init(source: ApplicationRequestContextSource) {
+                coreContext = .init(source: source)
+                sessions = .init()
+            }
+        }
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers)
+            let known = ["alice": User(name: "Alice")]
+            let router = Router(context: AuthContext.self)
+            router.add(middleware: MemcachedSessionMiddleware<AuthContext>(manager: manager))
+            router.add(middleware: MemcachedSessionAuthenticator<AuthContext, _> { (id: String, _) in known[id] })
+            router.get("me") { _, context -> String in context.identity?.name ?? "nobody" }
+            router.post("login/:name") { _, context -> String in
+                let name = try context.parameters.require("name")
+                try await context.memcachedSessions.logIn(userID: name)
+                return "in"
+            }
+            router.post("logout") { _, context -> String in
+                try await context.memcachedSessions.logOut()
+                return "out"
+            }
+            try await Application(router: router, services: [manager]).test(.live) { client in
+                #expect(String(buffer: try await client.execute(uri: "/me", method: .get).body) == "nobody")
+                let login = try await client.execute(uri: "/login/alice", method: .post)
+                let cookie = try #require(sessionCookie(login))
+                let me = try await client.execute(uri: "/me", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(String(buffer: me.body) == "Alice")
+                // An id that names no user is nobody.
+                let stranger = try #require(sessionCookie(try await client.execute(uri: "/login/mallory", method: .post)))
+                #expect(String(buffer: try await client.execute(uri: "/me", method: .get, headers: [.cookie: "SESSION_ID=\(stranger)"]).body) == "nobody")
+                // A login on an existing session gives it a new id (session fixation).
+                let again = try await client.execute(uri: "/login/alice", method: .post, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                let renewed = try #require(sessionCookie(again))
+                #expect(renewed != cookie)
+                #expect(String(buffer: try await client.execute(uri: "/me", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"]).body) == "nobody")
+                let logout = try await client.execute(uri: "/logout", method: .post, headers: [.cookie: "SESSION_ID=\(renewed)"])
+                #expect(setCookies(logout).contains { $0.hasPrefix("SESSION_ID=;") })
+                #expect(String(buffer: try await client.execute(uri: "/me", method: .get, headers: [.cookie: "SESSION_ID=\(renewed)"]).body) == "nobody")
             }
         }
     }

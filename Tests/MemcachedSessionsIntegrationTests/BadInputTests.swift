@@ -79,14 +79,14 @@ struct BadInputTests {
                     #expect(try await commandCounts(inspector) - before == CommandCounts(), "malformed ids cost no round trip")
 
                     // Well formed but never issued: no session, and a new session gets a new id.
-                    let forged = SessionID(token: .init(high: 0x0123_4567_89AB_CDEF, low: 42), nodeID: "n1")
+                    let forged = MemcachedSessionID(token: .init(high: 0x0123_4567_89AB_CDEF, low: 42), nodeID: "n1")
                     var browser = Browser(cookie: forged.description)
                     #expect(try await manager.readCount(&browser) == 0)
                     #expect(try await manager.increment(&browser) == 1)
                     #expect(browser.id?.token != forged.token, "an id the server did not issue is never adopted")
 
                     // A node we do not have: "no session", not "unavailable".
-                    var unknown = Browser(cookie: SessionID.generate(nodeID: "n9", route: nil).description)
+                    var unknown = Browser(cookie: MemcachedSessionID.generate(nodeID: "n9", route: nil).description)
                     #expect(try await manager.readCount(&unknown) == 0)
                     #expect(manager.statistics.value(of: .unavailable) == 0)
 

@@ -234,7 +234,7 @@ struct EdgeCaseTests {
     @Test func anInspectionFindsTheNewestCopyByTheRecoveriesRule() async throws {
         try await withMemcachedServers(count: 2) { servers in
             try await withInspector(servers) { client in
-                let keys = SessionKeys(token: SessionID.generate(nodeID: "n1", route: nil).token, prefix: "msm:")
+                let keys = SessionKeys(token: MemcachedSessionID.generate(nodeID: "n1", route: nil).token, prefix: "msm:")
                 func bytes(version: UInt64, note: String) throws -> ByteBuffer {
                     var buffer = ByteBuffer()
                     try BinarySessionCodec().encodeSession(

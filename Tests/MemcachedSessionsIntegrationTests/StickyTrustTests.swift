@@ -331,4 +331,37 @@ struct StickyTrustTests {
             }
         }
     }
+
+    /// The simulation, seed 3591: B took the session over from A, the browser went back to A,
+    /// which took it back; only then did A read B's notice, and it dropped the copy it had just
+    /// taken (the only one in memory: a node restart then lost the session). A notice names the
+    /// version its sender read, and ends only a copy taken at that version or earlier.
+    @Test func aNoticeReadLateLeavesACopyTakenBackSince() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            // A reads its notices every 3 s: B's notice waits there while the browser returns.
+            let slowNotices = StretchingClock { $0 == StickyLifecycle.noticeInterval ? .seconds(3) : nil }
+            try await withManagers([(try sticky(servers, route: "a"), slowNotices), (try sticky(servers, route: "b"), SystemSessionClock())]) {
+                managers in
+                let (a, b) = (managers[0], managers[1])
+                var browser = Browser()
+                for _ in 0..<2 { try await a.increment(&browser) }
+                let last = a.sticky.notices.lastReadAt
+                try await eventually("A read its notices") { a.sticky.notices.lastReadAt != last }
+                let readBefore = a.sticky.notices.lastReadAt
+                #expect(try await b.increment(&browser) == 3, "B took it over")
+                #expect(try await a.increment(&browser) == 4, "A took it back")
+                try await eventually(timeout: .seconds(10), "A read B's notice") { a.sticky.notices.lastReadAt != readBefore }
+                #expect(a.statistics.value(of: .noticesRead) == 0, "the notice named an older copy")
+                // A's copy is the only one in memory (B dropped its own at A's notice): a restart
+                // of the node is repaired from it.
+                let id = try #require(browser.id)
+                try await servers[Int(id.nodeID.dropFirst())! - 1].restart()
+                try await eventually(timeout: .seconds(10), "A wrote its copy back") {
+                    a.statistics.value(of: .sessionsRestored) >= 1
+                }
+                var elsewhere = browser
+                #expect(try await b.readCount(&elsewhere) == 4, "read from memcached, restored by A")
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ import Testing
 struct Browser: Sendable {
     var cookie: String?
 
-    var id: SessionID? { cookie.flatMap { SessionID(parsing: $0) } }
+    var id: MemcachedSessionID? { cookie.flatMap { MemcachedSessionID(parsing: $0) } }
 }
 
 extension SessionManager {

@@ -5,18 +5,18 @@ import Testing
 @Suite("Session ids")
 struct SessionIDTests {
     @Test func parsesWellFormedIDs() throws {
-        let plain = try #require(SessionID(parsing: "602F7397FBE4D9932E59A9D0E52FE178-n1"))
+        let plain = try #require(MemcachedSessionID(parsing: "602F7397FBE4D9932E59A9D0E52FE178-n1"))
         #expect(plain.nodeID == "n1")
         #expect(plain.route == nil)
         #expect(plain.token.description == "602F7397FBE4D9932E59A9D0E52FE178")
         #expect(plain.description == "602F7397FBE4D9932E59A9D0E52FE178-n1")
 
-        let routed = try #require(SessionID(parsing: "602F7397FBE4D9932E59A9D0E52FE178-node_2.app-1"))
+        let routed = try #require(MemcachedSessionID(parsing: "602F7397FBE4D9932E59A9D0E52FE178-node_2.app-1"))
         #expect(routed.nodeID == "node_2")
         #expect(routed.route == "app-1")
         #expect(routed.description == "602F7397FBE4D9932E59A9D0E52FE178-node_2.app-1")
 
-        let dashed = try #require(SessionID(parsing: "602F7397FBE4D9932E59A9D0E52FE178-n-1"))
+        let dashed = try #require(MemcachedSessionID(parsing: "602F7397FBE4D9932E59A9D0E52FE178-n-1"))
         #expect(dashed.nodeID == "n-1")
     }
 
@@ -44,21 +44,21 @@ struct SessionIDTests {
         "602F7397FBE4D9932E59A9D0E52FE178-n1;jsessionid=x",
     ])
     func rejectsAnythingElse(_ text: String) {
-        #expect(SessionID(parsing: text) == nil)
+        #expect(MemcachedSessionID(parsing: text) == nil)
     }
 
     @Test func generatedIDsAreUniqueAndRoundTrip() throws {
         var seen = Set<String>()
         for _ in 0..<10_000 {
-            let id = SessionID.generate(nodeID: "n2", route: "a")
+            let id = MemcachedSessionID.generate(nodeID: "n2", route: "a")
             #expect(seen.insert(id.token.description).inserted)
-            let parsed = try #require(SessionID(parsing: id.description))
+            let parsed = try #require(MemcachedSessionID(parsing: id.description))
             #expect(parsed == id)
         }
     }
 
     @Test func relocationKeepsTheTokenAndTheKeys() {
-        let id = SessionID.generate(nodeID: "n1", route: "a")
+        let id = MemcachedSessionID.generate(nodeID: "n1", route: "a")
         let moved = id.relocated(to: "n3").routed(to: "b")
         #expect(moved.token == id.token)
         #expect(moved.nodeID == "n3")
@@ -68,7 +68,7 @@ struct SessionIDTests {
     }
 
     @Test func storageKeysDoNotRevealTheToken() {
-        let id = SessionID.generate(nodeID: "n1", route: nil)
+        let id = MemcachedSessionID.generate(nodeID: "n1", route: nil)
         let keys = SessionKeys(token: id.token, prefix: "p:")
         #expect(keys.primary.hasPrefix("p:s:"))
         #expect(keys.backup.hasPrefix("p:b:"))

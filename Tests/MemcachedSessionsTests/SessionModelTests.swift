@@ -7,8 +7,8 @@ import Testing
 
 @Suite("Session model, configuration and placement")
 struct SessionModelTests {
-    static func session(_ attributes: [String: ByteBuffer] = [:], filter: String? = nil) throws -> Session {
-        Session(
+    static func session(_ attributes: [String: ByteBuffer] = [:], filter: String? = nil) throws -> MemcachedSession {
+        MemcachedSession(
             id: .generate(nodeID: "n1", route: nil),
             record: SessionRecord(
                 metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 1, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 3),
@@ -78,7 +78,7 @@ struct SessionModelTests {
                 "a": try codec.encodeValue(1), "b": try codec.encodeValue(5), "c": try codec.encodeValue(7),
                 "gone": try codec.encodeValue(0),
             ])
-        let merged = Session.merge(snapshot, onto: stored, now: 10)
+        let merged = MemcachedSession.merge(snapshot, onto: stored, now: 10)
         #expect(try codec.decodeValue(Int.self, from: merged.attributes["a"]!) == 2)
         #expect(try codec.decodeValue(Int.self, from: merged.attributes["b"]!) == 5)
         #expect(try codec.decodeValue(Int.self, from: merged.attributes["c"]!) == 7)
@@ -116,7 +116,7 @@ struct SessionModelTests {
 
     /// The simulation, seed 87: a session whose first save was sent may be stored even while new.
     @Test func aSessionWhoseFirstSaveWasSentMayBeStored() throws {
-        let session = Session(
+        let session = MemcachedSession(
             id: .generate(nodeID: "n1", route: nil), record: SessionRecord(
                 metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 1, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 0),
                 attributes: [:]),

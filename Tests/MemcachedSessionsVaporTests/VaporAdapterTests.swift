@@ -67,7 +67,7 @@ func withVaporServer(
     let app = try await Application.make(.testing)
     app.logger.logLevel = .warning
     app.http.server.configuration.reportMetrics = false
-    app.lifecycle.use(SessionManagerLifecycle(manager: manager))
+    SessionManagerLifecycle.register(manager, on: app)
     try configure(app)
     try await app.asyncBoot()  // runs the manager (SessionManagerLifecycle.didBootAsync)
     do {
@@ -147,6 +147,35 @@ struct VaporAdapterTests {
                 #expect(changed.status == 200)
                 #expect(manager.lockingMode == .all)
                 #expect(try await send(.GET, "/_msm/nothing", token: token).status == 404)
+            }
+        }
+    }
+
+    /// `app.sessions.use(.memcached(manager))`, as Vapor's `.memory` is used: `req.session` in
+    /// memcached, the cookie the manager's, the lifecycle registered once (the test's own set-up
+    /// registered it too). Vapor's `Session` and `SessionID` need no qualification beside ours.
+    @Test func theProviderPutsVaporsOwnSessionsInMemcached() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers)
+            try await withVaporApp(manager: manager) { app in
+                app.middleware = Middlewares()
+                app.sessions.use(.memcached(manager))
+                app.grouped(app.sessions.middleware).get("visits") { req -> String in
+                    let session: Session = req.session
+                    let visits = (session.data["visits"].flatMap(Int.init) ?? 0) + 1
+                    session.data["visits"] = String(visits)
+                    let ours: MemcachedSessionID? = session.id.flatMap { (id: SessionID) in MemcachedSessionID(parsing: id.string) }
+                    return "\(visits) \(ours == nil ? "-" : "memcached")"
+                }
+            } _: { get in
+                let first = try await get("/visits", nil)
+                #expect(first.body == "1 -")
+                let cookie = try #require(first.sessionCookie)
+                #expect(MemcachedSessionID(parsing: cookie) != nil, "one of our ids")
+                #expect(first.setCookies.first.map { !$0.contains("Expires") } == true)
+                #expect(try await get("/visits", cookie).body == "2 memcached")
+                #expect(try await get("/visits", cookie).body == "3 memcached")
+                #expect(manager.statistics.value(of: .sessionsLoaded) >= 2, "read from memcached")
             }
         }
     }

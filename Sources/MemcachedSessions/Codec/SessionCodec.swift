@@ -243,7 +243,7 @@ public enum JSONValueCoding {
                 case UInt8(ascii: "\t"): buffer.writeStaticString("\\t")
                 case 0..<0x20:
                     buffer.writeStaticString("\\u00")
-                    let hex = SessionID.Token.hexDigits
+                    let hex = MemcachedSessionID.Token.hexDigits
                     buffer.writeInteger(hex[Int(byte >> 4)])
                     buffer.writeInteger(hex[Int(byte & 0xF)])
                 default:

@@ -13,8 +13,8 @@ public enum SessionsFuzzing {
         let header = String(decoding: bytes, as: UTF8.self)
         let value = cookie.value(inCookieHeader: header)
         for text in [value.map(String.init), header].compactMap({ $0 }) {
-            guard let id = SessionID(parsing: text) else { continue }
-            guard let again = SessionID(parsing: id.description), again == id else {
+            guard let id = MemcachedSessionID(parsing: text) else { continue }
+            guard let again = MemcachedSessionID(parsing: id.description), again == id else {
                 preconditionFailure("a parsed session id does not survive its own text")
             }
         }

@@ -125,7 +125,7 @@ extension SessionManager {
         /// How long sessions live and how long a save may take.
         public struct Timeouts: Sendable, Hashable {
             /// A session expires after this long without a request (`maxInactiveInterval`); zero
-            /// or less means never. A session may set its own (``Session/setIdleTimeout(_:)``).
+            /// or less means never. A session may set its own (``MemcachedSession/setIdleTimeout(_:)``).
             public var idle: Duration = .seconds(30 * 60)
             /// A session expires this long after its creation, whatever its activity; `nil`: no limit.
             public var absolute: Duration? = nil
@@ -235,7 +235,7 @@ extension SessionManager {
                 throw .configuration(error.message)
             }
             let ids = Set(memcached.nodes.map(\.id))
-            for node in memcached.nodes where !SessionID.isValidComponent(node.id) {
+            for node in memcached.nodes where !MemcachedSessionID.isValidComponent(node.id) {
                 throw .configuration(
                     "node id '\(node.id)' cannot appear in a session id: use letters, digits, '_' or '-' (at most 32), e.g. n1:\(node.hostAndPort)"
                 )
@@ -246,7 +246,7 @@ extension SessionManager {
             if !failoverNodes.isEmpty, Set(failoverNodes).count == ids.count, memcached.nodes.count > 0 {
                 throw .configuration("every node is a failover node: at least one must be a primary")
             }
-            if let route, !SessionID.isValidComponent(route) {
+            if let route, !MemcachedSessionID.isValidComponent(route) {
                 throw .configuration("route '\(route)' must be letters, digits, '_' or '-' (at most 32)")
             }
             if case .uriPattern(let pattern) = locking.mode {

@@ -326,7 +326,7 @@ final class SessionLocks: SessionManagerPart {
     ///
     /// - Returns: the lock to write under; nil when the failure policy lets the request proceed
     ///   unlocked.
-    func confirmLock(_ lock: HeldLock, keys: SessionKeys, session: Session) async throws(SessionError) -> HeldLock? {
+    func confirmLock(_ lock: HeldLock, keys: SessionKeys, session: MemcachedSession) async throws(SessionError) -> HeldLock? {
         if holdsLease(lock) { return lock }
         if !lock.isLost {
             // Renewals went unanswered, or are late: one now says which.

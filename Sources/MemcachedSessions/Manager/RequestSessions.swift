@@ -24,18 +24,18 @@ public struct RequestSessions: Sendable {
 
     /// The request's session, or nil when it has none. Throws `unavailable` (→ 503) when the
     /// session's nodes do not answer and the policy is to fail.
-    public func load() async throws(SessionError) -> Session? {
+    public func load() async throws(SessionError) -> MemcachedSession? {
         try await required().load()
     }
 
     /// The request's session, created if it has none.
-    public func loadOrCreate() async throws(SessionError) -> Session {
+    public func loadOrCreate() async throws(SessionError) -> MemcachedSession {
         try await required().loadOrCreate()
     }
 
     /// A new session for this request (replacing, and invalidating, any it had).
     @discardableResult
-    public func create() throws(SessionError) -> Session {
+    public func create() throws(SessionError) -> MemcachedSession {
         try required().create()
     }
 
@@ -50,5 +50,5 @@ public struct RequestSessions: Sendable {
     }
 
     /// The well-formed session id the request's cookie carried, if any.
-    public var requestedID: SessionID? { access?.requestedID }
+    public var requestedID: MemcachedSessionID? { access?.requestedID }
 }

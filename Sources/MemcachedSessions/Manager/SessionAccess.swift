@@ -18,7 +18,7 @@ public final class SessionAccess: Sendable {
     /// The mode's lifecycle (the sticky one, in memory only, while memcached is switched off).
     let lifecycle: any SessionLifecycle
     /// The id the request's cookie carried, if it is a well-formed session id.
-    public let requestedID: SessionID?
+    public let requestedID: MemcachedSessionID?
     /// The request path (what the ignore and locking patterns match).
     public let path: String
     /// Whether the request matched the ignore pattern: it has no session and cannot create one.
@@ -35,7 +35,7 @@ public final class SessionAccess: Sendable {
 
         var phase: Phase = .idle
         var waiters: [CheckedContinuation<Void, Never>] = []
-        var session: Session?
+        var session: MemcachedSession?
         var loadError: SessionError?
         var lock: HeldLock?
         /// Non-sticky: the bytes as loaded (to repair a missing backup) and their node.
@@ -77,7 +77,7 @@ public final class SessionAccess: Sendable {
     let started: NIODeadline
 
     init(
-        context: SessionContext, lifecycle: any SessionLifecycle, incomingID: SessionID?, path: String, ignored: Bool, locks: Bool
+        context: SessionContext, lifecycle: any SessionLifecycle, incomingID: MemcachedSessionID?, path: String, ignored: Bool, locks: Bool
     ) {
         self.context = context
         self.lifecycle = lifecycle
@@ -93,10 +93,10 @@ public final class SessionAccess: Sendable {
     /// - Throws: ``SessionError/Code/unavailable`` when the nodes that could hold it do not answer
     ///   and the unavailable policy is `fail`; ``SessionError/Code/lockUnavailable`` when the lock
     ///   could not be had and the lock policy is `fail`.
-    public func load() async throws(SessionError) -> Session? {
+    public func load() async throws(SessionError) -> MemcachedSession? {
         while true {
             enum Step {
-                case done(Session?, SessionError?)
+                case done(MemcachedSession?, SessionError?)
                 case wait
                 case load
             }
@@ -126,7 +126,7 @@ public final class SessionAccess: Sendable {
                     if resumeNow { continuation.resume() }
                 }
             case .load:
-                let result: Result<Session?, SessionError>
+                let result: Result<MemcachedSession?, SessionError>
                 if isIgnored || requestedID == nil || state.withLock({ $0.ended }) {
                     result = .success(nil)
                 } else {
@@ -168,7 +168,7 @@ public final class SessionAccess: Sendable {
     }
 
     /// The request's session, or a new one if it has none.
-    public func loadOrCreate() async throws(SessionError) -> Session {
+    public func loadOrCreate() async throws(SessionError) -> MemcachedSession {
         if let session = try await load() { return session }
         return try create()
     }
@@ -176,14 +176,14 @@ public final class SessionAccess: Sendable {
     /// Starts a new session for this request (replacing, and invalidating, any it had). The cookie
     /// is sent at the end of the request.
     @discardableResult
-    public func create() throws(SessionError) -> Session {
+    public func create() throws(SessionError) -> MemcachedSession {
         guard !isIgnored else {
             throw SessionError(code: .disabled, message: "the request matches the ignore pattern: it cannot have a session")
         }
         let now = context.currentTimeMillis()
         let id = context.generateID(nodeID: context.placementNode(), route: context.configuration.route)
         let session = context.makeSession(id: id, record: context.newSessionRecord(now: now), casUnique: nil, isNew: true)
-        let previous = state.withLock { state -> Session? in
+        let previous = state.withLock { state -> MemcachedSession? in
             let previous = state.session
             state.session = session
             state.phase = .loaded
@@ -241,7 +241,7 @@ public final class SessionAccess: Sendable {
     }
 
     /// The session if it was loaded or created by this request (no I/O).
-    public var current: Session? {
+    public var current: MemcachedSession? {
         state.withLock { $0.phase == .loaded ? $0.session : nil }
     }
 

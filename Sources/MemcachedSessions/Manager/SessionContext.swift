@@ -70,19 +70,19 @@ final class SessionContext: Sendable {
         if !SessionManager.isBackgroundWork { statistics.count(.memcachedRoundTrips) }
     }
 
-    func keys(for token: SessionID.Token) -> SessionKeys {
+    func keys(for token: MemcachedSessionID.Token) -> SessionKeys {
         SessionKeys(token: token, prefix: configuration.keyPrefix)
     }
 
     /// A session's keys, computed once per session and token.
-    func keys(of session: Session) -> SessionKeys {
+    func keys(of session: MemcachedSession) -> SessionKeys {
         session.keys(prefix: configuration.keyPrefix)
     }
 
     // MARK: - sessions
 
-    func makeSession(id: SessionID, record: SessionRecord, casUnique: UInt64?, isNew: Bool) -> Session {
-        Session(id: id, record: record, casUnique: casUnique, isNew: isNew, codec: configuration.codec, attributeFilter: attributeFilter)
+    func makeSession(id: MemcachedSessionID, record: SessionRecord, casUnique: UInt64?, isNew: Bool) -> MemcachedSession {
+        MemcachedSession(id: id, record: record, casUnique: casUnique, isNew: isNew, codec: configuration.codec, attributeFilter: attributeFilter)
     }
 
     func newSessionRecord(now: Int64) -> SessionRecord {
@@ -108,7 +108,7 @@ final class SessionContext: Sendable {
 
     /// The session's nodes did not answer: the unavailable policy decides (an error, or no
     /// session).
-    func unavailable(id: SessionID, cause: String) throws(SessionError) -> Session? {
+    func unavailable(id: MemcachedSessionID, cause: String) throws(SessionError) -> MemcachedSession? {
         statistics.count(.unavailable)
         logger.warning("session unavailable", metadata: ["memcached.node": "\(id.nodeID)", "cause": "\(cause)"])
         switch configuration.unavailablePolicy {
@@ -133,14 +133,14 @@ final class SessionContext: Sendable {
     }
 
     /// A new random token (session ids, lock values).
-    func randomToken() -> SessionID.Token {
+    func randomToken() -> MemcachedSessionID.Token {
         if entropy == nil { return .random() }
-        return SessionID.Token(high: randomUInt64(), low: randomUInt64())
+        return MemcachedSessionID.Token(high: randomUInt64(), low: randomUInt64())
     }
 
     /// A new session id on `nodeID`.
-    func generateID(nodeID: String, route: String?) -> SessionID {
-        SessionID(token: randomToken(), nodeID: nodeID, route: route)
+    func generateID(nodeID: String, route: String?) -> MemcachedSessionID {
+        MemcachedSessionID(token: randomToken(), nodeID: nodeID, route: route)
     }
 
     /// A uniform random number in `0..<1` (backoff jitter).
@@ -167,6 +167,6 @@ extension SessionManagerPart {
     func currentTimeMillis() -> Int64 { context.currentTimeMillis() }
     func prepared(_ request: MemcachedRequest) -> MemcachedRequest { context.prepared(request) }
     func countRoundTrip() { context.countRoundTrip() }
-    func keys(for token: SessionID.Token) -> SessionKeys { context.keys(for: token) }
-    func keys(of session: Session) -> SessionKeys { context.keys(of: session) }
+    func keys(for token: MemcachedSessionID.Token) -> SessionKeys { context.keys(for: token) }
+    func keys(of session: MemcachedSession) -> SessionKeys { context.keys(of: session) }
 }

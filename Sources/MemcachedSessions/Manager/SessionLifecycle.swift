@@ -9,16 +9,16 @@ protocol SessionLifecycle: SessionManagerPart, AnyObject {
     var store: SessionStore { get }
 
     /// The request's session (its cookie named one), or nil when there is none.
-    func load(_ access: SessionAccess) async throws(SessionError) -> Session?
+    func load(_ access: SessionAccess) async throws(SessionError) -> MemcachedSession?
 
     /// Saves what changed, slides TTLs, releases the lock; says which cookie the response carries.
     func end(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction
 
     /// Whether a request with this session id may wait for memcached round trips.
-    func mayWaitForMemcached(_ id: SessionID?) -> Bool
+    func mayWaitForMemcached(_ id: MemcachedSessionID?) -> Bool
 
     /// A session replaced by a new one in its request (``SessionAccess/create()``): its copies go.
-    func retire(_ session: Session, lock: HeldLock?)
+    func retire(_ session: MemcachedSession, lock: HeldLock?)
 
     /// The lifecycle's background work, until cancelled (graceful shutdown); it returns once what
     /// must not be lost (queued writes) is flushed.

@@ -195,7 +195,7 @@ public final class SessionManager: Service, Sendable {
             statistics.count(.requestsIgnored)
             return SessionAccess(context: context, lifecycle: sticky, incomingID: nil, path: path, ignored: true, locks: false)
         }
-        let id = sessionCookie.flatMap { SessionID(parsing: $0) }
+        let id = sessionCookie.flatMap { MemcachedSessionID(parsing: $0) }
         statistics.count(id == nil ? .requestsWithoutSession : .requestsWithSession)
         let lifecycle = context.isEnabled ? self.lifecycle : sticky
         let locking = allowLocking && id != nil && store.locks.locksRequest(onPath: path)
@@ -230,7 +230,7 @@ public final class SessionManager: Service, Sendable {
     }
 
     /// The memcached keys of a session's token (under this manager's key prefix).
-    func keys(for token: SessionID.Token) -> SessionKeys {
+    func keys(for token: MemcachedSessionID.Token) -> SessionKeys {
         context.keys(for: token)
     }
 }
@@ -258,7 +258,7 @@ public struct SessionResponseAction: Sendable, Hashable {
         /// Leave the browser's cookie as it is (the common case: no `Set-Cookie`).
         case unchanged
         /// Send this session id (a new session, a relocation, a takeover or a regenerated id).
-        case set(SessionID)
+        case set(MemcachedSessionID)
         /// Clear the cookie (the session was invalidated or is gone).
         case clear
     }

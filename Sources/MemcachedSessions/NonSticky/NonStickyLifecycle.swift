@@ -24,12 +24,12 @@ final class NonStickyLifecycle: SessionLifecycle {
         await locks.renewPeriodically()
     }
 
-    func mayWaitForMemcached(_ id: SessionID?) -> Bool {
+    func mayWaitForMemcached(_ id: MemcachedSessionID?) -> Bool {
         isEnabled
     }
 
     /// A session replaced by ``SessionAccess/create()``: its stored copies go, with its lock.
-    func retire(_ session: Session, lock: HeldLock?) {
+    func retire(_ session: MemcachedSession, lock: HeldLock?) {
         Task {
             await self.store.deleteCopies(
                 keys: self.keys(for: session.id.token), nodeID: session.id.nodeID, lock: lock, wait: false,
@@ -37,7 +37,7 @@ final class NonStickyLifecycle: SessionLifecycle {
         }
     }
 
-    func load(_ access: SessionAccess) async throws(SessionError) -> Session? {
+    func load(_ access: SessionAccess) async throws(SessionError) -> MemcachedSession? {
         guard let id = access.requestedID else { return nil }
         // A well-formed id naming a node we do not have is "no session", not "unavailable".
         guard topology.contains(id.nodeID) else {
@@ -129,8 +129,8 @@ final class NonStickyLifecycle: SessionLifecycle {
     /// concurrent request or an earlier failure put there, or a backup) and move the session to
     /// the next available node under a new id, or to the node that already holds it.
     func recover(
-        id: SessionID, keys: SessionKeys, access: SessionAccess, cause: MemcachedError
-    ) async throws(SessionError) -> Session? {
+        id: MemcachedSessionID, keys: SessionKeys, access: SessionAccess, cause: MemcachedError
+    ) async throws(SessionError) -> MemcachedSession? {
         guard let target = topology.nextAvailable(after: id.nodeID) else {
             return try context.unavailable(id: id, cause: "no other memcached node is available (\(cause.code))")
         }
@@ -174,8 +174,8 @@ final class NonStickyLifecycle: SessionLifecycle {
     /// the lock only if it is on that node, and, when the copy was a backup, marked to be written
     /// in full at the end of the request.
     private func adopt(
-        _ copy: (stored: StoredSession, nodeID: String, isPrimary: Bool), id: SessionID, lock: HeldLock?, access: SessionAccess
-    ) async -> Session {
+        _ copy: (stored: StoredSession, nodeID: String, isPrimary: Bool), id: MemcachedSessionID, lock: HeldLock?, access: SessionAccess
+    ) async -> MemcachedSession {
         var lock = lock
         if let held = lock, held.nodeID != id.nodeID {
             await locks.release(held)
@@ -195,8 +195,8 @@ final class NonStickyLifecycle: SessionLifecycle {
     /// A miss on a node that restarted recently: the other nodes may hold the session (a backup,
     /// or a primary it was moved to). A backup is served and written back to the session's node
     /// at the end; a primary elsewhere is where the session lives now (new cookie).
-    func restoreAfterRestart(id: SessionID, keys: SessionKeys, access: SessionAccess, lock: HeldLock?) async throws(SessionError)
-        -> Session?
+    func restoreAfterRestart(id: MemcachedSessionID, keys: SessionKeys, access: SessionAccess, lock: HeldLock?) async throws(SessionError)
+        -> MemcachedSession?
     {
         let others = topology.others(than: id.nodeID)
         let search = await store.searchCopies(keys: keys, on: others.filter { topology.isReachable($0) })
@@ -336,7 +336,7 @@ final class NonStickyLifecycle: SessionLifecycle {
     /// flags (a "remember me" session must not be shortened to the default), so the slide reads
     /// the item's metadata (`mg <key> f c t`, no value) and then touches primary and, when due,
     /// backup with the right TTLs.
-    func slideUnopened(_ id: SessionID) async {
+    func slideUnopened(_ id: MemcachedSessionID) async {
         guard topology.contains(id.nodeID), let node = topology.node(id.nodeID), node.isAvailable else { return }
         let keys = self.keys(for: id.token)
         statistics.count(.touches)

@@ -15,7 +15,7 @@ import Synchronization
 /// pressure instead of unbounded memory.
 final class AsynchronousWriter: Sendable {
     private struct Entry {
-        var session: Session
+        var session: MemcachedSession
         var due: NIODeadline
     }
 
@@ -23,7 +23,7 @@ final class AsynchronousWriter: Sendable {
         var queue: Deque<Entry> = []
         var queued: Set<ObjectIdentifier> = []
         /// Sessions whose save failed because no node answered: queued again periodically.
-        var retry: [ObjectIdentifier: Session] = [:]
+        var retry: [ObjectIdentifier: MemcachedSession] = [:]
         var waiter: CheckedContinuation<Void, Never>?
         /// The batch being written now (taken from the queue, not yet acknowledged).
         var writing: Set<ObjectIdentifier> = []
@@ -49,7 +49,7 @@ final class AsynchronousWriter: Sendable {
 
     /// Queues a session for saving; false when the queue is full or the writer has stopped (the
     /// caller then saves synchronously).
-    func enqueue(_ session: Session) -> Bool {
+    func enqueue(_ session: MemcachedSession) -> Bool {
         let now = clock.now()
         let (accepted, waiter) = state.withLock { state -> (Bool, CheckedContinuation<Void, Never>?) in
             guard !state.stopped else { return (false, nil) }
@@ -68,7 +68,7 @@ final class AsynchronousWriter: Sendable {
     var pendingCount: Int { state.withLock { $0.queue.count } }
 
     /// Keeps a session whose save failed (no node answered) for another try; bounded like the queue.
-    func retryLater(_ session: Session) {
+    func retryLater(_ session: MemcachedSession) {
         state.withLock { state in
             guard state.retry.count < limit || state.retry[ObjectIdentifier(session)] != nil else { return }
             state.retry[ObjectIdentifier(session)] = session
@@ -79,7 +79,7 @@ final class AsynchronousWriter: Sendable {
 
     /// Queues the sessions waiting for another try.
     func requeueRetries() {
-        let sessions = state.withLock { state -> [Session] in
+        let sessions = state.withLock { state -> [MemcachedSession] in
             defer { state.retry = [:] }
             return Array(state.retry.values)
         }
@@ -90,7 +90,7 @@ final class AsynchronousWriter: Sendable {
 
     /// Writes queued sessions with `write` (one batch at a time) until cancelled, then flushes
     /// what is left, with the `unsaved` sessions its owner holds, and stops taking more.
-    func run(write: @escaping @Sendable ([Session]) async -> Void, unsaved: () -> [Session]) async {
+    func run(write: @escaping @Sendable ([MemcachedSession]) async -> Void, unsaved: () -> [MemcachedSession]) async {
         while true {
             let batch = await nextBatch()
             if batch.isEmpty {
@@ -105,7 +105,7 @@ final class AsynchronousWriter: Sendable {
         requeueRetries()
         for session in unsaved() { _ = enqueue(session) }
         while true {
-            let batch = state.withLock { state -> [Session] in
+            let batch = state.withLock { state -> [MemcachedSession] in
                 let batch = takeBatch(&state, all: true)
                 if batch.isEmpty { state.stopped = true }
                 return batch
@@ -115,7 +115,7 @@ final class AsynchronousWriter: Sendable {
         }
     }
 
-    private func write(_ batch: [Session], with write: @escaping @Sendable ([Session]) async -> Void) async {
+    private func write(_ batch: [MemcachedSession], with write: @escaping @Sendable ([MemcachedSession]) async -> Void) async {
         // Detached: the writer is cancelled to make it flush, and a cancelled task's memcached
         // requests fail at once; the batch's writes must not inherit that.
         await Task.detached {
@@ -134,7 +134,7 @@ final class AsynchronousWriter: Sendable {
     /// Returns once none of `sessions` is being written: a write taken from the queue before they
     /// were taken over has landed (or failed) by then. (Queued ones are dropped when written: a
     /// taken-over session's write goes no further.)
-    func awaitWrites(of sessions: [Session]) async {
+    func awaitWrites(of sessions: [MemcachedSession]) async {
         let ids = Set(sessions.map(ObjectIdentifier.init))
         while !state.withLock({ $0.writing.isDisjoint(with: ids) }) {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
@@ -149,8 +149,8 @@ final class AsynchronousWriter: Sendable {
     }
 
     /// Takes up to a batch of sessions that are due (all of them when `all`).
-    private func takeBatch(_ state: inout State, all: Bool = false) -> [Session] {
-        var batch: [Session] = []
+    private func takeBatch(_ state: inout State, all: Bool = false) -> [MemcachedSession] {
+        var batch: [MemcachedSession] = []
         let now = clock.now()
         while batch.count < Self.batchSize, let first = state.queue.first, all || state.stopping || first.due <= now {
             state.queue.removeFirst()
@@ -162,9 +162,9 @@ final class AsynchronousWriter: Sendable {
     }
 
     /// The next batch; empty when the task is cancelled (graceful shutdown) with nothing queued.
-    private func nextBatch() async -> [Session] {
+    private func nextBatch() async -> [MemcachedSession] {
         while true {
-            let (ready, firstDue) = state.withLock { state -> ([Session], NIODeadline?) in
+            let (ready, firstDue) = state.withLock { state -> ([MemcachedSession], NIODeadline?) in
                 (takeBatch(&state), state.queue.first?.due)
             }
             if !ready.isEmpty { return ready }

@@ -7,7 +7,7 @@ import Synchronization
 /// Sharded by token so that concurrent requests rarely contend on one lock.
 final class LocalSessionStore: Sendable {
     struct Entry: Sendable {
-        let session: Session
+        let session: MemcachedSession
         /// Milliseconds since 1970 of the last request.
         var lastAccess: Int64
         /// When memcached's TTL was last slid or the session written (monotonic).
@@ -15,7 +15,7 @@ final class LocalSessionStore: Sendable {
     }
 
     private static let shardCount = 16
-    private let shards: [LockedBox<[SessionID.Token: Entry]>]
+    private let shards: [LockedBox<[MemcachedSessionID.Token: Entry]>]
     private let capacityPerShard: Int
 
     init(capacity: Int) {
@@ -23,13 +23,13 @@ final class LocalSessionStore: Sendable {
         capacityPerShard = max(1, (capacity + Self.shardCount - 1) / Self.shardCount)
     }
 
-    private func shard(_ token: SessionID.Token) -> LockedBox<[SessionID.Token: Entry]> {
+    private func shard(_ token: MemcachedSessionID.Token) -> LockedBox<[MemcachedSessionID.Token: Entry]> {
         shards[Int(token.low % UInt64(Self.shardCount))]
     }
 
     /// The session, if held and not idle-expired at `now`; marks it accessed.
-    func access(_ token: SessionID.Token, now: Int64) -> (session: Session, lastStoreRefresh: NIODeadline)? {
-        shard(token).withLock { entries -> (Session, NIODeadline)? in
+    func access(_ token: MemcachedSessionID.Token, now: Int64) -> (session: MemcachedSession, lastStoreRefresh: NIODeadline)? {
+        shard(token).withLock { entries -> (MemcachedSession, NIODeadline)? in
             guard var entry = entries[token] else { return nil }
             let idle = entry.session.metadata.idleTimeoutSeconds
             if idle > 0, now - entry.lastAccess >= idle * 1000 {
@@ -43,7 +43,7 @@ final class LocalSessionStore: Sendable {
     }
 
     /// The held sessions whose id names `nodeID`, with their last access (milliseconds since 1970).
-    func sessions(on nodeID: String) -> [(session: Session, lastAccess: Int64)] {
+    func sessions(on nodeID: String) -> [(session: MemcachedSession, lastAccess: Int64)] {
         shards.flatMap { shard in
             shard.withLock { entries in
                 entries.values.filter { $0.session.id.nodeID == nodeID }.map { ($0.session, $0.lastAccess) }
@@ -56,7 +56,7 @@ final class LocalSessionStore: Sendable {
     /// token is refused (returns false), unless `force` (a session moving to a new token, which
     /// adds nothing overall).
     @discardableResult
-    func put(_ session: Session, token: SessionID.Token, now: Int64, refreshed: NIODeadline, force: Bool = false) -> Bool {
+    func put(_ session: MemcachedSession, token: MemcachedSessionID.Token, now: Int64, refreshed: NIODeadline, force: Bool = false) -> Bool {
         shard(token).withLock { entries in
             if entries[token] == nil, entries.count >= capacityPerShard {
                 Self.evictOldest(&entries, count: max(1, capacityPerShard / 16))
@@ -69,7 +69,7 @@ final class LocalSessionStore: Sendable {
 
     /// The session held for `token` if it was loaded or saved at `since` or later (by a request
     /// running concurrently with the one asking).
-    func held(_ token: SessionID.Token, refreshedSince since: NIODeadline) -> Session? {
+    func held(_ token: MemcachedSessionID.Token, refreshedSince since: NIODeadline) -> MemcachedSession? {
         shard(token).withLock { entries in
             guard let entry = entries[token], entry.lastStoreRefresh >= since else { return nil }
             return entry.session
@@ -79,7 +79,7 @@ final class LocalSessionStore: Sendable {
     /// Adds a session just loaded from memcached, unless a concurrent request (one that began
     /// after `since`... or at it) already put one: then that one is returned, so that concurrent
     /// requests of one session on this instance share one copy. Nil when full (see ``put``).
-    func adopt(_ session: Session, token: SessionID.Token, now: Int64, refreshed: NIODeadline, since: NIODeadline) -> Session? {
+    func adopt(_ session: MemcachedSession, token: MemcachedSessionID.Token, now: Int64, refreshed: NIODeadline, since: NIODeadline) -> MemcachedSession? {
         shard(token).withLock { entries in
             if let entry = entries[token], entry.lastStoreRefresh >= since { return entry.session }
             if wasEnded(token) { return session.endedHere() }
@@ -93,14 +93,14 @@ final class LocalSessionStore: Sendable {
     }
 
     /// Whether the session is held and memcached saw it within `interval` (no revalidation due).
-    func holdsFresh(_ token: SessionID.Token, within interval: TimeAmount, now: NIODeadline) -> Bool {
+    func holdsFresh(_ token: MemcachedSessionID.Token, within interval: TimeAmount, now: NIODeadline) -> Bool {
         shard(token).withLock { entries in
             guard let entry = entries[token] else { return false }
             return now - entry.lastStoreRefresh < interval
         }
     }
 
-    func markRefreshed(_ token: SessionID.Token, at deadline: NIODeadline) {
+    func markRefreshed(_ token: MemcachedSessionID.Token, at deadline: NIODeadline) {
         shard(token).withLock { entries in
             entries[token]?.lastStoreRefresh = deadline
         }
@@ -120,9 +120,9 @@ final class LocalSessionStore: Sendable {
     /// memcached before the end's tombstones landed must not be adopted after it (the ended
     /// session would live on in memory). Tokens are random and never reused, so no live copy of
     /// an ended token exists. Kept a minute, at most 10,000.
-    private let ended = Mutex<[SessionID.Token: NIODeadline]>([:])
+    private let ended = Mutex<[MemcachedSessionID.Token: NIODeadline]>([:])
 
-    func end(_ token: SessionID.Token, at deadline: NIODeadline) {
+    func end(_ token: MemcachedSessionID.Token, at deadline: NIODeadline) {
         remove(token)
         ended.withLock { ended in
             if ended.count >= 10_000 {
@@ -134,16 +134,16 @@ final class LocalSessionStore: Sendable {
         }
     }
 
-    private func wasEnded(_ token: SessionID.Token) -> Bool {
+    private func wasEnded(_ token: MemcachedSessionID.Token) -> Bool {
         ended.withLock { ended in ended[token] != nil }
     }
 
-    func remove(_ token: SessionID.Token) {
+    func remove(_ token: MemcachedSessionID.Token) {
         _ = shard(token).withLock { $0.removeValue(forKey: token) }
     }
 
     /// Removes `session` only if it is still the one held for `token`.
-    func remove(_ token: SessionID.Token, ifSame session: Session) {
+    func remove(_ token: MemcachedSessionID.Token, ifSame session: MemcachedSession) {
         shard(token).withLock { entries in
             if entries[token]?.session === session { entries[token] = nil }
         }
@@ -163,7 +163,7 @@ final class LocalSessionStore: Sendable {
     }
 
     /// Every held session (for flushing on shutdown).
-    var allSessions: [Session] {
+    var allSessions: [MemcachedSession] {
         shards.flatMap { $0.withLock { $0.values.map(\.session) } }
     }
 
@@ -183,7 +183,7 @@ final class LocalSessionStore: Sendable {
         return removed
     }
 
-    private static func evictOldest(_ entries: inout [SessionID.Token: Entry], count: Int) {
+    private static func evictOldest(_ entries: inout [MemcachedSessionID.Token: Entry], count: Int) {
         // O(n log n) once per capacityPerShard/16 insertions: amortised, and only when full.
         // Sessions with unsaved changes stay: memory is their only copy until the writer is done.
         let oldest = entries.filter { !$0.value.session.hasUnsavedChanges }

@@ -1,3 +1,4 @@
+import DequeModule
 import Logging
 import Memcached
 import NIOCore
@@ -9,7 +10,7 @@ import Synchronization
 /// the previous owner has read the notice, so that a stale cookie still routed there is never
 /// served the ended session from memory.
 ///
-/// Notices are lines `<token digest> <nonce>` (never tokens) appended to the recipient's mailbox,
+/// Notices are lines `<token digest> <nonce> <version>` (never tokens) appended to the recipient's mailbox,
 /// `<prefix>n:<route>`, on every available node; each instance reads its mailbox on every node
 /// four times a second, drops the sessions named, then acknowledges each line it read with an item
 /// `<prefix>a:<nonce>` on that node and deletes the mailbox (CAS-checked: a notice appended
@@ -22,6 +23,12 @@ import Synchronization
 /// heartbeat died right after the notice was posted, and the previous owner, never told, served
 /// the logged-out session from memory). A mailbox that vanished (its node restarted) is not an
 /// acknowledgement: only the nonce's item is.
+///
+/// A notice names the version of the session its sender read when it took the session over (or,
+/// for an ending, the version it ends): the recipient drops only a copy it took at that version or
+/// earlier. A copy it took back later (the browser returned to it meanwhile) was taken after the
+/// notice was sent, and stays (the simulation, seed 3591: a notice read after such a return ended
+/// the only copy in memory, and a node restart then lost the session).
 ///
 /// An instance that could not read its notices for longer than a second (it was frozen, or cut
 /// off from memcached) checks every session in its memory against memcached before serving it
@@ -40,6 +47,23 @@ final class OwnershipNotices: Sendable {
     }
 
     func read(at deadline: NIODeadline) { lastRead.withLock { $0 = deadline } }
+
+    /// The nonces of the notices acted on lately: a notice is posted on every node, and its copies
+    /// on the other nodes, read later, must not end a copy this instance legitimately took again
+    /// meanwhile (the simulation, seed 3591). Bounded, oldest forgotten first; a notice lives at
+    /// most a minute (its mailbox's TTL).
+    private let seenNonces = Mutex<(set: Set<Substring>, order: Deque<Substring>)>(([], []))
+    static let seenNonceLimit = 10_000
+
+    /// Whether the notice with `nonce` is new to this instance (and remembers it).
+    func isNew(nonce: Substring) -> Bool {
+        seenNonces.withLock { seen in
+            guard seen.set.insert(nonce).inserted else { return false }
+            seen.order.append(nonce)
+            if seen.order.count > Self.seenNonceLimit, let oldest = seen.order.popFirst() { seen.set.remove(oldest) }
+            return true
+        }
+    }
 
     /// When notices were last read (nil: never yet).
     var lastReadAt: NIODeadline? { lastRead.withLock { $0 } }
@@ -106,10 +130,10 @@ extension StickyLifecycle {
     /// in parallel. Returns the notice's nonce (what its acknowledgement is named by) and the
     /// number of nodes that took it.
     @discardableResult
-    func postNotice(_ keys: SessionKeys, to route: String) async -> (nonce: String, nodes: Int) {
+    func postNotice(_ keys: SessionKeys, to route: String, version: UInt64) async -> (nonce: String, nodes: Int) {
         let key = noticeKey(route)
         let nonce = String(context.randomUInt64(), radix: 16)
-        let line = ByteBuffer(string: noticeDigest(keys) + " " + nonce + "\n")
+        let line = ByteBuffer(string: noticeDigest(keys) + " " + nonce + " " + String(version) + "\n")
         let taken = await withTaskGroup(of: Bool.self) { group in
             for node in noticeNodes {
                 group.addTask {
@@ -155,8 +179,8 @@ extension StickyLifecycle {
     /// wait a second for up to the heartbeat's 3 s TTL. It checks every copy in its memory against
     /// memcached before serving again when it missed notices for more than a second.
     @discardableResult
-    func endTakenOver(_ keys: SessionKeys, from route: String) async -> NoticeHandshake {
-        let (nonce, posted) = await postNotice(keys, to: route)
+    func endTakenOver(_ keys: SessionKeys, from route: String, version: UInt64) async -> NoticeHandshake {
+        let (nonce, posted) = await postNotice(keys, to: route, version: version)
         guard posted > 0 else { return .undelivered }
         let heartbeats = await readHeartbeats(of: route)
         // No heartbeat on any node that answers: not alive.
@@ -263,15 +287,24 @@ extension StickyLifecycle {
             switch await node.executeBatch([get])[0] {
             case .success(.item(let item?)):
                 answered = true
-                var digests: Set<Substring> = []
+                // Per session digest, the highest version a new notice names (a line without one,
+                // from an older release, ends any copy).
+                var versions: [Substring: UInt64] = [:]
                 var nonces: [Substring] = []
                 for line in String(buffer: item.value).split(separator: "\n") where !line.isEmpty {
-                    let parts = line.split(separator: " ", maxSplits: 1)
-                    digests.insert(parts[0])
-                    if parts.count == 2 { nonces.append(parts[1]) }
+                    let parts = line.split(separator: " ")
+                    if parts.count >= 2 {
+                        // A copy of a notice acted on already (read on another node) is only
+                        // acknowledged again.
+                        nonces.append(parts[1])
+                        guard notices.isNew(nonce: parts[1]) else { continue }
+                    }
+                    let version = parts.count >= 3 ? UInt64(parts[2]) ?? .max : .max
+                    versions[parts[0]] = max(versions[parts[0]] ?? 0, version)
                 }
-                var takenOver: [Session] = []
-                for session in localStore.allSessions where digests.contains(noticeDigest(keys(of: session))) {
+                var takenOver: [MemcachedSession] = []
+                for session in localStore.allSessions {
+                    guard let version = versions[noticeDigest(keys(of: session))], session.acquiredVersion <= version else { continue }
                     session.markTakenOver()
                     localStore.remove(session.id.token, ifSame: session)
                     statistics.count(.noticesRead)

@@ -78,7 +78,7 @@ final class StickyLifecycle: SessionLifecycle {
         }
     }
 
-    func mayWaitForMemcached(_ id: SessionID?) -> Bool {
+    func mayWaitForMemcached(_ id: MemcachedSessionID?) -> Bool {
         guard isEnabled else { return false }
         if !configuration.sticky.asynchronousSaving { return true }
         guard let id else { return false }  // a new sticky session is saved by the writer
@@ -87,7 +87,7 @@ final class StickyLifecycle: SessionLifecycle {
     }
 
     /// A session replaced by ``SessionAccess/create()``: gone from memory, its stored copies ended.
-    func retire(_ session: Session, lock: HeldLock?) {
+    func retire(_ session: MemcachedSession, lock: HeldLock?) {
         localStore.remove(session.id.token)
         guard isEnabled else { return }
         Task {
@@ -97,7 +97,7 @@ final class StickyLifecycle: SessionLifecycle {
         }
     }
 
-    func load(_ access: SessionAccess) async throws(SessionError) -> Session? {
+    func load(_ access: SessionAccess) async throws(SessionError) -> MemcachedSession? {
         guard let id = access.requestedID else { return nil }
         let memoryOnly = !isEnabled
         guard memoryOnly || topology.contains(id.nodeID) else {
@@ -185,7 +185,7 @@ final class StickyLifecycle: SessionLifecycle {
         }
         var noticePosted = false
         var writeBack = false
-        if takeover, configuration.sticky.asynchronousSaving, case .found = read, let previous = id.route {
+        if takeover, configuration.sticky.asynchronousSaving, case .found(let first) = read, let previous = id.route {
             // The takeover handshake: the previous owner may hold a queued write of this session
             // (asynchronous saving). Once it has read the notice, nothing of it is queued or in
             // flight; the copy read after that has whatever landed. Without the handshake a write
@@ -197,7 +197,7 @@ final class StickyLifecycle: SessionLifecycle {
             // simulation, seed 11679). Not when it is not alive (no heartbeat): nothing of it
             // lands meanwhile, and reading again would only cost a round trip; nor when the
             // notice reached no node (no node answers now: a second read would not either).
-            let handshake = await endTakenOver(keys, from: previous)
+            let handshake = await endTakenOver(keys, from: previous, version: first.record.metadata.version)
             if handshake == .read || handshake == .timedOut {
                 switch await store.readStored(key: keys.primary, on: home, touch: slide) {
                 case .missing:
@@ -236,7 +236,8 @@ final class StickyLifecycle: SessionLifecycle {
             if takeover, let previous = id.route {
                 // The previous owner drops its copy (and its queued write) when it reads this.
                 session.takenOverFrom = previous
-                if !noticePosted { Task { await self.postNotice(keys, to: previous) } }
+                let version = stored.record.metadata.version
+                if !noticePosted { Task { await self.postNotice(keys, to: previous, version: version) } }
             }
             if takeover {
                 statistics.count(.takeovers)
@@ -284,7 +285,7 @@ final class StickyLifecycle: SessionLifecycle {
                     keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
                 // The instance it was taken over from must not serve it from memory any more.
                 if let previous = session.takenOverFrom, previous != configuration.route {
-                    await endTakenOver(keys(for: id.token), from: previous)
+                    await endTakenOver(keys(for: id.token), from: previous, version: session.metadata.version)
                 }
             }
             return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
@@ -302,7 +303,7 @@ final class StickyLifecycle: SessionLifecycle {
                 await store.deleteCopies(
                     keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
                 if let previous = session.takenOverFrom, previous != configuration.route {
-                    await endTakenOver(keys(for: old.token), from: previous)
+                    await endTakenOver(keys(for: old.token), from: previous, version: session.metadata.version)
                     session.takenOverFrom = nil
                 }
             }
@@ -347,7 +348,7 @@ final class StickyLifecycle: SessionLifecycle {
     }
 
     /// Saves a sticky session (at the end of the request, or from the asynchronous writer).
-    func save(_ session: Session, synchronous: Bool, again: Bool = false) async throws(SessionError) {
+    func save(_ session: MemcachedSession, synchronous: Bool, again: Bool = false) async throws(SessionError) {
         let id = session.id
         let keys = self.keys(of: session)
         let (outcome, finalID) = await store.saveWithRelocation(
@@ -388,15 +389,15 @@ final class StickyLifecycle: SessionLifecycle {
     /// pipelined write per node (one waiting task per node, not per session); a session whose
     /// write did not simply succeed (a conflict, a lost copy, a node down) then takes the full
     /// save path of ``save(_:synchronous:)``.
-    func saveBatch(_ sessions: [Session]) async {
+    func saveBatch(_ sessions: [MemcachedSession]) async {
         let now = currentTimeMillis()
         struct Pending {
-            let session: Session
-            let snapshot: Session.Snapshot
+            let session: MemcachedSession
+            let snapshot: MemcachedSession.Snapshot
             let bytes: ByteBuffer
         }
         var perNode: [String: [Pending]] = [:]
-        var slow: [Session] = []
+        var slow: [MemcachedSession] = []
         // A session another instance took over meanwhile is dead here: its queued write goes
         // no further (it would merge older values over the new owner's).
         for session in sessions where !session.isInvalidated && !session.isTakenOver {
@@ -414,7 +415,7 @@ final class StickyLifecycle: SessionLifecycle {
                 logger.warning("session not saved", metadata: ["reason": "\(error.message)"])
             }
         }
-        let retries = await withTaskGroup(of: [Session].self) { group in
+        let retries = await withTaskGroup(of: [MemcachedSession].self) { group in
             for (nodeID, pending) in perNode {
                 guard let node = topology.node(nodeID) else { continue }
                 group.addTask {
@@ -428,7 +429,7 @@ final class StickyLifecycle: SessionLifecycle {
                         return self.prepared(request)
                     }
                     let results = await node.executeBatch(requests)
-                    var retry: [Session] = []
+                    var retry: [MemcachedSession] = []
                     for (item, result) in zip(pending, results) {
                         if case .success(.stored(.stored(let cas))) = result {
                             item.session.markSaved(item.snapshot, saved: item.snapshot.record, casUnique: cas)
@@ -448,7 +449,7 @@ final class StickyLifecycle: SessionLifecycle {
                     return retry
                 }
             }
-            var all: [Session] = []
+            var all: [MemcachedSession] = []
             for await part in group { all += part }
             return all
         }
@@ -465,7 +466,7 @@ final class StickyLifecycle: SessionLifecycle {
     /// local one (unless the local one has changes of its own, which the next save merges); a
     /// tombstone ends it; a missing copy (memcached restarted or evicted it) is written again.
     /// Returns false when the session is gone.
-    func revalidate(_ session: Session) async -> Bool {
+    func revalidate(_ session: MemcachedSession) async -> Bool {
         let id = session.id
         let keys = self.keys(of: session)
         let ttl = SessionStore.primaryTTL(session.metadata, now: currentTimeMillis())
@@ -504,7 +505,7 @@ final class StickyLifecycle: SessionLifecycle {
     }
 
     /// Slides an unchanged sticky session's memcached TTL (a touch the request does not wait for).
-    func touch(_ session: Session) async {
+    func touch(_ session: MemcachedSession) async {
         let id = session.id
         guard let node = topology.node(id.nodeID), node.isAvailable else { return }
         let ttl = SessionStore.primaryTTL(session.metadata, now: currentTimeMillis())
@@ -522,7 +523,7 @@ final class StickyLifecycle: SessionLifecycle {
 
     /// A request with the cookie that never opened the session: mark it accessed in memory and
     /// slide the memcached TTL when due.
-    func slideUnopened(_ id: SessionID) async {
+    func slideUnopened(_ id: MemcachedSessionID) async {
         let takeover = isEnabled && configuration.route != nil && id.route != configuration.route
         guard !takeover, let (session, refreshed) = localStore.access(id.token, now: currentTimeMillis()) else { return }
         if isEnabled, clock.now() - refreshed >= touchInterval {

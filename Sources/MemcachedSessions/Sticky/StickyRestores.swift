@@ -59,7 +59,7 @@ extension StickyLifecycle {
                 }
             }
             let now = currentTimeMillis()
-            var writes: [(Session, UInt64, MemcachedRequest)] = []
+            var writes: [(MemcachedSession, UInt64, MemcachedRequest)] = []
             for (session, lastAccess) in chunk {
                 if ended.contains(ObjectIdentifier(session)) {
                     session.invalidate(byAnotherRequest: true)

@@ -6,8 +6,8 @@ extension SessionStore {
     /// Saves to `nodeID`; if that node does not answer, moves the session to the next available
     /// node under a new id and saves there. Bounded by the number of nodes.
     func saveWithRelocation(
-        _ session: Session, keys: SessionKeys, nodeID: String, lock: HeldLock?, forceAdd: Bool, restoreIfMissing: Bool = false
-    ) async -> (SaveOutcome, SessionID) {
+        _ session: MemcachedSession, keys: SessionKeys, nodeID: String, lock: HeldLock?, forceAdd: Bool, restoreIfMissing: Bool = false
+    ) async -> (SaveOutcome, MemcachedSessionID) {
         var nodeID = nodeID
         var lock = lock
         let locked = lock != nil

@@ -11,14 +11,14 @@ public struct SessionKeys: Sendable, Hashable {
     /// The non-sticky lock, on the session's node.
     public let lock: String
     /// The token these keys belong to.
-    public let token: SessionID.Token
+    public let token: MemcachedSessionID.Token
 
-    public init(token: SessionID.Token, prefix: String) {
+    public init(token: MemcachedSessionID.Token, prefix: String) {
         self.token = token
         let digest = SHA256.hash(data: token.bytes)
         var hex = [UInt8]()
         hex.reserveCapacity(32)
-        let digits = SessionID.Token.hexDigits
+        let digits = MemcachedSessionID.Token.hexDigits
         for byte in digest.prefix(16) {
             hex.append(digits[Int(byte >> 4)] | 0x20)  // lower case: letters get the 0x20 bit, digits have it
             hex.append(digits[Int(byte & 0xF)] | 0x20)

@@ -267,7 +267,7 @@ final class SessionStore: SessionManagerPart {
     /// was lost by the node (a restart, an eviction), not deleted (deletions leave a tombstone), so
     /// it is written again instead of being given up.
     func save(
-        _ session: Session, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false,
+        _ session: MemcachedSession, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false,
         restoreIfMissing: Bool = false
     ) async -> SaveOutcome {
         let now = currentTimeMillis()
@@ -360,7 +360,7 @@ final class SessionStore: SessionManagerPart {
                                 statistics.count(.lockConflicts)
                                 return .refused(SessionLocks.conflictError)
                             }
-                            record = Session.merge(snapshot, onto: stored.record, now: now)
+                            record = MemcachedSession.merge(snapshot, onto: stored.record, now: now)
                             casUnique = stored.casUnique
                             add = false
                             continue
@@ -389,7 +389,7 @@ final class SessionStore: SessionManagerPart {
                 }
                 switch await readStored(key: keys.primary, on: nodeID, touch: nil) {
                 case .found(let stored):
-                    record = Session.merge(snapshot, onto: stored.record, now: now)
+                    record = MemcachedSession.merge(snapshot, onto: stored.record, now: now)
                     casUnique = stored.casUnique
                     add = false
                 case .missing:

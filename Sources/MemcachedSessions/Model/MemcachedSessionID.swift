@@ -5,7 +5,7 @@
 /// Parsing is strict: exactly 32 upper-case hex digits, `-`, a node id, optionally `.` and a
 /// route (node ids and routes: 1 to 32 letters, digits, `_` or `-`). Anything else is not a
 /// session id, and a request carrying it has no session.
-public struct SessionID: Sendable, Hashable, CustomStringConvertible {
+public struct MemcachedSessionID: Sendable, Hashable, CustomStringConvertible {
     /// The 128 random bits: the session's identity. The node and route change when the session
     /// moves; the token does not (except on ``SessionAccess/regenerateID()``).
     public let token: Token
@@ -68,18 +68,18 @@ public struct SessionID: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// A new session id on `nodeID` with a fresh random token.
-    public static func generate(nodeID: String, route: String?) -> SessionID {
-        SessionID(token: .random(), nodeID: nodeID, route: route)
+    public static func generate(nodeID: String, route: String?) -> MemcachedSessionID {
+        MemcachedSessionID(token: .random(), nodeID: nodeID, route: route)
     }
 
     /// The same session on another node (relocation after a node failure).
-    public func relocated(to nodeID: String) -> SessionID {
-        SessionID(token: token, nodeID: nodeID, route: route)
+    public func relocated(to nodeID: String) -> MemcachedSessionID {
+        MemcachedSessionID(token: token, nodeID: nodeID, route: route)
     }
 
     /// The same session owned by another instance (sticky takeover).
-    public func routed(to route: String?) -> SessionID {
-        SessionID(token: token, nodeID: nodeID, route: route)
+    public func routed(to route: String?) -> MemcachedSessionID {
+        MemcachedSessionID(token: token, nodeID: nodeID, route: route)
     }
 
     public var description: String {
@@ -97,7 +97,7 @@ public struct SessionID: Sendable, Hashable, CustomStringConvertible {
     /// Parses a session id strictly; `nil` for anything that is not one.
     public init?(parsing text: some StringProtocol) {
         var text = String(text)
-        let parsed: SessionID? = text.withUTF8 { bytes in
+        let parsed: MemcachedSessionID? = text.withUTF8 { bytes in
             // 32 hex + "-" + node (1...32) [+ "." + route (1...32)]
             guard bytes.count >= 34, bytes.count <= 32 + 1 + 32 + 1 + 32 else { return nil }
             var high: UInt64 = 0
@@ -127,7 +127,7 @@ public struct SessionID: Sendable, Hashable, CustomStringConvertible {
                 guard Self.isValidComponent(routeBytes) else { return nil }
                 route = String(decoding: routeBytes, as: UTF8.self)
             }
-            return SessionID(
+            return MemcachedSessionID(
                 token: Token(high: high, low: low), nodeID: String(decoding: node, as: UTF8.self), route: route)
         }
         guard let parsed else { return nil }

@@ -76,15 +76,15 @@ public struct SessionRecord: Sendable, Hashable {
 
 /// One user's session: named attributes with typed `Codable` access, and metadata.
 ///
-/// Values are encoded when set and decoded when read, so a `Session` only ever holds bytes: change
+/// Values are encoded when set and decoded when read, so a `MemcachedSession` only ever holds bytes: change
 /// an attribute by setting it again (mutating an object read from it changes nothing). Setting a
 /// value whose encoding equals the stored one is not a change, and a session with no change is
 /// not written back.
 ///
 /// Thread-safe; in sticky mode concurrent requests of one user share the instance's copy.
-public final class Session: Sendable {
+public final class MemcachedSession: Sendable {
     struct State: Sendable {
-        var id: SessionID
+        var id: MemcachedSessionID
         var metadata: SessionMetadata
         var attributes: [String: ByteBuffer]
         /// Attributes excluded by the attribute filter: kept for this copy, never stored.
@@ -122,19 +122,24 @@ public final class Session: Sendable {
     /// moved: its next save is an add).
     var storedCasUnique: UInt64? { state.withLock { $0.moved ? nil : $0.casUnique } }
     let attributeFilter: PathPattern?
+    /// The version of the stored copy this session object was made from (0: a new session). A
+    /// sticky instance's ownership notice names the version its sender read: a copy taken at a
+    /// later version was taken after the notice was sent, and stays.
+    let acquiredVersion: UInt64
 
     init(
-        id: SessionID, record: SessionRecord, casUnique: UInt64?, isNew: Bool, codec: any SessionCodec,
+        id: MemcachedSessionID, record: SessionRecord, casUnique: UInt64?, isNew: Bool, codec: any SessionCodec,
         attributeFilter: PathPattern?
     ) {
         self.state = Mutex(State(id: id, metadata: record.metadata, attributes: record.attributes, casUnique: casUnique, isNew: isNew))
         self.codec = codec
         self.attributeFilter = attributeFilter
+        self.acquiredVersion = isNew ? 0 : record.metadata.version
     }
 
     /// The session's current id (it changes when the session moves to another node, is taken over
     /// by another instance, or on ``SessionAccess/regenerateID()``).
-    public var id: SessionID { state.withLock { $0.id } }
+    public var id: MemcachedSessionID { state.withLock { $0.id } }
 
     /// Creation time, last saved access, timeouts and version.
     public var metadata: SessionMetadata { state.withLock { $0.metadata } }
@@ -254,7 +259,7 @@ public final class Session: Sendable {
     /// the copy that said "ended" was read, and the old id's end is not the new one's. Returns
     /// whether it ended the session.
     @discardableResult
-    func invalidate(byAnotherRequest: Bool, ifToken token: SessionID.Token) -> Bool {
+    func invalidate(byAnotherRequest: Bool, ifToken token: MemcachedSessionID.Token) -> Bool {
         state.withLock { state in
             guard state.id.token == token else { return false }
             if !state.invalidated { state.invalidatedElsewhere = byAnotherRequest }
@@ -285,7 +290,7 @@ public final class Session: Sendable {
     }
 
     /// A copy of a session this instance has ended meanwhile: served as ended.
-    func endedHere() -> Session {
+    func endedHere() -> MemcachedSession {
         invalidate(byAnotherRequest: true)
         return self
     }
@@ -299,7 +304,7 @@ public final class Session: Sendable {
     }
 
     struct Snapshot {
-        var id: SessionID
+        var id: MemcachedSessionID
         var record: SessionRecord
         var casUnique: UInt64?
         var changes: [String: ByteBuffer?]
@@ -367,7 +372,7 @@ public final class Session: Sendable {
         }
     }
 
-    func setID(_ id: SessionID) {
+    func setID(_ id: MemcachedSessionID) {
         state.withLock { state in
             if state.id.token != id.token { state.keys = nil }
             state.id = id
@@ -406,7 +411,7 @@ public final class Session: Sendable {
     }
 }
 
-extension Session {
+extension MemcachedSession {
     /// Applies the changes of `snapshot` onto a newer stored `record` (CAS conflict resolution).
     static func merge(_ snapshot: Snapshot, onto stored: SessionRecord, now: Int64) -> SessionRecord {
         var merged = stored
