@@ -50,6 +50,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-configuration", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.5.0"),
     ],
     targets: [
         .target(
@@ -163,6 +165,9 @@ let package = Package(
                 "Memcached",
                 "MemcachedSessions",
                 .product(name: "ArgumentParser", package: "swift-argument-parser", condition: .when(traits: ["Tools"])),
+                // Settings from flags, the environment and a JSON file (kept to the tool).
+                .product(name: "Configuration", package: "swift-configuration", condition: .when(traits: ["Tools"])),
+                .product(name: "SystemPackage", package: "swift-system", condition: .when(traits: ["Tools"])),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOFoundationCompat", package: "swift-nio"),

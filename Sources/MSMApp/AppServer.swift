@@ -26,6 +26,8 @@ public struct ServeOptions: Sendable {
     public var mode: Mode = .nonSticky
     public var locking: SessionManager.LockingMode = .none
     public var nodes: String = "n1:127.0.0.1:11211"
+    /// meta, or text for memcached-protocol stores and proxies without meta commands.
+    public var protocolMode: MemcachedProtocolMode = .meta
     public var port: Int = 8080
     public var eventLoops: Int? = nil
     public var route: String? = nil
@@ -47,6 +49,7 @@ public struct ServeOptions: Sendable {
     /// The session manager's configuration for these options.
     public func sessionConfiguration() throws(SessionError) -> SessionManager.Configuration {
         var configuration = try SessionManager.Configuration(nodes: nodes)
+        configuration.memcached.protocolMode = protocolMode
         switch mode {
         case .sticky: configuration.mode = .sticky
         case .nonSticky: configuration.mode = .nonSticky

@@ -1,5 +1,6 @@
 #if Tools
 import Foundation
+import Memcached
 import MemcachedSessions
 import MemcachedTestRig
 import Synchronization
@@ -20,6 +21,8 @@ public struct DemoOptions: Sendable {
     public var port = 8080
     public var memcachedBasePort = 21211
     public var appBasePort = 18081
+    /// The apps' memcached protocol.
+    public var protocolMode: MemcachedProtocolMode = .meta
     /// The `msm` binary that runs the app instances (`msm serve`).
     public var msmBinary: String
     public var memcachedBinary = "/usr/bin/memcached"
@@ -142,7 +145,7 @@ public final class DemoCluster: Sendable {
             let port = options.appBasePort + index
             var arguments = [
                 "serve", "--framework", "hummingbird", "--mode", options.sticky ? "sticky" : "non-sticky", "--nodes", nodes,
-                "--port", "\(port)", "--instance", id, "--log-level", "notice", "--metrics",
+                "--port", "\(port)", "--instance", id, "--log-level", "notice", "--metrics", "--protocol", options.protocolMode.rawValue,
             ]
             if options.sticky { arguments += ["--route", Self.routes[index], "--sync-saves"] }
             processes.append(

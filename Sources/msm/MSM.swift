@@ -2,7 +2,9 @@
 import ArgumentParser
 import Foundation
 import Logging
+import Configuration
 import MSMApp
+import Memcached
 import MemcachedSessions
 import NIOCore
 import NIOPosix
@@ -19,21 +21,28 @@ enum Entry {
     /// `MSM_GLOBAL_EXECUTOR=nio|swift`. This must happen before any async work, hence a
     /// synchronous entry point.
     static func main() {
-        let arguments = CommandLine.arguments.dropFirst()
+        let arguments = Array(CommandLine.arguments.dropFirst())
         if arguments.first == "serve" {
+            // The two settings read before anything runs, from the flag, the environment or the
+            // --config file as every setting is (``Settings``).
+            func setting(_ name: String) -> String? {
+                if let index = arguments.firstIndex(of: "--\(name)"), index + 1 < arguments.endIndex { return arguments[index + 1] }
+                if let inline = arguments.first(where: { $0.hasPrefix("--\(name)=") }) { return String(inline.dropFirst(name.count + 3)) }
+                if let value = ProcessInfo.processInfo.environment[Settings.environmentName(name)] { return value }
+                let file = arguments.firstIndex(of: "--config").flatMap { $0 + 1 < arguments.endIndex ? arguments[$0 + 1] : nil }
+                guard let file, let data = FileManager.default.contents(atPath: file),
+                    let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any], let value = object[name]
+                else { return nil }
+                return "\(value)"
+            }
             var loops = ProcessInfo.processInfo.environment["NIO_SINGLETON_GROUP_LOOP_COUNT"].flatMap { Int($0) } ?? System.coreCount
-            if let index = arguments.firstIndex(of: "--event-loops"), index + 1 < arguments.endIndex,
-                let count = Int(arguments[index + 1]), count > 0
-            {
+            if let count = setting("event-loops").flatMap({ Int($0) }), count > 0 {
                 NIOSingletons.groupLoopCountSuggestion = count
                 loops = count
             }
             // Vapor creates each request's task from its channel's loop, so there the tasks stay
             // with their channels at any loop count (measured: 5.3k against 3.7k req/s).
-            // Both spellings argument-parser accepts: `--framework vapor` and `--framework=vapor`.
-            let vapor =
-                arguments.contains("--framework=vapor")
-                || (arguments.firstIndex(of: "--framework").map { $0 + 1 < arguments.endIndex && arguments[$0 + 1] == "vapor" } ?? false)
+            let vapor = setting("framework") == "vapor"
             let choice = ProcessInfo.processInfo.environment["MSM_GLOBAL_EXECUTOR"]
             if choice == "nio" || (choice == nil && (loops == 1 || vapor)) {
                 _ = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
@@ -85,27 +94,41 @@ extension SessionManager.LockingMode: ExpressibleByArgument {
 }
 
 extension ServeOptions.Framework: ExpressibleByArgument {}
+extension MemcachedProtocolMode: ExpressibleByArgument {}
 extension ServeOptions.Mode: ExpressibleByArgument {}
 extension SessionManager.UnavailablePolicy: ExpressibleByArgument {}
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run one app instance with the session-counter endpoints (/counter, /read, /hello) on 127.0.0.1.")
+        abstract: "Run one app instance (the session-counter endpoints) on a port: for benchmarks and the demo.",
+        discussion: """
+            Every option can also come from the environment (MSM_ and the option's name in upper \
+            snake case: --save-delay-ms is MSM_SAVE_DELAY_MS) or from the JSON file of --config (the \
+            options' names as keys); the flag wins over the environment, which wins over the file. \
+            The management token comes from MSM_MANAGEMENT_TOKEN, the file, or --management-token-file: \
+            never from a flag's value, which shows in ps.
+            """)
 
-    @Option(help: "hummingbird or vapor.")
-    var framework: ServeOptions.Framework = .hummingbird
+    @Option(help: "A JSON file of settings, the options' names as keys.")
+    var config: String?
 
-    @Option(help: "sticky, non-sticky, or memory (sessions in this instance's memory only).")
-    var mode: ServeOptions.Mode = .nonSticky
+    @Option(help: "hummingbird or vapor (default hummingbird).")
+    var framework: ServeOptions.Framework?
 
-    @Option(help: "Non-sticky locking: none, all, auto, or uriPattern:<regex>.")
-    var locking: SessionManager.LockingMode = .none
+    @Option(help: "sticky, non-sticky, or memory (sessions in this instance's memory only; default non-sticky).")
+    var mode: ServeOptions.Mode?
 
-    @Option(help: "Memcached nodes: n1:host:port,n2:host:port (spaces or commas).")
-    var nodes: String = "n1:127.0.0.1:11211"
+    @Option(help: "Non-sticky locking: none, all, auto, or uriPattern:<regex> (default none).")
+    var locking: String?
 
-    @Option(help: "Port on 127.0.0.1.")
-    var port: Int = 8080
+    @Option(help: "Memcached nodes: n1:host:port,n2:host:port (spaces or commas; default n1:127.0.0.1:11211).")
+    var nodes: String?
+
+    @Option(name: .customLong("protocol"), help: "meta, or text for memcached-protocol stores and proxies without meta commands (default meta).")
+    var protocolMode: MemcachedProtocolMode?
+
+    @Option(help: "Port on 127.0.0.1 (default 8080).")
+    var port: Int?
 
     @Option(help: "Event loops (default: NIO's, one per core).")
     var eventLoops: Int?
@@ -113,96 +136,151 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "This instance's route (sticky set-ups: appended to session ids for the load balancer).")
     var route: String?
 
-    @Option(help: "A name for this instance (shown on the home page).")
-    var instance: String = "app"
+    @Option(help: "A name for this instance (shown on the home page; default app).")
+    var instance: String?
 
-    @Flag(help: "Sticky mode: save before the response instead of asynchronously.")
-    var syncSaves = false
+    @Flag(inversion: .prefixedNo, help: "Sticky mode: save before the response instead of asynchronously.")
+    var syncSaves: Bool?
 
     @Option(help: "Sticky asynchronous saving: milliseconds a change may wait to be written (default 250).")
     var saveDelayMs: Int?
 
-    @Option(help: "When no memcached node answers: fail (503) or startNewSession.")
-    var unavailable: SessionManager.UnavailablePolicy = .fail
+    @Option(help: "When no memcached node answers: fail (503) or startNewSession (default fail).")
+    var unavailable: SessionManager.UnavailablePolicy?
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = "warning"
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (default warning).")
+    var logLevel: String?
 
-    @Option(
-        help: "Enables the management endpoints (/_msm/status, /_msm/, /_msm/config) behind this bearer token (or MSM_MANAGEMENT_TOKEN).")
+    @Option(help: "A file holding the management endpoints' bearer token (/_msm/status, /_msm/, /_msm/config).")
+    var managementTokenFile: String?
+
+    @Option(help: ArgumentHelp("Deprecated: the token shows in ps; use MSM_MANAGEMENT_TOKEN or --management-token-file.", visibility: .hidden))
     var managementToken: String?
 
-    @Flag(help: "Serves Prometheus metrics at /metrics.")
-    var metrics = false
+    @Flag(inversion: .prefixedNo, help: "Serves Prometheus metrics at /metrics.")
+    var metrics: Bool?
 
-    @Flag(help: "/metrics requires the management token too.")
-    var metricsRequireToken = false
+    @Flag(inversion: .prefixedNo, help: "/metrics requires the management token too.")
+    var metricsRequireToken: Bool?
 
-    func validate() throws {
-        guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535") }
-        if let eventLoops, eventLoops < 1 { throw ValidationError("--event-loops must be at least 1") }
-        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level \(logLevel)") }
-    }
-
-    func run() async throws {
+    /// The settings, each from its flag, the environment, the --config file, or its default.
+    func options() async throws -> ServeOptions {
+        var flags: [String: ConfigValue] = [:]
+        flags.flag("framework", framework)
+        flags.flag("mode", mode)
+        flags.flag("locking", locking)
+        flags.flag("nodes", nodes)
+        flags.flag("protocol", protocolMode)
+        flags.flag("port", port)
+        flags.flag("event-loops", eventLoops)
+        flags.flag("route", route)
+        flags.flag("instance", instance)
+        flags.flag("sync-saves", syncSaves)
+        flags.flag("save-delay-ms", saveDelayMs)
+        flags.flag("unavailable", unavailable)
+        flags.flag("log-level", logLevel)
+        flags.flag("metrics", metrics)
+        flags.flag("metrics-require-token", metricsRequireToken)
+        let settings = try await Settings(flags: flags, configFile: config)
         var options = ServeOptions()
-        options.framework = framework
-        options.mode = mode
-        options.locking = locking
-        options.nodes = nodes
-        options.port = port
-        options.eventLoops = eventLoops
-        options.route = route
-        options.instance = instance
-        options.synchronousSaves = syncSaves
-        options.asynchronousSaveDelay = saveDelayMs.map { .milliseconds($0) }
-        options.unavailablePolicy = unavailable
-        options.logLevel = Logger.Level(rawValue: logLevel) ?? .warning
-        options.managementToken = managementToken ?? ProcessInfo.processInfo.environment["MSM_MANAGEMENT_TOKEN"]
-        options.metrics = metrics
-        options.metricsRequireToken = metricsRequireToken
-        if metricsRequireToken, options.managementToken == nil {
-            throw ValidationError("--metrics-require-token needs --management-token")
+        options.framework = try settings.value("framework") ?? options.framework
+        options.mode = try settings.value("mode") ?? options.mode
+        options.locking = try settings.value("locking", as: SessionManager.LockingMode.self) ?? options.locking
+        options.nodes = try settings.string("nodes") ?? options.nodes
+        options.protocolMode = try settings.value("protocol") ?? options.protocolMode
+        options.port = try settings.int("port") ?? options.port
+        options.eventLoops = try settings.int("event-loops")
+        options.route = try settings.string("route")
+        options.instance = try settings.string("instance") ?? options.instance
+        options.synchronousSaves = try settings.bool("sync-saves") ?? options.synchronousSaves
+        options.asynchronousSaveDelay = try settings.int("save-delay-ms").map { .milliseconds($0) }
+        options.unavailablePolicy = try settings.value("unavailable") ?? options.unavailablePolicy
+        let level = try settings.string("log-level") ?? "warning"
+        guard let logLevel = Logger.Level(rawValue: level) else { throw ValidationError("unknown log level \(level)") }
+        options.logLevel = logLevel
+        options.metrics = try settings.bool("metrics") ?? options.metrics
+        options.metricsRequireToken = try settings.bool("metrics-require-token") ?? options.metricsRequireToken
+        if let managementTokenFile {
+            options.managementToken = try readSecretFile(managementTokenFile, flag: "management-token-file")
+        } else if let managementToken {
+            note("msm serve: --management-token is deprecated (its value shows in ps): use MSM_MANAGEMENT_TOKEN or --management-token-file")
+            options.managementToken = managementToken
+        } else {
+            options.managementToken = try settings.secret("management-token")
+        }
+        guard (1...65535).contains(options.port) else { throw ValidationError("port must be 1 to 65535") }
+        if let loops = options.eventLoops, loops < 1 { throw ValidationError("event-loops must be at least 1") }
+        if options.metricsRequireToken, options.managementToken == nil {
+            throw ValidationError("metrics-require-token needs a management token")
         }
         do {
             _ = try options.sessionConfiguration()
         } catch {
             throw ValidationError(error.message)
         }
-        try await AppServer.run(options)
+        return options
+    }
+
+    func run() async throws {
+        try await AppServer.run(try await options())
     }
 }
 
-struct Demo: ParsableCommand {
+struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run a demo cluster: 3 memcached nodes, 3 app instances and nginx on 127.0.0.1:8080, until Ctrl-C.")
+        abstract: "Run a demo cluster: 3 memcached nodes, 3 app instances and nginx on 127.0.0.1:8080, until Ctrl-C.",
+        discussion: """
+            Every option can also come from the environment (MSM_ and the option's name in upper \
+            snake case: --state-directory is MSM_STATE_DIRECTORY) or from the JSON file of --config \
+            (the options' names as keys); the flag wins over the environment, which wins over the file.
+            """)
 
-    @Flag(help: "Sticky sessions: nginx routes by the session id's route suffix, apps save synchronously.")
-    var sticky = false
+    @Option(help: "A JSON file of settings, the options' names as keys.")
+    var config: String?
 
-    @Flag(help: "Restart a process that dies (by default nothing is restarted).")
-    var respawn = false
+    @Flag(inversion: .prefixedNo, help: "Sticky sessions: nginx routes by the session id's route suffix, apps save synchronously.")
+    var sticky: Bool?
 
-    @Option(help: "Where cluster.json, the nginx configuration and the logs go.")
-    var stateDirectory: String = ".msm-demo"
+    @Flag(inversion: .prefixedNo, help: "Restart a process that dies (by default nothing is restarted).")
+    var respawn: Bool?
 
-    @Option(help: "nginx's port on 127.0.0.1.")
-    var port: Int = 8080
+    @Option(name: .customLong("protocol"), help: "The apps' memcached protocol: meta, or text (default meta).")
+    var protocolMode: MemcachedProtocolMode?
 
-    @Option(help: "First memcached port (n1; n2 and n3 follow).")
-    var memcachedPort: Int = 21211
+    @Option(help: "Where cluster.json, the nginx configuration and the logs go (default .msm-demo).")
+    var stateDirectory: String?
 
-    @Option(help: "First app port (app1; app2 and app3 follow).")
-    var appPort: Int = 18081
+    @Option(help: "nginx's port on 127.0.0.1 (default 8080).")
+    var port: Int?
 
-    func run() throws {
+    @Option(help: "First memcached port (n1; n2 and n3 follow; default 21211).")
+    var memcachedPort: Int?
+
+    @Option(help: "First app port (app1; app2 and app3 follow; default 18081).")
+    var appPort: Int?
+
+    func run() async throws {
+        var flags: [String: ConfigValue] = [:]
+        flags.flag("sticky", sticky)
+        flags.flag("respawn", respawn)
+        flags.flag("protocol", protocolMode)
+        flags.flag("state-directory", stateDirectory)
+        flags.flag("port", port)
+        flags.flag("memcached-port", memcachedPort)
+        flags.flag("app-port", appPort)
+        let settings = try await Settings(flags: flags, configFile: config)
         var options = DemoOptions(msmBinary: Self.executablePath())
-        options.sticky = sticky
-        options.respawn = respawn
-        options.stateDirectory = stateDirectory
-        options.port = port
-        options.memcachedBasePort = memcachedPort
-        options.appBasePort = appPort
+        options.sticky = try settings.bool("sticky") ?? options.sticky
+        options.respawn = try settings.bool("respawn") ?? options.respawn
+        options.protocolMode = try settings.value("protocol") ?? options.protocolMode
+        options.stateDirectory = try settings.string("state-directory") ?? options.stateDirectory
+        options.port = try settings.int("port") ?? options.port
+        options.memcachedBasePort = try settings.int("memcached-port") ?? options.memcachedBasePort
+        options.appBasePort = try settings.int("app-port") ?? options.appBasePort
+        for (name, value) in [("port", options.port), ("memcached-port", options.memcachedBasePort), ("app-port", options.appBasePort)]
+        where !(1...65533).contains(value) {
+            throw ValidationError("\(name) must be 1 to 65533")
+        }
         do {
             try DemoCluster(options: options).run()
         } catch let error as DemoError {

@@ -25,6 +25,9 @@ struct NodeOptions: ParsableArguments {
     @Option(help: "Memcached nodes: n1:host:port,n2:host:port (spaces or commas).")
     var nodes: String = "n1:127.0.0.1:11211"
 
+    @Option(name: .customLong("protocol"), help: "meta, or text for memcached-protocol stores and proxies without meta commands.")
+    var protocolMode: MemcachedProtocolMode = .meta
+
     @Option(help: "How long to wait for each node, in milliseconds.")
     var timeoutMs: Int = 1000
 
@@ -34,6 +37,7 @@ struct NodeOptions: ParsableArguments {
     func client() throws -> MemcachedClient {
         do {
             var configuration = try MemcachedClient.Configuration(nodes: nodes)
+            configuration.protocolMode = protocolMode
             configuration.requestTimeout = .milliseconds(timeoutMs)
             configuration.connectTimeout = .milliseconds(timeoutMs)
             configuration.failureThreshold = 1000
@@ -337,7 +341,10 @@ struct Config: AsyncParsableCommand {
     @Option(help: "The instance's base URL, e.g. http://127.0.0.1:18081")
     var instance: String
 
-    @Option(help: "The instance's management token (or MSM_MANAGEMENT_TOKEN).")
+    @Option(help: "A file holding the instance's management token (or MSM_MANAGEMENT_TOKEN).")
+    var tokenFile: String?
+
+    @Option(help: ArgumentHelp("Deprecated: the token shows in ps; use MSM_MANAGEMENT_TOKEN or --token-file.", visibility: .hidden))
     var token: String?
 
     @Option(help: "New node list: n1:host:port,n2:host:port. Removed nodes drain; added nodes take new sessions.")
@@ -360,8 +367,18 @@ struct Config: AsyncParsableCommand {
             note("msm config: --instance must be an http(s) URL such as http://127.0.0.1:18081")
             throw ToolExit.badInput
         }
-        guard let token = token ?? ProcessInfo.processInfo.environment["MSM_MANAGEMENT_TOKEN"] else {
-            note("msm config: a management token is needed (--token or MSM_MANAGEMENT_TOKEN)")
+        if token != nil { note("msm config: --token is deprecated (its value shows in ps): use MSM_MANAGEMENT_TOKEN or --token-file") }
+        var fromFile: String? = nil
+        if let tokenFile {
+            do {
+                fromFile = try readSecretFile(tokenFile, flag: "token-file")
+            } catch {
+                note("msm config: \(error)")
+                throw ToolExit.badInput
+            }
+        }
+        guard let token = fromFile ?? token ?? ProcessInfo.processInfo.environment["MSM_MANAGEMENT_TOKEN"] else {
+            note("msm config: a management token is needed (MSM_MANAGEMENT_TOKEN or --token-file)")
             throw ToolExit.badInput
         }
         let change = SessionManager.RuntimeChange(

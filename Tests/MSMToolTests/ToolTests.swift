@@ -1,5 +1,8 @@
 #if Tools
 import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
 import Memcached
 import MemcachedSessions
 import MemcachedTestRig
@@ -29,6 +32,14 @@ func msm(_ arguments: [String], environment: [String: String] = [:]) throws -> (
 }
 
 func nodes(_ servers: [MemcachedServer]) -> String { servers.nodeList }
+
+/// A GET, as a browser or a scraper sends it: the status and the body.
+func get(_ url: String, token: String? = nil) async throws -> (status: Int, body: String) {
+    var request = URLRequest(url: URL(string: url)!)
+    if let token { request.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization") }
+    let (data, response) = try await URLSession.shared.data(for: request)
+    return ((response as? HTTPURLResponse)?.statusCode ?? 0, String(decoding: data, as: UTF8.self))
+}
 
 /// A port nothing listens on.
 func deadPort() throws -> Int { try FreePort.find() }
@@ -169,42 +180,98 @@ struct ToolTests {
         }
     }
 
+    /// Starts `msm serve` with `arguments` and `environment`, waits until it listens on `port`.
+    func serve(_ arguments: [String], environment: [String: String] = [:], port: Int) async throws -> Process {
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("msm")
+        if !FileManager.default.isExecutableFile(atPath: server.executableURL!.path) {
+            server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+                .deletingLastPathComponent()
+                .appendingPathComponent("msm")
+        }
+        server.arguments = ["serve"] + arguments
+        server.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        server.standardOutput = FileHandle.nullDevice
+        server.standardError = FileHandle.nullDevice
+        try server.run()
+        let deadline = ContinuousClock.now + .seconds(30)
+        while ContinuousClock.now < deadline, !FreePort.accepts(port: port), server.isRunning { try await Task.sleep(for: .milliseconds(50)) }
+        return server
+    }
+
     @Test func configChangesARunningInstance() async throws {
         try await withMemcachedServers(count: 2) { servers in
             let port = try FreePort.find()
             let token = "tool-test-token-0123456789"
-            let server = Process()
-            server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("msm")
-            if !FileManager.default.isExecutableFile(atPath: server.executableURL!.path) {
-                server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-                    .deletingLastPathComponent()
-                    .appendingPathComponent("msm")
-            }
-            server.arguments = ["serve", "--nodes", nodes(servers), "--port", "\(port)", "--management-token", token, "--metrics"]
-            server.standardOutput = FileHandle.nullDevice
-            server.standardError = FileHandle.nullDevice
-            try server.run()
+            let server = try await serve(
+                ["--nodes", nodes(servers), "--port", "\(port)", "--metrics"], environment: ["MSM_MANAGEMENT_TOKEN": token], port: port)
             defer {
                 server.terminate()
                 server.waitUntilExit()
             }
-            let deadline = ContinuousClock.now + .seconds(30)
-            while ContinuousClock.now < deadline, !FreePort.accepts(port: port) { try await Task.sleep(for: .milliseconds(50)) }
             let instance = "http://127.0.0.1:\(port)"
+            let tokenFile = FileManager.default.temporaryDirectory.appendingPathComponent("msm-token-\(port)")
+            try (token + "\n").write(to: tokenFile, atomically: true, encoding: .utf8)
+            defer { try? FileManager.default.removeItem(at: tokenFile) }
 
-            let shown = try msm(["config", "--instance", instance, "--token", token])
+            let shown = try msm(["config", "--instance", instance, "--token-file", tokenFile.path])
             #expect(shown.code == 0, "\(shown.errors)")
             #expect(shown.output.contains("locking         none"))
-            let changed = try msm(["config", "--instance", instance, "--token", token, "--locking", "all"])
+            let changed = try msm(["config", "--instance", instance, "--token-file", tokenFile.path, "--locking", "all"])
             #expect(changed.code == 0)
             #expect(changed.output.contains("locking         all"))
             let json = try msm(
                 ["config", "--instance", instance, "--locking", "auto", "--json"], environment: ["MSM_MANAGEMENT_TOKEN": token])
             #expect(json.code == 0 && json.output.contains("\"locking\":\"auto\""))
-            #expect(try msm(["config", "--instance", instance, "--token", "wrong-token-0123456789"]).code == 1)
-            #expect(try msm(["config", "--instance", instance, "--token", token, "--locking", "never"]).code == 1)
-            #expect(try msm(["config", "--instance", "http://127.0.0.1:\(try deadPort())", "--token", token]).code == 2)
-            #expect(try msm(["config", "--instance", "not a url", "--token", token]).code == 1)
+            // The old flag still works, with a warning: its value shows in ps.
+            let deprecated = try msm(["config", "--instance", instance, "--token", token])
+            #expect(deprecated.code == 0 && deprecated.errors.contains("deprecated"))
+            #expect(try msm(["config", "--instance", instance], environment: ["MSM_MANAGEMENT_TOKEN": "wrong-token-0123456789"]).code == 1)
+            #expect(
+                try msm(["config", "--instance", instance, "--locking", "never"], environment: ["MSM_MANAGEMENT_TOKEN": token]).code == 1)
+            #expect(try msm(["config", "--instance", "http://127.0.0.1:\(try deadPort())"], environment: ["MSM_MANAGEMENT_TOKEN": token]).code == 2)
+            #expect(try msm(["config", "--instance", "not a url"], environment: ["MSM_MANAGEMENT_TOKEN": token]).code == 1)
+        }
+    }
+
+    /// `msm serve` takes each setting from its flag, else the environment (`MSM_...`), else the
+    /// `--config` JSON file, else the default; a value that does not parse is an error, never a
+    /// default; a secret given as a flag's value works but is deprecated.
+    @Test func serveSettingsComeFromFlagsTheEnvironmentAndAFile() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let port = try FreePort.find()
+            let token = "settings-token-0123456789"
+            let file = FileManager.default.temporaryDirectory.appendingPathComponent("msm-settings-\(port).json")
+            let settings: [String: Any] = [
+                "nodes": "n1:127.0.0.1:\(try deadPort())",  // the environment's wins
+                "locking": "all", "instance": "from-file", "metrics": true, "metrics-require-token": true,
+                "port": 1,  // the environment's wins
+            ]
+            try JSONSerialization.data(withJSONObject: settings).write(to: file)
+            defer { try? FileManager.default.removeItem(at: file) }
+            let server = try await serve(
+                ["--config", file.path, "--instance", "from-flag"],
+                environment: ["MSM_NODES": nodes(servers), "MSM_PORT": "\(port)", "MSM_MANAGEMENT_TOKEN": token], port: port)
+            defer {
+                server.terminate()
+                server.waitUntilExit()
+            }
+            #expect(server.isRunning && FreePort.accepts(port: port), "listening on the environment's port")
+            let view = try msm(["config", "--instance", "http://127.0.0.1:\(port)", "--json"], environment: ["MSM_MANAGEMENT_TOKEN": token])
+            #expect(view.code == 0, "\(view.errors)")
+            #expect(view.output.contains("\"locking\":\"all\""), "from the file")
+            #expect(view.output.contains("127.0.0.1:\(servers[0].port)"), "the environment's nodes")
+            let status = try await get("http://127.0.0.1:\(port)/_msm/status", token: token)
+            #expect(status.status == 200 && status.body.contains(#""instance":"from-flag""#), "the flag beats the file")
+            #expect(try await get("http://127.0.0.1:\(port)/metrics").status == 401, "metrics behind the token, from the file")
+            #expect(try await get("http://127.0.0.1:\(port)/metrics", token: token).status == 200)
+            // Errors: a value that does not parse, a file that is not there.
+            let badPort = try msm(["serve", "--nodes", nodes(servers)], environment: ["MSM_PORT": "eighty"])
+            #expect(badPort.code == 1 && badPort.errors.contains("port"), "\(badPort.errors)")
+            let badFlag = try msm(["serve", "--config", "/nonexistent/msm.json"])
+            #expect(badFlag.code == 1 && badFlag.errors.contains("--config"), "\(badFlag.errors)")
+            let deprecated = try msm(["serve", "--management-token", token, "--port", "0"])
+            #expect(deprecated.code == 1 && deprecated.errors.contains("deprecated"), "\(deprecated.errors)")
         }
     }
 }

@@ -226,8 +226,8 @@ def main():
         nodes = f"n1:127.0.0.1:{ports[0]},n2:127.0.0.1:{ports[1]}"
         app_log = open(os.path.join(arguments.artifacts, "status-page-app.log"), "wb")
         app = subprocess.Popen(
-            [arguments.msm, "serve", "--nodes", nodes, "--port", str(app_port), "--instance", "status-e2e",
-             "--management-token", TOKEN, "--metrics"], stdout=app_log, stderr=subprocess.STDOUT)
+            [arguments.msm, "serve", "--nodes", nodes, "--port", str(app_port), "--instance", "status-e2e", "--metrics"],
+            env={**os.environ, "MSM_MANAGEMENT_TOKEN": TOKEN}, stdout=app_log, stderr=subprocess.STDOUT)
         processes.append(app)
         wait_port(app_port)
 
