@@ -98,6 +98,10 @@ struct Stats: AsyncParsableCommand {
                 let stats = try await node.stats(statsGroup)
                 note("msm stats: \(node.id) (\(node.address.hostAndPort)): \(stats.count) values")
                 results.append((node.id, stats))
+            } catch where error.code == .unsupportedInProtocolMode {
+                // A memcached-protocol proxy without stats (the command would close its connection).
+                note("msm stats: \(node.id) (\(node.address.hostAndPort)) does not answer stats (a proxy?): ask the servers behind it")
+                results.append((node.id, nil))
             } catch {
                 note("msm stats: \(node.id) (\(node.address.hostAndPort)) unreachable: \(error.code)")
                 results.append((node.id, nil))

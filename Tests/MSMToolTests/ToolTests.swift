@@ -180,6 +180,37 @@ struct ToolTests {
         }
     }
 
+    /// The inspection commands in text mode through a memcached-protocol proxy (twemproxy): what
+    /// it answers works, `stats` (which it would answer by closing the connection) is refused with
+    /// a clear message and never sent.
+    @Test func theToolsInTextModeThroughAProxy() async throws {
+        try await withProxiedMemcachedServers(count: 2) { proxy, servers in
+            let node = "p1:\(proxy.hostAndPort)"
+            let nodesOutput = try msm(["nodes", "--nodes", node, "--protocol", "text", "--json"])
+            #expect(nodesOutput.code == 0, "\(nodesOutput.errors)")
+            let stats = try msm(["stats", "--nodes", node, "--protocol", "text"])
+            #expect(stats.code == 2 && stats.errors.contains("does not answer stats"), "\(stats.errors)")
+            // A session written through the proxy by an instance in text mode, inspected and ended.
+            var configuration = try SessionManager.Configuration(nodes: node)
+            configuration.memcached.protocolMode = .text
+            let manager = try SessionManager(configuration: configuration)
+            let cookie: String = try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await manager.run() }
+                defer { group.cancelAll() }
+                let access = manager.beginRequest(path: "/", sessionCookie: nil)
+                try await access.loadOrCreate().set("count", 7)
+                guard case .set(let id) = try await manager.endRequest(access).cookie else { throw RigError("no cookie") }
+                return id.description
+            }
+            let shown = try msm(["session", "show", cookie, "--nodes", node, "--protocol", "text", "--values"])
+            #expect(shown.code == 0 && shown.output.contains("count"), "\(shown.errors)")
+            let deleted = try msm(["session", "delete", cookie, "--nodes", node, "--protocol", "text"])
+            #expect(deleted.code == 0, "\(deleted.errors)")
+            #expect(try msm(["session", "show", cookie, "--nodes", node, "--protocol", "text"]).code == 3)
+            _ = servers
+        }
+    }
+
     /// Starts `msm serve` with `arguments` and `environment`, waits until it listens on `port`.
     func serve(_ arguments: [String], environment: [String: String] = [:], port: Int) async throws -> Process {
         let server = Process()

@@ -38,6 +38,8 @@ struct EncoderTests {
     @Test func textCommands() {
         #expect(encode(.get("k"), .text) == ("gets k\r\n", .textGet(key: "k")))
         #expect(encode(.get("k", touch: .seconds(60)), .text).0 == "gats 60 k\r\n")
+        // A metadata read is a gets in text mode, never a touch (which would set the TTL).
+        #expect(encode(.getMetadata("k"), .text) == ("gets k\r\n", .textGet(key: "k")))
         #expect(encode(.store("k", value: ByteBuffer(string: "abc"), flags: 3), .text) == ("set k 3 0 3\r\nabc\r\n", .textStore))
         #expect(encode(.store("k", value: ByteBuffer(string: "a"), mode: .add, ttl: .seconds(5)), .text).0 == "add k 0 5 1\r\na\r\n")
         #expect(encode(.store("k", value: ByteBuffer(string: "a"), cas: 99), .text).0 == "cas k 0 0 1 99\r\na\r\n")

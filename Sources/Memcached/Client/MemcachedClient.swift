@@ -83,7 +83,16 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
     }
 
     private func probeDownNodes() async {
+        // Text mode: what each node answers (a proxy may lack `gats` and `stats`), asked at once
+        // and then with each probe until known.
+        var capabilitiesKnown = configuration.protocolMode != .text
         while !Task.isCancelled {
+            if !capabilitiesKnown {
+                capabilitiesKnown = true
+                for node in nodes where await !node.probeTextCapabilities(timeout: configuration.connectTimeout) {
+                    capabilitiesKnown = false
+                }
+            }
             do {
                 try await Task.sleep(for: configuration.probeInterval)
             } catch {
@@ -221,6 +230,21 @@ public struct MemcachedNodeClient: MemcachedNodeCommandRunner {
     public var id: String { node.id }
     /// Whether the node takes requests (false while it is marked down).
     public var isAvailable: Bool { node.health.isUp }
+
+    /// Text mode: whether the node answers `gats` (else a read that slides the TTL is a `gets` and
+    /// a `touch`, pipelined) and `stats` (else stats requests fail with
+    /// ``MemcachedError/Code/unsupportedInProtocolMode``, unsent); nil while not known yet (probed
+    /// when the client runs), and in meta mode, where memcached answers every command.
+    public var answersGetAndTouch: Bool? { node.textCapabilities.flatMap { Self.known($0.getAndTouch.load(ordering: .relaxed)) } }
+    public var answersStats: Bool? { node.textCapabilities.flatMap { Self.known($0.stats.load(ordering: .relaxed)) } }
+
+    private static func known(_ answer: TextCapabilities.Answer) -> Bool? {
+        switch answer {
+        case .unknown: nil
+        case .yes: true
+        case .no: false
+        }
+    }
 
     /// Requests, errors and latency seen by this node since the client was created.
     public var statistics: MemcachedNodeStatistics {

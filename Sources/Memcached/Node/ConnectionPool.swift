@@ -101,6 +101,17 @@ final class ConnectionPool: Sendable {
         }
     }
 
+    /// A connection of its own, outside the pool (a capability probe a proxy may answer by
+    /// closing it: no request of the pool's must share it). The caller closes it.
+    func detachedConnection() async throws(MemcachedError) -> MemcachedConnection {
+        let target = "\(host):\(port)"
+        do {
+            return try await MemcachedConnection.connect(host: host, port: port, settings: settings, eventLoop: slots[0].eventLoop).get()
+        } catch {
+            throw MemcachedError(code: .connectFailed, message: "cannot connect to \(target): \(error)")
+        }
+    }
+
     private func pickSlot() -> Slot {
         if slots.count == 1 { return slots[0] }
         for slot in slots where slot.eventLoop.inEventLoop { return slot }

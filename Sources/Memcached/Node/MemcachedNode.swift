@@ -11,6 +11,9 @@ final class MemcachedNode: Sendable {
     let metrics: NodeMetrics
     let tally = NodeTally()
     let logger: Logger
+    /// Text mode: what the node (or the proxy it is) understands; nil in meta mode.
+    let textCapabilities: TextCapabilities?
+    let connectTimeout: Duration
 
     var id: String { address.id }
 
@@ -24,6 +27,8 @@ final class MemcachedNode: Sendable {
         var logger = logger
         logger[metadataKey: "memcached.node"] = "\(address.id)"
         self.logger = logger
+        self.textCapabilities = configuration.protocolMode == .text ? TextCapabilities() : nil
+        self.connectTimeout = configuration.connectTimeout
         self.pool = ConnectionPool(
             host: address.host, port: address.port, count: configuration.connectionsPerNode,
             eventLoopGroup: eventLoopGroup,
@@ -36,8 +41,27 @@ final class MemcachedNode: Sendable {
         metrics.up.record(1)
     }
 
+    /// Text mode: a request the node may not understand is refused here, before it could make the
+    /// node close a connection other requests share (see ``TextCapabilities``). A stats request
+    /// before the node's answers are known asks first (bounded by the connect timeout).
+    private func refusal(of request: MemcachedRequest) async -> MemcachedError? {
+        guard let textCapabilities, case .stats = request.command else { return nil }
+        if textCapabilities.stats.load(ordering: .relaxed) == .unknown { _ = await probeTextCapabilities(timeout: connectTimeout) }
+        guard textCapabilities.stats.load(ordering: .relaxed) != .yes else { return nil }
+        return MemcachedError(
+            code: .unsupportedInProtocolMode, message: "this node has not shown it answers stats (a proxy?): not sent", nodeID: id)
+    }
+
+    /// Text mode without `gats` (or not known yet): reads that slide the TTL are split.
+    private func needsSplit(_ requests: [MemcachedRequest]) -> Bool {
+        guard let textCapabilities, textCapabilities.getAndTouch.load(ordering: .relaxed) != .yes else { return false }
+        return TextFallbackBatch.needsSplit(requests)
+    }
+
     /// Runs a validated request.
     func execute(_ request: MemcachedRequest, deadline: NIODeadline) async throws(MemcachedError) -> MemcachedResponse {
+        if let refusal = await refusal(of: request) { throw refusal }
+        if needsSplit([request]) { return try await executeBatch([request], deadline: deadline)[0].get() }
         guard health.isUp else {
             metrics.record(error: .nodeUnavailable)
             throw MemcachedError(code: .nodeUnavailable, message: "node is marked down after repeated failures", nodeID: id)
@@ -61,6 +85,23 @@ final class MemcachedNode: Sendable {
 
     /// Runs validated requests in one write on one connection.
     func executeBatch(_ requests: [MemcachedRequest], deadline: NIODeadline) async -> [Result<MemcachedResponse, MemcachedError>] {
+        if textCapabilities != nil {
+            var refusals: [MemcachedError?] = []
+            for request in requests { refusals.append(await refusal(of: request)) }
+            if refusals.contains(where: { $0 != nil }) {
+                // Each refused alone; the others go.
+                let sent = zip(requests, refusals).filter { $0.1 == nil }.map(\.0)
+                var results = sent.isEmpty ? [] : await executeBatch(sent, deadline: deadline)[...]
+                return refusals.map { refusal in
+                    if let refusal { return .failure(refusal) }
+                    return results.popFirst()!  // one result per request sent, in order
+                }
+            }
+            if needsSplit(requests) {
+                let split = TextFallbackBatch(requests)
+                return split.results(await executeBatch(split.requests, deadline: deadline))
+            }
+        }
         guard health.isUp else {
             metrics.record(error: .nodeUnavailable)
             let error = MemcachedError(code: .nodeUnavailable, message: "node is marked down after repeated failures", nodeID: id)
@@ -88,6 +129,15 @@ final class MemcachedNode: Sendable {
         _ request: MemcachedRequest, deadline: NIODeadline,
         completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void
     ) async {
+        if let refusal = await refusal(of: request) {
+            completion(.failure(refusal))
+            return
+        }
+        if needsSplit([request]) {
+            // The read and the touch in one write; the completion waits for both.
+            Task { completion(await self.executeBatch([request], deadline: deadline)[0]) }
+            return
+        }
         guard health.isUp else {
             metrics.record(error: .nodeUnavailable)
             completion(.failure(MemcachedError(code: .nodeUnavailable, message: "node is marked down after repeated failures", nodeID: id)))
@@ -146,6 +196,32 @@ final class MemcachedNode: Sendable {
             }
             return .failure(error.with(nodeID: id))
         }
+    }
+
+    /// Text mode: finds out, each on a connection of its own (which a proxy may close), whether the
+    /// node answers `gats` and `stats`. Returns whether both are known now.
+    func probeTextCapabilities(timeout: Duration) async -> Bool {
+        guard let textCapabilities, !textCapabilities.isKnown else { return true }
+        let probes: [(ManagedAtomic<TextCapabilities.Answer>, MemcachedRequest)] = [
+            (textCapabilities.getAndTouch, .get("msm-capability-probe", touch: .seconds(60))),
+            (textCapabilities.stats, .stats()),
+        ]
+        for (answer, request) in probes where answer.load(ordering: .relaxed) == .unknown {
+            let connection: MemcachedConnection
+            do {
+                connection = try await pool.detachedConnection()
+            } catch {
+                return false
+            }
+            let result = await connection.execute(request, deadline: .now() + TimeAmount(timeout))
+            connection.close()
+            let learned = TextCapabilities.answer(result)
+            answer.store(learned, ordering: .relaxed)
+            if learned == .no {
+                logger.notice("memcached node does not answer a text command: its fallback is used", metadata: ["memcached.command": "\(request.command)"])
+            }
+        }
+        return textCapabilities.isKnown
     }
 
     /// Asks the node for its version on a fresh connection attempt; marks it up when it answers.

@@ -153,8 +153,9 @@ public struct MemcachedRequest: Sendable {
         MemcachedRequest(.get(key: key, value: true, touch: touch))
     }
 
-    /// Reads an item's flags, CAS unique and remaining TTL without its value (`mg <key> f c t`;
-    /// meta mode only). The item's ``MemcachedItem/value`` is empty.
+    /// Reads an item's flags, CAS unique and remaining TTL without its value (`mg <key> f c t`).
+    /// The item's ``MemcachedItem/value`` is empty. In text mode, which cannot leave the value out,
+    /// it is a `gets` (the value comes too) and the TTL is unknown.
     public static func getMetadata(_ key: String) -> MemcachedRequest {
         var request = MemcachedRequest(.get(key: key, value: false, touch: nil))
         request.returnsTimeToLive = true
@@ -228,10 +229,8 @@ public struct MemcachedRequest: Sendable {
         var copy = self
         switch command {
         case .get(let key, let value, let touch):
-            if mode == .text, !value {
-                throw MemcachedError.unsupported("reading an item's metadata without its value needs the meta protocol")
-            }
-            copy.command = .get(key: try MemcachedKey.wireKey(key, encoding: keyEncoding), value: value, touch: touch)
+            // Text mode: a metadata read is a `gets` (the value comes too; see ``getMetadata(_:)``).
+            copy.command = .get(key: try MemcachedKey.wireKey(key, encoding: keyEncoding), value: value || mode == .text, touch: touch)
             copy.quiet = false  // a quiet mg hides misses, not hits: no use for it here
         case .store(let key, let value, let flags, let ttl, let storeMode, let cas):
             let wireKey = try MemcachedKey.wireKey(key, encoding: keyEncoding)

@@ -151,9 +151,9 @@ struct MemcachedRequestEncoder: Sendable {
     ) -> ReplyExpectation {
         switch request.command {
         case .get(let key, let wantValue, let touch):
-            if !wantValue {
-                return encodeText(.touch(key, ttl: touch ?? .never), into: &buffer, now: now())
-            }
+            // A metadata read (flags, CAS unique): the text protocol cannot leave the value out, so
+            // the whole item comes (and no TTL). Never a `touch`, which would set the item's TTL.
+            _ = wantValue
             if let touch {
                 buffer.writeStaticString("gats ")
                 buffer.writeDecimal(touch.wireValue(now: now()))

@@ -22,6 +22,16 @@ final class NodeRestarts: Sendable {
     }
 
     private let records = Mutex<[String: Record]>([:])
+    /// Nodes watched through a sentinel item: how often it went missing (their "pid").
+    private let sentinelLosses = Mutex<[String: Int64]>([:])
+
+    /// A sentinel observation's "pid": the number of times the item went missing (`lost`: once more).
+    func sentinelGeneration(_ node: String, lost: Bool) -> Int64 {
+        sentinelLosses.withLock { losses in
+            if lost { losses[node, default: 0] += 1 }
+            return losses[node] ?? 0
+        }
+    }
 
     /// The checks that misses asked for, per node: how many were started and finished, whether
     /// the last finished one failed, and the one in flight. At most one is in flight per node, and
@@ -132,21 +142,54 @@ extension SessionStore {
     }
 
     /// Asks a node for its pid and boot time and records them; true when it restarted, nil when
-    /// the node did not say.
+    /// the node did not say. A node that does not answer `stats` (a memcached-protocol proxy) is
+    /// watched through a sentinel item instead (``observeBySentinel(_:node:)``).
     @discardableResult
     func observeNode(_ nodeID: String) async -> Bool? {
         guard let node = topology.node(nodeID), node.isAvailable else { return nil }
         var request = MemcachedRequest.stats()
         request.timeout = .seconds(1)
         request.honorsCancellation = false
-        guard case .stats(let stats)? = try? await node.execute(request),
-            let time = stats.first(where: { $0.name == "time" }).flatMap({ Int64($0.value) }),
+        let stats: [MemcachedStat]
+        do throws(MemcachedError) {
+            guard case .stats(let answer) = try await node.execute(request) else { return nil }
+            stats = answer
+        } catch {
+            guard error.code == .unsupportedInProtocolMode else { return nil }
+            return await observeBySentinel(nodeID, node: node)
+        }
+        guard let time = stats.first(where: { $0.name == "time" }).flatMap({ Int64($0.value) }),
             let uptime = stats.first(where: { $0.name == "uptime" }).flatMap({ Int64($0.value) })
         else { return nil }
         let pid = stats.first(where: { $0.name == "pid" }).flatMap { Int64($0.value) } ?? 0
         let evictions = stats.first(where: { $0.name == "evictions" }).flatMap { Int64($0.value) } ?? 0
         return nodeRestarts.observe(
             node: nodeID, pid: pid, bootTime: time - uptime, evictions: evictions, now: currentTimeMillis() / 1000)
+    }
+
+    /// A node that cannot tell its pid and boot time (a proxy without `stats`): an item this
+    /// instance keeps there, `<prefix>w:<instance nonce>`, read (and its day-long TTL slid) at each
+    /// look, that went missing means the node, or behind a proxy the server that held it, lost its
+    /// items (a restart, an eviction). Behind a proxy that spreads keys over several servers, only
+    /// the one holding the sentinel is watched: a miss on the others is taken as a miss.
+    func observeBySentinel(_ nodeID: String, node: any MemcachedNodeCommandRunner) async -> Bool? {
+        var read = MemcachedRequest.get(sentinelKey, touch: .seconds(24 * 3600))
+        read.timeout = .seconds(1)
+        read.honorsCancellation = false
+        let now = currentTimeMillis() / 1000
+        switch await node.executeBatch([read])[0] {
+        case .success(.item(.some)):
+            return nodeRestarts.observe(node: nodeID, pid: nodeRestarts.sentinelGeneration(nodeID, lost: false), bootTime: 0, evictions: 0, now: now)
+        case .success(.item(nil)):
+            // Missing: never written yet (the first look), or lost.
+            let generation = nodeRestarts.sentinelGeneration(nodeID, lost: nodeRestarts.knows(nodeID))
+            var write = MemcachedRequest.store(sentinelKey, value: ByteBuffer(string: "1"), ttl: .seconds(24 * 3600))
+            write.honorsCancellation = false
+            guard case .success(.stored(.stored)) = await node.executeBatch([write])[0] else { return nil }
+            return nodeRestarts.observe(node: nodeID, pid: generation, bootTime: 0, evictions: 0, now: now)
+        default:
+            return nil
+        }
     }
 
     /// On a miss: whether the node restarted (or evicted items) recently. Unless the periodic

@@ -65,6 +65,8 @@ final class SessionStore: SessionManagerPart {
     let leftovers = LeftoverCopies()
     let nodeRestarts = NodeRestarts()
     let byteBufferAllocator = ByteBufferAllocator()
+    /// This instance's sentinel item on nodes that cannot tell their restarts (``observeBySentinel(_:node:)``).
+    let sentinelKey: String
     /// Told of each node restart (sticky: the sessions held in memory are written back there).
     private let restartListener = Mutex<(@Sendable (String) async -> Void)?>(nil)
 
@@ -72,6 +74,7 @@ final class SessionStore: SessionManagerPart {
         self.context = context
         self.locks = locks
         self.keepsBackups = context.configuration.mode == .nonSticky
+        self.sentinelKey = context.configuration.keyPrefix + "w:" + context.randomToken().description.lowercased()
         self.backupMemo = BackupMemo(limit: max(context.configuration.sticky.localSessionLimit, 10_000), clock: context.clock)
     }
 
