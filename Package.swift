@@ -175,25 +175,6 @@ let package = Package(
                 .product(name: "AsyncHTTPClient", package: "async-http-client", condition: .when(traits: ["Tools"])),
             ]
         ),
-        // The getting-started code of the docs, compiled so that it cannot rot (scripts/check-docs
-        // checks that the docs show exactly these files).
-        .executableTarget(
-            name: "HummingbirdGettingStarted",
-            dependencies: [
-                "MemcachedSessionsHummingbird",
-                .product(name: "Hummingbird", package: "hummingbird"),
-                .product(name: "HummingbirdAuth", package: "hummingbird-auth"),
-            ],
-            path: "Examples/HummingbirdGettingStarted"
-        ),
-        .executableTarget(
-            name: "VaporGettingStarted",
-            dependencies: [
-                "MemcachedSessionsVapor",
-                .product(name: "Vapor", package: "vapor"),
-            ],
-            path: "Examples/VaporGettingStarted"
-        ),
         .executableTarget(
             name: "sessions-bench",
             dependencies: [

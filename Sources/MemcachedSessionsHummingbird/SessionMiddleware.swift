@@ -20,7 +20,7 @@ public protocol MemcachedSessionRequestContext: RequestContext {
     /// hummingbird-auth's `SessionRequestContext.sessions`, and one context can be both.)
     var memcachedSessions: RequestSessions { get set }
     /// The event loop of the request's channel, if known: the middleware then runs the handler on
-    /// it (see ``EventLoopExecutor``). The default is nil (the handler runs where Hummingbird runs it).
+    /// it (see `EventLoopExecutor`). The default is nil (the handler runs where Hummingbird runs it).
     var channelEventLoop: (any EventLoop)? { get }
 }
 
@@ -48,7 +48,7 @@ public struct BasicMemcachedSessionRequestContext: MemcachedSessionRequestContex
 }
 
 /// Hummingbird middleware for memcached sessions: reads the cookie, gives the handler its
-/// ``RequestSessions``, and when the handler is done (also when it threw) saves what changed,
+/// `RequestSessions`, and when the handler is done (also when it threw) saves what changed,
 /// releases the lock and sets the cookie only when the session id is new or changed.
 ///
 /// Requests matching the configuration's ignore pattern pass through untouched. When the session
@@ -56,10 +56,10 @@ public struct BasicMemcachedSessionRequestContext: MemcachedSessionRequestContex
 /// silent logout).
 ///
 /// The middleware also answers a load balancer's health check, `GET /_msm/health` (200 when a
-/// session can be served, 503 when not; no details): see ``SessionManager/canServeSessions``.
+/// session can be served, 503 when not; no details): see `SessionManager.canServeSessions`.
 public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext>: RouterMiddleware {
     public let manager: SessionManager
-    /// The session cookie: the one given, else the manager's (``SessionManager/Configuration/cookie``).
+    /// The session cookie: the one given, else the manager's (`SessionManager.Configuration.cookie`).
     public let cookie: SessionCookie
     /// Whether the handler runs on its channel's event loop (when the context knows it).
     public let runsOnChannelEventLoop: Bool
@@ -139,7 +139,7 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
 }
 
 enum HealthCheck {
-    /// ``SessionManager/healthAnswer`` as a response.
+    /// `SessionManager.healthAnswer` as a response.
     static func response(_ manager: SessionManager, head: Bool) -> Response {
         let answer = manager.healthAnswer
         var headers = HTTPFields()
@@ -154,7 +154,7 @@ enum HealthCheck {
 
 extension RouterMethods {
     /// Answers the health check (`GET`/`HEAD` `/_msm/health`, see
-    /// ``SessionManager/canServeSessions``) as a route: for an application that adds
+    /// `SessionManager.canServeSessions`) as a route: for an application that adds
     /// ``MemcachedSessionMiddleware`` to a route group, whose middleware sees only that group's paths.
     @discardableResult
     public func addSessionHealthCheck(manager: SessionManager, path: RouterPath = RouterPath(SessionManager.defaultHealthPath)) -> Self {

@@ -37,12 +37,12 @@ public struct ManagementAnswer: Sendable {
 /// - `GET /_msm/`: an HTML page with charts (inline SVG, no external assets) that refreshes itself;
 /// - `GET /_msm/status`: the same as JSON (mode, nodes with availability and latency, statistics,
 ///   the last minutes' samples, recent events);
-/// - `GET /_msm/config`, `PUT /_msm/config` (JSON ``SessionManager/RuntimeChange``): the run-time
+/// - `GET /_msm/config`, `PUT /_msm/config` (JSON `SessionManager.RuntimeChange`): the run-time
 ///   settings, and changing them without a restart.
 ///
 /// Every request must carry `Authorization: Bearer <token>`. Nothing here ever shows a session id
-/// or an attribute value. The core keeps what these show (``SessionManager/status(instance:)``)
-/// and what they change (``SessionManager/reconfigure(_:)``).
+/// or an attribute value. The core keeps what these show (`SessionManager.status(instance:)`)
+/// and what they change (`SessionManager.reconfigure(_:)`).
 public struct ManagementEndpoints: Sendable {
     /// Where the endpoints are mounted.
     public static let pathPrefix = "/_msm"
@@ -72,7 +72,7 @@ public struct ManagementEndpoints: Sendable {
     /// The largest `PUT /_msm/config` body read.
     public static let maximumBodySize = 64 * 1024
 
-    /// - Throws: ``SessionError/Code/invalidConfiguration`` for a token shorter than 16 characters.
+    /// - Throws: `SessionError.Code.invalidConfiguration` for a token shorter than 16 characters.
     public init(manager: SessionManager, token: String, instance: String) throws(SessionError) {
         guard token.utf8.count >= 16, token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
             throw SessionError(code: .invalidConfiguration, message: "the management token must be at least 16 printable characters without spaces")
@@ -147,6 +147,7 @@ public struct MetricsPage: Sendable {
 
     /// - Parameters:
     ///   - token: the bearer token requests must carry; nil: the page is public.
+    ///   - contentType: the format's content type (Prometheus' text format by default).
     ///   - render: the metrics in the backend's format, made anew for each request.
     public init(token: String?, contentType: String = Self.prometheusContentType, render: @escaping @Sendable () -> String) {
         self.token = token.map(BearerToken.init)

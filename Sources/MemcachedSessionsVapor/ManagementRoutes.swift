@@ -19,8 +19,8 @@ extension RoutesBuilder {
                     HTTPMethod(rawValue: method.rawValue), path, body: .collect(maxSize: ByteCount(value: ManagementEndpoints.maximumBodySize))
                 ) { request async -> Response in
                     let answer = await endpoints.respond(
-                        to: endpoint, method: method, headerFields: Self.fields(of: request), body: request.body.data)
-                    return Self.response(answer)
+                        to: endpoint, method: method, headerFields: VaporOperations.fields(of: request), body: request.body.data)
+                    return VaporOperations.response(answer)
                 }
             }
         }
@@ -29,18 +29,22 @@ extension RoutesBuilder {
     /// Mounts the metrics page (``MetricsPage``) at `path` (`/metrics` by default).
     public func metrics(_ page: MetricsPage, path: [PathComponent] = ["metrics"]) {
         on(.GET, path) { request -> Response in
-            Self.response(page.respond(headerFields: Self.fields(of: request)))
+            VaporOperations.response(page.respond(headerFields: VaporOperations.fields(of: request)))
         }
     }
 
+}
+
+/// Between Vapor's requests and responses and the endpoints' (swift-http-types).
+enum VaporOperations {
     /// The request's `Authorization` header, the only one the endpoints read.
-    private static func fields(of request: Request) -> HTTPFields {
+    static func fields(of request: Request) -> HTTPFields {
         var fields = HTTPFields()
         if let authorization = request.headers.first(name: .authorization) { fields[.authorization] = authorization }
         return fields
     }
 
-    private static func response(_ answer: ManagementAnswer) -> Response {
+    static func response(_ answer: ManagementAnswer) -> Response {
         var headers = HTTPHeaders()
         for field in answer.headerFields { headers.add(name: field.name.rawName, value: field.value) }
         return Response(status: HTTPResponseStatus(statusCode: answer.status.code), headers: headers, body: .init(buffer: answer.body))

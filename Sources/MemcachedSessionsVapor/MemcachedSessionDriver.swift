@@ -159,13 +159,13 @@ extension Application.Sessions.Provider {
     }
 
     /// The same, with a manager made from `configuration` (its own memcached client).
-    /// - Throws: ``SessionError/Code/invalidConfiguration`` naming the setting at fault.
+    /// - Throws: `SessionError.Code.invalidConfiguration` naming the setting at fault.
     public static func memcached(configuration: SessionManager.Configuration) throws(SessionError) -> Self {
         .memcached(try SessionManager(configuration: configuration))
     }
 }
 
-/// Runs a ``SessionManager`` for as long as a Vapor application runs (Vapor has no service
+/// Runs a `SessionManager` for as long as a Vapor application runs (Vapor has no service
 /// groups): started after boot, and on shutdown cancelled, which flushes queued sticky writes
 /// before the manager stops.
 ///

@@ -3,7 +3,7 @@ import MemcachedSessions
 import Vapor
 
 /// Vapor middleware for memcached sessions: reads the cookie, gives the route its
-/// ``MemcachedSessions/RequestSessions`` (`req.memcachedSessions`), and when the route is done
+/// `RequestSessions` (`req.memcachedSessions`), and when the route is done
 /// (also when it threw) saves what changed, releases the lock and sets the cookie only when the
 /// session id is new or changed: no write and no `Set-Cookie` (hence no date formatting) for an
 /// unchanged session.
@@ -22,12 +22,12 @@ import Vapor
 /// reached and the unavailable policy is `fail`, the response is a 503 (never a silent logout).
 ///
 /// The middleware also answers a load balancer's health check, `GET /_msm/health` (200 when a
-/// session can be served, 503 when not; no details): see ``SessionManager/canServeSessions``.
+/// session can be served, 503 when not; no details): see `SessionManager.canServeSessions`.
 public struct MemcachedSessionsMiddleware: AsyncMiddleware {
     public let manager: SessionManager
-    /// The session cookie: the one given, else the manager's (``SessionManager/Configuration/cookie``).
+    /// The session cookie: the one given, else the manager's (`SessionManager.Configuration.cookie`).
     public let cookie: SessionCookie
-    /// Whether the route runs on the request's event loop (see ``EventLoopExecutor``).
+    /// Whether the route runs on the request's event loop (see `EventLoopExecutor`).
     public let runsOnRequestEventLoop: Bool
     /// The path of the health check it answers (nil: none).
     public let healthPath: String?
@@ -92,7 +92,7 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
         return response
     }
 
-    /// ``SessionManager/healthAnswer`` as a response.
+    /// `SessionManager.healthAnswer` as a response.
     static func healthResponse(_ manager: SessionManager, head: Bool) -> Response {
         let answer = manager.healthAnswer
         return Response(
@@ -113,7 +113,7 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
 
 extension RoutesBuilder {
     /// Answers the health check (`GET /_msm/health`, see
-    /// ``SessionManager/canServeSessions``) as a route: for an application that uses
+    /// `SessionManager.canServeSessions`) as a route: for an application that uses
     /// ``MemcachedSessionsMiddleware`` on a route group, whose middleware sees only that group's paths.
     public func sessionHealthCheck(manager: SessionManager, path: [PathComponent] = ["_msm", "health"]) {
         on(.GET, path) { _ in MemcachedSessionsMiddleware.healthResponse(manager, head: false) }

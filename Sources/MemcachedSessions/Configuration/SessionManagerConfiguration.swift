@@ -75,7 +75,7 @@ extension SessionManager {
     public struct Configuration: Sendable {
         /// The memcached client's settings, among them the nodes (`memcachedNodes`), the protocol
         /// (meta, or text for memcached-protocol stores), the item size limit and timeouts
-        /// (`operationTimeout` is ``MemcachedClient/Configuration/requestTimeout``).
+        /// (`operationTimeout` is `MemcachedClient.Configuration.requestTimeout`).
         public var memcached: MemcachedClient.Configuration
         /// Ids of nodes (listed in ``memcached``) used only when no other node is available
         /// (`failoverNodes`). Sticky set-ups list the memcached on the same host here.

@@ -22,7 +22,7 @@ public struct SessionError: Error, Sendable, Hashable, CustomStringConvertible {
         fileprivate init(_ base: Base) { self.base = base }
 
         /// No memcached node that could hold the session answered, and the configured
-        /// ``SessionManager/Configuration/UnavailablePolicy`` is ``SessionManager/Configuration/UnavailablePolicy/fail``.
+        /// ``SessionManager/UnavailablePolicy`` is ``SessionManager/UnavailablePolicy/fail``.
         /// Adapters answer 503: the user is not silently logged out.
         public static let unavailable = Code(.unavailable)
         /// The session's lock could not be had within the wait budget, and the lock policy says to fail.

@@ -8,7 +8,7 @@ import Synchronization
 
 /// Highly available HTTP sessions in memcached: the framework-agnostic heart of the product.
 ///
-/// Web framework adapters call ``beginRequest(path:sessionCookie:)`` when a request arrives (no
+/// Web framework adapters call ``beginRequest(path:sessionCookie:allowLocking:)`` when a request arrives (no
 /// I/O), hand the returned ``SessionAccess`` to the handler, and call
 /// ``endRequest(_:)`` when the handler is done (also when it threw): that saves what changed,
 /// releases the lock, and says which cookie the response must carry.

@@ -1,4 +1,6 @@
+// snippet.hide
 #if Vapor
+// snippet.show
 import MemcachedSessionsVapor
 import Vapor
 
@@ -32,4 +34,5 @@ classic.get("visits") { req -> String in
 
 try await app.execute()
 try await app.asyncShutdown()
+// snippet.hide
 #endif

@@ -1,4 +1,6 @@
+// snippet.hide
 #if HummingbirdAuth
+// snippet.show
 import Hummingbird
 import HummingbirdAuth
 import MemcachedSessionsHummingbird
@@ -57,4 +59,5 @@ let app = Application(
     services: [sessions]
 )
 try await app.runService()
+// snippet.hide
 #endif
