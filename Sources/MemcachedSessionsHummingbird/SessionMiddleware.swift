@@ -81,51 +81,29 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
         if let healthPath, path == healthPath, request.method == .get || request.method == .head {
             return HealthCheck.response(manager, head: request.method == .head)
         }
-        if manager.isIgnored(path: path) {
-            return try await next(request, context)
-        }
-        var cookieValue: Substring? = nil
-        if let header = request.headers[.cookie] {
-            cookieValue = cookie.value(inCookieHeader: header)
-        }
-        let access = manager.beginRequest(path: path, sessionCookie: cookieValue.map(String.init))
-        // Requests that may wait for memcached run on their channel's event loop, with the
-        // connection they talk to; already there (NIO as the global executor), nothing to gain.
-        if runsOnChannelEventLoop, access.mayWaitForMemcached, let eventLoop = context.channelEventLoop, !eventLoop.inEventLoop {
-            return try await withTaskExecutorPreference(EventLoopExecutor.for(eventLoop)) {
-                try await handle(request, context: context, access: access, next: next)
+        let eventLoop = runsOnChannelEventLoop ? context.channelEventLoop : nil
+        do {
+            var (response, setCookie) = try await manager.serveRequest(
+                path: path, cookieHeader: request.headers[.cookie], cookie: cookie, eventLoop: eventLoop
+            ) { access in
+                var context = context
+                if let access { context.memcachedSessions = RequestSessions(access: access) }
+                return try await next(request, context)
+            }
+            if let setCookie {
+                response.headers.append(HTTPField(name: .setCookie, value: setCookie))
+            }
+            return response
+        } catch {
+            switch error {
+            case .handler(let error, let setCookie):
+                let failure: any Error = (error as? SessionError).map { Self.httpError($0) } ?? error
+                guard let setCookie else { throw failure }
+                throw ErrorWithSessionCookie(error: failure, setCookie: setCookie)
+            case .endOfRequest(let error):
+                throw Self.httpError(error)
             }
         }
-        return try await handle(request, context: context, access: access, next: next)
-    }
-
-    private func handle(
-        _ request: Request, context: Context, access: SessionAccess, next: (Request, Context) async throws -> Response
-    ) async throws -> Response {
-        var context = context
-        context.memcachedSessions = RequestSessions(access: access)
-        var response: Response
-        do {
-            response = try await next(request, context)
-        } catch {
-            // The lock is released and what changed is saved even when the handler failed, and
-            // the error response carries the cookie that goes with it (a regenerated id whose old
-            // copies are already deleted, a new session, a logout).
-            let failure: any Error = (error as? SessionError).map { Self.httpError($0) } ?? error
-            let header = (try? await manager.endRequest(access)).flatMap { cookie.setCookieHeader(for: $0) }
-            guard let header else { throw failure }
-            throw ErrorWithSessionCookie(error: failure, setCookie: header)
-        }
-        let action: SessionResponseAction
-        do throws(SessionError) {
-            action = try await manager.endRequest(access)
-        } catch {
-            throw Self.httpError(error)
-        }
-        if let header = cookie.setCookieHeader(for: action) {
-            response.headers.append(HTTPField(name: .setCookie, value: header))
-        }
-        return response
     }
 
     /// Session errors as HTTP responses: the store being unreachable or a lock that cannot be had

@@ -47,49 +47,29 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
         if let healthPath, path == healthPath, request.method == .GET || request.method == .HEAD {
             return Self.healthResponse(manager, head: request.method == .HEAD)
         }
-        if manager.isIgnored(path: path) {
-            return try await next.respond(to: request)
-        }
-        var cookieValue: Substring? = nil
-        if let header = request.headers.first(name: .cookie) {
-            cookieValue = cookie.value(inCookieHeader: header)
-        }
-        let access = manager.beginRequest(path: path, sessionCookie: cookieValue.map(String.init))
-        // Requests that may wait for memcached run on their event loop, with the connection they
-        // talk to; already there (NIO as the global executor), nothing to gain.
-        if runsOnRequestEventLoop, access.mayWaitForMemcached, !request.eventLoop.inEventLoop {
-            return try await withTaskExecutorPreference(EventLoopExecutor.for(request.eventLoop)) {
-                try await respond(to: request, access: access, chainingTo: next)
+        do {
+            let (response, setCookie) = try await manager.serveRequest(
+                path: path, cookieHeader: request.headers.first(name: .cookie), cookie: cookie,
+                eventLoop: runsOnRequestEventLoop ? request.eventLoop : nil
+            ) { access in
+                if let access { request.storage[SessionAccessKey.self] = access }
+                return try await next.respond(to: request)
+            }
+            if let setCookie {
+                // Added directly: `response.cookies[...] =` would re-parse and re-serialize every cookie.
+                response.headers.add(name: .setCookie, value: setCookie)
+            }
+            return response
+        } catch {
+            switch error {
+            case .handler(let error, let setCookie):
+                let failure: any Error = (error as? SessionError).map { Self.abort($0) } ?? error
+                guard let setCookie else { throw failure }
+                throw ErrorWithSessionCookie(error: failure, setCookie: setCookie)
+            case .endOfRequest(let error):
+                throw Self.abort(error)
             }
         }
-        return try await respond(to: request, access: access, chainingTo: next)
-    }
-
-    private func respond(to request: Request, access: SessionAccess, chainingTo next: any AsyncResponder) async throws -> Response {
-        request.storage[SessionAccessKey.self] = access
-        let response: Response
-        do {
-            response = try await next.respond(to: request)
-        } catch {
-            // The lock is released and what changed is saved even when the route failed, and the
-            // error response carries the cookie that goes with it (a regenerated id whose old
-            // copies are already deleted, a new session, a logout).
-            let failure: any Error = (error as? SessionError).map { Self.abort($0) } ?? error
-            let header = (try? await manager.endRequest(access)).flatMap { cookie.setCookieHeader(for: $0) }
-            guard let header else { throw failure }
-            throw ErrorWithSessionCookie(error: failure, setCookie: header)
-        }
-        let action: SessionResponseAction
-        do throws(SessionError) {
-            action = try await manager.endRequest(access)
-        } catch {
-            throw Self.abort(error)
-        }
-        if let header = cookie.setCookieHeader(for: action) {
-            // Added directly: `response.cookies[...] =` would re-parse and re-serialize every cookie.
-            response.headers.add(name: .setCookie, value: header)
-        }
-        return response
     }
 
     /// `SessionManager.healthAnswer` as a response.

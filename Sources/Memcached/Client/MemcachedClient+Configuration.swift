@@ -49,6 +49,8 @@ extension MemcachedClient {
         /// Where per-node metrics go; `nil` uses the process-wide `MetricsSystem` (bootstrap it before
         /// creating the client).
         public var metricsFactory: (any MetricsFactory)? = nil
+        /// Spans for round trips (off by default: no tracer).
+        public var tracing = MemcachedTracingConfiguration()
 
         public init(nodes: [MemcachedNodeAddress]) {
             self.nodes = nodes

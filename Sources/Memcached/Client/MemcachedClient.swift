@@ -3,6 +3,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
+import Tracing
 
 /// A memcached client over one or more nodes.
 ///
@@ -110,7 +111,14 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
     /// `stats`) name a node: use ``node(_:)``.
     public func execute(_ request: MemcachedRequest) async throws(MemcachedError) -> MemcachedResponse {
         let (node, prepared) = try route(request)
-        return try await node.execute(prepared, deadline: deadline(for: prepared))
+        guard configuration.tracing.tracer != nil else { return try await node.execute(prepared, deadline: deadline(for: prepared)) }
+        return try await configuration.tracing.traced([prepared], node: node.id) {
+            do throws(MemcachedError) {
+                return [.success(try await node.execute(prepared, deadline: deadline(for: prepared)))]
+            } catch {
+                return [.failure(error)]
+            }
+        }[0].get()
     }
 
     /// Runs requests pipelined: one write and one round trip per node involved.
@@ -128,7 +136,11 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
         let timeout = configuration.requestTimeout
         if perNode.count == 1, let (node, entries) = perNode.first {
             let deadline = NIODeadline.now() + TimeAmount(entries.first?.request.timeout ?? timeout)
-            let replies = await nodes[node].executeBatch(entries.map(\.request), deadline: deadline)
+            let requests = entries.map(\.request)
+            let target = nodes[node]
+            let replies = await configuration.tracing.traced(requests, node: target.id) {
+                await target.executeBatch(requests, deadline: deadline)
+            }
             for (entry, reply) in zip(entries, replies) { results[entry.index] = reply }
             return results
         }
@@ -137,7 +149,11 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
             for (node, entries) in batches {
                 group.addTask {
                     let deadline = NIODeadline.now() + TimeAmount(entries.first?.request.timeout ?? timeout)
-                    let replies = await self.nodes[node].executeBatch(entries.map(\.request), deadline: deadline)
+                    let requests = entries.map(\.request)
+                    let target = self.nodes[node]
+                    let replies = await self.configuration.tracing.traced(requests, node: target.id) {
+                        await target.executeBatch(requests, deadline: deadline)
+                    }
                     return zip(entries, replies).map { ($0.index, $1) }
                 }
             }
@@ -256,7 +272,15 @@ public struct MemcachedNodeClient: MemcachedNodeCommandRunner {
 
     public func execute(_ request: MemcachedRequest) async throws(MemcachedError) -> MemcachedResponse {
         let prepared = try client.prepare(request)
-        return try await node.execute(prepared, deadline: client.deadline(for: prepared))
+        let tracing = client.configuration.tracing
+        guard tracing.tracer != nil else { return try await node.execute(prepared, deadline: client.deadline(for: prepared)) }
+        return try await tracing.traced([prepared], node: node.id) {
+            do throws(MemcachedError) {
+                return [.success(try await node.execute(prepared, deadline: client.deadline(for: prepared)))]
+            } catch {
+                return [.failure(error)]
+            }
+        }[0].get()
     }
 
     public func executeBatch(_ requests: [MemcachedRequest]) async -> [Result<MemcachedResponse, MemcachedError>] {
@@ -271,7 +295,10 @@ public struct MemcachedNodeClient: MemcachedNodeCommandRunner {
             }
         }
         let deadline = client.deadline(for: prepared.first ?? .noop)
-        var replies = await node.executeBatch(prepared, deadline: deadline).makeIterator()
+        let node = self.node
+        var replies = await client.configuration.tracing.traced(prepared, node: node.id) {
+            await node.executeBatch(prepared, deadline: deadline)
+        }.makeIterator()
         return requests.indices.map { index in
             if let failure = failures[index] { return .failure(failure) }
             return replies.next() ?? .failure(.connectionClosed())
@@ -285,7 +312,24 @@ public struct MemcachedNodeClient: MemcachedNodeCommandRunner {
     ) async {
         do throws(MemcachedError) {
             let prepared = try client.prepare(request)
-            await node.submit(prepared, deadline: client.deadline(for: prepared), completion: completion)
+            guard let tracer = client.configuration.tracing.tracer else {
+                await node.submit(prepared, deadline: client.deadline(for: prepared), completion: completion)
+                return
+            }
+            // Not waited for: the span ends with the reply.
+            let span = tracer.startAnySpan(
+                "memcached " + prepared.command.operationName, context: ServiceContext.current ?? .topLevel, ofKind: .client)
+            span.attributes["db.system.name"] = "memcached"
+            span.attributes["db.operation.name"] = prepared.command.operationName
+            span.attributes["memcached.node"] = node.id
+            await node.submit(prepared, deadline: client.deadline(for: prepared)) { result in
+                if case .failure(let error) = result {
+                    span.attributes["error.type"] = "\(error.code)"
+                    span.setStatus(SpanStatus(code: .error))
+                }
+                span.end()
+                completion(result)
+            }
         } catch {
             completion(.failure(error))
         }

@@ -97,6 +97,10 @@ extension SessionManager {
                 }
             }
         }
+        /// Spans for session loads and saves, the memcached round trips their children (off by
+        /// default: no tracer). A manager that makes its own client gives it this tracer when
+        /// ``memcached`` has none.
+        public var tracing = SessionTracingConfiguration()
         /// The session cookie the framework adapters set: its name, path, domain and flags. An
         /// adapter given a cookie of its own uses that one.
         public var cookie: SessionCookie = .default

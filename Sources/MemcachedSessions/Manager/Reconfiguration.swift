@@ -161,6 +161,7 @@ extension SessionManager {
             var clientConfiguration = configuration.memcached
             clientConfiguration.nodes = newNodes + stillDraining.values.map(\.address).sorted { $0.id < $1.id }
             if clientConfiguration.metricsFactory == nil { clientConfiguration.metricsFactory = metricsFactory }
+            if clientConfiguration.tracing.tracer == nil { clientConfiguration.tracing.tracer = configuration.tracing.tracer }
             do {
                 newClient = try MemcachedClient(configuration: clientConfiguration, eventLoopGroup: eventLoopGroup, logger: logger)
             } catch {

@@ -130,13 +130,17 @@ public final class SessionAccess: Sendable {
                 if isIgnored || requestedID == nil || state.withLock({ $0.ended }) {
                     result = .success(nil)
                 } else {
-                    do {
-                        let start = NIODeadline.now()
-                        defer { context.statistics.time(.load, since: start) }
-                        result = .success(try await lifecycle.load(self))
-                    } catch {
-                        result = .failure(error)
+                    let start = NIODeadline.now()
+                    result = await context.traced("session.load") { () async -> Result<MemcachedSession?, SessionError> in
+                        do throws(SessionError) {
+                            return .success(try await lifecycle.load(self))
+                        } catch {
+                            return .failure(error)
+                        }
+                    } describe: { session, attributes in
+                        attributes["msm.session.found"] = session != nil
                     }
+                    context.statistics.time(.load, since: start)
                 }
                 let (waiters, orphan) = state.withLock { state -> ([CheckedContinuation<Void, Never>], HeldLock?) in
                     var orphan: HeldLock? = nil

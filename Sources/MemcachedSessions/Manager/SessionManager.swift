@@ -49,6 +49,7 @@ public final class SessionManager: Service, Sendable {
         try configuration.validate()
         var clientConfiguration = configuration.memcached
         if clientConfiguration.metricsFactory == nil { clientConfiguration.metricsFactory = metricsFactory }
+        if clientConfiguration.tracing.tracer == nil { clientConfiguration.tracing.tracer = configuration.tracing.tracer }
         let client: MemcachedClient
         do {
             client = try MemcachedClient(configuration: clientConfiguration, eventLoopGroup: eventLoopGroup, logger: logger)
@@ -220,10 +221,21 @@ public final class SessionManager: Service, Sendable {
         // Memcached requests made while ending complete even if the request's task is cancelled
         // (the client went away): the lock is released and what changed is saved.
         let result = await Self.$isEnding.withValue(true) { () async -> Result<SessionResponseAction, SessionError> in
-            do throws(SessionError) {
-                return .success(try await access.end())
-            } catch {
-                return .failure(error)
+            func end() async -> Result<SessionResponseAction, SessionError> {
+                do throws(SessionError) {
+                    return .success(try await access.end())
+                } catch {
+                    return .failure(error)
+                }
+            }
+            // A span for the requests that opened their session (the others end without one).
+            guard context.configuration.tracing.tracer != nil, access.current != nil else { return await end() }
+            return await context.traced("session.save", end) { action, attributes in
+                switch action.cookie {
+                case .unchanged: attributes["msm.cookie"] = "unchanged"
+                case .set: attributes["msm.cookie"] = "set"
+                case .clear: attributes["msm.cookie"] = "clear"
+                }
             }
         }
         return try result.get()
