@@ -276,6 +276,14 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
+        // The session logic on the simulated cluster: each test runs in a session-sim process.
+        .testTarget(
+            name: "MemcachedSimulationTests",
+            dependencies: [
+                "MemcachedSimulation",
+                "session-sim",
+            ]
+        ),
         .testTarget(
             name: "MSMToolTests",
             dependencies: [

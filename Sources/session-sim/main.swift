@@ -6,6 +6,7 @@ import MemcachedSimulation
 ///
 ///     session-sim --seeds 10000            # seeds 1...10000, every mode
 ///     session-sim --seed 4711 --verbose    # one seed, its whole history
+///     session-sim --test all               # the simulated unit tests (SimulatedTest.all)
 struct SessionSim: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "session-sim",
@@ -32,7 +33,14 @@ struct SessionSim: ParsableCommand {
     @Option(help: "Stop after this many failing seeds.")
     var maxFailures: Int = 5
 
+    @Option(help: "Run this simulated unit test (or 'all', or 'list' to print their names) under --seeds seeds (default 1000; 20 here unless given).")
+    var test: String?
+
     func run() throws {
+        if let test {
+            try runTests(test)
+            return
+        }
         let pinnedMode: SimulationScenario.Mode?
         if let mode {
             guard let parsed = SimulationScenario.Mode(rawValue: mode) else { throw ValidationError("unknown mode \(mode)") }
@@ -81,6 +89,45 @@ struct SessionSim: ParsableCommand {
                 range.count, failing, requests, failedRequests, virtualSeconds, jobs, elapsed))
         for (invariant, count) in byInvariant.sorted(by: { $0.key < $1.key }) { print("  \(invariant): \(count)") }
         if failing > 0 { throw ExitCode(1) }
+    }
+}
+
+extension SessionSim {
+    func runTests(_ name: String) throws {
+        if name == "list" {
+            for test in SimulatedTest.all { print(test.name) }
+            return
+        }
+        let tests: [SimulatedTest]
+        if name == "all" {
+            tests = SimulatedTest.all
+        } else if let test = SimulatedTest.named(name) {
+            tests = [test]
+        } else {
+            throw ValidationError("no simulated test \(name) (session-sim --test list)")
+        }
+        let count = CommandLine.arguments.contains("--seeds") ? seeds : 20
+        let range: [UInt64] = seed.map { [$0] } ?? Array(first..<(first + UInt64(count)))
+        DeterministicScheduler.shared.install()
+        var failed = 0
+        for test in tests {
+            var failures: [(UInt64, [String])] = []
+            for seed in range {
+                let found = test.run(seed: seed)
+                if !found.isEmpty { failures.append((seed, found)) }
+            }
+            if failures.isEmpty {
+                print("PASS \(test.name) (\(range.count) seeds)")
+            } else {
+                failed += 1
+                print("FAIL \(test.name): \(failures.count) of \(range.count) seeds")
+                for (seed, messages) in failures.prefix(3) {
+                    print("  seed \(seed): " + messages.joined(separator: "; "))
+                    print("  reproduce: swift run -c release --traits Tools session-sim --test \(test.name) --seed \(seed)")
+                }
+            }
+        }
+        if failed > 0 { throw ExitCode(1) }
     }
 }
 

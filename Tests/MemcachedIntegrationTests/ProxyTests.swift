@@ -18,7 +18,7 @@ struct ProxyTests {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await client.run() }
             do {
-                try await body(client, try #require(client.node("p1")))
+                try await body(client, try client.node("p1"))
                 group.cancelAll()
                 try await group.waitForAll()
             } catch {
@@ -73,7 +73,7 @@ struct ProxyTests {
     @Test func memcachedItselfAnswersBoth() async throws {
         try await withMemcachedServers(count: 1) { servers in
             try await withClient(servers, mode: .text, configure: { $0.probeInterval = .milliseconds(100) }) { client in
-                let node = try #require(try client.node("n1"))
+                let node = try client.node("n1")
                 try await eventually("probed") { node.answersGetAndTouch != nil && node.answersStats != nil }
                 #expect(node.answersGetAndTouch == true && node.answersStats == true)
                 #expect(try await node.stats().contains { $0.name == "pid" })

@@ -3,7 +3,7 @@ import Tracing
 /// Distributed tracing of the client's round trips (swift-distributed-tracing), off by default.
 ///
 /// With a tracer, every round trip is a client span, a child of the span current in the calling
-/// task (``ServiceContext``): named `memcached <commands>` (`memcached get`, `memcached set get`
+/// task (`ServiceContext`): named `memcached <commands>` (`memcached get`, `memcached set get`
 /// for a pipelined batch), with the node's id, the commands and the outcome. Never a key or a
 /// value: keys may carry what identifies a user (a session's, even hashed, is a credential's
 /// digest).

@@ -1,0 +1,320 @@
+@_spi(Simulation) import MemcachedSessions
+import Memcached
+import NIOCore
+
+/// Unit tests of the session logic (lifecycles, locking, the CAS merge, failover, expiry) against
+/// the simulated memcached cluster: real session managers behind the command-level seam, virtual
+/// time driven by the ``DeterministicScheduler`` (an idle timeout of 30 minutes passes in no time),
+/// each test run under several seeds, that is several interleavings of its concurrent requests.
+///
+/// They need the scheduler installed, which takes over the process's global executor: they run in
+/// their own process (`session-sim --test NAME`), which the `MemcachedSimulationTests` target
+/// starts once per test. What only a real server shows stays in the integration tests.
+public struct SimulatedTest: Sendable {
+    public let name: String
+    let nodes: Int
+    let instances: Int
+    let configure: @Sendable (inout SessionManager.Configuration, _ instance: Int) -> Void
+    let body: @Sendable (SimulatedTestBench) async throws -> Void
+
+    init(
+        _ name: String, nodes: Int = 3, instances: Int = 2,
+        configure: @escaping @Sendable (inout SessionManager.Configuration, Int) -> Void,
+        _ body: @escaping @Sendable (SimulatedTestBench) async throws -> Void
+    ) {
+        self.name = name
+        self.nodes = nodes
+        self.instances = instances
+        self.configure = configure
+        self.body = body
+    }
+
+    /// Runs the test under one seed. The scheduler must be installed. Returns its failures (none:
+    /// it passed).
+    public func run(seed: UInt64) -> [String] {
+        let scheduler = DeterministicScheduler.shared
+        scheduler.reset(seed: seed)
+        let bench = SimulatedTestBench(self)
+        let finished = Flag()
+        Task.detached {
+            await bench.run(self.body)
+            finished.value = true
+        }
+        let completed = scheduler.run(until: { finished.value }, maximumJobs: 5_000_000)
+        if !completed {
+            bench.failures.append("did not finish (a request or the shutdown hung) after \(scheduler.jobsRun) jobs")
+        }
+        scheduler.abandon()
+        return bench.failures
+    }
+}
+
+/// What a simulated test works with: the cluster, the managers, virtual time, browsers' requests.
+public final class SimulatedTestBench: @unchecked Sendable {
+    // @unchecked Sendable: everything runs on the simulation's one thread.
+    public let cluster: SimulatedCluster
+    public private(set) var managers: [SessionManager] = []
+    let clock = SimulatedClock()
+    var failures: [String] = []
+
+    init(_ test: SimulatedTest) {
+        cluster = SimulatedCluster(nodeCount: test.nodes, requestTimeout: .seconds(1), failureThreshold: 2, probeInterval: .milliseconds(500))
+        for index in 0..<test.instances {
+            var configuration = try! SessionManager.Configuration(nodes: cluster.nodeList)
+            configuration.memcached.requestTimeout = .seconds(1)
+            configuration.timeouts.save = .milliseconds(500)
+            configuration.unavailablePolicy = .fail
+            test.configure(&configuration, index)
+            managers.append(try! SessionManager(configuration: configuration, nodes: cluster, clock: clock, entropy: SimulatedEntropy()))
+        }
+    }
+
+    func run(_ body: @Sendable (SimulatedTestBench) async throws -> Void) async {
+        await withTaskGroup(of: Void.self) { services in
+            services.addTask { try? await self.cluster.run() }
+            for manager in managers {
+                services.addTask { try? await manager.run() }
+            }
+            do {
+                try await body(self)
+            } catch {
+                failures.append("threw \(error)")
+            }
+            services.cancelAll()
+        }
+    }
+
+    /// Virtual seconds since the run started.
+    public var now: Double { Double(DeterministicScheduler.shared.nanoseconds) / 1e9 }
+
+    public func check(_ condition: Bool, _ message: @autoclosure () -> String) {
+        if !condition { failures.append(message()) }
+    }
+
+    public func sleep(seconds: Double) async {
+        try? await clock.sleep(for: .nanoseconds(Int64(seconds * 1e9)))
+    }
+
+    /// One request on `instance`, as an adapter runs it (`SessionManager/serveRequest`): the
+    /// browser's cookie in, the response's cookie applied to it.
+    public func request<T>(
+        _ instance: Int, _ cookie: inout String?, path: String = "/", _ handler: (SessionAccess) async throws -> T
+    ) async throws -> T {
+        let manager = managers[instance]
+        let header = cookie.map { "\(manager.configuration.cookie.name)=\($0)" }
+        let (value, setCookie): (T, String?)
+        do {
+            (value, setCookie) = try await manager.serveRequest(path: path, cookieHeader: header, cookie: manager.configuration.cookie, eventLoop: nil) {
+                access in try await handler(access!)
+            }
+        } catch {
+            switch error {
+            case .handler(let error, _): throw error
+            case .endOfRequest(let error): throw error
+            }
+        }
+        if let setCookie {
+            // `name=value; attributes`; a logout's value is empty.
+            let pair = setCookie.prefix { $0 != ";" }
+            let value = pair.firstIndex(of: "=").map { pair[pair.index(after: $0)...] } ?? ""
+            cookie = value.isEmpty ? nil : String(value)
+        }
+        return value
+    }
+
+    /// Adds one to the session's count (creating the session), after `handlerSeconds` in the handler.
+    @discardableResult
+    public func increment(_ instance: Int, _ cookie: inout String?, path: String = "/counter", handlerSeconds: Double = 0) async throws -> Int {
+        try await request(instance, &cookie, path: path) { access in
+            let session = try await access.loadOrCreate()
+            let count = (session["count", as: Int.self] ?? 0) + 1
+            if handlerSeconds > 0 { await self.sleep(seconds: handlerSeconds) }
+            try session.set("count", count)
+            return count
+        }
+    }
+
+    /// The session's count, nil when there is no session.
+    public func count(_ instance: Int, _ cookie: inout String?, path: String = "/read") async throws -> Int? {
+        try await request(instance, &cookie, path: path) { access in
+            try await access.load().map { $0["count", as: Int.self] ?? 0 }
+        }
+    }
+
+    public func logout(_ instance: Int, _ cookie: inout String?) async throws {
+        try await request(instance, &cookie, path: "/logout") { access in try await access.invalidate() }
+    }
+
+    /// The node the cookie's session lives on.
+    public func node(of cookie: String?) -> SimulatedNode? {
+        cookie.flatMap { MemcachedSessionID(parsing: $0) }.flatMap { cluster.node($0.nodeID) }
+    }
+}
+
+extension SimulatedTest {
+    /// Every simulated test, by name.
+    public static let all: [SimulatedTest] = [
+        // Locking: concurrent requests of one session are serializable.
+        SimulatedTest("locking-all-serializes-concurrent-increments") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .all
+            configuration.locking.expiry = .seconds(5)
+            configuration.locking.waitBudget = .seconds(30)
+        } _: { bench in
+            var cookie: String? = nil
+            try await bench.increment(0, &cookie)
+            let shared = cookie
+            let results = try await withThrowingTaskGroup(of: Int.self, returning: [Int].self) { group in
+                for index in 0..<8 {
+                    group.addTask {
+                        var cookie = shared
+                        return try await bench.increment(index % 2, &cookie, handlerSeconds: 0.05)
+                    }
+                }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            bench.check(results.sorted() == Array(2...9), "each increment saw the one before it: \(results.sorted())")
+            bench.check(try await bench.count(1, &cookie) == 9, "8 concurrent increments after the first: 9")
+        },
+        // Without locking: concurrent requests changing different attributes both survive (the
+        // CAS merge); on the same attribute the last writer wins.
+        SimulatedTest("unlocked-concurrent-writes-merge-by-attribute") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in
+            var cookie: String? = nil
+            try await bench.increment(0, &cookie)
+            let shared = cookie
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for (index, name) in ["left", "right"].enumerated() {
+                    group.addTask {
+                        var cookie = shared
+                        try await bench.request(index, &cookie) { access in
+                            let session = try await access.loadOrCreate()
+                            await bench.sleep(seconds: 0.05)  // both have read before either writes
+                            try session.set(name, name)
+                            try session.set("last", name)
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let (left, right, last, count) = try await bench.request(0, &cookie) { access in
+                let session = try await access.load()
+                return (
+                    session?["left", as: String.self], session?["right", as: String.self], session?["last", as: String.self],
+                    session?["count", as: Int.self]
+                )
+            }
+            bench.check(left == "left" && right == "right", "both attributes survive: \(String(describing: left)), \(String(describing: right))")
+            bench.check(last == "left" || last == "right", "the same attribute: one of the writers")
+            bench.check(count == 1, "what neither changed stays: \(String(describing: count))")
+        },
+        // Failover: a dead primary moves the session (a new id, the count kept); the logout that
+        // follows ends every copy, the old primary's once it is back.
+        SimulatedTest("failover-moves-the-session-and-logout-ends-every-copy") { configuration, _ in
+            configuration.mode = .nonSticky
+        } _: { bench in
+            var cookie: String? = nil
+            for _ in 0..<3 { try await bench.increment(0, &cookie) }
+            let before = cookie
+            let primary = try requireNode(bench.node(of: cookie))
+            primary.freeze()
+            let started = bench.now
+            let count = try await bench.increment(1, &cookie)
+            bench.check(count == 4, "the count survives the frozen primary: \(count)")
+            bench.check(bench.now - started < 3 + 1 + 0.5 + 1, "the request ended within its bound: \(bench.now - started) s")
+            bench.check(cookie != before && bench.node(of: cookie) !== primary, "a new id, on another node")
+            try await bench.logout(0, &cookie)
+            primary.thaw()
+            await bench.sleep(seconds: 5)  // the thawed node answers again; leftovers go
+            var old = before
+            bench.check(try await bench.count(0, &old) == nil, "the pre-failover cookie reads nothing after the logout")
+            bench.check(try await bench.count(1, &old) == nil, "on either instance")
+        },
+        // A node restarted empty: the session comes back from its backup.
+        SimulatedTest("a-primary-restarted-empty-serves-the-backup") { configuration, _ in
+            configuration.mode = .nonSticky
+        } _: { bench in
+            var cookie: String? = nil
+            for _ in 0..<2 { try await bench.increment(0, &cookie) }
+            try requireNode(bench.node(of: cookie)).restartEmpty(pid: 4242)
+            await bench.sleep(seconds: 2)
+            bench.check(try await bench.count(1, &cookie) == 2, "read from the backup")
+            bench.check(try await bench.increment(0, &cookie) == 3, "and counted on")
+        },
+        // Expiry on virtual time: a request slides the idle timeout; past it the session is gone.
+        SimulatedTest("idle-timeout-slides-and-expires-non-sticky") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.timeouts.idle = .seconds(60)
+        } _: { bench in
+            var cookie: String? = nil
+            try await bench.increment(0, &cookie)
+            await bench.sleep(seconds: 50)
+            bench.check(try await bench.count(1, &cookie) == 1, "alive within the idle timeout")
+            await bench.sleep(seconds: 50)
+            bench.check(try await bench.count(0, &cookie) == 1, "the read slid it")
+            await bench.sleep(seconds: 75)
+            bench.check(try await bench.count(1, &cookie) == nil, "expired past the idle timeout")
+        },
+        SimulatedTest("idle-timeout-expires-sticky") { configuration, instance in
+            configuration.mode = .sticky
+            configuration.route = "r\(instance + 1)"
+            configuration.sticky.asynchronousSaving = false
+            configuration.timeouts.idle = .seconds(60)
+        } _: { bench in
+            var cookie: String? = nil
+            try await bench.increment(0, &cookie)
+            await bench.sleep(seconds: 50)
+            bench.check(try await bench.count(0, &cookie) == 1, "alive within the idle timeout")
+            await bench.sleep(seconds: 75)
+            var other = cookie
+            bench.check(try await bench.count(0, &cookie) == nil, "expired in memory")
+            bench.check(try await bench.count(1, &other) == nil, "and in memcached")
+        },
+        // Sticky takeover and back: the instance that takes over reads the newest copy, the one
+        // taken back from never serves its stale copy, and a logout is never undone by it.
+        SimulatedTest("sticky-takeover-and-back-then-logout") { configuration, instance in
+            configuration.mode = .sticky
+            configuration.route = "r\(instance + 1)"
+            configuration.sticky.asynchronousSaving = false
+        } _: { bench in
+            var cookie: String? = nil
+            for _ in 0..<3 { try await bench.increment(0, &cookie) }
+            let first = cookie
+            bench.check(try await bench.increment(1, &cookie) == 4, "instance 2 takes over with the count")
+            bench.check(cookie != first, "the cookie names the new owner")
+            bench.check(try await bench.increment(0, &cookie) == 5, "back on instance 1: its stale copy is not served")
+            try await bench.logout(1, &cookie)
+            var old = first
+            bench.check(try await bench.count(0, &old) == nil, "the first owner does not bring the session back")
+            old = first
+            bench.check(try await bench.count(1, &old) == nil, "nor does the second")
+        },
+        // Asynchronous saving: what a request changed is in memcached once the delay has passed
+        // (another instance reads it), and the writes of a burst coalesce.
+        SimulatedTest("sticky-asynchronous-saves-reach-memcached-after-the-delay") { configuration, instance in
+            configuration.mode = .sticky
+            configuration.route = "r\(instance + 1)"
+            configuration.sticky.asynchronousSaving = true
+            configuration.sticky.saveDelay = .milliseconds(100)
+        } _: { bench in
+            var cookie: String? = nil
+            for _ in 0..<5 { try await bench.increment(0, &cookie) }
+            await bench.sleep(seconds: 1)
+            bench.check(try await bench.count(1, &cookie) == 5, "the other instance reads the last count")
+        },
+    ]
+
+    /// The test named `name`.
+    public static func named(_ name: String) -> SimulatedTest? { all.first { $0.name == name } }
+}
+
+struct MissingNode: Error, CustomStringConvertible {
+    var description: String { "the cookie names no node of the cluster" }
+}
+
+func requireNode(_ node: SimulatedNode?) throws -> SimulatedNode {
+    guard let node else { throw MissingNode() }
+    return node
+}
