@@ -303,7 +303,11 @@ final class NonStickyLifecycle: SessionLifecycle {
             case .unreachable(let error, let afterConflict):
                 if let lockWithWrite { await locks.release(lockWithWrite) }
                 if error.leavesOutcomeUnknown || afterConflict {
-                    // It may have been saved, or not: never a cleared cookie, never "saved".
+                    // It may have been saved, or not: never a cleared cookie, never "saved". If it
+                    // lands late, its backup (not written) is behind it: the next read here
+                    // checks the backup's version (simulation, seed 1038: the primary evicted
+                    // after the late write had been read, the older backup brought back).
+                    store.backupMemo.forget(keys.backup)
                     statistics.count(.unavailable)
                     throw SessionError.unavailable("the session's write got no answer (\(error.code)): it may not have been saved")
                 }

@@ -93,7 +93,10 @@ extension SessionStore {
     }
 
     /// Refreshes a read-only session's backup at most once per window per instance, and repairs it
-    /// (copies the bytes just read) when the backup node has no copy, e.g. after a restart.
+    /// (copies the bytes just read) when the backup node has no copy, e.g. after a restart, or, in
+    /// meta mode, when its copy is older than the one just read (a write whose reply was lost
+    /// landed on the primary, its backup never written: a later loss of the primary must not
+    /// bring the older count back). The repair never goes back and never replaces a tombstone.
     func refreshBackupIfDue(keys: SessionKeys, primaryNode: String, raw: ByteBuffer?, metadata: SessionMetadata, now: Int64) {
         guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
         guard backupMemo.needsRefresh(keys.backup, node: backupNode, window: Self.backupRefreshWindow(metadata)) else { return }
@@ -101,6 +104,8 @@ extension SessionStore {
         let ttl = Self.backupTTL(metadata, now: now)
         let statistics = self.statistics
         let memo = self.backupMemo
+        let meta = configuration.memcached.protocolMode == .meta
+        let flags = Self.backupFlags(metadata)
         statistics.count(.backupTouches)
         let submit = {
             @Sendable (request: MemcachedRequest, completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void) in
@@ -120,6 +125,20 @@ extension SessionStore {
                     repair.connectionAffinity = SessionStore.affinity(of: keys.backup)
                     submit(repair) { result in
                         if case .failure = result { statistics.count(.backupFailures) }
+                    }
+                case .success(.touched(true)):
+                    // Older than what was just read? Only meta mode reads a backup's version
+                    // (its flags) without its value.
+                    guard meta, let raw else { return }
+                    Task {
+                        var check = MemcachedRequest.getMetadata(keys.backup)
+                        check.connectionAffinity = SessionStore.affinity(of: keys.backup)
+                        check.honorsCancellation = false
+                        guard case .success(.item(let item?)) = await node.executeBatch([check])[0],
+                            item.flags != SessionStore.tombstoneFlags, item.flags < flags
+                        else { return }
+                        statistics.count(.backupRepairs)
+                        _ = await self.writeBackupInOrder(key: keys.backup, on: node, bytes: raw, flags: flags, ttl: ttl)
                     }
                 case .failure:
                     memo.forget(keys.backup)

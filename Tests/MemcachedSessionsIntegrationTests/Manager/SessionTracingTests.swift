@@ -1,15 +1,23 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import HTTPTypes
 import InMemoryTracing
+import Logging
 import Memcached
+import MemcachedSessionsOperations
 import MemcachedTestRig
+import NIOCore
+import ServiceLifecycle
+import Synchronization
 import Testing
 import Tracing
 
-@testable import MemcachedSessions
+@_spi(Simulation) @testable import MemcachedSessions
 
-/// Issue 9: spans for session loads and saves, the memcached round trips their children; never a
-/// session id, a key or a value in a span.
 @Suite("Tracing")
-struct TracingTests {
+struct SessionTracingTests {
     @Test func loadsAndSavesHaveSpansWithTheirRoundTripsAsChildren() async throws {
         try await withMemcachedServers(count: 2) { servers in
             let tracer = InMemoryTracer()

@@ -1,0 +1,228 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import HTTPTypes
+import InMemoryTracing
+import Logging
+import Memcached
+import MemcachedSessionsOperations
+import MemcachedTestRig
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+import Testing
+import Tracing
+
+@_spi(Simulation) @testable import MemcachedSessions
+
+@Suite("Backups")
+struct BackupsTests {
+    @Test func anOlderBackupArrivingLateLeavesTheNewerOneAlone() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers)
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    let first = try #require(try await inspector.node(id.nodeID).get(keys.primary))
+                    let firstRecord = try BinarySessionCodec().decodeSession(from: first.value)
+                    for _ in 0..<3 { try await manager.increment(&browser) }
+                    let latest = try #require(try await inspector.node(id.nodeID).get(keys.primary))
+                    try await eventually("the latest backup written") {
+                        try await inspector.node(backupNode).get(keys.backup)?.value == latest.value
+                    }
+                    // The first save's backup, arriving now.
+                    await manager.store.writeBackup(
+                        keys: keys, primaryNode: id.nodeID, bytes: first.value, metadata: firstRecord.metadata,
+                        now: manager.context.currentTimeMillis())
+                    try await eventually("the late backup looked at the copy there") {
+                        manager.statistics.value(of: .backupsOutdated) == 1
+                    }
+                    #expect(try await inspector.node(backupNode).get(keys.backup)?.value == latest.value, "left alone")
+                }
+            }
+        }
+    }
+
+    /// The simulation, seed 1038: a write whose reply was lost (its node frozen) landed at the
+    /// thaw, and the browser read it; its backup, never written, stayed one version behind, and
+    /// an eviction of the primary then brought the older count back. The read that finds the
+    /// primary ahead of the backup brings the backup up to it.
+    @Test func aBackupLeftBehindByAWriteWithALostReplyCatchesUpAtTheNextRead() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers) {
+                $0.memcached.requestTimeout = .seconds(1)
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    #expect(try await manager.increment(&browser) == 1)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    try await eventually("the first backup, and the nodes' boot times known") {
+                        try await inspector.node(backupNode).get(keys.backup)?.flags == 1
+                            && manager.store.nodeRestarts.knows("n1") && manager.store.nodeRestarts.knows("n2")
+                    }
+                    // A write whose reply is lost: the node freezes between the read and the write.
+                    let access = manager.beginRequest(path: "/counter", sessionCookie: browser.cookie)
+                    try #require(try await access.load()).set("count", 2)
+                    let pid = try #require(servers[Int(id.nodeID.dropFirst())! - 1].pid)
+                    kill(pid, SIGSTOP)
+                    await #expect(throws: SessionError.self, "no answer: it may not have been saved") {
+                        try await manager.endRequest(access)
+                    }
+                    kill(pid, SIGCONT)  // the write lands now
+                    try await eventually("the node back") { manager.topology.isAvailable(id.nodeID) }
+                    #expect(try await manager.readCount(&browser) == 2, "the late write, read")
+                    try await eventually("the backup caught up with the copy read") {
+                        try await inspector.node(backupNode).get(keys.backup)?.flags == 2
+                    }
+                    // The primary's node restarted empty (the seed lost it to an eviction): the
+                    // backup has what the browser read.
+                    let primary = Int(id.nodeID.dropFirst())! - 1
+                    try await servers[primary].kill()
+                    try await servers[primary].restart()
+                    try await eventually("restart noticed") { manager.store.missMayBeRestart(on: id.nodeID) }
+                    #expect(try await manager.readCount(&browser) == 2)
+                }
+            }
+        }
+    }
+
+    @Test func aBackupWriteNeverReplacesATombstone() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers)
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    let stored = try #require(try await inspector.node(id.nodeID).get(keys.primary))
+                    var record = try BinarySessionCodec().decodeSession(from: stored.value)
+                    try await manager.request(&browser) { access in try #require(try await access.load()).invalidate() }
+                    #expect(try await inspector.node(backupNode).get(keys.backup)?.flags == SessionManager.tombstoneFlags)
+                    // A save that raced the logout sends its (newer-versioned) backup only now.
+                    record.metadata.version += 10
+                    await manager.store.writeBackup(
+                        keys: keys, primaryNode: id.nodeID, bytes: stored.value, metadata: record.metadata, now: manager.context.currentTimeMillis())
+                    try await eventually("the backup write looked at the copy there") {
+                        manager.statistics.value(of: .backupsOutdated) == 1
+                    }
+                    #expect(try await inspector.node(backupNode).get(keys.backup)?.flags == SessionManager.tombstoneFlags)
+                }
+            }
+        }
+    }
+
+    @Test func theBackupIsWrittenBeforeTheResponse() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            // The backup node answers late: a backup not waited for lands after the response.
+            let proxy = try await FaultProxy.start(port: servers[1].port)
+            defer { proxy.stop() }
+            let config = try configuration(n1: servers[0].hostAndPort, n2: proxy.hostAndPort)
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    proxy.update { $0.delay = .milliseconds(300) }
+                    #expect(try await manager.increment(&browser) == 2)
+                    let keys = manager.keys(for: try #require(browser.id).token)
+                    let primary = try #require(try await inspector.node("n1").get(keys.primary))
+                    // Read at once, not eventually: the response came after the backup.
+                    #expect(try await inspector.node("n2").get(keys.backup)?.value == primary.value, "backup written before the response")
+                    proxy.update { $0.delay = .zero }
+                    // The primary restarted empty: the acknowledged count comes back from the backup.
+                    try await servers[0].kill()
+                    try await servers[0].restart()
+                    try await eventually("the manager uses n1 again") { manager.topology.isReachable("n1") }
+                    #expect(try await manager.readCount(&browser) == 2)
+                }
+            }
+        }
+    }
+
+    /// A backup write racing a logout can land after the logout's tombstone on the backup key
+    /// (backups are unconditional, nobody waits for them). The logout's tombstones on the primary
+    /// key of every node still outrank it: when the session's node later fails, neither recovery
+    /// nor restore brings the logged-out session back.
+    @Test(arguments: [false, true])
+    func aBackupLandingAfterALogoutDoesNotBringItBack(restart: Bool) async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            let config = try configuration(servers) {
+                $0.memcached.requestTimeout = .milliseconds(500)
+                $0.memcached.failureThreshold = 1
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = try inspector.node(manager.topology.nextAvailable(after: id.nodeID)!)
+                    try await eventually("the backup is written") { try await backupNode.get(keys.backup) != nil }
+                    let copy = try #require(try await backupNode.get(keys.backup))
+                    try await eventually("the boot times are known") { manager.store.nodeRestarts.knows(id.nodeID) }
+                    let old = browser
+                    try await manager.request(&browser, path: "/logout") { access in try await access.invalidate() }
+                    // The racing backup write lands last.
+                    try await backupNode.set(keys.backup, value: copy.value, ttl: .seconds(60))
+                    let home = servers[Int(id.nodeID.dropFirst())! - 1]
+                    try await home.kill()
+                    if restart {
+                        try await home.restart()
+                        try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: id.nodeID) }
+                    }
+                    var stale = old
+                    #expect(try await manager.readCount(&stale) == 0, "the logged-out session stays ended")
+                }
+            }
+        }
+    }
+
+    /// A session idle past its timeout must not come back from its backup, which outlives the
+    /// primary by two refresh windows, when the primary's node is dead (recovery) or restarted
+    /// empty (restore). Both paths used to check only the absolute timeout.
+    @Test(arguments: [false, true])
+    func anIdleExpiredSessionDoesNotComeBackFromItsBackup(restart: Bool) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            // Idle 12 s: refresh window 3 s, backup TTL 18 s.
+            try await withManager(try configuration(servers) { $0.timeouts.idle = .seconds(12) }) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let primary = Int(id.nodeID.dropFirst())! - 1
+                    let backupNode = try inspector.node(id.nodeID == "n1" ? "n2" : "n1")
+                    func backupTTL() async throws -> Int? {
+                        guard case .item(let item?) = try await backupNode.execute(.getMetadata(keys.backup)) else { return nil }
+                        return item.timeToLive
+                    }
+                    try await eventually("a backup exists") { try await backupTTL() != nil }
+                    // Idle past 12 s, with the backup still there (less than a window left).
+                    try await eventually(timeout: .seconds(30), "the session is idle past its timeout") {
+                        guard let left = try await backupTTL() else { return false }
+                        return left <= 3
+                    }
+                    if restart {
+                        try await servers[primary].kill()
+                        try await servers[primary].restart()
+                        // The manager knows the node restarted: a miss there looks for the backup.
+                        try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: id.nodeID) }
+                    } else {
+                        try await servers[primary].kill()
+                    }
+                    #expect(try await backupTTL() != nil, "the backup is still there")
+                    #expect(try await manager.readCount(&browser) == 0, "idle-expired: gone, not restored from the backup")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import HTTPTypes
+import InMemoryTracing
+import Logging
+import Memcached
+import MemcachedSessionsOperations
+import MemcachedTestRig
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+import Testing
+import Tracing
+
+@_spi(Simulation) @testable import MemcachedSessions
+
+@Suite("Relocation off a failed node, and what it leaves behind")
+struct RelocationTests {
+    @Test func aRecoveredSessionCanBeInvalidated() async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                let original = browser
+                let id = try #require(original.id)
+                try await servers[Int(id.nodeID.dropFirst())! - 1].kill()
+                #expect(try await manager.increment(&browser) == 2)
+                #expect(browser.id?.nodeID != id.nodeID, "recovered onto another node")
+                try await manager.request(&browser) { access in try await access.invalidate() }
+                var viaOld = original
+                var viaNew = Browser(cookie: original.id!.relocated(to: manager.topology.nextAvailable(after: id.nodeID)!).description)
+                #expect(try await manager.readCount(&viaOld) == 0)
+                #expect(try await manager.readCount(&viaNew) == 0)
+            }
+        }
+    }
+
+    /// The busiest defect of the review: a node freezes (SIGSTOP) past the request timeout, the
+    /// session moves to another node under a new id, the node thaws, the user logs out: the
+    /// pre-failover cookie must read nothing, on any instance. The old primary used to stay, so
+    /// every pre-failover cookie still read its session after the logout.
+    @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
+    func aLogoutAfterAFailoverEndsTheOldPrimaryToo(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            func config(_ route: String) throws -> SessionManager.Configuration {
+                try configuration(servers, mode: mode) {
+                    $0.memcached.requestTimeout = .milliseconds(300)
+                    $0.memcached.failureThreshold = 1
+                    $0.sticky.asynchronousSaving = false
+                    if mode == .sticky { $0.route = route }
+                }
+            }
+            try await withManagers([try config("a"), try config("b")]) { managers in
+                var browser = Browser()
+                for _ in 0..<2 { try await managers[0].increment(&browser) }
+                let old = browser
+                let id = try #require(old.id)
+                let frozen = servers[Int(id.nodeID.dropFirst())! - 1]
+                let pid = try #require(frozen.pid)
+                kill(pid, SIGSTOP)
+                // The session moves off the frozen node (a write to it times out) under a new id.
+                try await eventually(timeout: .seconds(20), "the session moved") {
+                    (try? await managers[0].increment(&browser)) != nil && browser.id?.nodeID != id.nodeID
+                }
+                kill(pid, SIGCONT)
+                try await eventually("the thawed node is back") { managers[0].topology.isAvailable(id.nodeID) }
+                try await managers[0].request(&browser, path: "/logout") { access in try await access.invalidate() }
+                #expect(browser.cookie == nil)
+                // Every pre-failover cookie reads nothing, on both instances.
+                for manager in managers {
+                    var stale = old
+                    #expect(try await manager.readCount(&stale) == 0, "the old primary is ended too")
+                }
+            }
+        }
+    }
+
+    @Test func aReadThatFailsOnceOnANodeStillUpIsTriedAgainNotMoved() async throws {
+        try await withProxiedPair { proxy, config, _ in
+            try await withManager(config) { manager in
+                var browser = Browser()
+                #expect(try await manager.increment(&browser) == 1)
+                let cookie = try #require(browser.cookie)
+                #expect(browser.id?.nodeID == "n1")
+                let primary = manager.keys(for: try #require(browser.id).token).primary
+                proxy.cutNextReplies(1, toRequestsContaining: "mg \(primary)")
+                #expect(try await manager.increment(&browser) == 2)
+                #expect(proxy.repliesCut == 1)
+                #expect(browser.cookie == cookie, "not moved")
+                #expect(manager.statistics.value(of: .readRetries) == 1)
+                #expect(manager.statistics.value(of: .relocations) == 0)
+                #expect(manager.statistics.value(of: .lockWaits) == 0, "the lock its lost reply took is its own")
+            }
+        }
+    }
+
+    @Test func aReadThatFailsTwiceOnANodeStillUpIsUnavailableNotMoved() async throws {
+        try await withProxiedPair { proxy, config, _ in
+            try await withManager(config) { manager in
+                var browser = Browser()
+                #expect(try await manager.increment(&browser) == 1)
+                let cookie = try #require(browser.cookie)
+                let primary = manager.keys(for: try #require(browser.id).token).primary
+                let released = manager.statistics.value(of: .locksReleased)
+                proxy.cutNextReplies(2, toRequestsContaining: "mg \(primary)")
+                let error = await sessionError { try await manager.increment(&browser) }
+                #expect(error?.code == .unavailable)
+                #expect(manager.statistics.value(of: .relocations) == 0)
+                #expect(browser.cookie == cookie)
+                // The node answers again: the session is where it was, unchanged, and the lock
+                // the lost reply took was released (not waited out).
+                try await eventually("the orphaned lock released") { manager.statistics.value(of: .locksReleased) == released + 1 }
+                let waits = manager.statistics.value(of: .lockWaits)
+                #expect(try await manager.increment(&browser) == 2)
+                #expect(manager.statistics.value(of: .lockWaits) == waits)
+                #expect(browser.cookie == cookie)
+            }
+        }
+    }
+}
