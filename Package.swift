@@ -31,8 +31,11 @@ let package = Package(
             enabledTraits: ["Hummingbird"]),
         .trait(name: "Vapor", description: "The Vapor 4 adapter: MemcachedSessionsVapor.", enabledTraits: ["Operations"]),
         .trait(
+            name: "OpenTelemetry",
+            description: "msm serve --otel exports its tracing spans over OTLP/HTTP with swift-otel (the tool only)."),
+        .trait(
             name: "Tools", description: "The msm command: demo cluster, app server, inspection and management.",
-            enabledTraits: ["Hummingbird", "HummingbirdAuth", "Vapor"]),
+            enabledTraits: ["Hummingbird", "HummingbirdAuth", "Vapor", "OpenTelemetry"]),
         .default(enabledTraits: []),
     ],
     dependencies: [
@@ -53,6 +56,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-configuration", from: "1.4.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-distributed-tracing", from: "1.7.3"),
+        // The tool's span export (trait OpenTelemetry): OTLP/HTTP only, no gRPC stack built.
+        .package(url: "https://github.com/swift-otel/swift-otel", from: "1.6.0", traits: ["OTLPHTTP"]),
     ],
     targets: [
         .target(
@@ -159,6 +164,8 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus", condition: .when(traits: ["Tools"])),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+                .product(name: "OTel", package: "swift-otel", condition: .when(traits: ["OpenTelemetry"])),
             ]
         ),
         .executableTarget(
@@ -291,6 +298,8 @@ let package = Package(
                 "MemcachedSessions",
                 "MemcachedTestRig",
                 "msm",
+                // The OTLP collector of the span export's test.
+                .product(name: "Hummingbird", package: "hummingbird", condition: .when(traits: ["Tools"])),
             ]
         ),
     ],

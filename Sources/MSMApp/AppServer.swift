@@ -43,6 +43,11 @@ public struct ServeOptions: Sendable {
     /// `/metrics` requires the management token too.
     public var metricsRequireToken = false
     public var logLevel: Logger.Level = .warning
+    /// Exports tracing spans (the framework's request spans, the session loads and saves, their
+    /// memcached round trips) over OTLP/HTTP with swift-otel; the standard `OTEL_*` environment
+    /// variables configure the exporter (endpoint default `http://localhost:4318/v1/traces`).
+    /// Only in a build with the `OpenTelemetry` trait (on with `Tools`).
+    public var openTelemetry = false
 
     public init() {}
 
@@ -78,7 +83,10 @@ public enum AppServer {
         // run Swift concurrency on it): one group for the server, memcached and the tasks.
         let group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
         if options.metrics { MetricsExport.bootstrap() }
-        let manager = try SessionManager(configuration: try options.sessionConfiguration(), eventLoopGroup: group, logger: logger)
+        var configuration = try options.sessionConfiguration()
+        let spanExport = options.openTelemetry ? try SpanExport.start(instance: options.instance) : nil
+        configuration.tracing.tracer = spanExport?.tracer
+        let manager = try SessionManager(configuration: configuration, eventLoopGroup: group, logger: logger)
         let operations = HummingbirdApp.Operations(
             endpoints: try options.managementToken.map { token throws(SessionError) in
                 try ManagementEndpoints(manager: manager, token: token, instance: options.instance)
@@ -87,9 +95,12 @@ public enum AppServer {
         switch options.framework {
         case .hummingbird:
             let app = Hummingbird.Application(
-                router: HummingbirdApp.router(manager: manager, instance: options.instance, operations: operations),
+                router: HummingbirdApp.router(
+                    manager: manager, instance: options.instance, operations: operations, tracing: options.openTelemetry),
                 configuration: .init(address: .hostname("127.0.0.1", port: options.port)),
-                services: [manager],
+                // Services stop in reverse order: the export after the manager, whose last
+                // saves' spans go out too.
+                services: (spanExport.map { [$0.service] } ?? []) + [manager],
                 eventLoopGroupProvider: .shared(group),
                 logger: logger)
             try await app.runService()
@@ -102,14 +113,25 @@ public enum AppServer {
             app.http.server.configuration.port = options.port
             app.http.server.configuration.reportMetrics = false
             SessionManagerLifecycle.register(manager, on: app)
-            VaporApp.configure(app, manager: manager, operations: operations)
-            do {
-                try await app.execute()
-            } catch {
-                try? await app.asyncShutdown()
-                throw error
+            VaporApp.configure(app, manager: manager, operations: operations, tracing: options.openTelemetry)
+            // Vapor runs the manager through its lifecycle; the span export (if any) runs beside
+            // it and stops after Vapor has shut down (the manager's last saves flushed).
+            let export = spanExport.map {
+                ServiceGroup(configuration: .init(services: [$0.service], gracefulShutdownSignals: [], logger: logger))
             }
-            try await app.asyncShutdown()
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                if let export { tasks.addTask { try await export.run() } }
+                do {
+                    try await app.execute()
+                } catch {
+                    try? await app.asyncShutdown()
+                    await export?.triggerGracefulShutdown()
+                    throw error
+                }
+                try await app.asyncShutdown()
+                await export?.triggerGracefulShutdown()
+                try await tasks.waitForAll()
+            }
         }
     }
 }

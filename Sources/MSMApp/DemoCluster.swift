@@ -17,6 +17,8 @@ private let demoStopRequested = Atomic<Bool>(false)
 public struct DemoOptions: Sendable {
     public var sticky = false
     public var respawn = false
+    /// Each app exports its tracing spans over OTLP/HTTP (`msm serve --otel`).
+    public var openTelemetry = false
     public var stateDirectory = ".msm-demo"
     public var port = 8080
     public var memcachedBasePort = 21211
@@ -148,6 +150,7 @@ public final class DemoCluster: Sendable {
                 "--port", "\(port)", "--instance", id, "--log-level", "notice", "--metrics", "--protocol", options.protocolMode.rawValue,
             ]
             if options.sticky { arguments += ["--route", Self.routes[index], "--sync-saves"] }
+            if options.openTelemetry { arguments += ["--otel"] }
             processes.append(
                 DemoProcess(
                     role: "app", id: id, address: "127.0.0.1:\(port)", executable: options.msmBinary, arguments: arguments,

@@ -25,9 +25,12 @@ public enum HummingbirdApp {
 
     /// The router: `/hello` without session machinery, everything else through the middleware.
     public static func router(
-        manager: SessionManager, cookie: SessionCookie? = nil, instance: String, operations: Operations = .init()
+        manager: SessionManager, cookie: SessionCookie? = nil, instance: String, operations: Operations = .init(),
+        tracing: Bool = false
     ) -> Router<Context> {
         let router = Router(context: Context.self)
+        // A span per request (the global tracer's), the sessions' spans its children.
+        if tracing { router.add(middleware: TracingMiddleware()) }
         // The framework's ceiling: no session middleware at all.
         router.get("hello") { _, _ -> String in "hello" }
         if let metrics = operations.metrics { router.addMetrics(metrics) }

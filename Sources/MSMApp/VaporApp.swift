@@ -7,10 +7,12 @@ import Vapor
 public enum VaporApp {
     public static func configure(
         _ app: Application, manager: SessionManager, cookie: SessionCookie? = nil,
-        operations: HummingbirdApp.Operations = .init()
+        operations: HummingbirdApp.Operations = .init(), tracing: Bool = false
     ) {
         // No per-request logging middleware (Vapor's default logs every request at info).
         app.middleware = Middlewares()
+        // A span per request (the global tracer's), the sessions' spans its children.
+        if tracing { app.middleware.use(TracingMiddleware()) }
         app.get("hello") { _ -> String in "hello" }
         if let metrics = operations.metrics { app.metrics(metrics) }
         if let endpoints = operations.endpoints { app.sessionManagement(endpoints) }

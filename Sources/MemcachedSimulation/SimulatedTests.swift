@@ -114,9 +114,9 @@ public final class SimulatedTestBench: @unchecked Sendable {
             }
         }
         if let setCookie {
-            // `name=value; attributes`; a logout's value is empty.
-            let pair = setCookie.prefix { $0 != ";" }
-            let value = pair.firstIndex(of: "=").map { pair[pair.index(after: $0)...] } ?? ""
+            // `name=value; attributes`, read as the adapters read a Cookie header (the first pair
+            // named so); a logout's value is empty.
+            let value = manager.configuration.cookie.value(inCookieHeader: setCookie) ?? ""
             cookie = value.isEmpty ? nil : String(value)
         }
         return value

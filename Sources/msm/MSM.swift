@@ -163,6 +163,11 @@ struct Serve: AsyncParsableCommand {
     @Flag(inversion: .prefixedNo, help: "/metrics requires the management token too.")
     var metricsRequireToken: Bool?
 
+    @Flag(
+        inversion: .prefixedNo,
+        help: "Exports tracing spans over OTLP/HTTP (swift-otel); the OTEL_EXPORTER_OTLP_* variables set the endpoint (default http://localhost:4318).")
+    var otel: Bool?
+
     /// The settings, each from its flag, the environment, the --config file, or its default.
     func options() async throws -> ServeOptions {
         var flags: [String: ConfigValue] = [:]
@@ -181,6 +186,7 @@ struct Serve: AsyncParsableCommand {
         flags.flag("log-level", logLevel)
         flags.flag("metrics", metrics)
         flags.flag("metrics-require-token", metricsRequireToken)
+        flags.flag("otel", otel)
         let settings = try await Settings(flags: flags, configFile: config)
         var options = ServeOptions()
         options.framework = try settings.value("framework") ?? options.framework
@@ -200,6 +206,7 @@ struct Serve: AsyncParsableCommand {
         options.logLevel = logLevel
         options.metrics = try settings.bool("metrics") ?? options.metrics
         options.metricsRequireToken = try settings.bool("metrics-require-token") ?? options.metricsRequireToken
+        options.openTelemetry = try settings.bool("otel") ?? options.openTelemetry
         if let managementTokenFile {
             options.managementToken = try readSecretFile(managementTokenFile, flag: "management-token-file")
         } else if let managementToken {
@@ -259,6 +266,9 @@ struct Demo: AsyncParsableCommand {
     @Option(help: "First app port (app1; app2 and app3 follow; default 18081).")
     var appPort: Int?
 
+    @Flag(inversion: .prefixedNo, help: "The apps export tracing spans over OTLP/HTTP (msm serve --otel; OTEL_* variables set the endpoint).")
+    var otel: Bool?
+
     func run() async throws {
         var flags: [String: ConfigValue] = [:]
         flags.flag("sticky", sticky)
@@ -268,6 +278,7 @@ struct Demo: AsyncParsableCommand {
         flags.flag("port", port)
         flags.flag("memcached-port", memcachedPort)
         flags.flag("app-port", appPort)
+        flags.flag("otel", otel)
         let settings = try await Settings(flags: flags, configFile: config)
         var options = DemoOptions(msmBinary: Self.executablePath())
         options.sticky = try settings.bool("sticky") ?? options.sticky
@@ -277,6 +288,7 @@ struct Demo: AsyncParsableCommand {
         options.port = try settings.int("port") ?? options.port
         options.memcachedBasePort = try settings.int("memcached-port") ?? options.memcachedBasePort
         options.appBasePort = try settings.int("app-port") ?? options.appBasePort
+        options.openTelemetry = try settings.bool("otel") ?? options.openTelemetry
         for (name, value) in [("port", options.port), ("memcached-port", options.memcachedBasePort), ("app-port", options.appBasePort)]
         where !(1...65533).contains(value) {
             throw ValidationError("\(name) must be 1 to 65533")

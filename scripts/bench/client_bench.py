@@ -16,6 +16,11 @@ EXECUTORS = os.environ.get("EXECUTORS", "global eventloop").split()
 WINDOW = 1024  # memaslap keys per concurrency (-w 1k); ours uses the same key count
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, ".build", "release", "memcached-bench")
+# BEFORE_BENCH=PATH (BEFORE_LABEL names it): an earlier build of memcached-bench, measured right
+# after ours in every cell of the same run (scripts/bench-before-after).
+BEFORE = os.environ.get("BEFORE_BENCH")
+BEFORE_LABEL = os.environ.get("BEFORE_LABEL", "before")
+OUT = os.environ.get("OUT", os.path.join(ROOT, "docs", "benchmarks", "client-throughput.md"))
 
 
 def free_port():
@@ -80,15 +85,16 @@ def main():
                 rows.append((op, c, "C memaslap (libmemcached 1.1.4)", c_rate, " ".join(c_cmd), misses.group(1) if misses else "-"))
                 print(f"{op} c={c} memaslap {c_rate:,.0f}/s", flush=True)
                 for executor in EXECUTORS:
-                    our_cmd = ["taskset", "-c", "1", BENCH, "--server", f"127.0.0.1:{port}", "--op", op,
-                               "--concurrency", str(c), "--duration", str(DURATION), "--keys", str(keys),
-                               "--executor", executor]
-                    rate, out = measure(our_cmd, port, counter)
-                    result = re.search(r"misses=(\d+) errors=(\d+)", out)
-                    if not result or result.group(2) != "0":
-                        sys.exit(f"errors in {our_cmd}:\n{out}")
-                    rows.append((op, c, f"ours, {executor} executor", rate, " ".join(our_cmd).replace(ROOT + "/", ""), result.group(1)))
-                    print(f"{op} c={c} ours/{executor} {rate:,.0f}/s ({rate / c_rate:.2f}x)", flush=True)
+                    for who, binary in [("ours", BENCH)] + ([(BEFORE_LABEL, BEFORE)] if BEFORE else []):
+                        our_cmd = ["taskset", "-c", "1", binary, "--server", f"127.0.0.1:{port}", "--op", op,
+                                   "--concurrency", str(c), "--duration", str(DURATION), "--keys", str(keys),
+                                   "--executor", executor]
+                        rate, out = measure(our_cmd, port, counter)
+                        result = re.search(r"misses=(\d+) errors=(\d+)", out)
+                        if not result or result.group(2) != "0":
+                            sys.exit(f"errors in {our_cmd}:\n{out}")
+                        rows.append((op, c, f"{who}, {executor} executor", rate, " ".join(our_cmd).replace(ROOT + "/", ""), result.group(1)))
+                        print(f"{op} c={c} {who}/{executor} {rate:,.0f}/s ({rate / c_rate:.2f}x)", flush=True)
     finally:
         server.terminate()
         server.wait()
@@ -127,7 +133,7 @@ def write(rows):
         if (op, c, who) not in seen:
             seen.add((op, c, who))
             lines.append(f"- `{cmd}`")
-    with open(os.path.join(ROOT, "docs", "benchmarks", "client-throughput.md"), "w") as f:
+    with open(OUT, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
