@@ -252,15 +252,14 @@ struct StickyLifecycleTests {
                     try await eventually("both watches have looked at \(id.nodeID)") {
                         a.store.nodeRestarts.knows(id.nodeID) && b.store.nodeRestarts.knows(id.nodeID)
                     }
-                    let pid = try #require(servers[home].pid)
-                    if restartedEmpty { try await servers[home].kill() } else { kill(pid, SIGSTOP) }
+                    if restartedEmpty { try await servers[home].kill() } else { try await servers[home].freeze() }
                     try await eventually(timeout: .seconds(20), "A's writer moved it") {
                         try await storedCount(inspector, other, keys.primary) == 2
                     }
                     if restartedEmpty {
                         try await servers[home].restart()
                     } else {
-                        kill(pid, SIGCONT)
+                        servers[home].thaw()
                         try await eventually(timeout: .seconds(20), "A deleted the copy it left there") {
                             try await storedCount(inspector, id.nodeID, keys.primary) == nil
                         }

@@ -71,12 +71,12 @@ struct BackupsTests {
                     // A write whose reply is lost: the node freezes between the read and the write.
                     let access = manager.beginRequest(path: "/counter", sessionCookie: browser.cookie)
                     try #require(try await access.load()).set("count", 2)
-                    let pid = try #require(servers[Int(id.nodeID.dropFirst())! - 1].pid)
-                    kill(pid, SIGSTOP)
+                    let home = servers[Int(id.nodeID.dropFirst())! - 1]
+                    try await home.freeze()  // every thread stopped before the write is sent
                     await #expect(throws: SessionError.self, "no answer: it may not have been saved") {
                         try await manager.endRequest(access)
                     }
-                    kill(pid, SIGCONT)  // the write lands now
+                    home.thaw()  // the write lands now
                     try await eventually("the node back") { manager.topology.isAvailable(id.nodeID) }
                     #expect(try await manager.readCount(&browser) == 2, "the late write, read")
                     try await eventually("the backup caught up with the copy read") {

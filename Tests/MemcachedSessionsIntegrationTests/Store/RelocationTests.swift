@@ -58,13 +58,12 @@ struct RelocationTests {
                 let old = browser
                 let id = try #require(old.id)
                 let frozen = servers[Int(id.nodeID.dropFirst())! - 1]
-                let pid = try #require(frozen.pid)
-                kill(pid, SIGSTOP)
+                try await frozen.freeze()
                 // The session moves off the frozen node (a write to it times out) under a new id.
                 try await eventually(timeout: .seconds(20), "the session moved") {
                     (try? await managers[0].increment(&browser)) != nil && browser.id?.nodeID != id.nodeID
                 }
-                kill(pid, SIGCONT)
+                frozen.thaw()
                 try await eventually("the thawed node is back") { managers[0].topology.isAvailable(id.nodeID) }
                 try await managers[0].request(&browser, path: "/logout") { access in try await access.invalidate() }
                 #expect(browser.cookie == nil)

@@ -149,13 +149,13 @@ struct SessionStoreTests {
                     let slow = manager.beginRequest(path: "/part0", sessionCookie: browser.cookie)
                     try #require(try await slow.load()).set("part0", true)
                     // Its node freezes; another tab's request moves the session off it.
-                    let pid = try #require(servers[Int(id.nodeID.dropFirst())! - 1].pid)
-                    kill(pid, SIGSTOP)
+                    let home = servers[Int(id.nodeID.dropFirst())! - 1]
+                    try await home.freeze()
                     var tab = browser
                     try await manager.request(&tab, path: "/part1") { access in
                         try #require(try await access.load()).set("part1", true)
                     }
-                    kill(pid, SIGCONT)
+                    home.thaw()
                     let moved = try #require(tab.id)
                     #expect(moved.nodeID != id.nodeID && moved.token == id.token, "moved, same token")
                     try await eventually("the move's cleanup ended the old copy") {
