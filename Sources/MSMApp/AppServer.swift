@@ -48,6 +48,10 @@ public struct ServeOptions: Sendable {
     /// variables configure the exporter (endpoint default `http://localhost:4318/v1/traces`).
     /// Only in a build with the `OpenTelemetry` trait (on with `Tools`).
     public var openTelemetry = false
+    /// TLS to every memcached node (`--tls`, `--tls-ca-file`...; off by default).
+    public var tls: MemcachedClient.Configuration.TLS = .disable
+    /// memcached authentication (`--auth-user`, the password from a file or the environment).
+    public var authentication: MemcachedClient.Configuration.Authentication? = nil
 
     public init() {}
 
@@ -55,6 +59,8 @@ public struct ServeOptions: Sendable {
     public func sessionConfiguration() throws(SessionError) -> SessionManager.Configuration {
         var configuration = try SessionManager.Configuration(nodes: nodes)
         configuration.memcached.protocolMode = protocolMode
+        configuration.memcached.tls = tls
+        configuration.memcached.authentication = authentication
         switch mode {
         case .sticky: configuration.mode = .sticky
         case .nonSticky: configuration.mode = .nonSticky

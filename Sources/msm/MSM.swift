@@ -168,6 +168,8 @@ struct Serve: AsyncParsableCommand {
         help: "Exports tracing spans over OTLP/HTTP (swift-otel); the OTEL_EXPORTER_OTLP_* variables set the endpoint (default http://localhost:4318).")
     var otel: Bool?
 
+    @OptionGroup var security: SecurityOptions
+
     /// The settings, each from its flag, the environment, the --config file, or its default.
     func options() async throws -> ServeOptions {
         var flags: [String: ConfigValue] = [:]
@@ -187,8 +189,11 @@ struct Serve: AsyncParsableCommand {
         flags.flag("metrics", metrics)
         flags.flag("metrics-require-token", metricsRequireToken)
         flags.flag("otel", otel)
+        security.record(into: &flags)
         let settings = try await Settings(flags: flags, configFile: config)
         var options = ServeOptions()
+        options.tls = try SecurityOptions.configuration(settings)
+        options.authentication = try security.authentication(settings)
         options.framework = try settings.value("framework") ?? options.framework
         options.mode = try settings.value("mode") ?? options.mode
         options.locking = try settings.value("locking", as: SessionManager.LockingMode.self) ?? options.locking

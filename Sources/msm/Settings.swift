@@ -67,7 +67,7 @@ struct Settings {
 
     /// The environment variables that hold secrets (redacted wherever swift-configuration shows
     /// a value).
-    static let secretEnvironmentNames: Set<String> = ["MSM_MANAGEMENT_TOKEN"]
+    static let secretEnvironmentNames: Set<String> = ["MSM_MANAGEMENT_TOKEN", "MSM_AUTH_PASSWORD"]
 
     /// The environment variable of a setting: `save-delay-ms` is `MSM_SAVE_DELAY_MS`.
     static func environmentName(_ flag: String) -> String {

@@ -34,10 +34,16 @@ struct NodeOptions: ParsableArguments {
     @Flag(help: "Machine-readable JSON output.")
     var json = false
 
+    @OptionGroup var security: SecurityOptions
+
     func client() throws -> MemcachedClient {
+        let tls = try security.configuration()
+        let authentication = try security.authentication()
         do {
             var configuration = try MemcachedClient.Configuration(nodes: nodes)
             configuration.protocolMode = protocolMode
+            configuration.tls = tls
+            configuration.authentication = authentication
             configuration.requestTimeout = .milliseconds(timeoutMs)
             configuration.connectTimeout = .milliseconds(timeoutMs)
             configuration.failureThreshold = 1000
@@ -168,7 +174,9 @@ struct Nodes: AsyncParsableCommand {
                 note("msm nodes: \(node.id) up")
             } catch {
                 rows.append(Row(id: node.id, address: node.address.hostAndPort, available: false, error: "\(error.code)"))
-                note("msm nodes: \(node.id) unreachable: \(error.code)")
+                // The reason (a certificate not trusted, a name mismatch, a plaintext server,
+                // credentials refused...): the client's messages carry no key, value or password.
+                note("msm nodes: \(node.id) unreachable: \(error.code): \(error.message)")
             }
         }
         if options.json {

@@ -307,3 +307,42 @@ struct ToolTests {
     }
 }
 #endif
+
+extension ToolTests {
+    /// `msm nodes` over TLS and with authentication; each failure exits 2 and says why, never
+    /// showing the password.
+    @Test func nodesOverTLSAndWithAuthentication() async throws {
+        let certificates = try TestCertificates.make()
+        defer { certificates.remove() }
+        let tlsServer = try await MemcachedServer(extraArguments: TestCertificates.memcachedArguments(certificates.server))
+        defer { tlsServer.terminate() }
+        let node = "n1:127.0.0.1:\(tlsServer.port)"
+        let trusted = try msm(["nodes", "--nodes", node, "--tls-ca-file", certificates.caFile, "--timeout-ms", "2000"])
+        #expect(trusted.code == 0 && trusted.output.contains("up"), "\(trusted.errors)")
+        let untrusted = try msm(["nodes", "--nodes", node, "--tls-ca-file", certificates.otherCAFile, "--timeout-ms", "2000"])
+        #expect(untrusted.code == 2 && untrusted.errors.contains("not trusted"), "\(untrusted.errors)")
+        let plain = try msm(["nodes", "--nodes", node, "--timeout-ms", "2000"])
+        #expect(plain.code == 2, "a TLS server, a plain client: \(plain.errors)")
+
+        let passwordFile = FileManager.default.temporaryDirectory.appendingPathComponent("msm-auth-\(UUID().uuidString)").path
+        try "alice:tool-password-42\n".write(toFile: passwordFile + ".authfile", atomically: true, encoding: .utf8)
+        try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: passwordFile + ".authfile")
+        defer { try? FileManager.default.removeItem(atPath: passwordFile + ".authfile") }
+        defer { try? FileManager.default.removeItem(atPath: passwordFile) }
+        let authServer = try await MemcachedServer(extraArguments: ["-Y", passwordFile + ".authfile"])
+        defer { authServer.terminate() }
+        let authNode = "n1:127.0.0.1:\(authServer.port)"
+        try "tool-password-42\n".write(toFile: passwordFile, atomically: true, encoding: .utf8)
+        let good = try msm(["nodes", "--nodes", authNode, "--auth-user", "alice", "--auth-password-file", passwordFile])
+        #expect(good.code == 0, "\(good.errors)")
+        let fromEnvironment = try msm(
+            ["stats", "--nodes", authNode, "--auth-user", "alice"], environment: ["MSM_AUTH_PASSWORD": "tool-password-42"])
+        #expect(fromEnvironment.code == 0, "\(fromEnvironment.errors)")
+        try "wrong-password-43\n".write(toFile: passwordFile, atomically: true, encoding: .utf8)
+        let bad = try msm(["nodes", "--nodes", authNode, "--auth-user", "alice", "--auth-password-file", passwordFile])
+        #expect(bad.code == 2 && bad.errors.contains("refused the credentials"), "\(bad.errors)")
+        #expect(!(bad.output + bad.errors).contains("wrong-password-43"))
+        let noPassword = try msm(["nodes", "--nodes", authNode, "--auth-user", "alice"])
+        #expect(noPassword.code != 0 && noPassword.code != 2 && noPassword.errors.contains("auth-password-file"), "\(noPassword.errors)")
+    }
+}

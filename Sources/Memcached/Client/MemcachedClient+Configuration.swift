@@ -51,6 +51,10 @@ extension MemcachedClient {
         public var metricsFactory: (any MetricsFactory)? = nil
         /// Spans for round trips (off by default: no tracer).
         public var tracing = MemcachedTracingConfiguration()
+        /// TLS to every node (off by default; see ``TLS``).
+        public var tls: TLS = .disable
+        /// Credentials sent first on every connection (memcached's `-Y`; off by default).
+        public var authentication: Authentication? = nil
 
         public init(nodes: [MemcachedNodeAddress]) {
             self.nodes = nodes
@@ -67,6 +71,7 @@ extension MemcachedClient {
                 MemcachedError(code: .invalidConfiguration, message: message)
             }
             if nodes.isEmpty { throw invalid("no memcached nodes configured") }
+            try authentication?.validate()
             var ids = Set<String>()
             for node in nodes where !ids.insert(node.id).inserted {
                 throw invalid("node id '\(node.id)' appears twice")

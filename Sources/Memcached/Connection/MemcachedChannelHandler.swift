@@ -156,6 +156,8 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // A TLS error after the handshake (a corrupt record, an alert) ends the connection like a
+        // close: the requests in flight may or may not have been executed.
         let memcachedError = (error as? MemcachedError) ?? .connectionClosed("connection error: \(error)")
         perform(stateMachine.fail(memcachedError) { context, result in context.complete(result) })
         context.close(promise: nil)

@@ -1,6 +1,7 @@
 import Atomics
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// One TCP connection to a memcached node, with any number of requests in flight.
 ///
@@ -27,17 +28,33 @@ final class MemcachedConnection: Sendable {
         var stallGrace: TimeAmount
         var maximumValueSize: Int
         var coalescingWindow: TimeAmount = .milliseconds(1)
+        var tls: MemcachedClient.Configuration.TLS = .disable
+        var authentication: MemcachedClient.Configuration.Authentication? = nil
     }
 
     /// Opens a connection.
     static func connect(
         host: String, port: Int, settings: Settings, eventLoop: any EventLoop
     ) -> EventLoopFuture<MemcachedConnection> {
-        ClientBootstrap(group: eventLoop)
+        let target = "\(host):\(port)"
+        let connected = ClientBootstrap(group: eventLoop)
             .connectTimeout(settings.connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if case .enable(let context, let serverName) = settings.tls.base {
+                        // SNI and the name checked: the configured one, else the host's name; an
+                        // IP address is checked against the certificate's IP entries (no SNI).
+                        let isAddress = (try? SocketAddress(ipAddress: host, port: 0)) != nil
+                        try channel.pipeline.syncOperations.addHandler(
+                            try NIOSSLClientHandler(context: context, serverHostname: serverName ?? (isAddress ? nil : host)))
+                        try channel.pipeline.syncOperations.addHandler(
+                            TLSHandshakeHandler(handshake: channel.eventLoop.makePromise(), target: target))
+                    }
+                    if let authentication = settings.authentication {
+                        try channel.pipeline.syncOperations.addHandler(
+                            AuthenticationHandler(authentication: authentication, target: target, done: channel.eventLoop.makePromise()))
+                    }
                     let handler = MemcachedChannelHandler(
                         mode: settings.mode, stallGrace: settings.stallGrace, coalescingWindow: settings.coalescingWindow)
                     try channel.pipeline.syncOperations.addHandler(
@@ -46,10 +63,55 @@ final class MemcachedConnection: Sendable {
                 }
             }
             .connect(host: host, port: port)
-            .flatMapThrowing { channel in
-                let handler = try channel.pipeline.syncOperations.handler(type: MemcachedChannelHandler.self)
-                return MemcachedConnection(channel: channel, handler: handler)
+        // The connection is handed out only once its TLS handshake and its authentication are
+        // done, each within the connect timeout from its start (a server that accepts and then
+        // says nothing is a failure too).
+        return connected.flatMap { channel in
+            guard let tls = try? channel.pipeline.syncOperations.handler(type: TLSHandshakeHandler.self) else {
+                return channel.eventLoop.makeSucceededFuture(channel)
             }
+            let bound = NIOLoopBound(tls, eventLoop: channel.eventLoop)
+            let timeout = channel.eventLoop.scheduleTask(in: settings.connectTimeout) {
+                bound.value.timedOut(channel: channel)
+            }
+            return tls.handshake.futureResult.always { _ in timeout.cancel() }.map { channel }
+        }.flatMap { channel in
+            guard let context = try? channel.pipeline.syncOperations.context(handlerType: AuthenticationHandler.self),
+                let authentication = context.handler as? AuthenticationHandler
+            else {
+                return channel.eventLoop.makeSucceededFuture(channel)
+            }
+            let bound = NIOLoopBound(authentication, eventLoop: channel.eventLoop)
+            let timeout = channel.eventLoop.scheduleTask(in: settings.connectTimeout) {
+                bound.value.timedOut(channel: channel)
+            }
+            authentication.start(context: context)
+            return authentication.done.futureResult.always { _ in timeout.cancel() }.map { channel }
+        }.flatMapThrowing { channel in
+            let handler = try channel.pipeline.syncOperations.handler(type: MemcachedChannelHandler.self)
+            return MemcachedConnection(channel: channel, handler: handler)
+        }.flatMap { connection in
+            // An authenticated connection has had its first round trip already.
+            guard settings.tls.isEnabled, settings.authentication == nil else {
+                return connection.eventLoop.makeSucceededFuture(connection)
+            }
+            // TLS 1.3: a server that refuses this client's certificate says so after the handshake
+            // completed on this side. A first round trip (`version`) settles it before the
+            // connection carries anyone's request.
+            let confirmed = connection.eventLoop.makePromise(of: MemcachedConnection.self)
+            confirmed.completeWithTask {
+                switch await connection.execute(.version, deadline: .now() + settings.connectTimeout) {
+                case .success:
+                    return connection
+                case .failure(let error):
+                    connection.close()
+                    throw MemcachedError(
+                        code: .tlsFailed,
+                        message: "TLS with \(target): the server ended the connection after the handshake (client certificate refused?): \(error.message)")
+                }
+            }
+            return confirmed.futureResult
+        }
     }
 
     /// Sends one request and waits for its reply, its deadline or the task's cancellation.

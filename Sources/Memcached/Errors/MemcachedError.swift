@@ -23,6 +23,8 @@ public struct MemcachedError: Error, Sendable, Hashable, CustomStringConvertible
             case unknownNode
             case invalidConfiguration
             case invalidArgument
+            case tlsFailed
+            case authenticationFailed
         }
 
         fileprivate let base: Base
@@ -60,6 +62,15 @@ public struct MemcachedError: Error, Sendable, Hashable, CustomStringConvertible
         /// An argument is out of range (for example a negative delta).
         public static let invalidArgument = Code(.invalidArgument)
 
+        /// The TLS handshake with the node failed: its certificate is not trusted (unknown issuer,
+        /// expired), does not carry the expected name, the server does not speak TLS, or it refused
+        /// this client's certificate. The message says which; the node is marked down.
+        public static let tlsFailed = Code(.tlsFailed)
+
+        /// The node refused this client's credentials (memcached's `-Y`), or did not answer them
+        /// within the connect timeout. The node is marked down.
+        public static let authenticationFailed = Code(.authenticationFailed)
+
         public var description: String { base.rawValue }
     }
 
@@ -87,7 +98,7 @@ public struct MemcachedError: Error, Sendable, Hashable, CustomStringConvertible
     /// Such failures count towards marking a node down.
     public var isNodeFailure: Bool {
         switch code.base {
-        case .timeout, .connectionClosed, .connectFailed, .protocolError: return true
+        case .timeout, .connectionClosed, .connectFailed, .protocolError, .tlsFailed, .authenticationFailed: return true
         default: return false
         }
     }

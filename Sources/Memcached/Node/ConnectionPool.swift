@@ -107,6 +107,8 @@ final class ConnectionPool: Sendable {
         let target = "\(host):\(port)"
         do {
             return try await MemcachedConnection.connect(host: host, port: port, settings: settings, eventLoop: slots[0].eventLoop).get()
+        } catch let error as MemcachedError {
+            throw error
         } catch {
             throw MemcachedError(code: .connectFailed, message: "cannot connect to \(target): \(error)")
         }
@@ -124,6 +126,7 @@ final class ConnectionPool: Sendable {
         let target = "\(host):\(port)"
         let future = MemcachedConnection.connect(host: host, port: port, settings: settings, eventLoop: slot.eventLoop)
             .flatMapErrorThrowing { error in
+                if let error = error as? MemcachedError { throw error }  // a failed TLS handshake: its own code
                 throw MemcachedError(code: .connectFailed, message: "cannot connect to \(target): \(error)")
             }
         future.cascade(to: promise)

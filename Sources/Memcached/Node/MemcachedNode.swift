@@ -36,7 +36,8 @@ final class MemcachedNode: Sendable {
                 mode: configuration.protocolMode, connectTimeout: TimeAmount(configuration.connectTimeout),
                 stallGrace: TimeAmount(configuration.requestTimeout),
                 maximumValueSize: max(configuration.itemSizeLimit * 2, 1 << 20),
-                coalescingWindow: TimeAmount(configuration.coalescingWindow)),
+                coalescingWindow: TimeAmount(configuration.coalescingWindow), tls: configuration.tls,
+                authentication: configuration.authentication),
             backoff: (TimeAmount(configuration.reconnectBackoff.minimum), TimeAmount(configuration.reconnectBackoff.maximum)))
         metrics.up.record(1)
     }

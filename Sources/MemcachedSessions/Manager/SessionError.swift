@@ -81,7 +81,8 @@ extension MemcachedError {
 
     var meansNodeUnreachable: Bool {
         switch code {
-        case .timeout, .connectionClosed, .connectFailed, .nodeUnavailable, .protocolError, .unknownNode:
+        case .timeout, .connectionClosed, .connectFailed, .nodeUnavailable, .protocolError, .unknownNode, .tlsFailed,
+            .authenticationFailed:
             return true
         default:
             return false
