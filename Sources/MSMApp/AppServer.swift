@@ -52,6 +52,8 @@ public struct ServeOptions: Sendable {
     public var tls: MemcachedClient.Configuration.TLS = .disable
     /// memcached authentication (`--auth-user`, the password from a file or the environment).
     public var authentication: MemcachedClient.Configuration.Authentication? = nil
+    /// Sealed sessions and keyed storage keys (`--session-keys-file`, `--key-secret-file`).
+    public var sealing = SessionManager.Configuration.Sealing()
 
     public init() {}
 
@@ -61,6 +63,7 @@ public struct ServeOptions: Sendable {
         configuration.memcached.protocolMode = protocolMode
         configuration.memcached.tls = tls
         configuration.memcached.authentication = authentication
+        configuration.sealing = sealing
         switch mode {
         case .sticky: configuration.mode = .sticky
         case .nonSticky: configuration.mode = .nonSticky

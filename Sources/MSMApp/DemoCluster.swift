@@ -19,6 +19,10 @@ public struct DemoOptions: Sendable {
     public var respawn = false
     /// Each app exports its tracing spans over OTLP/HTTP (`msm serve --otel`).
     public var openTelemetry = false
+    /// The apps seal sessions with this key file (`msm serve --session-keys-file`).
+    public var sessionKeysFile: String? = nil
+    /// The apps' storage-key secret file (`msm serve --key-secret-file`).
+    public var keySecretFile: String? = nil
     public var stateDirectory = ".msm-demo"
     public var port = 8080
     public var memcachedBasePort = 21211
@@ -151,6 +155,8 @@ public final class DemoCluster: Sendable {
             ]
             if options.sticky { arguments += ["--route", Self.routes[index], "--sync-saves"] }
             if options.openTelemetry { arguments += ["--otel"] }
+            if let file = options.sessionKeysFile { arguments += ["--session-keys-file", file] }
+            if let file = options.keySecretFile { arguments += ["--key-secret-file", file] }
             processes.append(
                 DemoProcess(
                     role: "app", id: id, address: "127.0.0.1:\(port)", executable: options.msmBinary, arguments: arguments,

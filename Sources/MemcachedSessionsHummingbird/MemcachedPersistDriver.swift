@@ -3,6 +3,7 @@ import Crypto
 import Foundation
 import Hummingbird
 import Memcached
+import MemcachedSessions
 import NIOCore
 
 /// Hummingbird's `PersistDriver` on memcached, for applications that keep hummingbird-auth's own
@@ -17,23 +18,35 @@ import NIOCore
 ///   requires, in both protocol modes (the classic text protocol cannot read a TTL). Values
 ///   written by earlier versions (bare JSON) are still read.
 ///
+/// - Sealing: given a key ring, values are sealed as the session manager seals sessions
+///   (AES-256-GCM, bound to their memcached key: a value copied under another key does not open),
+///   and a value that does not open, or is not sealed, reads as missing. Given a storage key
+///   secret, the memcached key is an HMAC of the persist key under it instead of a SHA-256.
+///
 /// The driver runs the client: add the driver (not the client) to the application's services.
 public struct MemcachedPersistDriver: PersistDriver {
     public let client: MemcachedClient
     public let keyPrefix: String
+    private let sealer: SessionSealer?
+    private let secret: StorageKeySecret?
 
-    public init(client: MemcachedClient, keyPrefix: String = "hbp:") {
+    public init(
+        client: MemcachedClient, keyPrefix: String = "hbp:", keyRing: SessionKeyRing? = nil, storageKeySecret: StorageKeySecret? = nil
+    ) {
         self.client = client
         self.keyPrefix = keyPrefix
+        self.sealer = keyRing.map { SessionSealer(ring: $0) }
+        self.secret = storageKeySecret
     }
 
     public func run() async throws {
         try await client.run()
     }
 
-    /// The memcached key of a persist key: the prefix and the first 128 bits of its SHA-256, in hex.
+    /// The memcached key of a persist key: the prefix and the first 128 bits of its SHA-256 (its
+    /// HMAC under the storage key secret, when there is one), in hex.
     public func memcachedKey(_ key: String) -> String {
-        let digest = SHA256.hash(data: Array(key.utf8))
+        let digest = secret.map { $0.digest(Array(key.utf8)) } ?? Array(SHA256.hash(data: Array(key.utf8)))
         var hex = keyPrefix
         hex.reserveCapacity(keyPrefix.utf8.count + 32)
         for byte in digest.prefix(16) {
@@ -48,6 +61,21 @@ public struct MemcachedPersistDriver: PersistDriver {
 
     /// Unix seconds now.
     private static func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
+
+    /// The stored bytes of a value at a memcached key: the envelope, sealed with a key ring.
+    private func encode(_ value: some Encodable, expiresAt: Int64, key: String) throws -> ByteBuffer {
+        let envelope = try Self.encode(value, expiresAt: expiresAt)
+        guard let sealer else { return envelope }
+        return try sealer.seal(envelope, associatedData: Array(key.utf8), allocator: ByteBufferAllocator())
+    }
+
+    /// The envelope of stored bytes; nil when a key ring is set and they do not open (or are not
+    /// sealed): a tampered, copied or foreign value reads as missing.
+    private func envelope(_ stored: ByteBuffer, key: String) -> ByteBuffer? {
+        guard let sealer else { return stored }
+        guard SessionSealer.isSealed(stored) else { return nil }
+        return try? sealer.open(stored, associatedData: Array(key.utf8)).plaintext
+    }
 
     private static func encode(_ value: some Encodable, expiresAt: Int64) throws -> ByteBuffer {
         let json = try JSONEncoder().encode(value)
@@ -93,8 +121,9 @@ public struct MemcachedPersistDriver: PersistDriver {
 
     public func create<Object: Codable & Sendable>(key: String, value: Object, expires: Duration?) async throws {
         let expiresAt = Self.expiry(expires)
+        let key = memcachedKey(key)
         let stored = try await client.add(
-            memcachedKey(key), value: try Self.encode(value, expiresAt: expiresAt), ttl: Self.ttl(expiresAt: expiresAt))
+            key, value: try encode(value, expiresAt: expiresAt, key: key), ttl: Self.ttl(expiresAt: expiresAt))
         if !stored { throw PersistError.duplicate }
     }
 
@@ -106,14 +135,14 @@ public struct MemcachedPersistDriver: PersistDriver {
             // the meta protocol can read the remaining TTL).
             let meta = client.configuration.protocolMode == .meta
             if case .item(let item?) = try await client.execute(meta ? .get(key, withTimeToLive: true) : .get(key)) {
-                if let (_, stored) = try? Self.decode(Raw.self, item.value), let stored {
+                if let envelope = envelope(item.value, key: key), let (_, stored) = try? Self.decode(Raw.self, envelope), let stored {
                     expiresAt = stored
                 } else if let remaining = item.timeToLive, remaining > 0 {
                     expiresAt = Self.now() + Int64(remaining)
                 }
             }
         }
-        try await client.set(key, value: try Self.encode(value, expiresAt: expiresAt), ttl: Self.ttl(expiresAt: expiresAt))
+        try await client.set(key, value: try encode(value, expiresAt: expiresAt, key: key), ttl: Self.ttl(expiresAt: expiresAt))
     }
 
     /// Any JSON: to read an envelope's expiry without knowing the value's type.
@@ -122,16 +151,20 @@ public struct MemcachedPersistDriver: PersistDriver {
     }
 
     public func get<Object: Codable & Sendable>(key: String, as type: Object.Type) async throws -> Object? {
-        guard let item = try await client.get(memcachedKey(key)) else { return nil }
-        return try Self.decode(type, item.value).0
+        let key = memcachedKey(key)
+        guard let item = try await client.get(key), let envelope = envelope(item.value, key: key) else { return nil }
+        return try Self.decode(type, envelope).0
     }
 
-    public func getWithTTL<Object: Codable & Sendable>(key: String, as type: Object.Type) async throws -> (object: Object, ttl: Duration?)?
-    {
+    public func getWithTTL<Object: Codable & Sendable>(key: String, as type: Object.Type) async throws -> (
+        object: Object, ttl: Duration?
+    )? {
         let meta = client.configuration.protocolMode == .meta
         let key = memcachedKey(key)
-        guard case .item(let item?) = try await client.execute(meta ? .get(key, withTimeToLive: true) : .get(key)) else { return nil }
-        let (object, expiresAt) = try Self.decode(type, item.value)
+        guard case .item(let item?) = try await client.execute(meta ? .get(key, withTimeToLive: true) : .get(key)),
+            let envelope = envelope(item.value, key: key)
+        else { return nil }
+        let (object, expiresAt) = try Self.decode(type, envelope)
         if let expiresAt { return (object, .seconds(max(0, expiresAt - Self.now()))) }
         let ttl: Duration? = item.timeToLive.flatMap { $0 >= 0 ? .seconds($0) : nil }
         return (object, ttl)

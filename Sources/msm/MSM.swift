@@ -83,7 +83,7 @@ struct MSM: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "msm",
         abstract: "Highly available HTTP sessions in memcached: demo cluster, app server, and tools for memcached clusters.",
-        subcommands: [Demo.self, Serve.self, Stats.self, Nodes.self, SessionCommand.self, Config.self]
+        subcommands: [Demo.self, Serve.self, Stats.self, Nodes.self, SessionCommand.self, Config.self, Keygen.self]
     )
 }
 
@@ -170,6 +170,8 @@ struct Serve: AsyncParsableCommand {
 
     @OptionGroup var security: SecurityOptions
 
+    @OptionGroup var sealing: SealingOptions
+
     /// The settings, each from its flag, the environment, the --config file, or its default.
     func options() async throws -> ServeOptions {
         var flags: [String: ConfigValue] = [:]
@@ -190,8 +192,10 @@ struct Serve: AsyncParsableCommand {
         flags.flag("metrics-require-token", metricsRequireToken)
         flags.flag("otel", otel)
         security.record(into: &flags)
+        sealing.record(into: &flags)
         let settings = try await Settings(flags: flags, configFile: config)
         var options = ServeOptions()
+        options.sealing = try SealingOptions.sealing(settings)
         options.tls = try SecurityOptions.configuration(settings)
         options.authentication = try security.authentication(settings)
         options.framework = try settings.value("framework") ?? options.framework
@@ -274,6 +278,12 @@ struct Demo: AsyncParsableCommand {
     @Flag(inversion: .prefixedNo, help: "The apps export tracing spans over OTLP/HTTP (msm serve --otel; OTEL_* variables set the endpoint).")
     var otel: Bool?
 
+    @Option(help: "The apps seal sessions with the keys of this file (msm serve --session-keys-file).")
+    var sessionKeysFile: String?
+
+    @Option(help: "The apps' storage keys are an HMAC under the secret of this file (msm serve --key-secret-file).")
+    var keySecretFile: String?
+
     func run() async throws {
         var flags: [String: ConfigValue] = [:]
         flags.flag("sticky", sticky)
@@ -284,8 +294,16 @@ struct Demo: AsyncParsableCommand {
         flags.flag("memcached-port", memcachedPort)
         flags.flag("app-port", appPort)
         flags.flag("otel", otel)
+        flags.flag("session-keys-file", sessionKeysFile)
+        flags.flag("key-secret-file", keySecretFile)
         let settings = try await Settings(flags: flags, configFile: config)
         var options = DemoOptions(msmBinary: Self.executablePath())
+        // Checked here (a clear error before anything starts); the apps read the files themselves.
+        _ = try SealingOptions.sealing(
+            keysFile: try settings.string("session-keys-file"), secretFile: try settings.string("key-secret-file"),
+            acceptUnsealedUntil: nil, writeUnsealed: false)
+        options.sessionKeysFile = try settings.string("session-keys-file").map { URL(fileURLWithPath: $0).path }
+        options.keySecretFile = try settings.string("key-secret-file").map { URL(fileURLWithPath: $0).path }
         options.sticky = try settings.bool("sticky") ?? options.sticky
         options.respawn = try settings.bool("respawn") ?? options.respawn
         options.protocolMode = try settings.value("protocol") ?? options.protocolMode

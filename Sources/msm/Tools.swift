@@ -206,6 +206,8 @@ struct SessionTarget: ParsableArguments {
     @Option(help: "The applications' key prefix (keyPrefix).")
     var keyPrefix: String = SessionManager.Configuration.defaultKeyPrefix
 
+    @OptionGroup var sealing: SealingOptions
+
     /// The parsed id and its keys; a malformed id is bad input.
     func parse(command: String) throws -> (MemcachedSessionID, SessionKeys) {
         guard let sessionID = MemcachedSessionID(parsing: id) else {
@@ -214,7 +216,7 @@ struct SessionTarget: ParsableArguments {
             )
             throw ToolExit.badInput
         }
-        return (sessionID, SessionKeys(token: sessionID.token, prefix: keyPrefix))
+        return (sessionID, SessionKeys(token: sessionID.token, prefix: keyPrefix, secret: try sealing.sealing().storageKeySecret))
     }
 }
 
@@ -245,7 +247,7 @@ struct SessionCommand: AsyncParsableCommand {
                 var kind: String
                 var bytes: Int
             }
-            let inspection = await SessionManager.inspectStored(keys: keys, on: client)
+            let inspection = await SessionManager.inspectStored(keys: keys, on: client, keyRing: try target.sealing.sealing().keys)
             func described(_ copy: StoredSessionInspection.Copy) -> Copy {
                 let kind = copy.isPrimary ? "primary" : "backup"
                 return Copy(node: copy.nodeID, kind: copy.isTombstone ? "\(kind) tombstone (invalidated)" : kind, bytes: copy.bytes)
@@ -255,7 +257,7 @@ struct SessionCommand: AsyncParsableCommand {
             for (node, error) in inspection.unreachable { note("msm session show: \(node) unreachable: \(error.code)") }
             if inspection.undecodable > 0 {
                 note(
-                    "msm session show: \(inspection.undecodable) cop\(inspection.undecodable == 1 ? "y" : "ies") not in the binary session format (another codec, or damaged)"
+                    "msm session show: \(inspection.undecodable) cop\(inspection.undecodable == 1 ? "y" : "ies") not in the binary session format (another codec, damaged, sealed: --session-keys-file, or sealed with another key)"
                 )
             }
             let invalidated = inspection.isInvalidated

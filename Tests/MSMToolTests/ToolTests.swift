@@ -136,6 +136,52 @@ struct ToolTests {
         }
     }
 
+    /// `msm keygen` prints keys; `msm session show|delete` read sealed sessions under keyed
+    /// storage keys with the applications' key and secret files, and not without them.
+    @Test func keygenAndSealedSessions() async throws {
+        let generated = try msm(["keygen"])
+        #expect(generated.code == 0)
+        let key = generated.output.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(Data(base64Encoded: key)?.count == 32)
+        #expect(generated.errors.contains("key id") && !generated.errors.contains(key), "the key id on stderr, never the key")
+        #expect(try msm(["keygen"]).output != generated.output)
+        let secretText = try msm(["keygen"]).output
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("msm-keys-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let keysFile = directory.appendingPathComponent("session-keys").path
+        let secretFile = directory.appendingPathComponent("key-secret").path
+        try "\(key)\n".write(toFile: keysFile, atomically: true, encoding: .utf8)
+        try secretText.write(toFile: secretFile, atomically: true, encoding: .utf8)
+
+        try await withMemcachedServers(count: 2) { servers in
+            var configuration = try SessionManager.Configuration(nodes: nodes(servers))
+            configuration.sealing.keys = try SessionKeyRing(keyFile: key)
+            configuration.sealing.storageKeySecret = try StorageKeySecret(secretFile: secretText)
+            let manager = try SessionManager(configuration: configuration)
+            let access = manager.beginRequest(path: "/", sessionCookie: nil)
+            try access.create().set("user", "alice-personal-data")
+            guard case .set(let id) = try await manager.endRequest(access).cookie else {
+                Issue.record("no cookie")
+                return
+            }
+            let sealing = ["--session-keys-file", keysFile, "--key-secret-file", secretFile]
+            let shown = try msm(["session", "show", id.description, "--nodes", nodes(servers), "--values"] + sealing)
+            #expect(shown.code == 0, "\(shown.errors)")
+            #expect(shown.output.contains("alice-personal-data"))
+            // Without the secret the keys are elsewhere; without the key ring the copies do not decode.
+            #expect(try msm(["session", "show", id.description, "--nodes", nodes(servers)]).code == 3)
+            let unopened = try msm(["session", "show", id.description, "--nodes", nodes(servers), "--key-secret-file", secretFile])
+            #expect(unopened.code == 3 && unopened.errors.contains("sealed"), "\(unopened.errors)")
+            // Bad key files are usage errors that never print a key.
+            try "not a key\n".write(toFile: keysFile + ".bad", atomically: true, encoding: .utf8)
+            let bad = try msm(["session", "show", id.description, "--nodes", nodes(servers), "--session-keys-file", keysFile + ".bad"])
+            #expect(bad.code != 0 && bad.errors.contains("not base64"), "\(bad.errors)")
+            #expect(try msm(["session", "delete", id.description, "--nodes", nodes(servers)] + sealing).code == 0)
+            #expect(try msm(["session", "show", id.description, "--nodes", nodes(servers)] + sealing).code == 3)
+        }
+    }
+
     /// `msm session delete` ends a session the way a logout does: a sticky instance that still
     /// holds it in memory stops serving it at its next check, and does not write it back (a bare
     /// delete looked like a copy lost by a restart, which the instance restored from memory).

@@ -4,6 +4,7 @@ import Hummingbird
 import HummingbirdAuth
 import HummingbirdTesting
 import Memcached
+import MemcachedSessions
 import MemcachedSessionsHummingbird
 import MemcachedTestRig
 import NIOCore
@@ -443,6 +444,38 @@ struct HummingbirdAdapterTests {
             // Values written by earlier versions (bare JSON) are still read.
             try await inspector.set(driver.memcachedKey("c"), value: "42")
             #expect(try await driver.get(key: "c", as: Int.self) == 42)
+        }
+    }
+
+    @Test func persistDriverSealsItsValuesUnderKeyedKeys() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let nodes = "n1:127.0.0.1:\(servers[0].port)"
+            let old = SessionSealingKey.generate()
+            let secret = try StorageKeySecret(secretFile: SessionSealingKey.generate().base64)
+            let driver = MemcachedPersistDriver(
+                client: try MemcachedClient(configuration: .init(nodes: nodes)), keyRing: try SessionKeyRing(current: old),
+                storageKeySecret: secret)
+            let plain = MemcachedPersistDriver(client: try MemcachedClient(configuration: .init(nodes: nodes)))
+            let inspector = try MemcachedClient(configuration: .init(nodes: nodes))
+            try await driver.create(key: "a", value: "alice", expires: .seconds(600))
+            try await driver.set(key: "a", value: "alice-2")
+            #expect(try await driver.get(key: "a", as: String.self) == "alice-2")
+            // Sealed, under a keyed key; the expiry (inside the sealed envelope) kept by the set.
+            #expect(driver.memcachedKey("a") != plain.memcachedKey("a"))
+            let stored = try #require(try await inspector.get(driver.memcachedKey("a")))
+            #expect(SessionSealer.isSealed(stored.value))
+            #expect(!String(decoding: stored.value.readableBytesView, as: UTF8.self).contains("alice"))
+            #expect(try await driver.getWithTTL(key: "a", as: String.self)?.ttl.map { $0 > .seconds(590) } == true)
+            // Copied under another key, or planted unsealed: missing.
+            try await inspector.set(driver.memcachedKey("b"), value: stored.value)
+            #expect(try await driver.get(key: "b", as: String.self) == nil)
+            try await inspector.set(driver.memcachedKey("c"), value: "\"mallory\"")
+            #expect(try await driver.get(key: "c", as: String.self) == nil)
+            // Rotation: a driver with a new current key opens the old key's values.
+            let rotated = MemcachedPersistDriver(
+                client: try MemcachedClient(configuration: .init(nodes: nodes)),
+                keyRing: try SessionKeyRing(current: .generate(), previous: [old]), storageKeySecret: secret)
+            #expect(try await rotated.get(key: "a", as: String.self) == "alice-2")
         }
     }
 }

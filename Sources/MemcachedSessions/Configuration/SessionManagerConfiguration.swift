@@ -126,6 +126,34 @@ extension SessionManager {
         /// balancer can route by it. Sticky set-ups need it for explicit takeover.
         public var route: String? = nil
 
+        /// Sealed sessions and keyed storage keys (off by default: envelopes as the codec writes
+        /// them, keys a SHA-256 of the token).
+        public var sealing = Sealing()
+
+        /// Sealed sessions: every stored envelope encrypted and authenticated with AES-256-GCM
+        /// under ``keys`` (bound to its session and key prefix), and memcached keys an HMAC of the
+        /// token under ``storageKeySecret``.
+        public struct Sealing: Sendable {
+            /// The key ring: the current key seals, every key opens. nil: sessions are stored as
+            /// the codec writes them (anyone who can reach memcached can read and forge them).
+            public var keys: SessionKeyRing? = nil
+            /// The secret storage keys are an HMAC under. nil: a SHA-256 of the token.
+            public var storageKeySecret: StorageKeySecret? = nil
+            /// Rolling upgrade from unsealed sessions: until this time, copies that are not sealed
+            /// are read too (and sealed at their next write). nil: an unsealed copy is refused
+            /// (read as missing, counted as ``SessionStatistics/Counter/unsealedRefused``).
+            public var acceptUnsealedUntil: Date? = nil
+            /// The first step of a rolling upgrade: keys are configured (this instance opens sealed
+            /// copies) but it writes unsealed ones still, so that instances of the earlier release
+            /// can read them. Once every instance has keys, turn this off instance by instance.
+            public var writesUnsealed: Bool = false
+
+            public init() {}
+
+            /// Whether stored envelopes are sealed.
+            public var isEnabled: Bool { keys != nil }
+        }
+
         /// How long sessions live and how long a save may take.
         public struct Timeouts: Sendable, Hashable {
             /// A session expires after this long without a request (`maxInactiveInterval`); zero

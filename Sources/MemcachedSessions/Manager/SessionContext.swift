@@ -11,6 +11,8 @@ import Synchronization
 final class SessionContext: Sendable {
     let configuration: SessionManager.Configuration
     let statistics: SessionStatistics
+    /// Seals and opens stored envelopes; nil without sealing keys.
+    let sealer: SessionSealer?
     let logger: Logger
     let events = EventLog()
     /// The manager's time (the system's, or a simulation's).
@@ -25,11 +27,12 @@ final class SessionContext: Sendable {
     let defaultAbsoluteSeconds: Int64
 
     init(
-        configuration: SessionManager.Configuration, statistics: SessionStatistics, logger: Logger, clock: any SessionClock,
-        entropy: (any SessionEntropy)?, runtime: RuntimeState
+        configuration: SessionManager.Configuration, statistics: SessionStatistics, sealer: SessionSealer?, logger: Logger,
+        clock: any SessionClock, entropy: (any SessionEntropy)?, runtime: RuntimeState
     ) throws(SessionError) {
         self.configuration = configuration
         self.statistics = statistics
+        self.sealer = sealer
         self.logger = logger
         self.clock = clock
         self.entropy = entropy
@@ -71,12 +74,12 @@ final class SessionContext: Sendable {
     }
 
     func keys(for token: MemcachedSessionID.Token) -> SessionKeys {
-        SessionKeys(token: token, prefix: configuration.keyPrefix)
+        SessionKeys(token: token, prefix: configuration.keyPrefix, secret: configuration.sealing.storageKeySecret)
     }
 
     /// A session's keys, computed once per session and token.
     func keys(of session: MemcachedSession) -> SessionKeys {
-        session.keys(prefix: configuration.keyPrefix)
+        session.keys(prefix: configuration.keyPrefix, secret: configuration.sealing.storageKeySecret)
     }
 
     // MARK: - sessions

@@ -101,10 +101,11 @@ public final class SessionManager: Service, Sendable {
         if case .uriPattern(let pattern) = configuration.locking.mode {
             lockPattern = try PathPattern(pattern, setting: "locking uriPattern")
         }
-        self.statistics = SessionStatistics(
-            enabled: configuration.statisticsEnabled, factory: metricsFactory ?? MetricsSystem.factory)
+        let factory = metricsFactory ?? MetricsSystem.factory
+        let sealer = configuration.sealing.keys.map { SessionSealer(ring: $0, metrics: factory) }
+        self.statistics = SessionStatistics(enabled: configuration.statisticsEnabled, factory: factory, sealer: sealer)
         self.context = try SessionContext(
-            configuration: configuration, statistics: statistics, logger: logger, clock: clock, entropy: entropy,
+            configuration: configuration, statistics: statistics, sealer: sealer, logger: logger, clock: clock, entropy: entropy,
             runtime: RuntimeState(
                 topology: NodeTopology(nodes: nodes, failoverNodes: configuration.failoverNodes, clock: clock),
                 locking: configuration.locking.mode,

@@ -380,12 +380,12 @@ public final class MemcachedSession: Sendable {
     }
 
     /// The memcached keys of the session's current token, computed once.
-    func keys(prefix: String) -> SessionKeys {
+    func keys(prefix: String, secret: StorageKeySecret? = nil) -> SessionKeys {
         if let (keys, token) = state.withLock({ state in state.keys.map { ($0, state.id.token) } }), keys.token == token {
             return keys
         }
         let token = id.token
-        let keys = SessionKeys(token: token, prefix: prefix)
+        let keys = SessionKeys(token: token, prefix: prefix, secret: secret)
         state.withLock { state in
             if state.id.token == token { state.keys = keys }
         }

@@ -325,6 +325,9 @@ final class NonStickyLifecycle: SessionLifecycle {
         statistics.count(.writesSkipped)
         if let lock { await locks.release(lock) }
         let metadata = session.metadata
+        if let raw, store.needsReseal(raw) {
+            store.resealInBackground(session.currentRecord, casUnique: session.storedCasUnique, keys: keys, nodeID: id.nodeID, now: now)
+        }
         store.refreshBackupIfDue(keys: keys, primaryNode: id.nodeID, raw: raw, metadata: metadata, now: now)
         if let expected = SessionStore.primaryTTLSeconds(metadata, now: now), expected != defaultIdleSeconds + 1,
             let node = topology.node(id.nodeID)

@@ -63,6 +63,17 @@ public final class SessionStatistics: Sendable {
         case lockConflicts
         case requestsUnlockedReadOnly
         case corruptSessions
+        /// Sealing: a sealed copy that did not open (tampered, truncated, copied under another
+        /// session or prefix): read as missing and deleted.
+        case sealedOpenFailures
+        /// Sealing: a copy sealed with a key this instance does not hold (retired too early, or
+        /// not yet given to it): read as missing, left in place.
+        case sealedUnknownKeys
+        /// Sealing: a copy that is not sealed, outside a rolling upgrade's window: read as missing.
+        case unsealedRefused
+        /// Sealing: a session opened with an older key (or unsealed, in a rolling upgrade) and
+        /// sealed again with the current key although the request did not change it.
+        case sessionsResealed
         case oversizedSessions
         case unavailable
         /// A copy left on a node that did not answer (an old primary after a move, a logout's
@@ -114,6 +125,9 @@ public final class SessionStatistics: Sendable {
         public var counters: [String: Int]
         /// Per timer: count, total and maximum in microseconds.
         public var timers: [String: TimerSnapshot]
+        /// Sealing: sessions opened per key id (hex) of the key ring; nil without sealing. A key
+        /// that stays at zero while its successor is current can be retired.
+        public var sealedOpensByKey: [String: Int]? = nil
     }
 
     public struct TimerSnapshot: Sendable, Codable, Hashable {
@@ -150,8 +164,11 @@ public final class SessionStatistics: Sendable {
     private let timerMaxima: [ManagedAtomic<Int>]
     private let metricTimers: [CoreMetrics.Timer]
 
-    init(enabled: Bool, factory: any MetricsFactory) {
+    let sealer: SessionSealer?
+
+    init(enabled: Bool, factory: any MetricsFactory, sealer: SessionSealer? = nil) {
         self.enabled = enabled
+        self.sealer = sealer
         counters = Counter.allCases.map { _ in ManagedAtomic(0) }
         metricCounters = Counter.allCases.map {
             CoreMetrics.Counter(label: "msm_\($0.name)_total", dimensions: [], factory: factory)
@@ -207,6 +224,6 @@ public final class SessionStatistics: Sendable {
                 count: timerCounts[index].load(ordering: .relaxed), totalMicroseconds: timerTotals[index].load(ordering: .relaxed),
                 maximumMicroseconds: timerMaxima[index].load(ordering: .relaxed))
         }
-        return Snapshot(counters: counterValues, timers: timers)
+        return Snapshot(counters: counterValues, timers: timers, sealedOpensByKey: sealer?.opensByKey())
     }
 }

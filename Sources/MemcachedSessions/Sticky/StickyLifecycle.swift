@@ -232,6 +232,12 @@ final class StickyLifecycle: SessionLifecycle {
             }
             access.state.withLock { $0.loaded.lastStoreRefresh = refreshed }
             if writeBack { session.markAllChanged() }
+            if store.needsReseal(stored.raw) {
+                // Sealed with an older key (or not sealed): this instance owns it now, and its
+                // save (asynchronous by default) seals it with the current key.
+                statistics.count(.sessionsResealed)
+                session.markAllChanged()
+            }
             statistics.count(.sessionsLoaded)
             if takeover, let previous = id.route {
                 // The previous owner drops its copy (and its queued write) when it reads this.
@@ -409,7 +415,7 @@ final class StickyLifecycle: SessionLifecycle {
             }
             let keys = self.keys(of: session)
             do {
-                let bytes = try store.encode(snapshot.record, keyLength: keys.primary.utf8.count)
+                let bytes = try store.encode(snapshot.record, key: keys.primary)
                 perNode[nodeID, default: []].append(Pending(session: session, snapshot: snapshot, bytes: bytes))
             } catch {
                 logger.warning("session not saved", metadata: ["reason": "\(error.message)"])

@@ -76,7 +76,7 @@ extension StickyLifecycle {
                     ttl = .seconds(Int(min(left + 1, SessionStore.primaryTTLSeconds(record.metadata, now: now) ?? left + 1)))
                 }
                 let keys = self.keys(of: session)
-                guard let bytes = try? store.encode(record, keyLength: keys.primary.utf8.count) else { continue }
+                guard let bytes = try? store.encode(record, key: keys.primary) else { continue }
                 let request = MemcachedRequest.store(
                     keys.primary, value: bytes, mode: .add, ttl: ttl, flags: SessionStore.primaryFlags(record.metadata))
                 writes.append((session, record.metadata.version, prepared(request)))

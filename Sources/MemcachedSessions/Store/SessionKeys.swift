@@ -1,8 +1,10 @@
 import Crypto
 
-/// The memcached keys of one session. They derive from a SHA-256 of the session's token, not the
+/// The memcached keys of one session. They derive from a digest of the session's token, not the
 /// token itself, so a dump of memcached's keys does not reveal live cookies; and not from the node
-/// or route, so a session keeps its keys when it moves.
+/// or route, so a session keeps its keys when it moves. With a ``StorageKeySecret`` the digest is
+/// an HMAC-SHA256 under it (a dump cannot be matched to a cookie without the secret); without,
+/// a SHA-256.
 public struct SessionKeys: Sendable, Hashable {
     /// The session itself, on its node.
     public let primary: String
@@ -13,9 +15,14 @@ public struct SessionKeys: Sendable, Hashable {
     /// The token these keys belong to.
     public let token: MemcachedSessionID.Token
 
-    public init(token: MemcachedSessionID.Token, prefix: String) {
+    public init(token: MemcachedSessionID.Token, prefix: String, secret: StorageKeySecret? = nil) {
         self.token = token
-        let digest = SHA256.hash(data: token.bytes)
+        let digest: [UInt8] =
+            if let secret {
+                Array(HMAC<SHA256>.authenticationCode(for: token.bytes, using: secret.key))
+            } else {
+                Array(SHA256.hash(data: token.bytes))
+            }
         var hex = [UInt8]()
         hex.reserveCapacity(32)
         let digits = MemcachedSessionID.Token.hexDigits

@@ -196,9 +196,10 @@ final class SessionStore: SessionManagerPart {
         return .found(stored)
     }
 
-    /// Encodes a record, refusing sessions larger than memcached's item size limit before
-    /// anything is sent (memcached drops the stored item when it refuses an oversized set).
-    func encode(_ record: SessionRecord, keyLength: Int) throws(SessionError) -> ByteBuffer {
+    /// Encodes a record for the session stored at `key` (sealed when sealing keys are set),
+    /// refusing sessions larger than memcached's item size limit before anything is sent
+    /// (memcached drops the stored item when it refuses an oversized set).
+    func encode(_ record: SessionRecord, key: String) throws(SessionError) -> ByteBuffer {
         var buffer = byteBufferAllocator.buffer(
             capacity: 64 + record.attributes.reduce(0) { $0 + $1.key.utf8.count + $1.value.readableBytes + 6 })
         do {
@@ -206,7 +207,10 @@ final class SessionStore: SessionManagerPart {
         } catch {
             throw SessionError(code: .encodingFailed, message: "session could not be encoded: \(error.reason)")
         }
-        if buffer.readableBytes + keyLength + 64 > configuration.memcached.itemSizeLimit {
+        if let sealer = context.sealer, !configuration.sealing.writesUnsealed {
+            buffer = try sealer.seal(buffer, forKey: key, allocator: byteBufferAllocator)
+        }
+        if buffer.readableBytes + key.utf8.count + 64 > configuration.memcached.itemSizeLimit {
             statistics.count(.oversizedSessions)
             throw SessionError(
                 code: .sessionTooLarge,
@@ -215,6 +219,26 @@ final class SessionStore: SessionManagerPart {
             )
         }
         return buffer
+    }
+
+    /// Whether a copy just read should be sealed again although unchanged: sealed with an older
+    /// key of the ring, or (in a rolling upgrade's window) not sealed.
+    func needsReseal(_ raw: ByteBuffer) -> Bool {
+        guard let sealer = context.sealer, !configuration.sealing.writesUnsealed else { return false }
+        return SessionSealer.keyID(of: raw) != sealer.ring.current.id
+    }
+
+    /// Seals an unchanged session again with the current key, in a write the request does not
+    /// wait for: a CAS write over the copy read, so that any write since wins (and this one is
+    /// dropped). Rotation thus reaches sessions that are only read.
+    func resealInBackground(_ record: SessionRecord, casUnique: UInt64?, keys: SessionKeys, nodeID: String, now: Int64) {
+        guard let casUnique, let node = topology.node(nodeID), let bytes = try? encode(record, key: keys.primary) else { return }
+        var request = MemcachedRequest.store(
+            keys.primary, value: bytes, mode: .set, ttl: Self.primaryTTL(record.metadata, now: now),
+            flags: Self.primaryFlags(record.metadata), cas: casUnique)
+        request.honorsCancellation = false
+        statistics.count(.sessionsResealed)
+        Task { _ = await node.executeBatch([request]) }
     }
 
     /// One store on one node; `extra` requests (quiet lock releases) ride in the same write.
@@ -302,7 +326,7 @@ final class SessionStore: SessionManagerPart {
         for _ in 0..<Self.maximumSaveAttempts {
             let bytes: ByteBuffer
             do {
-                bytes = try encode(record, keyLength: keys.primary.utf8.count)
+                bytes = try encode(record, key: keys.primary)
             } catch {
                 return .refused(error)
             }
@@ -467,11 +491,44 @@ final class SessionStore: SessionManagerPart {
 
 extension SessionManagerPart {
     /// Decodes a stored copy. Corrupt or foreign bytes are deleted, counted and logged (without
-    /// the session id), and read as a miss (nil).
+    /// the session id), and read as a miss (nil). With sealing keys the copy is opened first: one
+    /// that does not open (tampered, copied under another session) is deleted the same way; one
+    /// sealed with a key this instance does not hold, or not sealed outside a rolling upgrade's
+    /// window, is read as a miss and left in place.
     func decodeStored(_ item: MemcachedItem, key: String, node: any MemcachedNodeCommandRunner) -> StoredSession? {
         statistics.count(.bytesRead, item.value.readableBytes)
+        var envelope = item.value
+        if let sealer = context.sealer {
+            if SessionSealer.isSealed(item.value) {
+                do {
+                    envelope = try sealer.open(item.value, forKey: key).plaintext
+                } catch .unknownKey(let keyID) {
+                    statistics.count(.sealedUnknownKeys)
+                    logger.warning(
+                        "a session sealed with a key this instance does not hold was read as missing",
+                        metadata: ["memcached.node": "\(node.id)", "key_id": "\(String(format: "%08x", keyID))"])
+                    return nil
+                } catch {
+                    if !acceptsUnsealed {
+                        statistics.count(.sealedOpenFailures)
+                        logger.warning(
+                            "a sealed session that does not open (tampered, truncated, or copied from another session) was deleted",
+                            metadata: ["memcached.node": "\(node.id)", "bytes": "\(item.value.readableBytes)"])
+                        Task { try? await node.delete(key, quiet: true) }
+                        return nil
+                    }
+                    // A rolling upgrade's window: perhaps an unsealed envelope that starts alike.
+                }
+            } else if !acceptsUnsealed {
+                statistics.count(.unsealedRefused)
+                logger.warning(
+                    "a session that is not sealed was read as missing (sealing keys are set and no rolling upgrade window is open)",
+                    metadata: ["memcached.node": "\(node.id)", "bytes": "\(item.value.readableBytes)"])
+                return nil
+            }
+        }
         do {
-            let record = try configuration.codec.decodeSession(from: item.value)
+            let record = try configuration.codec.decodeSession(from: envelope)
             return StoredSession(record: record, casUnique: item.cas, raw: item.value)
         } catch {
             statistics.count(.corruptSessions)
@@ -481,5 +538,14 @@ extension SessionManagerPart {
             Task { try? await node.delete(key, quiet: true) }
             return nil
         }
+    }
+
+    /// Whether copies that are not sealed are read (sealing keys set): while this instance still
+    /// writes them (a rolling upgrade's first step), or until the configured window ends.
+    var acceptsUnsealed: Bool {
+        let sealing = configuration.sealing
+        if sealing.writesUnsealed { return true }
+        guard let until = sealing.acceptUnsealedUntil else { return false }
+        return Double(currentTimeMillis()) < until.timeIntervalSince1970 * 1000
     }
 }

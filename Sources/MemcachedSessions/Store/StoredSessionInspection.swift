@@ -31,16 +31,21 @@ public struct StoredSessionInspection: Sendable {
     /// Nodes that did not answer, with the first error each gave: copies there are unknown.
     public var unreachable: [(nodeID: String, error: MemcachedError)] = []
     public var unreachableNodes: [String] { unreachable.map(\.nodeID) }
-    /// Copies whose bytes `codec` could not decode (left as they are).
+    /// Copies whose bytes `codec` could not decode, or (with a key ring) that did not open or were
+    /// not sealed (left as they are).
     public var undecodable = 0
 }
 
 extension SessionManager {
     /// Reads a stored session from outside any instance (`msm session show`): both keys on every
-    /// node, the newest copy decoded with `codec` (the applications' codec), nothing changed.
+    /// node, the newest copy decoded with `codec` (the applications' codec) after opening it with
+    /// `keyRing` when the applications seal their sessions (unsealed copies are then read too, as
+    /// in a rolling upgrade), nothing changed.
     public static func inspectStored(
-        keys: SessionKeys, on client: MemcachedClient, codec: any SessionCodec = BinarySessionCodec()
+        keys: SessionKeys, on client: MemcachedClient, codec: any SessionCodec = BinarySessionCodec(),
+        keyRing: SessionKeyRing? = nil
     ) async -> StoredSessionInspection {
+        let sealer = keyRing.map { SessionSealer(ring: $0) }
         var inspection = StoredSessionInspection()
         for node in client.allNodes {
             var primary = MemcachedRequest.get(keys.primary)
@@ -56,7 +61,11 @@ extension SessionManager {
                         nodeID: node.id, isPrimary: isPrimary, isTombstone: tombstone, bytes: tombstone ? 0 : item.value.readableBytes)
                     inspection.copies.append(copy)
                     guard !tombstone else { continue }
-                    guard let record = try? codec.decodeSession(from: item.value) else {
+                    var envelope = item.value
+                    if let sealer, SessionSealer.isSealed(item.value), let opened = try? sealer.open(item.value, forKey: isPrimary ? keys.primary : keys.backup) {
+                        envelope = opened.plaintext
+                    }
+                    guard let record = try? codec.decodeSession(from: envelope) else {
                         inspection.undecodable += 1
                         continue
                     }

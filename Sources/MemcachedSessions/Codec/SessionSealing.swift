@@ -1,0 +1,250 @@
+import Atomics
+import CoreMetrics
+import Crypto
+import Foundation
+import NIOCore
+
+/// One key of a ``SessionKeyRing``: 256 bits for AES-256-GCM, named by a key id derived from
+/// the key (the first 4 bytes of an HMAC-SHA256 of a fixed label under it), so that the id in a
+/// sealed envelope names the key without numbering by hand and without revealing it.
+public struct SessionSealingKey: Sendable, CustomStringConvertible {
+    /// The id written into every envelope this key seals.
+    public let id: UInt32
+    let key: SymmetricKey
+
+    /// A key of exactly 32 bytes.
+    public init(_ key: SymmetricKey) throws(SessionError) {
+        guard key.bitCount == 256 else {
+            throw .configuration("a session sealing key must be 256 bits (32 bytes), not \(key.bitCount) bits")
+        }
+        self.key = key
+        let mac = HMAC<SHA256>.authenticationCode(for: Array("msm session key id".utf8), using: key)
+        id = mac.withUnsafeBytes { bytes in bytes.prefix(4).reduce(UInt32(0)) { $0 << 8 | UInt32($1) } }
+    }
+
+    /// A key from its base64 text (as `msm keygen` prints it).
+    public init(base64 text: String) throws(SessionError) {
+        guard let data = Data(base64Encoded: text.trimmingCharacters(in: .whitespaces)) else {
+            throw .configuration("a session sealing key is not base64")
+        }
+        try self.init(SymmetricKey(data: data))
+    }
+
+    /// A new random key.
+    public static func generate() -> SessionSealingKey {
+        // A 256-bit key is always accepted.
+        try! SessionSealingKey(SymmetricKey(size: .bits256))
+    }
+
+    /// The key in base64, for a key file. A secret: never log it.
+    public var base64: String { key.withUnsafeBytes { Data($0).base64EncodedString() } }
+
+    /// The key id in hex, for statistics and logs (never the key).
+    public var idText: String { String(format: "%08x", id) }
+
+    public var description: String { "SessionSealingKey(id: \(idText))" }
+}
+
+/// The keys sessions are sealed with: the current key seals, every key of the ring opens.
+/// Rotation without logging anyone out: give every instance the new key as an older key first
+/// (it can then open what the new key seals), then make it current everywhere; sessions sealed
+/// with an older key are sealed again with the current one on their next read or write, and
+/// ``SessionManager/sealedOpensByKey`` shows when an old key reads zero and can be retired.
+public struct SessionKeyRing: Sendable, CustomStringConvertible {
+    /// Seals every write.
+    public var current: SessionSealingKey
+    /// Open what they sealed; never seal.
+    public var previous: [SessionSealingKey]
+
+    public init(current: SessionSealingKey, previous: [SessionSealingKey] = []) throws(SessionError) {
+        var seen: Set<UInt32> = [current.id]
+        for key in previous where !seen.insert(key.id).inserted {
+            throw .configuration("the session key ring holds a key twice (key id \(key.idText))")
+        }
+        self.current = current
+        self.previous = previous
+    }
+
+    /// A key file: base64 keys, one per line, the first current; blank lines and lines starting
+    /// with `#` are skipped.
+    public init(keyFile contents: String) throws(SessionError) {
+        var keys: [SessionSealingKey] = []
+        for line in contents.split(whereSeparator: \.isNewline) {
+            let text = line.trimmingCharacters(in: .whitespaces)
+            if text.isEmpty || text.hasPrefix("#") { continue }
+            keys.append(try SessionSealingKey(base64: text))
+        }
+        guard let first = keys.first else { throw .configuration("the session key file holds no key") }
+        try self.init(current: first, previous: Array(keys.dropFirst()))
+    }
+
+    /// Every key, the current one first.
+    public var keys: [SessionSealingKey] { [current] + previous }
+
+    public var description: String { "SessionKeyRing(current: \(current.idText), previous: \(previous.map(\.idText)))" }
+}
+
+/// Seals stored session envelopes with AES-256-GCM and opens them.
+///
+/// Sealed envelope: `"MX"`, format version `1`, flags `0`, key id (UInt32, big-endian), a 16-byte
+/// random salt, a 12-byte random nonce, the ciphertext of the codec's envelope, the 16-byte tag.
+/// The message key is HKDF-SHA256 of the ring's key and the salt, so the random-nonce limit of
+/// AES-GCM (2^32 messages per key) applies per salt, not per ring key: a busy cluster can seal
+/// billions of writes under one key. The associated data is the key prefix and the session's
+/// token digest (the part of its memcached key after `s:`/`b:`): the primary and backup copies
+/// (byte copies) open under either key, a blob copied under another session, another prefix or
+/// another application's keys does not.
+package struct SessionSealer: Sendable {
+    static let magic: (UInt8, UInt8) = (0x4D, 0x58)
+    static let formatVersion: UInt8 = 1
+    static let headerLength = 8
+    static let saltLength = 16
+    static let nonceLength = 12
+    static let tagLength = 16
+    /// Bytes a sealed envelope adds to the codec's.
+    static let overhead = headerLength + saltLength + nonceLength + tagLength
+    static let info = Array("msm session seal v1".utf8)
+
+    let ring: SessionKeyRing
+    /// Per key of the ring (in ``SessionKeyRing/keys`` order): opens.
+    private let opens: [ManagedAtomic<Int>]
+    private let openCounters: [CoreMetrics.Counter]
+
+    package init(ring: SessionKeyRing, metrics: any MetricsFactory = NOOPMetricsHandler.instance) {
+        self.ring = ring
+        opens = ring.keys.map { _ in ManagedAtomic(0) }
+        openCounters = ring.keys.map {
+            CoreMetrics.Counter(label: "msm_sealed_opens_total", dimensions: [("key_id", $0.idText)], factory: metrics)
+        }
+    }
+
+    /// Whether bytes are a sealed envelope (by their first four bytes; a codec's own envelope
+    /// that happened to start the same way fails to open, and is then read as unsealed when
+    /// unsealed copies are accepted).
+    package static func isSealed(_ bytes: ByteBuffer) -> Bool {
+        guard let header = bytes.getBytes(at: bytes.readerIndex, length: 4) else { return false }
+        return header[0] == magic.0 && header[1] == magic.1 && header[2] == formatVersion && header[3] == 0
+    }
+
+    static func keyID(of bytes: ByteBuffer) -> UInt32? {
+        guard isSealed(bytes) else { return nil }
+        return bytes.getInteger(at: bytes.readerIndex + 4, as: UInt32.self)
+    }
+
+    /// The associated data of a memcached key (`<prefix>s:<digest>` or `<prefix>b:<digest>`):
+    /// the prefix and the 32-character digest, without the two-byte kind between them.
+    static func associatedData(forKey key: String) -> [UInt8] {
+        let utf8 = Array(key.utf8)
+        guard utf8.count >= 34 else { return utf8 }
+        return Array(utf8[..<(utf8.count - 34)]) + [0] + Array(utf8[(utf8.count - 32)...])
+    }
+
+    /// Seals an envelope under the current key for the session stored at `key`.
+    func seal(_ plaintext: ByteBuffer, forKey key: String, allocator: ByteBufferAllocator) throws(SessionError) -> ByteBuffer {
+        try seal(plaintext, associatedData: Self.associatedData(forKey: key), allocator: allocator)
+    }
+
+    /// Seals bytes under the current key, bound to `associatedData`.
+    package func seal(_ plaintext: ByteBuffer, associatedData: [UInt8], allocator: ByteBufferAllocator) throws(SessionError) -> ByteBuffer {
+        let sealingKey = ring.current
+        var salt = [UInt8](repeating: 0, count: Self.saltLength)
+        var generator = SystemRandomNumberGenerator()
+        for index in salt.indices { salt[index] = UInt8.random(in: 0...255, using: &generator) }
+        let messageKey = HKDF<SHA256>.deriveKey(
+            inputKeyMaterial: sealingKey.key, salt: salt, info: Self.info, outputByteCount: 32)
+        let box: AES.GCM.SealedBox
+        do {
+            box = try AES.GCM.seal(
+                Array(plaintext.readableBytesView), using: messageKey, nonce: AES.GCM.Nonce(),
+                authenticating: associatedData)
+        } catch {
+            throw SessionError(code: .encodingFailed, message: "the session could not be sealed")
+        }
+        var out = allocator.buffer(capacity: Self.overhead + plaintext.readableBytes)
+        out.writeInteger(Self.magic.0)
+        out.writeInteger(Self.magic.1)
+        out.writeInteger(Self.formatVersion)
+        out.writeInteger(UInt8(0))
+        out.writeInteger(sealingKey.id)
+        out.writeBytes(salt)
+        _ = box.nonce.withUnsafeBytes { out.writeBytes($0) }
+        out.writeBytes(box.ciphertext)
+        out.writeBytes(box.tag)
+        return out
+    }
+
+    package enum OpenFailure: Error {
+        /// Sealed with a key this ring does not hold (retired, or not yet distributed here).
+        case unknownKey(UInt32)
+        /// Truncated, tampered, copied under another session or sealed for another prefix.
+        case notAuthentic
+    }
+
+    /// Opens a sealed envelope stored at `key`: the codec's envelope, and whether it was sealed
+    /// with an older key (to be sealed again with the current one).
+    func open(_ sealed: ByteBuffer, forKey key: String) throws(OpenFailure) -> (plaintext: ByteBuffer, olderKey: Bool) {
+        try open(sealed, associatedData: Self.associatedData(forKey: key))
+    }
+
+    /// Opens bytes sealed for `associatedData`.
+    package func open(_ sealed: ByteBuffer, associatedData: [UInt8]) throws(OpenFailure) -> (plaintext: ByteBuffer, olderKey: Bool) {
+        guard let id = Self.keyID(of: sealed) else { throw .notAuthentic }
+        guard let index = ring.keys.firstIndex(where: { $0.id == id }) else { throw .unknownKey(id) }
+        let view = Array(sealed.readableBytesView)
+        guard view.count >= Self.overhead else { throw .notAuthentic }
+        let salt = view[Self.headerLength..<(Self.headerLength + Self.saltLength)]
+        let nonceStart = Self.headerLength + Self.saltLength
+        let bodyStart = nonceStart + Self.nonceLength
+        let tagStart = view.count - Self.tagLength
+        let messageKey = HKDF<SHA256>.deriveKey(
+            inputKeyMaterial: ring.keys[index].key, salt: salt, info: Self.info, outputByteCount: 32)
+        let plaintext: Data
+        do {
+            let box = try AES.GCM.SealedBox(
+                nonce: AES.GCM.Nonce(data: view[nonceStart..<bodyStart]), ciphertext: view[bodyStart..<tagStart],
+                tag: view[tagStart...])
+            plaintext = try AES.GCM.open(box, using: messageKey, authenticating: associatedData)
+        } catch {
+            throw .notAuthentic
+        }
+        opens[index].wrappingIncrement(ordering: .relaxed)
+        openCounters[index].increment()
+        return (ByteBuffer(bytes: plaintext), index != 0)
+    }
+
+    /// Opens per key id (hex) since this manager started.
+    func opensByKey() -> [String: Int] {
+        var result: [String: Int] = [:]
+        for (index, key) in ring.keys.enumerated() { result[key.idText] = opens[index].load(ordering: .relaxed) }
+        return result
+    }
+}
+
+/// Storage keys keyed by a secret: the memcached key of a session is an HMAC-SHA256 of its token
+/// under this secret, so a dump of memcached's keys cannot be matched to cookies (or checked
+/// against a guessed token) without it. Stable: changing it moves every session to keys no
+/// instance reads, i.e. logs everyone out.
+public struct StorageKeySecret: Sendable, CustomStringConvertible {
+    let key: SymmetricKey
+
+    /// At least 16 bytes.
+    public init(_ key: SymmetricKey) throws(SessionError) {
+        guard key.bitCount >= 128 else { throw .configuration("the storage key secret must be at least 16 bytes") }
+        self.key = key
+    }
+
+    /// A secret from a file's contents: base64 (as `msm keygen` prints it), surrounding
+    /// whitespace ignored.
+    public init(secretFile contents: String) throws(SessionError) {
+        let text = contents.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard let data = Data(base64Encoded: text) else { throw .configuration("the storage key secret is not base64") }
+        try self.init(SymmetricKey(data: data))
+    }
+
+    public var description: String { "StorageKeySecret(redacted)" }
+
+    /// HMAC-SHA256 of `bytes` under the secret.
+    package func digest(_ bytes: [UInt8]) -> [UInt8] {
+        Array(HMAC<SHA256>.authenticationCode(for: bytes, using: key))
+    }
+}

@@ -1,0 +1,178 @@
+import Crypto
+import Foundation
+import Memcached
+import MemcachedTestRig
+import NIOCore
+import Testing
+
+@_spi(Simulation) @testable import MemcachedSessions
+
+/// Sealed sessions against real memcached: what is stored, what an attacker with access to
+/// memcached can and cannot do, key rotation and the rolling upgrade from unsealed sessions.
+@Suite("Sealed sessions")
+struct SealingTests {
+    static let keyA = SessionSealingKey.generate()
+    static let keyB = SessionSealingKey.generate()
+    static let secret = try! StorageKeySecret(SymmetricKey(size: .bits256))
+
+    func sealed(
+        _ servers: [MemcachedServer], keys: [SessionSealingKey] = [keyA], secret: StorageKeySecret? = SealingTests.secret,
+        _ configure: (inout SessionManager.Configuration) -> Void = { _ in }
+    ) throws -> SessionManager.Configuration {
+        try configuration(servers) {
+            $0.sealing.keys = try! SessionKeyRing(current: keys[0], previous: Array(keys.dropFirst()))
+            $0.sealing.storageKeySecret = secret
+            configure(&$0)
+        }
+    }
+
+    @Test func storedCopiesAreSealedUnderKeyedKeys() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try sealed(servers)) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    #expect(try await manager.increment(&browser) == 2)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    #expect(keys == SessionKeys(token: id.token, prefix: "msm:", secret: Self.secret))
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    try await eventually("backup written") { try await inspector.node(backupNode).get(keys.backup) != nil }
+                    for (node, key) in [(id.nodeID, keys.primary), (backupNode, keys.backup)] {
+                        let item = try #require(try await inspector.node(node).get(key))
+                        #expect(SessionSealer.isSealed(item.value))
+                        #expect(SessionSealer.keyID(of: item.value) == Self.keyA.id)
+                        let text = String(decoding: item.value.readableBytesView, as: UTF8.self)
+                        #expect(!text.contains("count") && !text.contains("ppp"), "attribute names and values are encrypted")
+                        #expect(throws: SessionCodecError.self) { try BinarySessionCodec().decodeSession(from: item.value) }
+                    }
+                    // Nothing under the unkeyed (SHA-256) key: a dump cannot be matched to the cookie.
+                    let unkeyed = SessionKeys(token: id.token, prefix: "msm:")
+                    #expect(try await inspector.node(id.nodeID).get(unkeyed.primary) == nil)
+                    #expect(manager.statistics.snapshot().sealedOpensByKey == [Self.keyA.idText: 1])
+                }
+            }
+        }
+    }
+
+    @Test func aCopyPlantedByWhoeverCanReachMemcachedReadsAsMissing() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withManager(try sealed(servers)) { manager in
+                try await withInspector(servers) { inspector in
+                    var victim = Browser()
+                    for _ in 0..<5 { try await manager.increment(&victim) }
+                    var attacker = Browser()
+                    try await manager.increment(&attacker)
+                    let victimKeys = manager.keys(for: try #require(victim.id).token)
+                    let attackerKeys = manager.keys(for: try #require(attacker.id).token)
+                    let node = try inspector.node("n1")
+
+                    // The victim's sealed copy, copied under the attacker's session: does not open.
+                    let stolen = try #require(try await node.get(victimKeys.primary))
+                    try await node.set(attackerKeys.primary, value: stolen.value, flags: stolen.flags)
+                    #expect(try await manager.readCount(&attacker) == 0)
+                    #expect(manager.statistics.value(of: .sealedOpenFailures) == 1)
+                    try await eventually("the copy that did not open is deleted") { try await node.get(attackerKeys.primary) == nil }
+
+                    // An unsealed forgery (count 1000) under the attacker's key: refused.
+                    var forged = ByteBuffer()
+                    try BinarySessionCodec().encodeSession(
+                        SessionRecord(
+                            metadata: SessionMetadata(
+                                createdAt: 1, lastAccessedAt: Int64(Date().timeIntervalSince1970 * 1000), idleTimeoutSeconds: 600,
+                                absoluteTimeoutSeconds: 0, version: 9),
+                            attributes: ["count": ByteBuffer(string: "1000")]),
+                        into: &forged)
+                    try await node.set(attackerKeys.primary, value: forged, flags: stolen.flags)
+                    #expect(try await manager.readCount(&attacker) == 0)
+                    #expect(manager.statistics.value(of: .unsealedRefused) == 1)
+
+                    // A copy sealed by another application's key: read as missing, left in place.
+                    let foreign = SessionSealer(ring: try SessionKeyRing(current: .generate()))
+                    try await node.set(
+                        attackerKeys.primary,
+                        value: try foreign.seal(forged, forKey: attackerKeys.primary, allocator: ByteBufferAllocator()),
+                        flags: stolen.flags)
+                    #expect(try await manager.readCount(&attacker) == 0)
+                    #expect(manager.statistics.value(of: .sealedUnknownKeys) == 1)
+                    #expect(try await node.get(attackerKeys.primary) != nil)
+
+                    // The victim is untouched.
+                    #expect(try await manager.readCount(&victim) == 5)
+                }
+            }
+        }
+    }
+
+    @Test func rotationSealsReadOnlySessionsAgainAndRetiresTheOldKey() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withInspector(servers) { inspector in
+                var browser = Browser()
+                try await withManager(try sealed(servers, keys: [Self.keyA])) { before in
+                    for _ in 0..<3 { try await before.increment(&browser) }
+                }
+                let id = try #require(browser.id)
+                // Step 1: every instance gets B as an older key; step 2: B current, A older.
+                try await withManager(try sealed(servers, keys: [Self.keyB, Self.keyA])) { rotated in
+                    let keys = rotated.keys(for: id.token)
+                    #expect(try await rotated.readCount(&browser) == 3)
+                    #expect(rotated.statistics.value(of: .sessionsResealed) == 1)
+                    try await eventually("sealed again with the current key, in the background") {
+                        try await inspector.node(id.nodeID).get(keys.primary).map { SessionSealer.keyID(of: $0.value) } == Self.keyB.id
+                    }
+                    #expect(try await rotated.readCount(&browser) == 3)
+                    #expect(rotated.statistics.snapshot().sealedOpensByKey == [Self.keyA.idText: 1, Self.keyB.idText: 1])
+                    #expect(rotated.statistics.value(of: .sessionsResealed) == 1, "sealed again once")
+                }
+                // A retired: the session lives on.
+                try await withManager(try sealed(servers, keys: [Self.keyB])) { (after: SessionManager) async throws in
+                    #expect(try await after.readCount(&browser) == 3)
+                    #expect(try await after.increment(&browser) == 4)
+                }
+            }
+        }
+    }
+
+    @Test func aRollingUpgradeFromUnsealedSessionsLogsNobodyOut() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let earlier = try configuration(servers)
+            let step1 = try sealed(servers, secret: nil) { $0.sealing.writesUnsealed = true }
+            let step2 = try sealed(servers, secret: nil) { $0.sealing.acceptUnsealedUntil = Date().addingTimeInterval(3600) }
+            let done = try sealed(servers, secret: nil)
+            try await withManagers([earlier, step1, step2, done]) { managers in
+                let (earlier, step1, step2, done) = (managers[0], managers[1], managers[2], managers[3])
+                var browser = Browser()
+                var count = 0
+                // A cluster of the earlier release and instances of step 1 (keys, still writing
+                // unsealed): each request on the other kind of instance.
+                for manager in [earlier, step1, earlier, step1] {
+                    count += 1
+                    #expect(try await manager.increment(&browser) == count)
+                }
+                // Step 2 (sealing, reading unsealed in the window) beside step 1.
+                for manager in [step2, step1, step2, step1, step2] {
+                    count += 1
+                    #expect(try await manager.increment(&browser) == count)
+                }
+                // Done: only sealed copies are read, and this one is.
+                #expect(try await done.readCount(&browser) == count)
+                // A session written unsealed last is refused once the window is over, and a
+                // read-only session seen in the window is sealed again in the background.
+                var late = Browser()
+                try await earlier.increment(&late)
+                #expect(try await done.readCount(&late) == 0)
+                var migrated = Browser()
+                try await earlier.increment(&migrated)
+                #expect(try await step2.readCount(&migrated) == 1)
+                try await withInspector(servers) { inspector in
+                    let id = try #require(migrated.id)
+                    try await eventually("the unsealed copy sealed in the background") {
+                        try await inspector.node(id.nodeID).get(step2.keys(for: id.token).primary).map { SessionSealer.isSealed($0.value) }
+                            == true
+                    }
+                }
+                #expect(try await done.readCount(&migrated) == 1)
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+import Crypto
+import Foundation
+import NIOCore
+import Testing
+
+@testable import MemcachedSessions
+
+@Suite("Sealed sessions: the sealer, the key ring, keyed storage keys")
+struct SessionSealingTests {
+    let token = MemcachedSessionID.generate(nodeID: "n1", route: nil).token
+    let other = MemcachedSessionID.generate(nodeID: "n1", route: nil).token
+
+    func envelope(_ attributes: [String: String] = ["user": "alice"]) throws -> ByteBuffer {
+        var buffer = ByteBuffer()
+        try BinarySessionCodec().encodeSession(
+            SessionRecord(
+                metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 2, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 3),
+                attributes: attributes.mapValues { ByteBuffer(string: "\"\($0)\"") }),
+            into: &buffer)
+        return buffer
+    }
+
+    @Test func sealsAndOpensUnderBothCopiesKeys() throws {
+        let ring = try SessionKeyRing(current: .generate())
+        let sealer = SessionSealer(ring: ring)
+        let keys = SessionKeys(token: token, prefix: "app:")
+        let plain = try envelope()
+        let sealed = try sealer.seal(plain, forKey: keys.primary, allocator: ByteBufferAllocator())
+        #expect(SessionSealer.isSealed(sealed))
+        #expect(sealed.readableBytes == plain.readableBytes + SessionSealer.overhead)
+        // Encrypted: the attribute's value is not in the stored bytes.
+        #expect(!String(decoding: sealed.readableBytesView, as: UTF8.self).contains("alice"))
+        #expect(try sealer.open(sealed, forKey: keys.primary).plaintext == plain)
+        // The backup is a byte copy under the b: key: it opens there too.
+        #expect(try sealer.open(sealed, forKey: keys.backup).plaintext == plain)
+        #expect(try sealer.open(sealed, forKey: keys.primary).olderKey == false)
+        // Two seals of the same envelope differ (random salt and nonce).
+        #expect(try sealer.seal(plain, forKey: keys.primary, allocator: ByteBufferAllocator()) != sealed)
+        #expect(sealer.opensByKey() == [ring.current.idText: 3])
+    }
+
+    @Test func aBlobCopiedUnderAnotherSessionOrPrefixDoesNotOpen() throws {
+        let sealer = SessionSealer(ring: try SessionKeyRing(current: .generate()))
+        let mine = SessionKeys(token: token, prefix: "app:")
+        let sealed = try sealer.seal(try envelope(), forKey: mine.primary, allocator: ByteBufferAllocator())
+        for key in [
+            SessionKeys(token: other, prefix: "app:").primary, SessionKeys(token: token, prefix: "other:").primary,
+            SessionKeys(token: token, prefix: "app:", secret: try StorageKeySecret(SymmetricKey(size: .bits256))).primary,
+        ] {
+            #expect(throws: SessionSealer.OpenFailure.self) { try sealer.open(sealed, forKey: key) }
+        }
+    }
+
+    @Test func aTamperedOrTruncatedBlobDoesNotOpen() throws {
+        let sealer = SessionSealer(ring: try SessionKeyRing(current: .generate()))
+        let key = SessionKeys(token: token, prefix: "app:").primary
+        let sealed = try sealer.seal(try envelope(), forKey: key, allocator: ByteBufferAllocator())
+        let bytes = Array(sealed.readableBytesView)
+        // Every single flipped bit past the header, and every truncation, fails to open.
+        for index in SessionSealer.headerLength..<bytes.count {
+            var flipped = bytes
+            flipped[index] ^= 0x01
+            #expect(throws: SessionSealer.OpenFailure.self) { try sealer.open(ByteBuffer(bytes: flipped), forKey: key) }
+        }
+        for length in 0..<bytes.count {
+            #expect(throws: SessionSealer.OpenFailure.self) { try sealer.open(ByteBuffer(bytes: bytes.prefix(length)), forKey: key) }
+        }
+    }
+
+    @Test func anotherApplicationsKeyDoesNotOpen() throws {
+        let key = SessionKeys(token: token, prefix: "app:").primary
+        let theirs = SessionSealer(ring: try SessionKeyRing(current: .generate()))
+        let ours = SessionSealer(ring: try SessionKeyRing(current: .generate()))
+        let sealed = try theirs.seal(try envelope(), forKey: key, allocator: ByteBufferAllocator())
+        #expect {
+            try ours.open(sealed, forKey: key)
+        } throws: { error in
+            guard case .unknownKey(let id) = error as? SessionSealer.OpenFailure else { return false }
+            return id == theirs.ring.current.id
+        }
+    }
+
+    @Test func rotationOpensWithTheOlderKeyAndSaysSo() throws {
+        let old = SessionSealingKey.generate()
+        let new = SessionSealingKey.generate()
+        let key = SessionKeys(token: token, prefix: "app:").primary
+        let before = SessionSealer(ring: try SessionKeyRing(current: old))
+        // Step 1: every instance gets the new key as an older key: it opens what the new key seals.
+        let step1 = SessionSealer(ring: try SessionKeyRing(current: old, previous: [new]))
+        let after = SessionSealer(ring: try SessionKeyRing(current: new, previous: [old]))
+        let sealedOld = try before.seal(try envelope(), forKey: key, allocator: ByteBufferAllocator())
+        let sealedNew = try after.seal(try envelope(), forKey: key, allocator: ByteBufferAllocator())
+        #expect(try step1.open(sealedNew, forKey: key).olderKey == true)
+        #expect(try after.open(sealedOld, forKey: key).olderKey == true)
+        #expect(try after.open(sealedNew, forKey: key).olderKey == false)
+        #expect(SessionSealer.keyID(of: sealedNew) == new.id)
+        #expect(after.opensByKey() == [new.idText: 1, old.idText: 1])
+    }
+
+    @Test func keyFilesAndSecrets() throws {
+        let a = SessionSealingKey.generate()
+        let b = SessionSealingKey.generate()
+        let ring = try SessionKeyRing(keyFile: "# current first\n\(a.base64)\n\n  \(b.base64)  \n")
+        #expect(ring.current.id == a.id)
+        #expect(ring.previous.map(\.id) == [b.id])
+        #expect(try SessionSealingKey(base64: a.base64).id == a.id)
+        #expect(throws: SessionError.self) { try SessionKeyRing(keyFile: "# nothing\n") }
+        #expect(throws: SessionError.self) { try SessionKeyRing(keyFile: "\(a.base64)\n\(a.base64)\n") }
+        #expect(throws: SessionError.self) { try SessionSealingKey(base64: "not base64!") }
+        // 16 bytes: not an AES-256 key.
+        #expect(throws: SessionError.self) { try SessionSealingKey(base64: Data(count: 16).base64EncodedString()) }
+        #expect(throws: SessionError.self) { try StorageKeySecret(secretFile: Data(count: 8).base64EncodedString()) }
+        // No key material in descriptions.
+        #expect(!"\(ring)".contains(a.base64) && !"\(a)".contains(a.base64))
+        let secret = try StorageKeySecret(secretFile: a.base64 + "\n")
+        #expect("\(secret)" == "StorageKeySecret(redacted)")
+    }
+
+    @Test func keyedStorageKeysDependOnTheSecret() throws {
+        let plain = SessionKeys(token: token, prefix: "app:")
+        let secret = try StorageKeySecret(SymmetricKey(size: .bits256))
+        let keyed = SessionKeys(token: token, prefix: "app:", secret: secret)
+        let otherSecret = SessionKeys(token: token, prefix: "app:", secret: try StorageKeySecret(SymmetricKey(size: .bits256)))
+        #expect(keyed.primary != plain.primary)
+        #expect(keyed.primary != otherSecret.primary)
+        #expect(keyed == SessionKeys(token: token, prefix: "app:", secret: secret))
+        #expect(keyed.primary.hasPrefix("app:s:") && keyed.backup.hasPrefix("app:b:") && keyed.lock.hasPrefix("app:l:"))
+        #expect(keyed.primary.utf8.count == plain.primary.utf8.count)
+        // The HMAC, not a bare hash: the digest is not SHA-256 of the token.
+        let sha = SHA256.hash(data: token.bytes).prefix(16).map { String(format: "%02x", $0) }.joined()
+        #expect(plain.primary.hasSuffix(sha))
+        #expect(!keyed.primary.hasSuffix(sha))
+    }
+}
