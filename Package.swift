@@ -195,6 +195,7 @@ let package = Package(
                 "Memcached",
                 "MemcachedSessions",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         .executableTarget(

@@ -1,6 +1,7 @@
 // Benchmark of the session manager alone (no web framework) against real memcached.
 //
 //   sessions-bench --nodes n1:127.0.0.1:21211,n2:127.0.0.1:21212 [--requests 10000] [--duration 5] [--concurrency 64]
+//   sessions-bench --sealing-cost [--requests 100000]
 //
 // For each mode (non-sticky, sticky with synchronous saves, sticky with asynchronous saves) it
 // 1. runs `--requests` requests of each kind one after another (new session, read-only,
@@ -11,6 +12,7 @@
 //    requests per second (sessions loaded and saved per second).
 // Prints a Markdown table; scripts/bench-sessions pins memcached and this process to CPUs and
 // writes the table to docs/benchmarks/session-manager.md.
+import Crypto
 import Foundation
 import Memcached
 import MemcachedSessions
@@ -21,10 +23,15 @@ struct Options {
     var requests = 10_000
     var duration = 5.0
     var concurrency = 64
+    var sealingCost = false
 
     init(_ arguments: [String]) {
         var iterator = arguments.dropFirst().makeIterator()
         while let flag = iterator.next() {
+            if flag == "--sealing-cost" {
+                sealingCost = true
+                continue
+            }
             let value = iterator.next() ?? ""
             switch flag {
             case "--nodes": nodes = value
@@ -36,7 +43,7 @@ struct Options {
                 exit(2)
             }
         }
-        if nodes.isEmpty {
+        if nodes.isEmpty, !sealingCost {
             FileHandle.standardError.write(Data("--nodes n1:host:port,... is required\n".utf8))
             exit(2)
         }
@@ -45,6 +52,56 @@ struct Options {
 
 let options = Options(CommandLine.arguments)
 let profile = String(repeating: "p", count: 1024)
+
+/// The CPU cost of sealing, per session of the workload's size (a count and a 1 KiB profile):
+/// encode, encode + seal, decode, open + decode, each timed over `--requests` iterations.
+func sealingCost() throws {
+    let codec = BinarySessionCodec()
+    let record = SessionRecord(
+        metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 2, idleTimeoutSeconds: 1800, absoluteTimeoutSeconds: 0, version: 7),
+        attributes: ["count": ByteBuffer(string: "42"), "profile": ByteBuffer(string: "\"\(profile)\"")])
+    let sealer = SessionSealer(ring: try SessionKeyRing(current: .generate()))
+    let key = SessionKeys(token: MemcachedSessionID.generate(nodeID: "n1", route: nil).token, prefix: "msm:").primary
+    let allocator = ByteBufferAllocator()
+    var plain = ByteBuffer()
+    try codec.encodeSession(record, into: &plain)
+    let sealed = try sealer.seal(plain, forKey: key, allocator: allocator)
+    let n = options.requests
+    func time(_ body: () throws -> Void) rethrows -> Double {
+        for _ in 0..<min(n, 1000) { try body() }  // warm-up
+        let start = ContinuousClock.now
+        for _ in 0..<n { try body() }
+        let elapsed = ContinuousClock.now - start
+        return Double(elapsed.components.seconds) * 1e9 / Double(n) + Double(elapsed.components.attoseconds) / 1e9 / Double(n)
+    }
+    var sink = 0
+    let encode = try time {
+        var buffer = allocator.buffer(capacity: 1200)
+        try codec.encodeSession(record, into: &buffer)
+        sink &+= buffer.readableBytes
+    }
+    let encodeSeal = try time {
+        var buffer = allocator.buffer(capacity: 1200)
+        try codec.encodeSession(record, into: &buffer)
+        sink &+= try sealer.seal(buffer, forKey: key, allocator: allocator).readableBytes
+    }
+    let decode = try time { sink &+= try codec.decodeSession(from: plain).attributes.count }
+    let openDecode = try time {
+        sink &+= try codec.decodeSession(from: try sealer.open(sealed, forKey: key).plaintext).attributes.count
+    }
+    print("| step (session of \(plain.readableBytes) bytes, sealed \(sealed.readableBytes)) | ns per session | added by sealing |")
+    print("| --- | ---: | ---: |")
+    print("| encode | \(Int(encode)) | - |")
+    print("| encode + seal | \(Int(encodeSeal)) | \(Int(encodeSeal - encode)) |")
+    print("| decode | \(Int(decode)) | - |")
+    print("| open + decode | \(Int(openDecode)) | \(Int(openDecode - decode)) |")
+    if sink == 42 { print("") }
+}
+
+if options.sealingCost {
+    try sealingCost()
+    exit(0)
+}
 
 /// One request the way an adapter runs it.
 func request(_ manager: SessionManager, cookie: String?, _ handler: (SessionAccess) async throws -> Void) async throws -> String? {
@@ -185,6 +242,13 @@ func run(mode: String, configure: (inout SessionManager.Configuration) -> Void) 
 
 var rows: [Row] = []
 rows += try await run(mode: "non-sticky") { $0.mode = .nonSticky }
+let benchKeys = try SessionKeyRing(current: .generate())
+let benchSecret = try StorageKeySecret(SymmetricKey(size: .bits256))
+rows += try await run(mode: "non-sticky, sealed") {
+    $0.mode = .nonSticky
+    $0.sealing.keys = benchKeys
+    $0.sealing.storageKeySecret = benchSecret
+}
 rows += try await run(mode: "sticky, synchronous saves") {
     $0.mode = .sticky
     $0.sticky.asynchronousSaving = false

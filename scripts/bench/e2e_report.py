@@ -22,6 +22,10 @@ TARGETS = [
     ("ours-hb-non-sticky", "hb-memory", "read", None, None),
     ("ours-hb-non-sticky", "hb-memory", "hello", None, None),
     ("ours-vapor-non-sticky", "vapor-memory", "counter", 3.0, None),
+    # The cost of sealing (AES-256-GCM, HMAC keys): the same server with and without it.
+    ("ours-hb-non-sticky-sealed", "ours-hb-non-sticky", "counter", None, None),
+    ("ours-hb-non-sticky-sealed", "ours-hb-non-sticky", "read", None, None),
+    ("ours-hb-non-sticky-sealed", "hb-memory", "counter", None, None),
 ]
 
 out = []

@@ -49,7 +49,7 @@ public struct SessionSealingKey: Sendable, CustomStringConvertible {
 /// Rotation without logging anyone out: give every instance the new key as an older key first
 /// (it can then open what the new key seals), then make it current everywhere; sessions sealed
 /// with an older key are sealed again with the current one on their next read or write, and
-/// ``SessionManager/sealedOpensByKey`` shows when an old key reads zero and can be retired.
+/// ``SessionStatistics/Snapshot/sealedOpensByKey`` shows when an old key reads zero and can be retired.
 public struct SessionKeyRing: Sendable, CustomStringConvertible {
     /// Seals every write.
     public var current: SessionSealingKey
@@ -140,7 +140,7 @@ package struct SessionSealer: Sendable {
     }
 
     /// Seals an envelope under the current key for the session stored at `key`.
-    func seal(_ plaintext: ByteBuffer, forKey key: String, allocator: ByteBufferAllocator) throws(SessionError) -> ByteBuffer {
+    package func seal(_ plaintext: ByteBuffer, forKey key: String, allocator: ByteBufferAllocator) throws(SessionError) -> ByteBuffer {
         try seal(plaintext, associatedData: Self.associatedData(forKey: key), allocator: allocator)
     }
 
@@ -182,7 +182,7 @@ package struct SessionSealer: Sendable {
 
     /// Opens a sealed envelope stored at `key`: the codec's envelope, and whether it was sealed
     /// with an older key (to be sealed again with the current one).
-    func open(_ sealed: ByteBuffer, forKey key: String) throws(OpenFailure) -> (plaintext: ByteBuffer, olderKey: Bool) {
+    package func open(_ sealed: ByteBuffer, forKey key: String) throws(OpenFailure) -> (plaintext: ByteBuffer, olderKey: Bool) {
         try open(sealed, associatedData: Self.associatedData(forKey: key))
     }
 

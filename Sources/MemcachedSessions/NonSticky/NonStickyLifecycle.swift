@@ -321,13 +321,14 @@ final class NonStickyLifecycle: SessionLifecycle {
             }
         }
 
-        // Unchanged: no write at all.
+        // Unchanged: no write at all, unless its copy was sealed with an older key.
         statistics.count(.writesSkipped)
-        if let lock { await locks.release(lock) }
         let metadata = session.metadata
         if let raw, store.needsReseal(raw) {
-            store.resealInBackground(session.currentRecord, casUnique: session.storedCasUnique, keys: keys, nodeID: id.nodeID, now: now)
+            await store.reseal(session.currentRecord, casUnique: session.storedCasUnique, keys: keys, nodeID: id.nodeID, now: now, releasing: lock)
+            return id != incoming ? context.cookieAction(.set(id), metadata) : .unchanged
         }
+        if let lock { await locks.release(lock) }
         store.refreshBackupIfDue(keys: keys, primaryNode: id.nodeID, raw: raw, metadata: metadata, now: now)
         if let expected = SessionStore.primaryTTLSeconds(metadata, now: now), expected != defaultIdleSeconds + 1,
             let node = topology.node(id.nodeID)

@@ -228,17 +228,40 @@ final class SessionStore: SessionManagerPart {
         return SessionSealer.keyID(of: raw) != sealer.ring.current.id
     }
 
-    /// Seals an unchanged session again with the current key, in a write the request does not
-    /// wait for: a CAS write over the copy read, so that any write since wins (and this one is
-    /// dropped). Rotation thus reaches sessions that are only read.
-    func resealInBackground(_ record: SessionRecord, casUnique: UInt64?, keys: SessionKeys, nodeID: String, now: Int64) {
-        guard let casUnique, let node = topology.node(nodeID), let bytes = try? encode(record, key: keys.primary) else { return }
+    /// Seals an unchanged session again with the current key (one version up, so that its backup
+    /// is written too): a CAS write over the copy read, so that any write since wins and this one
+    /// is dropped. Rotation thus reaches sessions that are only read. With the request's lock on
+    /// the same node, the write goes in one batch before the lock's release (no other locked
+    /// request can read the session between them, and the request waits for the release anyway);
+    /// without, the request does not wait for it.
+    func reseal(
+        _ record: SessionRecord, casUnique: UInt64?, keys: SessionKeys, nodeID: String, now: Int64, releasing lock: HeldLock?
+    ) async {
+        var record = record
+        record.metadata.version &+= 1
+        guard let casUnique, let node = topology.node(nodeID), let bytes = try? encode(record, key: keys.primary) else {
+            if let lock { await locks.release(lock) }
+            return
+        }
         var request = MemcachedRequest.store(
             keys.primary, value: bytes, mode: .set, ttl: Self.primaryTTL(record.metadata, now: now),
             flags: Self.primaryFlags(record.metadata), cas: casUnique)
         request.honorsCancellation = false
         statistics.count(.sessionsResealed)
-        Task { _ = await node.executeBatch([request]) }
+        let metadata = record.metadata
+        @Sendable func stored(_ result: Result<MemcachedResponse, MemcachedError>) async {
+            guard case .success(.stored(.stored)) = result else { return }
+            await self.writeBackup(keys: keys, primaryNode: nodeID, bytes: bytes, metadata: metadata, now: now)
+        }
+        if let lock, lock.nodeID == nodeID {
+            let results = await node.executeBatch([request, prepared(await locks.releaseRequest(lock))])
+            locks.releaseAnswered(results[1], lock: lock, node: node)
+            let result = results[0]
+            Task { await stored(result) }
+        } else {
+            if let lock { await locks.release(lock) }
+            Task { await stored(await node.executeBatch([request])[0]) }
+        }
     }
 
     /// One store on one node; `extra` requests (quiet lock releases) ride in the same write.

@@ -104,30 +104,41 @@ struct SealingTests {
         }
     }
 
-    @Test func rotationSealsReadOnlySessionsAgainAndRetiresTheOldKey() async throws {
+    /// With or without locking: a locked request seals again in the batch that releases its lock
+    /// (no other request reads in between); an unlocked one in the background, racing the next
+    /// write, which its CAS merge survives.
+    @Test(arguments: [SessionManager.LockingMode.none, .all])
+    func rotationSealsReadOnlySessionsAgainAndRetiresTheOldKey(locking: SessionManager.LockingMode) async throws {
         try await withMemcachedServers(count: 2) { servers in
             try await withInspector(servers) { inspector in
                 var browser = Browser()
-                try await withManager(try sealed(servers, keys: [Self.keyA])) { before in
+                try await withManager(try sealed(servers, keys: [Self.keyA]) { $0.locking.mode = locking }) { before in
                     for _ in 0..<3 { try await before.increment(&browser) }
                 }
                 let id = try #require(browser.id)
                 // Step 1: every instance gets B as an older key; step 2: B current, A older.
-                try await withManager(try sealed(servers, keys: [Self.keyB, Self.keyA])) { rotated in
+                try await withManager(try sealed(servers, keys: [Self.keyB, Self.keyA]) { $0.locking.mode = locking }) { rotated in
                     let keys = rotated.keys(for: id.token)
                     #expect(try await rotated.readCount(&browser) == 3)
                     #expect(rotated.statistics.value(of: .sessionsResealed) == 1)
-                    try await eventually("sealed again with the current key, in the background") {
+                    // The next write right away: it races the background write (no locking).
+                    #expect(try await rotated.increment(&browser) == 4)
+                    try await eventually("sealed with the current key") {
                         try await inspector.node(id.nodeID).get(keys.primary).map { SessionSealer.keyID(of: $0.value) } == Self.keyB.id
                     }
-                    #expect(try await rotated.readCount(&browser) == 3)
-                    #expect(rotated.statistics.snapshot().sealedOpensByKey == [Self.keyA.idText: 1, Self.keyB.idText: 1])
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    try await eventually("the backup too") {
+                        try await inspector.node(backupNode).get(keys.backup).map { SessionSealer.keyID(of: $0.value) } == Self.keyB.id
+                    }
+                    #expect(try await rotated.readCount(&browser) == 4)
+                    #expect(rotated.statistics.snapshot().sealedOpensByKey?[Self.keyA.idText] == 1)
                     #expect(rotated.statistics.value(of: .sessionsResealed) == 1, "sealed again once")
+                    #expect(rotated.statistics.value(of: .unavailable) == 0 && rotated.statistics.value(of: .lockFailures) == 0)
                 }
-                // A retired: the session lives on.
+                // A retired: the session lives on, on either copy.
                 try await withManager(try sealed(servers, keys: [Self.keyB])) { (after: SessionManager) async throws in
-                    #expect(try await after.readCount(&browser) == 3)
-                    #expect(try await after.increment(&browser) == 4)
+                    #expect(try await after.readCount(&browser) == 4)
+                    #expect(try await after.increment(&browser) == 5)
                 }
             }
         }
