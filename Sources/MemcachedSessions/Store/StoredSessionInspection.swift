@@ -10,7 +10,7 @@ extension SessionMetadata {
     }
 }
 
-/// What ``SessionManager/inspectStored(keys:on:codec:)`` found of a session on every node.
+/// What ``SessionManager/inspectStored(keys:on:codec:keyRing:)`` found of a session on every node.
 public struct StoredSessionInspection: Sendable {
     /// One stored item under the session's primary or backup key.
     public struct Copy: Sendable, Hashable {
