@@ -40,8 +40,12 @@ public struct ServeOptions: Sendable {
     public var managementToken: String? = nil
     /// Serves Prometheus metrics at `/metrics`.
     public var metrics = false
-    /// `/metrics` requires the management token too.
-    public var metricsRequireToken = false
+    /// `/metrics` is public even when a management token is set (by default it then requires
+    /// the token).
+    public var metricsPublic = false
+    /// The session cookie without `Secure`, for plain-HTTP development (the demo): browsers would
+    /// not send a `Secure` cookie back over plain HTTP to anything but localhost.
+    public var insecureCookie = false
     public var logLevel: Logger.Level = .warning
     /// Exports tracing spans (the framework's request spans, the session loads and saves, their
     /// memcached round trips) over OTLP/HTTP with swift-otel; the standard `OTEL_*` environment
@@ -79,6 +83,7 @@ public struct ServeOptions: Sendable {
         configuration.memcached.connectTimeout = .milliseconds(500)
         configuration.memcached.requestTimeout = .milliseconds(500)
         configuration.memcached.probeInterval = .milliseconds(250)
+        if insecureCookie { configuration.cookie = try SessionCookie(secure: false) }
         return configuration
     }
 }
@@ -100,7 +105,7 @@ public enum AppServer {
             endpoints: try options.managementToken.map { token throws(SessionError) in
                 try ManagementEndpoints(manager: manager, token: token, instance: options.instance)
             },
-            metrics: options.metrics, metricsToken: options.metricsRequireToken ? options.managementToken : nil)
+            metrics: options.metrics, metricsToken: options.metricsPublic ? nil : options.managementToken)
         switch options.framework {
         case .hummingbird:
             let app = Hummingbird.Application(

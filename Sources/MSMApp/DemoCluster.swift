@@ -152,6 +152,9 @@ public final class DemoCluster: Sendable {
             var arguments = [
                 "serve", "--framework", "hummingbird", "--mode", options.sticky ? "sticky" : "non-sticky", "--nodes", nodes,
                 "--port", "\(port)", "--instance", id, "--log-level", "notice", "--metrics", "--protocol", options.protocolMode.rawValue,
+                // nginx listens on plain HTTP: a Secure cookie would not come back from a browser
+                // on another host name than localhost.
+                "--insecure-cookie",
             ]
             if options.sticky { arguments += ["--route", Self.routes[index], "--sync-saves"] }
             if options.openTelemetry { arguments += ["--otel"] }
@@ -313,7 +316,9 @@ public final class DemoCluster: Sendable {
             layout written to \(options.stateDirectory)/cluster.json; logs in \(options.stateDirectory)/; Ctrl-C stops everything.
             each app's status page and metrics (token in \(options.stateDirectory)/management-token):
               curl -H "Authorization: Bearer \(managementToken)" http://127.0.0.1:\(options.appBasePort)/_msm/status
-              http://127.0.0.1:\(options.appBasePort)/_msm/ (same header), http://127.0.0.1:\(options.appBasePort)/metrics
+              http://127.0.0.1:\(options.appBasePort)/_msm/ and http://127.0.0.1:\(options.appBasePort)/metrics (same header)
+            session cookies are not Secure (msm serve --insecure-cookie): this demo serves plain HTTP. Behind HTTPS,
+            leave them Secure (the default).
             """)
         fflush(nil)
 

@@ -92,6 +92,7 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
             }
             if let setCookie {
                 response.headers.append(HTTPField(name: .setCookie, value: setCookie))
+                response.headers[.cacheControl] = SessionCookie.cacheControl
             }
             return response
         } catch {
@@ -162,6 +163,7 @@ public struct ErrorWithSessionCookie: HTTPResponseError, CustomStringConvertible
             response = Response(status: .internalServerError)
         }
         response.headers.append(HTTPField(name: .setCookie, value: setCookie))
+        response.headers[.cacheControl] = SessionCookie.cacheControl
         return response
     }
 

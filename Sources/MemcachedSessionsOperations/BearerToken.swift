@@ -1,5 +1,8 @@
 #if Operations
+import CoreMetrics
 import Crypto
+import Logging
+import Synchronization
 
 /// A secret that requests present as `Authorization: Bearer <token>` (the management endpoints,
 /// the metrics page): the one place that checks it. Compared in constant time, over digests so
@@ -25,5 +28,57 @@ public struct BearerToken: Sendable, CustomStringConvertible {
     }
 
     public var description: String { "BearerToken(redacted)" }
+}
+
+/// Requests to a token-protected page (a management endpoint, the metrics page) that came without
+/// the token or with a wrong one: counted (``count``, and the metric
+/// `msm_management_unauthorized_total{endpoint}`) and logged at warning, at most one line per
+/// `logInterval` with the number since the last, so that a guessing attacker cannot flood the
+/// log. Neither the presented token nor anything else from the request is recorded: the endpoint's
+/// name is one of a fixed set.
+public final class UnauthorizedAttempts: Sendable {
+    private struct LogState {
+        var lastLog: ContinuousClock.Instant? = nil
+        var unlogged = 0
+    }
+
+    private let total = Atomic<Int>(0)
+    private let logState = Mutex(LogState())
+    private let logger: Logger
+    private let metricsFactory: any MetricsFactory
+    private let logInterval: Duration
+
+    public init(
+        logger: Logger = Logger(label: "msm.management"), metricsFactory: any MetricsFactory = MetricsSystem.factory,
+        logInterval: Duration = .seconds(1)
+    ) {
+        self.logger = logger
+        self.metricsFactory = metricsFactory
+        self.logInterval = logInterval
+    }
+
+    /// Failed attempts since this started.
+    public var count: Int { total.load(ordering: .relaxed) }
+
+    /// Records one failed attempt at `endpoint` (a fixed name, never from the request).
+    public func record(endpoint: StaticString) {
+        total.add(1, ordering: .relaxed)
+        CoreMetrics.Counter(
+            label: "msm_management_unauthorized_total", dimensions: [("endpoint", "\(endpoint)")], factory: metricsFactory
+        ).increment()
+        let now = ContinuousClock.now
+        let toLog = logState.withLock { state -> Int? in
+            state.unlogged += 1
+            if let last = state.lastLog, now - last < logInterval { return nil }
+            defer { state.unlogged = 0 }
+            state.lastLog = now
+            return state.unlogged
+        }
+        if let toLog {
+            logger.warning(
+                "requests without a valid management token were refused",
+                metadata: ["msm.endpoint": "\(endpoint)", "msm.refused": "\(toLog)", "msm.refused.total": "\(count)"])
+        }
+    }
 }
 #endif

@@ -1,6 +1,8 @@
 #if Operations
+import CoreMetrics
 import Foundation
 import HTTPTypes
+import Logging
 import MemcachedSessions
 import NIOCore
 
@@ -68,18 +70,27 @@ public struct ManagementEndpoints: Sendable {
     public let manager: SessionManager
     public let instance: String
     private let token: BearerToken
+    /// Requests refused for a missing or wrong token: counted and logged (never the token).
+    public let unauthorized: UnauthorizedAttempts
 
     /// The largest `PUT /_msm/config` body read.
     public static let maximumBodySize = 64 * 1024
 
     /// - Throws: `SessionError.Code.invalidConfiguration` for a token shorter than 16 characters.
-    public init(manager: SessionManager, token: String, instance: String) throws(SessionError) {
+    ///   - logger: where refused requests are logged (the manager's logger by default).
+    ///   - metricsFactory: where they are counted (the manager's factory by default, else the
+    ///     global one).
+    public init(
+        manager: SessionManager, token: String, instance: String, logger: Logger? = nil, metricsFactory: (any MetricsFactory)? = nil
+    ) throws(SessionError) {
         guard token.utf8.count >= 16, token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
             throw SessionError(code: .invalidConfiguration, message: "the management token must be at least 16 printable characters without spaces")
         }
         self.manager = manager
         self.token = BearerToken(token)
         self.instance = instance
+        self.unauthorized = UnauthorizedAttempts(
+            logger: logger ?? manager.logger, metricsFactory: metricsFactory ?? manager.metricsFactory ?? MetricsSystem.factory)
     }
 
     /// Whether the request's `Authorization` header carries the token (compared in constant time).
@@ -91,7 +102,14 @@ public struct ManagementEndpoints: Sendable {
     public func respond(
         to endpoint: Endpoint, method: HTTPRequest.Method, headerFields: HTTPFields, body: ByteBuffer?
     ) async -> ManagementAnswer {
-        guard isAuthorized(headerFields) else { return .unauthorized }
+        guard isAuthorized(headerFields) else {
+            switch endpoint {
+            case .page: unauthorized.record(endpoint: "page")
+            case .status: unauthorized.record(endpoint: "status")
+            case .config: unauthorized.record(endpoint: "config")
+            }
+            return .unauthorized
+        }
         switch (endpoint, method) {
         case (.page, .get):
             return ManagementAnswer(.ok, contentType: "text/html; charset=utf-8", body: StatusPage.render(manager.status(instance: instance)))
@@ -144,20 +162,31 @@ public struct MetricsPage: Sendable {
     private let token: BearerToken?
     private let contentType: String
     private let render: @Sendable () -> String
+    /// Requests refused for a missing or wrong token: counted and logged (never the token).
+    public let unauthorized: UnauthorizedAttempts
 
     /// - Parameters:
-    ///   - token: the bearer token requests must carry; nil: the page is public.
+    ///   - token: the bearer token requests must carry; nil: the page is public (say so
+    ///     explicitly: `msm serve` puts it behind the management token unless `--metrics-public`).
     ///   - contentType: the format's content type (Prometheus' text format by default).
+    ///   - unauthorized: where refused requests are counted and logged.
     ///   - render: the metrics in the backend's format, made anew for each request.
-    public init(token: String?, contentType: String = Self.prometheusContentType, render: @escaping @Sendable () -> String) {
+    public init(
+        token: String?, contentType: String = Self.prometheusContentType, unauthorized: UnauthorizedAttempts = UnauthorizedAttempts(),
+        render: @escaping @Sendable () -> String
+    ) {
         self.token = token.map(BearerToken.init)
         self.contentType = contentType
+        self.unauthorized = unauthorized
         self.render = render
     }
 
     /// Answers one `GET /metrics`.
     public func respond(headerFields: HTTPFields) -> ManagementAnswer {
-        if let token, !token.isPresented(in: headerFields[.authorization]) { return .unauthorized }
+        if let token, !token.isPresented(in: headerFields[.authorization]) {
+            unauthorized.record(endpoint: "metrics")
+            return .unauthorized
+        }
         return ManagementAnswer(.ok, contentType: contentType, body: render())
     }
 }

@@ -58,6 +58,7 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
             if let setCookie {
                 // Added directly: `response.cookies[...] =` would re-parse and re-serialize every cookie.
                 response.headers.add(name: .setCookie, value: setCookie)
+                response.headers.replaceOrAdd(name: .cacheControl, value: SessionCookie.cacheControl)
             }
             return response
         } catch {
@@ -113,6 +114,7 @@ public struct ErrorWithSessionCookie: AbortError, CustomStringConvertible {
     public var headers: HTTPHeaders {
         var headers = (error as? any AbortError)?.headers ?? [:]
         headers.add(name: .setCookie, value: setCookie)
+        headers.replaceOrAdd(name: .cacheControl, value: SessionCookie.cacheControl)
         return headers
     }
 

@@ -160,8 +160,16 @@ struct Serve: AsyncParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Serves Prometheus metrics at /metrics.")
     var metrics: Bool?
 
-    @Flag(inversion: .prefixedNo, help: "/metrics requires the management token too.")
-    var metricsRequireToken: Bool?
+    @Flag(inversion: .prefixedNo, help: "/metrics answers without the management token (by default it requires it whenever a token is set).")
+    var metricsPublic: Bool?
+
+    @Flag(help: ArgumentHelp("Deprecated: /metrics requires the management token by default.", visibility: .hidden))
+    var metricsRequireToken = false
+
+    @Flag(
+        inversion: .prefixedNo,
+        help: "The session cookie without Secure, for plain-HTTP development only (msm demo sets it; by default the cookie is Secure).")
+    var insecureCookie: Bool?
 
     @Flag(
         inversion: .prefixedNo,
@@ -189,7 +197,8 @@ struct Serve: AsyncParsableCommand {
         flags.flag("unavailable", unavailable)
         flags.flag("log-level", logLevel)
         flags.flag("metrics", metrics)
-        flags.flag("metrics-require-token", metricsRequireToken)
+        flags.flag("metrics-public", metricsPublic)
+        flags.flag("insecure-cookie", insecureCookie)
         flags.flag("otel", otel)
         security.record(into: &flags)
         sealing.record(into: &flags)
@@ -214,7 +223,11 @@ struct Serve: AsyncParsableCommand {
         guard let logLevel = Logger.Level(rawValue: level) else { throw ValidationError("unknown log level \(level)") }
         options.logLevel = logLevel
         options.metrics = try settings.bool("metrics") ?? options.metrics
-        options.metricsRequireToken = try settings.bool("metrics-require-token") ?? options.metricsRequireToken
+        options.metricsPublic = try settings.bool("metrics-public") ?? options.metricsPublic
+        options.insecureCookie = try settings.bool("insecure-cookie") ?? options.insecureCookie
+        if try metricsRequireToken || settings.bool("metrics-require-token") != nil {
+            note("msm serve: --metrics-require-token is deprecated: /metrics requires the management token by default (--metrics-public opts out)")
+        }
         options.openTelemetry = try settings.bool("otel") ?? options.openTelemetry
         if let managementTokenFile {
             options.managementToken = try readSecretFile(managementTokenFile, flag: "management-token-file")
@@ -226,7 +239,10 @@ struct Serve: AsyncParsableCommand {
         }
         guard (1...65535).contains(options.port) else { throw ValidationError("port must be 1 to 65535") }
         if let loops = options.eventLoops, loops < 1 { throw ValidationError("event-loops must be at least 1") }
-        if options.metricsRequireToken, options.managementToken == nil {
+        if options.metricsPublic, options.metrics, options.managementToken != nil {
+            note("msm serve: /metrics is public (--metrics-public): anyone who can reach this port reads the metrics")
+        }
+        if metricsRequireToken, options.managementToken == nil {
             throw ValidationError("metrics-require-token needs a management token")
         }
         do {

@@ -79,7 +79,8 @@ struct Keygen: ParsableCommand {
             Rotation: add the new key as the second line of every instance's key file first (it then \
             opens what the new key seals), then move it to the first line everywhere. Sessions sealed \
             with the old key are sealed again at their next read or write; retire the old key when \
-            msm stats shows no opens under its key id (or after the absolute timeout).
+            no instance counts opens under its key id any more (sealedOpensByKey in GET /_msm/status, \
+            the metric msm_sealed_opens_total{key_id}), or after the absolute timeout.
             """)
 
     func run() throws {

@@ -34,11 +34,23 @@ func msm(_ arguments: [String], environment: [String: String] = [:]) throws -> (
 func nodes(_ servers: [MemcachedServer]) -> String { servers.nodeList }
 
 /// A GET, as a browser or a scraper sends it: the status and the body.
-func get(_ url: String, token: String? = nil) async throws -> (status: Int, body: String) {
+/// No cookie jar: each request is a new browser (two instances on 127.0.0.1 would share cookies).
+let cookielessSession: URLSession = {
+    let configuration = URLSessionConfiguration.ephemeral
+    configuration.httpCookieStorage = nil
+    configuration.httpShouldSetCookies = false
+    return URLSession(configuration: configuration)
+}()
+
+func get(_ url: String, token: String? = nil) async throws -> (status: Int, body: String, setCookie: String?, cacheControl: String?) {
     var request = URLRequest(url: URL(string: url)!)
     if let token { request.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization") }
-    let (data, response) = try await URLSession.shared.data(for: request)
-    return ((response as? HTTPURLResponse)?.statusCode ?? 0, String(decoding: data, as: UTF8.self))
+    let (data, response) = try await cookielessSession.data(for: request)
+    let http = response as? HTTPURLResponse
+    return (
+        http?.statusCode ?? 0, String(decoding: data, as: UTF8.self), http?.value(forHTTPHeaderField: "Set-Cookie"),
+        http?.value(forHTTPHeaderField: "Cache-Control")
+    )
 }
 
 /// A port nothing listens on.
@@ -321,7 +333,7 @@ struct ToolTests {
             let file = FileManager.default.temporaryDirectory.appendingPathComponent("msm-settings-\(port).json")
             let settings: [String: Any] = [
                 "nodes": "n1:127.0.0.1:\(try deadPort())",  // the environment's wins
-                "locking": "all", "instance": "from-file", "metrics": true, "metrics-require-token": true,
+                "locking": "all", "instance": "from-file", "metrics": true,
                 "port": 1,  // the environment's wins
             ]
             try JSONSerialization.data(withJSONObject: settings).write(to: file)
@@ -340,8 +352,24 @@ struct ToolTests {
             #expect(view.output.contains("127.0.0.1:\(servers[0].port)"), "the environment's nodes")
             let status = try await get("http://127.0.0.1:\(port)/_msm/status", token: token)
             #expect(status.status == 200 && status.body.contains(#""instance":"from-flag""#), "the flag beats the file")
-            #expect(try await get("http://127.0.0.1:\(port)/metrics").status == 401, "metrics behind the token, from the file")
+            #expect(try await get("http://127.0.0.1:\(port)/metrics").status == 401, "metrics behind the management token by default")
             #expect(try await get("http://127.0.0.1:\(port)/metrics", token: token).status == 200)
+            // --metrics-public (here from the environment) opts out; the cookie is Secure unless
+            // --insecure-cookie.
+            let publicPort = try FreePort.find()
+            let publicServer = try await serve(
+                ["--nodes", nodes(servers), "--port", "\(publicPort)", "--metrics", "--insecure-cookie"],
+                environment: ["MSM_MANAGEMENT_TOKEN": token, "MSM_METRICS_PUBLIC": "true"], port: publicPort)
+            defer {
+                publicServer.terminate()
+                publicServer.waitUntilExit()
+            }
+            #expect(try await get("http://127.0.0.1:\(publicPort)/metrics").status == 200)
+            let insecure = try await get("http://127.0.0.1:\(publicPort)/counter")
+            #expect(insecure.setCookie.map { !$0.contains("Secure") } == true, "\(insecure.setCookie ?? "no cookie")")
+            let secure = try await get("http://127.0.0.1:\(port)/counter")
+            #expect(secure.setCookie?.contains("; Secure") == true, "\(secure.setCookie ?? "no cookie")")
+            #expect(secure.cacheControl == "no-store", "a response that sets the cookie is not cached")
             // Errors: a value that does not parse, a file that is not there.
             let badPort = try msm(["serve", "--nodes", nodes(servers)], environment: ["MSM_PORT": "eighty"])
             #expect(badPort.code == 1 && badPort.errors.contains("port"), "\(badPort.errors)")

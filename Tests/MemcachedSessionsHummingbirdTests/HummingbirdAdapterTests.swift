@@ -68,6 +68,11 @@ func counterApp(_ manager: SessionManager, cookie: SessionCookie = .default) -> 
         try await context.memcachedSessions.regenerateID()
         throw HTTPError(.forbidden, message: "second factor required")
     }
+    group.get("visit") { _, context -> String in
+        // Opens a session and puts nothing in it.
+        _ = try await context.memcachedSessions.loadOrCreate()
+        return "visited"
+    }
     group.get("create-then-fail") { _, context -> String in
         try await context.memcachedSessions.loadOrCreate().set("count", 7)
         throw Boom()
@@ -288,11 +293,48 @@ struct HummingbirdAdapterTests {
         }
     }
 
+    /// Secure defaults (OWASP): the cookie is `Secure`; a response that sets or clears it is
+    /// `Cache-Control: no-store`; a session that nothing was put in is neither written nor
+    /// given a cookie.
+    @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
+    func secureDefaults(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers) {
+                $0.mode = mode
+                $0.route = mode == .sticky ? "a1" : nil
+                $0.sticky.asynchronousSaving = false
+            }
+            try await counterApp(manager).test(.live) { client in
+                let writesBefore = manager.statistics.value(of: .writes)
+                let visit = try await client.execute(uri: "/visit", method: .get)
+                #expect(visit.status == .ok && setCookies(visit).isEmpty, "an empty session gets no cookie")
+                #expect(visit.headers[.cacheControl] == nil, "nor a no-store it does not need")
+                #expect(manager.statistics.value(of: .writes) == writesBefore, "and is not written")
+
+                let created = try await client.execute(uri: "/counter", method: .get)
+                let header = try #require(setCookies(created).first)
+                #expect(header.contains("; Secure") && header.contains("; HttpOnly"), "\(header)")
+                #expect(created.headers[.cacheControl] == "no-store")
+                let cookie = try #require(sessionCookie(created))
+                let next = try await client.execute(uri: "/counter", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(String(buffer: next.body) == "2" && setCookies(next).isEmpty && next.headers[.cacheControl] == nil)
+                let visited = try await client.execute(uri: "/visit", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(setCookies(visited).isEmpty, "an existing session opened and left alone keeps its cookie")
+                let logout = try await client.execute(uri: "/logout", method: .get, headers: [.cookie: "SESSION_ID=\(cookie)"])
+                #expect(setCookies(logout).first?.contains("Max-Age=0") == true)
+                #expect(logout.headers[.cacheControl] == "no-store")
+                let failed = try await client.execute(uri: "/create-then-fail", method: .get)
+                #expect(failed.status == .internalServerError && failed.headers[.cacheControl] == "no-store")
+            }
+        }
+    }
+
     @Test func cookieSettingsAreHonouredAndValidated() async throws {
-        #expect(throws: SessionError.self) { _ = try SessionCookie(name: "__Host-sid") }
+        #expect(throws: SessionError.self) { _ = try SessionCookie(name: "__Host-sid", secure: false) }
         #expect(throws: SessionError.self) { _ = try SessionCookie(name: "__Host-sid", domain: "example.com", secure: true) }
-        #expect(throws: SessionError.self) { _ = try SessionCookie(name: "__Secure-sid") }
-        #expect(throws: SessionError.self) { _ = try SessionCookie(sameSite: SessionCookie.SameSite.none) }
+        #expect(throws: SessionError.self) { _ = try SessionCookie(name: "__Secure-sid", secure: false) }
+        #expect(throws: SessionError.self) { _ = try SessionCookie(secure: false, sameSite: SessionCookie.SameSite.none) }
+        #expect(try SessionCookie.default.secure && SessionCookie(name: "__Host-sid").secure, "Secure by default")
         #expect(throws: SessionError.self) { _ = try SessionCookie(name: "bad name") }
         let hostCookie = try SessionCookie(name: "__Host-sid", secure: true, sameSite: .strict)
         try await withMemcachedServers(count: 1) { servers in

@@ -1,7 +1,10 @@
 #if Operations
 import HTTPTypes
+import Logging
 import MemcachedSessions
+import MetricsTestKit
 import NIOCore
+import Synchronization
 import Testing
 
 @testable import MemcachedSessionsOperations
@@ -63,6 +66,58 @@ import Testing
         #expect(guarded.respond(headerFields: fields(nil)).status == .unauthorized)
         #expect(guarded.respond(headerFields: fields("Bearer wrong")).status == .unauthorized)
         #expect(guarded.respond(headerFields: fields("Bearer metrics-token-0123456789")).text == text)
+        #expect(guarded.unauthorized.count == 2)
+    }
+
+    /// Failed token attempts are counted per endpoint and logged, throttled, never with the token
+    /// that was presented.
+    @Test func failedTokenAttemptsAreCountedAndLoggedWithoutTheToken() async throws {
+        let metrics = TestMetrics()
+        let lines = CapturedLog()
+        let logger = Logger(label: "test") { _ in lines }
+        let endpoints = try ManagementEndpoints(manager: manager, token: token, instance: "unit", logger: logger, metricsFactory: metrics)
+        let guess = "guessed-token-abcdefgh"
+        for _ in 0..<5 {
+            _ = await endpoints.respond(to: .status, method: .get, headerFields: fields("Bearer \(guess)"), body: nil)
+        }
+        _ = await endpoints.respond(to: .config, method: .put, headerFields: fields(nil), body: nil)
+        // The right token is not a failure.
+        _ = await endpoints.respond(to: .status, method: .get, headerFields: fields("Bearer \(token)"), body: nil)
+        #expect(endpoints.unauthorized.count == 6)
+        #expect(try metrics.expectCounter("msm_management_unauthorized_total", [("endpoint", "status")]).totalValue == 5)
+        #expect(try metrics.expectCounter("msm_management_unauthorized_total", [("endpoint", "config")]).totalValue == 1)
+        // One line for the burst (throttled to one per second), and no token in it.
+        let logged = lines.lines
+        #expect(logged.count == 1, "\(logged)")
+        #expect(logged.allSatisfy { !$0.contains(guess) && !$0.contains(token) })
+        #expect(logged.first?.contains("msm.endpoint=status") == true)
+
+        let page = MetricsPage(token: token, unauthorized: endpoints.unauthorized) { "" }
+        _ = page.respond(headerFields: fields("Bearer \(guess)"))
+        #expect(endpoints.unauthorized.count == 7)
+        #expect(try metrics.expectCounter("msm_management_unauthorized_total", [("endpoint", "metrics")]).totalValue == 1)
+    }
+}
+
+/// Every line logged, as text with its metadata.
+final class CapturedLog: LogHandler, Sendable {
+    private let stored = Mutex<[String]>([])
+    var lines: [String] { stored.withLock { $0 } }
+    var logLevel: Logger.Level {
+        get { .trace }
+        set {}
+    }
+    var metadata: Logger.Metadata {
+        get { [:] }
+        set {}
+    }
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { nil }
+        set {}
+    }
+    func log(event: LogEvent) {
+        let fields = (event.metadata ?? [:]).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+        stored.withLock { $0.append("\(event.message) \(fields)") }
     }
 }
 #endif

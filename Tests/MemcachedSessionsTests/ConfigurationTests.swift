@@ -10,7 +10,8 @@ import Testing
     @Test func theGroupsHoldTheDefaults() throws {
         let configuration = try fresh()
         #expect(configuration.timeouts.idle == .seconds(1800))
-        #expect(configuration.timeouts.absolute == nil)
+        #expect(configuration.timeouts.absolute == .seconds(24 * 60 * 60), "24 h by default (OWASP)")
+        #expect(configuration.cookie.secure, "Secure by default")
         #expect(configuration.timeouts.save == .milliseconds(500))
         #expect(configuration.sticky.asynchronousSaving)
         #expect(configuration.sticky.saveDelay == .milliseconds(250))

@@ -27,6 +27,7 @@ struct Reply {
     var status: Int
     var body: String
     var setCookies: [String]
+    var cacheControl: String? = nil
 
     var sessionCookie: String? {
         for header in setCookies {
@@ -50,7 +51,9 @@ func withVaporApp(
                 if let cookie { request.headers.add(name: "Cookie", value: "SESSION_ID=\(cookie)") }
                 let response = try await client.execute(request, timeout: .seconds(10))
                 let bytes = try await response.body.collect(upTo: 1 << 20)
-                return Reply(status: Int(response.status.code), body: String(buffer: bytes), setCookies: response.headers["Set-Cookie"])
+                return Reply(
+                    status: Int(response.status.code), body: String(buffer: bytes), setCookies: response.headers["Set-Cookie"],
+                    cacheControl: response.headers.first(name: "Cache-Control"))
             }
         } catch {
             try? await client.shutdown()
@@ -195,12 +198,14 @@ struct VaporAdapterTests {
                 let first = try await get("/counter", nil)
                 #expect(first.body == "1")
                 let header = try #require(first.setCookies.first)
-                #expect(header.contains("HttpOnly") && !header.contains("Expires"))
+                #expect(header.contains("HttpOnly") && header.contains("; Secure") && !header.contains("Expires"))
+                #expect(first.cacheControl == "no-store", "a response that sets the cookie is not cached")
                 let cookie = try #require(first.sessionCookie)
                 for expected in 2...4 {
                     let next = try await get("/counter", cookie)
                     #expect(next.body == "\(expected)")
                     #expect(next.setCookies.isEmpty, "no Set-Cookie when the id is unchanged")
+                    #expect(next.cacheControl == nil)
                 }
             }
         }
@@ -353,7 +358,7 @@ struct VaporAdapterTests {
                 #expect(try await get("/read", new).body == "1")
                 #expect(try await get("/read", old).body == "0", "the old id is dead")
                 let fresh = try await get("/create-then-fail", nil)
-                #expect(fresh.status == 500)
+                #expect(fresh.status == 500 && fresh.cacheControl == "no-store")
                 let freshCookie = try #require(fresh.sessionCookie)
                 #expect(try await get("/read", freshCookie).body == "7")
             }

@@ -287,7 +287,10 @@ def main():
         if pages[0] == pages[1]:
             raise Failure("the charts' points did not change in 10 s under load")
 
-        status, metrics = get(app_port, "/metrics")
+        status, _ = get(app_port, "/metrics")
+        if status != 401:
+            raise Failure(f"/metrics without a token answered {status}, not 401 (it needs the management token by default)")
+        status, metrics = get(app_port, "/metrics", token=TOKEN)
         if status != 200 or "msm_writes_total" not in metrics or "memcached_requests_total" not in metrics:
             raise Failure(f"/metrics answered {status} without the expected series")
         if any(cookie and cookie.split("-")[0] in metrics for cookie in load.cookies):

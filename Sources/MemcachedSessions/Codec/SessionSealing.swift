@@ -88,7 +88,7 @@ public struct SessionKeyRing: Sendable, CustomStringConvertible {
 ///
 /// Sealed envelope: `"MX"`, format version `1`, flags `0`, key id (UInt32, big-endian), a 16-byte
 /// random salt, a 12-byte random nonce, the ciphertext of the codec's envelope, the 16-byte tag.
-/// The message key is HKDF-SHA256 of the ring's key and the salt, so the random-nonce limit of
+/// The message key is an HMAC-SHA256 of a label and the salt under the ring's key, so the random-nonce limit of
 /// AES-GCM (2^32 messages per key) applies per salt, not per ring key: a busy cluster can seal
 /// billions of writes under one key. The associated data is the key prefix and the session's
 /// token digest (the part of its memcached key after `s:`/`b:`): the primary and backup copies
@@ -103,7 +103,7 @@ package struct SessionSealer: Sendable {
     static let tagLength = 16
     /// Bytes a sealed envelope adds to the codec's.
     static let overhead = headerLength + saltLength + nonceLength + tagLength
-    static let info = Array("msm session seal v1".utf8)
+    static let info = Array("msm session seal v1|".utf8)
 
     let ring: SessionKeyRing
     /// Per key of the ring (in ``SessionKeyRing/keys`` order): opens.
@@ -147,30 +147,41 @@ package struct SessionSealer: Sendable {
     /// Seals bytes under the current key, bound to `associatedData`.
     package func seal(_ plaintext: ByteBuffer, associatedData: [UInt8], allocator: ByteBufferAllocator) throws(SessionError) -> ByteBuffer {
         let sealingKey = ring.current
-        var salt = [UInt8](repeating: 0, count: Self.saltLength)
         var generator = SystemRandomNumberGenerator()
-        for index in salt.indices { salt[index] = UInt8.random(in: 0...255, using: &generator) }
-        let messageKey = HKDF<SHA256>.deriveKey(
-            inputKeyMaterial: sealingKey.key, salt: salt, info: Self.info, outputByteCount: 32)
-        let box: AES.GCM.SealedBox
-        do {
-            box = try AES.GCM.seal(
-                Array(plaintext.readableBytesView), using: messageKey, nonce: AES.GCM.Nonce(),
-                authenticating: associatedData)
-        } catch {
-            throw SessionError(code: .encodingFailed, message: "the session could not be sealed")
-        }
+        let salt = (generator.next() as UInt64, generator.next() as UInt64)
         var out = allocator.buffer(capacity: Self.overhead + plaintext.readableBytes)
         out.writeInteger(Self.magic.0)
         out.writeInteger(Self.magic.1)
         out.writeInteger(Self.formatVersion)
         out.writeInteger(UInt8(0))
         out.writeInteger(sealingKey.id)
-        out.writeBytes(salt)
-        _ = box.nonce.withUnsafeBytes { out.writeBytes($0) }
-        out.writeBytes(box.ciphertext)
-        out.writeBytes(box.tag)
+        out.writeInteger(salt.0)
+        out.writeInteger(salt.1)
+        let messageKey = out.withUnsafeReadableBytes { header in
+            Self.messageKey(sealingKey.key, salt: UnsafeRawBufferPointer(rebasing: header[Self.headerLength...]))
+        }
+        do {
+            let box = try plaintext.withUnsafeReadableBytes { bytes in
+                try AES.GCM.seal(bytes, using: messageKey, nonce: AES.GCM.Nonce(), authenticating: associatedData)
+            }
+            // nonce, ciphertext, tag: always present for the standard 12-byte nonce.
+            guard let combined = box.combined else { throw CryptoKitError.incorrectParameterSize }
+            combined.withUnsafeBytes { _ = out.writeBytes($0) }
+        } catch {
+            throw SessionError(code: .encodingFailed, message: "the session could not be sealed")
+        }
         return out
+    }
+
+    /// The message key of one envelope: HMAC-SHA256 under the ring's key of a fixed label and the
+    /// envelope's random salt. The ring's key is uniformly random, so HMAC (a PRF) is a sound key
+    /// derivation on its own (HKDF's extract step adds nothing for such a key; one HMAC instead
+    /// of HKDF's two halves the derivation's cost).
+    static func messageKey(_ key: SymmetricKey, salt: UnsafeRawBufferPointer) -> SymmetricKey {
+        var mac = HMAC<SHA256>(key: key)
+        mac.update(data: info)
+        mac.update(data: salt)
+        return SymmetricKey(data: mac.finalize())
     }
 
     package enum OpenFailure: Error {
@@ -190,26 +201,21 @@ package struct SessionSealer: Sendable {
     package func open(_ sealed: ByteBuffer, associatedData: [UInt8]) throws(OpenFailure) -> (plaintext: ByteBuffer, olderKey: Bool) {
         guard let id = Self.keyID(of: sealed) else { throw .notAuthentic }
         guard let index = ring.keys.firstIndex(where: { $0.id == id }) else { throw .unknownKey(id) }
-        let view = Array(sealed.readableBytesView)
-        guard view.count >= Self.overhead else { throw .notAuthentic }
-        let salt = view[Self.headerLength..<(Self.headerLength + Self.saltLength)]
-        let nonceStart = Self.headerLength + Self.saltLength
-        let bodyStart = nonceStart + Self.nonceLength
-        let tagStart = view.count - Self.tagLength
-        let messageKey = HKDF<SHA256>.deriveKey(
-            inputKeyMaterial: ring.keys[index].key, salt: salt, info: Self.info, outputByteCount: 32)
-        let plaintext: Data
-        do {
-            let box = try AES.GCM.SealedBox(
-                nonce: AES.GCM.Nonce(data: view[nonceStart..<bodyStart]), ciphertext: view[bodyStart..<tagStart],
-                tag: view[tagStart...])
-            plaintext = try AES.GCM.open(box, using: messageKey, authenticating: associatedData)
-        } catch {
-            throw .notAuthentic
+        guard sealed.readableBytes >= Self.overhead else { throw .notAuthentic }
+        let key = ring.keys[index].key
+        let plaintext: Data? = sealed.withUnsafeReadableBytes { bytes in
+            let saltEnd = Self.headerLength + Self.saltLength
+            let messageKey = Self.messageKey(key, salt: UnsafeRawBufferPointer(rebasing: bytes[Self.headerLength..<saltEnd]))
+            return try? AES.GCM.open(
+                AES.GCM.SealedBox(combined: UnsafeRawBufferPointer(rebasing: bytes[saltEnd...])), using: messageKey,
+                authenticating: associatedData)
         }
+        guard let plaintext else { throw .notAuthentic }
         opens[index].wrappingIncrement(ordering: .relaxed)
         openCounters[index].increment()
-        return (ByteBuffer(bytes: plaintext), index != 0)
+        var buffer = ByteBufferAllocator().buffer(capacity: plaintext.count)
+        plaintext.withUnsafeBytes { _ = buffer.writeBytes($0) }
+        return (buffer, index != 0)
     }
 
     /// Opens per key id (hex) since this manager started.

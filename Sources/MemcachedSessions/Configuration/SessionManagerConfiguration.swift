@@ -159,8 +159,11 @@ extension SessionManager {
             /// A session expires after this long without a request (`maxInactiveInterval`); zero
             /// or less means never. A session may set its own (``MemcachedSession/setIdleTimeout(_:)``).
             public var idle: Duration = .seconds(30 * 60)
-            /// A session expires this long after its creation, whatever its activity; `nil`: no limit.
-            public var absolute: Duration? = nil
+            /// A session expires this long after its creation, whatever its activity (24 hours by
+            /// default, OWASP's advice for a session that a stolen cookie could otherwise keep
+            /// alive for ever); `nil`: no limit. A "remember me" session that should outlive it
+            /// needs a longer setting here (it applies to the sessions created under it).
+            public var absolute: Duration? = .seconds(24 * 60 * 60)
             /// Sticky mode: how long a save may take (`sessionBackupTimeout`).
             public var save: Duration = .milliseconds(500)
 

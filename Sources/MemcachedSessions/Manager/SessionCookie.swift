@@ -2,9 +2,16 @@
 /// no date formatting per response), and a parser for the request's `Cookie` header that
 /// allocates nothing.
 ///
-/// Defaults: `SESSION_ID`, `Path=/`, `HttpOnly`, `SameSite=Lax`, no `Max-Age` (a browser-session
-/// cookie: the session's lifetime is memcached's TTL, which slides with every request, while a
-/// `Max-Age` would not slide without a `Set-Cookie` on every response).
+/// Defaults: `SESSION_ID`, `Path=/`, `Secure`, `HttpOnly`, `SameSite=Lax`, no `Max-Age` (a
+/// browser-session cookie: the session's lifetime is memcached's TTL, which slides with every
+/// request, while a `Max-Age` would not slide without a `Set-Cookie` on every response).
+///
+/// `Secure` by default: a session id is a credential and must not travel over plain HTTP. Turn it
+/// off (`secure: false`) only for plain-HTTP development (`msm demo` does, and says so). The
+/// recommended name in production is `__Host-SESSION_ID` (`Secure`, `Path=/`, no `Domain`: the
+/// browser refuses it from plain HTTP and from another subdomain). Every response that sets or
+/// clears the cookie also carries `Cache-Control: no-store` (``cacheControl``), so no shared
+/// cache keeps a response with someone's session id.
 public struct SessionCookie: Sendable, Hashable {
     public enum SameSite: String, Sendable, Hashable {
         case strict = "Strict"
@@ -28,7 +35,7 @@ public struct SessionCookie: Sendable, Hashable {
     ///   reject, a `__Host-` cookie that is not `Secure` with `Path=/` and no domain, a `__Secure-`
     ///   cookie that is not `Secure`, or `SameSite=None` without `Secure`.
     public init(
-        name: String = "SESSION_ID", path: String = "/", domain: String? = nil, secure: Bool = false, httpOnly: Bool = true,
+        name: String = "SESSION_ID", path: String = "/", domain: String? = nil, secure: Bool = true, httpOnly: Bool = true,
         sameSite: SameSite? = .lax, maxAge: Duration? = nil
     ) throws(SessionError) {
         func isToken(_ text: String) -> Bool {
@@ -72,7 +79,10 @@ public struct SessionCookie: Sendable, Hashable {
         self.nameEquals = Array((name + "=").utf8)
     }
 
-    /// The default cookie (`SESSION_ID`, `Path=/`, `HttpOnly`, `SameSite=Lax`).
+    /// The `Cache-Control` value of every response that sets or clears the session cookie.
+    public static let cacheControl = "no-store"
+
+    /// The default cookie (`SESSION_ID`, `Path=/`, `Secure`, `HttpOnly`, `SameSite=Lax`).
     public static let `default`: SessionCookie = {
         do {
             return try SessionCookie()

@@ -34,7 +34,7 @@ public final class SessionManager: Service, Sendable {
     let reconfiguration = Mutex<Void>(())
     let history = StatusHistory()
     let eventLoopGroup: any EventLoopGroup
-    let metricsFactory: (any MetricsFactory)?
+    package let metricsFactory: (any MetricsFactory)?
     let ignoredPaths: PathPattern?
     let ownsClient: Bool
 
@@ -126,7 +126,7 @@ public final class SessionManager: Service, Sendable {
         }
     }
 
-    var logger: Logger { context.logger }
+    package var logger: Logger { context.logger }
     var events: EventLog { context.events }
     var clock: any SessionClock { context.clock }
 

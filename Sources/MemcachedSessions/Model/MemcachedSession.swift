@@ -298,6 +298,12 @@ public final class MemcachedSession: Sendable {
 
     // MARK: - for the manager
 
+    /// A session this request created that holds no attribute: never written to memcached and
+    /// given no cookie (a visitor who never logs in or puts anything in a session costs nothing).
+    var isEmptyNew: Bool {
+        state.withLock { $0.isNew && !$0.saveSent && $0.attributes.isEmpty && $0.transient.isEmpty }
+    }
+
     /// Whether there is anything to save.
     var hasUnsavedChanges: Bool {
         state.withLock { !$0.changes.isEmpty || $0.metadataChanged || $0.isNew || $0.moved }

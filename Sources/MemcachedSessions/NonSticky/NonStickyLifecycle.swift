@@ -245,6 +245,13 @@ final class NonStickyLifecycle: SessionLifecycle {
             return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
         }
 
+        if access.state.withLock({ $0.createdHere }), session.isEmptyNew {
+            // Nothing was put in it: not written, no cookie (one it replaced is cleared).
+            if let lock { await locks.release(lock) }
+            statistics.count(.writesSkipped)
+            return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+        }
+
         var oldCopies: (SessionKeys, String)? = nil
         if regenerate {
             oldCopies = (keys, id.nodeID)

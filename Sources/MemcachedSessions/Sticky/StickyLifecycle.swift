@@ -88,7 +88,10 @@ final class StickyLifecycle: SessionLifecycle {
 
     /// A session replaced by ``SessionAccess/create()``: gone from memory, its stored copies ended.
     func retire(_ session: MemcachedSession, lock: HeldLock?) {
-        localStore.remove(session.id.token)
+        // Ended, not just removed: a concurrent request that read the copy before the tombstones
+        // below landed must not adopt it back into memory (it did, when the request that
+        // replaced it returned at once: an empty new session).
+        localStore.end(session.id.token, at: clock.now())
         guard isEnabled else { return }
         Task {
             await self.store.deleteCopies(
@@ -294,6 +297,12 @@ final class StickyLifecycle: SessionLifecycle {
                     await endTakenOver(keys(for: id.token), from: previous, version: session.metadata.version)
                 }
             }
+            return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+        }
+
+        if access.state.withLock({ $0.createdHere }), session.isEmptyNew {
+            // Nothing was put in it: not kept, not written, no cookie (one it replaced is cleared).
+            statistics.count(.writesSkipped)
             return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
         }
 

@@ -258,8 +258,13 @@ final class SessionStore: SessionManagerPart {
             locks.releaseAnswered(results[1], lock: lock, node: node)
             let result = results[0]
             Task { await stored(result) }
+        } else if let lock {
+            // The lock is on another node (the session moved since its lock was taken): the write
+            // lands before the release, so no locked request reads the older key's copy.
+            let result = await node.executeBatch([request])[0]
+            await locks.release(lock)
+            Task { await stored(result) }
         } else {
-            if let lock { await locks.release(lock) }
             Task { await stored(await node.executeBatch([request])[0]) }
         }
     }

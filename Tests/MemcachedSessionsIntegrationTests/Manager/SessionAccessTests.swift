@@ -188,7 +188,11 @@ struct SessionAccessTests {
     @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
     func anEnormousIdleTimeoutIsClampedNotACrash(mode: SessionManager.Mode) async throws {
         try await withMemcachedServers(count: 2) { servers in
-            try await withManager(try configuration(servers, mode: mode) { $0.sticky.asynchronousSaving = false }) { manager in
+            try await withManager(try configuration(servers, mode: mode) {
+                    $0.sticky.asynchronousSaving = false
+                    $0.timeouts.absolute = nil  // else the 24 h default caps the TTL
+                }
+            ) { manager in
                 try await withInspector(servers) { inspector in
                     var browser = Browser()
                     try await manager.request(&browser) { access in
@@ -207,6 +211,42 @@ struct SessionAccessTests {
                     }
                     // Sent as an absolute time ten years out (memcached reports what remains).
                     #expect((item.timeToLive ?? 0) > 9 * 365 * 24 * 3600)
+                }
+            }
+        }
+    }
+
+    /// A session that nothing was put in is never written to memcached and gets no cookie; one
+    /// that replaced a stored session clears that session's cookie (the old session ended).
+    @Test(arguments: [SessionManager.Mode.nonSticky, .sticky])
+    func anEmptyNewSessionIsNeverWrittenAndGetsNoCookie(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers, mode: mode) { $0.sticky.asynchronousSaving = false }) { manager in
+                try await withInspector(servers) { inspector in
+                    let before = try await commandCounts(inspector)
+                    var browser = Browser()
+                    try await manager.request(&browser) { access in
+                        let session = try access.create()
+                        try session.set("count", 1)
+                        session.remove("count")
+                        session.setIdleTimeout(.seconds(60))
+                    }
+                    #expect(browser.cookie == nil)
+                    #expect(try await commandCounts(inspector).sets == before.sets, "nothing written")
+
+                    try await manager.increment(&browser)
+                    let old = try #require(browser.cookie)
+                    try await manager.request(&browser) { access in
+                        _ = try await access.load()
+                        try access.create()
+                    }
+                    #expect(browser.cookie == nil, "the replaced session's cookie is cleared")
+                    // The replaced session ends (its copies go in the background, as for any
+                    // session a create() replaces).
+                    try await eventually("the replaced session ended") {
+                        var stale = Browser(cookie: old)
+                        return try await manager.readCount(&stale) == 0
+                    }
                 }
             }
         }
@@ -254,7 +294,10 @@ struct SessionAccessTests {
                 #expect(try await manager.readCount(&browser) == 0)
             }
             // Over 30 days: sent as an absolute time (a raw 31-day TTL would read as 1970: expired at once).
-            try await withManager(try configuration(servers) { $0.timeouts.idle = .seconds(31 * 24 * 3600) }) { manager in
+            try await withManager(try configuration(servers) {
+                $0.timeouts.idle = .seconds(31 * 24 * 3600)
+                $0.timeouts.absolute = nil  // else the 24 h default caps the TTL
+            }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
                 try await Task.sleep(for: .milliseconds(1100))
@@ -262,7 +305,10 @@ struct SessionAccessTests {
                 #expect(try await manager.readCount(&browser) == 2)
             }
             // Zero or less: never expires.
-            try await withManager(try configuration(servers) { $0.timeouts.idle = .zero }) { manager in
+            try await withManager(try configuration(servers) {
+                $0.timeouts.idle = .zero
+                $0.timeouts.absolute = nil
+            }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
                 #expect(try await manager.readCount(&browser) == 1)

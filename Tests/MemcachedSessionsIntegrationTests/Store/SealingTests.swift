@@ -1,7 +1,10 @@
 import Crypto
 import Foundation
+import HTTPTypes
 import Memcached
+import MemcachedSessionsOperations
 import MemcachedTestRig
+import MetricsTestKit
 import NIOCore
 import Testing
 
@@ -51,6 +54,33 @@ struct SealingTests {
                     #expect(try await inspector.node(id.nodeID).get(unkeyed.primary) == nil)
                     #expect(manager.statistics.snapshot().sealedOpensByKey == [Self.keyA.idText: 1])
                 }
+            }
+        }
+    }
+
+    /// Where an operator reads the opens per key id before retiring a key (docs/operations.md,
+    /// rotation step 3): `GET /_msm/status` and the metric `msm_sealed_opens_total{key_id}`.
+    @Test func opensPerKeyShowInTheStatusAndTheMetrics() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let metrics = TestMetrics()
+            let manager = try SessionManager(configuration: try sealed(servers, keys: [Self.keyB, Self.keyA]), metricsFactory: metrics)
+            try await whileRunning([{ try await manager.run() }]) {
+                var browser = Browser()
+                try await manager.increment(&browser)
+                try await manager.increment(&browser)
+                try await manager.increment(&browser)
+                let token = "status-token-0123456789"
+                let endpoints = try ManagementEndpoints(manager: manager, token: token, instance: "a")
+                let answer = await endpoints.respond(
+                    to: .status, method: .get, headerFields: [.authorization: "Bearer \(token)"], body: nil)
+                #expect(answer.status == .ok)
+                let json = try #require(try JSONSerialization.jsonObject(with: Data(answer.body.readableBytesView)) as? [String: Any])
+                let statistics = try #require(json["statistics"] as? [String: Any])
+                let opens = try #require(statistics["sealedOpensByKey"] as? [String: Int])
+                #expect(opens == [Self.keyB.idText: 2, Self.keyA.idText: 0])
+                let counter = try metrics.expectCounter("msm_sealed_opens_total", [("key_id", Self.keyB.idText)])
+                #expect(counter.totalValue == 2)
+                #expect(try metrics.expectCounter("msm_sealed_opens_total", [("key_id", Self.keyA.idText)]).totalValue == 0)
             }
         }
     }
