@@ -19,7 +19,11 @@ public enum HummingbirdApp {
 
         public init(endpoints: ManagementEndpoints? = nil, metrics: Bool = false, metricsToken: String? = nil) {
             self.endpoints = endpoints
-            self.metrics = metrics ? MetricsPage(token: metricsToken) { MetricsExport.text() } : nil
+            // One count and one throttled log of refused tokens for the endpoints and the page.
+            self.metrics =
+                metrics
+                ? MetricsPage(token: metricsToken, unauthorized: endpoints?.unauthorized ?? UnauthorizedAttempts()) { MetricsExport.text() }
+                : nil
         }
     }
 

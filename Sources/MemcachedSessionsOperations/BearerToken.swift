@@ -42,10 +42,15 @@ public final class UnauthorizedAttempts: Sendable {
         var unlogged = 0
     }
 
+    /// The endpoints counted apart (a fixed set: nothing from the request names a counter).
+    public enum Endpoint: String, Sendable, CaseIterable {
+        case page, status, config, metrics
+    }
+
     private let total = Atomic<Int>(0)
     private let logState = Mutex(LogState())
     private let logger: Logger
-    private let metricsFactory: any MetricsFactory
+    private let counters: [CoreMetrics.Counter]
     private let logInterval: Duration
 
     public init(
@@ -53,19 +58,20 @@ public final class UnauthorizedAttempts: Sendable {
         logInterval: Duration = .seconds(1)
     ) {
         self.logger = logger
-        self.metricsFactory = metricsFactory
+        self.counters = Endpoint.allCases.map {
+            CoreMetrics.Counter(label: "msm_management_unauthorized_total", dimensions: [("endpoint", $0.rawValue)], factory: metricsFactory)
+        }
         self.logInterval = logInterval
     }
 
     /// Failed attempts since this started.
     public var count: Int { total.load(ordering: .relaxed) }
 
-    /// Records one failed attempt at `endpoint` (a fixed name, never from the request).
-    public func record(endpoint: StaticString) {
+    /// Records one failed attempt at `endpoint`. The log line names the endpoint of the attempt
+    /// that wrote it and counts every refusal (all endpoints) since the previous line.
+    public func record(endpoint: Endpoint) {
         total.add(1, ordering: .relaxed)
-        CoreMetrics.Counter(
-            label: "msm_management_unauthorized_total", dimensions: [("endpoint", "\(endpoint)")], factory: metricsFactory
-        ).increment()
+        counters[Endpoint.allCases.firstIndex(of: endpoint)!].increment()
         let now = ContinuousClock.now
         let toLog = logState.withLock { state -> Int? in
             state.unlogged += 1
@@ -77,7 +83,7 @@ public final class UnauthorizedAttempts: Sendable {
         if let toLog {
             logger.warning(
                 "requests without a valid management token were refused",
-                metadata: ["msm.endpoint": "\(endpoint)", "msm.refused": "\(toLog)", "msm.refused.total": "\(count)"])
+                metadata: ["msm.endpoint": "\(endpoint.rawValue)", "msm.refused": "\(toLog)", "msm.refused.total": "\(count)"])
         }
     }
 }

@@ -77,11 +77,11 @@ public struct ManagementEndpoints: Sendable {
     public static let maximumBodySize = 64 * 1024
 
     /// - Throws: `SessionError.Code.invalidConfiguration` for a token shorter than 16 characters.
-    ///   - logger: where refused requests are logged (the manager's logger by default).
-    ///   - metricsFactory: where they are counted (the manager's factory by default, else the
-    ///     global one).
+    ///   - unauthorized: where refused requests are counted and logged; by default with the
+    ///     manager's logger and metrics factory (else the global one). Share it with the
+    ///     ``MetricsPage`` so that one count and one throttled log line cover both.
     public init(
-        manager: SessionManager, token: String, instance: String, logger: Logger? = nil, metricsFactory: (any MetricsFactory)? = nil
+        manager: SessionManager, token: String, instance: String, unauthorized: UnauthorizedAttempts? = nil
     ) throws(SessionError) {
         guard token.utf8.count >= 16, token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
             throw SessionError(code: .invalidConfiguration, message: "the management token must be at least 16 printable characters without spaces")
@@ -89,8 +89,8 @@ public struct ManagementEndpoints: Sendable {
         self.manager = manager
         self.token = BearerToken(token)
         self.instance = instance
-        self.unauthorized = UnauthorizedAttempts(
-            logger: logger ?? manager.logger, metricsFactory: metricsFactory ?? manager.metricsFactory ?? MetricsSystem.factory)
+        self.unauthorized =
+            unauthorized ?? UnauthorizedAttempts(logger: manager.logger, metricsFactory: manager.metricsFactory ?? MetricsSystem.factory)
     }
 
     /// Whether the request's `Authorization` header carries the token (compared in constant time).
@@ -104,9 +104,9 @@ public struct ManagementEndpoints: Sendable {
     ) async -> ManagementAnswer {
         guard isAuthorized(headerFields) else {
             switch endpoint {
-            case .page: unauthorized.record(endpoint: "page")
-            case .status: unauthorized.record(endpoint: "status")
-            case .config: unauthorized.record(endpoint: "config")
+            case .page: unauthorized.record(endpoint: .page)
+            case .status: unauthorized.record(endpoint: .status)
+            case .config: unauthorized.record(endpoint: .config)
             }
             return .unauthorized
         }
@@ -184,7 +184,7 @@ public struct MetricsPage: Sendable {
     /// Answers one `GET /metrics`.
     public func respond(headerFields: HTTPFields) -> ManagementAnswer {
         if let token, !token.isPresented(in: headerFields[.authorization]) {
-            unauthorized.record(endpoint: "metrics")
+            unauthorized.record(endpoint: .metrics)
             return .unauthorized
         }
         return ManagementAnswer(.ok, contentType: contentType, body: render())

@@ -225,6 +225,7 @@ struct Serve: AsyncParsableCommand {
         options.metrics = try settings.bool("metrics") ?? options.metrics
         options.metricsPublic = try settings.bool("metrics-public") ?? options.metricsPublic
         options.insecureCookie = try settings.bool("insecure-cookie") ?? options.insecureCookie
+        let requiresToken = try metricsRequireToken || settings.bool("metrics-require-token") == true
         if try metricsRequireToken || settings.bool("metrics-require-token") != nil {
             note("msm serve: --metrics-require-token is deprecated: /metrics requires the management token by default (--metrics-public opts out)")
         }
@@ -239,11 +240,11 @@ struct Serve: AsyncParsableCommand {
         }
         guard (1...65535).contains(options.port) else { throw ValidationError("port must be 1 to 65535") }
         if let loops = options.eventLoops, loops < 1 { throw ValidationError("event-loops must be at least 1") }
-        if options.metricsPublic, options.metrics, options.managementToken != nil {
-            note("msm serve: /metrics is public (--metrics-public): anyone who can reach this port reads the metrics")
-        }
-        if metricsRequireToken, options.managementToken == nil {
+        if requiresToken, options.managementToken == nil {
             throw ValidationError("metrics-require-token needs a management token")
+        }
+        if options.metrics, options.metricsPublic || options.managementToken == nil {
+            note("msm serve: /metrics is public (no management token, or --metrics-public): anyone who can reach this port reads the metrics")
         }
         do {
             _ = try options.sessionConfiguration()

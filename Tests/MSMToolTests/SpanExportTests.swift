@@ -14,7 +14,8 @@ extension ToolTests {
     /// keeps the request bodies): the framework's request span, the session's load and save and
     /// their memcached round trips, named in the protobuf bodies, never the session's id. The batch
     /// delay is long: every span goes out at the graceful shutdown (SIGTERM), none is dropped.
-    @Test func serveExportsItsSpansOverOTLP() async throws {
+    @Test(arguments: ["hummingbird", "vapor"])
+    func serveExportsItsSpansOverOTLP(framework: String) async throws {
         let bodies = Mutex<[Data]>([])
         let router = Router()
         router.post("v1/traces") { request, _ -> Response in
@@ -36,7 +37,7 @@ extension ToolTests {
         try await withMemcachedServers(count: 2) { servers in
             let port = try FreePort.find()
             let server = try await serve(
-                ["--nodes", nodes(servers), "--port", "\(port)", "--otel", "--instance", "traced"],
+                ["--framework", framework, "--nodes", nodes(servers), "--port", "\(port)", "--otel", "--instance", "traced"],
                 environment: [
                     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:\(collectorPort)/v1/traces",
                     "OTEL_BSP_SCHEDULE_DELAY": "600000",

@@ -20,6 +20,36 @@ struct SessionSealingTests {
         return buffer
     }
 
+    /// The first format (version 1: an HKDF message key) still opens, and says it must be sealed
+    /// again; what is sealed now is version 2.
+    @Test func aVersionOneEnvelopeOpensAndIsSealedAgain() throws {
+        let ring = try SessionKeyRing(current: .generate())
+        let sealer = SessionSealer(ring: ring)
+        let keys = SessionKeys(token: token, prefix: "app:")
+        let plain = try envelope()
+        let salt = [UInt8](repeating: 9, count: 16)
+        let messageKey = HKDF<SHA256>.deriveKey(
+            inputKeyMaterial: ring.current.key, salt: salt, info: Array("msm session seal v1".utf8), outputByteCount: 32)
+        let box = try AES.GCM.seal(
+            Array(plain.readableBytesView), using: messageKey, nonce: AES.GCM.Nonce(),
+            authenticating: SessionSealer.associatedData(forKey: keys.primary))
+        var versionOne = ByteBuffer()
+        versionOne.writeBytes([0x4D, 0x58, 1, 0])
+        versionOne.writeInteger(ring.current.id)
+        versionOne.writeBytes(salt)
+        versionOne.writeBytes(try #require(box.combined))
+        let opened = try sealer.open(versionOne, forKey: keys.primary)
+        #expect(opened.plaintext == plain && opened.olderKey, "opened, to be sealed again")
+        #expect(SessionSealer.version(of: versionOne) == 1)
+        let current = try sealer.seal(plain, forKey: keys.primary, allocator: ByteBufferAllocator())
+        #expect(SessionSealer.version(of: current) == 2)
+        #expect(try sealer.open(current, forKey: keys.primary).olderKey == false)
+        // Version 1's derivation does not open version 2's envelopes, nor the reverse.
+        var relabelled = current
+        relabelled.setInteger(UInt8(1), at: relabelled.readerIndex + 2)
+        #expect(throws: SessionSealer.OpenFailure.self) { try sealer.open(relabelled, forKey: keys.primary) }
+    }
+
     @Test func sealsAndOpensUnderBothCopiesKeys() throws {
         let ring = try SessionKeyRing(current: .generate())
         let sealer = SessionSealer(ring: ring)

@@ -37,6 +37,10 @@ final class MemcachedConnection: Sendable {
         host: String, port: Int, settings: Settings, eventLoop: any EventLoop
     ) -> EventLoopFuture<MemcachedConnection> {
         let target = "\(host):\(port)"
+        // One deadline for the whole setup (TCP connect, TLS handshake, authentication, the TLS
+        // confirmation round trip): a server slow at each step cannot stretch it to several
+        // connect timeouts.
+        let setupDeadline = NIODeadline.now() + settings.connectTimeout
         let connected = ClientBootstrap(group: eventLoop)
             .connectTimeout(settings.connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -64,14 +68,14 @@ final class MemcachedConnection: Sendable {
             }
             .connect(host: host, port: port)
         // The connection is handed out only once its TLS handshake and its authentication are
-        // done, each within the connect timeout from its start (a server that accepts and then
-        // says nothing is a failure too).
+        // done, within the connect timeout from the start of the connect (a server that accepts
+        // and then says nothing is a failure too).
         return connected.flatMap { channel in
             guard let tls = try? channel.pipeline.syncOperations.handler(type: TLSHandshakeHandler.self) else {
                 return channel.eventLoop.makeSucceededFuture(channel)
             }
             let bound = NIOLoopBound(tls, eventLoop: channel.eventLoop)
-            let timeout = channel.eventLoop.scheduleTask(in: settings.connectTimeout) {
+            let timeout = channel.eventLoop.scheduleTask(deadline: setupDeadline) {
                 bound.value.timedOut(channel: channel)
             }
             return tls.handshake.futureResult.always { _ in timeout.cancel() }.map { channel }
@@ -82,7 +86,7 @@ final class MemcachedConnection: Sendable {
                 return channel.eventLoop.makeSucceededFuture(channel)
             }
             let bound = NIOLoopBound(authentication, eventLoop: channel.eventLoop)
-            let timeout = channel.eventLoop.scheduleTask(in: settings.connectTimeout) {
+            let timeout = channel.eventLoop.scheduleTask(deadline: setupDeadline) {
                 bound.value.timedOut(channel: channel)
             }
             authentication.start(context: context)
@@ -100,9 +104,13 @@ final class MemcachedConnection: Sendable {
             // connection carries anyone's request.
             let confirmed = connection.eventLoop.makePromise(of: MemcachedConnection.self)
             confirmed.completeWithTask {
-                switch await connection.execute(.version, deadline: .now() + settings.connectTimeout) {
+                switch await connection.execute(.version, deadline: setupDeadline) {
                 case .success:
                     return connection
+                case .failure(let error) where error.code == .timeout:
+                    connection.close()
+                    throw MemcachedError(
+                        code: .timeout, message: "\(target): the connection's setup (TLS, then a first round trip) exceeded the connect timeout")
                 case .failure(let error):
                     connection.close()
                     throw MemcachedError(

@@ -86,7 +86,8 @@ public struct SessionKeyRing: Sendable, CustomStringConvertible {
 
 /// Seals stored session envelopes with AES-256-GCM and opens them.
 ///
-/// Sealed envelope: `"MX"`, format version `1`, flags `0`, key id (UInt32, big-endian), a 16-byte
+/// Sealed envelope: `"MX"`, format version `2` (version `1`, whose message key was an HKDF, is
+/// still opened and sealed again on its next read), flags `0`, key id (UInt32, big-endian), a 16-byte
 /// random salt, a 12-byte random nonce, the ciphertext of the codec's envelope, the 16-byte tag.
 /// The message key is an HMAC-SHA256 of a label and the salt under the ring's key, so the random-nonce limit of
 /// AES-GCM (2^32 messages per key) applies per salt, not per ring key: a busy cluster can seal
@@ -96,7 +97,13 @@ public struct SessionKeyRing: Sendable, CustomStringConvertible {
 /// another application's keys does not.
 package struct SessionSealer: Sendable {
     static let magic: (UInt8, UInt8) = (0x4D, 0x58)
-    static let formatVersion: UInt8 = 1
+    /// What ``seal(_:associatedData:allocator:)`` writes: the message key one HMAC of the label and
+    /// the salt.
+    static let formatVersion: UInt8 = 2
+    /// Opened, never written: the message key HKDF-SHA256 of the ring key and the salt (the first
+    /// sealing code); such a copy is sealed again like one under an older key.
+    static let hkdfFormatVersion: UInt8 = 1
+    static let hkdfInfo = Array("msm session seal v1".utf8)
     static let headerLength = 8
     static let saltLength = 16
     static let nonceLength = 12
@@ -123,7 +130,14 @@ package struct SessionSealer: Sendable {
     /// unsealed copies are accepted).
     package static func isSealed(_ bytes: ByteBuffer) -> Bool {
         guard let header = bytes.getBytes(at: bytes.readerIndex, length: 4) else { return false }
-        return header[0] == magic.0 && header[1] == magic.1 && header[2] == formatVersion && header[3] == 0
+        return header[0] == magic.0 && header[1] == magic.1 && (header[2] == formatVersion || header[2] == hkdfFormatVersion)
+            && header[3] == 0
+    }
+
+    /// The format version of a sealed envelope.
+    static func version(of bytes: ByteBuffer) -> UInt8? {
+        guard isSealed(bytes) else { return nil }
+        return bytes.getInteger(at: bytes.readerIndex + 2, as: UInt8.self)
     }
 
     static func keyID(of bytes: ByteBuffer) -> UInt32? {
@@ -203,9 +217,14 @@ package struct SessionSealer: Sendable {
         guard let index = ring.keys.firstIndex(where: { $0.id == id }) else { throw .unknownKey(id) }
         guard sealed.readableBytes >= Self.overhead else { throw .notAuthentic }
         let key = ring.keys[index].key
+        let version = Self.version(of: sealed)
         let plaintext: Data? = sealed.withUnsafeReadableBytes { bytes in
             let saltEnd = Self.headerLength + Self.saltLength
-            let messageKey = Self.messageKey(key, salt: UnsafeRawBufferPointer(rebasing: bytes[Self.headerLength..<saltEnd]))
+            let salt = UnsafeRawBufferPointer(rebasing: bytes[Self.headerLength..<saltEnd])
+            let messageKey =
+                version == Self.hkdfFormatVersion
+                ? HKDF<SHA256>.deriveKey(inputKeyMaterial: key, salt: salt, info: Self.hkdfInfo, outputByteCount: 32)
+                : Self.messageKey(key, salt: salt)
             return try? AES.GCM.open(
                 AES.GCM.SealedBox(combined: UnsafeRawBufferPointer(rebasing: bytes[saltEnd...])), using: messageKey,
                 authenticating: associatedData)
@@ -215,7 +234,7 @@ package struct SessionSealer: Sendable {
         openCounters[index].increment()
         var buffer = ByteBufferAllocator().buffer(capacity: plaintext.count)
         plaintext.withUnsafeBytes { _ = buffer.writeBytes($0) }
-        return (buffer, index != 0)
+        return (buffer, index != 0 || version != Self.formatVersion)
     }
 
     /// Opens per key id (hex) since this manager started.

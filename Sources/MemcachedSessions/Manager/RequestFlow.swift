@@ -28,6 +28,11 @@ extension SessionManager {
     /// 4. then, also when `handler` threw, the request ends (`endRequest(_:)`: what changed saved,
     ///    the lock released), and the `Set-Cookie` value the response must carry is returned, nil
     ///    when the session id is unchanged.
+    ///
+    /// Inlinable so that each adapter's call is specialized for its framework's response type:
+    /// unspecialized, the generic result (a tuple of an unknown type) cost a metadata lookup and
+    /// indirect copies on every request.
+    @inlinable
     public func serveRequest<Response>(
         path: String, cookieHeader: String?, cookie: SessionCookie, eventLoop: (any EventLoop)?,
         _ handler: (SessionAccess?) async throws -> Response
@@ -51,7 +56,8 @@ extension SessionManager {
         return try await serve(access, cookie: cookie, handler).get()
     }
 
-    private func serve<Response>(
+    @inlinable
+    func serve<Response>(
         _ access: SessionAccess, cookie: SessionCookie, _ handler: (SessionAccess?) async throws -> Response
     ) async -> Result<(response: Response, setCookie: String?), SessionRequestFailure> {
         let response: Response

@@ -59,6 +59,12 @@ public final class SessionAccess: Sendable {
         var ended = false
         /// The session was created by this request (its id never reached the browser).
         var createdHere = false
+        /// ``SessionAccess/create()`` replaced a session of an earlier request (loaded, or made
+        /// by an earlier request and not saved yet): it was ended.
+        var replacedStored = false
+        /// The endings of the sessions ``SessionAccess/create()`` replaced: the request's end
+        /// waits for them.
+        var retiring: [Task<Void, Never>] = []
         /// The request logged out a session that was not found: its id is ended all the same.
         var endMissing = false
     }
@@ -187,8 +193,8 @@ public final class SessionAccess: Sendable {
         let now = context.currentTimeMillis()
         let id = context.generateID(nodeID: context.placementNode(), route: context.configuration.route)
         let session = context.makeSession(id: id, record: context.newSessionRecord(now: now), casUnique: nil, isNew: true)
-        let previous = state.withLock { state -> MemcachedSession? in
-            let previous = state.session
+        let (previous, previousCreatedHere) = state.withLock { state -> (MemcachedSession?, Bool) in
+            let previous = (state.session, state.createdHere)
             state.session = session
             state.phase = .loaded
             state.loadError = nil
@@ -198,14 +204,20 @@ public final class SessionAccess: Sendable {
             return previous
         }
         context.statistics.count(.sessionsCreated)
-        if let previous, previous !== session, !previous.isNew {
-            // Replaced: invalidated, its stored copies go (with the lock it was loaded under).
+        // Replaced: a session of an earlier request (loaded, or a sticky one whose first save is
+        // still queued) or one of this request's that may be stored already. Invalidated (a
+        // queued save of it is dropped), its stored copies go with the lock it was loaded under.
+        if let previous, previous !== session, !previousCreatedHere || previous.mayBeStored {
             previous.invalidate()
             let lock = state.withLock { state -> HeldLock? in
                 defer { state.lock = nil }
                 return state.lock
             }
-            lifecycle.retire(previous, lock: lock)
+            let retiring = lifecycle.retire(previous, lock: lock)
+            state.withLock { state in
+                state.retiring.append(retiring)
+                if !previousCreatedHere { state.replacedStored = true }
+            }
         }
         return session
     }
@@ -263,6 +275,17 @@ public final class SessionAccess: Sendable {
             await lifecycle.store.deleteCopies(keys: context.keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: nil)
             return SessionResponseAction(cookie: .clear)
         }
-        return try await lifecycle.end(self)
+        let retiring = state.withLock { $0.retiring }
+        guard !retiring.isEmpty else { return try await lifecycle.end(self) }
+        // The sessions create() replaced are dead before the response (as a regenerated id's).
+        let action: SessionResponseAction
+        do {
+            action = try await lifecycle.end(self)
+        } catch {
+            for task in retiring { await task.value }
+            throw error
+        }
+        for task in retiring { await task.value }
+        return action
     }
 }

@@ -18,7 +18,9 @@ protocol SessionLifecycle: SessionManagerPart, AnyObject {
     func mayWaitForMemcached(_ id: MemcachedSessionID?) -> Bool
 
     /// A session replaced by a new one in its request (``SessionAccess/create()``): its copies go.
-    func retire(_ session: MemcachedSession, lock: HeldLock?)
+    /// The task ends when they are gone; the request's end waits for it, so that the response
+    /// never reaches the browser while the replaced id still works.
+    func retire(_ session: MemcachedSession, lock: HeldLock?) -> Task<Void, Never>
 
     /// The lifecycle's background work, until cancelled (graceful shutdown); it returns once what
     /// must not be lost (queued writes) is flushed.

@@ -28,11 +28,12 @@ final class NonStickyLifecycle: SessionLifecycle {
         isEnabled
     }
 
-    /// A session replaced by ``SessionAccess/create()``: its stored copies go, with its lock.
-    func retire(_ session: MemcachedSession, lock: HeldLock?) {
+    /// A session replaced by ``SessionAccess/create()``: its stored copies go, with its lock (the
+    /// task ends once the tombstones landed; the request's end waits for it).
+    func retire(_ session: MemcachedSession, lock: HeldLock?) -> Task<Void, Never> {
         Task {
             await self.store.deleteCopies(
-                keys: self.keys(for: session.id.token), nodeID: session.id.nodeID, lock: lock, wait: false,
+                keys: self.keys(for: session.id.token), nodeID: session.id.nodeID, lock: lock, wait: true,
                 sessionIdle: session.metadata.idleTimeoutSeconds)
         }
     }
@@ -245,11 +246,13 @@ final class NonStickyLifecycle: SessionLifecycle {
             return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
         }
 
-        if access.state.withLock({ $0.createdHere }), session.isEmptyNew {
-            // Nothing was put in it: not written, no cookie (one it replaced is cleared).
+        let (createdHere, replaced) = access.state.withLock { ($0.createdHere, $0.replacedStored) }
+        if createdHere, session.isEmptyNew {
+            // Nothing was put in it: not written, no cookie (the cookie of a session it replaced
+            // is cleared: that session ended).
             if let lock { await locks.release(lock) }
             statistics.count(.writesSkipped)
-            return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+            return replaced ? SessionResponseAction(cookie: .clear) : .unchanged
         }
 
         var oldCopies: (SessionKeys, String)? = nil

@@ -87,15 +87,17 @@ final class StickyLifecycle: SessionLifecycle {
     }
 
     /// A session replaced by ``SessionAccess/create()``: gone from memory, its stored copies ended.
-    func retire(_ session: MemcachedSession, lock: HeldLock?) {
+    func retire(_ session: MemcachedSession, lock: HeldLock?) -> Task<Void, Never> {
         // Ended, not just removed: a concurrent request that read the copy before the tombstones
         // below landed must not adopt it back into memory (it did, when the request that
         // replaced it returned at once: an empty new session).
         localStore.end(session.id.token, at: clock.now())
-        guard isEnabled else { return }
-        Task {
+        guard isEnabled else { return Task {} }
+        return Task {
+            // A save of it in flight lands first (a queued one is dropped: it is invalidated).
+            await self.writer.awaitWrites(of: [session])
             await self.store.deleteCopies(
-                keys: self.keys(for: session.id.token), nodeID: session.id.nodeID, lock: lock, wait: false,
+                keys: self.keys(for: session.id.token), nodeID: session.id.nodeID, lock: lock, wait: true,
                 sessionIdle: session.metadata.idleTimeoutSeconds)
         }
     }
@@ -300,10 +302,12 @@ final class StickyLifecycle: SessionLifecycle {
             return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
         }
 
-        if access.state.withLock({ $0.createdHere }), session.isEmptyNew {
-            // Nothing was put in it: not kept, not written, no cookie (one it replaced is cleared).
+        let (createdHere, replaced) = access.state.withLock { ($0.createdHere, $0.replacedStored) }
+        if createdHere, session.isEmptyNew {
+            // Nothing was put in it: not kept, not written, no cookie (the cookie of a session it
+            // replaced is cleared: that session ended).
             statistics.count(.writesSkipped)
-            return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+            return replaced ? SessionResponseAction(cookie: .clear) : .unchanged
         }
 
         if regenerate {

@@ -225,7 +225,7 @@ final class SessionStore: SessionManagerPart {
     /// key of the ring, or (in a rolling upgrade's window) not sealed.
     func needsReseal(_ raw: ByteBuffer) -> Bool {
         guard let sealer = context.sealer, !configuration.sealing.writesUnsealed else { return false }
-        return SessionSealer.keyID(of: raw) != sealer.ring.current.id
+        return SessionSealer.keyID(of: raw) != sealer.ring.current.id || SessionSealer.version(of: raw) != SessionSealer.formatVersion
     }
 
     /// Seals an unchanged session again with the current key (one version up, so that its backup

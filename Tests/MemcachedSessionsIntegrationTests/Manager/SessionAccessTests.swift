@@ -252,6 +252,38 @@ struct SessionAccessTests {
         }
     }
 
+    /// Sticky, asynchronous saves: a session whose first save is still queued, replaced by
+    /// `create()` in a later request, ends (its queued save dropped, never written) and its
+    /// cookie is cleared; the response waits until it is dead.
+    @Test func aStickySessionReplacedBeforeItsFirstSaveEnds() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let configuration = try configuration(servers, mode: .sticky) {
+                $0.sticky.asynchronousSaving = true
+                $0.sticky.saveDelay = .seconds(30)  // queued for the whole test
+            }
+            let replaced = Mutex<String?>(nil)
+            try await withManager(configuration) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                let old = try #require(browser.cookie)
+                replaced.withLock { $0 = old }
+                try await manager.request(&browser) { access in
+                    _ = try await access.load()
+                    try access.create()
+                }
+                #expect(browser.cookie == nil, "the replaced session's cookie is cleared")
+                var stale = Browser(cookie: old)
+                #expect(try await manager.readCount(&stale) == 0, "and that session ended before the response")
+            }
+            // The graceful shutdown flushed the writer: the ended session was not written back.
+            try await withManager(configuration) { manager in
+                var stale = Browser(cookie: replaced.withLock { $0 })
+                let count = try await manager.readCount(&stale)
+                #expect(count == 0, "not in memcached either")
+            }
+        }
+    }
+
     @Test func idleAndAbsoluteExpiry() async throws {
         try await withMemcachedServers(count: 1) { servers in
             // Idle: reads slide the TTL; without requests the session expires.
