@@ -10,6 +10,7 @@
 import Memcached
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 #if canImport(Glibc)
     import Glibc
@@ -27,6 +28,8 @@ struct Options {
     var executor = "global"
     var mode = MemcachedProtocolMode.meta
     var populate = true
+    /// TLS to the server, trusting this CA file (memcached -Z).
+    var tlsCAFile: String? = nil
 
     init(_ arguments: [String]) {
         var iterator = arguments.dropFirst().makeIterator()
@@ -44,6 +47,7 @@ struct Options {
             case "--executor": executor = value
             case "--mode": mode = MemcachedProtocolMode(rawValue: value) ?? mode
             case "--populate": populate = value != "no"
+            case "--tls-ca-file": tlsCAFile = value
             default:
                 print("unknown option \(flag)")
                 exit(2)
@@ -70,6 +74,11 @@ var configuration = try MemcachedClient.Configuration(nodes: "b1:\(options.serve
 configuration.connectionsPerNode = options.connections
 configuration.protocolMode = options.mode
 configuration.requestTimeout = .seconds(5)
+if let caFile = options.tlsCAFile {
+    var tls = TLSConfiguration.makeClientConfiguration()
+    tls.trustRoots = .file(caFile)
+    configuration.tls = try .enable(tls, serverName: nil)
+}
 let client = try MemcachedClient(configuration: configuration)
 let keys = (0..<options.keys).map(key)
 let value = ByteBuffer(repeating: UInt8(ascii: "v"), count: options.valueSize)

@@ -21,6 +21,28 @@ BENCH = os.path.join(ROOT, ".build", "release", "memcached-bench")
 BEFORE = os.environ.get("BEFORE_BENCH")
 BEFORE_LABEL = os.environ.get("BEFORE_LABEL", "before")
 OUT = os.environ.get("OUT", os.path.join(ROOT, "docs", "benchmarks", "client-throughput.md"))
+# TLS=1: the same memcached also serves TLS (memcached -Z) on a second port (its plain port stays
+# open, `notls:`, for the counters and the plain rows), and ours is measured over both in each cell.
+TLS = os.environ.get("TLS") == "1"
+TLS_DIR = os.path.join(ROOT, ".build-bench", "tls")
+
+
+def make_certificates():
+    """A CA and a server certificate for 127.0.0.1 (as scripts/bench-e2e makes them)."""
+    if os.path.exists(os.path.join(TLS_DIR, "server.pem")):
+        return
+    os.makedirs(TLS_DIR, exist_ok=True)
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda args: subprocess.run(["openssl"] + args, cwd=TLS_DIR, check=True, capture_output=True)
+    run(["req", "-x509"] + curve + ["-keyout", "ca.key", "-out", "ca.pem", "-days", "3650", "-subj", "/CN=msm bench ca"])
+    run(["req"] + curve + ["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=msm bench"])
+    with open(os.path.join(TLS_DIR, "server.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem",
+         "-days", "3650", "-extfile", "server.ext"])
+    os.chmod(TLS_DIR, 0o755)
+    for name in os.listdir(TLS_DIR):
+        os.chmod(os.path.join(TLS_DIR, name), 0o644)  # memcached reads them as nobody
 
 
 def free_port():
@@ -58,7 +80,13 @@ def measure(cmd, port, counter):
 
 def main():
     port = free_port()
-    server = subprocess.Popen(["taskset", "-c", "0", "memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0",
+    listen = ["-l", "127.0.0.1", "-p", str(port)]
+    if TLS:
+        make_certificates()
+        tls_port = free_port()
+        listen = ["-Z", "-o", f"ssl_chain_cert={TLS_DIR}/server.pem,ssl_key={TLS_DIR}/server.key",
+                  "-l", f"127.0.0.1:{tls_port},notls:127.0.0.1:{port}"]
+    server = subprocess.Popen(["taskset", "-c", "0", "memcached"] + listen + ["-U", "0",
                                "-m", "1024", "-c", "4096"] + (["-u", "nobody"] if os.getuid() == 0 else []))
     rows = []
     try:
@@ -85,10 +113,13 @@ def main():
                 rows.append((op, c, "C memaslap (libmemcached 1.1.4)", c_rate, " ".join(c_cmd), misses.group(1) if misses else "-"))
                 print(f"{op} c={c} memaslap {c_rate:,.0f}/s", flush=True)
                 for executor in EXECUTORS:
-                    for who, binary in [("ours", BENCH)] + ([(BEFORE_LABEL, BEFORE)] if BEFORE else []):
-                        our_cmd = ["taskset", "-c", "1", binary, "--server", f"127.0.0.1:{port}", "--op", op,
+                    runs = [("ours", BENCH, [], port)] + ([(BEFORE_LABEL, BEFORE, [], port)] if BEFORE else [])
+                    if TLS:
+                        runs.append(("ours over TLS", BENCH, ["--tls-ca-file", f"{TLS_DIR}/ca.pem"], tls_port))
+                    for who, binary, extra, server_port in runs:
+                        our_cmd = ["taskset", "-c", "1", binary, "--server", f"127.0.0.1:{server_port}", "--op", op,
                                    "--concurrency", str(c), "--duration", str(DURATION), "--keys", str(keys),
-                                   "--executor", executor]
+                                   "--executor", executor] + extra
                         rate, out = measure(our_cmd, port, counter)
                         result = re.search(r"misses=(\d+) errors=(\d+)", out)
                         if not result or result.group(2) != "0":

@@ -26,6 +26,10 @@ TARGETS = [
     ("ours-hb-non-sticky-sealed", "ours-hb-non-sticky", "counter", None, None),
     ("ours-hb-non-sticky-sealed", "ours-hb-non-sticky", "read", None, None),
     ("ours-hb-non-sticky-sealed", "hb-memory", "counter", None, None),
+    # The cost of TLS to memcached (memcached -Z): the same server with and without it.
+    ("ours-hb-non-sticky-tls", "ours-hb-non-sticky", "counter", None, None),
+    ("ours-hb-non-sticky-tls", "ours-hb-non-sticky", "read", None, None),
+    ("ours-hb-non-sticky-tls", "hb-memory", "counter", None, None),
 ]
 
 out = []

@@ -26,8 +26,10 @@ final class SessionLocks: SessionManagerPart {
 
     /// Whether a request on `path` takes the session's lock.
     func locksRequest(onPath path: String) -> Bool {
+        // Sticky requests never lock: no lock taken on their (hot) path.
+        guard configuration.mode == .nonSticky else { return false }
         let (locking, pattern, enabled) = context.runtime.withLock { ($0.locking, $0.lockPattern, $0.enabled) }
-        guard configuration.mode == .nonSticky, enabled else { return false }
+        guard enabled else { return false }
         switch locking {
         case .none: return false
         case .all: return true

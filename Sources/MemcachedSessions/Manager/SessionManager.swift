@@ -201,7 +201,7 @@ public final class SessionManager: Service, Sendable {
         statistics.count(id == nil ? .requestsWithoutSession : .requestsWithSession)
         let lifecycle = context.isEnabled ? self.lifecycle : sticky
         let locking = allowLocking && id != nil && store.locks.locksRequest(onPath: path)
-        if id != nil, !locking, case .auto = lockingMode, lifecycle is NonStickyLifecycle {
+        if id != nil, !locking, configuration.mode == .nonSticky, case .auto = lockingMode, lifecycle is NonStickyLifecycle {
             statistics.count(.requestsUnlockedReadOnly)
         }
         return SessionAccess(context: context, lifecycle: lifecycle, incomingID: id, path: path, ignored: false, locks: locking)
