@@ -59,11 +59,18 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
     private var timer: Scheduled<Void>?
     private var timerDeadline: NIODeadline?
     private var closePromise: EventLoopPromise<Void>?
+    /// Over TLS: a write that carries a value ends with a no-op in a TLS record of its own (see
+    /// ``flush()``).
+    private let recordTrailer: Bool
+    /// The outbound buffer holds a storage command (its value may be read past memcached's read
+    /// buffer).
+    private var outboundCarriesValue = false
 
-    init(mode: MemcachedProtocolMode, stallGrace: TimeAmount, coalescingWindow: TimeAmount = .zero) {
+    init(mode: MemcachedProtocolMode, stallGrace: TimeAmount, coalescingWindow: TimeAmount = .zero, recordTrailer: Bool = false) {
         self.encoder = MemcachedRequestEncoder(mode: mode)
         self.stallGrace = stallGrace
         self.coalescingWindow = coalescingWindow
+        self.recordTrailer = recordTrailer
         self.outbound = ByteBuffer()
     }
 
@@ -76,6 +83,7 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
         }
         nextOpaque &+= 1
         let expectation = encoder.encode(request, opaque: nextOpaque, into: &outbound)
+        if recordTrailer, case .store = request.command { outboundCarriesValue = true }
         _ = stateMachine.enqueue(
             id: id, opaque: nextOpaque, expectation: expectation, quiet: request.quiet, deadline: deadline,
             context: requestContext)
@@ -111,6 +119,14 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
         perform(stateMachine.drain())
     }
 
+    /// Writes what was encoded since the last flush, in one write.
+    ///
+    /// Over TLS, a write that carries a value ends with a no-op (`mn`, or `version` in text mode)
+    /// in a TLS record of its own. memcached before 1.6.39 reads a value that runs past its 16 KiB
+    /// read buffer straight from OpenSSL, which leaves the rest of that TLS record decrypted inside
+    /// OpenSSL, where no socket event announces it: the last commands of a large pipelined batch
+    /// are never answered. A record after it keeps the socket readable until everything before it
+    /// is consumed, and a few bytes with no value are always read whole.
     private func flush() {
         flushScheduled = false
         if let coalescedFlush {
@@ -118,6 +134,19 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
             self.coalescedFlush = nil
         }
         guard let context else { return }
+        let trailer = outboundCarriesValue
+        outboundCarriesValue = false
+        if trailer, let last = stateMachine.pending.last {
+            // The trailer answers as a barrier would: quiet requests before it are done.
+            var noop = context.channel.allocator.buffer(capacity: 16)
+            let expectation = encoder.encode(.noop, opaque: 0, into: &noop)
+            _ = stateMachine.enqueue(id: 0, opaque: nil, expectation: expectation, quiet: false, deadline: last.deadline, context: nil)
+            // Two writes: the TLS handler seals each in records of its own.
+            context.write(wrapOutboundOut(outbound), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(noop), promise: nil)
+            outbound.clear()
+            return
+        }
         if stateMachine.needsBarrier, let last = stateMachine.pending.last {
             // Quiet requests get no reply on success: an `mn` after them tells us they are done.
             _ = encoder.encode(.noop, opaque: 0, into: &outbound)

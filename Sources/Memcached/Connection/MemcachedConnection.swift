@@ -60,7 +60,8 @@ final class MemcachedConnection: Sendable {
                             AuthenticationHandler(authentication: authentication, target: target, done: channel.eventLoop.makePromise()))
                     }
                     let handler = MemcachedChannelHandler(
-                        mode: settings.mode, stallGrace: settings.stallGrace, coalescingWindow: settings.coalescingWindow)
+                        mode: settings.mode, stallGrace: settings.stallGrace, coalescingWindow: settings.coalescingWindow,
+                        recordTrailer: settings.tls.isEnabled)
                     try channel.pipeline.syncOperations.addHandler(
                         ByteToMessageHandler(MemcachedReplyDecoder(maximumValueSize: settings.maximumValueSize)))
                     try channel.pipeline.syncOperations.addHandler(handler)
