@@ -45,6 +45,16 @@ public final class UnauthorizedAttempts: Sendable {
     /// The endpoints counted apart (a fixed set: nothing from the request names a counter).
     public enum Endpoint: String, Sendable, CaseIterable {
         case page, status, config, metrics
+
+        /// Its counter's place in ``UnauthorizedAttempts``' array (the order of `allCases`).
+        var index: Int {
+            switch self {
+            case .page: 0
+            case .status: 1
+            case .config: 2
+            case .metrics: 3
+            }
+        }
     }
 
     private let total = Atomic<Int>(0)
@@ -71,7 +81,7 @@ public final class UnauthorizedAttempts: Sendable {
     /// that wrote it and counts every refusal (all endpoints) since the previous line.
     public func record(endpoint: Endpoint) {
         total.add(1, ordering: .relaxed)
-        counters[Endpoint.allCases.firstIndex(of: endpoint)!].increment()
+        counters[endpoint.index].increment()
         let now = ContinuousClock.now
         let toLog = logState.withLock { state -> Int? in
             state.unlogged += 1

@@ -225,8 +225,9 @@ struct Serve: AsyncParsableCommand {
         options.metrics = try settings.bool("metrics") ?? options.metrics
         options.metricsPublic = try settings.bool("metrics-public") ?? options.metricsPublic
         options.insecureCookie = try settings.bool("insecure-cookie") ?? options.insecureCookie
-        let requiresToken = try metricsRequireToken || settings.bool("metrics-require-token") == true
-        if try metricsRequireToken || settings.bool("metrics-require-token") != nil {
+        let requireTokenSetting = try settings.bool("metrics-require-token")
+        let requiresToken = metricsRequireToken || requireTokenSetting == true
+        if metricsRequireToken || requireTokenSetting != nil {
             note("msm serve: --metrics-require-token is deprecated: /metrics requires the management token by default (--metrics-public opts out)")
         }
         options.openTelemetry = try settings.bool("otel") ?? options.openTelemetry

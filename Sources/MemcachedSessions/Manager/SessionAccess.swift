@@ -262,30 +262,47 @@ public final class SessionAccess: Sendable {
     }
 
     func end() async throws(SessionError) -> SessionResponseAction {
-        let alreadyEnded = state.withLock { state -> Bool in
-            defer { state.ended = true }
-            return state.ended
+        struct Ending {
+            var endMissing: Bool
+            var session: MemcachedSession?
+            var loaded: Bool
+            var createdHere: Bool
+            var replacedStored: Bool
+            var lock: HeldLock?
+            var retiring: [Task<Void, Never>]
         }
-        guard !alreadyEnded, !isIgnored else { return .unchanged }
-        let (endMissing, session) = state.withLock { ($0.endMissing, $0.session) }
-        if endMissing, session == nil, let id = requestedID, context.isEnabled, context.topology.contains(id.nodeID) {
+        // One read of the request's state for every decision below.
+        let ending = state.withLock { state -> Ending? in
+            guard !state.ended else { return nil }
+            state.ended = true
+            return Ending(
+                endMissing: state.endMissing, session: state.session, loaded: state.phase == .loaded, createdHere: state.createdHere,
+                replacedStored: state.replacedStored, lock: state.lock, retiring: state.retiring)
+        }
+        guard let ending, !isIgnored else { return .unchanged }
+        if ending.endMissing, ending.session == nil, let id = requestedID, context.isEnabled, context.topology.contains(id.nodeID) {
             // A logout of a session that was not found: its id ends all the same.
             // Its own idle timeout is not known: the default's horizon (a longer one's copies
             // were not found either).
             await lifecycle.store.deleteCopies(keys: context.keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: nil)
             return SessionResponseAction(cookie: .clear)
         }
-        let retiring = state.withLock { $0.retiring }
-        guard !retiring.isEmpty else { return try await lifecycle.end(self) }
-        // The sessions create() replaced are dead before the response (as a regenerated id's).
-        let action: SessionResponseAction
-        do {
-            action = try await lifecycle.end(self)
-        } catch {
-            for task in retiring { await task.value }
-            throw error
+        let action: Result<SessionResponseAction, SessionError>
+        if ending.loaded, ending.createdHere, let session = ending.session, !session.isInvalidated, session.isEmptyNew {
+            // Created here and nothing put in it: not kept, not written, no cookie (the cookie of
+            // a session it replaced is cleared: that session ended). Either mode.
+            if let lock = ending.lock { await lifecycle.store.locks.release(lock) }
+            context.statistics.count(.writesSkipped)
+            action = .success(ending.replacedStored ? SessionResponseAction(cookie: .clear) : .unchanged)
+        } else {
+            do {
+                action = .success(try await lifecycle.end(self))
+            } catch {
+                action = .failure(error)
+            }
         }
-        for task in retiring { await task.value }
-        return action
+        // The sessions create() replaced are dead before the response (as a regenerated id's).
+        for task in ending.retiring { await task.value }
+        return try action.get()
     }
 }

@@ -246,15 +246,6 @@ final class NonStickyLifecycle: SessionLifecycle {
             return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
         }
 
-        let (createdHere, replaced) = access.state.withLock { ($0.createdHere, $0.replacedStored) }
-        if createdHere, session.isEmptyNew {
-            // Nothing was put in it: not written, no cookie (the cookie of a session it replaced
-            // is cleared: that session ended).
-            if let lock { await locks.release(lock) }
-            statistics.count(.writesSkipped)
-            return replaced ? SessionResponseAction(cookie: .clear) : .unchanged
-        }
-
         var oldCopies: (SessionKeys, String)? = nil
         if regenerate {
             oldCopies = (keys, id.nodeID)

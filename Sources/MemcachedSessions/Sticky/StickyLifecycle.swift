@@ -302,14 +302,6 @@ final class StickyLifecycle: SessionLifecycle {
             return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
         }
 
-        let (createdHere, replaced) = access.state.withLock { ($0.createdHere, $0.replacedStored) }
-        if createdHere, session.isEmptyNew {
-            // Nothing was put in it: not kept, not written, no cookie (the cookie of a session it
-            // replaced is cleared: that session ended).
-            statistics.count(.writesSkipped)
-            return replaced ? SessionResponseAction(cookie: .clear) : .unchanged
-        }
-
         if regenerate {
             let old = id
             id = context.generateID(nodeID: context.placementNode(), route: configuration.route)
