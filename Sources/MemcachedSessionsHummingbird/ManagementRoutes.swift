@@ -18,7 +18,7 @@ extension RouterMethods {
             for method in endpoint.methods {
                 group.on(RouterPath(endpoint.rawValue), method: method) { request, _ -> Response in
                     var body: ByteBuffer? = nil
-                    if method == .put { body = try await request.body.collect(upTo: ManagementEndpoints.maximumBodySize) }
+                    if method == .put || method == .post { body = try await request.body.collect(upTo: ManagementEndpoints.maximumBodySize) }
                     let answer = await endpoints.respond(to: endpoint, method: method, headerFields: request.headers, body: body)
                     return Response(status: answer.status, headers: answer.headerFields, body: .init(byteBuffer: answer.body))
                 }

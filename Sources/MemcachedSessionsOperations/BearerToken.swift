@@ -44,7 +44,7 @@ public final class UnauthorizedAttempts: Sendable {
 
     /// The endpoints counted apart (a fixed set: nothing from the request names a counter).
     public enum Endpoint: String, Sendable, CaseIterable {
-        case page, status, config, metrics
+        case page, status, config, metrics, revoke
 
         /// Its counter's place in ``UnauthorizedAttempts``' array (the order of `allCases`).
         var index: Int {
@@ -53,6 +53,7 @@ public final class UnauthorizedAttempts: Sendable {
             case .status: 1
             case .config: 2
             case .metrics: 3
+            case .revoke: 4
             }
         }
     }

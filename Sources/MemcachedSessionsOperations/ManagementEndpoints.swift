@@ -40,7 +40,10 @@ public struct ManagementAnswer: Sendable {
 /// - `GET /_msm/status`: the same as JSON (mode, nodes with availability and latency, statistics,
 ///   the last minutes' samples, recent events);
 /// - `GET /_msm/config`, `PUT /_msm/config` (JSON `SessionManager.RuntimeChange`): the run-time
-///   settings, and changing them without a restart.
+///   settings, and changing them without a restart;
+/// - `POST /_msm/principals/revoke` (JSON `{"principal": "alice"}`): ends every session of a
+///   principal (`SessionManager.invalidateAll(principal:)`), answers `{"ended": N}`, or 503 with
+///   the error and the count ended before it.
 ///
 /// Every request must carry `Authorization: Bearer <token>`. Nothing here ever shows a session id
 /// or an attribute value. The core keeps what these show (`SessionManager.status(instance:)`)
@@ -57,12 +60,15 @@ public struct ManagementEndpoints: Sendable {
         case status
         /// `GET` and `PUT /_msm/config`: the run-time settings.
         case config
+        /// `POST /_msm/principals/revoke`: every session of a principal ends.
+        case revoke = "principals/revoke"
 
         /// The methods the endpoint answers.
         public var methods: [HTTPRequest.Method] {
             switch self {
             case .page, .status: [.get]
             case .config: [.get, .put]
+            case .revoke: [.post]
             }
         }
     }
@@ -107,6 +113,7 @@ public struct ManagementEndpoints: Sendable {
             case .page: unauthorized.record(endpoint: .page)
             case .status: unauthorized.record(endpoint: .status)
             case .config: unauthorized.record(endpoint: .config)
+            case .revoke: unauthorized.record(endpoint: .revoke)
             }
             return .unauthorized
         }
@@ -129,6 +136,19 @@ public struct ManagementEndpoints: Sendable {
             } catch {
                 return ManagementAnswer(.badRequest, body: Self.errorJSON(error.message))
             }
+        case (.revoke, .post):
+            struct Revoke: Decodable { var principal: String }
+            guard let body, let revoke = try? JSONDecoder().decode(Revoke.self, from: Data(body.readableBytesView)) else {
+                return ManagementAnswer(.badRequest, body: #"{"error":"expected a JSON object with principal (string)"}"#)
+            }
+            do {
+                let ended = try await manager.invalidateAll(principal: revoke.principal)
+                return ManagementAnswer(.ok, body: #"{"ended":\#(ended)}"#)
+            } catch {
+                // The message never names the principal; the count says what was done.
+                let status: HTTPResponse.Status = error.code == .principalIndexUnavailable ? .serviceUnavailable : .badRequest
+                return ManagementAnswer(status, body: Self.errorJSON(error.message, ended: error.sessionsEnded ?? 0))
+            }
         default:
             return ManagementAnswer(
                 .methodNotAllowed, body: #"{"error":"method not allowed"}"#,
@@ -147,6 +167,17 @@ public struct ManagementEndpoints: Sendable {
 
     static func errorJSON(_ message: String) -> String {
         let data = (try? JSONEncoder().encode(["error": message])) ?? Data(#"{"error":"error"}"#.utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    static func errorJSON(_ message: String, ended: Int) -> String {
+        struct Failure: Encodable {
+            var error: String
+            var ended: Int
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let data = (try? encoder.encode(Failure(error: message, ended: ended))) ?? Data(#"{"error":"error"}"#.utf8)
         return String(decoding: data, as: UTF8.self)
     }
 }

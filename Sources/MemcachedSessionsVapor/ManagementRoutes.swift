@@ -13,7 +13,7 @@ extension RoutesBuilder {
     public func sessionManagement(_ endpoints: ManagementEndpoints) {
         let group = grouped(PathComponent(stringLiteral: String(ManagementEndpoints.pathPrefix.dropFirst())))
         for endpoint in ManagementEndpoints.Endpoint.allCases {
-            let path: [PathComponent] = endpoint.rawValue.isEmpty ? [] : [PathComponent(stringLiteral: endpoint.rawValue)]
+            let path = endpoint.rawValue.split(separator: "/").map { PathComponent(stringLiteral: String($0)) }
             for method in endpoint.methods {
                 group.on(
                     HTTPMethod(rawValue: method.rawValue), path, body: .collect(maxSize: ByteCount(value: ManagementEndpoints.maximumBodySize))

@@ -37,6 +37,15 @@ struct NodeOptions: ParsableArguments {
     @OptionGroup var security: SecurityOptions
 
     func client() throws -> MemcachedClient {
+        do {
+            return try MemcachedClient(configuration: try clientConfiguration())
+        } catch let error as MemcachedError {
+            note("msm: \(error.message)")
+            throw ToolExit.badInput
+        }
+    }
+
+    func clientConfiguration() throws -> MemcachedClient.Configuration {
         let tls = try security.configuration()
         let authentication = try security.authentication()
         do {
@@ -47,7 +56,7 @@ struct NodeOptions: ParsableArguments {
             configuration.requestTimeout = .milliseconds(timeoutMs)
             configuration.connectTimeout = .milliseconds(timeoutMs)
             configuration.failureThreshold = 1000
-            return try MemcachedClient(configuration: configuration)
+            return configuration
         } catch {
             note("msm: \(error.message)")
             throw ToolExit.badInput
@@ -222,7 +231,52 @@ struct SessionTarget: ParsableArguments {
 
 struct SessionCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "session", abstract: "Inspect or delete a stored session.", subcommands: [Show.self, Delete.self])
+        commandName: "session", abstract: "Inspect or delete a stored session, or revoke every session of a user.",
+        subcommands: [Show.self, Delete.self, Revoke.self])
+
+    struct Revoke: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract:
+                "Ends every session of a principal (after a password change) on every node, as SessionManager.invalidateAll(principal:) does; prints how many.",
+            discussion: "Exit 0 when the principal's index was read and emptied; 2 when it could not be (the count ended so far is printed).")
+
+        @Option(help: "The principal whose sessions end (as the application named it with setPrincipal).")
+        var principal: String
+
+        @OptionGroup var options: NodeOptions
+
+        @Option(help: "The applications' key prefix (keyPrefix).")
+        var keyPrefix: String = SessionManager.Configuration.defaultKeyPrefix
+
+        @OptionGroup var sealing: SealingOptions
+
+        func run() async throws {
+            var configuration = try SessionManager.Configuration(nodes: options.nodes)
+            configuration.memcached = try options.clientConfiguration()
+            configuration.keyPrefix = keyPrefix
+            configuration.sealing = try sealing.sealing()
+            let client = try MemcachedClient(configuration: configuration.memcached)
+            let manager = try SessionManager(configuration: configuration, client: client)
+            let outcome: Result<Int, SessionError> = await withTaskGroup(of: Void.self) { group in
+                group.addTask { try? await client.run() }
+                defer { group.cancelAll() }
+                do throws(SessionError) {
+                    return .success(try await manager.invalidateAll(principal: principal))
+                } catch {
+                    return .failure(error)
+                }
+            }
+            switch outcome {
+            case .success(let ended):
+                if options.json { printJSON(["ended": ended]) } else { print("ended \(ended) session\(ended == 1 ? "" : "s")") }
+            case .failure(let error):
+                let ended = error.sessionsEnded ?? 0
+                if options.json { printJSON(["ended": ended]) } else { print("ended \(ended) session\(ended == 1 ? "" : "s")") }
+                note("msm session revoke: \(error.message)")
+                throw ToolExit.unreachable
+            }
+        }
+    }
 
     struct Show: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

@@ -63,7 +63,7 @@ struct ToolTests {
         #expect(help.code == 0)
         for command in ["demo", "serve", "stats", "nodes", "session", "config"] { #expect(help.output.contains(command)) }
         for command in [
-            ["stats", "--help"], ["nodes", "--help"], ["session", "show", "--help"], ["session", "delete", "--help"], ["config", "--help"],
+            ["stats", "--help"], ["nodes", "--help"], ["session", "show", "--help"], ["session", "delete", "--help"], ["session", "revoke", "--help"], ["config", "--help"],
         ] {
             let result = try msm(command)
             #expect(result.code == 0, "\(command)")
@@ -107,6 +107,38 @@ struct ToolTests {
             #expect(partial.output.contains("unreachable") && partial.output.contains("curr_items"))
             #expect(partial.errors.contains("n3"))
             #expect(try msm(["nodes", "--nodes", withDead, "--timeout-ms", "300"]).code == 2)
+        }
+    }
+
+    /// `msm session revoke --principal` ends every session of a user, as invalidateAll does;
+    /// with the index's nodes unreachable it says so (exit 2) and ends nothing.
+    @Test func sessionRevokeEndsEverySessionOfAPrincipal() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            var configuration = try SessionManager.Configuration(nodes: nodes(servers))
+            configuration.mode = .nonSticky
+            let manager = try SessionManager(configuration: configuration)
+            var ids: [MemcachedSessionID] = []
+            for _ in 0..<2 {
+                let access = manager.beginRequest(path: "/login", sessionCookie: nil)
+                let session = try access.create()
+                try session.setPrincipal("kate")
+                guard case .set(let id) = try await manager.endRequest(access).cookie else {
+                    Issue.record("no cookie")
+                    return
+                }
+                ids.append(id)
+            }
+            let revoked = try msm(["session", "revoke", "--principal", "kate", "--nodes", nodes(servers)])
+            #expect(revoked.code == 0, "\(revoked.errors)")
+            #expect(revoked.output.contains("ended 2 sessions"))
+            for id in ids { #expect(try msm(["session", "show", id.description, "--nodes", nodes(servers)]).code == 3) }
+            let again = try msm(["session", "revoke", "--principal", "kate", "--nodes", nodes(servers), "--json"])
+            #expect(again.code == 0 && again.output.contains(#""ended" : 0"#) || again.output.contains(#""ended":0"#))
+            let dead = "n1:127.0.0.1:\(try deadPort()),n2:127.0.0.1:\(try deadPort())"
+            let unreachable = try msm(["session", "revoke", "--principal", "kate", "--nodes", dead, "--timeout-ms", "300"])
+            #expect(unreachable.code == 2)
+            #expect(unreachable.output.contains("ended 0 sessions"))
+            #expect(!unreachable.errors.contains("kate"))
         }
     }
 

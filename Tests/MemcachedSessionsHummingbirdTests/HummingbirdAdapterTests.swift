@@ -205,6 +205,15 @@ struct HummingbirdAdapterTests {
                 #expect(changed.status == .ok)
                 #expect(manager.lockingMode == .all)
                 #expect(try await client.execute(uri: "/_msm/nothing", method: .get, headers: bearer).status == .notFound)
+                // Revoking a principal: behind the token, POST only, a count in JSON.
+                let body = ByteBuffer(string: #"{"principal":"alice"}"#)
+                #expect(try await client.execute(uri: "/_msm/principals/revoke", method: .post, body: body).status == .unauthorized)
+                let revoked = try await client.execute(uri: "/_msm/principals/revoke", method: .post, headers: bearer, body: body)
+                #expect(revoked.status == .ok)
+                #expect(String(buffer: revoked.body) == #"{"ended":0}"#)
+                let malformed = try await client.execute(
+                    uri: "/_msm/principals/revoke", method: .post, headers: bearer, body: ByteBuffer(string: "alice"))
+                #expect(malformed.status == .badRequest)
             }
         }
     }

@@ -150,6 +150,12 @@ struct VaporAdapterTests {
                 #expect(changed.status == 200)
                 #expect(manager.lockingMode == .all)
                 #expect(try await send(.GET, "/_msm/nothing", token: token).status == 404)
+                // Revoking a principal: behind the token, POST only, a count in JSON.
+                #expect(try await send(.POST, "/_msm/principals/revoke", token: nil, body: #"{"principal":"alice"}"#).status == 401)
+                let revoked = try await send(.POST, "/_msm/principals/revoke", token: token, body: #"{"principal":"alice"}"#)
+                #expect(revoked.status == 200)
+                #expect(revoked.body == #"{"ended":0}"#)
+                #expect(try await send(.POST, "/_msm/principals/revoke", token: token, body: "alice").status == 400)
             }
         }
     }

@@ -155,6 +155,30 @@ extension SessionManager {
         }
 
         /// How long sessions live and how long a save may take.
+        /// Sessions per principal (``MemcachedSession/setPrincipal(_:)``): the index that lets
+        /// ``SessionManager/invalidateAll(principal:)`` end them all, and an optional limit.
+        public var principals = Principals()
+
+        public struct Principals: Sendable, Hashable {
+            /// What a login past ``concurrentSessionLimit`` does.
+            public enum LimitPolicy: Sendable, Hashable {
+                /// The principal's oldest sessions are logged out to make room.
+                case logOutOldest
+                /// The new login's session is ended and its request fails with
+                /// ``SessionError/Code/sessionLimitReached``.
+                case refuseNewLogin
+            }
+            /// The most sessions one principal's index holds: past it, the oldest are logged out
+            /// (never silently forgotten). At least 1.
+            public var indexLimit: Int = 100
+            /// The most sessions one principal may have at once (nil: no limit). Sessions count
+            /// until logged out, revoked or past their absolute timeout, or once no node holds them.
+            public var concurrentSessionLimit: Int? = nil
+            public var whenLimitReached: LimitPolicy = .logOutOldest
+
+            public init() {}
+        }
+
         public struct Timeouts: Sendable, Hashable {
             /// A session expires after this long without a request (`maxInactiveInterval`); zero
             /// or less means never. A session may set its own (``MemcachedSession/setIdleTimeout(_:)``).
@@ -302,6 +326,12 @@ extension SessionManager {
             if timeouts.idle > tenYears { throw .configuration("timeouts.idle must be at most ten years (zero or less: never)") }
             if let absolute = timeouts.absolute, absolute > tenYears {
                 throw .configuration("timeouts.absolute must be at most ten years")
+            }
+            if principals.indexLimit < 1 || principals.indexLimit > 10_000 {
+                throw .configuration("principals.indexLimit must be between 1 and 10000")
+            }
+            if let limit = principals.concurrentSessionLimit, limit < 1 || limit > principals.indexLimit {
+                throw .configuration("principals.concurrentSessionLimit must be between 1 and principals.indexLimit")
             }
             if locking.expiry > .seconds(24 * 3600) { throw .configuration("locking.expiry must be at most a day") }
             if locking.waitBudget > .seconds(3600) { throw .configuration("locking.waitBudget must be at most an hour") }

@@ -17,6 +17,7 @@ public final class SessionAccess: Sendable {
     let context: SessionContext
     /// The mode's lifecycle (the sticky one, in memory only, while memcached is switched off).
     let lifecycle: any SessionLifecycle
+    let principals: Principals
     /// The id the request's cookie carried, if it is a well-formed session id.
     public let requestedID: MemcachedSessionID?
     /// The request path (what the ignore and locking patterns match).
@@ -83,10 +84,12 @@ public final class SessionAccess: Sendable {
     let started: NIODeadline
 
     init(
-        context: SessionContext, lifecycle: any SessionLifecycle, incomingID: MemcachedSessionID?, path: String, ignored: Bool, locks: Bool
+        context: SessionContext, lifecycle: any SessionLifecycle, principals: Principals, incomingID: MemcachedSessionID?, path: String,
+        ignored: Bool, locks: Bool
     ) {
         self.context = context
         self.lifecycle = lifecycle
+        self.principals = principals
         self.started = context.clock.now()
         self.requestedID = incomingID
         self.path = path
@@ -296,7 +299,10 @@ public final class SessionAccess: Sendable {
             action = .success(ending.replacedStored ? SessionResponseAction(cookie: .clear) : .unchanged)
         } else {
             do {
-                action = .success(try await lifecycle.end(self))
+                let ended = try await lifecycle.end(self)
+                // The principal index learns a login, a new id or a logout, after the write.
+                if ending.loaded, let session = ending.session { try await principals.requestEnded(session, lifecycle: lifecycle) }
+                action = .success(ended)
             } catch {
                 action = .failure(error)
             }

@@ -16,6 +16,9 @@ public struct SessionError: Error, Sendable, Hashable, CustomStringConvertible {
             case invalidated
             case disabled
             case localStoreFull
+            case invalidArgument
+            case principalIndexUnavailable
+            case sessionLimitReached
         }
 
         fileprivate let base: Base
@@ -43,12 +46,25 @@ public struct SessionError: Error, Sendable, Hashable, CustomStringConvertible {
         /// sessions with changes memcached has not taken yet (every node down). New sessions are
         /// refused until memcached answers; unsaved ones are never dropped. Adapters answer 503.
         public static let localStoreFull = Code(.localStoreFull)
+        /// An argument the manager cannot take (the message says which).
+        public static let invalidArgument = Code(.invalidArgument)
+        /// The principal index could not be read or written (its nodes down, or it was dropped):
+        /// ``SessionError/sessionsEnded`` says how many sessions were ended before the failure.
+        /// Never a silent partial revocation.
+        public static let principalIndexUnavailable = Code(.principalIndexUnavailable)
+        /// A login past ``SessionManager/Configuration/Principals/concurrentSessionLimit`` with
+        /// ``SessionManager/Configuration/Principals/LimitPolicy/refuseNewLogin``: the new
+        /// session was ended. Adapters answer 403.
+        public static let sessionLimitReached = Code(.sessionLimitReached)
 
         public var description: String { base.rawValue }
     }
 
     public var code: Code
     public var message: String
+    /// ``Code/principalIndexUnavailable``: the sessions ended before the failure (nil: unknown
+    /// or none attempted).
+    public var sessionsEnded: Int? = nil
 
     public init(code: Code, message: String) {
         self.code = code
@@ -110,6 +126,8 @@ extension SessionError {
             return HTTPAnswer(status: 503, retryAfter: 1, message: "The session is busy; please retry.")
         case .localStoreFull:
             return HTTPAnswer(status: 503, retryAfter: 5, message: "No new sessions can be started now; please retry.")
+        case .sessionLimitReached:
+            return HTTPAnswer(status: 403, retryAfter: nil, message: "Too many sessions are open for this user; log out elsewhere first.")
         default:
             return HTTPAnswer(status: 500, retryAfter: nil, message: "Session error: \(code)")
         }

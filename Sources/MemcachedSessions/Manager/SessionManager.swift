@@ -28,6 +28,8 @@ public final class SessionManager: Service, Sendable {
     /// Sticky mode's lifecycle (the same object as ``lifecycle``), or, in non-sticky mode, the one
     /// that serves sessions from memory while memcached is switched off at run time.
     let sticky: StickyLifecycle
+    /// The per-principal index, its limits and revocations.
+    let principals: Principals
     /// Running memcached clients: the current one and any retiring after a node change.
     let clientTasks = Mutex<ClientTasks>(ClientTasks())
     /// Held for the whole of a run-time change, so that concurrent changes never interleave.
@@ -113,6 +115,7 @@ public final class SessionManager: Service, Sendable {
                 failoverNodes: configuration.failoverNodes))
         self.store = SessionStore(context: context, locks: SessionLocks(context: context))
         self.sticky = StickyLifecycle(context: context, store: store)
+        self.principals = Principals(context: context, store: store, sticky: sticky)
         switch configuration.mode {
         case .sticky: self.lifecycle = sticky
         case .nonSticky: self.lifecycle = NonStickyLifecycle(context: context, store: store)
@@ -184,6 +187,27 @@ public final class SessionManager: Service, Sendable {
         logger.info("session manager stopped")
     }
 
+    // MARK: - principals
+
+    /// Ends every session of `principal` (``MemcachedSession/setPrincipal(_:)``) on every
+    /// instance: use it after a password change. Returns how many sessions the index held.
+    ///
+    /// This instance's copies in memory end at once. Other sticky instances stop serving theirs
+    /// at their next check against memcached (``Configuration/Sticky/touchInterval``).
+    /// - Throws: ``SessionError/Code/principalIndexUnavailable`` when the index cannot be read
+    ///   (its nodes down, or it may have been evicted) or rewritten; the error's
+    ///   ``SessionError/sessionsEnded`` says how many sessions were ended. Never a silent partial
+    ///   revocation.
+    public func invalidateAll(principal: String) async throws(SessionError) -> Int {
+        let bytes: ByteBuffer
+        do {
+            bytes = try configuration.codec.encodeValue(principal)
+        } catch {
+            throw SessionError(code: .encodingFailed, message: "the principal could not be encoded: \(error.reason)")
+        }
+        return try await principals.invalidateAll(bytes)
+    }
+
     // MARK: - request lifecycle
 
     /// Starts a request: parses the session cookie (strictly: anything but a well-formed id is
@@ -195,7 +219,8 @@ public final class SessionManager: Service, Sendable {
     public func beginRequest(path: String, sessionCookie: String?, allowLocking: Bool = true) -> SessionAccess {
         if let ignoredPaths, ignoredPaths.matches(path) {
             statistics.count(.requestsIgnored)
-            return SessionAccess(context: context, lifecycle: sticky, incomingID: nil, path: path, ignored: true, locks: false)
+            return SessionAccess(
+                context: context, lifecycle: sticky, principals: principals, incomingID: nil, path: path, ignored: true, locks: false)
         }
         let id = sessionCookie.flatMap { MemcachedSessionID(parsing: $0) }
         statistics.count(id == nil ? .requestsWithoutSession : .requestsWithSession)
@@ -204,7 +229,8 @@ public final class SessionManager: Service, Sendable {
         if id != nil, !locking, configuration.mode == .nonSticky, case .auto = lockingMode, lifecycle is NonStickyLifecycle {
             statistics.count(.requestsUnlockedReadOnly)
         }
-        return SessionAccess(context: context, lifecycle: lifecycle, incomingID: id, path: path, ignored: false, locks: locking)
+        return SessionAccess(
+            context: context, lifecycle: lifecycle, principals: principals, incomingID: id, path: path, ignored: false, locks: locking)
     }
 
     /// Whether requests on `path` skip sessions entirely (the ignore pattern).

@@ -74,6 +74,21 @@ public struct SessionRecord: Sendable, Hashable {
     }
 }
 
+/// A session's change the principal index must learn: the entry to remove and the one to add
+/// (principal attribute bytes, token).
+struct PrincipalIndexChange: Sendable {
+    var old: (principal: ByteBuffer, token: MemcachedSessionID.Token)?
+    var new: (principal: ByteBuffer, token: MemcachedSessionID.Token)?
+    var createdAt: Int64
+    var nodeID: String
+}
+
+enum PrincipalIndexWork: Sendable {
+    case changed(PrincipalIndexChange)
+    /// The session ended while indexed under this principal and token.
+    case ended(principal: ByteBuffer, token: MemcachedSessionID.Token)
+}
+
 /// One user's session: named attributes with typed `Codable` access, and metadata.
 ///
 /// Values are encoded when set and decoded when read, so a `MemcachedSession` only ever holds bytes: change
@@ -113,6 +128,10 @@ public final class MemcachedSession: Sendable {
         var generation: UInt64 = 0
         /// The memcached keys of the current token (a SHA-256 away from the token: computed once).
         var keys: SessionKeys?
+        /// What the principal index holds for this session: the principal attribute's bytes and
+        /// the token as the session was loaded, or as this instance last indexed it.
+        var indexedPrincipal: ByteBuffer?
+        var indexedToken: MemcachedSessionID.Token
     }
 
     let state: Mutex<State>
@@ -131,7 +150,10 @@ public final class MemcachedSession: Sendable {
         id: MemcachedSessionID, record: SessionRecord, casUnique: UInt64?, isNew: Bool, codec: any SessionCodec,
         attributeFilter: PathPattern?
     ) {
-        self.state = Mutex(State(id: id, metadata: record.metadata, attributes: record.attributes, casUnique: casUnique, isNew: isNew))
+        self.state = Mutex(
+            State(
+                id: id, metadata: record.metadata, attributes: record.attributes, casUnique: casUnique, isNew: isNew,
+                indexedPrincipal: record.attributes[Self.principalAttribute], indexedToken: id.token))
         self.codec = codec
         self.attributeFilter = attributeFilter
         self.acquiredVersion = isNew ? 0 : record.metadata.version
@@ -223,6 +245,78 @@ public final class MemcachedSession: Sendable {
             state.generation &+= 1
         }
     }
+
+    /// The reserved attribute that holds the session's principal.
+    public static let principalAttribute = "msm.principal"
+    /// The longest principal, in UTF-8 bytes.
+    public static let maximumPrincipalLength = 256
+
+    /// The user this session belongs to (set after a login with ``setPrincipal(_:)``), or nil.
+    /// ``SessionManager/invalidateAll(principal:)`` ends every session of a principal.
+    public var principal: String? {
+        guard let bytes = state.withLock({ $0.attributes[Self.principalAttribute] }) else { return nil }
+        return try? codec.decodeValue(String.self, from: bytes)
+    }
+
+    /// Names the user this session belongs to (after a login), or none (nil). At the end of the
+    /// request the session is entered in that principal's index in memcached (and removed from
+    /// the previous principal's), so that ``SessionManager/invalidateAll(principal:)`` can end it.
+    /// Stored as the attribute ``principalAttribute`` (never filtered out).
+    /// - Throws: ``SessionError/Code/invalidArgument`` for an empty principal or one longer than
+    ///   ``maximumPrincipalLength`` bytes; ``SessionError/Code/invalidated`` after ``invalidate()``.
+    public func setPrincipal(_ principal: String?) throws(SessionError) {
+        var bytes: ByteBuffer? = nil
+        if let principal {
+            guard !principal.isEmpty, principal.utf8.count <= Self.maximumPrincipalLength else {
+                throw SessionError(
+                    code: .invalidArgument, message: "a principal must be 1 to \(Self.maximumPrincipalLength) bytes of UTF-8")
+            }
+            do {
+                bytes = try codec.encodeValue(principal)
+            } catch {
+                throw SessionError(code: .encodingFailed, message: "the principal could not be encoded: \(error.reason)")
+            }
+        }
+        let name = Self.principalAttribute
+        try state.withLock { state throws(SessionError) in
+            guard !state.invalidated else { throw SessionError(code: .invalidated, message: "the session was invalidated") }
+            if state.attributes[name] == bytes { return }
+            state.attributes[name] = bytes
+            state.changes[name] = .some(bytes)
+            state.generation &+= 1
+        }
+    }
+
+    /// What the principal index has not seen yet, in one look: a change (a login, a logout of
+    /// the principal that keeps the session, a new id), or the session's end (a logout) while it
+    /// is indexed; nil when there is nothing.
+    func principalIndexWork() -> PrincipalIndexWork? {
+        state.withLock { state in
+            let now = state.attributes[Self.principalAttribute]
+            if state.invalidated {
+                return state.indexedPrincipal.map { .ended(principal: $0, token: state.indexedToken) }
+            }
+            guard now != state.indexedPrincipal || (now != nil && state.id.token != state.indexedToken) else { return nil }
+            return .changed(
+                PrincipalIndexChange(
+                    old: state.indexedPrincipal.map { ($0, state.indexedToken) }, new: now.map { ($0, state.id.token) },
+                    createdAt: state.metadata.createdAt, nodeID: state.id.nodeID))
+        }
+    }
+
+    /// The principal index no longer holds this session (its logout removed the entry).
+    func markUnindexed() {
+        state.withLock { $0.indexedPrincipal = nil }
+    }
+
+    /// The principal index now holds `change`'s new state.
+    func markIndexed(_ change: PrincipalIndexChange) {
+        state.withLock { state in
+            state.indexedPrincipal = change.new?.principal
+            if let token = change.new?.token { state.indexedToken = token }
+        }
+    }
+
 
     /// Sets this session's idle timeout (e.g. longer for "remember me"); zero or less: never
     /// expires from inactivity.

@@ -97,6 +97,19 @@ public final class SessionStatistics: Sendable {
         /// Sticky: this instance did not run for a while (frozen): every local copy is checked
         /// against memcached before it is served again.
         case noticeGaps
+        /// Principal index: an entry added or removed (a login, a logout, a new id).
+        case principalIndexUpdates
+        /// Principal index: a CAS write that found the index changed meanwhile (tried again).
+        case principalIndexConflicts
+        /// Principal index: an update that could not be made (neither node answered).
+        case principalIndexFailures
+        /// Sessions ended by ``SessionManager/invalidateAll(principal:)``.
+        case sessionsRevoked
+        /// Sessions logged out to keep a principal within its index bound or its concurrent
+        /// session limit.
+        case principalLimitLogouts
+        /// Logins refused at the concurrent session limit.
+        case principalLoginsRefused
         case bytesWritten
         case bytesRead
         /// Memcached round trips a request waited for (writes it does not wait for are not counted).
