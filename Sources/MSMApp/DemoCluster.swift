@@ -23,6 +23,9 @@ public struct DemoOptions: Sendable {
     public var sessionKeysFile: String? = nil
     /// The apps' storage-key secret file (`msm serve --key-secret-file`).
     public var keySecretFile: String? = nil
+    /// memcached serves TLS only (`-Z`), with a CA and a certificate for 127.0.0.1 the demo makes
+    /// in `<state>/tls` with `openssl`; the apps trust that CA (`msm serve --tls-ca-file`).
+    public var tls = false
     public var stateDirectory = ".msm-demo"
     public var port = 8080
     public var memcachedBasePort = 21211
@@ -142,6 +145,9 @@ public final class DemoCluster: Sendable {
             let port = options.memcachedBasePort + index
             var arguments = ["-l", "127.0.0.1", "-p", "\(port)", "-U", "0", "-m", "64", "-c", "1024"]
             if getuid() == 0 { arguments += ["-u", "nobody"] }
+            if options.tls {
+                arguments += ["-Z", "-o", "ssl_chain_cert=\(Self.tlsDirectory(state))/server.pem,ssl_key=\(Self.tlsDirectory(state))/server.key"]
+            }
             processes.append(
                 DemoProcess(
                     role: "memcached", id: id, address: "127.0.0.1:\(port)", executable: options.memcachedBinary, arguments: arguments,
@@ -160,6 +166,7 @@ public final class DemoCluster: Sendable {
             if options.openTelemetry { arguments += ["--otel"] }
             if let file = options.sessionKeysFile { arguments += ["--session-keys-file", file] }
             if let file = options.keySecretFile { arguments += ["--key-secret-file", file] }
+            if options.tls { arguments += ["--tls-ca-file", "\(Self.tlsDirectory(state))/ca.pem"] }
             processes.append(
                 DemoProcess(
                     role: "app", id: id, address: "127.0.0.1:\(port)", executable: options.msmBinary, arguments: arguments,
@@ -172,6 +179,43 @@ public final class DemoCluster: Sendable {
                 arguments: ["-p", "\(statePath)/nginx/", "-c", "\(statePath)/nginx/nginx.conf", "-e", "\(statePath)/nginx/error.log"],
                 logPath: "\(state)/nginx.log"))
         self.processes = processes
+    }
+
+    /// Where `--tls` keeps its CA and server certificate (absolute: memcached reads them).
+    static func tlsDirectory(_ state: String) -> String {
+        URL(fileURLWithPath: state).standardizedFileURL.path + "/tls"
+    }
+
+    /// A CA and a server certificate for 127.0.0.1 and localhost (EC P-256, ten years), made with
+    /// `openssl` once per state directory; readable by `nobody`, whom memcached runs as under root.
+    func makeCertificates() throws {
+        let directory = Self.tlsDirectory(options.stateDirectory)
+        let fileManager = FileManager.default
+        if fileManager.fileExists(atPath: directory + "/server.pem") { return }
+        try fileManager.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        func openssl(_ arguments: [String]) throws {
+            let task = Process()
+            task.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+            task.arguments = arguments
+            task.currentDirectoryURL = URL(fileURLWithPath: directory)
+            task.standardOutput = FileHandle.nullDevice
+            task.standardError = FileHandle.nullDevice
+            do { try task.run() } catch { throw DemoError.missingProgram("/usr/bin/openssl", "openssl") }
+            task.waitUntilExit()
+            guard task.terminationStatus == 0 else { throw DemoError.startFailed("openssl \(arguments[0]) failed making the TLS certificates") }
+        }
+        let curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        try openssl(["req", "-x509"] + curve + ["-keyout", "ca.key", "-out", "ca.pem", "-days", "3650", "-subj", "/CN=msm demo ca"])
+        try openssl(["req"] + curve + ["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=msm demo memcached"])
+        try "subjectAltName=IP:127.0.0.1,DNS:localhost\n".write(toFile: directory + "/server.ext", atomically: true, encoding: .utf8)
+        try openssl([
+            "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "3650",
+            "-extfile", "server.ext",
+        ])
+        chmod(directory, 0o755)
+        for name in try fileManager.contentsOfDirectory(atPath: directory) where name != "ca.key" {
+            chmod(directory + "/" + name, 0o644)
+        }
     }
 
     /// The nginx configuration: round robin (non-sticky), or routing by the session id's route
@@ -283,6 +327,7 @@ public final class DemoCluster: Sendable {
             chmod(nginxState + "/tmp", 0o777)
         }
         try nginxConfiguration().write(toFile: nginxState + "/nginx.conf", atomically: true, encoding: .utf8)
+        if options.tls { try makeCertificates() }
         let tokenPath = options.stateDirectory + "/management-token"
         try managementToken.write(toFile: tokenPath, atomically: true, encoding: .utf8)
         chmod(tokenPath, 0o600)
@@ -320,6 +365,9 @@ public final class DemoCluster: Sendable {
             session cookies are not Secure (msm serve --insecure-cookie): this demo serves plain HTTP. Behind HTTPS,
             leave them Secure (the default).
             """)
+        if options.tls {
+            print("memcached speaks TLS only (-Z); the apps trust the CA in \(Self.tlsDirectory(options.stateDirectory))/ca.pem")
+        }
         fflush(nil)
 
         var announced: Set<String> = []

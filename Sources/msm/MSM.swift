@@ -302,6 +302,11 @@ struct Demo: AsyncParsableCommand {
     @Option(help: "The apps' storage keys are an HMAC under the secret of this file (msm serve --key-secret-file).")
     var keySecretFile: String?
 
+    @Flag(
+        inversion: .prefixedNo,
+        help: "memcached serves TLS only, with certificates the demo makes in <state>/tls (openssl); the apps trust its CA.")
+    var tls: Bool?
+
     func run() async throws {
         var flags: [String: ConfigValue] = [:]
         flags.flag("sticky", sticky)
@@ -314,6 +319,7 @@ struct Demo: AsyncParsableCommand {
         flags.flag("otel", otel)
         flags.flag("session-keys-file", sessionKeysFile)
         flags.flag("key-secret-file", keySecretFile)
+        flags.flag("tls", tls)
         let settings = try await Settings(flags: flags, configFile: config)
         var options = DemoOptions(msmBinary: Self.executablePath())
         // Checked here (a clear error before anything starts); the apps read the files themselves.
@@ -330,6 +336,7 @@ struct Demo: AsyncParsableCommand {
         options.memcachedBasePort = try settings.int("memcached-port") ?? options.memcachedBasePort
         options.appBasePort = try settings.int("app-port") ?? options.appBasePort
         options.openTelemetry = try settings.bool("otel") ?? options.openTelemetry
+        options.tls = try settings.bool("tls") ?? options.tls
         for (name, value) in [("port", options.port), ("memcached-port", options.memcachedBasePort), ("app-port", options.appBasePort)]
         where !(1...65533).contains(value) {
             throw ValidationError("\(name) must be 1 to 65533")

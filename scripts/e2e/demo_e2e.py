@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end test of the demo cluster, as a person would run it.
 
-For each of `scripts/demo` and `scripts/demo --sticky`:
+For each of `scripts/demo` and `scripts/demo --sticky --tls` (memcached behind TLS):
   1. start it (in its own state directory and on its default ports) and wait for cluster.json;
   2. create SESSIONS sessions through nginx on 127.0.0.1:8080 and count each up a few times;
   3. kill -9 the memcached process that holds most sessions (PID from cluster.json), then check
@@ -173,7 +173,8 @@ def start_demo(label, arguments):
 
 def run_demo(mode, sessions):
     sticky = mode == "sticky"
-    demo, log, layout_path = start_demo(mode, ["--sticky"] if sticky else [])
+    # The sticky run also puts memcached behind TLS (msm demo --tls): the same kills, over TLS.
+    demo, log, layout_path = start_demo(mode, ["--sticky", "--tls"] if sticky else [])
     try:
         with open(layout_path) as file:
             layout = json.load(file)
@@ -190,6 +191,25 @@ def run_demo(mode, sessions):
             if name != expected:
                 raise Failure(f"pid {process['pid']} of {process['id']} is {name!r}, not the {expected} server itself")
         print(f"   cluster up: {[(p['role'], p['id'], p['pid']) for p in processes]}", flush=True)
+        if sticky:
+            # TLS only: memcached was started with -Z, and a plaintext command gets no answer.
+            for process in processes:
+                if process["role"] != "memcached":
+                    continue
+                with open(f"/proc/{process['pid']}/cmdline", "rb") as cmdline:
+                    if b"-Z" not in cmdline.read().split(b"\0"):
+                        raise Failure(f"memcached {process['id']} does not serve TLS")
+                host, port = process["address"].rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=5) as plain:
+                    plain.settimeout(2)
+                    plain.sendall(b"version\r\n")
+                    try:
+                        answer = plain.recv(100)
+                    except (socket.timeout, ConnectionError):
+                        answer = b""
+                    if answer.startswith(b"VERSION"):
+                        raise Failure(f"memcached {process['id']} answered plaintext")
+            print("   memcached serves TLS only (-Z): a plaintext command got no answer", flush=True)
 
         browsers = [Browser() for _ in range(sessions)]
         for round_number in range(3):

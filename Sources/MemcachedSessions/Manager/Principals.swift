@@ -46,7 +46,10 @@ final class Principals: SessionManagerPart {
             }
         }
         if let new = change.new {
-            let entry = PrincipalIndexEntry(digest: keys(for: new.token).digest, nodeID: change.nodeID, createdAt: change.createdAt)
+            let entry = PrincipalIndexEntry(
+                digest: keys(for: new.token).digest, nodeID: change.nodeID, createdAt: change.createdAt,
+                // Sticky instances hold sessions in memory: a revocation tells the one named.
+                route: configuration.mode == .sticky ? change.route : nil)
             let outcome: PrincipalIndex.UpdateOutcome
             do {
                 outcome = try await index.update(index.locate(new.principal)) { entries in
@@ -54,8 +57,13 @@ final class Principals: SessionManagerPart {
                 }
             } catch {
                 statistics.count(.principalIndexFailures)
-                // Not indexed, the session could not be revoked with the others: it ends (fail
-                // closed) and the request fails.
+                guard change.old?.principal != new.principal || change.old?.token != new.token else {
+                    // Only the route changed (a sticky takeover): the entry still names this
+                    // session's keys, which a revocation tombstones. Tried again at its next request.
+                    return
+                }
+                // A login or a new id the index does not hold could not be revoked with the
+                // others: the session ends (fail closed) and the request fails.
                 logger.warning("a login's session was ended: the principal index could not be updated", metadata: ["reason": "\(error.message)"])
                 session.invalidate()
                 await lifecycle.retire(session, lock: nil).value
@@ -138,16 +146,20 @@ final class Principals: SessionManagerPart {
     // MARK: - ending sessions
 
     /// Ends the sessions of `entries` on every node (tombstones, as a logout that did not find
-    /// its session), and this instance's local copies.
+    /// its session), this instance's local copies at once, and another sticky instance's copies
+    /// by a notice to its route (read within a quarter of a second; waited for, at most a second,
+    /// while that instance is alive).
     func end(_ entries: [PrincipalIndexEntry]) async {
         let digests = Set(entries.map(\.digest))
         endLocally(digests)
         await withDiscardingTaskGroup { group in
             for entry in entries {
                 group.addTask {
-                    await self.store.deleteCopies(
-                        keys: SessionKeys(digest: entry.digest, prefix: self.configuration.keyPrefix), nodeID: entry.nodeID, lock: nil, wait: true,
-                        sessionIdle: nil)
+                    let keys = SessionKeys(digest: entry.digest, prefix: self.configuration.keyPrefix)
+                    await self.store.deleteCopies(keys: keys, nodeID: entry.nodeID, lock: nil, wait: true, sessionIdle: nil)
+                    if let route = entry.route, route != self.configuration.route {
+                        await self.sticky.endTakenOver(keys, from: route, version: .max)
+                    }
                 }
             }
         }
@@ -166,51 +178,59 @@ final class Principals: SessionManagerPart {
 
     /// Ends every session of `principal` (see ``SessionManager/invalidateAll(principal:)``).
     func invalidateAll(_ principal: ByteBuffer) async throws(SessionError) -> Int {
-        // This instance's own copies end first, whatever the index says.
-        var localEnded = 0
+        // This instance's own copies in memory are ended whatever the index says (one its
+        // index update missed included), their stored copies with the others.
+        var local: [PrincipalIndexEntry] = []
         for session in sticky.localStore.allSessions where session.encodedValue(of: MemcachedSession.principalAttribute) == principal {
-            let token = session.id.token
-            session.invalidate(byAnotherRequest: true)
-            sticky.localStore.end(token, at: clock.now())
-            localEnded += 1
+            let id = session.id
+            local.append(PrincipalIndexEntry(digest: keys(of: session).digest, nodeID: id.nodeID, createdAt: session.metadata.createdAt))
         }
-        guard isEnabled else { return localEnded }
+        guard isEnabled else {
+            endLocally(Set(local.map(\.digest)))
+            return local.count
+        }
+        /// Ends what this instance knows of, then throws.
+        func fail(_ message: String) async throws(SessionError) -> Never {
+            await end(local)
+            throw PrincipalIndex.unavailable(message, ended: local.count)
+        }
         let located = index.locate(principal)
         let (primary, backup) = await index.readBoth(located)
-        let entries: [PrincipalIndexEntry]
+        var entries: [PrincipalIndexEntry] = []
         switch PrincipalIndex.newest(primary, backup) {
         case .noAnswer:
-            throw PrincipalIndex.unavailable("neither node of the principal index answered: no session was ended", ended: 0)
+            try await fail("neither node of the principal index answered")
         case .none:
             if case .unreachable = primary {
-                throw PrincipalIndex.unavailable("the principal index's primary node did not answer and its backup has no copy", ended: 0)
+                try await fail("the principal index's primary node did not answer and its backup has no copy")
             }
             if case .unreachable = backup {
-                throw PrincipalIndex.unavailable("the principal index's backup node did not answer and its primary has no copy", ended: 0)
+                try await fail("the principal index's backup node did not answer and its primary has no copy")
             }
             if await mayHaveEvicted([located.primaryNode, located.backupNode].compactMap { $0 }) {
-                throw PrincipalIndex.unavailable(
-                    "no copy of the principal index, and its nodes have evicted items: it may have been dropped", ended: 0)
+                try await fail("no copy of the principal index, and its nodes have evicted items: it may have been dropped")
             }
-            return 0
         case .found(let contents, _, _):
             entries = contents.entries
         }
+        let indexed = Set(entries.map(\.digest))
+        entries += local.filter { !indexed.contains($0.digest) }
         await end(entries)
-        let digests = Set(entries.map(\.digest))
-        do {
-            _ = try await index.update(located) { current in
-                (current.filter { !digests.contains($0.digest) }, [])
+        let count = entries.count
+        statistics.count(.sessionsRevoked, count)
+        if !indexed.isEmpty {
+            do {
+                _ = try await index.update(located) { current in
+                    (current.filter { !indexed.contains($0.digest) }, [])
+                }
+            } catch {
+                // Every session read was ended; the index could not be emptied (ending them
+                // again later is harmless), so the count is right but the caller must know.
+                throw PrincipalIndex.unavailable("sessions ended, but the principal index could not be rewritten: \(error.message)", ended: count)
             }
-        } catch {
-            // Every session read was ended; the index could not be emptied (ending them again
-            // later is harmless), so the count is right but the caller must know.
-            statistics.count(.sessionsRevoked, entries.count)
-            throw PrincipalIndex.unavailable("sessions ended, but the principal index could not be rewritten: \(error.message)", ended: entries.count)
         }
-        statistics.count(.sessionsRevoked, entries.count)
-        logger.notice("every session of a principal was ended", metadata: ["sessions": "\(entries.count)"])
-        return entries.count
+        logger.notice("every session of a principal was ended", metadata: ["sessions": "\(count)"])
+        return count
     }
 
     /// Whether any of `nodes` has evicted items (an index missing there may have been dropped).

@@ -192,8 +192,9 @@ public final class SessionManager: Service, Sendable {
     /// Ends every session of `principal` (``MemcachedSession/setPrincipal(_:)``) on every
     /// instance: use it after a password change. Returns how many sessions the index held.
     ///
-    /// This instance's copies in memory end at once. Other sticky instances stop serving theirs
-    /// at their next check against memcached (``Configuration/Sticky/touchInterval``).
+    /// Every copy in memcached is tombstoned, as a logout leaves it. This instance's copies in
+    /// memory end at once; another sticky instance that holds one (named by the session's route)
+    /// is sent a notice and, while it is alive, has dropped its copy before this returns.
     /// - Throws: ``SessionError/Code/principalIndexUnavailable`` when the index cannot be read
     ///   (its nodes down, or it may have been evicted) or rewritten; the error's
     ///   ``SessionError/sessionsEnded`` says how many sessions were ended. Never a silent partial

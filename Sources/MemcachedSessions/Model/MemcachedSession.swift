@@ -81,6 +81,7 @@ struct PrincipalIndexChange: Sendable {
     var new: (principal: ByteBuffer, token: MemcachedSessionID.Token)?
     var createdAt: Int64
     var nodeID: String
+    var route: String?
 }
 
 enum PrincipalIndexWork: Sendable {
@@ -132,6 +133,7 @@ public final class MemcachedSession: Sendable {
         /// the token as the session was loaded, or as this instance last indexed it.
         var indexedPrincipal: ByteBuffer?
         var indexedToken: MemcachedSessionID.Token
+        var indexedRoute: String?
     }
 
     let state: Mutex<State>
@@ -153,7 +155,7 @@ public final class MemcachedSession: Sendable {
         self.state = Mutex(
             State(
                 id: id, metadata: record.metadata, attributes: record.attributes, casUnique: casUnique, isNew: isNew,
-                indexedPrincipal: record.attributes[Self.principalAttribute], indexedToken: id.token))
+                indexedPrincipal: record.attributes[Self.principalAttribute], indexedToken: id.token, indexedRoute: id.route))
         self.codec = codec
         self.attributeFilter = attributeFilter
         self.acquiredVersion = isNew ? 0 : record.metadata.version
@@ -296,11 +298,13 @@ public final class MemcachedSession: Sendable {
             if state.invalidated {
                 return state.indexedPrincipal.map { .ended(principal: $0, token: state.indexedToken) }
             }
-            guard now != state.indexedPrincipal || (now != nil && state.id.token != state.indexedToken) else { return nil }
+            // A new token (a login's new id) or a new route (a sticky takeover): the entry follows.
+            guard now != state.indexedPrincipal || (now != nil && (state.id.token != state.indexedToken || state.id.route != state.indexedRoute))
+            else { return nil }
             return .changed(
                 PrincipalIndexChange(
                     old: state.indexedPrincipal.map { ($0, state.indexedToken) }, new: now.map { ($0, state.id.token) },
-                    createdAt: state.metadata.createdAt, nodeID: state.id.nodeID))
+                    createdAt: state.metadata.createdAt, nodeID: state.id.nodeID, route: state.id.route))
         }
     }
 
@@ -313,7 +317,10 @@ public final class MemcachedSession: Sendable {
     func markIndexed(_ change: PrincipalIndexChange) {
         state.withLock { state in
             state.indexedPrincipal = change.new?.principal
-            if let token = change.new?.token { state.indexedToken = token }
+            if let token = change.new?.token {
+                state.indexedToken = token
+                state.indexedRoute = change.route
+            }
         }
     }
 

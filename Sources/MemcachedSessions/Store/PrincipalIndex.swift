@@ -4,11 +4,13 @@ import Memcached
 import NIOCore
 
 /// One session in a principal's index: its token digest (never the token), the node it was on
-/// when indexed, and when it was created.
+/// when indexed, when it was created, and (sticky mode) the route of the instance that held it,
+/// which a revocation tells at once.
 struct PrincipalIndexEntry: Sendable, Hashable {
     var digest: String
     var nodeID: String
     var createdAt: Int64
+    var route: String?
 }
 
 /// Every session of a principal (a user), so that all of them can be ended at once
@@ -18,7 +20,7 @@ struct PrincipalIndexEntry: Sendable, Hashable {
 ///   is set (else a SHA-256 with a fixed label): a dump of memcached's keys names nobody.
 /// - Place: the node the key's digest picks in the configured order; a backup on the next node,
 ///   under `<prefix>q:<same>`.
-/// - Value: a version and the entries, oldest first; sealed (bound to the index key) when
+/// - Value: a version and the entries, oldest first (`<digest> <node> <created ms> <route or .>`); sealed (bound to the index key) when
 ///   sealing keys are set. Token digests only, never tokens.
 /// - Updates: the copy with the higher version is the authority, written with CAS (retried on a
 ///   conflict, bounded); the other copy is then overwritten with the same bytes. A node down
@@ -77,7 +79,7 @@ struct PrincipalIndex: SessionManagerPart {
 
     func encode(_ contents: Contents, key: String) throws(SessionError) -> ByteBuffer {
         var text = Self.header + String(contents.version) + "\n"
-        for entry in contents.entries { text += "\(entry.digest) \(entry.nodeID) \(entry.createdAt)\n" }
+        for entry in contents.entries { text += "\(entry.digest) \(entry.nodeID) \(entry.createdAt) \(entry.route ?? ".")\n" }
         let plain = store.byteBufferAllocator.buffer(string: text)
         guard let sealer = context.sealer, !configuration.sealing.writesUnsealed else { return plain }
         return try sealer.seal(plain, associatedData: associatedData(key), allocator: store.byteBufferAllocator)
@@ -106,10 +108,13 @@ struct PrincipalIndex: SessionManagerPart {
         var entries: [PrincipalIndexEntry] = []
         for line in lines.dropFirst() {
             let fields = line.split(separator: " ", omittingEmptySubsequences: false)
-            guard fields.count == 3, SessionKeys.isDigest(fields[0]), !fields[1].isEmpty, let created = Int64(fields[2]) else {
+            guard fields.count == 4, SessionKeys.isDigest(fields[0]), !fields[1].isEmpty, let created = Int64(fields[2]), !fields[3].isEmpty
+            else {
                 return nil
             }
-            entries.append(PrincipalIndexEntry(digest: String(fields[0]), nodeID: String(fields[1]), createdAt: created))
+            entries.append(
+                PrincipalIndexEntry(
+                    digest: String(fields[0]), nodeID: String(fields[1]), createdAt: created, route: fields[3] == "." ? nil : String(fields[3])))
         }
         return Contents(version: version, entries: entries)
     }
