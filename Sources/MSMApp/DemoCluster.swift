@@ -213,6 +213,13 @@ public final class DemoCluster: Sendable {
             "-extfile", "server.ext",
         ])
         chmod(directory, 0o755)
+        // memcached reads them as nobody (it drops privileges under root): the state directory
+        // must let it through (a temporary one is 0700).
+        if getuid() == 0, let attributes = try? fileManager.attributesOfItem(atPath: options.stateDirectory),
+            let mode = (attributes[.posixPermissions] as? NSNumber)?.uint16Value
+        {
+            chmod(options.stateDirectory, mode_t(mode | 0o011))
+        }
         for name in try fileManager.contentsOfDirectory(atPath: directory) where name != "ca.key" {
             chmod(directory + "/" + name, 0o644)
         }
