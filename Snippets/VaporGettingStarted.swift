@@ -25,7 +25,7 @@ counted.get("counter") { req async throws -> String in
 // 2b. Or keep Vapor's own session API (`req.session`, session authentication) on memcached, as
 //     Vapor's `.memory` is used (the driver, its cookie, the manager's lifecycle once).
 app.sessions.use(.memcached(sessions))
-let classic = app.grouped(app.sessions.middleware)
+let classic = app.grouped(app.sessions.noStoreMiddleware)
 classic.get("visits") { req -> String in
     let visits = (req.session.data["visits"].flatMap(Int.init) ?? 0) + 1
     req.session.data["visits"] = String(visits)

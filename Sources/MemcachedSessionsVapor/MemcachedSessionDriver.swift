@@ -15,7 +15,7 @@ import Vapor
 ///
 /// ```swift
 /// app.sessions.use(.memcached(manager))   // the driver, its cookie, and the manager's lifecycle
-/// app.middleware.use(app.sessions.middleware)
+/// app.middleware.use(app.sessions.noStoreMiddleware)   // Vapor's, with Cache-Control: no-store
 /// ```
 public struct MemcachedSessionDriver: AsyncSessionDriver {
     public let manager: SessionManager
@@ -140,6 +140,36 @@ public struct MemcachedSessionDriver: AsyncSessionDriver {
     }
 }
 
+/// Vapor's `SessionsMiddleware` with `Cache-Control: no-store` on every response that sets or
+/// clears the session cookie (OWASP: a shared cache must not keep a response that hands out a
+/// session id). Vapor's own middleware sets the cookie after the driver has run, where the driver
+/// cannot reach the response; use this in its place: `app.sessions.noStoreMiddleware`.
+public struct SessionsNoStoreMiddleware: AsyncMiddleware {
+    let sessions: any Middleware
+    let cookieName: String
+
+    public init(wrapping sessions: any Middleware, cookieName: String) {
+        self.sessions = sessions
+        self.cookieName = cookieName
+    }
+
+    public func respond(to request: Request, chainingTo next: any AsyncResponder) async throws -> Response {
+        let response = try await sessions.respond(to: request, chainingTo: next).get()
+        if response.cookies[cookieName] != nil {
+            response.headers.replaceOrAdd(name: .cacheControl, value: "no-store")
+        }
+        return response
+    }
+}
+
+extension Application.Sessions {
+    /// `app.sessions.middleware` (Vapor's `SessionsMiddleware`) with `Cache-Control: no-store` on
+    /// every response that sets or clears the session cookie.
+    public var noStoreMiddleware: SessionsNoStoreMiddleware {
+        SessionsNoStoreMiddleware(wrapping: middleware, cookieName: configuration.cookieName)
+    }
+}
+
 extension Application.Sessions.Provider {
     /// Vapor's sessions (`req.session`, Vapor's session authentication) in memcached, as Vapor's
     /// own `.memory` and `.fluent` are used: the ``MemcachedSessionDriver`` over `manager`, Vapor's
@@ -148,7 +178,7 @@ extension Application.Sessions.Provider {
     ///
     /// ```swift
     /// app.sessions.use(.memcached(manager))
-    /// app.middleware.use(app.sessions.middleware)
+    /// app.middleware.use(app.sessions.noStoreMiddleware)
     /// ```
     public static func memcached(_ manager: SessionManager, cookie: SessionCookie? = nil) -> Self {
         .init { app in

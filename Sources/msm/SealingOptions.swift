@@ -6,7 +6,8 @@ import MemcachedSessions
 
 /// `--session-keys-file` (sealed sessions: base64 keys, one per line, the first current),
 /// `--key-secret-file` (storage keys an HMAC under this secret), and the rolling upgrade's
-/// `--accept-unsealed-until` and `--write-unsealed`. Keys and secrets come from files, never from a
+/// `--accept-unsealed-until` and `--write-unsealed`, and adding a secret to a running cluster's
+/// `--keyed-keys-from` and `--accept-unkeyed-until`. Keys and secrets come from files, never from a
 /// flag's value (which shows in `ps`).
 struct SealingOptions: ParsableArguments {
     @Option(help: "Seal sessions (AES-256-GCM): a file of base64 keys (msm keygen), one per line, the first current, the others only open.")
@@ -21,31 +22,41 @@ struct SealingOptions: ParsableArguments {
     @Flag(inversion: .prefixedNo, help: "Rolling upgrade, first step: open sealed sessions but write unsealed ones.")
     var writeUnsealed: Bool?
 
+    @Option(help: "Adding --key-secret-file to a running cluster: storage keys stay unkeyed until this time (ISO 8601), the same on every instance.")
+    var keyedKeysFrom: String?
+
+    @Option(help: "After --keyed-keys-from, until this time (ISO 8601), a session not found under its keyed key is looked for under its unkeyed one and moved.")
+    var acceptUnkeyedUntil: String?
+
     /// The flags as named settings, for `Settings` (flag > environment > file).
     func record(into flags: inout [String: ConfigValue]) {
         flags.flag("session-keys-file", sessionKeysFile)
         flags.flag("key-secret-file", keySecretFile)
         flags.flag("accept-unsealed-until", acceptUnsealedUntil)
         flags.flag("write-unsealed", writeUnsealed)
+        flags.flag("keyed-keys-from", keyedKeysFrom)
+        flags.flag("accept-unkeyed-until", acceptUnkeyedUntil)
     }
 
     /// The sealing settings from the resolved settings (`msm serve`).
     static func sealing(_ settings: Settings) throws -> SessionManager.Configuration.Sealing {
         try sealing(
             keysFile: try settings.string("session-keys-file"), secretFile: try settings.string("key-secret-file"),
-            acceptUnsealedUntil: try settings.string("accept-unsealed-until"), writeUnsealed: try settings.bool("write-unsealed") ?? false)
+            acceptUnsealedUntil: try settings.string("accept-unsealed-until"), writeUnsealed: try settings.bool("write-unsealed") ?? false,
+            keyedKeysFrom: try settings.string("keyed-keys-from"), acceptUnkeyedUntil: try settings.string("accept-unkeyed-until"))
     }
 
     /// The sealing settings straight from the flags (the inspection commands).
     func sealing() throws -> SessionManager.Configuration.Sealing {
         try Self.sealing(
             keysFile: sessionKeysFile, secretFile: keySecretFile, acceptUnsealedUntil: acceptUnsealedUntil,
-            writeUnsealed: writeUnsealed ?? false)
+            writeUnsealed: writeUnsealed ?? false, keyedKeysFrom: keyedKeysFrom, acceptUnkeyedUntil: acceptUnkeyedUntil)
     }
 
-    static func sealing(keysFile: String?, secretFile: String?, acceptUnsealedUntil: String?, writeUnsealed: Bool) throws
-        -> SessionManager.Configuration.Sealing
-    {
+    static func sealing(
+        keysFile: String?, secretFile: String?, acceptUnsealedUntil: String?, writeUnsealed: Bool, keyedKeysFrom: String? = nil,
+        acceptUnkeyedUntil: String? = nil
+    ) throws -> SessionManager.Configuration.Sealing {
         var sealing = SessionManager.Configuration.Sealing()
         do {
             if let keysFile {
@@ -65,10 +76,25 @@ struct SealingOptions: ParsableArguments {
             sealing.acceptUnsealedUntil = date
         }
         sealing.writesUnsealed = writeUnsealed
+        sealing.keyedStorageKeysFrom = try keyedKeysFrom.map { try time($0, flag: "keyed-keys-from") }
+        sealing.acceptUnkeyedUntil = try acceptUnkeyedUntil.map { try time($0, flag: "accept-unkeyed-until") }
+        if sealing.storageKeySecret == nil, sealing.keyedStorageKeysFrom != nil || sealing.acceptUnkeyedUntil != nil {
+            throw ValidationError("keyed-keys-from and accept-unkeyed-until need --key-secret-file")
+        }
+        if let from = sealing.keyedStorageKeysFrom, let until = sealing.acceptUnkeyedUntil, until <= from {
+            throw ValidationError("accept-unkeyed-until must be after keyed-keys-from")
+        }
         if sealing.keys == nil, sealing.acceptUnsealedUntil != nil || writeUnsealed {
             throw ValidationError("accept-unsealed-until and write-unsealed need --session-keys-file")
         }
         return sealing
+    }
+
+    private static func time(_ text: String, flag: String) throws -> Date {
+        guard let date = try? Date(text, strategy: .iso8601) else {
+            throw ValidationError("\(flag) '\(text)' is not an ISO 8601 time such as 2026-12-31T00:00:00Z")
+        }
+        return date
     }
 }
 

@@ -160,5 +160,24 @@ struct SessionSealingTests {
         let sha = SHA256.hash(data: token.bytes).prefix(16).map { String(format: "%02x", $0) }.joined()
         #expect(plain.primary.hasSuffix(sha))
         #expect(!keyed.primary.hasSuffix(sha))
+        // Keyed digests derive from unkeyed ones (the principal index's entries from before a
+        // storage-key switch still name their sessions); anything else is refused.
+        #expect(SessionKeys.keyedDigest(ofUnkeyed: plain.digest, secret: secret) == keyed.digest)
+        #expect(SessionKeys.keyedDigest(ofUnkeyed: "not a digest", secret: secret) == nil)
+        #expect(SessionKeys.keyedDigest(ofUnkeyed: plain.digest.uppercased(), secret: secret) == nil)
+        #expect(keyed.isKeyed && !plain.isKeyed)
+    }
+
+    /// The storage-key transition's settings need the secret, and its window ends after the switch.
+    @Test func aStorageKeyTransitionNeedsTheSecretAndAnOrderedWindow() throws {
+        var configuration = try SessionManager.Configuration(nodes: "n1:127.0.0.1:11211")
+        configuration.sealing.keyedStorageKeysFrom = Date()
+        #expect(throws: SessionError.self) { try configuration.validate() }
+        configuration.sealing.storageKeySecret = try StorageKeySecret(SymmetricKey(size: .bits256))
+        try configuration.validate()
+        configuration.sealing.acceptUnkeyedUntil = configuration.sealing.keyedStorageKeysFrom
+        #expect(throws: SessionError.self) { try configuration.validate() }
+        configuration.sealing.acceptUnkeyedUntil = Date().addingTimeInterval(60)
+        try configuration.validate()
     }
 }

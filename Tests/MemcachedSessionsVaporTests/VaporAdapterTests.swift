@@ -254,7 +254,7 @@ struct VaporAdapterTests {
                 app.middleware = Middlewares()
                 app.sessions.use { _ in MemcachedSessionDriver(manager: manager) }
                 app.sessions.configuration = MemcachedSessionDriver.sessionsConfiguration()
-                let sessions = app.grouped(app.sessions.middleware)
+                let sessions = app.grouped(app.sessions.noStoreMiddleware)
                 sessions.get("counter") { req -> String in
                     let count = (req.session.data["count"].flatMap(Int.init) ?? 0) + 1
                     req.session.data["count"] = String(count)
@@ -272,6 +272,7 @@ struct VaporAdapterTests {
                 #expect(first.body == "1")
                 let cookie = try #require(first.sessionCookie)
                 #expect(!(first.setCookies.first ?? "").contains("Expires"), "the cookie factory formats no date")
+                #expect(first.cacheControl == "no-store", "a response that sets the cookie is not cached")
                 #expect(try await get("/counter", cookie).body == "2")
                 // Vapor's middleware calls updateSession on every request; unchanged data is not written.
                 let setsBefore = try await commandCount(manager, ["cmd_set"])
@@ -279,8 +280,9 @@ struct VaporAdapterTests {
                 for _ in 0..<10 { #expect(try await get("/read", cookie).body == "2") }
                 #expect(try await commandCount(manager, ["cmd_set"]) == setsBefore)
                 #expect(manager.statistics.value(of: .writesSkipped) - skippedBefore == 10)
-                // Logout through Vapor's session API removes it.
-                _ = try await get("/logout", cookie)
+                // Logout through Vapor's session API removes it (and clears the cookie, not cached).
+                let logout = try await get("/logout", cookie)
+                #expect(logout.cacheControl == "no-store")
                 #expect(try await get("/read", cookie).body == "0")
             }
         }

@@ -139,6 +139,18 @@ extension SessionManager {
             public var keys: SessionKeyRing? = nil
             /// The secret storage keys are an HMAC under. nil: a SHA-256 of the token.
             public var storageKeySecret: StorageKeySecret? = nil
+            /// Adding ``storageKeySecret`` to a running cluster: before this time storage keys stay
+            /// a SHA-256 of the token (what instances without the secret compute), from it on they
+            /// are keyed. Give every instance the secret with the same time, one at a time, then let
+            /// the time pass: every instance switches at once (clocks agreeing within a second).
+            /// nil: keyed from the start.
+            public var keyedStorageKeysFrom: Date? = nil
+            /// After ``keyedStorageKeysFrom``, until this time, a session not found under its keyed
+            /// key is looked for under its SHA-256 key on the same node and moved (written under
+            /// the keyed key, its backup too, the earlier copies ended), counted as
+            /// ``SessionStatistics/Counter/sessionsMovedToKeyedKeys``. Past it, sessions not used
+            /// since the switch are not found (set it at least the idle timeout after the switch).
+            public var acceptUnkeyedUntil: Date? = nil
             /// Rolling upgrade from unsealed sessions: until this time, copies that are not sealed
             /// are read too (and sealed at their next write). nil: an unsealed copy is refused
             /// (read as missing, counted as ``SessionStatistics/Counter/unsealedRefused``).
@@ -326,6 +338,12 @@ extension SessionManager {
             if timeouts.idle > tenYears { throw .configuration("timeouts.idle must be at most ten years (zero or less: never)") }
             if let absolute = timeouts.absolute, absolute > tenYears {
                 throw .configuration("timeouts.absolute must be at most ten years")
+            }
+            if sealing.storageKeySecret == nil, sealing.keyedStorageKeysFrom != nil || sealing.acceptUnkeyedUntil != nil {
+                throw .configuration("sealing.keyedStorageKeysFrom and sealing.acceptUnkeyedUntil need sealing.storageKeySecret")
+            }
+            if let from = sealing.keyedStorageKeysFrom, let until = sealing.acceptUnkeyedUntil, until <= from {
+                throw .configuration("sealing.acceptUnkeyedUntil must be after sealing.keyedStorageKeysFrom")
             }
             if principals.indexLimit < 1 || principals.indexLimit > 10_000 {
                 throw .configuration("principals.indexLimit must be between 1 and 10000")

@@ -150,19 +150,30 @@ final class Principals: SessionManagerPart {
     /// by a notice to its route (read within a quarter of a second; waited for, at most a second,
     /// while that instance is alive).
     func end(_ entries: [PrincipalIndexEntry]) async {
-        let digests = Set(entries.map(\.digest))
-        endLocally(digests)
+        endLocally(Set(entries.flatMap { digests(of: $0) }))
         await withDiscardingTaskGroup { group in
             for entry in entries {
-                group.addTask {
-                    let keys = SessionKeys(digest: entry.digest, prefix: self.configuration.keyPrefix)
-                    await self.store.deleteCopies(keys: keys, nodeID: entry.nodeID, lock: nil, wait: true, sessionIdle: nil)
-                    if let route = entry.route, route != self.configuration.route {
-                        await self.sticky.endTakenOver(keys, from: route, version: .max)
+                for digest in digests(of: entry) {
+                    group.addTask {
+                        let keys = SessionKeys(digest: digest, prefix: self.configuration.keyPrefix)
+                        await self.store.deleteCopies(keys: keys, nodeID: entry.nodeID, lock: nil, wait: true, sessionIdle: nil)
+                        if let route = entry.route, route != self.configuration.route {
+                            await self.sticky.endTakenOver(keys, from: route, version: .max)
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// The digests an entry's session may be stored under: its own, and after a storage-key
+    /// switch (``SessionManager/Configuration/Sealing/keyedStorageKeysFrom``) the keyed digest
+    /// of it too, for entries written before the switch (their sessions move to keyed keys).
+    private func digests(of entry: PrincipalIndexEntry) -> [String] {
+        guard configuration.sealing.keyedStorageKeysFrom != nil, let secret = context.storageKeySecret,
+            let keyed = SessionKeys.keyedDigest(ofUnkeyed: entry.digest, secret: secret)
+        else { return [entry.digest] }
+        return [entry.digest, keyed]
     }
 
     /// This instance's copies in memory (sticky mode, or memcached switched off) whose digest
@@ -194,34 +205,51 @@ final class Principals: SessionManagerPart {
             await end(local)
             throw PrincipalIndex.unavailable(message, ended: local.count)
         }
-        let located = index.locate(principal)
-        let (primary, backup) = await index.readBoth(located)
+        // After a storage-key switch the index kept before it is read too (and emptied).
+        let forms = [index.locate(principal)] + [index.locateBeforeSwitch(principal)].compactMap { $0 }
         var entries: [PrincipalIndexEntry] = []
-        switch PrincipalIndex.newest(primary, backup) {
-        case .noAnswer:
-            try await fail("neither node of the principal index answered")
-        case .none:
-            if case .unreachable = primary {
-                try await fail("the principal index's primary node did not answer and its backup has no copy")
+        var indexed: [Set<String>] = []
+        for (form, located) in forms.enumerated() {
+            let (primary, backup) = await index.readBoth(located)
+            var found: [PrincipalIndexEntry] = []
+            switch PrincipalIndex.newest(primary, backup) {
+            case .noAnswer:
+                try await fail("neither node of the principal index answered")
+            case .none:
+                if case .unreachable = primary {
+                    try await fail("the principal index's primary node did not answer and its backup has no copy")
+                }
+                if case .unreachable = backup {
+                    try await fail("the principal index's backup node did not answer and its primary has no copy")
+                }
+                if form == 0, await mayHaveEvicted([located.primaryNode, located.backupNode].compactMap { $0 }) {
+                    try await fail("no copy of the principal index, and its nodes have evicted items: it may have been dropped")
+                }
+            case .found(let contents, _, _):
+                found = contents.entries
             }
-            if case .unreachable = backup {
-                try await fail("the principal index's backup node did not answer and its primary has no copy")
-            }
-            if await mayHaveEvicted([located.primaryNode, located.backupNode].compactMap { $0 }) {
-                try await fail("no copy of the principal index, and its nodes have evicted items: it may have been dropped")
-            }
-        case .found(let contents, _, _):
-            entries = contents.entries
+            let known = Set(entries.map(\.digest))
+            entries += found.filter { !known.contains($0.digest) }
+            indexed.append(Set(found.map(\.digest)))
         }
-        let indexed = Set(entries.map(\.digest))
-        entries += local.filter { !indexed.contains($0.digest) }
+        let inIndex = Set(entries.map(\.digest))
+        entries += local.filter { !inIndex.contains($0.digest) }
         await end(entries)
-        let count = entries.count
+        // One session may be named twice after a storage-key switch: under its unkeyed digest
+        // (indexed before the switch) and its keyed one (indexed since).
+        var named = Set<String>()
+        var count = 0
+        for entry in entries {
+            let forms = digests(of: entry)
+            guard !forms.contains(where: named.contains) else { continue }
+            count += 1
+            named.formUnion(forms)
+        }
         statistics.count(.sessionsRevoked, count)
-        if !indexed.isEmpty {
+        for (located, digests) in zip(forms, indexed) where !digests.isEmpty {
             do {
                 _ = try await index.update(located) { current in
-                    (current.filter { !indexed.contains($0.digest) }, [])
+                    (current.filter { !digests.contains($0.digest) }, [])
                 }
             } catch {
                 // Every session read was ended; the index could not be emptied (ending them

@@ -25,6 +25,9 @@ final class SessionContext: Sendable {
     let attributeFilter: PathPattern?
     let defaultIdleSeconds: Int64
     let defaultAbsoluteSeconds: Int64
+    /// The storage-key transition's times in milliseconds since 1970.
+    let keyedFromMillis: Int64?
+    let acceptUnkeyedUntilMillis: Int64?
 
     init(
         configuration: SessionManager.Configuration, statistics: SessionStatistics, sealer: SessionSealer?, logger: Logger,
@@ -42,6 +45,8 @@ final class SessionContext: Sendable {
         }
         self.defaultIdleSeconds = max(0, configuration.timeouts.idle.components.seconds)
         self.defaultAbsoluteSeconds = configuration.timeouts.absolute.map { max(1, $0.components.seconds) } ?? 0
+        self.keyedFromMillis = configuration.sealing.keyedStorageKeysFrom.map { Int64(($0.timeIntervalSince1970 * 1000).rounded()) }
+        self.acceptUnkeyedUntilMillis = configuration.sealing.acceptUnkeyedUntil.map { Int64(($0.timeIntervalSince1970 * 1000).rounded()) }
     }
 
     /// The nodes and placement rules in force.
@@ -74,12 +79,35 @@ final class SessionContext: Sendable {
     }
 
     func keys(for token: MemcachedSessionID.Token) -> SessionKeys {
-        SessionKeys(token: token, prefix: configuration.keyPrefix, secret: configuration.sealing.storageKeySecret)
+        SessionKeys(token: token, prefix: configuration.keyPrefix, secret: storageKeySecret)
     }
 
-    /// A session's keys, computed once per session and token.
+    /// A session's keys, computed once per session and token. Non-sticky, a request keeps the
+    /// keys it loaded its session under: one that straddles a storage-key switch writes where it
+    /// read, and the next request moves the copy. Sticky sessions outlive requests and follow the
+    /// switch: their next save writes the keyed key.
     func keys(of session: MemcachedSession) -> SessionKeys {
-        session.keys(prefix: configuration.keyPrefix, secret: configuration.sealing.storageKeySecret)
+        session.keys(prefix: configuration.keyPrefix, secret: storageKeySecret, followsSwitch: configuration.mode == .sticky)
+    }
+
+    /// The storage-key secret in force: none before ``SessionManager/Configuration/Sealing/keyedStorageKeysFrom``.
+    var storageKeySecret: StorageKeySecret? {
+        guard let secret = configuration.sealing.storageKeySecret else { return nil }
+        guard let from = keyedFromMillis else { return secret }
+        return currentTimeMillis() >= from ? secret : nil
+    }
+
+    /// Whether a session not found under its keyed key is looked for under its SHA-256 one
+    /// (a storage-key transition's window, ``SessionManager/Configuration/Sealing/acceptUnkeyedUntil``).
+    var acceptsUnkeyed: Bool {
+        guard configuration.sealing.storageKeySecret != nil, let until = acceptUnkeyedUntilMillis else { return false }
+        let now = currentTimeMillis()
+        return now < until && now >= (keyedFromMillis ?? .min)
+    }
+
+    /// The session's earlier (SHA-256) keys, in a storage-key transition's window; else nil.
+    func unkeyedKeys(for token: MemcachedSessionID.Token) -> SessionKeys? {
+        acceptsUnkeyed ? SessionKeys(token: token, prefix: configuration.keyPrefix) : nil
     }
 
     // MARK: - sessions

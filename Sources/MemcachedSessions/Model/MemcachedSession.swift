@@ -486,9 +486,12 @@ public final class MemcachedSession: Sendable {
         }
     }
 
-    /// The memcached keys of the session's current token, computed once.
-    func keys(prefix: String, secret: StorageKeySecret? = nil) -> SessionKeys {
-        if let (keys, token) = state.withLock({ state in state.keys.map { ($0, state.id.token) } }), keys.token == token {
+    /// The memcached keys of the session's current token, computed once; again after a
+    /// storage-key switch (keys keyed from a time on) when `followsSwitch`.
+    func keys(prefix: String, secret: StorageKeySecret? = nil, followsSwitch: Bool = false) -> SessionKeys {
+        if let (keys, token) = state.withLock({ state in state.keys.map { ($0, state.id.token) } }), keys.token == token,
+            !followsSwitch || keys.isKeyed == (secret != nil)
+        {
             return keys
         }
         let token = id.token

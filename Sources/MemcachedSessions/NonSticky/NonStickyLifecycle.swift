@@ -75,6 +75,9 @@ final class NonStickyLifecycle: SessionLifecycle {
                 lock = nil
             }
         }
+        if case .missing = read, keys.isKeyed, let earlier = context.unkeyedKeys(for: id.token) {
+            read = await store.moveUnkeyedCopy(from: earlier, to: keys, on: id.nodeID, touch: slide)
+        }
         let now = currentTimeMillis()
         if case .missing = read, await store.missMayBeRestartChecking(on: id.nodeID) {
             // The node restarted (empty) recently: the backup may hold the session.
@@ -140,7 +143,7 @@ final class NonStickyLifecycle: SessionLifecycle {
             // The lock on the target: concurrent recoveries of this session take turns.
             (lock, _) = try await locks.lockAndRead(keys: keys, nodeID: target, touch: nil)
         }
-        let search = await store.searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
+        let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
         if search.tombstone {
             // Logged out: a tombstone outranks any copy that survived somewhere.
             if let lock { await locks.release(lock) }
@@ -174,6 +177,22 @@ final class NonStickyLifecycle: SessionLifecycle {
     /// Serves a copy found on another node: under `id` (whose node is where it lives now), with
     /// the lock only if it is on that node, and, when the copy was a backup, marked to be written
     /// in full at the end of the request.
+    /// The session's copies on `nodes`; in a storage-key transition's window, when none is under
+    /// its keyed keys, those under its unkeyed keys, each served as a backup is (written under the
+    /// keyed keys at the request's end): a session not yet moved survives its node's failure.
+    private func searchCopies(keys: SessionKeys, on nodes: [String]) async -> SessionStore.CopySearch {
+        let search = await store.searchCopies(keys: keys, on: nodes)
+        guard search.newest == nil, !search.tombstone, keys.isKeyed, let token = keys.token, let earlier = context.unkeyedKeys(for: token)
+        else { return search }
+        var found = await store.searchCopies(keys: earlier, on: nodes)
+        if let newest = found.newest, newest.isPrimary {
+            found.newest = (newest.stored, newest.nodeID, false)
+            found.newestTimeToLive = nil
+        }
+        found.unreachable = found.unreachable || search.unreachable
+        return found
+    }
+
     private func adopt(
         _ copy: (stored: StoredSession, nodeID: String, isPrimary: Bool), id: MemcachedSessionID, lock: HeldLock?, access: SessionAccess
     ) async -> MemcachedSession {
@@ -200,7 +219,7 @@ final class NonStickyLifecycle: SessionLifecycle {
         -> MemcachedSession?
     {
         let others = topology.others(than: id.nodeID)
-        let search = await store.searchCopies(keys: keys, on: others.filter { topology.isReachable($0) })
+        let search = await searchCopies(keys: keys, on: others.filter { topology.isReachable($0) })
         // Where its backup usually is: the next node after its own in configuration order.
         let usualBackup = topology.order.firstIndex(of: id.nodeID).map { topology.order[($0 + 1) % topology.order.count] }
         if !search.tombstone, search.newest == nil, search.unreachable || usualBackup.map({ !topology.isReachable($0) }) == true {

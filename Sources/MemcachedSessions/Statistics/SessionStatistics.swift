@@ -74,6 +74,9 @@ public final class SessionStatistics: Sendable {
         /// Sealing: a session opened with an older key (or unsealed, in a rolling upgrade) and
         /// sealed again with the current key although the request did not change it.
         case sessionsResealed
+        /// A storage-key transition's window: a session found under its earlier (SHA-256) key
+        /// and moved to its keyed one.
+        case sessionsMovedToKeyedKeys
         case oversizedSessions
         case unavailable
         /// A copy left on a node that did not answer (an old primary after a move, a logout's

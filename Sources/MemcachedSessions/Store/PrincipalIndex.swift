@@ -22,16 +22,19 @@ struct PrincipalIndexEntry: Sendable, Hashable {
 ///   under `<prefix>q:<same>`.
 /// - Value: a version and the entries, oldest first (`<digest> <node> <created ms> <route or .>`); sealed (bound to the index key) when
 ///   sealing keys are set. Token digests only, never tokens.
-/// - Updates: the copy with the higher version is the authority, written with CAS (retried on a
-///   conflict, bounded); the other copy is then overwritten with the same bytes. A node down
-///   leaves the other copy as the authority; a node that comes back with an older copy is
-///   outvoted by the version.
+/// - Updates: the newer copy (by version) is the base; the primary is the one authority while its
+///   node answers, written with CAS (an add when it has no copy), retried on a conflict with
+///   jittered backoff, bounded; the backup is then overwritten with the same bytes. Only when the
+///   primary's node does not answer is the backup the authority. (Two authorities at once, the
+///   primary for one update and a backup newer than it for another, lost entries: one update's CAS
+///   on the primary and the other's plain copy over it.) A node that comes back with an older copy
+///   is outvoted by the version.
 struct PrincipalIndex: SessionManagerPart {
     let context: SessionContext
     let store: SessionStore
 
     static let header = "msm-principals 1 "
-    static let maximumAttempts = 8
+    static let maximumAttempts = 16
 
     struct Located: Sendable {
         var primaryKey: String
@@ -40,11 +43,23 @@ struct PrincipalIndex: SessionManagerPart {
         var backupNode: String?
     }
 
-    /// The index's keys and nodes for a principal (its attribute bytes as the codec wrote them).
+    /// The index's keys and nodes for a principal (its attribute bytes as the codec wrote them),
+    /// keyed as storage keys are (``SessionContext/storageKeySecret``).
     func locate(_ principal: ByteBuffer) -> Located {
+        locate(principal, secret: context.storageKeySecret)
+    }
+
+    /// After a storage-key switch (``SessionManager/Configuration/Sealing/keyedStorageKeysFrom``),
+    /// where the index was kept before it (unkeyed); nil otherwise.
+    func locateBeforeSwitch(_ principal: ByteBuffer) -> Located? {
+        guard configuration.sealing.keyedStorageKeysFrom != nil, context.storageKeySecret != nil else { return nil }
+        return locate(principal, secret: nil)
+    }
+
+    private func locate(_ principal: ByteBuffer, secret: StorageKeySecret?) -> Located {
         let bytes = Array(principal.readableBytesView)
         let digest: [UInt8] =
-            if let secret = configuration.sealing.storageKeySecret {
+            if let secret {
                 secret.digest(Array("msm principal|".utf8) + bytes)
             } else {
                 Array(SHA256.hash(data: Array("msm principal|".utf8) + bytes))
@@ -184,18 +199,32 @@ struct PrincipalIndex: SessionManagerPart {
         _ located: Located,
         mutate: ([PrincipalIndexEntry]) async -> (entries: [PrincipalIndexEntry], dropped: [PrincipalIndexEntry])?
     ) async throws(SessionError) -> UpdateOutcome {
-        for _ in 0..<Self.maximumAttempts {
+        for attempt in 0..<Self.maximumAttempts {
+            if attempt > 0 {
+                // Contention (many logins of one principal at once): back off, jittered, so that
+                // each round lets one through instead of all colliding again.
+                let base = Double(1_000_000 << min(attempt - 1, 5))
+                try? await clock.sleep(for: .nanoseconds(Int64(base * (0.5 + context.unitRandom()))))
+            }
             let (primary, backup) = await readBoth(located)
             let base: Contents
-            let toPrimary: Bool
-            let cas: UInt64?
             switch Self.newest(primary, backup) {
             case .noAnswer:
                 throw Self.unavailable("neither node of the principal index answered", ended: nil)
-            case .none(let primaryAnswered):
-                (base, toPrimary, cas) = (Contents(version: 0, entries: []), primaryAnswered || located.backupNode == nil, nil)
-            case .found(let contents, let fromPrimary, let unique):
-                (base, toPrimary, cas) = (contents, fromPrimary, unique)
+            case .none:
+                base = Contents(version: 0, entries: [])
+            case .found(let contents, _, _):
+                base = contents
+            }
+            // The primary is the authority whenever its node answered (CAS over its copy, or an
+            // add when it has none); the backup only when it did not.
+            let toPrimary: Bool
+            let cas: UInt64?
+            switch (primary, backup) {
+            case (.found(_, let unique), _): (toPrimary, cas) = (true, unique)
+            case (.missing, _): (toPrimary, cas) = (true, nil)
+            case (.unreachable, .found(_, let unique)): (toPrimary, cas) = (located.backupNode == nil, unique)
+            case (.unreachable, _): (toPrimary, cas) = (located.backupNode == nil, nil)
             }
             guard var (entries, dropped) = await mutate(base.entries) else { return .refused }
             let limit = max(1, configuration.principals.indexLimit)

@@ -196,6 +196,44 @@ final class SessionStore: SessionManagerPart {
         return .found(stored)
     }
 
+    /// A read's miss under its keyed `keys` in a storage-key transition's window
+    /// (``SessionContext/unkeyedKeys(for:)``): a session found only under its `earlier` (SHA-256)
+    /// keys on the same node moves, written under the keyed key with an add (a concurrent move or
+    /// write wins, and its copy is read), its backup too, and its earlier copies are ended with
+    /// tombstones on every node. Fail closed: an earlier copy whose end did not land reads as
+    /// missing as long as the keyed copy exists, and as ended once the tombstone lands; it never
+    /// comes back over a newer copy.
+    func moveUnkeyedCopy(from earlier: SessionKeys, to keys: SessionKeys, on nodeID: String, touch: MemcachedTTL?) async -> StoredRead {
+        let found = await readStored(key: earlier.primary, on: nodeID, touch: nil)
+        // A tombstone there ends the session as it would under the keyed key.
+        guard case .found(let stored) = found else { return found }
+        let now = currentTimeMillis()
+        let metadata = stored.record.metadata
+        let bytes: ByteBuffer
+        do {
+            bytes = try encode(stored.record, key: keys.primary)
+        } catch {
+            return .missing
+        }
+        switch await writeStored(
+            key: keys.primary, on: nodeID, bytes: bytes, ttl: Self.primaryTTL(metadata, now: now), flags: Self.primaryFlags(metadata),
+            casUnique: nil, add: true)
+        {
+        case .stored(let cas):
+            statistics.count(.sessionsMovedToKeyedKeys)
+            if keepsBackups { await writeBackup(keys: keys, primaryNode: nodeID, bytes: bytes, metadata: metadata, now: now) }
+            await deleteCopies(keys: earlier, nodeID: nodeID, lock: nil, wait: false, sessionIdle: metadata.idleTimeoutSeconds)
+            return .found(StoredSession(record: stored.record, casUnique: cas, raw: bytes))
+        case .conflict:
+            // Moved (or written) by a concurrent request meanwhile: that copy is the session.
+            return await readStored(key: keys.primary, on: nodeID, touch: touch)
+        case .unreachable(let error), .tooLarge(let error):
+            return .unreachable(error)
+        case .gone:
+            return .missing
+        }
+    }
+
     /// Encodes a record for the session stored at `key` (sealed when sealing keys are set),
     /// refusing sessions larger than memcached's item size limit before anything is sent
     /// (memcached drops the stored item when it refuses an oversized set).

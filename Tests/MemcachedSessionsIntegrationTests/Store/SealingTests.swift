@@ -220,4 +220,124 @@ struct SealingTests {
             }
         }
     }
+
+    /// Adding a storage-key secret to a running cluster: instances given the secret with a switch
+    /// time still ahead compute the keys instances without it do, beside them; past the switch
+    /// (every instance at once) a session is moved to its keyed keys at its first request in the
+    /// window, the principal index kept before the switch still revokes, a logout in the window
+    /// stays a logout; after the window only keyed keys are read.
+    @Test(arguments: SessionManager.Mode.allCases)
+    func aStorageKeySecretAddedToARunningClusterLogsNobodyOut(mode: SessionManager.Mode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let now = Date()
+            func instance(_ route: String, _ configure: (inout SessionManager.Configuration) -> Void = { _ in }) throws
+                -> SessionManager.Configuration
+            {
+                try configuration(servers, mode: mode) {
+                    $0.route = route
+                    $0.sticky.asynchronousSaving = false
+                    configure(&$0)
+                }
+            }
+            let earlier = try instance("e")
+            let soon = try instance("s") {
+                $0.sealing.storageKeySecret = Self.secret
+                $0.sealing.keyedStorageKeysFrom = now.addingTimeInterval(3600)
+            }
+            let switched = try instance("w") {
+                $0.sealing.storageKeySecret = Self.secret
+                $0.sealing.keyedStorageKeysFrom = now.addingTimeInterval(-1)
+                $0.sealing.acceptUnkeyedUntil = now.addingTimeInterval(3600)
+            }
+            let done = try instance("d") {
+                $0.sealing.storageKeySecret = Self.secret
+                $0.sealing.keyedStorageKeysFrom = now.addingTimeInterval(-7200)
+                $0.sealing.acceptUnkeyedUntil = now.addingTimeInterval(-3600)
+            }
+            try await withManagers([earlier, soon, switched, done]) { managers in
+                let (earlier, soon, switched, done) = (managers[0], managers[1], managers[2], managers[3])
+                var browser = Browser()
+                var count = 0
+                // Before the switch: the same keys as instances without the secret.
+                for manager in [earlier, soon, earlier, soon] {
+                    count += 1
+                    #expect(try await manager.increment(&browser) == count)
+                }
+                var late = Browser()
+                try await soon.increment(&late)
+                var alice = Browser()
+                try await soon.login(&alice, as: "alice")
+                var bob = Browser()
+                try await earlier.login(&bob, as: "bob")
+                let id = try #require(browser.id)
+                let unkeyed = SessionKeys(token: id.token, prefix: "msm:")
+                let keyed = SessionKeys(token: id.token, prefix: "msm:", secret: Self.secret)
+                #expect(soon.keys(for: id.token) == unkeyed)
+                #expect(switched.keys(for: id.token) == keyed)
+                // Past the switch: moved at the first request, then read under the keyed key.
+                for _ in 0..<3 {
+                    count += 1
+                    #expect(try await switched.increment(&browser) == count)
+                }
+                #expect(switched.statistics.value(of: .sessionsMovedToKeyedKeys) == 1)
+                let home = try #require(browser.id).nodeID
+                try await withInspector(servers) { inspector in
+                    #expect(try await inspector.node(home).get(keyed.primary) != nil)
+                    try await eventually("the unkeyed copy ended") {
+                        try await inspector.node(home).get(unkeyed.primary)?.flags == SessionManager.tombstoneFlags
+                    }
+                }
+                // Alice logged in before the switch (her index unkeyed) and used the session since
+                // (moved); a second login of hers after it. Revoking ends both.
+                #expect(try await switched.hasSession(alice))
+                var alice2 = Browser()
+                try await switched.login(&alice2, as: "alice")
+                #expect(try await switched.invalidateAll(principal: "alice") == 2)
+                #expect(try await switched.hasSession(alice) == false)
+                #expect(try await switched.hasSession(alice2) == false)
+                // Bob logs out in the window: the unkeyed copy cannot bring him back.
+                try await switched.request(&bob, path: "/logout") { access in try await access.invalidate() }
+                #expect(try await switched.hasSession(bob) == false)
+                #expect(try await done.hasSession(bob) == false)
+                // After the window: the moved session is read; one not used in the window is gone.
+                #expect(try await done.readCount(&browser) == count)
+                #expect(try await done.readCount(&late) == 0)
+            }
+        }
+    }
+
+    /// A storage-key transition's window: a session not yet moved whose node fails is recovered
+    /// from its unkeyed backup, and lives on under its keyed keys.
+    @Test func aSessionNotYetMovedSurvivesItsNodesFailureInTheWindow() async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            let earlier = try configuration(servers)
+            let switched = try configuration(servers) {
+                $0.memcached.requestTimeout = .milliseconds(500)
+                $0.memcached.failureThreshold = 1
+                $0.sealing.storageKeySecret = Self.secret
+                $0.sealing.keyedStorageKeysFrom = Date().addingTimeInterval(-1)
+                $0.sealing.acceptUnkeyedUntil = Date().addingTimeInterval(3600)
+            }
+            try await withManagers([earlier, switched]) { managers in
+                let (earlier, switched) = (managers[0], managers[1])
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await earlier.increment(&browser)
+                    #expect(try await earlier.increment(&browser) == 2)
+                    let id = try #require(browser.id)
+                    let unkeyed = earlier.keys(for: id.token)
+                    let backupNode = earlier.topology.nextAvailable(after: id.nodeID)!
+                    try await eventually("the backup is written") { try await inspector.node(backupNode).get(unkeyed.backup) != nil }
+                    try await servers[Int(id.nodeID.dropFirst())! - 1].kill()
+                    #expect(try await switched.increment(&browser) == 3)
+                    let moved = try #require(browser.id)
+                    #expect(moved.nodeID != id.nodeID)
+                    let keyed = switched.keys(for: moved.token)
+                    #expect(keyed.isKeyed)
+                    #expect(try await inspector.node(moved.nodeID).get(keyed.primary) != nil)
+                    #expect(try await switched.increment(&browser) == 4)
+                }
+            }
+        }
+    }
 }
