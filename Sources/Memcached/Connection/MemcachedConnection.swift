@@ -2,16 +2,47 @@ import Atomics
 import NIOCore
 import NIOPosix
 import NIOSSL
+import Synchronization
 
 /// One TCP connection to a memcached node, with any number of requests in flight.
 ///
 /// Thread-safe: requests may come from any task. A request from a task that already runs on the
 /// connection's event loop (for example under an event-loop task executor) is queued without a
-/// thread hop.
+/// thread hop. Requests from other threads go into a submission queue that the event loop drains:
+/// only the one that finds it empty wakes the loop, so many requests issued at once cost one
+/// wake-up (an `eventfd` write and a loop iteration), not one each.
 final class MemcachedConnection: Sendable {
     let channel: any Channel
     private let handler: NIOLoopBound<MemcachedChannelHandler>
     private let requestIDs = ManagedAtomic<UInt64>(1)
+    private let submissions = Mutex(Submissions())
+
+    /// Requests waiting for the event loop, in the order they came.
+    private struct Submissions: ~Copyable {
+        var queue: [Submission] = []
+        /// A drain is scheduled on the event loop (it takes whatever is queued when it runs).
+        var drainScheduled = false
+    }
+
+    private struct Submission: Sendable {
+        var request: MemcachedRequest
+        var id: UInt64
+        var deadline: NIODeadline
+        var waiter: Waiter
+
+        /// Who waits for the reply (a batch's collector lives on the event loop and is never queued).
+        enum Waiter: Sendable {
+            case continuation(UnsafeContinuation<Result<MemcachedResponse, MemcachedError>, Never>)
+            case callback(@Sendable (Result<MemcachedResponse, MemcachedError>) -> Void)
+        }
+
+        var context: RequestContext {
+            switch waiter {
+            case .continuation(let continuation): .continuation(continuation)
+            case .callback(let callback): .callback(callback)
+            }
+        }
+    }
 
     var eventLoop: any EventLoop { channel.eventLoop }
     var closeFuture: EventLoopFuture<Void> { channel.closeFuture }
@@ -123,6 +154,42 @@ final class MemcachedConnection: Sendable {
         }
     }
 
+    /// Hands a request to the channel handler: at once on the event loop (after whatever is queued,
+    /// to keep the order), else through the submission queue.
+    private func enqueue(_ submission: Submission) {
+        if eventLoop.inEventLoop {
+            drain()
+            handler.value.submit(submission.request, id: submission.id, deadline: submission.deadline, context: submission.context)
+            return
+        }
+        let wake = submissions.withLock { submissions in
+            submissions.queue.append(submission)
+            guard !submissions.drainScheduled else { return false }
+            submissions.drainScheduled = true
+            return true
+        }
+        if wake { eventLoop.execute { self.drain() } }
+    }
+
+    /// Submits every queued request (on the event loop).
+    private func drain() {
+        let queued = submissions.withLock { submissions in
+            submissions.drainScheduled = false
+            return submissions.queue.isEmpty ? [] : Self.take(&submissions.queue)
+        }
+        guard !queued.isEmpty else { return }
+        let handler = self.handler.value
+        for submission in queued {
+            handler.submit(submission.request, id: submission.id, deadline: submission.deadline, context: submission.context)
+        }
+    }
+
+    private static func take(_ queue: inout [Submission]) -> [Submission] {
+        let taken = queue
+        queue.removeAll(keepingCapacity: true)
+        return taken
+    }
+
     /// Sends one request and waits for its reply, its deadline or the task's cancellation.
     func execute(_ request: MemcachedRequest, deadline: NIODeadline) async -> Result<MemcachedResponse, MemcachedError> {
         let id = requestIDs.loadThenWrappingIncrement(ordering: .relaxed)
@@ -130,29 +197,18 @@ final class MemcachedConnection: Sendable {
         let handler = self.handler
         guard request.honorsCancellation else {
             return await withUnsafeContinuation { continuation in
-                if eventLoop.inEventLoop {
-                    handler.value.submit(request, id: id, deadline: deadline, context: .continuation(continuation))
-                } else {
-                    eventLoop.execute {
-                        handler.value.submit(request, id: id, deadline: deadline, context: .continuation(continuation))
-                    }
-                }
+                enqueue(Submission(request: request, id: id, deadline: deadline, waiter: .continuation(continuation)))
             }
         }
         return await withTaskCancellationHandler {
             if Task.isCancelled { return .failure(MemcachedError.cancelledError) }
             return await withUnsafeContinuation { continuation in
-                if eventLoop.inEventLoop {
-                    handler.value.submit(request, id: id, deadline: deadline, context: .continuation(continuation))
-                } else {
-                    eventLoop.execute {
-                        handler.value.submit(request, id: id, deadline: deadline, context: .continuation(continuation))
-                    }
-                }
+                enqueue(Submission(request: request, id: id, deadline: deadline, waiter: .continuation(continuation)))
             }
         } onCancel: {
-            // A cancellation that overtakes the submission finds nothing to cancel: the request then
-            // ends at its deadline, as any other.
+            // Runs after the queue's drain (scheduled no later than this), so it finds the request.
+            // A cancellation that overtakes the submission itself finds nothing to cancel: the
+            // request then ends at its deadline, as any other.
             eventLoop.execute { handler.value.cancel(id: id) }
         }
     }
@@ -174,7 +230,12 @@ final class MemcachedConnection: Sendable {
                             context: .batch(collector, index: index))
                     }
                 }
-                if eventLoop.inEventLoop { submit() } else { eventLoop.execute(submit) }
+                if eventLoop.inEventLoop {
+                    self.drain()  // what was queued before goes first
+                    submit()
+                } else {
+                    eventLoop.execute(submit)
+                }
             }
         } onCancel: {
             guard cancellable else { return }
@@ -192,14 +253,7 @@ final class MemcachedConnection: Sendable {
         completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void
     ) {
         let id = requestIDs.loadThenWrappingIncrement(ordering: .relaxed)
-        let handler = self.handler
-        if eventLoop.inEventLoop {
-            handler.value.submit(request, id: id, deadline: deadline, context: .callback(completion))
-        } else {
-            eventLoop.execute {
-                handler.value.submit(request, id: id, deadline: deadline, context: .callback(completion))
-            }
-        }
+        enqueue(Submission(request: request, id: id, deadline: deadline, waiter: .callback(completion)))
     }
 
     /// Closes after the requests in flight are answered or time out.
