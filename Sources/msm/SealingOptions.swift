@@ -81,6 +81,9 @@ struct SealingOptions: ParsableArguments {
         if sealing.storageKeySecret == nil, sealing.keyedStorageKeysFrom != nil || sealing.acceptUnkeyedUntil != nil {
             throw ValidationError("keyed-keys-from and accept-unkeyed-until need --key-secret-file")
         }
+        if sealing.acceptUnkeyedUntil != nil, sealing.keyedStorageKeysFrom == nil {
+            throw ValidationError("accept-unkeyed-until needs keyed-keys-from (the switch every instance makes at once)")
+        }
         if let from = sealing.keyedStorageKeysFrom, let until = sealing.acceptUnkeyedUntil, until <= from {
             throw ValidationError("accept-unkeyed-until must be after keyed-keys-from")
         }

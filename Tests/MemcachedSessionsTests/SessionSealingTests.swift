@@ -177,6 +177,10 @@ struct SessionSealingTests {
         try configuration.validate()
         configuration.sealing.acceptUnkeyedUntil = configuration.sealing.keyedStorageKeysFrom
         #expect(throws: SessionError.self) { try configuration.validate() }
+        var windowAlone = configuration
+        windowAlone.sealing.keyedStorageKeysFrom = nil
+        windowAlone.sealing.acceptUnkeyedUntil = Date().addingTimeInterval(60)
+        #expect(throws: SessionError.self) { try windowAlone.validate() }
         configuration.sealing.acceptUnkeyedUntil = Date().addingTimeInterval(60)
         try configuration.validate()
     }

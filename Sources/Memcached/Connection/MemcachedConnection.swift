@@ -206,10 +206,12 @@ final class MemcachedConnection: Sendable {
                 enqueue(Submission(request: request, id: id, deadline: deadline, waiter: .continuation(continuation)))
             }
         } onCancel: {
-            // Runs after the queue's drain (scheduled no later than this), so it finds the request.
-            // A cancellation that overtakes the submission itself finds nothing to cancel: the
-            // request then ends at its deadline, as any other.
-            eventLoop.execute { handler.value.cancel(id: id) }
+            // Whatever is queued is submitted first, so the cancellation finds the request (unless
+            // it overtook the submission itself: the request then ends at its deadline).
+            eventLoop.execute {
+                self.drain()
+                handler.value.cancel(id: id)
+            }
         }
     }
 
@@ -230,16 +232,21 @@ final class MemcachedConnection: Sendable {
                             context: .batch(collector, index: index))
                     }
                 }
+                // What was queued before goes first.
                 if eventLoop.inEventLoop {
-                    self.drain()  // what was queued before goes first
+                    self.drain()
                     submit()
                 } else {
-                    eventLoop.execute(submit)
+                    eventLoop.execute {
+                        self.drain()
+                        submit()
+                    }
                 }
             }
         } onCancel: {
             guard cancellable else { return }
             eventLoop.execute {
+                self.drain()
                 for index in 0..<requests.count where requests[index].honorsCancellation {
                     handler.value.cancel(id: firstID &+ UInt64(index))
                 }
@@ -260,7 +267,10 @@ final class MemcachedConnection: Sendable {
     func closeGracefully() -> EventLoopFuture<Void> {
         let promise = eventLoop.makePromise(of: Void.self)
         let handler = self.handler
-        eventLoop.execute { handler.value.closeGracefully(promise: promise) }
+        eventLoop.execute {
+            self.drain()  // queued requests go before the drain's close
+            handler.value.closeGracefully(promise: promise)
+        }
         return promise.futureResult
     }
 

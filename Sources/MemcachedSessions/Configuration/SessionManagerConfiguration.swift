@@ -342,6 +342,10 @@ extension SessionManager {
             if sealing.storageKeySecret == nil, sealing.keyedStorageKeysFrom != nil || sealing.acceptUnkeyedUntil != nil {
                 throw .configuration("sealing.keyedStorageKeysFrom and sealing.acceptUnkeyedUntil need sealing.storageKeySecret")
             }
+            if sealing.acceptUnkeyedUntil != nil, sealing.keyedStorageKeysFrom == nil {
+                throw .configuration(
+                    "sealing.acceptUnkeyedUntil needs sealing.keyedStorageKeysFrom (the switch every instance makes at once)")
+            }
             if let from = sealing.keyedStorageKeysFrom, let until = sealing.acceptUnkeyedUntil, until <= from {
                 throw .configuration("sealing.acceptUnkeyedUntil must be after sealing.keyedStorageKeysFrom")
             }

@@ -28,22 +28,17 @@ final class Principals: SessionManagerPart {
         switch work {
         case .ended(let principal, let token):
             // A logout: its entry goes, best effort (a stale entry only ends an ended session again).
-            let digest = keys(for: token).digest
-            _ = try? await index.update(index.locate(principal)) { entries in
-                (entries.filter { $0.digest != digest }, [])
-            }
+            await unindex(token, from: principal)
             session.markUnindexed()
             return
         case .changed(let changed):
             change = changed
         }
         let oldDigest = change.old.map { keys(for: $0.token).digest }
-        if let old = change.old, change.new?.principal != old.principal, let oldDigest {
+        if let old = change.old, change.new?.principal != old.principal {
             // Out of the previous principal's index (a change of user, or a logout of the user
             // that keeps the session): best effort, as a logout's.
-            _ = try? await index.update(index.locate(old.principal)) { entries in
-                (entries.filter { $0.digest != oldDigest }, [])
-            }
+            await unindex(old.token, from: old.principal)
         }
         if let new = change.new {
             let entry = PrincipalIndexEntry(
@@ -86,6 +81,22 @@ final class Principals: SessionManagerPart {
         } else {
             statistics.count(.principalIndexUpdates)
             session.markIndexed(change)
+        }
+    }
+
+    /// Takes a session out of a principal's index, best effort. After a storage-key switch, out
+    /// of the index kept before it too (under its unkeyed digest): else revoking that principal
+    /// would end the session, which may belong to another principal by now.
+    private func unindex(_ token: MemcachedSessionID.Token, from principal: ByteBuffer) async {
+        let digest = keys(for: token).digest
+        _ = try? await index.update(index.locate(principal)) { entries in
+            (entries.filter { $0.digest != digest }, [])
+        }
+        if let earlier = index.locateBeforeSwitch(principal) {
+            let unkeyed = SessionKeys.digest(of: token, secret: nil)
+            _ = try? await index.update(earlier) { entries in
+                (entries.filter { $0.digest != unkeyed }, [])
+            }
         }
     }
 
@@ -150,30 +161,18 @@ final class Principals: SessionManagerPart {
     /// by a notice to its route (read within a quarter of a second; waited for, at most a second,
     /// while that instance is alive).
     func end(_ entries: [PrincipalIndexEntry]) async {
-        endLocally(Set(entries.flatMap { digests(of: $0) }))
+        endLocally(Set(entries.map(\.digest)))
         await withDiscardingTaskGroup { group in
             for entry in entries {
-                for digest in digests(of: entry) {
-                    group.addTask {
-                        let keys = SessionKeys(digest: digest, prefix: self.configuration.keyPrefix)
-                        await self.store.deleteCopies(keys: keys, nodeID: entry.nodeID, lock: nil, wait: true, sessionIdle: nil)
-                        if let route = entry.route, route != self.configuration.route {
-                            await self.sticky.endTakenOver(keys, from: route, version: .max)
-                        }
+                group.addTask {
+                    let keys = SessionKeys(digest: entry.digest, prefix: self.configuration.keyPrefix)
+                    await self.store.deleteCopies(keys: keys, nodeID: entry.nodeID, lock: nil, wait: true, sessionIdle: nil)
+                    if let route = entry.route, route != self.configuration.route {
+                        await self.sticky.endTakenOver(keys, from: route, version: .max)
                     }
                 }
             }
         }
-    }
-
-    /// The digests an entry's session may be stored under: its own, and after a storage-key
-    /// switch (``SessionManager/Configuration/Sealing/keyedStorageKeysFrom``) the keyed digest
-    /// of it too, for entries written before the switch (their sessions move to keyed keys).
-    private func digests(of entry: PrincipalIndexEntry) -> [String] {
-        guard configuration.sealing.keyedStorageKeysFrom != nil, let secret = context.storageKeySecret,
-            let keyed = SessionKeys.keyedDigest(ofUnkeyed: entry.digest, secret: secret)
-        else { return [entry.digest] }
-        return [entry.digest, keyed]
     }
 
     /// This instance's copies in memory (sticky mode, or memcached switched off) whose digest
@@ -209,6 +208,11 @@ final class Principals: SessionManagerPart {
         let forms = [index.locate(principal)] + [index.locateBeforeSwitch(principal)].compactMap { $0 }
         var entries: [PrincipalIndexEntry] = []
         var indexed: [Set<String>] = []
+        // Each session once: an entry of the index from before the switch names it by its
+        // unkeyed digest, and it may have moved to its keyed one (indexed since, too).
+        var named = Set<String>()
+        var count = 0
+        var anyCopy = false
         for (form, located) in forms.enumerated() {
             let (primary, backup) = await index.readBoth(located)
             var found: [PrincipalIndexEntry] = []
@@ -222,29 +226,34 @@ final class Principals: SessionManagerPart {
                 if case .unreachable = backup {
                     try await fail("the principal index's backup node did not answer and its primary has no copy")
                 }
-                if form == 0, await mayHaveEvicted([located.primaryNode, located.backupNode].compactMap { $0 }) {
-                    try await fail("no copy of the principal index, and its nodes have evicted items: it may have been dropped")
-                }
             case .found(let contents, _, _):
                 found = contents.entries
+                anyCopy = true
             }
-            let known = Set(entries.map(\.digest))
-            entries += found.filter { !known.contains($0.digest) }
             indexed.append(Set(found.map(\.digest)))
+            for entry in found {
+                var names = [entry]
+                if form == 1, let secret = configuration.sealing.storageKeySecret,
+                    let keyed = SessionKeys.keyedDigest(ofUnkeyed: entry.digest, secret: secret)
+                {
+                    names.append(PrincipalIndexEntry(digest: keyed, nodeID: entry.nodeID, createdAt: entry.createdAt, route: entry.route))
+                }
+                let fresh = names.filter { !named.contains($0.digest) }
+                if fresh.count == names.count { count += 1 }
+                entries += fresh
+                named.formUnion(names.map(\.digest))
+            }
         }
-        let inIndex = Set(entries.map(\.digest))
-        entries += local.filter { !inIndex.contains($0.digest) }
-        await end(entries)
-        // One session may be named twice after a storage-key switch: under its unkeyed digest
-        // (indexed before the switch) and its keyed one (indexed since).
-        var named = Set<String>()
-        var count = 0
-        for entry in entries {
-            let forms = digests(of: entry)
-            guard !forms.contains(where: named.contains) else { continue }
+        // No copy in either form: an index its nodes evicted would end nothing, silently.
+        if !anyCopy, await mayHaveEvicted(Array(Set(forms.flatMap { [$0.primaryNode, $0.backupNode].compactMap { $0 } }))) {
+            try await fail("no copy of the principal index, and its nodes have evicted items: it may have been dropped")
+        }
+        for entry in local where !named.contains(entry.digest) {
+            entries.append(entry)
+            named.insert(entry.digest)
             count += 1
-            named.formUnion(forms)
         }
+        await end(entries)
         statistics.count(.sessionsRevoked, count)
         for (located, digests) in zip(forms, indexed) where !digests.isEmpty {
             do {

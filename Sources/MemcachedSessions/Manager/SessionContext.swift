@@ -105,6 +105,16 @@ final class SessionContext: Sendable {
         return now < until && now >= (keyedFromMillis ?? .min)
     }
 
+    /// In the minute before a storage-key switch, on an instance that holds the secret: the
+    /// session's keyed keys, where an instance whose clock is ahead may already have moved it
+    /// (its unkeyed copy then reads as ended or missing here). Else nil.
+    func keyedKeysBeforeSwitch(for token: MemcachedSessionID.Token) -> SessionKeys? {
+        guard let secret = configuration.sealing.storageKeySecret, let from = keyedFromMillis else { return nil }
+        let now = currentTimeMillis()
+        guard now < from, now >= from - 60_000 else { return nil }
+        return SessionKeys(token: token, prefix: configuration.keyPrefix, secret: secret)
+    }
+
     /// The session's earlier (SHA-256) keys, in a storage-key transition's window; else nil.
     func unkeyedKeys(for token: MemcachedSessionID.Token) -> SessionKeys? {
         acceptsUnkeyed ? SessionKeys(token: token, prefix: configuration.keyPrefix) : nil

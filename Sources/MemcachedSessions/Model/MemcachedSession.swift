@@ -487,10 +487,11 @@ public final class MemcachedSession: Sendable {
     }
 
     /// The memcached keys of the session's current token, computed once; again after a
-    /// storage-key switch (keys keyed from a time on) when `followsSwitch`.
+    /// storage-key switch (keys keyed from a time on) when `followsSwitch`. Keyed keys never go
+    /// back to unkeyed ones (a session found under its keyed keys just before the switch).
     func keys(prefix: String, secret: StorageKeySecret? = nil, followsSwitch: Bool = false) -> SessionKeys {
         if let (keys, token) = state.withLock({ state in state.keys.map { ($0, state.id.token) } }), keys.token == token,
-            !followsSwitch || keys.isKeyed == (secret != nil)
+            !followsSwitch || keys.isKeyed || secret == nil
         {
             return keys
         }

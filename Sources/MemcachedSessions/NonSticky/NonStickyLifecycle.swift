@@ -45,7 +45,7 @@ final class NonStickyLifecycle: SessionLifecycle {
             statistics.count(.sessionsNotFound)
             return nil
         }
-        let keys = self.keys(for: id.token)
+        var keys = self.keys(for: id.token)
         // A copy this instance left there to end (a move, a logout) goes before it can be read.
         if store.leftovers.count > 0 { await store.cleanLeftovers(on: id.nodeID, key: keys.primary) }
         let slide = store.slideTTL
@@ -77,6 +77,8 @@ final class NonStickyLifecycle: SessionLifecycle {
         }
         if case .missing = read, keys.isKeyed, let earlier = context.unkeyedKeys(for: id.token) {
             read = await store.moveUnkeyedCopy(from: earlier, to: keys, on: id.nodeID, touch: slide)
+        } else if !keys.isKeyed, let keyed = context.keyedKeysBeforeSwitch(for: id.token) {
+            (keys, read) = await store.lookAhead(keys: keys, read: read, keyed: keyed, on: id.nodeID, touch: slide)
         }
         let now = currentTimeMillis()
         if case .missing = read, await store.missMayBeRestartChecking(on: id.nodeID) {
@@ -143,7 +145,7 @@ final class NonStickyLifecycle: SessionLifecycle {
             // The lock on the target: concurrent recoveries of this session take turns.
             (lock, _) = try await locks.lockAndRead(keys: keys, nodeID: target, touch: nil)
         }
-        let search = await searchCopies(keys: keys, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
+        let search = await searchCopies(keys: keys, from: id.nodeID, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
         if search.tombstone {
             // Logged out: a tombstone outranks any copy that survived somewhere.
             if let lock { await locks.release(lock) }
@@ -180,14 +182,22 @@ final class NonStickyLifecycle: SessionLifecycle {
     /// The session's copies on `nodes`; in a storage-key transition's window, when none is under
     /// its keyed keys, those under its unkeyed keys, each served as a backup is (written under the
     /// keyed keys at the request's end): a session not yet moved survives its node's failure.
-    private func searchCopies(keys: SessionKeys, on nodes: [String]) async -> SessionStore.CopySearch {
+    ///
+    /// The unkeyed copies of a session served that way are ended (tombstones on every node, the
+    /// silent `nodeID`'s when it answers again): if that node comes back with its data, its
+    /// unkeyed copy must not be moved in as a second live copy.
+    private func searchCopies(keys: SessionKeys, from nodeID: String, on nodes: [String]) async -> SessionStore.CopySearch {
         let search = await store.searchCopies(keys: keys, on: nodes)
         guard search.newest == nil, !search.tombstone, keys.isKeyed, let token = keys.token, let earlier = context.unkeyedKeys(for: token)
         else { return search }
         var found = await store.searchCopies(keys: earlier, on: nodes)
-        if let newest = found.newest, newest.isPrimary {
-            found.newest = (newest.stored, newest.nodeID, false)
-            found.newestTimeToLive = nil
+        if let newest = found.newest {
+            if newest.isPrimary {
+                found.newest = (newest.stored, newest.nodeID, false)
+                found.newestTimeToLive = nil
+            }
+            await store.deleteCopies(
+                keys: earlier, nodeID: nodeID, lock: nil, wait: false, sessionIdle: newest.stored.record.metadata.idleTimeoutSeconds)
         }
         found.unreachable = found.unreachable || search.unreachable
         return found
@@ -219,7 +229,7 @@ final class NonStickyLifecycle: SessionLifecycle {
         -> MemcachedSession?
     {
         let others = topology.others(than: id.nodeID)
-        let search = await searchCopies(keys: keys, on: others.filter { topology.isReachable($0) })
+        let search = await searchCopies(keys: keys, from: id.nodeID, on: others.filter { topology.isReachable($0) })
         // Where its backup usually is: the next node after its own in configuration order.
         let usualBackup = topology.order.firstIndex(of: id.nodeID).map { topology.order[($0 + 1) % topology.order.count] }
         if !search.tombstone, search.newest == nil, search.unreachable || usualBackup.map({ !topology.isReachable($0) }) == true {

@@ -152,12 +152,14 @@ final class StickyLifecycle: SessionLifecycle {
             // Another instance owned it: whatever this instance remembers may be stale.
             localStore.remove(id.token)
         }
-        let keys = self.keys(for: id.token)
+        var keys = self.keys(for: id.token)
         if store.leftovers.count > 0 { await store.cleanLeftovers(on: id.nodeID, key: keys.primary) }
         let slide = store.slideTTL
         var read = await store.readStored(key: keys.primary, on: id.nodeID, touch: slide)
         if case .missing = read, keys.isKeyed, let earlier = context.unkeyedKeys(for: id.token) {
             read = await store.moveUnkeyedCopy(from: earlier, to: keys, on: id.nodeID, touch: slide)
+        } else if !keys.isKeyed, let keyed = context.keyedKeysBeforeSwitch(for: id.token) {
+            (keys, read) = await store.lookAhead(keys: keys, read: read, keyed: keyed, on: id.nodeID, touch: slide)
         }
         if takeover, case .missing = read, configuration.sticky.asynchronousSaving {
             // The previous owner may still have the session's first save queued (asynchronous
@@ -233,6 +235,8 @@ final class StickyLifecycle: SessionLifecycle {
             // Concurrent requests of this session that loaded it meanwhile share one copy.
             guard let session = localStore.adopt(loaded, token: id.token, now: now, refreshed: refreshed, since: access.started)
             else { throw localStoreFull() }
+            // Found under its keyed keys just before a storage-key switch: it stays there.
+            if keys.isKeyed { session.cacheKeys(keys) }
             if session.isInvalidated {
                 // Ended by a request of this instance since this one began (its read came first).
                 statistics.count(.sessionsNotFound)

@@ -234,6 +234,23 @@ final class SessionStore: SessionManagerPart {
         }
     }
 
+    /// Just before a storage-key switch (``SessionContext/keyedKeysBeforeSwitch(for:)``): an
+    /// unkeyed read that found the session ended or missing looks at its keyed key, where an
+    /// instance whose clock is ahead may have moved it; found there, the request goes on under the
+    /// keyed keys.
+    func lookAhead(
+        keys: SessionKeys, read: StoredRead, keyed: SessionKeys, on nodeID: String, touch: MemcachedTTL?
+    ) async -> (SessionKeys, StoredRead) {
+        switch read {
+        case .missing, .tombstone:
+            let ahead = await readStored(key: keyed.primary, on: nodeID, touch: touch)
+            if case .found = ahead { return (keyed, ahead) }
+            return (keys, read)
+        case .found, .unreachable:
+            return (keys, read)
+        }
+    }
+
     /// Encodes a record for the session stored at `key` (sealed when sealing keys are set),
     /// refusing sessions larger than memcached's item size limit before anything is sent
     /// (memcached drops the stored item when it refuses an oversized set).

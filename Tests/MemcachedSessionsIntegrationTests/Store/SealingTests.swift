@@ -244,6 +244,12 @@ struct SealingTests {
                 $0.sealing.storageKeySecret = Self.secret
                 $0.sealing.keyedStorageKeysFrom = now.addingTimeInterval(3600)
             }
+            // Its clock behind the others' by less than a minute: the switch is still ahead here.
+            let lagging = try instance("l") {
+                $0.sealing.storageKeySecret = Self.secret
+                $0.sealing.keyedStorageKeysFrom = now.addingTimeInterval(30)
+                $0.sealing.acceptUnkeyedUntil = now.addingTimeInterval(3600)
+            }
             let switched = try instance("w") {
                 $0.sealing.storageKeySecret = Self.secret
                 $0.sealing.keyedStorageKeysFrom = now.addingTimeInterval(-1)
@@ -254,8 +260,8 @@ struct SealingTests {
                 $0.sealing.keyedStorageKeysFrom = now.addingTimeInterval(-7200)
                 $0.sealing.acceptUnkeyedUntil = now.addingTimeInterval(-3600)
             }
-            try await withManagers([earlier, soon, switched, done]) { managers in
-                let (earlier, soon, switched, done) = (managers[0], managers[1], managers[2], managers[3])
+            try await withManagers([earlier, soon, switched, done, lagging]) { managers in
+                let (earlier, soon, switched, done, lagging) = (managers[0], managers[1], managers[2], managers[3], managers[4])
                 var browser = Browser()
                 var count = 0
                 // Before the switch: the same keys as instances without the secret.
@@ -269,6 +275,10 @@ struct SealingTests {
                 try await soon.login(&alice, as: "alice")
                 var bob = Browser()
                 try await earlier.login(&bob, as: "bob")
+                var carol = Browser()
+                try await soon.login(&carol, as: "carol")
+                var dave = Browser()
+                try await soon.login(&dave, as: "dave")
                 let id = try #require(browser.id)
                 let unkeyed = SessionKeys(token: id.token, prefix: "msm:")
                 let keyed = SessionKeys(token: id.token, prefix: "msm:", secret: Self.secret)
@@ -280,6 +290,12 @@ struct SealingTests {
                     #expect(try await switched.increment(&browser) == count)
                 }
                 #expect(switched.statistics.value(of: .sessionsMovedToKeyedKeys) == 1)
+                // An instance whose clock has not reached the switch yet finds the moved session
+                // under its keyed key (its unkeyed copy reads as ended), and keeps it there.
+                count += 1
+                #expect(try await lagging.increment(&browser) == count)
+                count += 1
+                #expect(try await switched.increment(&browser) == count)
                 let home = try #require(browser.id).nodeID
                 try await withInspector(servers) { inspector in
                     #expect(try await inspector.node(home).get(keyed.primary) != nil)
@@ -299,9 +315,22 @@ struct SealingTests {
                 try await switched.request(&bob, path: "/logout") { access in try await access.invalidate() }
                 #expect(try await switched.hasSession(bob) == false)
                 #expect(try await done.hasSession(bob) == false)
+                // Dave, indexed before the switch, becomes Erin after it: revoking Dave ends nothing.
+                try await switched.request(&dave, path: "/switch") { access in
+                    try #require(try await access.load()).setPrincipal("erin")
+                }
+                #expect(try await switched.invalidateAll(principal: "dave") == 0)
+                #expect(try await switched.hasSession(dave))
+                #expect(try await switched.invalidateAll(principal: "erin") == 1)
+                #expect(try await switched.hasSession(dave) == false)
                 // After the window: the moved session is read; one not used in the window is gone.
                 #expect(try await done.readCount(&browser) == count)
                 #expect(try await done.readCount(&late) == 0)
+                // Carol logged in before the switch and never came back: her index from before
+                // the switch still revokes her, and her unkeyed copy reads as ended.
+                #expect(try await soon.hasSession(carol))
+                #expect(try await done.invalidateAll(principal: "carol") == 1)
+                #expect(try await soon.hasSession(carol) == false)
             }
         }
     }
@@ -336,6 +365,11 @@ struct SealingTests {
                     #expect(keyed.isKeyed)
                     #expect(try await inspector.node(moved.nodeID).get(keyed.primary) != nil)
                     #expect(try await switched.increment(&browser) == 4)
+                    // The unkeyed copies it was recovered from are ended: the failed node, back
+                    // with its data, could not have its copy moved in as a second live one.
+                    try await eventually("the unkeyed backup ended") {
+                        try await inspector.node(backupNode).get(unkeyed.backup)?.flags == SessionManager.tombstoneFlags
+                    }
                 }
             }
         }
