@@ -78,6 +78,63 @@ struct PrincipalsTests {
         }
     }
 
+    /// A login whose index update fails (here: the index outgrew memcached's item size limit) is
+    /// ended and the request fails with a typed error: a session the index does not hold could not
+    /// be revoked with the others. The logins indexed before it are untouched.
+    @Test func aLoginTheIndexCannotHoldIsEndedAndFails() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withManager(try configuration(servers) { $0.memcached.itemSizeLimit = 1024 }) { manager in
+                var indexed: [MemcachedSessionID] = []
+                var refused: MemcachedSessionID?
+                for _ in 0..<60 {
+                    let access = manager.beginRequest(path: "/login", sessionCookie: nil)
+                    let session = try await access.loadOrCreate()
+                    try session.setPrincipal("frank")
+                    try session.set("count", 1)
+                    let id = session.id
+                    do {
+                        _ = try await manager.endRequest(access)
+                        indexed.append(id)
+                    } catch let error as SessionError {
+                        #expect(error.code == .principalIndexUnavailable)
+                        refused = id
+                        break
+                    }
+                }
+                let ended = try #require(refused, "the index never outgrew the item size limit")
+                #expect(indexed.count >= 5)
+                #expect(try await manager.hasSession(Browser(cookie: ended.description)) == false, "the refused login's session is ended")
+                #expect(manager.statistics.value(of: .principalIndexFailures) == 1)
+                #expect(try await manager.principalIndex("frank")?.entries.count == indexed.count)
+                for id in indexed { #expect(try await manager.hasSession(Browser(cookie: id.description))) }
+            }
+        }
+    }
+
+    /// No index for a principal on a node that has evicted items: it may have been dropped, so
+    /// revoking is a typed error (with the count ended: none), never a silent "0 sessions". On a
+    /// node that never evicted, no index means no session. One node: no backup to read.
+    @Test func aMissingIndexOnANodeThatEvictedIsATypedError() async throws {
+        try await withMemcachedServers(count: 1, memoryMegabytes: 2) { servers in
+            try await withManager(try configuration(servers)) { manager in
+                #expect(try await manager.invalidateAll(principal: "gina") == 0)
+                try await withInspector(servers) { inspector in
+                    let filler = String(repeating: "f", count: 100_000)
+                    for index in 0..<100 { try await inspector.set("filler:\(index)", value: filler) }
+                    let evictions = try await inspector.node("n1").stats().first { $0.name == "evictions" }?.value
+                    #expect(Int(evictions ?? "0") ?? 0 > 0, "the node evicted")
+                }
+                do {
+                    _ = try await manager.invalidateAll(principal: "gina")
+                    Issue.record("a missing index on a node that evicted was read as no session")
+                } catch let error as SessionError {
+                    #expect(error.code == .principalIndexUnavailable)
+                    #expect(error.sessionsEnded == 0)
+                }
+            }
+        }
+    }
+
     /// Logins of one principal at once on two instances, many more than the CAS's attempts: the
     /// updates lose none. (Two authorities, the primary for one update and a backup that looked
     /// newer for another, lost entries here under load.)
