@@ -5,7 +5,8 @@
 // Prints one line `RESULT op=get concurrency=256 ops=... seconds=... ops_per_s=... misses=0 errors=0`.
 // `--executor eventloop` runs the request tasks on NIO's event loop (NIO's global-executor
 // installation), so a request and its connection share a thread; `global` (the default) uses
-// Swift's cooperative pool, as an application that configures nothing does.
+// Swift's cooperative pool, as an application that configures nothing does. `--event-loops N`
+// sizes NIO's singleton group (default: NIO's, one per core, which ignores `taskset`).
 // scripts/bench-client runs the full matrix against a C client (memaslap) in one run.
 import Memcached
 import NIOCore
@@ -26,6 +27,7 @@ struct Options {
     var valueSize = 1_100
     var connections = 2
     var executor = "global"
+    var eventLoops: Int? = nil
     var mode = MemcachedProtocolMode.meta
     var populate = true
     /// TLS to the server, trusting this CA file (memcached -Z).
@@ -45,6 +47,7 @@ struct Options {
             case "--value-size": valueSize = Int(value) ?? valueSize
             case "--connections": connections = Int(value) ?? connections
             case "--executor": executor = value
+            case "--event-loops": eventLoops = Int(value).flatMap { $0 > 0 ? $0 : nil } ?? eventLoops
             case "--mode": mode = MemcachedProtocolMode(rawValue: value) ?? mode
             case "--populate": populate = value != "no"
             case "--tls-ca-file": tlsCAFile = value
@@ -57,6 +60,9 @@ struct Options {
 }
 
 let options = Options(CommandLine.arguments)
+if let loops = options.eventLoops {
+    NIOSingletons.groupLoopCountSuggestion = loops
+}
 if options.executor == "eventloop" {
     guard NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor() else {
         print("could not install the event loop as global executor")
@@ -129,6 +135,7 @@ let totals = try await withThrowingTaskGroup(of: (ops: Int, misses: Int, errors:
 let elapsed = ContinuousClock.now - start
 let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
 print(
-    "RESULT op=\(options.op) concurrency=\(options.concurrency) executor=\(options.executor) mode=\(options.mode) "
+    "RESULT op=\(options.op) concurrency=\(options.concurrency) executor=\(options.executor) "
+        + "event_loops=\(NIOSingletons.groupLoopCountSuggestion) mode=\(options.mode) "
         + "connections=\(options.connections) ops=\(totals.ops) seconds=\((seconds * 1000).rounded() / 1000) "
         + "ops_per_s=\(Int(Double(totals.ops) / seconds)) misses=\(totals.misses) errors=\(totals.errors)")

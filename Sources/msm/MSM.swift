@@ -39,6 +39,15 @@ enum Entry {
             if let count = setting("event-loops").flatMap({ Int($0) }), count > 0 {
                 NIOSingletons.groupLoopCountSuggestion = count
                 loops = count
+            } else if ProcessInfo.processInfo.environment["NIO_SINGLETON_GROUP_LOOP_COUNT"] == nil,
+                let allowed = allowedCPUCount(), allowed < loops
+            {
+                // NIO counts the machine's cores (and cgroup limits), not the CPUs this process may
+                // run on: a server pinned to one core (`taskset -c 0`) would run two loops that take
+                // turns on it. One loop per CPU it may use (measured: one loop on one core serves
+                // more requests than two, see docs/benchmarks/end-to-end.md).
+                NIOSingletons.groupLoopCountSuggestion = allowed
+                loops = allowed
             }
             // Vapor creates each request's task from its channel's loop, so there the tasks stay
             // with their channels at any loop count (measured: 5.3k against 3.7k req/s).
@@ -53,6 +62,35 @@ enum Entry {
             exit(await run())
         }
         dispatchMain()
+    }
+
+    /// How many CPUs this process may run on (its affinity mask, as `taskset` sets it), from
+    /// `/proc/self/status`; nil where that is not known.
+    static func allowedCPUCount() -> Int? {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Cpus_allowed_list:") })
+        else { return nil }
+        return cpuCount(list: line.dropFirst("Cpus_allowed_list:".count))
+    }
+
+    /// The number of CPUs in a Linux CPU list (`0`, `0-3`, `0,2-3`); nil when it does not parse.
+    static func cpuCount(list: Substring) -> Int? {
+        var count = 0
+        for range in list.split(separator: ",") {
+            let bounds = range.split(separator: "-", omittingEmptySubsequences: false)
+                .map { Int($0.trimmingCharacters(in: .whitespaces)) }
+            switch bounds.count {
+            case 1:
+                guard bounds[0] != nil else { return nil }
+                count += 1
+            case 2:
+                guard let low = bounds[0], let high = bounds[1], high >= low else { return nil }
+                count += high - low + 1
+            default:
+                return nil
+            }
+        }
+        return count > 0 ? count : nil
     }
 
     /// Runs the command; exit codes: 0 all well, 1 bad input or usage, 2 some node unreachable,
@@ -130,7 +168,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Port on 127.0.0.1 (default 8080).")
     var port: Int?
 
-    @Option(help: "Event loops (default: NIO's, one per core).")
+    @Option(help: "Event loops (default: one per CPU this process may run on, e.g. 1 under taskset -c 0).")
     var eventLoops: Int?
 
     @Option(help: "This instance's route (sticky set-ups: appended to session ids for the load balancer).")

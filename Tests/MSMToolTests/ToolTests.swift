@@ -303,15 +303,23 @@ struct ToolTests {
     }
 
     /// Starts `msm serve` with `arguments` and `environment`, waits until it listens on `port`.
-    func serve(_ arguments: [String], environment: [String: String] = [:], port: Int) async throws -> Process {
+    /// With `pinnedTo`, under `taskset -c CPUS` (which runs msm in its own process).
+    func serve(_ arguments: [String], environment: [String: String] = [:], port: Int, pinnedTo cpus: String? = nil) async throws
+        -> Process
+    {
         let server = Process()
-        server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("msm")
-        if !FileManager.default.isExecutableFile(atPath: server.executableURL!.path) {
-            server.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        var executable = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("msm")
+        if !FileManager.default.isExecutableFile(atPath: executable.path) {
+            executable = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
                 .deletingLastPathComponent()
                 .appendingPathComponent("msm")
         }
+        server.executableURL = executable
         server.arguments = ["serve"] + arguments
+        if let cpus {
+            server.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+            server.arguments = ["-c", cpus, executable.path, "serve"] + arguments
+        }
         server.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         server.standardOutput = FileHandle.nullDevice
         server.standardError = FileHandle.nullDevice
@@ -319,6 +327,33 @@ struct ToolTests {
         let deadline = ContinuousClock.now + .seconds(30)
         while ContinuousClock.now < deadline, !FreePort.accepts(port: port), server.isRunning { try await Task.sleep(for: .milliseconds(50)) }
         return server
+    }
+
+    /// `msm serve` runs one event loop per CPU it may run on: pinned to one core (`taskset -c 0`),
+    /// one loop (and NIO's loop as the executor), not NIO's one per core of the machine, which
+    /// would make two loops take turns on that core. Counted from the process's threads.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/taskset") && ProcessInfo.processInfo.activeProcessorCount > 1
+            && ProcessInfo.processInfo.environment["NIO_SINGLETON_GROUP_LOOP_COUNT"] == nil))
+    func servePinnedToOneCoreRunsOneEventLoop() async throws {
+        func loopThreads(_ pid: Int32) throws -> Int {
+            let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")
+            return tasks.filter { task in
+                ((try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8)) ?? "").hasPrefix("NIO-SGLTN")
+            }.count
+        }
+        var counts: [Int] = []
+        for pinned in [true, false] {
+            let port = try FreePort.find()
+            let server = try await serve(["--mode", "memory", "--port", "\(port)", "--insecure-cookie"], port: port, pinnedTo: pinned ? "0" : nil)
+            defer {
+                server.terminate()
+                server.waitUntilExit()
+            }
+            #expect(try await get("http://127.0.0.1:\(port)/counter").status == 200)
+            counts.append(try loopThreads(server.processIdentifier))
+        }
+        #expect(counts[0] == 1, "pinned to one core: \(counts[0]) event loops")
+        #expect(counts[1] > 1, "not pinned: NIO's one per core (\(counts[1]))")
     }
 
     @Test func configChangesARunningInstance() async throws {

@@ -12,7 +12,9 @@ import time
 DURATION = float(os.environ.get("DURATION", "10"))
 CONCURRENCY = [int(c) for c in os.environ.get("CONCURRENCY", "1 16 256").split()]
 OPS = os.environ.get("OPS", "get set").split()
-EXECUTORS = os.environ.get("EXECUTORS", "global eventloop").split()
+# Each: an executor (`global`, `eventloop`), optionally `@Nloop` for N event loops (else NIO's
+# default, one per core, which does not see `taskset`: two loops sharing the pinned CPU).
+EXECUTORS = os.environ.get("EXECUTORS", "global global@1loop").split()
 WINDOW = 1024  # memaslap keys per concurrency (-w 1k); ours uses the same key count
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, ".build", "release", "memcached-bench")
@@ -123,20 +125,24 @@ def main():
                 misses = re.search(r"get_misses: (\d+)", c_out)
                 rows.append((op, c, "C memaslap (libmemcached 1.1.4)", c_rate, " ".join(c_cmd), misses.group(1) if misses else "-"))
                 print(f"{op} c={c} memaslap {c_rate:,.0f}/s", flush=True)
-                for executor in EXECUTORS:
+                for variant in EXECUTORS:
+                    executor, _, loops = variant.partition("@")
+                    loops = loops.removesuffix("loop")
+                    loop_args = ["--event-loops", loops] if loops else []
+                    loop_label = f", {loops} loop{'s' if loops != '1' else ''}" if loops else ""
                     runs = [("ours", BENCH, [], port)] + ([(BEFORE_LABEL, BEFORE, [], port)] if BEFORE else [])
                     if TLS:
                         runs.append(("ours over TLS", BENCH, ["--tls-ca-file", f"{TLS_DIR}/ca.pem"], tls_port))
                     for who, binary, extra, server_port in runs:
                         our_cmd = ["taskset", "-c", "1", binary, "--server", f"127.0.0.1:{server_port}", "--op", op,
                                    "--concurrency", str(c), "--duration", str(DURATION), "--keys", str(keys),
-                                   "--executor", executor] + extra
+                                   "--executor", executor] + loop_args + extra
                         rate, out = measure(our_cmd, port, counter)
                         result = re.search(r"misses=(\d+) errors=(\d+)", out)
                         if not result or result.group(2) != "0":
                             sys.exit(f"errors in {our_cmd}:\n{out}")
-                        rows.append((op, c, f"{who}, {executor} executor", rate, " ".join(our_cmd).replace(ROOT + "/", ""), result.group(1)))
-                        print(f"{op} c={c} {who}/{executor} {rate:,.0f}/s ({rate / ref_rate:.2f}x of C pipelined)", flush=True)
+                        rows.append((op, c, f"{who}, {executor} executor{loop_label}", rate, " ".join(our_cmd).replace(ROOT + "/", ""), result.group(1)))
+                        print(f"{op} c={c} {who}/{variant} {rate:,.0f}/s ({rate / ref_rate:.2f}x of C pipelined)", flush=True)
     finally:
         server.terminate()
         server.wait()
@@ -165,7 +171,10 @@ def write(rows):
         "memaslap, which does not pipeline, one connection per request in flight. \"vs C\" is against the pipelined",
         "reference (the issue's target); \"vs memaslap\" is kept for comparison with earlier tables. Executors:",
         "`global` = Swift's default cooperative pool; `eventloop` = NIO's event loop installed as the global executor,",
-        "so tasks and connections share a thread. At 1 in flight, ops/s is the inverse of a round trip's latency.",
+        "so tasks and connections share a thread. Event loops: NIO's default is one per core (2 here), which does not",
+        "see `taskset`, so both loops share the client's one CPU; \"1 loop\" is `--event-loops 1`, what a client pinned",
+        "to one CPU should run (as `msm serve` now does by default). At 1 in flight, ops/s is the inverse of a round",
+        "trip's latency.",
         "",
         "| op | in flight | client | ops/s | vs C | vs memaslap |",
         "| --- | ---: | --- | ---: | ---: | ---: |",

@@ -1,6 +1,7 @@
 import Atomics
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 
 /// A small fixed set of pipelined connections to one node, opened on demand, reopened with
 /// exponential backoff after a failure.
@@ -116,7 +117,11 @@ final class ConnectionPool: Sendable {
 
     private func pickSlot() -> Slot {
         if slots.count == 1 { return slots[0] }
-        for slot in slots where slot.eventLoop.inEventLoop { return slot }
+        // On an event-loop thread (a thread-local read), the connection on this loop if there is
+        // one; a task on the cooperative pool (the usual caller) goes straight to round robin.
+        if MultiThreadedEventLoopGroup.currentEventLoop != nil {
+            for slot in slots where slot.eventLoop.inEventLoop { return slot }
+        }
         let index = nextSlot.loadThenWrappingIncrement(ordering: .relaxed)
         return slots[index % slots.count]
     }

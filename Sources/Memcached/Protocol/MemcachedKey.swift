@@ -24,16 +24,19 @@ enum MemcachedKey {
     /// Checks that `key` may be put on the wire as it is. Memcached splits command lines on spaces and
     /// ends them at `\n`, so a key with a space, CR, LF or any other control byte would let the caller
     /// inject commands (or make a storage command's *value* run as a command).
-    @inlinable
     static func validate(_ key: String) throws(MemcachedError) {
-        var count = 0
-        for byte in key.utf8 {
-            if byte <= 0x20 || byte == 0x7F {
-                throw MemcachedError.invalidKey(
-                    "key contains a space or control character (byte 0x\(String(byte, radix: 16))) at offset \(count)")
-            }
-            count += 1
+        // A native string's bytes are scanned in place (one pass over a buffer, no iterator state);
+        // a bridged one, if ever, byte by byte.
+        let offender: Int? =
+            key.utf8.withContiguousStorageIfAvailable { bytes in
+                bytes.firstIndex { $0 <= 0x20 || $0 == 0x7F }
+            } ?? key.utf8.enumerated().first { $0.element <= 0x20 || $0.element == 0x7F }?.offset
+        if let offender {
+            let byte = Array(key.utf8)[offender]
+            throw MemcachedError.invalidKey(
+                "key contains a space or control character (byte 0x\(String(byte, radix: 16))) at offset \(offender)")
         }
+        let count = key.utf8.count
         if count == 0 {
             throw MemcachedError.invalidKey("key is empty")
         }

@@ -229,9 +229,15 @@ public struct MemcachedRequest: Sendable {
         var copy = self
         switch command {
         case .get(let key, let value, let touch):
+            copy.quiet = false  // a quiet mg hides misses, not hits: no use for it here
+            // The usual case (a plain key, meta mode, or a read with its value) keeps the command as
+            // it is: no rebuilt enum, no extra retain and release of its key per request.
+            if !keyEncoding.isBase64, value || mode == .meta {
+                try MemcachedKey.validate(key)
+                return copy
+            }
             // Text mode: a metadata read is a `gets` (the value comes too; see ``getMetadata(_:)``).
             copy.command = .get(key: try MemcachedKey.wireKey(key, encoding: keyEncoding), value: value || mode == .text, touch: touch)
-            copy.quiet = false  // a quiet mg hides misses, not hits: no use for it here
         case .store(let key, let value, let flags, let ttl, let storeMode, let cas):
             let wireKey = try MemcachedKey.wireKey(key, encoding: keyEncoding)
             // memcached's item_size_max covers the item header, the key and the value; 64 bytes is a
@@ -245,7 +251,9 @@ public struct MemcachedRequest: Sendable {
             if mode == .text, cas != nil, storeMode != .set {
                 throw MemcachedError.unsupported("a CAS write in mode \(storeMode) needs the meta protocol")
             }
-            copy.command = .store(key: wireKey, value: value, flags: flags, ttl: ttl, mode: storeMode, cas: cas)
+            if keyEncoding.isBase64 {
+                copy.command = .store(key: wireKey, value: value, flags: flags, ttl: ttl, mode: storeMode, cas: cas)
+            }
         case .delete(let key, let cas):
             if mode == .text, cas != nil {
                 throw MemcachedError.unsupported("a conditional delete needs the meta protocol")
