@@ -189,8 +189,14 @@ def write(rows):
         if (op, c, who) not in seen:
             seen.add((op, c, who))
             lines.append(f"- `{cmd}`")
+    # The analysis written by hand below the generated part (from "## Where the time goes" on) is kept.
+    notes = ""
+    if os.path.exists(OUT):
+        previous = open(OUT).read()
+        marker = previous.find("\n## Where the time goes")
+        notes = previous[marker:] if marker >= 0 else ""
     with open(OUT, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + ("\n" + notes.lstrip("\n") if notes else ""))
     print("\n".join(lines))
 
 

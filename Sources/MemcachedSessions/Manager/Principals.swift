@@ -89,15 +89,20 @@ final class Principals: SessionManagerPart {
     /// would end the session, which may belong to another principal by now.
     private func unindex(_ token: MemcachedSessionID.Token, from principal: ByteBuffer) async {
         let digest = keys(for: token).digest
-        _ = try? await index.update(index.locate(principal)) { entries in
-            (entries.filter { $0.digest != digest }, [])
-        }
-        if let earlier = index.locateBeforeSwitch(principal) {
+        let index = self.index
+        // The index kept before a storage-key switch, if any, at the same time (two round trips
+        // in parallel, not one after the other).
+        async let earlierUpdated: Void = {
+            guard let earlier = index.locateBeforeSwitch(principal) else { return }
             let unkeyed = SessionKeys.digest(of: token, secret: nil)
             _ = try? await index.update(earlier) { entries in
                 (entries.filter { $0.digest != unkeyed }, [])
             }
+        }()
+        _ = try? await index.update(index.locate(principal)) { entries in
+            (entries.filter { $0.digest != digest }, [])
         }
+        await earlierUpdated
     }
 
     /// The index's entries with `entry` in (and `replaced`, the session's previous id, out);

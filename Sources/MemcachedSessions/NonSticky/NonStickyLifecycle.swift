@@ -75,11 +75,7 @@ final class NonStickyLifecycle: SessionLifecycle {
                 lock = nil
             }
         }
-        if case .missing = read, keys.isKeyed, let earlier = context.unkeyedKeys(for: id.token) {
-            read = await store.moveUnkeyedCopy(from: earlier, to: keys, on: id.nodeID, touch: slide)
-        } else if !keys.isKeyed, let keyed = context.keyedKeysBeforeSwitch(for: id.token) {
-            (keys, read) = await store.lookAhead(keys: keys, read: read, keyed: keyed, on: id.nodeID, touch: slide)
-        }
+        (keys, read) = await store.followingKeyTransition(keys: keys, read: read, token: id.token, on: id.nodeID, touch: slide)
         let now = currentTimeMillis()
         if case .missing = read, await store.missMayBeRestartChecking(on: id.nodeID) {
             // The node restarted (empty) recently: the backup may hold the session.

@@ -156,11 +156,7 @@ final class StickyLifecycle: SessionLifecycle {
         if store.leftovers.count > 0 { await store.cleanLeftovers(on: id.nodeID, key: keys.primary) }
         let slide = store.slideTTL
         var read = await store.readStored(key: keys.primary, on: id.nodeID, touch: slide)
-        if case .missing = read, keys.isKeyed, let earlier = context.unkeyedKeys(for: id.token) {
-            read = await store.moveUnkeyedCopy(from: earlier, to: keys, on: id.nodeID, touch: slide)
-        } else if !keys.isKeyed, let keyed = context.keyedKeysBeforeSwitch(for: id.token) {
-            (keys, read) = await store.lookAhead(keys: keys, read: read, keyed: keyed, on: id.nodeID, touch: slide)
-        }
+        (keys, read) = await store.followingKeyTransition(keys: keys, read: read, token: id.token, on: id.nodeID, touch: slide)
         if takeover, case .missing = read, configuration.sticky.asynchronousSaving {
             // The previous owner may still have the session's first save queued (asynchronous
             // saving): wait out its window once, then look again. A crashed owner's window is

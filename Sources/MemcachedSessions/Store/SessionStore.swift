@@ -234,6 +234,22 @@ final class SessionStore: SessionManagerPart {
         }
     }
 
+    /// What a read under `keys` becomes in a storage-key transition: under keyed keys in the
+    /// window, a miss looks for the unkeyed copy and moves it (``moveUnkeyedCopy(from:to:on:touch:)``);
+    /// under unkeyed keys just before the switch, an ended or missing copy looks ahead at the keyed
+    /// key (``lookAhead(keys:read:keyed:on:touch:)``). Outside a transition, the read as it is.
+    func followingKeyTransition(
+        keys: SessionKeys, read: StoredRead, token: MemcachedSessionID.Token, on nodeID: String, touch: MemcachedTTL?
+    ) async -> (SessionKeys, StoredRead) {
+        if case .missing = read, keys.isKeyed, let earlier = context.unkeyedKeys(for: token) {
+            return (keys, await moveUnkeyedCopy(from: earlier, to: keys, on: nodeID, touch: touch))
+        }
+        if !keys.isKeyed, let keyed = context.keyedKeysBeforeSwitch(for: token) {
+            return await lookAhead(keys: keys, read: read, keyed: keyed, on: nodeID, touch: touch)
+        }
+        return (keys, read)
+    }
+
     /// Just before a storage-key switch (``SessionContext/keyedKeysBeforeSwitch(for:)``): an
     /// unkeyed read that found the session ended or missing looks at its keyed key, where an
     /// instance whose clock is ahead may have moved it; found there, the request goes on under the
