@@ -13,6 +13,9 @@ public enum CommandFault: Sendable, Hashable, CustomStringConvertible {
     case appliedLate
     /// The connection is cut before the command: it fails with `connectionClosed`, unapplied.
     case connectionCut
+    /// The server refuses the command (`SERVER_ERROR out of memory storing object`), unapplied:
+    /// a failed command on a node that stays up.
+    case serverError
 
     public var description: String {
         switch self {
@@ -20,6 +23,7 @@ public enum CommandFault: Sendable, Hashable, CustomStringConvertible {
         case .neverApplied: "never applied"
         case .appliedLate: "applied late"
         case .connectionCut: "connection cut"
+        case .serverError: "server error"
         }
     }
 }
@@ -68,6 +72,10 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
     private var frozenQueue: [() -> Void] = []
     /// The next command's fault, set by a fault schedule (consumed by the next command).
     public var pendingFaults: [CommandFault] = []
+    /// A fault for every command it matches (when no pending fault comes first): a test that
+    /// needs one kind of command to fail whatever comes before it (the principal index's writes
+    /// after the reads and ends of a revocation).
+    public var faultMatching: (@Sendable (MemcachedRequest) -> CommandFault?)? = nil
     /// Every command applied, for the history: (virtual ns, command summary).
     public private(set) var applied = 0
     let clock = SimulatedClock()
@@ -312,11 +320,13 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
                         results[index] = .failure(MemcachedError(code: .connectionClosed, message: "connection closed", nodeID: self.id))
                         continue
                     }
-                    let fault = self.pendingFaults.isEmpty ? nil : self.pendingFaults.removeFirst()
+                    let fault = self.pendingFaults.isEmpty ? self.faultMatching?(request) : self.pendingFaults.removeFirst()
                     switch fault {
                     case .connectionCut?:
                         cut = true
                         results[index] = .failure(MemcachedError(code: .connectionClosed, message: "connection closed", nodeID: self.id))
+                    case .serverError?:
+                        results[index] = .failure(MemcachedError(code: .serverError, message: "SERVER_ERROR out of memory storing object", nodeID: self.id))
                     case .neverApplied?:
                         replyLost = true
                     case .replyLost?:

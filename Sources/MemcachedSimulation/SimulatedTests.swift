@@ -154,6 +154,68 @@ public final class SimulatedTestBench: @unchecked Sendable {
 extension SimulatedTest {
     /// Every simulated test, by name.
     public static let all: [SimulatedTest] = [
+        // Revocation: the sessions are ended before the principal index is rewritten; when the
+        // rewrite fails, the call fails with the count ended (never a silent partial success), the
+        // sessions stay ended on every instance, and a later revocation empties the index.
+        SimulatedTest("revocation-whose-index-rewrite-fails-ends-the-sessions-and-says-so-non-sticky") { configuration, _ in
+            configuration.mode = .nonSticky
+        } _: { bench in try await revocationWhoseIndexRewriteFails(bench) },
+        SimulatedTest("revocation-whose-index-rewrite-fails-ends-the-sessions-and-says-so-sticky") { configuration, instance in
+            configuration.mode = .sticky
+            configuration.route = "r\(instance + 1)"
+        } _: { bench in try await revocationWhoseIndexRewriteFails(bench) },
+        // A sticky takeover whose update of the principal index (the entry's route) fails: the
+        // request is served (the entry still names the session's keys), and a revocation on the
+        // previous owner still ends the session on the new one within a second (the feed).
+        SimulatedTest("a-takeover-whose-index-update-fails-is-still-revoked-within-a-second") { configuration, instance in
+            configuration.mode = .sticky
+            configuration.route = "r\(instance + 1)"
+        } _: { bench in
+            var cookie: String? = nil
+            try await bench.request(0, &cookie, path: "/login") { access in
+                let session = try await access.loadOrCreate()
+                try session.set("count", 1)
+                try session.setPrincipal("alice")
+            }
+            let prefix = bench.managers[0].configuration.keyPrefix
+            for node in bench.cluster.nodes {
+                node.faultMatching = { request in
+                    guard case .store(let key, _, _, _, _, _) = request.command,
+                        key.hasPrefix(prefix + "p:") || key.hasPrefix(prefix + "q:")
+                    else { return nil }
+                    return .serverError
+                }
+            }
+            // The balancer sends the session to instance 1, which takes it over.
+            let taken = try await bench.increment(1, &cookie)
+            bench.check(taken == 2, "the takeover served the session: \(taken)")
+            bench.check(cookie?.hasSuffix(".r2") == true, "the session's route is now r2: \(cookie ?? "none")")
+            var still = cookie
+            bench.check(try await bench.count(1, &still) == 2, "served from instance 1's memory (the index still unwritable)")
+            // The revocation reads the index (naming r1), ends the session's copies and tells r1;
+            // it cannot rewrite the index, and says so.
+            do throws(SessionError) {
+                _ = try await bench.managers[0].invalidateAll(principal: "alice")
+                bench.check(false, "the revocation succeeded though its index could not be rewritten")
+            } catch {
+                bench.check(error.sessionsEnded == 1, "the index named the session: \(String(describing: error.sessionsEnded))")
+            }
+            var after = cookie
+            bench.check(try await bench.count(1, &after) == nil, "instance 1 no longer serves the revoked session")
+            // Once the index can be written, a takeover moves its entry: a revocation then tells
+            // the new owner, which stops serving at once (no check of memcached needed).
+            for node in bench.cluster.nodes { node.faultMatching = nil }
+            var bob: String? = nil
+            try await bench.request(0, &bob, path: "/login") { access in
+                let session = try await access.loadOrCreate()
+                try session.set("count", 1)
+                try session.setPrincipal("bob")
+            }
+            bench.check(try await bench.increment(1, &bob) == 2, "bob's session taken over by instance 1")
+            bench.check(try await bench.managers[0].invalidateAll(principal: "bob") == 1, "bob's one session revoked")
+            var bobAfter = bob
+            bench.check(try await bench.count(1, &bobAfter) == nil, "instance 1 stopped serving bob's revoked session")
+        },
         // Locking: concurrent requests of one session are serializable.
         SimulatedTest("locking-all-serializes-concurrent-increments") { configuration, _ in
             configuration.mode = .nonSticky
@@ -317,4 +379,47 @@ struct MissingNode: Error, CustomStringConvertible {
 func requireNode(_ node: SimulatedNode?) throws -> SimulatedNode {
     guard let node else { throw MissingNode() }
     return node
+}
+
+/// Alice logs in on both instances; every write to the principal index then fails (its reads, and
+/// the sessions' own reads and tombstones, do not); a revocation on instance 0 ends both sessions
+/// and fails with `principalIndexUnavailable`, 2 ended; once the index can be written again a
+/// revocation rewrites it (ending them again is harmless) and the next finds nothing.
+private func revocationWhoseIndexRewriteFails(_ bench: SimulatedTestBench) async throws {
+    var cookies: [String?] = [nil, nil]
+    for instance in [0, 1] {
+        try await bench.request(instance, &cookies[instance], path: "/login") { access in
+            let session = try await access.loadOrCreate()
+            try session.set("count", 1)
+            try session.setPrincipal("alice")
+        }
+        bench.check(cookies[instance] != nil, "logged in on instance \(instance)")
+    }
+    let prefix = bench.managers[0].configuration.keyPrefix
+    for node in bench.cluster.nodes {
+        node.faultMatching = { request in
+            guard case .store(let key, _, _, _, _, _) = request.command,
+                key.hasPrefix(prefix + "p:") || key.hasPrefix(prefix + "q:")
+            else { return nil }
+            return .serverError
+        }
+    }
+    do {
+        let ended = try await bench.managers[0].invalidateAll(principal: "alice")
+        bench.check(false, "the revocation succeeded (\(ended) ended) though its index could not be rewritten")
+    } catch {
+        bench.check(error.code == .principalIndexUnavailable, "typed error: \(error.code)")
+        bench.check(error.sessionsEnded == 2, "says both sessions were ended: \(String(describing: error.sessionsEnded))")
+    }
+    for node in bench.cluster.nodes { node.faultMatching = nil }
+    for instance in [0, 1] {
+        for reader in [0, 1] {
+            var cookie = cookies[instance]
+            bench.check(try await bench.count(reader, &cookie) == nil, "session of instance \(instance) ended, read on \(reader)")
+        }
+    }
+    let again = try await bench.managers[1].invalidateAll(principal: "alice")
+    bench.check(again == 2, "the index still named both (ended again, harmlessly): \(again)")
+    let after = try await bench.managers[0].invalidateAll(principal: "alice")
+    bench.check(after == 0, "the index was rewritten: \(after)")
 }

@@ -308,6 +308,27 @@ public final class MemcachedSession: Sendable {
         }
     }
 
+    /// Sticky: the principal index's entry for this session names another instance's route (a
+    /// takeover whose index update failed, tried again at each request until it lands). A
+    /// revocation would notify that instance, not this one: until the entry follows, this
+    /// instance checks the stored copy (where a revocation's tombstone lands) before serving it.
+    var indexNamesAnotherRoute: Bool {
+        state.withLock { state in
+            guard let principal = state.attributes[Self.principalAttribute], state.indexedPrincipal == principal,
+                state.indexedToken == state.id.token
+            else { return false }
+            return state.indexedRoute != state.id.route
+        }
+    }
+
+    /// Sticky takeover: the principal index's entry (if any) still names `route`, the previous
+    /// owner's; the end of the request moves it to this instance's (``principalIndexWork()``).
+    func markIndexedRoute(_ route: String?) {
+        state.withLock { state in
+            if state.indexedToken == state.id.token { state.indexedRoute = route }
+        }
+    }
+
     /// The principal index no longer holds this session (its logout removed the entry).
     func markUnindexed() {
         state.withLock { $0.indexedPrincipal = nil }

@@ -127,11 +127,13 @@ final class StickyLifecycle: SessionLifecycle {
             let now = clock.now()
             if !memoryOnly,
                 now - refreshed >= touchInterval || notices.mayHaveMissed(now: now, limit: TimeAmount(Self.noticeInterval * 4))
+                    || session.indexNamesAnotherRoute
             {
                 // Once per touch interval the local copy is checked against memcached, in the
                 // same round trip that slides its TTL: a copy another instance changed or
                 // invalidated (it took the session over while a stale cookie still routes here)
-                // is not served past that.
+                // is not served past that. At every request while the principal index names
+                // another instance for it: a revocation's notice would not reach this one.
                 guard await revalidate(session) else { return nil }
                 access.state.withLock { $0.loaded.lastStoreRefresh = clock.now() }
             } else {
@@ -250,6 +252,9 @@ final class StickyLifecycle: SessionLifecycle {
             if takeover, let previous = id.route {
                 // The previous owner drops its copy (and its queued write) when it reads this.
                 session.takenOverFrom = previous
+                // Its principal index entry names the previous owner, whom a revocation would
+                // tell: the end of this request moves it here.
+                session.markIndexedRoute(previous)
                 let version = stored.record.metadata.version
                 if !noticePosted { Task { await self.postNotice(keys, to: previous, version: version) } }
             }
