@@ -4,9 +4,22 @@ import Testing
 
 @Suite("Keys, TTLs and node lists")
 struct KeyTTLAndNodeListTests {
-    @Test(arguments: ["a\r\nb", "a\nb", "a b", "a\tb", "a\u{0}b", "a\u{7F}b", "", String(repeating: "x", count: 251)])
+    @Test(arguments: [
+        "a\r\nb", "a\nb", "a b", "a\tb", "a\u{0}b", "a\u{7F}b", "", String(repeating: "x", count: 251),
+        "été x", "ü\r", String(repeating: "é", count: 126),  // a bad byte after multi-byte characters; 252 bytes
+    ])
     func invalidKeysAreRefused(key: String) {
         #expect(throws: MemcachedError.self) { try MemcachedKey.validate(key) }
+    }
+
+    /// The error names the offending byte and its offset in bytes (never the key itself).
+    @Test func anInvalidKeysErrorSaysWhichByteAndWhere() {
+        #expect {
+            try MemcachedKey.validate("été x")
+        } throws: { error in
+            let message = (error as? MemcachedError)?.message ?? ""
+            return message.contains("byte 0x20") && message.contains("offset 5") && !message.contains("été")
+        }
     }
 
     @Test(arguments: ["a", "user:42/session", String(repeating: "x", count: 250), "clé-ünïcode"])
