@@ -145,6 +145,28 @@ public final class SimulatedTestBench: @unchecked Sendable {
         try await request(instance, &cookie, path: "/logout") { access in try await access.invalidate() }
     }
 
+    /// A login on `instance`: a session with a count of 1 and `principal` set.
+    public func logIn(_ instance: Int, _ cookie: inout String?, as principal: String) async throws {
+        try await request(instance, &cookie, path: "/login") { access in
+            let session = try await access.loadOrCreate()
+            try session.set("count", 1)
+            try session.setPrincipal(principal)
+        }
+    }
+
+    /// While `refused`, every node answers SERVER_ERROR to every write of a principal index (its
+    /// primary and backup keys); reads, and the sessions' own commands, go through.
+    public func refusePrincipalIndexWrites(_ refused: Bool) {
+        let prefix = managers[0].configuration.keyPrefix
+        let fault: @Sendable (MemcachedRequest) -> CommandFault? = { request in
+            guard case .store(let key, _, _, _, _, _) = request.command,
+                key.hasPrefix(prefix + "p:") || key.hasPrefix(prefix + "q:")
+            else { return nil }
+            return .serverError
+        }
+        for node in cluster.nodes { node.faultMatching = refused ? fault : nil }
+    }
+
     /// The node the cookie's session lives on.
     public func node(of cookie: String?) -> SimulatedNode? {
         cookie.flatMap { MemcachedSessionID(parsing: $0) }.flatMap { cluster.node($0.nodeID) }
@@ -166,26 +188,15 @@ extension SimulatedTest {
         } _: { bench in try await revocationWhoseIndexRewriteFails(bench) },
         // A sticky takeover whose update of the principal index (the entry's route) fails: the
         // request is served (the entry still names the session's keys), and a revocation on the
-        // previous owner still ends the session on the new one within a second (the feed).
+        // previous owner still ends the session on the new one, which checks memcached before
+        // serving while the entry names another instance.
         SimulatedTest("a-takeover-whose-index-update-fails-is-still-revoked-within-a-second") { configuration, instance in
             configuration.mode = .sticky
             configuration.route = "r\(instance + 1)"
         } _: { bench in
             var cookie: String? = nil
-            try await bench.request(0, &cookie, path: "/login") { access in
-                let session = try await access.loadOrCreate()
-                try session.set("count", 1)
-                try session.setPrincipal("alice")
-            }
-            let prefix = bench.managers[0].configuration.keyPrefix
-            for node in bench.cluster.nodes {
-                node.faultMatching = { request in
-                    guard case .store(let key, _, _, _, _, _) = request.command,
-                        key.hasPrefix(prefix + "p:") || key.hasPrefix(prefix + "q:")
-                    else { return nil }
-                    return .serverError
-                }
-            }
+            try await bench.logIn(0, &cookie, as: "alice")
+            bench.refusePrincipalIndexWrites(true)
             // The balancer sends the session to instance 1, which takes it over.
             let taken = try await bench.increment(1, &cookie)
             bench.check(taken == 2, "the takeover served the session: \(taken)")
@@ -204,13 +215,9 @@ extension SimulatedTest {
             bench.check(try await bench.count(1, &after) == nil, "instance 1 no longer serves the revoked session")
             // Once the index can be written, a takeover moves its entry: a revocation then tells
             // the new owner, which stops serving at once (no check of memcached needed).
-            for node in bench.cluster.nodes { node.faultMatching = nil }
+            bench.refusePrincipalIndexWrites(false)
             var bob: String? = nil
-            try await bench.request(0, &bob, path: "/login") { access in
-                let session = try await access.loadOrCreate()
-                try session.set("count", 1)
-                try session.setPrincipal("bob")
-            }
+            try await bench.logIn(0, &bob, as: "bob")
             bench.check(try await bench.increment(1, &bob) == 2, "bob's session taken over by instance 1")
             bench.check(try await bench.managers[0].invalidateAll(principal: "bob") == 1, "bob's one session revoked")
             var bobAfter = bob
@@ -388,22 +395,10 @@ func requireNode(_ node: SimulatedNode?) throws -> SimulatedNode {
 private func revocationWhoseIndexRewriteFails(_ bench: SimulatedTestBench) async throws {
     var cookies: [String?] = [nil, nil]
     for instance in [0, 1] {
-        try await bench.request(instance, &cookies[instance], path: "/login") { access in
-            let session = try await access.loadOrCreate()
-            try session.set("count", 1)
-            try session.setPrincipal("alice")
-        }
+        try await bench.logIn(instance, &cookies[instance], as: "alice")
         bench.check(cookies[instance] != nil, "logged in on instance \(instance)")
     }
-    let prefix = bench.managers[0].configuration.keyPrefix
-    for node in bench.cluster.nodes {
-        node.faultMatching = { request in
-            guard case .store(let key, _, _, _, _, _) = request.command,
-                key.hasPrefix(prefix + "p:") || key.hasPrefix(prefix + "q:")
-            else { return nil }
-            return .serverError
-        }
-    }
+    bench.refusePrincipalIndexWrites(true)
     do {
         let ended = try await bench.managers[0].invalidateAll(principal: "alice")
         bench.check(false, "the revocation succeeded (\(ended) ended) though its index could not be rewritten")
@@ -411,7 +406,7 @@ private func revocationWhoseIndexRewriteFails(_ bench: SimulatedTestBench) async
         bench.check(error.code == .principalIndexUnavailable, "typed error: \(error.code)")
         bench.check(error.sessionsEnded == 2, "says both sessions were ended: \(String(describing: error.sessionsEnded))")
     }
-    for node in bench.cluster.nodes { node.faultMatching = nil }
+    bench.refusePrincipalIndexWrites(false)
     for instance in [0, 1] {
         for reader in [0, 1] {
             var cookie = cookies[instance]
