@@ -134,6 +134,13 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
         }
     }
 
+    /// memcached's `flush_all`: every item gone, no eviction counted, the process unchanged.
+    func flushAll() { items = [:] }
+
+    /// Marks the node down as repeated failures would (it still answers: the next probe marks
+    /// it up again).
+    func markDown() { markedDown = true }
+
     /// The client's probe: a node that answers is marked up again.
     func probe() {
         if markedDown, state == .up {

@@ -223,6 +223,47 @@ extension SimulatedTest {
             var bobAfter = bob
             bench.check(try await bench.count(1, &bobAfter) == nil, "instance 1 stopped serving bob's revoked session")
         },
+        // A logout while the session's node is marked down (faults of other requests) though it
+        // still answers: the logout waits, within the request timeout, for the node to be probed
+        // up and take its tombstone, so that no instance reads the ended copy there after the
+        // response (the simulation, sticky-sync seed 245).
+        SimulatedTest("a-logout-while-its-node-is-marked-down-lands-its-tombstone-before-answering-non-sticky") { configuration, _ in
+            configuration.mode = .nonSticky
+        } _: { bench in try await logoutWhileItsNodeIsMarkedDown(bench) },
+        SimulatedTest("a-logout-while-its-node-is-marked-down-lands-its-tombstone-before-answering-sticky-sync") { configuration, instance in
+            configuration.mode = .sticky
+            configuration.sticky.asynchronousSaving = false
+            configuration.route = "r\(instance + 1)"
+        } _: { bench in try await logoutWhileItsNodeIsMarkedDown(bench) },
+        SimulatedTest("a-login-while-its-node-is-marked-down-ends-the-old-id-before-answering-sticky-sync") { configuration, instance in
+            configuration.mode = .sticky
+            configuration.sticky.asynchronousSaving = false
+            configuration.route = "r\(instance + 1)"
+        } _: { bench in try await logoutWhileItsNodeIsMarkedDown(bench, login: true) },
+        SimulatedTest("a-login-while-its-node-is-marked-down-ends-the-old-id-before-answering-non-sticky") { configuration, _ in
+            configuration.mode = .nonSticky
+        } _: { bench in try await logoutWhileItsNodeIsMarkedDown(bench, login: true) },
+        // A logout on another instance of a sticky session whose copies memcached lost (an
+        // operator's `flush_all`; the simulation, sticky-async seed 5764: evicted): the takeover
+        // finds nothing, the logout ends the id all the same and tells the owner, which stops
+        // serving it from memory.
+        SimulatedTest("a-logout-elsewhere-of-a-sticky-session-memcached-lost-ends-the-owners-copy") { configuration, instance in
+            configuration.mode = .sticky
+            configuration.route = "r\(instance + 1)"
+        } _: { bench in
+            var cookie: String? = nil
+            try await bench.increment(0, &cookie)
+            try await bench.increment(0, &cookie)
+            let ended = cookie
+            await bench.sleep(seconds: 1)  // the owner's queued save has landed
+            for node in bench.cluster.nodes { node.flushAll() }
+            var elsewhere = cookie
+            try await bench.logout(1, &elsewhere)
+            bench.check(elsewhere == nil, "the logout cleared the cookie")
+            var replayed = ended
+            let count = try await bench.count(0, &replayed)
+            bench.check(count == nil, "the owner served the logged-out id from memory: \(String(describing: count))")
+        },
         // Locking: concurrent requests of one session are serializable.
         SimulatedTest("locking-all-serializes-concurrent-increments") { configuration, _ in
             configuration.mode = .nonSticky
@@ -392,6 +433,38 @@ func requireNode(_ node: SimulatedNode?) throws -> SimulatedNode {
 /// the sessions' own reads and tombstones, do not); a revocation on instance 0 ends both sessions
 /// and fails with `principalIndexUnavailable`, 2 ended; once the index can be written again a
 /// revocation rewrites it (ending them again is harmless) and the next finds nothing.
+/// A logout (or, with `login`, a login that gives the session a new id) on instance 0 while the
+/// session's node is marked down; the node answers again right after the response, and the ended
+/// id is sent to instance 1.
+private func logoutWhileItsNodeIsMarkedDown(_ bench: SimulatedTestBench, login: Bool = false) async throws {
+    var cookie: String? = nil
+    try await bench.increment(0, &cookie)
+    try await bench.increment(0, &cookie)
+    let ended = cookie
+    guard let node = bench.node(of: cookie) else { return bench.check(false, "no node in the cookie") }
+    node.markDown()
+    let started = bench.now
+    if login {
+        try await bench.request(0, &cookie, path: "/login") { access in
+            guard try await access.load() != nil else { return }
+            try await access.regenerateID()
+        }
+        bench.check(cookie != nil && cookie != ended, "the login gave the session a new id")
+    } else {
+        try await bench.logout(0, &cookie)
+        bench.check(cookie == nil, "the logout cleared the cookie")
+    }
+    bench.check(bench.now - started <= 1.1, "answered within the request timeout: \(bench.now - started) s")
+    // The node answers again (for every instance) the moment the logout has answered.
+    node.probe()
+    var replayed = ended
+    let count = try? await bench.count(1, &replayed)
+    bench.check(count == nil, "the ended id read on the other instance: \(String(describing: count))")
+    if login {
+        bench.check(try await bench.count(0, &cookie) == 2, "the session lives on under its new id")
+    }
+}
+
 private func revocationWhoseIndexRewriteFails(_ bench: SimulatedTestBench) async throws {
     var cookies: [String?] = [nil, nil]
     for instance in [0, 1] {

@@ -285,9 +285,7 @@ public final class SessionAccess: Sendable {
         guard let ending, !isIgnored else { return .unchanged }
         if ending.endMissing, ending.session == nil, let id = requestedID, context.isEnabled, context.topology.contains(id.nodeID) {
             // A logout of a session that was not found: its id ends all the same.
-            // Its own idle timeout is not known: the default's horizon (a longer one's copies
-            // were not found either).
-            await lifecycle.store.deleteCopies(keys: context.keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: nil)
+            await lifecycle.endUnfound(id)
             return SessionResponseAction(cookie: .clear)
         }
         let action: Result<SessionResponseAction, SessionError>

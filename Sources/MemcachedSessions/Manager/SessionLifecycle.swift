@@ -22,7 +22,19 @@ protocol SessionLifecycle: SessionManagerPart, AnyObject {
     /// never reaches the browser while the replaced id still works.
     func retire(_ session: MemcachedSession, lock: HeldLock?) -> Task<Void, Never>
 
+    /// A logout of a session that was not found (`invalidate()` without a session): its id ends
+    /// all the same, on every node, before the response.
+    func endUnfound(_ id: MemcachedSessionID) async
+
     /// The lifecycle's background work, until cancelled (graceful shutdown); it returns once what
     /// must not be lost (queued writes) is flushed.
     func run() async
+}
+
+extension SessionLifecycle {
+    func endUnfound(_ id: MemcachedSessionID) async {
+        // Its own idle timeout is not known: the default's horizon (a longer one's copies were not
+        // found either).
+        await store.deleteCopies(keys: context.keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: nil)
+    }
 }

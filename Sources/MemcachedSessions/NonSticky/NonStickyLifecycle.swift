@@ -264,7 +264,9 @@ final class NonStickyLifecycle: SessionLifecycle {
         if session.isInvalidated {
             statistics.count(.sessionsInvalidated)
             if session.mayBeStored {
-                await store.deleteCopies(keys: keys, nodeID: id.nodeID, lock: lock, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
+                await store.deleteCopies(
+                    keys: keys, nodeID: id.nodeID, lock: lock, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds,
+                    cookieNodeID: incoming?.nodeID)
             } else if let lock {
                 await locks.release(lock)
             }
@@ -306,7 +308,9 @@ final class NonStickyLifecycle: SessionLifecycle {
                 }
                 if let (oldKeys, oldNode) = oldCopies {
                     // Waited for: the old id must be dead before the response (session fixation).
-                    await store.deleteCopies(keys: oldKeys, nodeID: oldNode, lock: nil, wait: true, sessionIdle: record.metadata.idleTimeoutSeconds)
+                    await store.deleteCopies(
+                        keys: oldKeys, nodeID: oldNode, lock: nil, wait: true, sessionIdle: record.metadata.idleTimeoutSeconds,
+                        cookieNodeID: incoming?.nodeID)
                 } else if let incoming, finalID.token == incoming.token, finalID.nodeID != incoming.nodeID,
                     case .tombstone = await store.readStored(key: keys.primary, on: finalID.nodeID, touch: nil)
                 {

@@ -102,6 +102,18 @@ final class StickyLifecycle: SessionLifecycle {
         }
     }
 
+    /// As every mode, and the instance the id's route names is told (an ownership notice that
+    /// ends any version): it may still hold the session in memory, which a takeover that found no
+    /// copy (evicted, a node restarted empty) never told (the simulation, sticky-async seed 5764:
+    /// the owner served the logged-out id from memory).
+    func endUnfound(_ id: MemcachedSessionID) async {
+        let keys = keys(for: id.token)
+        await store.deleteCopies(keys: keys, nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: nil)
+        if let owner = id.route, let route = configuration.route, owner != route {
+            _ = await endTakenOver(keys, from: owner, version: .max)
+        }
+    }
+
     func load(_ access: SessionAccess) async throws(SessionError) -> MemcachedSession? {
         guard let id = access.requestedID else { return nil }
         let memoryOnly = !isEnabled
@@ -301,7 +313,8 @@ final class StickyLifecycle: SessionLifecycle {
             if isEnabled { await writer.awaitWrites(of: [session]) }
             if session.mayBeStored, isEnabled {
                 await store.deleteCopies(
-                    keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
+                    keys: keys(for: id.token), nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds,
+                    cookieNodeID: incoming?.nodeID)
                 // The instance it was taken over from must not serve it from memory any more.
                 if let previous = session.takenOverFrom, previous != configuration.route {
                     await endTakenOver(keys(for: id.token), from: previous, version: session.metadata.version)
@@ -320,7 +333,8 @@ final class StickyLifecycle: SessionLifecycle {
             statistics.count(.sessionsRegenerated)
             if isEnabled {
                 await store.deleteCopies(
-                    keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds)
+                    keys: keys(for: old.token), nodeID: old.nodeID, lock: nil, wait: true, sessionIdle: session.metadata.idleTimeoutSeconds,
+                    cookieNodeID: incoming?.nodeID)
                 if let previous = session.takenOverFrom, previous != configuration.route {
                     await endTakenOver(keys(for: old.token), from: previous, version: session.metadata.version)
                     session.takenOverFrom = nil

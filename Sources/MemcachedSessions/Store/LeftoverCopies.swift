@@ -93,6 +93,11 @@ final class LeftoverCopies: Sendable {
 
     var count: Int { state.withLock { $0.entries.count } }
 
+    /// Whether an entry waits for `key` on `nodeID`.
+    func contains(nodeID: String, key: String) -> Bool {
+        state.withLock { $0.entries[Self.slot(nodeID, key)] != nil }
+    }
+
     /// Nodes with entries waiting.
     var nodes: Set<String> { state.withLock { Set($0.entries.values.map(\.nodeID)) } }
 }
@@ -153,6 +158,20 @@ extension SessionStore {
             guard await writeBackupInOrder(key: entry.key, on: node, bytes: bytes, flags: flags, ttl: ttl) else { return false }
             statistics.count(.leftoversCleaned)
             return true
+        }
+    }
+
+    /// Waits until the entry for `key` on `nodeID` has been dealt with, or `deadline` passes:
+    /// tries it each time the node answers again (the client's probe marks it up).
+    func awaitLeftover(key: String, on nodeID: String, until deadline: NIODeadline) async {
+        while leftovers.contains(nodeID: nodeID, key: key) {
+            if topology.isReachable(nodeID) {
+                await cleanLeftovers(on: nodeID, key: key)
+                guard leftovers.contains(nodeID: nodeID, key: key) else { return }
+            }
+            let now = clock.now()
+            guard now < deadline else { return }
+            do { try await clock.sleep(for: .nanoseconds(min(50_000_000, (deadline - now).nanoseconds))) } catch { return }
         }
     }
 

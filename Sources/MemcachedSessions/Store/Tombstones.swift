@@ -14,11 +14,16 @@ extension SessionStore {
     /// unknown and the node is still marked up (the simulation, seed 14016: a logout answered while
     /// its node had dropped the tombstone, and another instance served the session there).
     ///
+    /// `cookieNodeID`: the node the request's cookie named, when the session has moved since.
+    ///
     /// `sessionIdle` is the session's own idle timeout when it is known: its tombstones outlive
     /// its copies (``CopyLifetimes/tombstoneSeconds(defaultIdle:sessionIdle:)``).
-    func deleteCopies(keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool, sessionIdle: Int64?) async {
+    func deleteCopies(
+        keys: SessionKeys, nodeID: String, lock: HeldLock?, wait: Bool, sessionIdle: Int64?, cookieNodeID: String? = nil
+    ) async {
         if let lock { locks.forget(lock) }
         backupMemo.forget(keys.backup)
+        let deadline = clock.now() + TimeAmount(configuration.memcached.requestTimeout)
         let ttl = tombstoneTTL(sessionIdle: sessionIdle)
         let seconds = Int(ttl.wireValue(now: 0))
         func tombstone(_ key: String, quiet: Bool) -> MemcachedRequest {
@@ -94,6 +99,15 @@ extension SessionStore {
                     }
                 }
             }
+        }
+        // The nodes a cookie of the session names (its own, and the one the request's cookie
+        // named before a move) are the ones other instances read it on. One that did not take its
+        // tombstone may be marked down here only (faults of other requests) while it answers
+        // them, and they would serve the ended copy there: wait, within the request timeout, for
+        // it to be probed up and take the tombstone before the response (the simulation,
+        // sticky-sync seed 245). A node that stays silent past that gets it when it answers.
+        for named in Set([nodeID, cookieNodeID].compactMap { $0 }).sorted() where leftovers.contains(nodeID: named, key: keys.primary) {
+            await awaitLeftover(key: keys.primary, on: named, until: deadline)
         }
     }
 
