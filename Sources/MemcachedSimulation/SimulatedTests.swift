@@ -264,6 +264,61 @@ extension SimulatedTest {
             let count = try await bench.count(0, &replayed)
             bench.check(count == nil, "the owner served the logged-out id from memory: \(String(describing: count))")
         },
+        // A revocation racing a sticky takeover: the new owner read the session's copy before the
+        // revocation's tombstones, and the revocation read the index while it still named the
+        // previous owner. Whichever way their index writes interleave, the new owner stops
+        // serving the session: its own index update finds the entry gone (and the copy ended),
+        // or the revocation's rewrite finds the entry moved and tells the new route as well.
+        SimulatedTest("a-revocation-racing-a-takeover-ends-the-session-on-the-new-owner", instances: 3) { configuration, instance in
+            configuration.mode = .sticky
+            configuration.route = "r\(instance + 1)"
+        } _: { bench in
+            for (round, handlerSeconds) in [0.0, 0.05, 0.2, 0.6, 1.2].enumerated() {
+                let principal = "alice\(round)"
+                var cookie: String? = nil
+                try await bench.logIn(0, &cookie, as: principal)
+                await bench.sleep(seconds: 1)  // its save and its index entry have landed
+                let loaded = Flag()
+                let taken = cookie
+                let (takenCookie, revoked) = try await withThrowingTaskGroup(of: (String?, Int?).self) { group in
+                    group.addTask {
+                        // The balancer moves the browser to instance 1, which takes the session over.
+                        var cookie = taken
+                        _ = try await bench.request(1, &cookie, path: "/read") { access -> Int? in
+                            let count = try await access.load().map { $0["count", as: Int.self] ?? 0 }
+                            loaded.value = true
+                            if handlerSeconds > 0 { await bench.sleep(seconds: handlerSeconds) }
+                            return count
+                        }
+                        return (cookie, nil)
+                    }
+                    group.addTask {
+                        // Instance 2 revokes the principal once the takeover has read the copy.
+                        while !loaded.value { await bench.sleep(seconds: 0.001) }
+                        return (nil, try await bench.managers[2].invalidateAll(principal: principal))
+                    }
+                    var cookie: String? = nil
+                    var revoked: Int? = nil
+                    for try await (taken, count) in group {
+                        if let taken { cookie = taken }
+                        if let count { revoked = count }
+                    }
+                    return (cookie, revoked)
+                }
+                bench.check(revoked == 1, "round \(round): the revocation ended the one session: \(String(describing: revoked))")
+                // The new owner first (a takeover of the new cookie by another instance would
+                // read the tombstone and tell it).
+                for instance in [1, 0, 2] {
+                    for sent in [takenCookie, taken].compactMap({ $0 }) {
+                        var replayed: String? = sent
+                        let count = try await bench.count(instance, &replayed)
+                        bench.check(
+                            count == nil,
+                            "round \(round) (handler \(handlerSeconds) s): instance \(instance) served the revoked session: \(String(describing: count))")
+                    }
+                }
+            }
+        },
         // Locking: concurrent requests of one session are serializable.
         SimulatedTest("locking-all-serializes-concurrent-increments") { configuration, _ in
             configuration.mode = .nonSticky

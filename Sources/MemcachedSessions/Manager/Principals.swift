@@ -45,10 +45,21 @@ final class Principals: SessionManagerPart {
                 digest: keys(for: new.token).digest, nodeID: change.nodeID, createdAt: change.createdAt,
                 // Sticky instances hold sessions in memory: a revocation tells the one named.
                 route: configuration.mode == .sticky ? change.route : nil)
+            // Only the route changed (a sticky takeover): the entry moves, it is not added back.
+            // Absent, a revocation took it out since this instance read its copy (the revocation
+            // told the route the entry named, not this one), or the index lost it.
+            let routeOnly = change.old?.principal == new.principal && change.old?.token == new.token
+            var absent = false
             let outcome: PrincipalIndex.UpdateOutcome
             do {
                 outcome = try await index.update(index.locate(new.principal)) { entries in
-                    await admit(entry, replacing: oldDigest, into: entries)
+                    absent = routeOnly && !entries.contains { $0.digest == entry.digest }
+                    if absent { return nil }
+                    return await admit(entry, replacing: oldDigest, into: entries)
+                }
+                if absent {
+                    try await takenOverButNotIndexed(session, entry: entry, change: change, lifecycle: lifecycle)
+                    return
                 }
             } catch {
                 statistics.count(.principalIndexFailures)
@@ -81,6 +92,39 @@ final class Principals: SessionManagerPart {
         } else {
             statistics.count(.principalIndexUpdates)
             session.markIndexed(change)
+        }
+    }
+
+    /// A sticky takeover whose session the principal index no longer names: ended by a
+    /// revocation since (its stored copy is a tombstone: it ends here too, at once), or dropped
+    /// by the index (evicted: it goes back in). A copy no node answers about is checked again at
+    /// the next request (the entry still names another route for this session).
+    private func takenOverButNotIndexed(
+        _ session: MemcachedSession, entry: PrincipalIndexEntry, change: PrincipalIndexChange, lifecycle: any SessionLifecycle
+    ) async throws(SessionError) {
+        switch await store.readStored(key: keys(of: session).primary, on: session.id.nodeID, touch: nil) {
+        case .tombstone:
+            statistics.count(.sessionsRevoked)
+            let token = session.id.token
+            session.invalidate(byAnotherRequest: true)
+            sticky.localStore.end(token, at: clock.now())
+        case .unreachable:
+            statistics.count(.principalIndexFailures)
+        case .found, .missing:
+            // (Missing: evicted too, or its own save not landed yet; this instance's copy is the
+            // session's, and a revocation would have left a tombstone.)
+            guard let principal = change.new?.principal else { return }
+            let outcome = try await index.update(index.locate(principal)) { entries in
+                await admit(entry, replacing: nil, into: entries)
+            }
+            if case .written(let dropped) = outcome {
+                statistics.count(.principalIndexUpdates)
+                session.markIndexed(change)
+                if !dropped.isEmpty {
+                    statistics.count(.principalLimitLogouts, dropped.count)
+                    await end(dropped)
+                }
+            }
         }
     }
 
@@ -260,10 +304,31 @@ final class Principals: SessionManagerPart {
         }
         await end(entries)
         statistics.count(.sessionsRevoked, count)
+        // The route each entry named when it was read (the instance its notice went to).
+        var notified: [String: String] = [:]
+        for entry in entries { notified[entry.digest] = entry.route }
         for (located, digests) in zip(forms, indexed) where !digests.isEmpty {
             do {
-                _ = try await index.update(located) { current in
-                    (current.filter { !digests.contains($0.digest) }, [])
+                // An entry whose route changed meanwhile (a sticky takeover of the session that
+                // read its copy before the tombstones) names the instance that holds it now: it is
+                // told too (the "dropped" of this rewrite).
+                let outcome = try await index.update(located) { current in
+                    (
+                        current.filter { !digests.contains($0.digest) },
+                        current.filter { digests.contains($0.digest) && $0.route != nil && $0.route != notified[$0.digest] }
+                    )
+                }
+                if case .written(let moved) = outcome, !moved.isEmpty {
+                    endLocally(Set(moved.filter { $0.route == configuration.route }.map(\.digest)))
+                    await withDiscardingTaskGroup { group in
+                        for entry in moved {
+                            guard let route = entry.route, route != configuration.route else { continue }
+                            group.addTask {
+                                let keys = SessionKeys(digest: entry.digest, prefix: self.configuration.keyPrefix)
+                                _ = await self.sticky.endTakenOver(keys, from: route, version: .max)
+                            }
+                        }
+                    }
                 }
             } catch {
                 // Every session read was ended; the index could not be emptied (ending them
