@@ -319,6 +319,33 @@ extension SimulatedTest {
                 }
             }
         },
+        // Logouts of sessions that do not exist, with routes of the attacker's choosing: a route
+        // without a heartbeat gets no notice, and a live one at most 20 a second per instance.
+        SimulatedTest("forged-logouts-do-not-flood-a-mailbox") { configuration, instance in
+            configuration.mode = .sticky
+            configuration.route = "r\(instance + 1)"
+        } _: { bench in
+            func forged(_ index: Int, route: String) -> String {
+                let hex = String(index, radix: 16, uppercase: true)
+                return String(repeating: "F", count: 32 - hex.count) + hex + "-n1." + route
+            }
+            await bench.sleep(seconds: 1)  // heartbeats written
+            var nowhere: String? = forged(1, route: "r9")
+            try await bench.logout(1, &nowhere)
+            let statistics = bench.managers[1].statistics
+            bench.check((statistics.snapshot().counters["notices_sent"] ?? 0) == 0, "a notice to a route with no heartbeat")
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<30 {
+                    group.addTask {
+                        var cookie: String? = forged(100 + index, route: "r1")
+                        try await bench.logout(1, &cookie)
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let sent = statistics.snapshot().counters["notices_sent"] ?? 0
+            bench.check(sent >= 1 && sent <= 20, "notices for 30 forged logouts within a second: \(sent)")
+        },
         // Locking: concurrent requests of one session are serializable.
         SimulatedTest("locking-all-serializes-concurrent-increments") { configuration, _ in
             configuration.mode = .nonSticky

@@ -72,6 +72,13 @@ final class MemcachedConnection: Sendable {
         // confirmation round trip): a server slow at each step cannot stretch it to several
         // connect timeouts.
         let setupDeadline = NIODeadline.now() + settings.connectTimeout
+        // The handshake's outcome, held here and not only by its handler: a handshake that fails
+        // at once closes the channel, which takes the handler out of the pipeline before the
+        // connect's continuation below looks for it (seen under load: the expired certificate
+        // then read as "cannot connect: notFound" instead of a `tlsFailed` error).
+        var usesTLS = false
+        if case .enable = settings.tls.base { usesTLS = true }
+        let handshake: EventLoopPromise<Void>? = usesTLS ? eventLoop.makePromise() : nil
         let connected = ClientBootstrap(group: eventLoop)
             .connectTimeout(settings.connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -84,7 +91,7 @@ final class MemcachedConnection: Sendable {
                         try channel.pipeline.syncOperations.addHandler(
                             try NIOSSLClientHandler(context: context, serverHostname: serverName ?? (isAddress ? nil : host)))
                         try channel.pipeline.syncOperations.addHandler(
-                            TLSHandshakeHandler(handshake: channel.eventLoop.makePromise(), target: target))
+                            TLSHandshakeHandler(handshake: handshake ?? channel.eventLoop.makePromise(), target: target))
                     }
                     if let authentication = settings.authentication {
                         try channel.pipeline.syncOperations.addHandler(
@@ -102,15 +109,20 @@ final class MemcachedConnection: Sendable {
         // The connection is handed out only once its TLS handshake and its authentication are
         // done, within the connect timeout from the start of the connect (a server that accepts
         // and then says nothing is a failure too).
+        // No channel came up (the connect failed): the handshake never started.
+        connected.whenFailure { error in handshake?.fail(error) }
         return connected.flatMap { channel in
+            guard let handshake else { return channel.eventLoop.makeSucceededFuture(channel) }
             guard let tls = try? channel.pipeline.syncOperations.handler(type: TLSHandshakeHandler.self) else {
-                return channel.eventLoop.makeSucceededFuture(channel)
+                // Out of the pipeline already: the handshake is over, either way (the handler
+                // leaves once it succeeded; a failure closed the channel).
+                return handshake.futureResult.map { channel }
             }
             let bound = NIOLoopBound(tls, eventLoop: channel.eventLoop)
             let timeout = channel.eventLoop.scheduleTask(deadline: setupDeadline) {
                 bound.value.timedOut(channel: channel)
             }
-            return tls.handshake.futureResult.always { _ in timeout.cancel() }.map { channel }
+            return handshake.futureResult.always { _ in timeout.cancel() }.map { channel }
         }.flatMap { channel in
             guard let context = try? channel.pipeline.syncOperations.context(handlerType: AuthenticationHandler.self),
                 let authentication = context.handler as? AuthenticationHandler

@@ -45,9 +45,8 @@ final class Principals: SessionManagerPart {
                 digest: keys(for: new.token).digest, nodeID: change.nodeID, createdAt: change.createdAt,
                 // Sticky instances hold sessions in memory: a revocation tells the one named.
                 route: configuration.mode == .sticky ? change.route : nil)
-            // Only the route changed (a sticky takeover): the entry moves, it is not added back.
-            // Absent, a revocation took it out since this instance read its copy (the revocation
-            // told the route the entry named, not this one), or the index lost it.
+            // Only the route changed (a sticky takeover): the entry moves, it is never added back
+            // (``takenOverButNotIndexed``).
             let routeOnly = change.old?.principal == new.principal && change.old?.token == new.token
             var absent = false
             let outcome: PrincipalIndex.UpdateOutcome
@@ -58,7 +57,7 @@ final class Principals: SessionManagerPart {
                     return await admit(entry, replacing: oldDigest, into: entries)
                 }
                 if absent {
-                    try await takenOverButNotIndexed(session, entry: entry, change: change, lifecycle: lifecycle)
+                    try await takenOverButNotIndexed(session, entry: entry, change: change)
                     return
                 }
             } catch {
@@ -95,37 +94,41 @@ final class Principals: SessionManagerPart {
         }
     }
 
-    /// A sticky takeover whose session the principal index no longer names: ended by a
-    /// revocation since (its stored copy is a tombstone: it ends here too, at once), or dropped
-    /// by the index (evicted: it goes back in). A copy no node answers about is checked again at
-    /// the next request (the entry still names another route for this session).
+    /// A sticky takeover whose session the principal index no longer names: a revocation took
+    /// it out since this instance read the session's copy (telling the route the entry named, not
+    /// this one), or a login past the concurrent-session limit logged it out, or its principal's
+    /// index was lost; the session ends here (fail closed: whichever it was, a tombstone may not
+    /// have reached the node this instance reads). Kept only when the index kept before a
+    /// storage-key switch still names it (a session indexed before the switch): its entry is
+    /// then added to the current index, as before.
     private func takenOverButNotIndexed(
-        _ session: MemcachedSession, entry: PrincipalIndexEntry, change: PrincipalIndexChange, lifecycle: any SessionLifecycle
+        _ session: MemcachedSession, entry: PrincipalIndexEntry, change: PrincipalIndexChange
     ) async throws(SessionError) {
-        switch await store.readStored(key: keys(of: session).primary, on: session.id.nodeID, touch: nil) {
-        case .tombstone:
-            statistics.count(.sessionsRevoked)
-            let token = session.id.token
-            session.invalidate(byAnotherRequest: true)
-            sticky.localStore.end(token, at: clock.now())
-        case .unreachable:
-            statistics.count(.principalIndexFailures)
-        case .found, .missing:
-            // (Missing: evicted too, or its own save not landed yet; this instance's copy is the
-            // session's, and a revocation would have left a tombstone.)
-            guard let principal = change.new?.principal else { return }
-            let outcome = try await index.update(index.locate(principal)) { entries in
-                await admit(entry, replacing: nil, into: entries)
-            }
-            if case .written(let dropped) = outcome {
-                statistics.count(.principalIndexUpdates)
-                session.markIndexed(change)
-                if !dropped.isEmpty {
-                    statistics.count(.principalLimitLogouts, dropped.count)
-                    await end(dropped)
+        if let principal = change.new?.principal, let earlier = index.locateBeforeSwitch(principal) {
+            let (primary, backup) = await index.readBoth(earlier)
+            let unkeyed = SessionKeys.digest(of: session.id.token, secret: nil)
+            if case .found(let contents, _, _) = PrincipalIndex.newest(primary, backup), contents.entries.contains(where: { $0.digest == unkeyed }) {
+                let outcome = try await index.update(index.locate(principal)) { entries in
+                    await admit(entry, replacing: nil, into: entries)
                 }
+                if case .written(let dropped) = outcome {
+                    statistics.count(.principalIndexUpdates)
+                    session.markIndexed(change)
+                    if !dropped.isEmpty {
+                        statistics.count(.principalLimitLogouts, dropped.count)
+                        await end(dropped)
+                    }
+                }
+                return
             }
         }
+        statistics.count(.sessionsRevoked)
+        logger.notice("a session taken over from another instance was revoked meanwhile: ended here too")
+        let token = session.id.token
+        session.invalidate(byAnotherRequest: true)
+        sticky.localStore.end(token, at: clock.now())
+        // Its copies too (a tombstone the revocation left for a node it could not reach).
+        await store.deleteCopies(keys: keys(of: session), nodeID: session.id.nodeID, lock: nil, wait: false, sessionIdle: nil)
     }
 
     /// Takes a session out of a principal's index, best effort. After a storage-key switch, out

@@ -1,6 +1,7 @@
 import Logging
 import Memcached
 import NIOCore
+import Synchronization
 
 /// Sticky mode: this instance's memory is authoritative and memcached holds a copy for failover.
 ///
@@ -25,6 +26,10 @@ final class StickyLifecycle: SessionLifecycle {
     let notices = OwnershipNotices()
     /// How often an unchanged session's memcached TTL is slid.
     let touchInterval: TimeAmount
+    /// Notices sent for logouts of sessions not found (``endUnfound(_:)``) in the current second:
+    /// a cookie's route is not authenticated, and forged logouts must not flood a mailbox.
+    private let unfoundNotices = Mutex<(second: Int64, sent: Int)>((0, 0))
+    static let unfoundNoticesPerSecond = 20
 
     init(context: SessionContext, store: SessionStore) {
         self.context = context
@@ -105,13 +110,26 @@ final class StickyLifecycle: SessionLifecycle {
     /// As every mode, and the instance the id's route names is told (an ownership notice that
     /// ends any version): it may still hold the session in memory, which a takeover that found no
     /// copy (evicted, a node restarted empty) never told (the simulation, sticky-async seed 5764:
-    /// the owner served the logged-out id from memory).
+    /// the owner served the logged-out id from memory). Only a live route (a heartbeat), and at
+    /// most ``unfoundNoticesPerSecond`` a second: the route comes from the cookie, and any
+    /// request can claim one; past that the owner finds the tombstones at its next check.
     func endUnfound(_ id: MemcachedSessionID) async {
         let keys = keys(for: id.token)
         await store.deleteCopies(keys: keys, nodeID: id.nodeID, lock: nil, wait: true, sessionIdle: nil)
-        if let owner = id.route, let route = configuration.route, owner != route {
-            _ = await endTakenOver(keys, from: owner, version: .max)
+        guard let owner = id.route, let route = configuration.route, owner != route else { return }
+        let second = clock.now().uptimeNanoseconds / 1_000_000_000
+        let admitted = unfoundNotices.withLock { budget -> Bool in
+            if budget.second != Int64(second) { budget = (Int64(second), 0) }
+            guard budget.sent < Self.unfoundNoticesPerSecond else { return false }
+            budget.sent += 1
+            return true
         }
+        guard admitted else {
+            statistics.count(.noticeWaitsSkipped)
+            return
+        }
+        guard await !readHeartbeats(of: owner).isEmpty else { return }
+        _ = await endTakenOver(keys, from: owner, version: .max)
     }
 
     func load(_ access: SessionAccess) async throws(SessionError) -> MemcachedSession? {

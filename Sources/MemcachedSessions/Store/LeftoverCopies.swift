@@ -93,11 +93,6 @@ final class LeftoverCopies: Sendable {
 
     var count: Int { state.withLock { $0.entries.count } }
 
-    /// Whether an entry waits for `key` on `nodeID`.
-    func contains(nodeID: String, key: String) -> Bool {
-        state.withLock { $0.entries[Self.slot(nodeID, key)] != nil }
-    }
-
     /// Nodes with entries waiting.
     var nodes: Set<String> { state.withLock { Set($0.entries.values.map(\.nodeID)) } }
 }
@@ -161,17 +156,32 @@ extension SessionStore {
         }
     }
 
-    /// Waits until the entry for `key` on `nodeID` has been dealt with, or `deadline` passes:
-    /// tries it each time the node answers again (the client's probe marks it up).
-    func awaitLeftover(key: String, on nodeID: String, until deadline: NIODeadline) async {
-        while leftovers.contains(nodeID: nodeID, key: key) {
-            if topology.isReachable(nodeID) {
-                await cleanLeftovers(on: nodeID, key: key)
-                guard leftovers.contains(nodeID: nodeID, key: key) else { return }
-            }
+    /// Writes a tombstone this request left for later on `nodeID` itself, each time the node
+    /// answers again (the client's probe marks it up), until it lands or `deadline` passes; each
+    /// attempt's timeout is the time left. Not the periodic loop's word for it: that loop takes a
+    /// node's whole backlog before writing it, and a write it has taken may still fail (written
+    /// twice, a tombstone is the same). Landed, the waiting entry goes; not, it stays for later.
+    /// Returns whether it landed.
+    @discardableResult
+    func settleTombstone(key: String, seconds: Int, on nodeID: String, until deadline: NIODeadline) async -> Bool {
+        while true {
             let now = clock.now()
-            guard now < deadline else { return }
-            do { try await clock.sleep(for: .nanoseconds(min(50_000_000, (deadline - now).nanoseconds))) } catch { return }
+            guard now < deadline else { return false }
+            let left = deadline - now
+            if topology.isReachable(nodeID), let node = topology.node(nodeID) {
+                var request = MemcachedRequest.store(key, value: ByteBuffer(), ttl: .seconds(seconds), flags: Self.tombstoneFlags)
+                request.honorsCancellation = false
+                request.timeout = .nanoseconds(left.nanoseconds)
+                if case .success = await node.executeBatch([prepared(request)])[0] {
+                    for entry in leftovers.take(nodeID: nodeID, key: key) where !entry.action.isTombstone {
+                        leaveForLater(entry.action, key: entry.key, on: nodeID)
+                    }
+                    statistics.count(.leftoversCleaned)
+                    return true
+                }
+                continue
+            }
+            do { try await clock.sleep(for: .nanoseconds(min(50_000_000, left.nanoseconds))) } catch { return false }
         }
     }
 

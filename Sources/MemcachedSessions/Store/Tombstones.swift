@@ -24,6 +24,8 @@ extension SessionStore {
         if let lock { locks.forget(lock) }
         backupMemo.forget(keys.backup)
         let deadline = clock.now() + TimeAmount(configuration.memcached.requestTimeout)
+        // The nodes where this call's primary tombstone did not land (left for later).
+        let missedPrimary = LockedBox(Set<String>())
         let ttl = tombstoneTTL(sessionIdle: sessionIdle)
         let seconds = Int(ttl.wireValue(now: 0))
         func tombstone(_ key: String, quiet: Bool) -> MemcachedRequest {
@@ -52,7 +54,10 @@ extension SessionStore {
                     {
                         ended = true
                     }
-                    if !ended { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.primary, on: nodeID) }
+                    if !ended {
+                        self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.primary, on: nodeID)
+                        missedPrimary.withLock { _ = $0.insert(nodeID) }
+                    }
                 }
                 if backups, case .failure = results[1] {
                     self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.backup, on: nodeID)
@@ -75,6 +80,7 @@ extension SessionStore {
             guard let other = topology.node(candidate) else { continue }
             guard other.isAvailable else {
                 for key in keysThere { leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                missedPrimary.withLock { _ = $0.insert(candidate) }
                 continue
             }
             reachable.append((candidate, other))
@@ -95,7 +101,9 @@ extension SessionStore {
                 group.addTask {
                     let results = await other.executeBatch(requests)
                     for (key, result) in zip(keysThere, results) {
-                        if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                        guard case .failure = result else { continue }
+                        self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate)
+                        if key == keys.primary { missedPrimary.withLock { _ = $0.insert(candidate) } }
                     }
                 }
             }
@@ -105,9 +113,14 @@ extension SessionStore {
         // tombstone may be marked down here only (faults of other requests) while it answers
         // them, and they would serve the ended copy there: wait, within the request timeout, for
         // it to be probed up and take the tombstone before the response (the simulation,
-        // sticky-sync seed 245). A node that stays silent past that gets it when it answers.
-        for named in Set([nodeID, cookieNodeID].compactMap { $0 }).sorted() where leftovers.contains(nodeID: named, key: keys.primary) {
-            await awaitLeftover(key: keys.primary, on: named, until: deadline)
+        // sticky-sync seed 245). This request writes it itself (the periodic loop may hold it,
+        // taken but not yet written). A node that stays silent past that gets it when it answers.
+        let missed = missedPrimary.withLock { $0 }
+        let waiting = Set([nodeID, cookieNodeID].compactMap { $0 }).filter { missed.contains($0) }
+        await withDiscardingTaskGroup { group in
+            for named in waiting {
+                group.addTask { await self.settleTombstone(key: keys.primary, seconds: seconds, on: named, until: deadline) }
+            }
         }
     }
 
