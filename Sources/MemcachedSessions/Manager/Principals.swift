@@ -57,7 +57,7 @@ final class Principals: SessionManagerPart {
                     return await admit(entry, replacing: oldDigest, into: entries)
                 }
                 if absent {
-                    try await takenOverButNotIndexed(session, entry: entry, change: change)
+                    try await takenOverButNotIndexed(session, entry: entry, change: change, lifecycle: lifecycle)
                     return
                 }
             } catch {
@@ -74,20 +74,7 @@ final class Principals: SessionManagerPart {
                 await lifecycle.retire(session, lock: nil).value
                 throw error
             }
-            switch outcome {
-            case .refused:
-                statistics.count(.principalLoginsRefused)
-                session.invalidate()
-                await lifecycle.retire(session, lock: nil).value
-                throw SessionError(code: .sessionLimitReached, message: "the principal has as many sessions as its limit allows")
-            case .written(let dropped):
-                statistics.count(.principalIndexUpdates)
-                session.markIndexed(change)
-                if !dropped.isEmpty {
-                    statistics.count(.principalLimitLogouts, dropped.count)
-                    await end(dropped)
-                }
-            }
+            try await settle(outcome, of: session, change: change, lifecycle: lifecycle)
         } else {
             statistics.count(.principalIndexUpdates)
             session.markIndexed(change)
@@ -102,7 +89,7 @@ final class Principals: SessionManagerPart {
     /// storage-key switch still names it (a session indexed before the switch): its entry is
     /// then added to the current index, as before.
     private func takenOverButNotIndexed(
-        _ session: MemcachedSession, entry: PrincipalIndexEntry, change: PrincipalIndexChange
+        _ session: MemcachedSession, entry: PrincipalIndexEntry, change: PrincipalIndexChange, lifecycle: any SessionLifecycle
     ) async throws(SessionError) {
         if let principal = change.new?.principal, let earlier = index.locateBeforeSwitch(principal) {
             let (primary, backup) = await index.readBoth(earlier)
@@ -111,14 +98,7 @@ final class Principals: SessionManagerPart {
                 let outcome = try await index.update(index.locate(principal)) { entries in
                     await admit(entry, replacing: nil, into: entries)
                 }
-                if case .written(let dropped) = outcome {
-                    statistics.count(.principalIndexUpdates)
-                    session.markIndexed(change)
-                    if !dropped.isEmpty {
-                        statistics.count(.principalLimitLogouts, dropped.count)
-                        await end(dropped)
-                    }
-                }
+                try await settle(outcome, of: session, change: change, lifecycle: lifecycle)
                 return
             }
         }
@@ -129,6 +109,29 @@ final class Principals: SessionManagerPart {
         sticky.localStore.end(token, at: clock.now())
         // Its copies too (a tombstone the revocation left for a node it could not reach).
         await store.deleteCopies(keys: keys(of: session), nodeID: session.id.nodeID, lock: nil, wait: false, sessionIdle: nil)
+    }
+
+    /// An index update that admitted the session: counted and marked on it, and the sessions a
+    /// login past the concurrent-session limit logged out ended. Refused at the limit: the
+    /// session ends and the request fails.
+    private func settle(
+        _ outcome: PrincipalIndex.UpdateOutcome, of session: MemcachedSession, change: PrincipalIndexChange,
+        lifecycle: any SessionLifecycle
+    ) async throws(SessionError) {
+        switch outcome {
+        case .refused:
+            statistics.count(.principalLoginsRefused)
+            session.invalidate()
+            await lifecycle.retire(session, lock: nil).value
+            throw SessionError(code: .sessionLimitReached, message: "the principal has as many sessions as its limit allows")
+        case .written(let dropped):
+            statistics.count(.principalIndexUpdates)
+            session.markIndexed(change)
+            if !dropped.isEmpty {
+                statistics.count(.principalLimitLogouts, dropped.count)
+                await end(dropped)
+            }
+        }
     }
 
     /// Takes a session out of a principal's index, best effort. After a storage-key switch, out
@@ -322,6 +325,8 @@ final class Principals: SessionManagerPart {
                     )
                 }
                 if case .written(let moved) = outcome, !moved.isEmpty {
+                    // Defensive: this instance's own scan above holds a session it took over
+                    // (the simulation's revocation on the new owner never reaches this).
                     endLocally(Set(moved.filter { $0.route == configuration.route }.map(\.digest)))
                     await withDiscardingTaskGroup { group in
                         for entry in moved {

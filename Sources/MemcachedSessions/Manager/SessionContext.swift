@@ -115,6 +115,19 @@ final class SessionContext: Sendable {
         return SessionKeys(token: token, prefix: configuration.keyPrefix, secret: secret)
     }
 
+    /// Around a storage-key switch (from a minute before it, the clock skew an instance may have,
+    /// to the end of the window, or a minute after it without one): the session's keys in the
+    /// form other than `keys`'s, which an instance on the other side of the switch uses. Else nil,
+    /// and nil for keys made from a digest alone (the principal index names both forms itself).
+    func otherKeyForm(of keys: SessionKeys) -> SessionKeys? {
+        guard let token = keys.token, let secret = configuration.sealing.storageKeySecret, let from = keyedFromMillis else {
+            return nil
+        }
+        let now = currentTimeMillis()
+        guard now >= from - 60_000, now < max(acceptUnkeyedUntilMillis ?? .min, from + 60_000) else { return nil }
+        return SessionKeys(token: token, prefix: configuration.keyPrefix, secret: keys.isKeyed ? nil : secret)
+    }
+
     /// The session's earlier (SHA-256) keys, in a storage-key transition's window; else nil.
     func unkeyedKeys(for token: MemcachedSessionID.Token) -> SessionKeys? {
         acceptsUnkeyed ? SessionKeys(token: token, prefix: configuration.keyPrefix) : nil

@@ -120,6 +120,16 @@ extension StickyLifecycle {
         keys.primary.dropFirst(configuration.keyPrefix.utf8.count + 2)
     }
 
+    /// The digests a notice names the session by: its keys' own, and around a storage-key
+    /// switch its other form too (an instance whose clock is on the other side of the switch
+    /// holds it under that one, and would not know the notice was for it: it kept serving the
+    /// session from memory, and its queued write landed under the key nobody reads after).
+    func noticeDigests(_ keys: SessionKeys) -> [Substring] {
+        let own = noticeDigest(keys)
+        guard let other = context.otherKeyForm(of: keys) else { return [own] }
+        return [own, noticeDigest(other)]
+    }
+
     /// Where heartbeats live (the first two) and notices go (all of them): the available nodes in
     /// configuration order.
     var noticeNodes: [any MemcachedNodeCommandRunner] {
@@ -133,7 +143,7 @@ extension StickyLifecycle {
     func postNotice(_ keys: SessionKeys, to route: String, version: UInt64) async -> (nonce: String, nodes: Int) {
         let key = noticeKey(route)
         let nonce = String(context.randomUInt64(), radix: 16)
-        let line = ByteBuffer(string: noticeDigest(keys) + " " + nonce + " " + String(version) + "\n")
+        let line = ByteBuffer(string: noticeDigests(keys).map { $0 + " " + nonce + " " + String(version) + "\n" }.joined())
         let taken = await withTaskGroup(of: Bool.self) { group in
             for node in noticeNodes {
                 group.addTask {
@@ -291,13 +301,22 @@ extension StickyLifecycle {
                 // from an older release, ends any copy).
                 var versions: [Substring: UInt64] = [:]
                 var nonces: [Substring] = []
+                // A notice may name its session in two forms (two lines, one nonce).
+                var fresh: [Substring: Bool] = [:]
                 for line in String(buffer: item.value).split(separator: "\n") where !line.isEmpty {
                     let parts = line.split(separator: " ")
                     if parts.count >= 2 {
                         // A copy of a notice acted on already (read on another node) is only
                         // acknowledged again.
-                        nonces.append(parts[1])
-                        guard notices.isNew(nonce: parts[1]) else { continue }
+                        let isNew: Bool
+                        if let known = fresh[parts[1]] {
+                            isNew = known
+                        } else {
+                            nonces.append(parts[1])
+                            isNew = notices.isNew(nonce: parts[1])
+                            fresh[parts[1]] = isNew
+                        }
+                        guard isNew else { continue }
                     }
                     let version = parts.count >= 3 ? UInt64(parts[2]) ?? .max : .max
                     versions[parts[0]] = max(versions[parts[0]] ?? 0, version)

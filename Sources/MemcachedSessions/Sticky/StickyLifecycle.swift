@@ -125,7 +125,7 @@ final class StickyLifecycle: SessionLifecycle {
             return true
         }
         guard admitted else {
-            statistics.count(.noticeWaitsSkipped)
+            statistics.count(.unfoundNoticesSkipped)
             return
         }
         guard await !readHeartbeats(of: owner).isEmpty else { return }

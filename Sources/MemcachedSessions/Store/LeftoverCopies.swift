@@ -91,6 +91,17 @@ final class LeftoverCopies: Sendable {
         }
     }
 
+    /// Forgets the tombstone waiting for `key` on `nodeID`, if that is what waits there (one
+    /// written meanwhile by the request that left it).
+    func removeTombstone(nodeID: String, key: String) {
+        state.withLock { state in
+            let slot = Self.slot(nodeID, key)
+            guard state.entries[slot]?.action.isTombstone == true else { return }
+            state.entries[slot] = nil
+            state.order.removeAll { $0 == slot }
+        }
+    }
+
     var count: Int { state.withLock { $0.entries.count } }
 
     /// Nodes with entries waiting.
@@ -98,6 +109,14 @@ final class LeftoverCopies: Sendable {
 }
 
 extension SessionStore {
+    /// A tombstone's write: an empty value with the tombstone flags, never cancelled with the
+    /// request that sends it (a logout's must land).
+    func tombstoneRequest(key: String, ttl: MemcachedTTL, quiet: Bool = false) -> MemcachedRequest {
+        var request = MemcachedRequest.store(key, value: ByteBuffer(), ttl: ttl, flags: Self.tombstoneFlags, quiet: quiet)
+        request.honorsCancellation = false
+        return request
+    }
+
     /// Remembers a copy to deal with once `nodeID` answers again.
     func leaveForLater(_ action: LeftoverCopies.Action, key: String, on nodeID: String) {
         let dropped = leftovers.add(LeftoverCopies.Entry(nodeID: nodeID, key: key, action: action))
@@ -119,9 +138,8 @@ extension SessionStore {
     private func clean(_ entry: LeftoverCopies.Entry, node: any MemcachedNodeCommandRunner) async -> Bool {
         switch entry.action {
         case .tombstone(let seconds):
-            var request = MemcachedRequest.store(entry.key, value: ByteBuffer(), ttl: .seconds(seconds), flags: Self.tombstoneFlags)
-            request.honorsCancellation = false
-            guard case .success = await node.executeBatch([prepared(request)])[0] else { return false }
+            let request = tombstoneRequest(key: entry.key, ttl: .seconds(seconds))
+            guard case .success = await node.executeBatch([request])[0] else { return false }
             statistics.count(.leftoversCleaned)
             return true
         case .deleteUnlessNewer(let version):
@@ -169,13 +187,12 @@ extension SessionStore {
             guard now < deadline else { return false }
             let left = deadline - now
             if topology.isReachable(nodeID), let node = topology.node(nodeID) {
-                var request = MemcachedRequest.store(key, value: ByteBuffer(), ttl: .seconds(seconds), flags: Self.tombstoneFlags)
-                request.honorsCancellation = false
+                var request = tombstoneRequest(key: key, ttl: .seconds(seconds))
                 request.timeout = .nanoseconds(left.nanoseconds)
-                if case .success = await node.executeBatch([prepared(request)])[0] {
-                    for entry in leftovers.take(nodeID: nodeID, key: key) where !entry.action.isTombstone {
-                        leaveForLater(entry.action, key: entry.key, on: nodeID)
-                    }
+                if case .success = await node.executeBatch([request])[0] {
+                    // The tombstone waiting there, if the periodic loop has not taken it (only a
+                    // tombstone: another entry for the key stays, uncounted twice).
+                    leftovers.removeTombstone(nodeID: nodeID, key: key)
                     statistics.count(.leftoversCleaned)
                     return true
                 }

@@ -29,10 +29,14 @@ extension SessionStore {
         let ttl = tombstoneTTL(sessionIdle: sessionIdle)
         let seconds = Int(ttl.wireValue(now: 0))
         func tombstone(_ key: String, quiet: Bool) -> MemcachedRequest {
-            var request = MemcachedRequest.store(key, value: ByteBuffer(), ttl: ttl, flags: Self.tombstoneFlags, quiet: quiet)
+            var request = tombstoneRequest(key: key, ttl: ttl, quiet: quiet)
             if key == keys.backup { request.connectionAffinity = Self.affinity(of: keys.backup) }
-            request.honorsCancellation = false
-            return prepared(request)
+            return request
+        }
+        /// A tombstone that did not land: left for later, and noted when it is the primary's.
+        @Sendable func leave(_ key: String, on node: String) {
+            leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: node)
+            if key == keys.primary { missedPrimary.withLock { _ = $0.insert(node) } }
         }
         // The session's own node first, with the lock release: a concurrent write that has not
         // landed yet then finds the tombstone and writes no backup.
@@ -54,14 +58,9 @@ extension SessionStore {
                     {
                         ended = true
                     }
-                    if !ended {
-                        self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.primary, on: nodeID)
-                        missedPrimary.withLock { _ = $0.insert(nodeID) }
-                    }
+                    if !ended { leave(keys.primary, on: nodeID) }
                 }
-                if backups, case .failure = results[1] {
-                    self.leaveForLater(.tombstone(ttlSeconds: seconds), key: keys.backup, on: nodeID)
-                }
+                if backups, case .failure = results[1] { leave(keys.backup, on: nodeID) }
             }
             if wait {
                 countRoundTrip()
@@ -79,8 +78,7 @@ extension SessionStore {
         for candidate in topology.order where candidate != nodeID {
             guard let other = topology.node(candidate) else { continue }
             guard other.isAvailable else {
-                for key in keysThere { leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
-                missedPrimary.withLock { _ = $0.insert(candidate) }
+                for key in keysThere { leave(key, on: candidate) }
                 continue
             }
             reachable.append((candidate, other))
@@ -89,7 +87,7 @@ extension SessionStore {
             for (candidate, other) in reachable {
                 for key in keysThere {
                     await other.submit(tombstone(key, quiet: true)) { result in
-                        if case .failure = result { self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate) }
+                        if case .failure = result { leave(key, on: candidate) }
                     }
                 }
             }
@@ -101,9 +99,7 @@ extension SessionStore {
                 group.addTask {
                     let results = await other.executeBatch(requests)
                     for (key, result) in zip(keysThere, results) {
-                        guard case .failure = result else { continue }
-                        self.leaveForLater(.tombstone(ttlSeconds: seconds), key: key, on: candidate)
-                        if key == keys.primary { missedPrimary.withLock { _ = $0.insert(candidate) } }
+                        if case .failure = result { leave(key, on: candidate) }
                     }
                 }
             }

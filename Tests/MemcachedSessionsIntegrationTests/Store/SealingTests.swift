@@ -306,6 +306,10 @@ struct SealingTests {
                 // Alice logged in before the switch (her index unkeyed) and used the session since
                 // (moved); a second login of hers after it. Revoking ends both.
                 #expect(try await switched.hasSession(alice))
+                // Still there at her next request (sticky: taken over by this instance, her entry
+                // found in the index from before the switch and added to the keyed one, not ended
+                // as a revoked takeover).
+                #expect(try await switched.hasSession(alice))
                 var alice2 = Browser()
                 try await switched.login(&alice2, as: "alice")
                 #expect(try await switched.invalidateAll(principal: "alice") == 2)
@@ -331,6 +335,53 @@ struct SealingTests {
                 #expect(try await soon.hasSession(carol))
                 #expect(try await done.invalidateAll(principal: "carol") == 1)
                 #expect(try await soon.hasSession(carol) == false)
+            }
+        }
+    }
+
+    /// A sticky takeover past the switch moves the session to its keyed keys, while the previous
+    /// owner, its clock still short of the switch, holds it in memory under its unkeyed keys, with
+    /// a write of it queued (asynchronous saving). The takeover's notice names both forms: the
+    /// previous owner drops its copy and its queued write, as for any takeover (guarantees.md),
+    /// rather than serve an old tab from memory and land the write, later, under the unkeyed key
+    /// over the move's tombstone.
+    @Test func aTakeoverThatMovesTheSessionReachesAPreviousOwnerShortOfTheSwitch() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let now = Date()
+            func instance(_ route: String, switchIn seconds: TimeInterval) throws -> SessionManager.Configuration {
+                try configuration(servers, mode: .sticky) {
+                    $0.route = route
+                    $0.sticky.asynchronousSaving = true
+                    $0.sticky.saveDelay = .seconds(1)
+                    $0.sealing.storageKeySecret = Self.secret
+                    $0.sealing.keyedStorageKeysFrom = now.addingTimeInterval(seconds)
+                    $0.sealing.acceptUnkeyedUntil = now.addingTimeInterval(3600)
+                }
+            }
+            try await withManagers([try instance("l", switchIn: 30), try instance("w", switchIn: -1)]) { managers in
+                let (lagging, switched) = (managers[0], managers[1])
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    #expect(try await lagging.increment(&browser) == 1)
+                    try await eventually("the first save landed") { lagging.statistics.value(of: .writes) == 1 }
+                    #expect(try await lagging.increment(&browser) == 2)  // its save queued for a second
+                    let oldTab = browser
+                    let id = try #require(browser.id)
+                    // The balancer moves the browser: the takeover moves the session to its keyed key.
+                    let taken = try await switched.increment(&browser)
+                    #expect(switched.statistics.value(of: .sessionsMovedToKeyedKeys) == 1)
+                    #expect(lagging.statistics.value(of: .noticesRead) == 1, "the previous owner knew the notice was for its session")
+                    #expect(taken == 2, "the queued change dropped with the takeover, as documented")
+                    try await eventually("the previous owner's queue drained") { lagging.sticky.writer.pendingCount == 0 }
+                    #expect(lagging.statistics.value(of: .writes) == 1, "no write of the session taken over")
+                    let unkeyed = SessionKeys(token: id.token, prefix: "msm:")
+                    #expect(try await inspector.node(id.nodeID).get(unkeyed.primary)?.flags == SessionManager.tombstoneFlags)
+                    // A logout on the new owner: the old tab finds nothing on the previous one.
+                    try await switched.request(&browser, path: "/logout") { access in try await access.invalidate() }
+                    var old = oldTab
+                    #expect(try await lagging.hasSession(old) == false)
+                    #expect(try await lagging.readCount(&old) == 0)
+                }
             }
         }
     }
