@@ -95,8 +95,10 @@ final class Principals: SessionManagerPart {
             let (primary, backup) = await index.readBoth(earlier)
             let unkeyed = SessionKeys.digest(of: session.id.token, secret: nil)
             if case .found(let contents, _, _) = PrincipalIndex.newest(primary, backup), contents.entries.contains(where: { $0.digest == unkeyed }) {
+                // Not a new login: back in whatever the concurrent-session limit says (the limit
+                // counts only the sessions indexed since the switch, and this one came before).
                 let outcome = try await index.update(index.locate(principal)) { entries in
-                    await admit(entry, replacing: nil, into: entries)
+                    await admit(entry, replacing: nil, into: entries, limited: false)
                 }
                 try await settle(outcome, of: session, change: change, lifecycle: lifecycle)
                 return
@@ -129,9 +131,19 @@ final class Principals: SessionManagerPart {
             session.markIndexed(change)
             if !dropped.isEmpty {
                 statistics.count(.principalLimitLogouts, dropped.count)
-                await end(dropped)
+                await end(context.isShortOfKeySwitch ? dropped.flatMap(bothForms) : dropped)
             }
         }
+    }
+
+    /// An entry of an index kept under unkeyed digests, named in both forms: around a
+    /// storage-key switch the instance that holds its session, or the node, may have it under its
+    /// keyed keys already (a clock ahead of this one's). Keyed digests derive from unkeyed ones.
+    private func bothForms(_ entry: PrincipalIndexEntry) -> [PrincipalIndexEntry] {
+        guard let secret = configuration.sealing.storageKeySecret,
+            let keyed = SessionKeys.keyedDigest(ofUnkeyed: entry.digest, secret: secret)
+        else { return [entry] }
+        return [entry, PrincipalIndexEntry(digest: keyed, nodeID: entry.nodeID, createdAt: entry.createdAt, route: entry.route)]
     }
 
     /// Takes a session out of a principal's index, best effort. After a storage-key switch, out
@@ -156,14 +168,15 @@ final class Principals: SessionManagerPart {
     }
 
     /// The index's entries with `entry` in (and `replaced`, the session's previous id, out);
-    /// nil when the concurrent session limit refuses it. Entries past their absolute timeout go.
+    /// nil when the concurrent session limit refuses it (only when `limited`). Entries past their
+    /// absolute timeout go.
     private func admit(
-        _ entry: PrincipalIndexEntry, replacing replaced: String?, into entries: [PrincipalIndexEntry]
+        _ entry: PrincipalIndexEntry, replacing replaced: String?, into entries: [PrincipalIndexEntry], limited: Bool = true
     ) async -> (entries: [PrincipalIndexEntry], dropped: [PrincipalIndexEntry])? {
         let now = currentTimeMillis()
         var others = entries.filter { $0.digest != entry.digest && $0.digest != replaced && !isPastAbsolute($0, now: now) }
         var dropped: [PrincipalIndexEntry] = []
-        if let limit = configuration.principals.concurrentSessionLimit, others.count >= limit {
+        if limited, let limit = configuration.principals.concurrentSessionLimit, others.count >= limit {
             others = await live(others)
             if others.count >= limit {
                 switch configuration.principals.whenLimitReached {
@@ -259,8 +272,9 @@ final class Principals: SessionManagerPart {
             await end(local)
             throw PrincipalIndex.unavailable(message, ended: local.count)
         }
-        // After a storage-key switch the index kept before it is read too (and emptied).
-        let forms = [index.locate(principal)] + [index.locateBeforeSwitch(principal)].compactMap { $0 }
+        // After a storage-key switch the index kept before it is read too (and emptied); in the
+        // minute before it, the one instances whose clocks are past it keep.
+        let forms = [index.locate(principal)] + [index.locateBeforeSwitch(principal), index.locateAfterSwitch(principal)].compactMap { $0 }
         var entries: [PrincipalIndexEntry] = []
         var indexed: [Set<String>] = []
         // Each session once: an entry of the index from before the switch names it by its
@@ -268,6 +282,9 @@ final class Principals: SessionManagerPart {
         var named = Set<String>()
         var count = 0
         var anyCopy = false
+        // The forms whose entries are unkeyed digests: the index from before the switch, or the
+        // current one in the minute before it.
+        let unkeyedForms: Set<Int> = context.isShortOfKeySwitch ? [0] : [1]
         for (form, located) in forms.enumerated() {
             let (primary, backup) = await index.readBoth(located)
             var found: [PrincipalIndexEntry] = []
@@ -287,12 +304,7 @@ final class Principals: SessionManagerPart {
             }
             indexed.append(Set(found.map(\.digest)))
             for entry in found {
-                var names = [entry]
-                if form == 1, let secret = configuration.sealing.storageKeySecret,
-                    let keyed = SessionKeys.keyedDigest(ofUnkeyed: entry.digest, secret: secret)
-                {
-                    names.append(PrincipalIndexEntry(digest: keyed, nodeID: entry.nodeID, createdAt: entry.createdAt, route: entry.route))
-                }
+                let names = unkeyedForms.contains(form) ? bothForms(entry) : [entry]
                 let fresh = names.filter { !named.contains($0.digest) }
                 if fresh.count == names.count { count += 1 }
                 entries += fresh
@@ -313,7 +325,7 @@ final class Principals: SessionManagerPart {
         // The route each entry named when it was read (the instance its notice went to).
         var notified: [String: String] = [:]
         for entry in entries { notified[entry.digest] = entry.route }
-        for (located, digests) in zip(forms, indexed) where !digests.isEmpty {
+        for (form, (located, digests)) in zip(forms, indexed).enumerated() where !digests.isEmpty {
             do {
                 // An entry whose route changed meanwhile (a sticky takeover of the session that
                 // read its copy before the tombstones) names the instance that holds it now: it is
@@ -324,9 +336,10 @@ final class Principals: SessionManagerPart {
                         current.filter { digests.contains($0.digest) && $0.route != nil && $0.route != notified[$0.digest] }
                     )
                 }
-                if case .written(let moved) = outcome, !moved.isEmpty {
-                    // Defensive: this instance's own scan above holds a session it took over
-                    // (the simulation's revocation on the new owner never reaches this).
+                if case .written(let changed) = outcome, !changed.isEmpty {
+                    let moved = unkeyedForms.contains(form) ? changed.flatMap(bothForms) : changed
+                    // A session this instance took over itself: its scan above usually holds it,
+                    // but not when the takeover adopted it after the scan.
                     endLocally(Set(moved.filter { $0.route == configuration.route }.map(\.digest)))
                     await withDiscardingTaskGroup { group in
                         for entry in moved {

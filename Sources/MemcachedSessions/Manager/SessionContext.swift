@@ -118,7 +118,8 @@ final class SessionContext: Sendable {
     /// Around a storage-key switch (from a minute before it, the clock skew an instance may have,
     /// to the end of the window, or a minute after it without one): the session's keys in the
     /// form other than `keys`'s, which an instance on the other side of the switch uses. Else nil,
-    /// and nil for keys made from a digest alone (the principal index names both forms itself).
+    /// and nil for keys made from a digest alone (the principal index's entries are named in
+    /// both forms by ``Principals`` itself).
     func otherKeyForm(of keys: SessionKeys) -> SessionKeys? {
         guard let token = keys.token, let secret = configuration.sealing.storageKeySecret, let from = keyedFromMillis else {
             return nil
@@ -126,6 +127,15 @@ final class SessionContext: Sendable {
         let now = currentTimeMillis()
         guard now >= from - 60_000, now < max(acceptUnkeyedUntilMillis ?? .min, from + 60_000) else { return nil }
         return SessionKeys(token: token, prefix: configuration.keyPrefix, secret: keys.isKeyed ? nil : secret)
+    }
+
+    /// In the minute before a storage-key switch, on an instance that holds the secret: the keys
+    /// and the principal index here are still unkeyed, while an instance whose clock is ahead may
+    /// hold the same sessions under their keyed keys already.
+    var isShortOfKeySwitch: Bool {
+        guard configuration.sealing.storageKeySecret != nil, let from = keyedFromMillis else { return false }
+        let now = currentTimeMillis()
+        return now < from && now >= from - 60_000
     }
 
     /// The session's earlier (SHA-256) keys, in a storage-key transition's window; else nil.

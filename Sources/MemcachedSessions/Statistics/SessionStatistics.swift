@@ -100,9 +100,6 @@ public final class SessionStatistics: Sendable {
         /// Sticky: this instance did not run for a while (frozen): every local copy is checked
         /// against memcached before it is served again.
         case noticeGaps
-        /// Sticky: a logout of a session this instance did not find whose owner was not told
-        /// (over the budget of such notices a second; the owner finds the tombstones itself).
-        case unfoundNoticesSkipped
         /// Principal index: an entry added or removed (a login, a logout, a new id).
         case principalIndexUpdates
         /// Principal index: a CAS write that found the index changed meanwhile (tried again).
@@ -120,6 +117,10 @@ public final class SessionStatistics: Sendable {
         case bytesRead
         /// Memcached round trips a request waited for (writes it does not wait for are not counted).
         case memcachedRoundTrips
+        /// Sticky: a logout of a session this instance did not find whose owner was not told
+        /// (over the budget of such notices a second; the owner finds the tombstones itself).
+        /// Last: the raw values of the cases before stay as they were.
+        case unfoundNoticesSkipped
 
         /// The name in snapshots and metrics (`msm_<name>_total`): snake case.
         public var name: String { SessionStatistics.counterNames[rawValue] }

@@ -56,6 +56,13 @@ struct PrincipalIndex: SessionManagerPart {
         return locate(principal, secret: nil)
     }
 
+    /// In the minute before a storage-key switch (``SessionContext/isShortOfKeySwitch``), where
+    /// instances whose clocks are past it keep the index (keyed); nil otherwise.
+    func locateAfterSwitch(_ principal: ByteBuffer) -> Located? {
+        guard context.isShortOfKeySwitch, let secret = configuration.sealing.storageKeySecret else { return nil }
+        return locate(principal, secret: secret)
+    }
+
     private func locate(_ principal: ByteBuffer, secret: StorageKeySecret?) -> Located {
         let bytes = Array(principal.readableBytesView)
         let digest: [UInt8] =

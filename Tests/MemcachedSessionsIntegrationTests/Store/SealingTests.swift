@@ -386,6 +386,38 @@ struct SealingTests {
         }
     }
 
+    /// A revocation on an instance whose clock is still short of the switch, of a session that an
+    /// instance past it took over (moved to its keyed keys, indexed in the keyed index): it reads
+    /// the keyed index too and names every entry in both forms, so the new owner is told and stops
+    /// serving the session before the revocation returns.
+    @Test func aRevocationShortOfTheSwitchReachesASessionMovedPastIt() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let now = Date()
+            func instance(_ route: String, switchIn seconds: TimeInterval) throws -> SessionManager.Configuration {
+                try configuration(servers, mode: .sticky) {
+                    $0.route = route
+                    $0.sticky.asynchronousSaving = false
+                    $0.sealing.storageKeySecret = Self.secret
+                    $0.sealing.keyedStorageKeysFrom = now.addingTimeInterval(seconds)
+                    $0.sealing.acceptUnkeyedUntil = now.addingTimeInterval(3600)
+                }
+            }
+            try await withManagers([try instance("l", switchIn: 30), try instance("w", switchIn: -1)]) { managers in
+                let (lagging, switched) = (managers[0], managers[1])
+                var alice = Browser()
+                try await lagging.login(&alice, as: "alice")
+                // Taken over past the switch: moved to its keyed keys, and into the keyed index;
+                // the browser now holds the new owner's cookie (its memory serves it).
+                try await switched.request(&alice, path: "/touch") { access in _ = try #require(try await access.load()) }
+                #expect(switched.statistics.value(of: .sessionsMovedToKeyedKeys) == 1)
+                #expect(try await switched.hasSession(alice))
+                #expect(try await lagging.invalidateAll(principal: "alice") == 1)
+                #expect(try await switched.hasSession(alice) == false, "the new owner stopped serving it")
+                #expect(try await lagging.hasSession(alice) == false)
+            }
+        }
+    }
+
     /// A storage-key transition's window: a session not yet moved whose node fails is recovered
     /// from its unkeyed backup, and lives on under its keyed keys.
     @Test func aSessionNotYetMovedSurvivesItsNodesFailureInTheWindow() async throws {
