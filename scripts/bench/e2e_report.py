@@ -46,7 +46,9 @@ out.append(f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {platfo
            "CPU 0 and wrk to CPU 1; its two memcached nodes on CPU 0 (labels without `@mc-off`) or on CPU 1 with wrk "
            "(`@mc-off`: memcached off the server's core, standing in for other hosts). Every response is checked by the "
            "workload's Lua script: a mismatch is a lost update. Event loops, for every server: "
-           f"{os.environ.get('EVENT_LOOPS_LABEL', 'NIO default')} (labels ending `@Nloop`: N loops).")
+           f"{os.environ.get('EVENT_LOOPS_LABEL', 'NIO default')} (labels ending `@Nloop`: N loops)."
+           + (" Every server, ours and the references, built with `-Xswiftc -enforce-exclusivity=unchecked`."
+              if os.environ.get("EXCLUSIVITY") == "unchecked" else ""))
 out.append("")
 out.append("## Targets, as ratios within this run")
 out.append("")
