@@ -121,13 +121,13 @@ def measure(label, binary, mode, endpoint, workdir):
     """Instructions per request (the requests' window less an idle window as long), and the
     per-group split of the same difference, and the dump of the requests' window."""
     reference = mode == "memory"
+    out = os.path.join(workdir, f"callgrind.{label}.{mode}.{endpoint}")
+    if REUSE and os.path.exists(out + ".1") and os.path.exists(out + ".2"):
+        return report(label, mode, endpoint, out, window=None)
     m1, m2, port = free_port(), free_port(), free_port()
     user = ["-u", "nobody"] if os.getuid() == 0 else []
     memcached = [] if reference else [
         subprocess.Popen(["memcached", "-l", "127.0.0.1", "-p", str(p), "-U", "0", "-m", "64"] + user) for p in (m1, m2)]
-    out = os.path.join(workdir, f"callgrind.{label}.{mode}.{endpoint}")
-    if REUSE and os.path.exists(out + ".1") and os.path.exists(out + ".2"):
-        return report(label, mode, endpoint, out, window=None)
     for stale in (out + ".1", out + ".2"):
         if os.path.exists(stale):
             os.remove(stale)
