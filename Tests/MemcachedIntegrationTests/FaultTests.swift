@@ -72,6 +72,28 @@ struct FaultTests {
         }
     }
 
+    /// A reply that cannot be decoded fails the request it would have answered with a protocol
+    /// error at once (not at its deadline), closes the connection, and the next request gets a new one.
+    @Test(arguments: ["VA x\r\n", "HD O1\n", "VA 3 O1\r\nabcXY"])
+    func aGarbledReplyFailsTheRequestAtOnceAndClosesTheConnection(reply: String) async throws {
+        let garbler = try await BlackholeServer.start(reply: reply)
+        defer { garbler.stop() }
+        var configuration = try MemcachedClient.Configuration(nodes: "n1:127.0.0.1:\(garbler.port)")
+        configuration.requestTimeout = .seconds(30)
+        configuration.failureThreshold = 1000
+        let client = try MemcachedClient(configuration: configuration)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await client.run() }
+            for round in 0..<2 {
+                let started = ContinuousClock.now
+                let error = await memcachedError { _ = try await client.get("k\(round)") }
+                #expect(error?.code == .protocolError, "round \(round): \(String(describing: error))")
+                #expect(ContinuousClock.now - started < .seconds(10))
+            }
+            group.cancelAll()
+        }
+    }
+
     @Test(arguments: MemcachedProtocolMode.allCases)
     func silentServerTimesOutWithoutHanging(mode: MemcachedProtocolMode) async throws {
         let blackhole = try await BlackholeServer.start()
@@ -239,13 +261,14 @@ final class BlackholeServer: Sendable {
         self.received = received
     }
 
-    static func start() async throws -> BlackholeServer {
+    /// `reply`: what the server writes back to every read (by default, nothing).
+    static func start(reply: String? = nil) async throws -> BlackholeServer {
         let received = ManagedAtomic<Int>(0)
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(Swallow(received: received))
+                    try channel.pipeline.syncOperations.addHandler(Swallow(received: received, reply: reply))
                 }
             }
             .bind(host: "127.0.0.1", port: 0)
@@ -260,9 +283,14 @@ final class BlackholeServer: Sendable {
     private final class Swallow: ChannelInboundHandler {
         typealias InboundIn = ByteBuffer
         let received: ManagedAtomic<Int>
-        init(received: ManagedAtomic<Int>) { self.received = received }
+        let reply: String?
+        init(received: ManagedAtomic<Int>, reply: String?) {
+            self.received = received
+            self.reply = reply
+        }
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             received.wrappingIncrement(by: unwrapInboundIn(data).readableBytes, ordering: .relaxed)
+            if let reply { context.writeAndFlush(NIOAny(ByteBuffer(string: reply)), promise: nil) }
         }
     }
 }

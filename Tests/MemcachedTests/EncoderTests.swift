@@ -73,6 +73,37 @@ struct EncoderTests {
         #expect(String(buffer: negative) == "-1")
     }
 
+    @Test func commandWriterCoversTheRange() {
+        for value: UInt64 in [0, 1, 9, 10, 99, 100, 12345, UInt64(UInt32.max), UInt64.max] {
+            var buffer = ByteBuffer()
+            buffer.writeLine(reserving: 20) { $0.appendDecimal(value) }
+            #expect(String(buffer: buffer) == String(value))
+        }
+        var negative = ByteBuffer()
+        negative.writeLine(reserving: 20) { $0.appendDecimal(Int64.min) }
+        #expect(String(buffer: negative) == String(Int64.min))
+        // After what is already in the buffer, not over it.
+        var after = ByteBuffer(string: "xy")
+        after.writeLine(reserving: 4) { $0.append("ab") }
+        #expect(String(buffer: after) == "xyab")
+    }
+
+    /// The longest meta commands we send (a 250-byte key, every number at its widest) fit the
+    /// room the encoder reserves beside the key.
+    @Test func theLongestMetaCommandsFit() {
+        let key = String(repeating: "k", count: 250)
+        let value = ByteBuffer(string: "v")
+        let store = encode(
+            .store(key, value: value, mode: .prepend, ttl: .at(unixTime: Int.max), flags: .max, cas: .max, quiet: true), .meta,
+            opaque: .max)
+        #expect(store.0 == "ms \(key) 1 c F\(UInt32.max) T\(Int64.max) C\(UInt64.max) MP q O\(UInt32.max)\r\nv\r\n")
+        let counter = encode(
+            .arithmetic(key, delta: .max, increment: false, initial: .max, ttl: .at(unixTime: Int.max)), .meta, opaque: .max)
+        #expect(counter.0 == "ma \(key) v MD D\(UInt64.max) N\(Int64.max) J\(UInt64.max) O\(UInt32.max)\r\n")
+        let read = encode(.get(key, touch: .at(unixTime: Int.max), withTimeToLive: true), .meta, opaque: .max)
+        #expect(read.0 == "mg \(key) v f c t T\(Int64.max) O\(UInt32.max)\r\n")
+    }
+
     @Test func preparedRequestsAreValidatedForTheMode() throws {
         let tooBig = MemcachedRequest.store("k", value: ByteBuffer(repeating: 0, count: 2000))
         #expect(throws: MemcachedError.self) {

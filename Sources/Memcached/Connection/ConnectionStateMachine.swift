@@ -29,11 +29,14 @@ struct ConnectionStateMachine<Context> {
         /// Who waits for the outcome; `nil` once nobody does (timed out, cancelled) and for internal
         /// barriers. The request stays queued until its reply has been read, to keep replies in step.
         var context: Context?
-        /// Lines collected so far for multi-line replies (`VALUE ... END`, `STAT ... END`).
-        var partialItem: MemcachedItem?
-        var partialStats: [MemcachedStat]?
-        var partialStatsBytes = 0
     }
+
+    /// What the head request's multi-line reply (`VALUE ... END`, `STAT ... END`) has collected so
+    /// far. Only the head can be part-way through its reply, so this lives here and not in every
+    /// ``PendingRequest`` (which is copied as requests come and go); ``popHead()`` clears it.
+    private var headItem: MemcachedItem?
+    private var headStats: [MemcachedStat]?
+    private var headStatsBytes = 0
 
     /// The most `STAT` lines one reply may have (memcached's `stats` has about 100, `stats
     /// settings` about 80, `stats slabs` about 15 per slab class, `stats items` about 20 per class).
@@ -66,6 +69,9 @@ struct ConnectionStateMachine<Context> {
     /// must follow before the bytes go out.
     var needsBarrier: Bool { pending.last?.quiet ?? false }
 
+    /// The newest request's deadline.
+    var lastDeadline: NIODeadline? { pending.isEmpty ? nil : pending[pending.index(before: pending.endIndex)].deadline }
+
     // MARK: - events
 
     /// Queues a request whose bytes are about to be written. Returns false (and queues nothing) when
@@ -87,45 +93,45 @@ struct ConnectionStateMachine<Context> {
         guard state != .closed else { return .none }
 
         if reply.status == .metaNoop {
-            while let head = pending.first {
-                if head.expectation == .metaNoop {
-                    pending.removeFirst()
-                    if let context = head.context { complete(context, .success(.noop)) }
+            while !pending.isEmpty {
+                let head = pending.startIndex
+                if pending[head].expectation == .metaNoop {
+                    if let context = popHead().context { complete(context, .success(.noop)) }
                     return afterCompletion()
                 }
-                guard head.quiet else {
+                guard pending[head].quiet else {
                     return desync("MN arrived before the reply to an earlier request", complete: complete)
                 }
-                completeSilentSuccess(pending.removeFirst(), complete: complete)
+                completeSilentSuccess(popHead(), complete: complete)
             }
             return desync("MN arrived with no request waiting", complete: complete)
         }
 
         if let opaque = reply.opaque {
-            while let head = pending.first {
-                if head.opaque == opaque {
-                    pending.removeFirst()
-                    guard let response = Self.interpretMeta(reply, for: head.expectation) else {
-                        pending.prepend(head)
-                        return desync("reply \(reply.status) does not answer a \(head.expectation) request", complete: complete)
+            while !pending.isEmpty {
+                let head = pending.startIndex
+                if pending[head].opaque == opaque {
+                    guard let response = Self.interpretMeta(reply, for: pending[head].expectation) else {
+                        return desync(
+                            "reply \(reply.status) does not answer a \(pending[head].expectation) request", complete: complete)
                     }
-                    if let context = head.context { complete(context, .success(response)) }
+                    if let context = popHead().context { complete(context, .success(response)) }
                     return afterCompletion()
                 }
-                guard head.quiet else {
+                guard pending[head].quiet else {
                     return desync("reply for token \(opaque) while an earlier request waits", complete: complete)
                 }
-                completeSilentSuccess(pending.removeFirst(), complete: complete)
+                completeSilentSuccess(popHead(), complete: complete)
             }
             return desync("reply for token \(opaque) matches no request", complete: complete)
         }
 
         if reply.isError {
-            guard let head = pending.popFirst() else {
+            guard !pending.isEmpty else {
                 return desync("error reply with no request waiting", complete: complete)
             }
             let error = Self.error(from: reply)
-            if let context = head.context { complete(context, .failure(error)) }
+            if let context = popHead().context { complete(context, .failure(error)) }
             if reply.status == .serverError {
                 return afterCompletion()
             }
@@ -135,13 +141,13 @@ struct ConnectionStateMachine<Context> {
         }
 
         // Replies without a token: a quiet request ahead of the waiting one succeeded silently.
-        while let head = pending.first, head.quiet, head.expectation.carriesOpaque {
-            completeSilentSuccess(pending.removeFirst(), complete: complete)
+        while !pending.isEmpty, pending[pending.startIndex].quiet, pending[pending.startIndex].expectation.carriesOpaque {
+            completeSilentSuccess(popHead(), complete: complete)
         }
-        guard var head = pending.first else {
+        guard !pending.isEmpty else {
             return desync("reply \(reply.status) with no request waiting", complete: complete)
         }
-        switch (head.expectation, reply.status) {
+        switch (pending[pending.startIndex].expectation, reply.status) {
         case (.version, .version):
             return finishHead(.version(reply.text ?? ""), complete: complete)
         case (.textNoop, .version):
@@ -151,34 +157,30 @@ struct ConnectionStateMachine<Context> {
             // cannot grow one reply without end or stall the event loop.
             let stat = MemcachedStat(name: reply.text ?? "", value: reply.statValue ?? "")
             let size = stat.name.utf8.count + stat.value.utf8.count
-            let index = pending.startIndex
-            if pending[index].partialStats == nil {
-                pending[index].partialStats = []
-                pending[index].partialStats?.reserveCapacity(128)
+            if headStats == nil {
+                headStats = []
+                headStats?.reserveCapacity(128)
             }
-            pending[index].partialStats?.append(stat)
-            pending[index].partialStatsBytes += size
-            guard (pending[index].partialStats?.count ?? 0) <= Self.maximumStatLines,
-                pending[index].partialStatsBytes <= Self.maximumStatBytes
-            else {
+            headStats?.append(stat)
+            headStatsBytes += size
+            guard (headStats?.count ?? 0) <= Self.maximumStatLines, headStatsBytes <= Self.maximumStatBytes else {
                 return desync(
                     "stats reply longer than \(Self.maximumStatLines) lines or \(Self.maximumStatBytes) bytes",
                     complete: complete)
             }
             return .none
         case (.stats, .end):
-            return finishHead(.stats(head.partialStats ?? []), complete: complete)
+            return finishHead(.stats(headStats ?? []), complete: complete)
         case (.textGet(let key), .textValue):
             // The text protocol has no tokens: checking the key is what stops a desynchronised
             // connection from handing one key's value to another key's request.
-            guard reply.key == key, head.partialItem == nil, let value = reply.value else {
+            guard reply.key == key, headItem == nil, let value = reply.value else {
                 return desync("VALUE line for another key or a second VALUE line", complete: complete)
             }
-            head.partialItem = MemcachedItem(value: value, flags: reply.flags ?? 0, cas: reply.cas)
-            pending[pending.startIndex] = head
+            headItem = MemcachedItem(value: value, flags: reply.flags ?? 0, cas: reply.cas)
             return .none
         case (.textGet, .end):
-            return finishHead(.item(head.partialItem), complete: complete)
+            return finishHead(.item(headItem), complete: complete)
         case (.textStore, .stored):
             return finishHead(.stored(.stored(cas: nil)), complete: complete)
         case (.textStore, .notStored):
@@ -200,7 +202,8 @@ struct ConnectionStateMachine<Context> {
         case (.textArithmetic, .notFound):
             return finishHead(.counter(nil), complete: complete)
         default:
-            return desync("reply \(reply.status) does not answer a \(head.expectation) request", complete: complete)
+            return desync(
+                "reply \(reply.status) does not answer a \(pending[pending.startIndex].expectation) request", complete: complete)
         }
     }
 
@@ -263,9 +266,16 @@ struct ConnectionStateMachine<Context> {
     // MARK: - helpers
 
     private mutating func finishHead(_ response: MemcachedResponse, complete: Completion) -> Action {
-        let head = pending.removeFirst()
-        if let context = head.context { complete(context, .success(response)) }
+        if let context = popHead().context { complete(context, .success(response)) }
         return afterCompletion()
+    }
+
+    /// Takes the head request off the queue, with whatever its reply had collected.
+    private mutating func popHead() -> PendingRequest {
+        headItem = nil
+        headStats = nil
+        headStatsBytes = 0
+        return pending.removeFirst()
     }
 
     private func completeSilentSuccess(_ request: PendingRequest, complete: Completion) {
@@ -295,7 +305,7 @@ struct ConnectionStateMachine<Context> {
 
     /// Fails every queued request (the head with `headError` when given) and closes.
     private mutating func closeAll(_ error: MemcachedError, headError: MemcachedError?, complete: Completion) -> Action {
-        if let headError, let head = pending.popFirst(), let context = head.context {
+        if let headError, !pending.isEmpty, let context = popHead().context {
             complete(context, .failure(headError))
         }
         failAll(error, complete: complete)
@@ -305,6 +315,9 @@ struct ConnectionStateMachine<Context> {
     private mutating func failAll(_ error: MemcachedError, complete: Completion) {
         let failed = pending
         pending.removeAll()
+        headItem = nil
+        headStats = nil
+        headStatsBytes = 0
         for request in failed {
             if let context = request.context { complete(context, .failure(error)) }
         }

@@ -40,13 +40,20 @@ final class BatchCollector {
 }
 
 /// Performs what the ``ConnectionStateMachine`` decides: encodes requests into one outbound buffer,
-/// flushes it once per event-loop tick (so requests issued together leave in one write), feeds
-/// replies to the state machine, and keeps a single timer for deadlines.
+/// flushes it once per event-loop tick (so requests issued together leave in one write), decodes
+/// replies and feeds them to the state machine, and keeps a single timer for deadlines.
+///
+/// The decoder runs inside this handler (`NIOSingleStepByteToMessageProcessor`, as valkey-swift and
+/// postgres-nio do), not in a `ByteToMessageHandler` ahead of it: a reply then goes straight to the
+/// state machine, without a pipeline step and without being boxed into a `NIOAny` and cast back.
 final class MemcachedChannelHandler: ChannelInboundHandler {
-    typealias InboundIn = MemcachedReply
+    typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private var stateMachine = ConnectionStateMachine<RequestContext>()
+    private let decoder: NIOSingleStepByteToMessageProcessor<MemcachedReplyDecoder>
+    /// The bytes stopped making sense: whatever else arrives before the close is not read.
+    private var decodingFailed = false
     private var context: ChannelHandlerContext?
     private var outbound: ByteBuffer
     private var flushScheduled = false
@@ -66,7 +73,11 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
     /// buffer).
     private var outboundCarriesValue = false
 
-    init(mode: MemcachedProtocolMode, stallGrace: TimeAmount, coalescingWindow: TimeAmount = .zero, recordTrailer: Bool = false) {
+    init(
+        mode: MemcachedProtocolMode, stallGrace: TimeAmount, coalescingWindow: TimeAmount = .zero, recordTrailer: Bool = false,
+        maximumValueSize: Int = 64 * 1024 * 1024
+    ) {
+        self.decoder = NIOSingleStepByteToMessageProcessor(MemcachedReplyDecoder(maximumValueSize: maximumValueSize))
         self.encoder = MemcachedRequestEncoder(mode: mode)
         self.stallGrace = stallGrace
         self.coalescingWindow = coalescingWindow
@@ -136,22 +147,22 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
         guard let context else { return }
         let trailer = outboundCarriesValue
         outboundCarriesValue = false
-        if trailer, let last = stateMachine.pending.last {
+        if trailer, let lastDeadline = stateMachine.lastDeadline {
             // The trailer answers as a barrier would: quiet requests before it are done.
             var noop = context.channel.allocator.buffer(capacity: 16)
             let expectation = encoder.encode(.noop, opaque: 0, into: &noop)
-            _ = stateMachine.enqueue(id: 0, opaque: nil, expectation: expectation, quiet: false, deadline: last.deadline, context: nil)
+            _ = stateMachine.enqueue(id: 0, opaque: nil, expectation: expectation, quiet: false, deadline: lastDeadline, context: nil)
             // Two writes: the TLS handler seals each in records of its own.
             context.write(wrapOutboundOut(outbound), promise: nil)
             context.writeAndFlush(wrapOutboundOut(noop), promise: nil)
             outbound.clear()
             return
         }
-        if stateMachine.needsBarrier, let last = stateMachine.pending.last {
+        if stateMachine.needsBarrier, let lastDeadline = stateMachine.lastDeadline {
             // Quiet requests get no reply on success: an `mn` after them tells us they are done.
             _ = encoder.encode(.noop, opaque: 0, into: &outbound)
             _ = stateMachine.enqueue(
-                id: 0, opaque: nil, expectation: .metaNoop, quiet: false, deadline: last.deadline, context: nil)
+                id: 0, opaque: nil, expectation: .metaNoop, quiet: false, deadline: lastDeadline, context: nil)
         }
         guard outbound.readableBytes > 0 else { return }
         context.writeAndFlush(wrapOutboundOut(outbound), promise: nil)
@@ -171,8 +182,20 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let reply = unwrapInboundIn(data)
-        perform(stateMachine.receive(reply) { context, result in context.complete(result) })
+        guard !decodingFailed else { return }
+        let bytes = unwrapInboundIn(data)
+        do {
+            try decoder.process(buffer: bytes) { reply in
+                perform(stateMachine.receive(reply) { context, result in context.complete(result) })
+            }
+        } catch {
+            // Framing is lost: everything in flight fails and the connection closes (once: a
+            // closed state machine takes no more replies and fails nothing twice).
+            decodingFailed = true
+            let memcachedError = (error as? MemcachedError) ?? .protocolError("undecodable reply: \(error)")
+            perform(stateMachine.fail(memcachedError) { context, result in context.complete(result) })
+            context.close(promise: nil)
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {

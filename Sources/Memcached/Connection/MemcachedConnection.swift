@@ -99,9 +99,7 @@ final class MemcachedConnection: Sendable {
                     }
                     let handler = MemcachedChannelHandler(
                         mode: settings.mode, stallGrace: settings.stallGrace, coalescingWindow: settings.coalescingWindow,
-                        recordTrailer: settings.tls.isEnabled)
-                    try channel.pipeline.syncOperations.addHandler(
-                        ByteToMessageHandler(MemcachedReplyDecoder(maximumValueSize: settings.maximumValueSize)))
+                        recordTrailer: settings.tls.isEnabled, maximumValueSize: settings.maximumValueSize)
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }

@@ -226,6 +226,24 @@ public struct MemcachedRequest: Sendable {
     func prepared(
         mode: MemcachedProtocolMode, keyEncoding: MemcachedKeyEncoding, itemSizeLimit: Int
     ) throws(MemcachedError) -> MemcachedRequest {
+        // The usual case (meta mode, plain keys, a read, a write or a delete) needs checks and no
+        // change: the request is returned as it is, not rebuilt field by field.
+        if mode == .meta, !keyEncoding.isBase64 {
+            switch command {
+            case .get(let key, _, _) where !quiet:
+                try MemcachedKey.validate(key)
+                return self
+            case .store(let key, let value, _, _, _, _):
+                try MemcachedKey.validate(key)
+                try Self.checkItemSize(valueBytes: value.readableBytes, wireKey: key, limit: itemSizeLimit)
+                return self
+            case .delete(let key, _):
+                try MemcachedKey.validate(key)
+                return self
+            default:
+                break
+            }
+        }
         var copy = self
         switch command {
         case .get(let key, let value, let touch):
@@ -240,14 +258,7 @@ public struct MemcachedRequest: Sendable {
             copy.command = .get(key: try MemcachedKey.wireKey(key, encoding: keyEncoding), value: value || mode == .text, touch: touch)
         case .store(let key, let value, let flags, let ttl, let storeMode, let cas):
             let wireKey = try MemcachedKey.wireKey(key, encoding: keyEncoding)
-            // memcached's item_size_max covers the item header, the key and the value; 64 bytes is a
-            // safe bound for the header and suffix on 64-bit builds.
-            let itemSize = value.readableBytes + wireKey.utf8.count + 64
-            if itemSize > itemSizeLimit {
-                throw MemcachedError(
-                    code: .valueTooLarge,
-                    message: "value of \(value.readableBytes) bytes exceeds the item size limit of \(itemSizeLimit) bytes")
-            }
+            try Self.checkItemSize(valueBytes: value.readableBytes, wireKey: wireKey, limit: itemSizeLimit)
             if mode == .text, cas != nil, storeMode != .set {
                 throw MemcachedError.unsupported("a CAS write in mode \(storeMode) needs the meta protocol")
             }
@@ -275,6 +286,15 @@ public struct MemcachedRequest: Sendable {
         }
         if mode == .text { copy.quiet = false }
         return copy
+    }
+
+    /// memcached's item_size_max covers the item header, the key and the value; 64 bytes is a safe
+    /// bound for the header and suffix on 64-bit builds.
+    private static func checkItemSize(valueBytes: Int, wireKey: String, limit: Int) throws(MemcachedError) {
+        if valueBytes + wireKey.utf8.count + 64 > limit {
+            throw MemcachedError(
+                code: .valueTooLarge, message: "value of \(valueBytes) bytes exceeds the item size limit of \(limit) bytes")
+        }
     }
 }
 

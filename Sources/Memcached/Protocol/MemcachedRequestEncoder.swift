@@ -52,86 +52,104 @@ struct MemcachedRequestEncoder: Sendable {
         }
     }
 
+    /// Room for a meta command line's fixed parts and numbers (`ms`, five numbers of up to 20
+    /// digits, the flags, the opaque token, CRLF) beside its key.
+    private static let metaLineAllowance = 160
+
+    /// Each meta command is written with one reservation and one copy into the buffer (not a
+    /// `ByteBuffer` write per token): a request costs a single bounds, uniqueness and exclusivity
+    /// check instead of a dozen.
     private func encodeMeta(
         _ request: MemcachedRequest, opaque: UInt32, into buffer: inout ByteBuffer, now: @autoclosure () -> Int64
     ) -> ReplyExpectation {
         switch request.command {
         case .get(let key, let wantValue, let touch):
-            buffer.writeStaticString("mg ")
-            buffer.writeString(key)
-            buffer.writeStaticString(wantValue ? " v f c" : " f c")
-            if request.returnsTimeToLive { buffer.writeStaticString(" t") }
-            if let touch {
-                buffer.writeStaticString(" T")
-                buffer.writeDecimal(touch.wireValue(now: now()))
+            buffer.writeLine(reserving: key.utf8.count + Self.metaLineAllowance) { line in
+                line.append("mg ")
+                line.append(key)
+                line.append(wantValue ? " v f c" : " f c")
+                if request.returnsTimeToLive { line.append(" t") }
+                if let touch {
+                    line.append(" T")
+                    line.appendDecimal(touch.wireValue(now: now()))
+                }
+                line.appendOpaqueAndEnd(opaque, quiet: false)
             }
-            buffer.writeOpaqueAndEnd(opaque, quiet: false)
             return .metaGet
 
         case .store(let key, let value, let flags, let ttl, let mode, let cas):
-            buffer.writeStaticString("ms ")
-            buffer.writeString(key)
-            buffer.writeStaticString(" ")
-            buffer.writeDecimal(Int64(value.readableBytes))
-            buffer.writeStaticString(" c")
-            if flags != 0 {
-                buffer.writeStaticString(" F")
-                buffer.writeDecimal(UInt64(flags))
+            let quiet = request.quiet
+            buffer.writeLine(reserving: key.utf8.count + Self.metaLineAllowance + value.readableBytes + 2) { line in
+                line.append("ms ")
+                line.append(key)
+                line.append(" ")
+                line.appendDecimal(UInt64(value.readableBytes))
+                line.append(" c")
+                if flags != 0 {
+                    line.append(" F")
+                    line.appendDecimal(UInt64(flags))
+                }
+                let wire = ttl.wireValue(now: now())
+                if wire != 0 {
+                    line.append(" T")
+                    line.appendDecimal(wire)
+                }
+                if let cas {
+                    line.append(" C")
+                    line.appendDecimal(cas)
+                }
+                switch mode {
+                case .set: break
+                case .add: line.append(" ME")
+                case .replace: line.append(" MR")
+                case .append: line.append(" MA")
+                case .prepend: line.append(" MP")
+                }
+                line.appendOpaqueAndEnd(opaque, quiet: quiet)
+                value.withUnsafeReadableBytes { line.append($0) }
+                line.append("\r\n")
             }
-            let wire = ttl.wireValue(now: now())
-            if wire != 0 {
-                buffer.writeStaticString(" T")
-                buffer.writeDecimal(wire)
-            }
-            if let cas {
-                buffer.writeStaticString(" C")
-                buffer.writeDecimal(cas)
-            }
-            switch mode {
-            case .set: break
-            case .add: buffer.writeStaticString(" ME")
-            case .replace: buffer.writeStaticString(" MR")
-            case .append: buffer.writeStaticString(" MA")
-            case .prepend: buffer.writeStaticString(" MP")
-            }
-            buffer.writeOpaqueAndEnd(opaque, quiet: request.quiet)
-            var value = value
-            buffer.writeBuffer(&value)
-            buffer.writeStaticString("\r\n")
             return .metaStore
 
         case .delete(let key, let cas):
-            buffer.writeStaticString("md ")
-            buffer.writeString(key)
-            if let cas {
-                buffer.writeStaticString(" C")
-                buffer.writeDecimal(cas)
+            let quiet = request.quiet
+            buffer.writeLine(reserving: key.utf8.count + Self.metaLineAllowance) { line in
+                line.append("md ")
+                line.append(key)
+                if let cas {
+                    line.append(" C")
+                    line.appendDecimal(cas)
+                }
+                line.appendOpaqueAndEnd(opaque, quiet: quiet)
             }
-            buffer.writeOpaqueAndEnd(opaque, quiet: request.quiet)
             return .metaDelete
 
         case .touch(let key, let ttl):
             // memcached has no meta touch: a get without `v` that sets T is one.
-            buffer.writeStaticString("mg ")
-            buffer.writeString(key)
-            buffer.writeStaticString(" T")
-            buffer.writeDecimal(ttl.wireValue(now: now()))
-            buffer.writeOpaqueAndEnd(opaque, quiet: false)
+            buffer.writeLine(reserving: key.utf8.count + Self.metaLineAllowance) { line in
+                line.append("mg ")
+                line.append(key)
+                line.append(" T")
+                line.appendDecimal(ttl.wireValue(now: now()))
+                line.appendOpaqueAndEnd(opaque, quiet: false)
+            }
             return .metaTouch
 
         case .arithmetic(let key, let delta, let increment, let initial, let ttl):
-            buffer.writeStaticString("ma ")
-            buffer.writeString(key)
-            buffer.writeStaticString(increment ? " v D" : " v MD D")
-            buffer.writeDecimal(delta)
-            if let initial {
-                // Autovivify: a miss creates the counter with J<initial> and TTL N<ttl>.
-                buffer.writeStaticString(" N")
-                buffer.writeDecimal(ttl.wireValue(now: now()))
-                buffer.writeStaticString(" J")
-                buffer.writeDecimal(initial)
+            buffer.writeLine(reserving: key.utf8.count + Self.metaLineAllowance) { line in
+                line.append("ma ")
+                line.append(key)
+                line.append(increment ? " v D" : " v MD D")
+                line.appendDecimal(delta)
+                if let initial {
+                    // Autovivify: a miss creates the counter with J<initial> and TTL N<ttl>.
+                    line.append(" N")
+                    line.appendDecimal(ttl.wireValue(now: now()))
+                    line.append(" J")
+                    line.appendDecimal(initial)
+                }
+                line.appendOpaqueAndEnd(opaque, quiet: false)
             }
-            buffer.writeOpaqueAndEnd(opaque, quiet: false)
             return .metaArithmetic
 
         case .noop:
@@ -239,13 +257,92 @@ struct MemcachedRequestEncoder: Sendable {
     }
 }
 
-extension ByteBuffer {
-    /// Writes ` [q] O<opaque>\r\n`, the tail of every meta command line we send.
+/// Writes a command into memory a ``ByteBuffer`` reserved for it (see
+/// ``NIOCore/ByteBuffer/writeLine(reserving:_:)``). Every write is bounds-checked: a command that
+/// would outgrow its reservation traps instead of writing past it (the reservations leave room to
+/// spare, so that would be a bug here, never input).
+struct CommandLineWriter: ~Copyable {
+    private let base: UnsafeMutableRawBufferPointer
+    private(set) var count = 0
+
+    init(_ base: UnsafeMutableRawBufferPointer) { self.base = base }
+
     @inline(__always)
-    mutating func writeOpaqueAndEnd(_ opaque: UInt32, quiet: Bool) {
-        writeStaticString(quiet ? " q O" : " O")
-        writeDecimal(UInt64(opaque))
-        writeStaticString("\r\n")
+    mutating func append(_ bytes: UnsafeRawBufferPointer) {
+        guard bytes.count > 0 else { return }
+        precondition(bytes.count <= base.count - count, "memcached command larger than its reservation")
+        (base.baseAddress! + count).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+        count += bytes.count
+    }
+
+    @inline(__always)
+    mutating func append(_ text: StaticString) {
+        append(UnsafeRawBufferPointer(start: text.utf8Start, count: text.utf8CodeUnitCount))
+    }
+
+    @inline(__always)
+    mutating func append(_ text: String) {
+        var text = text
+        text.withUTF8 { append(UnsafeRawBufferPointer($0)) }
+    }
+
+    @inline(__always)
+    mutating func appendByte(_ byte: UInt8) {
+        precondition(count < base.count, "memcached command larger than its reservation")
+        base[count] = byte
+        count += 1
+    }
+
+    mutating func appendDecimal(_ value: Int64) {
+        if value < 0 {
+            appendByte(UInt8(ascii: "-"))
+            appendDecimal(UInt64(bitPattern: 0 &- value))
+        } else {
+            appendDecimal(UInt64(value))
+        }
+    }
+
+    mutating func appendDecimal(_ value: UInt64) {
+        if value < 10 {
+            appendByte(UInt8(truncatingIfNeeded: value) &+ 48)
+            return
+        }
+        var digits = 0
+        var rest = value
+        while rest > 0 {
+            digits += 1
+            rest /= 10
+        }
+        precondition(digits <= base.count - count, "memcached command larger than its reservation")
+        rest = value
+        var index = count + digits
+        while rest > 0 {
+            index -= 1
+            base[index] = UInt8(truncatingIfNeeded: rest % 10) &+ 48
+            rest /= 10
+        }
+        count += digits
+    }
+
+    /// ` [q] O<opaque>\r\n`, the tail of every meta command line we send.
+    @inline(__always)
+    mutating func appendOpaqueAndEnd(_ opaque: UInt32, quiet: Bool) {
+        append(quiet ? " q O" : " O")
+        appendDecimal(UInt64(opaque))
+        append("\r\n")
+    }
+}
+
+extension ByteBuffer {
+    /// Writes one command through a ``CommandLineWriter`` over `reserving` bytes of this buffer's
+    /// writable memory: one capacity check and one writer-index move for the whole command.
+    @inline(__always)
+    mutating func writeLine(reserving capacity: Int, _ body: (inout CommandLineWriter) -> Void) {
+        writeWithUnsafeMutableBytes(minimumWritableBytes: capacity) { memory in
+            var writer = CommandLineWriter(memory)
+            body(&writer)
+            return writer.count
+        }
     }
 
     /// Writes a decimal number without going through `String` (this runs for every request).
