@@ -62,6 +62,9 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
     /// Items evicted since the process started (memcached's `evictions`).
     private var evictions = 0
     private var casCounter: UInt64 = 0
+    /// The client's connection generation (``MemcachedNodeCommandRunner/connectionGeneration``):
+    /// a restart closes every connection, so the next request opens a new one.
+    private var generation: UInt64 = 1
     private(set) var state: State = .up
     /// Virtual nanoseconds when the process started.
     private var bootNanoseconds: UInt64
@@ -117,6 +120,7 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
         frozenQueue = []
         items = [:]
         casCounter = 0
+        generation += 1
         evictions = 0
         pid = newPID
         bootNanoseconds = DeterministicScheduler.shared.nanoseconds
@@ -284,6 +288,14 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
             done(requests.map { _ in .failure(MemcachedError(code: .nodeUnavailable, message: "node marked down", nodeID: id)) })
             return
         }
+        // Limited to older connections: not sent over the one opened since a restart (and, sent
+        // before one, never reaching the new process: that connection closed with the old one).
+        let sentGeneration = generation
+        let limited = requests.contains { $0.connectionGenerationLimit != nil }
+        if requests.contains(where: { $0.connectionGenerationLimit.map { sentGeneration > $0 } ?? false }) {
+            done(requests.map { _ in .failure(MemcachedError(code: .connectionChanged, message: "connection newer than the limit", nodeID: id)) })
+            return
+        }
         var answered = false
         var results: [Result<MemcachedResponse, MemcachedError>?] = Array(repeating: nil, count: requests.count)
         var timedOut = false
@@ -307,6 +319,14 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
         let latency = 50_000 + scheduler.random(below: 450_000)
         scheduler.schedule(at: scheduler.nanoseconds + latency) { [self] in
             let arrive = {
+                if limited, self.generation != sentGeneration {
+                    for index in requests.indices {
+                        results[index] = .failure(MemcachedError(code: .connectionClosed, message: "connection closed", nodeID: self.id))
+                    }
+                    scheduler.cancelTimer(deadlineTimer)
+                    finish()
+                    return
+                }
                 switch self.state {
                 case .dead:
                     for index in requests.indices {
@@ -394,6 +414,8 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
     public func execute(_ request: MemcachedRequest) async throws(MemcachedError) -> MemcachedResponse {
         try await executeBatch([request])[0].get()
     }
+
+    public var connectionGeneration: UInt64? { generation }
 
     public func executeBatch(_ requests: [MemcachedRequest]) async -> [Result<MemcachedResponse, MemcachedError>] {
         guard !requests.isEmpty else { return [] }

@@ -72,6 +72,49 @@ struct FaultTests {
         }
     }
 
+    /// A request limited to older connections is sent over a connection opened before the limit
+    /// was read, and refused, unsent, over one opened after (here: after memcached restarted,
+    /// counting its CAS uniques from the start again).
+    @Test func aConnectionGenerationLimitKeepsARequestOffConnectionsOpenedSince() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withClient(servers, configure: { $0.probeInterval = .milliseconds(100) }) { client in
+                let node = try client.node("n1")
+                // On one connection of the pool (it has several, opened on demand).
+                var write = MemcachedRequest.store("k", value: bytes("v"))
+                write.connectionAffinity = 0
+                _ = try await node.execute(write)
+                let generation = try #require(node.connectionGeneration)
+                #expect(generation >= 1)
+                var limited = MemcachedRequest.get("k")
+                limited.connectionAffinity = 0
+                limited.connectionGenerationLimit = generation
+                guard case .item(let item?) = try await node.execute(limited) else {
+                    Issue.record("the connection the limit was read on carries the request")
+                    return
+                }
+                #expect(item.string == "v")
+
+                try await servers[0].kill()
+                try await servers[0].restart()
+                try await eventually("reconnected") { (try? await client.set("k", value: bytes("w"))) != nil }
+                #expect(try #require(node.connectionGeneration) > generation)
+                let error = await memcachedError { _ = try await node.execute(limited) }
+                #expect(error?.code == .connectionChanged)
+                var other = MemcachedRequest.get("k")
+                other.connectionAffinity = 0
+                let batch = await node.executeBatch([limited, other])
+                #expect(batch.allSatisfy { if case .failure(let error) = $0 { error.code == .connectionChanged } else { false } })
+                var unlimited = limited
+                unlimited.connectionGenerationLimit = nil
+                guard case .item(let after?) = try await node.execute(unlimited) else {
+                    Issue.record("an unlimited request is sent")
+                    return
+                }
+                #expect(after.string == "w")
+            }
+        }
+    }
+
     /// A reply that cannot be decoded fails the request it would have answered with a protocol
     /// error at once (not at its deadline), closes the connection, and the next request gets a new one.
     @Test(arguments: ["VA x\r\n", "HD O1\n", "VA 3 O1\r\nabcXY"])

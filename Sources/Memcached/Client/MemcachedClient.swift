@@ -246,6 +246,9 @@ public struct MemcachedNodeClient: MemcachedNodeCommandRunner {
     public var id: String { node.id }
     /// Whether the node takes requests (false while it is marked down).
     public var isAvailable: Bool { node.health.isUp }
+    /// How many connections the client has opened to this node so far (each new connection gets
+    /// the next number): see ``MemcachedRequest/connectionGenerationLimit``.
+    public var connectionGeneration: UInt64? { node.connectionGeneration }
 
     /// Text mode: whether the node answers `gats` (else a read that slides the TTL is a `gets` and
     /// a `touch`, pipelined) and `stats` (else stats requests fail with

@@ -22,9 +22,14 @@ public protocol MemcachedNodeCommandRunner: MemcachedCommandRunner {
     var isAvailable: Bool { get }
     /// Sends a request without waiting for it; `completion` gets the outcome (keep it short).
     func submit(_ request: MemcachedRequest, completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void) async
+    /// How many connections have been opened to the node so far, if the runner counts them (see
+    /// ``MemcachedRequest/connectionGenerationLimit``); nil: not counted, and the limit not kept.
+    var connectionGeneration: UInt64? { get }
 }
 
 extension MemcachedNodeCommandRunner {
+    public var connectionGeneration: UInt64? { nil }
+
     /// Sends a request without waiting for it or its outcome.
     public func submit(_ request: MemcachedRequest) async {
         await submit(request) { _ in }

@@ -15,6 +15,14 @@ final class MemcachedConnection: Sendable {
     let channel: any Channel
     private let handler: NIOLoopBound<MemcachedChannelHandler>
     private let requestIDs = ManagedAtomic<UInt64>(1)
+    private let generationValue = ManagedAtomic<UInt64>(.max)
+
+    /// When its pool opened it (``ConnectionPool/generation``); `UInt64.max` outside a pool.
+    var generation: UInt64 { generationValue.load(ordering: .relaxed) }
+
+    func assignGeneration(_ generation: UInt64) {
+        generationValue.store(generation, ordering: .relaxed)
+    }
     private let submissions = Mutex(Submissions())
 
     /// Requests waiting for the event loop, in the order they came.

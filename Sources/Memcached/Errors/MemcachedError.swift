@@ -25,6 +25,7 @@ public struct MemcachedError: Error, Sendable, Hashable, CustomStringConvertible
             case invalidArgument
             case tlsFailed
             case authenticationFailed
+            case connectionChanged
         }
 
         fileprivate let base: Base
@@ -57,6 +58,9 @@ public struct MemcachedError: Error, Sendable, Hashable, CustomStringConvertible
         public static let shutdown = Code(.shutdown)
         /// No node with the given id is configured.
         public static let unknownNode = Code(.unknownNode)
+        /// The request was limited to the node's connections up to a generation
+        /// (``MemcachedRequest/connectionGenerationLimit``) and its connection is newer. Nothing was sent.
+        public static let connectionChanged = Code(.connectionChanged)
         /// The configuration (for example a node list) is invalid.
         public static let invalidConfiguration = Code(.invalidConfiguration)
         /// An argument is out of range (for example a negative delta).

@@ -23,6 +23,11 @@ final class ConnectionPool: Sendable {
 
     private let slots: [Slot]
     private let nextSlot = ManagedAtomic<Int>(0)
+    private let generationCounter = ManagedAtomic<UInt64>(0)
+
+    /// How many connections the pool has opened: each new one gets the next number, once it is
+    /// up and before any request uses it.
+    var generation: UInt64 { generationCounter.load(ordering: .sequentiallyConsistent) }
     private let host: String
     private let port: Int
     private let settings: MemcachedConnection.Settings
@@ -129,7 +134,12 @@ final class ConnectionPool: Sendable {
     private func startConnect(_ slot: Slot, attempts: Int, promise: EventLoopPromise<MemcachedConnection>) {
         let backoff = self.backoff
         let target = "\(host):\(port)"
+        let generation = self.generationCounter
         let future = MemcachedConnection.connect(host: host, port: port, settings: settings, eventLoop: slot.eventLoop)
+            .map { (connection: MemcachedConnection) -> MemcachedConnection in
+                connection.assignGeneration(generation.wrappingIncrementThenLoad(ordering: .sequentiallyConsistent))
+                return connection
+            }
             .flatMapErrorThrowing { error in
                 if let error = error as? MemcachedError { throw error }  // a failed TLS handshake: its own code
                 throw MemcachedError(code: .connectFailed, message: "cannot connect to \(target): \(error)")

@@ -69,15 +69,19 @@ final class MemcachedNode: Sendable {
         }
         let start = NIODeadline.now()
         let result: Result<MemcachedResponse, MemcachedError>
-        do {
+        do throws(MemcachedError) {
             let connection = try await pool.connection(affinity: request.connectionAffinity)
+            if let refusal = Self.generationRefusal([request], on: connection) { throw refusal }
             var attempt = await connection.execute(request, deadline: deadline)
             if case .failure(let error) = attempt, error.wasNotSent {
                 // The connection closed under us before the request went out: once more on a new one.
                 let fresh = try await pool.connection(affinity: request.connectionAffinity, replacing: connection)
+                if let refusal = Self.generationRefusal([request], on: fresh) { throw refusal }
                 attempt = await fresh.execute(request, deadline: deadline)
             }
             result = attempt
+        } catch where error.code == .connectionChanged {
+            throw error  // not sent: neither a request nor an error of the node's
         } catch {
             result = .failure(error)
         }
@@ -110,15 +114,19 @@ final class MemcachedNode: Sendable {
         }
         let start = NIODeadline.now()
         let results: [Result<MemcachedResponse, MemcachedError>]
-        do {
+        do throws(MemcachedError) {
             let connection = try await pool.connection(affinity: requests.first?.connectionAffinity)
+            if let refusal = Self.generationRefusal(requests, on: connection) { throw refusal }
             var attempt = await connection.executeBatch(requests, deadline: deadline)
             if !attempt.isEmpty, attempt.allSatisfy({ if case .failure(let error) = $0 { error.wasNotSent } else { false } }) {
                 // The connection closed under us before the batch went out: once more on a new one.
                 let fresh = try await pool.connection(affinity: requests.first?.connectionAffinity, replacing: connection)
+                if let refusal = Self.generationRefusal(requests, on: fresh) { throw refusal }
                 attempt = await fresh.executeBatch(requests, deadline: deadline)
             }
             results = attempt
+        } catch where error.code == .connectionChanged {
+            return requests.map { _ in .failure(error) }  // not sent
         } catch {
             results = requests.map { _ in .failure(error) }
         }
@@ -145,8 +153,9 @@ final class MemcachedNode: Sendable {
             return
         }
         let start = NIODeadline.now()
-        do {
+        do throws(MemcachedError) {
             let connection = try await pool.connection(affinity: request.connectionAffinity)
+            if let refusal = Self.generationRefusal([request], on: connection) { throw refusal }
             connection.submit(request, deadline: deadline) { result in
                 // Rare (the connection closed under us before the request went out): once more on
                 // a new connection, from a task since this runs on the event loop. Not a request
@@ -158,6 +167,8 @@ final class MemcachedNode: Sendable {
                 }
                 completion(self.finish(result, start: start))
             }
+        } catch where error.code == .connectionChanged {
+            completion(.failure(error))  // not sent
         } catch {
             completion(finish(.failure(error), start: start))
         }
@@ -167,12 +178,27 @@ final class MemcachedNode: Sendable {
         _ request: MemcachedRequest, deadline: NIODeadline, replacing stale: MemcachedConnection, start: NIODeadline,
         completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void
     ) async {
-        do {
+        do throws(MemcachedError) {
             let connection = try await pool.connection(affinity: request.connectionAffinity, replacing: stale)
+            if let refusal = Self.generationRefusal([request], on: connection) { throw refusal }
             connection.submit(request, deadline: deadline) { result in completion(self.finish(result, start: start)) }
+        } catch where error.code == .connectionChanged {
+            completion(.failure(error))  // not sent
         } catch {
             completion(finish(.failure(error), start: start))
         }
+    }
+
+    /// The pool's connection count (``ConnectionPool/generation``).
+    var connectionGeneration: UInt64 { pool.generation }
+
+    /// Requests limited to older connections (``MemcachedRequest/connectionGenerationLimit``) are
+    /// not sent over a newer one: all of a batch fail then (a batch shares one connection).
+    private static func generationRefusal(_ requests: [MemcachedRequest], on connection: MemcachedConnection) -> MemcachedError? {
+        let generation = connection.generation
+        guard requests.contains(where: { $0.connectionGenerationLimit.map { generation > $0 } ?? false }) else { return nil }
+        return MemcachedError(
+            code: .connectionChanged, message: "the connection was opened after the request's connection generation limit: not sent")
     }
 
     private func finish(_ result: Result<MemcachedResponse, MemcachedError>, start: NIODeadline) -> Result<

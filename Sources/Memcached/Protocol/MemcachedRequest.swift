@@ -144,6 +144,15 @@ public struct MemcachedRequest: Sendable {
     /// before it is written, so that it leaves in one write with other requests: for writes whose
     /// outcome nobody waits for (a backup copy). Any request that cannot wait flushes it at once.
     public var coalesces = false
+    /// Sent only over a connection the node opened at or before this generation
+    /// (``MemcachedNodeClient/connectionGeneration``, read before an earlier request); over a newer
+    /// one it fails with ``MemcachedError/Code/connectionChanged`` before anything is sent.
+    ///
+    /// For a CAS unique remembered from one request to a later one: memcached counts CAS uniques
+    /// from the start again when it restarts, so an old one could name another item's state there.
+    /// A restart closes every connection opened before it, so a connection opened before the
+    /// earlier request and still open reaches the same run of the server.
+    public var connectionGenerationLimit: UInt64?
 
     init(_ command: Command) { self.command = command }
 

@@ -119,8 +119,11 @@ public final class SessionStatistics: Sendable {
         case memcachedRoundTrips
         /// Sticky: a logout of a session this instance did not find whose owner was not told
         /// (over the budget of such notices a second; the owner finds the tombstones itself).
-        /// Last: the raw values of the cases before stay as they were.
         case unfoundNoticesSkipped
+        /// Meta mode: a backup written over this instance's own last write of it with that write's
+        /// CAS unique, in one round trip, without reading the backup's version first. New cases go
+        /// last: the raw values of the cases before stay as they were.
+        case backupsWrittenWithoutRead
 
         /// The name in snapshots and metrics (`msm_<name>_total`): snake case.
         public var name: String { SessionStatistics.counterNames[rawValue] }

@@ -13,7 +13,25 @@ final class BackupMemo: Sendable {
     private struct Entry {
         var node: String
         var at: NIODeadline
+        /// This instance's last backup write of the session there, while it is recent enough to
+        /// be trusted: its CAS unique and its flags (the session's version).
+        var written: Written?
     }
+
+    /// A backup write this instance made, as memcached acknowledged it.
+    struct Written: Equatable {
+        var cas: UInt64
+        var flags: UInt32
+        /// The node's connection generation before the write was sent: the next write with this
+        /// CAS unique goes only over a connection at least as old (one that reaches the same run
+        /// of memcached: see ``Memcached/MemcachedRequest/connectionGenerationLimit``).
+        var generation: UInt64
+        var at: NIODeadline
+    }
+
+    /// How long a write's CAS unique is used for the next write without reading first (a session
+    /// busy enough to gain from it comes back sooner).
+    static let writtenLifetime: TimeAmount = .seconds(30)
 
     private static let shardCount = 8
     private let shards: [LockedBox<[String: Entry]>]
@@ -37,7 +55,42 @@ final class BackupMemo: Sendable {
             if entries.count >= limitPerShard, entries[key] == nil {
                 for stale in entries.keys.prefix(limitPerShard / 2) { entries[stale] = nil }
             }
-            entries[key] = Entry(node: node, at: now)
+            let written = entries[key].flatMap { $0.node == node ? $0.written : nil }
+            entries[key] = Entry(node: node, at: now, written: written)
+        }
+    }
+
+    /// Remembers an acknowledged backup write on `node` (its CAS unique and flags).
+    func wrote(_ key: String, node: String, cas: UInt64, flags: UInt32, generation: UInt64) {
+        let now = clock.now()
+        shard(key).withLock { entries in
+            if entries.count >= limitPerShard, entries[key] == nil {
+                for stale in entries.keys.prefix(limitPerShard / 2) { entries[stale] = nil }
+            }
+            entries[key] = Entry(node: node, at: entries[key]?.at ?? now, written: Written(cas: cas, flags: flags, generation: generation, at: now))
+        }
+    }
+
+    /// This instance's last backup write of `key` on `node`, if recent (``writtenLifetime``).
+    func lastWrite(_ key: String, node: String) -> Written? {
+        let now = clock.now()
+        return shard(key).withLock { entries in
+            guard let entry = entries[key], entry.node == node, let written = entry.written,
+                now - written.at < Self.writtenLifetime
+            else { return nil }
+            return written
+        }
+    }
+
+    /// Forgets what was written on a node seen to restart (its connections, closed by the restart,
+    /// keep the CAS uniques from being used anyway).
+    func forgetWrites(on node: String) {
+        for shard in shards {
+            shard.withLock { entries in
+                for (key, entry) in entries where entry.node == node && entry.written != nil {
+                    entries[key]?.written = nil
+                }
+            }
         }
     }
 

@@ -11,8 +11,9 @@ extension SessionStore {
     /// A backup never goes back: saves of one session by different instances send their backups
     /// over different connections, and a slow one may land after a newer one (the newer backup
     /// would then be lost to a failover of the primary). In meta mode the write reads the backup's
-    /// flags (its version) and CAS unique first, writes only over an older copy, with CAS, and
-    /// never over a tombstone; text mode, which cannot read flags without the value, writes as is
+    /// flags (its version) and CAS unique first (or, over this instance's own recent write of it,
+    /// uses that write's CAS unique: see ``writeBackupInOrder(key:on:bytes:flags:ttl:nodeID:)``),
+    /// writes only over an older copy, with CAS, and never over a tombstone; text mode, which cannot read flags without the value, writes as is
     /// (documented).
     func writeBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
         guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
@@ -33,7 +34,7 @@ extension SessionStore {
         // The backup's end in wall time: a write retried later keeps it (a backup lives as long
         // as its session may, never longer: the idle-expiry check relies on it).
         let expiresAt = Self.backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
-        if await !writeBackupInOrder(key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl) {
+        if await !writeBackupInOrder(key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl, nodeID: backupNode) {
             // Written once the node answers again (a frozen backup node must not leave the
             // session with an old backup only).
             leaveForLater(.backup(bytes: bytes, flags: flags, expiresAt: expiresAt), key: keys.backup, on: backupNode)
@@ -43,16 +44,29 @@ extension SessionStore {
     /// The ordered backup write of ``writeBackup(keys:primaryNode:bytes:metadata:now:)``: at most
     /// four rounds of read and conditional write, each bounded by the request timeout. Returns
     /// false when the node did not answer (the write is to be tried again).
+    ///
+    /// With `nodeID` (the node's id), a write over this instance's own last backup write of the
+    /// session there, recent and older than this one, goes first as one conditional write with
+    /// that write's CAS unique, without the read: it lands only if the backup is still exactly
+    /// what this instance wrote, so it is in order as the read-then-write is. Anything else
+    /// (another instance wrote since, a tombstone, no copy) fails it, and the rounds of read and
+    /// write follow. A session whose requests keep coming to this instance has its backup written
+    /// in one round trip instead of two. memcached counts CAS uniques from the start again when it
+    /// restarts, so the write goes only over a connection opened before the remembered write was
+    /// sent (``Memcached/MemcachedRequest/connectionGenerationLimit``): a restart since closed it.
     func writeBackupInOrder(
-        key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL
+        key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL,
+        nodeID: String? = nil
     ) async -> Bool {
         let affinity = Self.affinity(of: key)
         func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
             var request = request
             request.honorsCancellation = false
             request.connectionAffinity = affinity
+            let result = await node.executeBatch([request])[0]
+            if case .failure(let error) = result, error.code == .connectionChanged { return result }  // not sent
             countRoundTrip()
-            return await node.executeBatch([request])[0]
+            return result
         }
         /// A failed round: counted; false (try again later) when the node did not answer, true
         /// when it refused (a retry would be refused too).
@@ -61,6 +75,30 @@ extension SessionStore {
             guard case .failure(let error) = result, error.meansNodeUnreachable else { return true }
             backupMemo.forget(key)
             return false
+        }
+        /// An acknowledged write (sent with the node's connection generation `generation` or
+        /// later): remembered for the next one.
+        func wrote(_ result: Result<MemcachedResponse, MemcachedError>, generation: UInt64?) {
+            guard let nodeID, let generation, case .success(.stored(.stored(let cas?))) = result else { return }
+            backupMemo.wrote(key, node: nodeID, cas: cas, flags: flags, generation: generation)
+        }
+        if let nodeID, let last = backupMemo.lastWrite(key, node: nodeID), last.flags < flags {
+            let generation = node.connectionGeneration
+            var write = MemcachedRequest.store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: last.cas)
+            write.connectionGenerationLimit = last.generation
+            let result = await send(write)
+            switch result {
+            case .success(.stored(.stored)):
+                statistics.count(.backupsWrittenWithoutRead)
+                wrote(result, generation: generation)
+                return true
+            case .success(.stored):
+                break  // changed since (or gone): read, then write
+            case .failure(let error) where error.code == .connectionChanged:
+                break  // not sent: a connection opened since may reach a restarted node
+            default:
+                return failed(result)
+            }
         }
         for _ in 0..<4 {
             let write: MemcachedRequest
@@ -78,9 +116,12 @@ extension SessionStore {
             default:
                 return failed(read)
             }
+            // Read before the write is sent (after the read, which opened a connection if none was).
+            let generation = node.connectionGeneration
             let result = await send(write)
             switch result {
             case .success(.stored(.stored)):
+                wrote(result, generation: generation)
                 return true
             case .success(.stored):
                 continue  // changed between the read and the write: look again

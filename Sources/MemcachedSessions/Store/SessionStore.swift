@@ -93,6 +93,7 @@ final class SessionStore: SessionManagerPart {
     }
 
     func nodeRestarted(_ nodeID: String) async {
+        backupMemo.forgetWrites(on: nodeID)
         guard let listener = restartListener.withLock({ $0 }) else { return }
         await listener(nodeID)
     }

@@ -94,6 +94,112 @@ struct BackupsTests {
         }
     }
 
+    /// A session whose requests keep coming to one instance has its backup written with the CAS
+    /// unique of that instance's last backup write: one round trip (`ms`), not a read (`mg`) and
+    /// a write. Three round trips a request: the read, the write and the backup write.
+    @Test func aSessionKeptOnOneInstanceHasItsBackupWrittenInOneRoundTrip() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers)
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    for count in 2...4 {
+                        let before = manager.statistics.value(of: .memcachedRoundTrips)
+                        #expect(try await manager.increment(&browser) == count)
+                        #expect(manager.statistics.value(of: .memcachedRoundTrips) - before == 3)
+                        let primary = try #require(try await inspector.node(id.nodeID).get(keys.primary))
+                        let backup = try #require(try await inspector.node(backupNode).get(keys.backup))
+                        #expect(backup.value == primary.value, "the backup has the latest write")
+                        #expect(backup.flags == UInt32(count))
+                    }
+                    #expect(manager.statistics.value(of: .backupsWrittenWithoutRead) == 3)
+                    // A node seen to restart counts its CAS uniques from the start again: the
+                    // next backup write there reads first.
+                    await manager.store.nodeRestarted(backupNode)
+                    #expect(try await manager.increment(&browser) == 5)
+                    #expect(manager.statistics.value(of: .backupsWrittenWithoutRead) == 3)
+                    #expect(try await inspector.node(backupNode).get(keys.backup)?.flags == 5)
+                }
+            }
+        }
+    }
+
+    /// The one-round-trip backup write goes only over a connection opened before the write whose
+    /// CAS unique it uses: after the backup node's connections were cut (as a restart of memcached
+    /// would, which counts CAS uniques from the start again), it is not sent and the backup is
+    /// read first; the write after that is one round trip again.
+    @Test func aBackupWriteWithARememberedCASUniqueNeedsTheConnectionItCameOn() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let proxy = try await FaultProxy.start(port: servers[1].port)
+            defer { proxy.stop() }
+            let config = try configuration(n1: servers[0].hostAndPort, n2: proxy.hostAndPort)
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    // A session stored on n1, its backup on n2 (behind the proxy).
+                    var browser = Browser()
+                    for _ in 0..<64 {
+                        browser = Browser()
+                        try await manager.increment(&browser)
+                        if browser.id?.nodeID == "n1" { break }
+                    }
+                    let id = try #require(browser.id)
+                    try #require(id.nodeID == "n1")
+                    let keys = manager.keys(for: id.token)
+                    #expect(try await manager.increment(&browser) == 2)
+                    let fast = manager.statistics.value(of: .backupsWrittenWithoutRead)
+                    #expect(fast >= 1)
+                    proxy.dropConnections()
+                    #expect(try await manager.increment(&browser) == 3)
+                    #expect(manager.statistics.value(of: .backupsWrittenWithoutRead) == fast, "not sent over a new connection")
+                    try await eventually("the backup written after a read") {
+                        try await inspector.node("n2").get(keys.backup)?.flags == 3
+                    }
+                    #expect(try await manager.increment(&browser) == 4)
+                    #expect(manager.statistics.value(of: .backupsWrittenWithoutRead) == fast + 1)
+                    #expect(try await inspector.node("n2").get(keys.backup)?.flags == 4)
+                }
+            }
+        }
+    }
+
+    /// The one-round-trip backup write lands only over this instance's own last write: after
+    /// another instance wrote the backup, it fails, and the read-then-write rounds decide, which
+    /// never go back (here: a newer backup stays).
+    @Test func aBackupWrittenElsewhereSinceIsReadBeforeItIsReplaced() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers)
+            try await withManagers([config, config]) { managers in
+                let (a, b) = (managers[0], managers[1])
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await a.increment(&browser)
+                    try await a.increment(&browser)  // a's second backup write: over its first
+                    #expect(a.statistics.value(of: .backupsWrittenWithoutRead) == 1)
+                    let id = try #require(browser.id)
+                    let keys = a.keys(for: id.token)
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    #expect(try await b.increment(&browser) == 3)  // b wrote the backup since
+                    #expect(try await a.increment(&browser) == 4)
+                    #expect(a.statistics.value(of: .backupsWrittenWithoutRead) == 1, "a read the backup first")
+                    let primary = try #require(try await inspector.node(id.nodeID).get(keys.primary))
+                    #expect(try await inspector.node(backupNode).get(keys.backup)?.value == primary.value)
+
+                    // A newer backup than a's next write: a's write must not replace it.
+                    try await inspector.node(backupNode).set(keys.backup, value: ByteBuffer(string: "newer"), flags: 9)
+                    #expect(try await a.increment(&browser) == 5)
+                    #expect(a.statistics.value(of: .backupsWrittenWithoutRead) == 1)
+                    #expect(a.statistics.value(of: .backupsOutdated) == 1)
+                    let left = try #require(try await inspector.node(backupNode).get(keys.backup))
+                    #expect(left.flags == 9 && left.value == ByteBuffer(string: "newer"), "the newer backup left alone")
+                }
+            }
+        }
+    }
+
     @Test func aBackupWriteNeverReplacesATombstone() async throws {
         try await withMemcachedServers(count: 2) { servers in
             let config = try configuration(servers)
