@@ -86,6 +86,8 @@ struct EncoderTests {
         var after = ByteBuffer(string: "xy")
         after.writeLine(reserving: 4) { $0.append("ab") }
         #expect(String(buffer: after) == "xyab")
+        after.writeLine(reserving: 3) { $0.append(string: "cde") }
+        #expect(String(buffer: after) == "xyabcde")
     }
 
     /// The longest meta commands we send (a 250-byte key, every number at its widest) fit the

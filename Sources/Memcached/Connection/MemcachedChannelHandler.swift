@@ -4,7 +4,9 @@ import NIOCore
 enum RequestContext {
     /// An `async` caller suspended on a continuation.
     case continuation(UnsafeContinuation<Result<MemcachedResponse, MemcachedError>, Never>)
-    /// A caller that does not wait (for example a quiet backup write); called on the event loop.
+    /// A caller that does not wait (for example a quiet backup write); called on the event loop,
+    /// while the connection's state machine is being updated: it must not submit to or close the
+    /// connection synchronously (from a task it may).
     case callback(@Sendable (Result<MemcachedResponse, MemcachedError>) -> Void)
     /// One request of a batch sent in one go (get-many).
     case batch(BatchCollector, index: Int)

@@ -23,11 +23,14 @@ final class ConnectionPool: Sendable {
 
     private let slots: [Slot]
     private let nextSlot = ManagedAtomic<Int>(0)
-    private let generationCounter = ManagedAtomic<UInt64>(0)
+    /// Numbers every connection any pool of the process opens, in order, once it is up and
+    /// before any request uses it. Process-wide, not per pool: a client rebuilt by a
+    /// reconfiguration must not hand out numbers an earlier client's connections had.
+    private static let generationCounter = ManagedAtomic<UInt64>(0)
 
-    /// How many connections the pool has opened: each new one gets the next number, once it is
-    /// up and before any request uses it.
-    var generation: UInt64 { generationCounter.load(ordering: .sequentiallyConsistent) }
+    /// The number of the newest connection opened so far (by any pool): a connection numbered at
+    /// most this was open already when it was read.
+    var generation: UInt64 { Self.generationCounter.load(ordering: .sequentiallyConsistent) }
     private let host: String
     private let port: Int
     private let settings: MemcachedConnection.Settings
@@ -134,7 +137,7 @@ final class ConnectionPool: Sendable {
     private func startConnect(_ slot: Slot, attempts: Int, promise: EventLoopPromise<MemcachedConnection>) {
         let backoff = self.backoff
         let target = "\(host):\(port)"
-        let generation = self.generationCounter
+        let generation = Self.generationCounter
         let future = MemcachedConnection.connect(host: host, port: port, settings: settings, eventLoop: slot.eventLoop)
             .map { (connection: MemcachedConnection) -> MemcachedConnection in
                 connection.assignGeneration(generation.wrappingIncrementThenLoad(ordering: .sequentiallyConsistent))

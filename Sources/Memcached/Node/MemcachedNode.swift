@@ -71,12 +71,12 @@ final class MemcachedNode: Sendable {
         let result: Result<MemcachedResponse, MemcachedError>
         do throws(MemcachedError) {
             let connection = try await pool.connection(affinity: request.connectionAffinity)
-            if let refusal = Self.generationRefusal([request], on: connection) { throw refusal }
+            if let refusal = generationRefusal([request], on: connection) { throw refusal }
             var attempt = await connection.execute(request, deadline: deadline)
             if case .failure(let error) = attempt, error.wasNotSent {
                 // The connection closed under us before the request went out: once more on a new one.
                 let fresh = try await pool.connection(affinity: request.connectionAffinity, replacing: connection)
-                if let refusal = Self.generationRefusal([request], on: fresh) { throw refusal }
+                if let refusal = generationRefusal([request], on: fresh) { throw refusal }
                 attempt = await fresh.execute(request, deadline: deadline)
             }
             result = attempt
@@ -116,12 +116,12 @@ final class MemcachedNode: Sendable {
         let results: [Result<MemcachedResponse, MemcachedError>]
         do throws(MemcachedError) {
             let connection = try await pool.connection(affinity: requests.first?.connectionAffinity)
-            if let refusal = Self.generationRefusal(requests, on: connection) { throw refusal }
+            if let refusal = generationRefusal(requests, on: connection) { throw refusal }
             var attempt = await connection.executeBatch(requests, deadline: deadline)
             if !attempt.isEmpty, attempt.allSatisfy({ if case .failure(let error) = $0 { error.wasNotSent } else { false } }) {
                 // The connection closed under us before the batch went out: once more on a new one.
                 let fresh = try await pool.connection(affinity: requests.first?.connectionAffinity, replacing: connection)
-                if let refusal = Self.generationRefusal(requests, on: fresh) { throw refusal }
+                if let refusal = generationRefusal(requests, on: fresh) { throw refusal }
                 attempt = await fresh.executeBatch(requests, deadline: deadline)
             }
             results = attempt
@@ -155,7 +155,7 @@ final class MemcachedNode: Sendable {
         let start = NIODeadline.now()
         do throws(MemcachedError) {
             let connection = try await pool.connection(affinity: request.connectionAffinity)
-            if let refusal = Self.generationRefusal([request], on: connection) { throw refusal }
+            if let refusal = generationRefusal([request], on: connection) { throw refusal }
             connection.submit(request, deadline: deadline) { result in
                 // Rare (the connection closed under us before the request went out): once more on
                 // a new connection, from a task since this runs on the event loop. Not a request
@@ -180,7 +180,7 @@ final class MemcachedNode: Sendable {
     ) async {
         do throws(MemcachedError) {
             let connection = try await pool.connection(affinity: request.connectionAffinity, replacing: stale)
-            if let refusal = Self.generationRefusal([request], on: connection) { throw refusal }
+            if let refusal = generationRefusal([request], on: connection) { throw refusal }
             connection.submit(request, deadline: deadline) { result in completion(self.finish(result, start: start)) }
         } catch where error.code == .connectionChanged {
             completion(.failure(error))  // not sent
@@ -194,11 +194,12 @@ final class MemcachedNode: Sendable {
 
     /// Requests limited to older connections (``MemcachedRequest/connectionGenerationLimit``) are
     /// not sent over a newer one: all of a batch fail then (a batch shares one connection).
-    private static func generationRefusal(_ requests: [MemcachedRequest], on connection: MemcachedConnection) -> MemcachedError? {
+    private func generationRefusal(_ requests: [MemcachedRequest], on connection: MemcachedConnection) -> MemcachedError? {
         let generation = connection.generation
         guard requests.contains(where: { $0.connectionGenerationLimit.map { generation > $0 } ?? false }) else { return nil }
         return MemcachedError(
-            code: .connectionChanged, message: "the connection was opened after the request's connection generation limit: not sent")
+            code: .connectionChanged, message: "the connection was opened after the request's connection generation limit: not sent",
+            nodeID: id)
     }
 
     private func finish(_ result: Result<MemcachedResponse, MemcachedError>, start: NIODeadline) -> Result<

@@ -122,6 +122,13 @@ extension SessionManager {
         public var statisticsEnabled: Bool = true
         /// What happens when no node that could hold a session answers.
         public var unavailablePolicy: UnavailablePolicy = .fail
+        /// Meta mode: an instance writes a session's backup over its own recent write of it in one
+        /// round trip, with that write's CAS unique, instead of reading the backup's version first.
+        /// Safe against memcached restarts (which count CAS uniques from the start again) because
+        /// a restart closes the client's connections and the write goes only over one opened
+        /// before: turn it off for a store or proxy that keeps client connections open across a
+        /// restart of the memcached behind it.
+        public var reusesBackupCAS: Bool = true
         /// This instance's route (MSM's `jvmRoute`), appended to session ids as `.<route>` so a load
         /// balancer can route by it. Sticky set-ups need it for explicit takeover.
         public var route: String? = nil

@@ -67,7 +67,8 @@ final class BackupMemo: Sendable {
             if entries.count >= limitPerShard, entries[key] == nil {
                 for stale in entries.keys.prefix(limitPerShard / 2) { entries[stale] = nil }
             }
-            entries[key] = Entry(node: node, at: entries[key]?.at ?? now, written: Written(cas: cas, flags: flags, generation: generation, at: now))
+            let at = entries[key].flatMap { $0.node == node ? $0.at : nil } ?? now
+            entries[key] = Entry(node: node, at: at, written: Written(cas: cas, flags: flags, generation: generation, at: now))
         }
     }
 

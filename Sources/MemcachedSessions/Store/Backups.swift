@@ -42,7 +42,8 @@ extension SessionStore {
     }
 
     /// The ordered backup write of ``writeBackup(keys:primaryNode:bytes:metadata:now:)``: at most
-    /// four rounds of read and conditional write, each bounded by the request timeout. Returns
+    /// four rounds of read and conditional write (after the one-round-trip write below, if it is
+    /// tried), each bounded by the request timeout. Returns
     /// false when the node did not answer (the write is to be tried again).
     ///
     /// With `nodeID` (the node's id), a write over this instance's own last backup write of the
@@ -54,6 +55,9 @@ extension SessionStore {
     /// in one round trip instead of two. memcached counts CAS uniques from the start again when it
     /// restarts, so the write goes only over a connection opened before the remembered write was
     /// sent (``Memcached/MemcachedRequest/connectionGenerationLimit``): a restart since closed it.
+    /// (So do the rounds' CAS writes, over a connection opened before their read.) Not with
+    /// ``SessionManager/Configuration/reusesBackupCAS`` off, for stores or proxies that keep a client's connections
+    /// open across a restart of the memcached behind them.
     func writeBackupInOrder(
         key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL,
         nodeID: String? = nil
@@ -79,10 +83,12 @@ extension SessionStore {
         /// An acknowledged write (sent with the node's connection generation `generation` or
         /// later): remembered for the next one.
         func wrote(_ result: Result<MemcachedResponse, MemcachedError>, generation: UInt64?) {
-            guard let nodeID, let generation, case .success(.stored(.stored(let cas?))) = result else { return }
+            // A CAS unique of 0: the server does not keep them (`memcached -C`), and a write with
+            // C0 would land over anything.
+            guard let nodeID, let generation, case .success(.stored(.stored(let cas?))) = result, cas != 0 else { return }
             backupMemo.wrote(key, node: nodeID, cas: cas, flags: flags, generation: generation)
         }
-        if let nodeID, let last = backupMemo.lastWrite(key, node: nodeID), last.flags < flags {
+        if let nodeID, configuration.reusesBackupCAS, let last = backupMemo.lastWrite(key, node: nodeID), last.flags < flags {
             let generation = node.connectionGeneration
             var write = MemcachedRequest.store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: last.cas)
             write.connectionGenerationLimit = last.generation
@@ -101,7 +107,8 @@ extension SessionStore {
             }
         }
         for _ in 0..<4 {
-            let write: MemcachedRequest
+            var write: MemcachedRequest
+            let readGeneration = node.connectionGeneration
             let read = await send(.getMetadata(key))
             switch read {
             case .success(.item(nil)):
@@ -113,6 +120,9 @@ extension SessionStore {
                     return true
                 }
                 write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
+                // Over a connection opened before the read: one that reaches the same run of the
+                // server (a restarted one counts CAS uniques from the start again).
+                write.connectionGenerationLimit = readGeneration
             default:
                 return failed(read)
             }
@@ -125,6 +135,8 @@ extension SessionStore {
                 return true
             case .success(.stored):
                 continue  // changed between the read and the write: look again
+            case .failure(let error) where error.code == .connectionChanged:
+                continue  // not sent: the read's connection closed (or the read opened the first)
             default:
                 return failed(result)
             }

@@ -155,6 +155,7 @@ struct BackupsTests {
                     proxy.dropConnections()
                     #expect(try await manager.increment(&browser) == 3)
                     #expect(manager.statistics.value(of: .backupsWrittenWithoutRead) == fast, "not sent over a new connection")
+                    #expect(manager.statistics.value(of: .backupFailures) == 0, "not sent (a send on the closed connection fails)")
                     try await eventually("the backup written after a read") {
                         try await inspector.node("n2").get(keys.backup)?.flags == 3
                     }
@@ -162,6 +163,54 @@ struct BackupsTests {
                     #expect(manager.statistics.value(of: .backupsWrittenWithoutRead) == fast + 1)
                     #expect(try await inspector.node("n2").get(keys.backup)?.flags == 4)
                 }
+            }
+        }
+    }
+
+    /// Another instance's logout puts a tombstone where this instance's last backup write was:
+    /// its next backup write (a save that raced the logout) is not sent with the old CAS unique
+    /// blindly; it reads, finds the tombstone, and leaves it.
+    @Test func aTombstoneWrittenElsewhereStopsTheOneRoundTripBackupWrite() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers)
+            try await withManagers([config, config]) { managers in
+                let (a, b) = (managers[0], managers[1])
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await a.increment(&browser)
+                    try await a.increment(&browser)
+                    #expect(a.statistics.value(of: .backupsWrittenWithoutRead) == 1)
+                    let id = try #require(browser.id)
+                    let keys = a.keys(for: id.token)
+                    let backupNode = id.nodeID == "n1" ? "n2" : "n1"
+                    let stored = try #require(try await inspector.node(id.nodeID).get(keys.primary))
+                    var record = try BinarySessionCodec().decodeSession(from: stored.value)
+                    try await b.request(&browser) { access in try #require(try await access.load()).invalidate() }
+                    #expect(try await inspector.node(backupNode).get(keys.backup)?.flags == SessionManager.tombstoneFlags)
+                    record.metadata.version += 1
+                    await a.store.writeBackup(
+                        keys: keys, primaryNode: id.nodeID, bytes: stored.value, metadata: record.metadata, now: a.context.currentTimeMillis())
+                    #expect(a.statistics.value(of: .backupsWrittenWithoutRead) == 1)
+                    #expect(a.statistics.value(of: .backupsOutdated) == 1)
+                    #expect(try await inspector.node(backupNode).get(keys.backup)?.flags == SessionManager.tombstoneFlags)
+                }
+            }
+        }
+    }
+
+    /// Off (for proxies that keep connections across a restart behind them), every backup write
+    /// reads first.
+    @Test func theOneRoundTripBackupWriteCanBeTurnedOff() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers) { $0.reusesBackupCAS = false }
+            try await withManager(config) { manager in
+                var browser = Browser()
+                for count in 1...3 {
+                    let value = try await manager.increment(&browser)
+                    #expect(value == count)
+                }
+                #expect(manager.statistics.value(of: .backupsWrittenWithoutRead) == 0)
+                #expect(manager.statistics.value(of: .backupWrites) == 3)
             }
         }
     }
