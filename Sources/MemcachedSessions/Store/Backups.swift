@@ -13,7 +13,8 @@ extension SessionStore {
     /// would then be lost to a failover of the primary). In meta mode the write reads the backup's
     /// flags (its version) and CAS unique first (or, over this instance's own recent write of it,
     /// uses that write's CAS unique: see ``writeBackupInOrder(key:on:bytes:flags:ttl:nodeID:)``),
-    /// writes only over an older copy, with CAS, and never over a tombstone; text mode, which cannot read flags without the value, writes as is
+    /// writes only over an older copy, with CAS, and never over a tombstone; text mode, which
+    /// cannot read flags without the value, writes as is
     /// (documented).
     func writeBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
         guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
@@ -56,8 +57,8 @@ extension SessionStore {
     /// restarts, so the write goes only over a connection opened before the remembered write was
     /// sent (``Memcached/MemcachedRequest/connectionGenerationLimit``): a restart since closed it.
     /// (So do the rounds' CAS writes, over a connection opened before their read.) Not with
-    /// ``SessionManager/Configuration/reusesBackupCAS`` off, for stores or proxies that keep a client's connections
-    /// open across a restart of the memcached behind them.
+    /// ``SessionManager/Configuration/reusesBackupCAS`` off, for stores or proxies that keep a
+    /// client's connections open across a restart of the memcached behind them.
     func writeBackupInOrder(
         key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL,
         nodeID: String? = nil
