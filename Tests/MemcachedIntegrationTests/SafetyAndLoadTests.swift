@@ -1,6 +1,7 @@
 import Memcached
 import MemcachedTestRig
 import NIOCore
+import NIOPosix
 import Testing
 
 @Suite("Input safety and pipelining against a real memcached")
@@ -127,5 +128,46 @@ struct SafetyAndLoadTests {
                 #expect((Int(after.first { $0.name == "cmd_set" }?.value ?? "0") ?? 0) - readsBefore == 20)
             }
         }
+    }
+    /// Requests with a connection affinity keep to one connection each (their order holds), and
+    /// go to the first connection of an event loop: with one loop and two connections a node, they
+    /// all share the one connection a loop's other requests use, so they leave in the same writes.
+    /// With two loops they still spread over both.
+    @Test(arguments: [1, 2])
+    func affineRequestsUseOneConnectionPerEventLoop(loops: Int) async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: loops)
+        do {
+            try await withMemcachedServers(count: 1) { servers in
+                let opened = try await Self.totalConnections(servers[0])
+                var configuration = MemcachedClient.Configuration(
+                    nodes: [MemcachedNodeAddress(id: "n1", host: "127.0.0.1", port: servers[0].port)])
+                configuration.connectionsPerNode = 2
+                let client = try MemcachedClient(configuration: configuration, eventLoopGroup: group)
+                try await withThrowingTaskGroup(of: Void.self) { tasks in
+                    tasks.addTask { try await client.run() }
+                    defer { tasks.cancelAll() }
+                    for affinity in 0..<16 {
+                        var write = MemcachedRequest.store("k\(affinity)", value: ByteBuffer(string: "v"))
+                        write.connectionAffinity = affinity
+                        _ = try await client.execute(write)
+                    }
+                }
+                // One more for the connection that reads the count.
+                #expect(try await Self.totalConnections(servers[0]) - opened == loops + 1)
+            }
+        } catch {
+            try? await group.shutdownGracefully()
+            throw error
+        }
+        try await group.shutdownGracefully()
+    }
+
+    /// memcached's `total_connections` (this read's own connection included).
+    static func totalConnections(_ server: MemcachedServer) async throws -> Int {
+        var total = -1
+        try await withClient([server]) { client in
+            total = Int(try await client.node("n1").stats().first { $0.name == "total_connections" }?.value ?? "") ?? -1
+        }
+        return total
     }
 }

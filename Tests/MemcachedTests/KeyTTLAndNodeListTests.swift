@@ -22,6 +22,31 @@ struct KeyTTLAndNodeListTests {
         }
     }
 
+    /// The scan reads eight bytes at a time: every byte value at every offset of a word (and in
+    /// the tail after the last whole word) is judged as memcached's rule says, next to bytes that
+    /// could carry or borrow into it (0x00, 0x7F, 0x80, 0xFF).
+    @Test func everyByteValueAtEveryOffsetIsJudgedAsTheByteRuleSays() {
+        for length in [8, 16, 13] {
+            for offset in 0..<length {
+                for neighbour: UInt8 in [0x21, 0x7E, 0x80, 0xFF] {
+                    for value in 0...255 {
+                        var bytes = [UInt8](repeating: neighbour, count: length)
+                        bytes[offset] = UInt8(value)
+                        let expected = MemcachedKey.isForbidden(UInt8(value)) ? offset : nil
+                        let found = bytes.withUnsafeBytes { MemcachedKey.firstForbiddenByte(in: $0) }
+                        if found != expected {
+                            Issue.record("length \(length), byte 0x\(String(value, radix: 16)) at \(offset) among 0x\(String(neighbour, radix: 16)): \(String(describing: found))")
+                            return
+                        }
+                    }
+                }
+            }
+        }
+        // The first of several offenders is the one reported.
+        let bytes = Array("abcdefgh ijk\u{7F}lmnopq\r".utf8)
+        #expect(bytes.withUnsafeBytes { MemcachedKey.firstForbiddenByte(in: $0) } == 8)
+    }
+
     @Test(arguments: ["a", "user:42/session", String(repeating: "x", count: 250), "clé-ünïcode"])
     func validKeysPass(key: String) throws {
         try MemcachedKey.validate(key)

@@ -61,8 +61,12 @@ final class MemcachedNode: Sendable {
 
     /// Runs a validated request.
     func execute(_ request: MemcachedRequest, deadline: NIODeadline) async throws(MemcachedError) -> MemcachedResponse {
-        if let refusal = await refusal(of: request) { throw refusal }
-        if needsSplit([request]) { return try await executeBatch([request], deadline: deadline)[0].get() }
+        // Text mode's checks only in text mode: the usual request builds no array and makes no
+        // async call for them.
+        if textCapabilities != nil {
+            if let refusal = await refusal(of: request) { throw refusal }
+            if needsSplit([request]) { return try await executeBatch([request], deadline: deadline)[0].get() }
+        }
         guard health.isUp else {
             metrics.record(error: .nodeUnavailable)
             throw MemcachedError(code: .nodeUnavailable, message: "node is marked down after repeated failures", nodeID: id)
@@ -70,13 +74,18 @@ final class MemcachedNode: Sendable {
         let start = NIODeadline.now()
         let result: Result<MemcachedResponse, MemcachedError>
         do throws(MemcachedError) {
-            let connection = try await pool.connection(affinity: request.connectionAffinity)
-            if let refusal = generationRefusal([request], on: connection) { throw refusal }
+            let connection: MemcachedConnection
+            if let ready = pool.readyConnection(affinity: request.connectionAffinity) {
+                connection = ready
+            } else {
+                connection = try await pool.connection(affinity: request.connectionAffinity)
+            }
+            if let refusal = generationRefusal(request, on: connection) { throw refusal }
             var attempt = await connection.execute(request, deadline: deadline)
             if case .failure(let error) = attempt, error.wasNotSent {
                 // The connection closed under us before the request went out: once more on a new one.
                 let fresh = try await pool.connection(affinity: request.connectionAffinity, replacing: connection)
-                if let refusal = generationRefusal([request], on: fresh) { throw refusal }
+                if let refusal = generationRefusal(request, on: fresh) { throw refusal }
                 attempt = await fresh.execute(request, deadline: deadline)
             }
             result = attempt
@@ -197,7 +206,17 @@ final class MemcachedNode: Sendable {
     private func generationRefusal(_ requests: [MemcachedRequest], on connection: MemcachedConnection) -> MemcachedError? {
         let generation = connection.generation
         guard requests.contains(where: { $0.connectionGenerationLimit.map { generation > $0 } ?? false }) else { return nil }
-        return MemcachedError(
+        return generationRefusal()
+    }
+
+    /// One request's ``generationRefusal(_:on:)``, without building an array.
+    private func generationRefusal(_ request: borrowing MemcachedRequest, on connection: MemcachedConnection) -> MemcachedError? {
+        guard let limit = request.connectionGenerationLimit, connection.generation > limit else { return nil }
+        return generationRefusal()
+    }
+
+    private func generationRefusal() -> MemcachedError {
+        MemcachedError(
             code: .connectionChanged, message: "the connection was opened after the request's connection generation limit: not sent",
             nodeID: id)
     }
