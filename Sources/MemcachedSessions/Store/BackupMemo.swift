@@ -49,14 +49,19 @@ final class BackupMemo: Sendable {
         shards[Int(key.utf8.last ?? 0) % Self.shardCount]
     }
 
-    func record(_ key: String, node: String) {
+    /// Records a backup write or refresh of `key` on `node` now, and returns this instance's last
+    /// acknowledged write of it there if recent (``writtenLifetime``), in the same lookup.
+    @discardableResult
+    func record(_ key: String, node: String) -> Written? {
         let now = clock.now()
-        shard(key).withLock { entries in
+        return shard(key).withLock { entries in
             if entries.count >= limitPerShard, entries[key] == nil {
                 for stale in entries.keys.prefix(limitPerShard / 2) { entries[stale] = nil }
             }
             let written = entries[key].flatMap { $0.node == node ? $0.written : nil }
             entries[key] = Entry(node: node, at: now, written: written)
+            guard let written, now - written.at < Self.writtenLifetime else { return nil }
+            return written
         }
     }
 
@@ -69,17 +74,6 @@ final class BackupMemo: Sendable {
             }
             let at = entries[key].flatMap { $0.node == node ? $0.at : nil } ?? now
             entries[key] = Entry(node: node, at: at, written: Written(cas: cas, flags: flags, generation: generation, at: now))
-        }
-    }
-
-    /// This instance's last backup write of `key` on `node`, if recent (``writtenLifetime``).
-    func lastWrite(_ key: String, node: String) -> Written? {
-        let now = clock.now()
-        return shard(key).withLock { entries in
-            guard let entry = entries[key], entry.node == node, let written = entry.written,
-                now - written.at < Self.writtenLifetime
-            else { return nil }
-            return written
         }
     }
 

@@ -12,14 +12,14 @@ extension SessionStore {
     /// over different connections, and a slow one may land after a newer one (the newer backup
     /// would then be lost to a failover of the primary). In meta mode the write reads the backup's
     /// flags (its version) and CAS unique first (or, over this instance's own recent write of it,
-    /// uses that write's CAS unique: see ``writeBackupInOrder(key:on:bytes:flags:ttl:nodeID:)``),
+    /// uses that write's CAS unique: see ``writeBackupInOrder(key:on:bytes:flags:ttl:nodeID:lastWrite:)``),
     /// writes only over an older copy, with CAS, and never over a tombstone; text mode, which
     /// cannot read flags without the value, writes as is
     /// (documented).
     func writeBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
         guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
         let ttl = Self.backupTTL(metadata, now: now)
-        backupMemo.record(keys.backup, node: backupNode)
+        let lastWrite = backupMemo.record(keys.backup, node: backupNode)
         statistics.count(.backupWrites)
         guard configuration.memcached.protocolMode == .meta else {
             countRoundTrip()
@@ -35,7 +35,9 @@ extension SessionStore {
         // The backup's end in wall time: a write retried later keeps it (a backup lives as long
         // as its session may, never longer: the idle-expiry check relies on it).
         let expiresAt = Self.backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
-        if await !writeBackupInOrder(key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl, nodeID: backupNode) {
+        if await !writeBackupInOrder(
+            key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl, nodeID: backupNode, lastWrite: lastWrite)
+        {
             // Written once the node answers again (a frozen backup node must not leave the
             // session with an old backup only).
             leaveForLater(.backup(bytes: bytes, flags: flags, expiresAt: expiresAt), key: keys.backup, on: backupNode)
@@ -47,8 +49,9 @@ extension SessionStore {
     /// tried), each bounded by the request timeout. Returns
     /// false when the node did not answer (the write is to be tried again).
     ///
-    /// With `nodeID` (the node's id), a write over this instance's own last backup write of the
-    /// session there, recent and older than this one, goes first as one conditional write with
+    /// With `nodeID` (the node's id) and `lastWrite` (this instance's own last backup write of the
+    /// session there, if recent: ``BackupMemo/record(_:node:)``), a write over it, when older than
+    /// this one, goes first as one conditional write with
     /// that write's CAS unique, without the read: it lands only if the backup is still exactly
     /// what this instance wrote, so it is in order as the read-then-write is. Anything else
     /// (another instance wrote since, a tombstone, no copy) fails it, and the rounds of read and
@@ -61,7 +64,7 @@ extension SessionStore {
     /// client's connections open across a restart of the memcached behind them.
     func writeBackupInOrder(
         key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL,
-        nodeID: String? = nil
+        nodeID: String? = nil, lastWrite: BackupMemo.Written? = nil
     ) async -> Bool {
         let affinity = Self.affinity(of: key)
         func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
@@ -89,7 +92,7 @@ extension SessionStore {
             guard let nodeID, let generation, case .success(.stored(.stored(let cas?))) = result, cas != 0 else { return }
             backupMemo.wrote(key, node: nodeID, cas: cas, flags: flags, generation: generation)
         }
-        if let nodeID, configuration.reusesBackupCAS, let last = backupMemo.lastWrite(key, node: nodeID), last.flags < flags {
+        if nodeID != nil, configuration.reusesBackupCAS, let last = lastWrite, last.flags < flags {
             let generation = node.connectionGeneration
             var write = MemcachedRequest.store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: last.cas)
             write.connectionGenerationLimit = last.generation
