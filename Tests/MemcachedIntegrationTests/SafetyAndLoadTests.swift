@@ -1,4 +1,4 @@
-import Memcached
+@testable import Memcached
 import MemcachedTestRig
 import NIOCore
 import NIOPosix
@@ -129,10 +129,11 @@ struct SafetyAndLoadTests {
             }
         }
     }
+
     /// Requests with a connection affinity keep to one connection each (their order holds), and
     /// go to the first connection of an event loop: with one loop and two connections a node, they
     /// all share the one connection a loop's other requests use, so they leave in the same writes.
-    /// With two loops they still spread over both.
+    /// With two loops they still spread over both (one connection each).
     @Test(arguments: [1, 2])
     func affineRequestsUseOneConnectionPerEventLoop(loops: Int) async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: loops)
@@ -150,6 +151,21 @@ struct SafetyAndLoadTests {
                         var write = MemcachedRequest.store("k\(affinity)", value: ByteBuffer(string: "v"))
                         write.connectionAffinity = affinity
                         _ = try await client.execute(write)
+                    }
+                    // The same affinity, the same connection, every time.
+                    let pool = client.nodes[0].pool
+                    for affinity in 0..<16 {
+                        let first = try await pool.connection(affinity: affinity)
+                        for _ in 0..<3 { #expect(try await pool.connection(affinity: affinity) === first) }
+                    }
+                    // From the event loop, a request without affinity takes the loop's connection,
+                    // the one every affine request takes when there is one loop.
+                    if loops == 1 {
+                        let shared = try await group.next().submit {
+                            let plain = pool.readyConnection(pool.choose(affinity: nil))
+                            return plain != nil && (0..<16).allSatisfy { pool.readyConnection(pool.choose(affinity: $0)) === plain }
+                        }.get()
+                        #expect(shared)
                     }
                 }
                 // One more for the connection that reads the count.

@@ -23,8 +23,8 @@ struct KeyTTLAndNodeListTests {
     }
 
     /// The scan reads eight bytes at a time: every byte value at every offset of a word (and in
-    /// the tail after the last whole word) is judged as memcached's rule says, next to bytes that
-    /// could carry or borrow into it (0x00, 0x7F, 0x80, 0xFF).
+    /// the tail after the last whole word) is judged as memcached's rule says, among allowed bytes
+    /// at the edges of the ranges the word arithmetic tests (0x21, 0x7E, 0x80, 0xFF).
     @Test func everyByteValueAtEveryOffsetIsJudgedAsTheByteRuleSays() {
         for length in [8, 16, 13] {
             for offset in 0..<length {

@@ -74,11 +74,12 @@ final class MemcachedNode: Sendable {
         let start = NIODeadline.now()
         let result: Result<MemcachedResponse, MemcachedError>
         do throws(MemcachedError) {
+            let choice = pool.choose(affinity: request.connectionAffinity)
             let connection: MemcachedConnection
-            if let ready = pool.readyConnection(affinity: request.connectionAffinity) {
+            if let ready = pool.readyConnection(choice) {
                 connection = ready
             } else {
-                connection = try await pool.connection(affinity: request.connectionAffinity)
+                connection = try await pool.connection(choice)
             }
             if let refusal = generationRefusal(request, on: connection) { throw refusal }
             var attempt = await connection.execute(request, deadline: deadline)
