@@ -26,7 +26,12 @@ extension MemcachedClient {
         public var keyEncoding: MemcachedKeyEncoding = .plain
         /// How keys are spread over the nodes.
         public var keyDistribution: KeyDistribution = .ketama
-        /// Pipelined connections per node (each carries many requests at once).
+        /// Pipelined connections per node (each carries many requests at once), opened on demand
+        /// and spread over the event loop group's loops. A request made on an event loop goes over
+        /// that loop's first connection to the node, one with a ``MemcachedRequest/connectionAffinity``
+        /// over the first connection of the loop its affinity picks, any other in turn. So a client
+        /// whose requests all come from its event loops uses one connection a node per loop, and the
+        /// requests of one loop tick leave in one write.
         public var connectionsPerNode: Int = 2
         /// How long a connection attempt may take.
         public var connectTimeout: Duration = .seconds(1)

@@ -138,7 +138,9 @@ public struct MemcachedRequest: Sendable {
     /// deadline.
     public var honorsCancellation = true
     /// Requests with the same affinity go over the same connection of a node, so they reach the
-    /// server in the order they were sent (different connections may overtake each other).
+    /// server in the order they were sent (different connections may overtake each other): the
+    /// first connection of the event loop the affinity picks (see
+    /// ``MemcachedClient/Configuration/connectionsPerNode``).
     public var connectionAffinity: Int?
     /// The request may wait up to the client's ``MemcachedClient/Configuration/coalescingWindow``
     /// before it is written, so that it leaves in one write with other requests: for writes whose
