@@ -139,7 +139,7 @@ struct SafetyAndLoadTests {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: loops)
         do {
             try await withMemcachedServers(count: 1) { servers in
-                let opened = try await Self.totalConnections(servers[0])
+                let opened = try await TLSTests.connections(servers[0], tls: nil)
                 var configuration = MemcachedClient.Configuration(
                     nodes: [MemcachedNodeAddress(id: "n1", host: "127.0.0.1", port: servers[0].port)])
                 configuration.connectionsPerNode = 2
@@ -169,21 +169,12 @@ struct SafetyAndLoadTests {
                     }
                 }
                 // One more for the connection that reads the count.
-                #expect(try await Self.totalConnections(servers[0]) - opened == loops + 1)
+                #expect(try await TLSTests.connections(servers[0], tls: nil) - opened == loops + 1)
             }
         } catch {
             try? await group.shutdownGracefully()
             throw error
         }
         try await group.shutdownGracefully()
-    }
-
-    /// memcached's `total_connections` (this read's own connection included).
-    static func totalConnections(_ server: MemcachedServer) async throws -> Int {
-        var total = -1
-        try await withClient([server]) { client in
-            total = Int(try await client.node("n1").stats().first { $0.name == "total_connections" }?.value ?? "") ?? -1
-        }
-        return total
     }
 }
