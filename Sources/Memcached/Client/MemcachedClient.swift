@@ -287,6 +287,16 @@ public struct MemcachedNodeClient: MemcachedNodeCommandRunner {
     }
 
     public func executeBatch(_ requests: [MemcachedRequest]) async -> [Result<MemcachedResponse, MemcachedError>] {
+        if requests.count == 1 {
+            // One request (the session layer's backups and checks): the single request's path,
+            // which builds no batch (no collector, no index map) and takes an open connection
+            // without an async call. Same outcome: one connection, one retry if not sent.
+            do throws(MemcachedError) {
+                return [.success(try await execute(requests[0]))]
+            } catch {
+                return [.failure(error)]
+            }
+        }
         var prepared: [MemcachedRequest] = []
         prepared.reserveCapacity(requests.count)
         var failures: [Int: MemcachedError] = [:]

@@ -42,14 +42,16 @@ final class MemcachedConnection: Sendable {
         enum Waiter: Sendable {
             case continuation(UnsafeContinuation<Result<MemcachedResponse, MemcachedError>, Never>)
             case callback(@Sendable (Result<MemcachedResponse, MemcachedError>) -> Void)
-        }
 
-        var context: RequestContext {
-            switch waiter {
-            case .continuation(let continuation): .continuation(continuation)
-            case .callback(let callback): .callback(callback)
+            var context: RequestContext {
+                switch self {
+                case .continuation(let continuation): .continuation(continuation)
+                case .callback(let callback): .callback(callback)
+                }
             }
         }
+
+        var context: RequestContext { waiter.context }
     }
 
     var eventLoop: any EventLoop { channel.eventLoop }
@@ -174,12 +176,14 @@ final class MemcachedConnection: Sendable {
 
     /// Hands a request to the channel handler: at once on the event loop (after whatever is queued,
     /// to keep the order), else through the submission queue.
-    private func enqueue(_ submission: Submission) {
+    private func enqueue(_ request: MemcachedRequest, id: UInt64, deadline: NIODeadline, waiter: Submission.Waiter) {
         if eventLoop.inEventLoop {
+            // Straight to the handler: no submission built (a copy of the request fewer).
             drain()
-            handler.value.submit(submission.request, id: submission.id, deadline: submission.deadline, context: submission.context)
+            handler.value.submit(request, id: id, deadline: deadline, context: waiter.context)
             return
         }
+        let submission = Submission(request: request, id: id, deadline: deadline, waiter: waiter)
         let wake = submissions.withLock { submissions in
             submissions.queue.append(submission)
             guard !submissions.drainScheduled else { return false }
@@ -215,13 +219,13 @@ final class MemcachedConnection: Sendable {
         let handler = self.handler
         guard request.honorsCancellation else {
             return await withUnsafeContinuation { continuation in
-                enqueue(Submission(request: request, id: id, deadline: deadline, waiter: .continuation(continuation)))
+                enqueue(request, id: id, deadline: deadline, waiter: .continuation(continuation))
             }
         }
         return await withTaskCancellationHandler {
             if Task.isCancelled { return .failure(MemcachedError.cancelledError) }
             return await withUnsafeContinuation { continuation in
-                enqueue(Submission(request: request, id: id, deadline: deadline, waiter: .continuation(continuation)))
+                enqueue(request, id: id, deadline: deadline, waiter: .continuation(continuation))
             }
         } onCancel: {
             // Whatever is queued is submitted first, so the cancellation finds the request (unless
@@ -278,7 +282,7 @@ final class MemcachedConnection: Sendable {
         completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void
     ) {
         let id = requestIDs.loadThenWrappingIncrement(ordering: .relaxed)
-        enqueue(Submission(request: request, id: id, deadline: deadline, waiter: .callback(completion)))
+        enqueue(request, id: id, deadline: deadline, waiter: .callback(completion))
     }
 
     /// Closes after the requests in flight are answered or time out.

@@ -75,12 +75,7 @@ final class MemcachedNode: Sendable {
         let result: Result<MemcachedResponse, MemcachedError>
         do throws(MemcachedError) {
             let choice = pool.choose(affinity: request.connectionAffinity)
-            let connection: MemcachedConnection
-            if let ready = pool.readyConnection(choice) {
-                connection = ready
-            } else {
-                connection = try await pool.connection(choice)
-            }
+            let connection = if let ready = pool.readyConnection(choice) { ready } else { try await pool.connection(choice) }
             if let refusal = generationRefusal(request, on: connection) { throw refusal }
             var attempt = await connection.execute(request, deadline: deadline)
             if case .failure(let error) = attempt, error.wasNotSent {
@@ -125,7 +120,8 @@ final class MemcachedNode: Sendable {
         let start = NIODeadline.now()
         let results: [Result<MemcachedResponse, MemcachedError>]
         do throws(MemcachedError) {
-            let connection = try await pool.connection(affinity: requests.first?.connectionAffinity)
+            let choice = pool.choose(affinity: requests.first?.connectionAffinity)
+            let connection = if let ready = pool.readyConnection(choice) { ready } else { try await pool.connection(choice) }
             if let refusal = generationRefusal(requests, on: connection) { throw refusal }
             var attempt = await connection.executeBatch(requests, deadline: deadline)
             if !attempt.isEmpty, attempt.allSatisfy({ if case .failure(let error) = $0 { error.wasNotSent } else { false } }) {
@@ -148,14 +144,16 @@ final class MemcachedNode: Sendable {
         _ request: MemcachedRequest, deadline: NIODeadline,
         completion: @escaping @Sendable (Result<MemcachedResponse, MemcachedError>) -> Void
     ) async {
-        if let refusal = await refusal(of: request) {
-            completion(.failure(refusal))
-            return
-        }
-        if needsSplit([request]) {
-            // The read and the touch in one write; the completion waits for both.
-            Task { completion(await self.executeBatch([request], deadline: deadline)[0]) }
-            return
+        if textCapabilities != nil {
+            if let refusal = await refusal(of: request) {
+                completion(.failure(refusal))
+                return
+            }
+            if needsSplit([request]) {
+                // The read and the touch in one write; the completion waits for both.
+                Task { completion(await self.executeBatch([request], deadline: deadline)[0]) }
+                return
+            }
         }
         guard health.isUp else {
             metrics.record(error: .nodeUnavailable)
@@ -164,8 +162,9 @@ final class MemcachedNode: Sendable {
         }
         let start = NIODeadline.now()
         do throws(MemcachedError) {
-            let connection = try await pool.connection(affinity: request.connectionAffinity)
-            if let refusal = generationRefusal([request], on: connection) { throw refusal }
+            let choice = pool.choose(affinity: request.connectionAffinity)
+            let connection = if let ready = pool.readyConnection(choice) { ready } else { try await pool.connection(choice) }
+            if let refusal = generationRefusal(request, on: connection) { throw refusal }
             connection.submit(request, deadline: deadline) { result in
                 // Rare (the connection closed under us before the request went out): once more on
                 // a new connection, from a task since this runs on the event loop. Not a request
@@ -190,7 +189,7 @@ final class MemcachedNode: Sendable {
     ) async {
         do throws(MemcachedError) {
             let connection = try await pool.connection(affinity: request.connectionAffinity, replacing: stale)
-            if let refusal = generationRefusal([request], on: connection) { throw refusal }
+            if let refusal = generationRefusal(request, on: connection) { throw refusal }
             connection.submit(request, deadline: deadline) { result in completion(self.finish(result, start: start)) }
         } catch where error.code == .connectionChanged {
             completion(.failure(error))  // not sent

@@ -106,32 +106,50 @@ public struct SessionCookie: Sendable, Hashable {
     /// The value of this cookie in a `Cookie` header (`a=1; SESSION_ID=...; b=2`), if present.
     /// The first occurrence wins (browsers send the most specific path first).
     public func value(inCookieHeader header: String) -> Substring? {
+        // A native string's bytes are scanned in place (every request does this); a bridged one
+        // (no contiguous UTF-8) by its view's indices, the same rule.
+        if let range = header.utf8.withContiguousStorageIfAvailable({ Self.valueRange(in: $0, nameEquals: nameEquals) }) {
+            guard let range else { return nil }
+            let utf8 = header.utf8
+            let lower = utf8.index(utf8.startIndex, offsetBy: range.lowerBound)
+            let upper = utf8.index(lower, offsetBy: range.count)
+            return header[lower..<upper]
+        }
+        let bytes = Array(header.utf8)
+        guard let range = bytes.withUnsafeBufferPointer({ Self.valueRange(in: $0, nameEquals: nameEquals) }) else { return nil }
         let utf8 = header.utf8
-        let pattern = nameEquals
-        var index = utf8.startIndex
-        while index < utf8.endIndex {
+        let lower = utf8.index(utf8.startIndex, offsetBy: range.lowerBound)
+        return header[lower..<utf8.index(lower, offsetBy: range.count)]
+    }
+
+    /// The byte offsets of the cookie's value in a `Cookie` header: after `name=`, up to the next
+    /// `;`, trailing spaces dropped, one pair of surrounding double quotes dropped.
+    static func valueRange(in bytes: UnsafeBufferPointer<UInt8>, nameEquals pattern: [UInt8]) -> Range<Int>? {
+        let count = bytes.count
+        var index = 0
+        while index < count {
             // Skip separators and whitespace before a cookie pair.
-            while index < utf8.endIndex,
-                utf8[index] == UInt8(ascii: " ") || utf8[index] == UInt8(ascii: ";") || utf8[index] == UInt8(ascii: ",")
-            {
-                index = utf8.index(after: index)
+            while index < count, bytes[index] == UInt8(ascii: " ") || bytes[index] == UInt8(ascii: ";") || bytes[index] == UInt8(ascii: ",") {
+                index += 1
             }
-            guard index < utf8.endIndex else { break }
+            guard index < count else { break }
             var probe = index
             var matched = 0
-            while matched < pattern.count, probe < utf8.endIndex, utf8[probe] == pattern[matched] {
-                probe = utf8.index(after: probe)
+            while matched < pattern.count, probe < count, bytes[probe] == pattern[matched] {
+                probe += 1
                 matched += 1
             }
             var end = index
-            while end < utf8.endIndex, utf8[end] != UInt8(ascii: ";") {
-                end = utf8.index(after: end)
-            }
+            while end < count, bytes[end] != UInt8(ascii: ";") { end += 1 }
             if matched == pattern.count {
-                var value = header[probe..<end]
-                while value.last == " " { value = value.dropLast() }
-                if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2 { value = value.dropFirst().dropLast() }
-                return value
+                var upper = end
+                while upper > probe, bytes[upper - 1] == UInt8(ascii: " ") { upper -= 1 }
+                var lower = probe
+                if upper - lower >= 2, bytes[lower] == UInt8(ascii: "\""), bytes[upper - 1] == UInt8(ascii: "\"") {
+                    lower += 1
+                    upper -= 1
+                }
+                return lower..<upper
             }
             index = end
         }

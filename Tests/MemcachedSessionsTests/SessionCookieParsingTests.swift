@@ -1,0 +1,81 @@
+import Testing
+
+@testable import MemcachedSessions
+
+@Suite struct SessionCookieParsingTests {
+    let cookie = SessionCookie.default
+
+    @Test(arguments: [
+        ("SESSION_ID=abc", "abc"),
+        ("a=1; SESSION_ID=abc; b=2", "abc"),
+        ("a=1;SESSION_ID=abc", "abc"),
+        ("SESSION_ID=first; SESSION_ID=second", "first"),
+        ("SESSION_ID=\"quoted\"", "quoted"),
+        ("SESSION_ID=\"", "\""),
+        ("SESSION_ID=abc   ; b=2", "abc"),
+        ("SESSION_ID=", ""),
+        ("  ,; SESSION_ID=x", "x"),
+        ("XSESSION_ID=no; SESSION_ID=yes", "yes"),
+        ("a=SESSION_ID=no; SESSION_ID=yes", "yes"),
+        ("é=ü; SESSION_ID=v", "v"),
+    ])
+    func findsTheValue(header: String, expected: String) {
+        #expect(cookie.value(inCookieHeader: header).map(String.init) == expected)
+    }
+
+    @Test(arguments: ["", "a=1; b=2", "SESSION_I=x", "SESSION_ID", "session_id=x", "; ; ,"])
+    func findsNothing(header: String) {
+        #expect(cookie.value(inCookieHeader: header) == nil)
+    }
+
+    /// The byte scan against the rule as first written on the string's UTF-8 view (kept here as
+    /// the oracle), over every header of up to four pieces built from the bytes that matter.
+    @Test func agreesWithTheViewBasedRuleOnEveryShortHeader() {
+        let pieces = ["SESSION_ID", "=", ";", " ", ",", "\"", "a", "é", "SESSION_ID=", "x1", "\"v\""]
+        var headers = [""]
+        var last = [""]
+        for _ in 0..<4 {
+            last = last.flatMap { prefix in pieces.map { prefix + $0 } }
+            headers += last
+        }
+        #expect(headers.count == 1 + 11 + 121 + 1331 + 14641)
+        for header in headers {
+            let expected = Self.reference(header, name: "SESSION_ID")
+            let found = cookie.value(inCookieHeader: header)
+            #expect(found.map(String.init) == expected.map(String.init), "header \(header.debugDescription)")
+            if let found, let expected { #expect(found.startIndex == expected.startIndex && found.endIndex == expected.endIndex) }
+        }
+    }
+
+    static func reference(_ header: String, name: String) -> Substring? {
+        let utf8 = header.utf8
+        let pattern = Array((name + "=").utf8)
+        var index = utf8.startIndex
+        while index < utf8.endIndex {
+            while index < utf8.endIndex,
+                utf8[index] == UInt8(ascii: " ") || utf8[index] == UInt8(ascii: ";") || utf8[index] == UInt8(ascii: ",")
+            {
+                index = utf8.index(after: index)
+            }
+            guard index < utf8.endIndex else { break }
+            var probe = index
+            var matched = 0
+            while matched < pattern.count, probe < utf8.endIndex, utf8[probe] == pattern[matched] {
+                probe = utf8.index(after: probe)
+                matched += 1
+            }
+            var end = index
+            while end < utf8.endIndex, utf8[end] != UInt8(ascii: ";") {
+                end = utf8.index(after: end)
+            }
+            if matched == pattern.count {
+                var value = header[probe..<end]
+                while value.last == " " { value = value.dropLast() }
+                if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2 { value = value.dropFirst().dropLast() }
+                return value
+            }
+            index = end
+        }
+        return nil
+    }
+}
