@@ -226,6 +226,31 @@ struct FaultTests {
         }
     }
 
+    /// Requests refused before sending (invalid keys), alone or in batches, reach no connection:
+    /// with eight slots a node and round robin, a refused batch that chose a slot would open it.
+    @Test func refusedBatchesOpenNoConnection() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            try await withClient(servers, configure: { $0.connectionsPerNode = 8 }) { client in
+                let node = try client.node("n1")
+                func opened() async throws -> Int {
+                    Int(try await node.stats().first { $0.name == "total_connections" }?.value ?? "") ?? -1
+                }
+                try await client.set("k", value: bytes("v"))
+                let before = try await opened()
+                for _ in 0..<8 {
+                    let one = await node.executeBatch([.get("bad key")])
+                    let two = await node.executeBatch([.get("bad key"), .get("bad\r\nkey")])
+                    #expect(one.count == 1 && two.count == 2)
+                    #expect(one.allSatisfy { if case .failure = $0 { true } else { false } })
+                    #expect(two.allSatisfy { if case .failure = $0 { true } else { false } })
+                }
+                // At most the one the second stats request opens (round robin's next slot).
+                let after = try await opened()
+                #expect(after - before <= 1, "connections opened meanwhile: \(after - before)")
+            }
+        }
+    }
+
     @Test func requestsThatIgnoreCancellationCompleteInACancelledTask() async throws {
         try await withMemcachedServers(count: 1) { servers in
             try await withClient(servers) { client in

@@ -307,6 +307,9 @@ public struct MemcachedNodeClient: MemcachedNodeCommandRunner {
                 failures[index] = error
             }
         }
+        // Every request refused before sending: nothing reaches the node (no connection chosen
+        // or opened, no span, no metric).
+        if prepared.isEmpty { return requests.indices.map { .failure(failures[$0] ?? .connectionClosed()) } }
         let deadline = client.deadline(for: prepared.first ?? .noop)
         let node = self.node
         var replies = await client.configuration.tracing.traced(prepared, node: node.id) {

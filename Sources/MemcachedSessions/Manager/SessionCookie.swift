@@ -104,7 +104,10 @@ public struct SessionCookie: Sendable, Hashable {
     }
 
     /// The value of this cookie in a `Cookie` header (`a=1; SESSION_ID=...; b=2`), if present.
-    /// The first occurrence wins (browsers send the most specific path first).
+    /// The first occurrence wins (browsers send the most specific path first). Judged on the
+    /// header's bytes, as RFC 6265 defines cookies (octets): trailing spaces are dropped, then one
+    /// pair of surrounding `"` bytes, whatever follows them (a combining mark after a quote does
+    /// not make it another character here).
     public func value(inCookieHeader header: String) -> Substring? {
         // A native string's bytes are scanned in place (every request does this); a bridged one
         // (no contiguous UTF-8) by its view's indices, the same rule.
