@@ -62,22 +62,40 @@ struct EncoderTests {
         #expect(encode(.touch("k", ttl: .duration(.milliseconds(1500))), .text).0 == "touch k 2\r\n")
     }
 
+    /// Every digit count at both its ends and beside them (each power of ten, less one, plus one),
+    /// every two-digit tail, and the extremes: the writer's digit count and its two-digits-a-step
+    /// loop against `String(_:)`.
+    static let decimalEdges: [UInt64] = {
+        var values: [UInt64] = Array(0...1_000) + [12345, UInt64(UInt32.max), UInt64.max, UInt64.max - 1]
+        var power: UInt64 = 1
+        for _ in 0..<19 {
+            power *= 10
+            values += [power - 1, power, power + 1, power + 99, power / 10 * 9 + 5]
+        }
+        return values
+    }()
+
     @Test func decimalWriterCoversTheRange() {
-        for value: UInt64 in [0, 1, 9, 10, 99, 100, 12345, UInt64(UInt32.max), UInt64.max] {
+        for value in Self.decimalEdges {
             var buffer = ByteBuffer()
             buffer.writeDecimal(value)
             #expect(String(buffer: buffer) == String(value))
+            if value <= UInt64(Int64.max) {
+                var negative = ByteBuffer()
+                negative.writeDecimal(-Int64(value))
+                #expect(String(buffer: negative) == String(-Int64(value)))
+            }
         }
-        var negative = ByteBuffer()
-        negative.writeDecimal(Int64(-1))
-        #expect(String(buffer: negative) == "-1")
+        var minimum = ByteBuffer()
+        minimum.writeDecimal(Int64.min)
+        #expect(String(buffer: minimum) == String(Int64.min))
     }
 
     @Test func commandWriterCoversTheRange() {
-        for value: UInt64 in [0, 1, 9, 10, 99, 100, 12345, UInt64(UInt32.max), UInt64.max] {
-            var buffer = ByteBuffer()
+        for value in Self.decimalEdges {
+            var buffer = ByteBuffer(string: "x")
             buffer.writeLine(reserving: 20) { $0.appendDecimal(value) }
-            #expect(String(buffer: buffer) == String(value))
+            #expect(String(buffer: buffer) == "x" + String(value))
         }
         var negative = ByteBuffer()
         negative.writeLine(reserving: 20) { $0.appendDecimal(Int64.min) }

@@ -308,21 +308,48 @@ struct CommandLineWriter: ~Copyable {
             appendByte(UInt8(truncatingIfNeeded: value) &+ 48)
             return
         }
-        var digits = 0
-        var rest = value
-        while rest > 0 {
-            digits += 1
-            rest /= 10
-        }
+        let digits = Self.decimalDigits(value)
         precondition(digits <= base.count - count, "memcached command larger than its reservation")
-        rest = value
+        // Two digits a division, from the end (values here are lengths, TTLs, opaques and CAS
+        // uniques: up to 20 digits).
+        var rest = value
         var index = count + digits
-        while rest > 0 {
+        let pairs = Self.digitPairs.utf8Start
+        while rest >= 100 {
+            let pair = Int(truncatingIfNeeded: rest % 100) &* 2  // within the 200 bytes
+            rest /= 100
+            index -= 2
+            base[index] = pairs[pair]
+            base[index + 1] = pairs[pair + 1]
+        }
+        if rest >= 10 {
+            let pair = Int(truncatingIfNeeded: rest) &* 2
+            index -= 2
+            base[index] = pairs[pair]
+            base[index + 1] = pairs[pair + 1]
+        } else {
             index -= 1
-            base[index] = UInt8(truncatingIfNeeded: rest % 10) &+ 48
-            rest /= 10
+            base[index] = UInt8(truncatingIfNeeded: rest) &+ 48
         }
         count += digits
+    }
+
+    /// How many decimal digits `value` has (1 to 20).
+    @inline(__always)
+    static func decimalDigits(_ value: UInt64) -> Int {
+        var digits = 1
+        var threshold: UInt64 = 10
+        while digits < 20, value >= threshold {
+            digits += 1
+            threshold &*= 10
+        }
+        return digits
+    }
+
+    /// "00", "01", ... "99": the two ASCII digits of every number below 100 (a literal in the
+    /// binary: no lazy global, no array).
+    private static var digitPairs: StaticString {
+        "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899"
     }
 
     /// ` [q] O<opaque>\r\n`, the tail of every meta command line we send.
@@ -348,33 +375,16 @@ extension ByteBuffer {
         }
     }
 
-    /// Writes a decimal number without going through `String` (this runs for every request).
+    /// Writes a decimal number without going through `String`: the same writer as the meta
+    /// commands' (``CommandLineWriter/appendDecimal(_:)-(Int64)``), for the text commands and the
+    /// session codec.
     @inline(__always)
-    mutating func writeDecimal(_ value: Int64) {
-        if value < 0 {
-            writeInteger(UInt8(ascii: "-"))
-            writeDecimal(UInt64(bitPattern: 0 &- value))
-        } else {
-            writeDecimal(UInt64(value))
-        }
+    package mutating func writeDecimal(_ value: Int64) {
+        writeLine(reserving: 21) { $0.appendDecimal(value) }
     }
 
     @inline(__always)
-    mutating func writeDecimal(_ value: UInt64) {
-        if value < 10 {
-            writeInteger(UInt8(truncatingIfNeeded: value) &+ 48)
-            return
-        }
-        // UInt64.max has 20 digits: fill a stack buffer from the end, then copy once.
-        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { digits in
-            var index = 20
-            var rest = value
-            while rest > 0 {
-                index -= 1
-                digits[index] = UInt8(truncatingIfNeeded: rest % 10) &+ 48
-                rest /= 10
-            }
-            writeBytes(UnsafeRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(digits)[index..<20]))
-        }
+    package mutating func writeDecimal(_ value: UInt64) {
+        writeLine(reserving: 20) { $0.appendDecimal(value) }
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import Memcached
 import NIOCore
 
 /// Why bytes could not be turned into a session or a value (or back).
@@ -178,25 +179,7 @@ public enum JSONValueCoding {
     }
 
     static func writeDecimal(_ value: Int, into buffer: inout ByteBuffer) {
-        if value == 0 {
-            buffer.writeInteger(UInt8(ascii: "0"))
-            return
-        }
-        var magnitude = value.magnitude
-        var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // 24 bytes of scratch, no allocation
-        var count = 0
-        withUnsafeMutableBytes(of: &digits) { scratch in
-            while magnitude > 0 {
-                scratch[23 - count] = UInt8(ascii: "0") + UInt8(magnitude % 10)
-                magnitude /= 10
-                count += 1
-            }
-            if value < 0 {
-                scratch[23 - count] = UInt8(ascii: "-")
-                count += 1
-            }
-            buffer.writeBytes(UnsafeRawBufferPointer(rebasing: scratch[(24 - count)...]))
-        }
+        buffer.writeDecimal(Int64(value))  // the memcached encoder's writer
     }
 
     /// A plain JSON integer (`-?[0-9]+`, no leading `+`, fits in Int).
