@@ -376,7 +376,7 @@ extension ByteBuffer {
     }
 
     /// Writes a decimal number without going through `String`: the same writer as the meta
-    /// commands' (``CommandLineWriter/appendDecimal(_:)-(Int64)``), for the text commands and the
+    /// commands' (`CommandLineWriter.appendDecimal`), for the text commands and the
     /// session codec.
     @inline(__always)
     package mutating func writeDecimal(_ value: Int64) {
