@@ -213,7 +213,10 @@ struct FaultTests {
                 // A batch refused whole before sending (invalid keys) leaves the connections be:
                 // none closed, none opened in their place. One request or several.
                 let node = try client.node("n1")
-                func opened() async throws -> String? { try await node.stats().first { $0.name == "total_connections" }?.value }
+                func opened() async throws -> Int {
+                    let value = try #require(try await node.stats().first { $0.name == "total_connections" }?.value)
+                    return try #require(Int(value))
+                }
                 for _ in 0..<8 { _ = try await opened() }  // every slot of the pool open by now
                 let current = try await pool.connection()
                 let before = try await opened()
@@ -233,7 +236,8 @@ struct FaultTests {
             try await withClient(servers, configure: { $0.connectionsPerNode = 8 }) { client in
                 let node = try client.node("n1")
                 func opened() async throws -> Int {
-                    Int(try await node.stats().first { $0.name == "total_connections" }?.value ?? "") ?? -1
+                    let value = try #require(try await node.stats().first { $0.name == "total_connections" }?.value)
+                    return try #require(Int(value))
                 }
                 try await client.set("k", value: bytes("v"))
                 let before = try await opened()

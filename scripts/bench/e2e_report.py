@@ -99,6 +99,6 @@ out.append("```")
 for line in open(commands_path):
     label, command = line.rstrip("\n").split("|", 1)
     out.append(f"{label}: {command}")
-out.append(f"wrk: taskset -c 1 wrk -t8 -c8 -d15s --latency -s {shared}/lua/session-counter.lua http://127.0.0.1:PORT/ -- ENDPOINT 100 0")
+out.append(f"wrk: taskset -c 1 wrk -t8 -c8 -d{os.environ.get('DURATION', '15')}s --latency -s {shared}/lua/session-counter.lua http://127.0.0.1:PORT/ -- ENDPOINT 100 0")
 out.append("```")
 print("\n".join(out))

@@ -145,7 +145,7 @@ public enum JSONValueCoding {
     public static func encode<Value: Encodable>(_ value: Value) throws(SessionCodecError) -> ByteBuffer {
         if let int = value as? Int {
             var buffer = ByteBuffer()
-            buffer.reserveCapacity(20)
+            buffer.reserveCapacity(21)  // Int.min: 20 digits and a sign
             writeDecimal(int, into: &buffer)
             return buffer
         }
