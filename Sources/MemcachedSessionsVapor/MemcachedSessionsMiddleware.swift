@@ -47,9 +47,11 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
         if let healthPath, path == healthPath, request.method == .GET || request.method == .HEAD {
             return Self.healthResponse(manager, head: request.method == .HEAD)
         }
+        // Every `Cookie` header: the first alone could miss the session cookie.
+        let sessionCookie = cookie.value(inCookieHeaders: request.headers[.cookie])
         do {
             let (response, setCookie) = try await manager.serveRequest(
-                path: path, cookieHeader: request.headers.first(name: .cookie), cookie: cookie,
+                path: path, sessionCookie: sessionCookie, cookie: cookie,
                 eventLoop: runsOnRequestEventLoop ? request.eventLoop : nil
             ) { access in
                 if let access { request.storage[SessionAccessKey.self] = access }

@@ -213,18 +213,14 @@ struct FaultTests {
                 // A batch refused whole before sending (invalid keys) leaves the connections be:
                 // none closed, none opened in their place. One request or several.
                 let node = try client.node("n1")
-                func opened() async throws -> Int {
-                    let value = try #require(try await node.stats().first { $0.name == "total_connections" }?.value)
-                    return try #require(Int(value))
-                }
-                for _ in 0..<8 { _ = try await opened() }  // every slot of the pool open by now
+                for _ in 0..<8 { _ = try await totalConnections(node) }  // every slot of the pool open by now
                 let current = try await pool.connection()
-                let before = try await opened()
+                let before = try await totalConnections(node)
                 let refusedOne = await node.executeBatch([.get("bad key")])
                 let refusedTwo = await node.executeBatch([.get("bad key"), .get("bad\r\nkey")])
                 #expect(refusedOne.count == 1 && refusedTwo.count == 2)
                 #expect(current.channel.isActive)
-                #expect(try await opened() == before, "no connection opened in a refused batch's place")
+                #expect(try await totalConnections(node) == before, "no connection opened in a refused batch's place")
             }
         }
     }
@@ -235,12 +231,8 @@ struct FaultTests {
         try await withMemcachedServers(count: 1) { servers in
             try await withClient(servers, configure: { $0.connectionsPerNode = 8 }) { client in
                 let node = try client.node("n1")
-                func opened() async throws -> Int {
-                    let value = try #require(try await node.stats().first { $0.name == "total_connections" }?.value)
-                    return try #require(Int(value))
-                }
                 try await client.set("k", value: bytes("v"))
-                let before = try await opened()
+                let before = try await totalConnections(node)
                 for _ in 0..<8 {
                     let one = await node.executeBatch([.get("bad key")])
                     let two = await node.executeBatch([.get("bad key"), .get("bad\r\nkey")])
@@ -249,7 +241,7 @@ struct FaultTests {
                     #expect(two.allSatisfy { if case .failure = $0 { true } else { false } })
                 }
                 // At most the one the second stats request opens (round robin's next slot).
-                let after = try await opened()
+                let after = try await totalConnections(node)
                 #expect(after - before <= 1, "connections opened meanwhile: \(after - before)")
             }
         }

@@ -1,6 +1,14 @@
 import Memcached
 import MemcachedTestRig
 import NIOCore
+import Testing
+
+/// Memcached's `total_connections` stat of `node`, read through `node` (so the read may open a
+/// connection of its own pool): the connections the server has accepted since it started.
+func totalConnections(_ node: MemcachedNodeClient) async throws -> Int {
+    let value = try #require(try await node.stats().first { $0.name == "total_connections" }?.value)
+    return try #require(Int(value))
+}
 
 /// Runs `body` with a running client over `servers` (node ids n1, n2, ...), then shuts the client down.
 func withClient(

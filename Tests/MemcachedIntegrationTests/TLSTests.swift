@@ -231,7 +231,7 @@ struct TLSTests {
     static func connections(_ server: MemcachedServer, tls: MemcachedClient.Configuration.TLS?) async throws -> Int {
         var total = 0
         try await withClient(port: server.port, tls: tls ?? .disable) { _, node in
-            total = Int(try await node.stats().first { $0.name == "total_connections" }?.value ?? "") ?? -1
+            total = try await totalConnections(node)
         }
         return total
     }

@@ -114,6 +114,29 @@ struct HummingbirdAdapterTests {
         }
     }
 
+    /// Several `Cookie` fields, as HTTP/2 may send (over HTTP/1 the client joins them into one
+    /// header, so this goes through the router directly): looked at in order, the first session
+    /// cookie found counts, as in the fields joined into one header.
+    @Test func theSessionCookieIsFoundInAnyOfSeveralCookieFields() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers)
+            try await counterApp(manager).test(.router) { client in
+                let first = try await client.execute(uri: "/counter", method: .get)
+                let cookie = try #require(sessionCookie(first))
+                let split = try await client.execute(
+                    uri: "/read", method: .get,
+                    headers: HTTPFields([.init(name: .cookie, value: "other=1"), .init(name: .cookie, value: "SESSION_ID=\(cookie)")]))
+                #expect(String(buffer: split.body) == "1")
+                let firstWins = try await client.execute(
+                    uri: "/read", method: .get,
+                    headers: HTTPFields([
+                        .init(name: .cookie, value: "x=y; SESSION_ID=unknown"), .init(name: .cookie, value: "SESSION_ID=\(cookie)"),
+                    ]))
+                #expect(String(buffer: firstWins.body) == "0")
+            }
+        }
+    }
+
     /// A load balancer's health check: 200 while a session can be served, 503 once no node can
     /// take one (non-sticky, its only node killed), no details; answered by the middleware added
     /// to the router, without a route of its own, and not at all when turned off.

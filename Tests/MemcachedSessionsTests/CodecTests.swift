@@ -56,6 +56,27 @@ struct CodecTests {
         }
     }
 
+    /// Attribute names: ASCII ones take a fast path, the rest `String(validating:as:)`; both
+    /// against that validation on every name of up to two bytes and on some longer ones, and an
+    /// envelope with a name that is not UTF-8 is refused.
+    @Test func attributeNamesAreValidatedAsUTF8() throws {
+        var names: [[UInt8]] = [[], Array("café".utf8), Array("名前".utf8), [0x61, 0xC3], [0xED, 0xA0, 0x80], [0xF4, 0x90, 0x80, 0x80]]
+        for first in 0...255 {
+            names.append([UInt8(first)])
+            for second in 0...255 { names.append([UInt8(first), UInt8(second)]) }
+        }
+        for name in names {
+            #expect(BinarySessionCodec.attributeName(ByteBuffer(bytes: name)) == String(validating: name, as: UTF8.self), "\(name)")
+        }
+        let codec = BinarySessionCodec()
+        var envelope = ByteBuffer()
+        try codec.encodeSession(SessionRecord(metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 1, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 1), attributes: ["ab": ByteBuffer(string: "1")]), into: &envelope)
+        var bytes = Array(envelope.readableBytesView)
+        let at = try #require(bytes.firstIndex(of: UInt8(ascii: "a")))
+        bytes[at] = 0xFF
+        #expect(throws: SessionCodecError.self) { _ = try codec.decodeSession(from: ByteBuffer(bytes: bytes)) }
+    }
+
     @Test func foreignBytesAreRefused() {
         let codec = BinarySessionCodec()
         for text in ["", "hello", "{\"count\":1}", "MS", "MS\u{2}\u{0}", "\r\nflush_all\r\n"] {

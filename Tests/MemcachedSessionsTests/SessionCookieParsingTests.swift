@@ -54,6 +54,22 @@ import Testing
         }
     }
 
+    /// Several `Cookie` headers give the value their join with `"; "` gives: every pair of
+    /// headers of up to two pieces, every triple of up to one.
+    @Test func severalHeadersAgreeWithTheirJoin() {
+        let pieces = ["SESSION_ID", "=", ";", " ", ",", "\"", "a", "é", "SESSION_ID=", "x1", "\"v\""]
+        let one = [""] + pieces
+        let upToTwo = one + pieces.flatMap { first in pieces.map { first + $0 } }
+        var lists = upToTwo.flatMap { first in upToTwo.map { [first, $0] } }
+        lists += one.flatMap { first in one.flatMap { second in one.map { [first, second, $0] } } }
+        #expect(lists.count == 133 * 133 + 12 * 12 * 12)
+        for headers in lists {
+            let joined = cookie.value(inCookieHeader: headers.joined(separator: "; "))
+            #expect(cookie.value(inCookieHeaders: headers).map(String.init) == joined.map(String.init), "headers \(headers)")
+        }
+        #expect(cookie.value(inCookieHeaders: [String]()) == nil)
+    }
+
     static func reference(_ header: String, name: String) -> Substring? {
         let utf8 = header.utf8
         let pattern = Array((name + "=").utf8)

@@ -1,3 +1,4 @@
+import Crypto
 import Testing
 
 @testable import MemcachedSessions
@@ -65,6 +66,24 @@ struct SessionIDTests {
         #expect(moved.route == "b")
         let keys = SessionKeys(token: id.token, prefix: "app:")
         #expect(keys == SessionKeys(token: moved.token, prefix: "app:"))
+    }
+
+    /// The keys are what stored sessions are found by: a change of their bytes would lose every
+    /// session stored before it. Known answers, computed apart (Python's hashlib and hmac): the
+    /// first 16 bytes of SHA-256 of the token's 16 bytes, and of HMAC-SHA256 of those under a key.
+    @Test func storageKeysAreStable() throws {
+        let token = MemcachedSessionID.Token(high: 0x602F_7397_FBE4_D993, low: 0x2E59_A9D0_E52F_E178)
+        let keys = SessionKeys(token: token, prefix: "app:")
+        #expect(keys.digest == "d899b130e2c8cacaca2e92aca39a968b")
+        #expect(keys.primary == "app:s:d899b130e2c8cacaca2e92aca39a968b")
+        #expect(keys.backup == "app:b:d899b130e2c8cacaca2e92aca39a968b")
+        #expect(keys.lock == "app:l:d899b130e2c8cacaca2e92aca39a968b")
+        #expect(SessionKeys(token: token, prefix: "").primary == "s:d899b130e2c8cacaca2e92aca39a968b")
+        let secret = try StorageKeySecret(SymmetricKey(data: Array(0..<32) as [UInt8]))
+        let keyed = SessionKeys(token: token, prefix: "app:", secret: secret)
+        #expect(keyed.digest == "74db969e5f11934c485e5692f7b2b175")
+        #expect(keyed.lock == "app:l:74db969e5f11934c485e5692f7b2b175")
+        #expect(SessionKeys.keyedDigest(ofUnkeyed: keys.digest, secret: secret) == keyed.digest)
     }
 
     @Test func storageKeysDoNotRevealTheToken() {

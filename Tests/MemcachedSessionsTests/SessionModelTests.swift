@@ -200,6 +200,37 @@ struct SessionModelTests {
         #expect(memo.needsRefresh("k", node: "n2", window: .seconds(10)))
     }
 
+    /// The memo's last acknowledged write: handed back on the same node while recent, never for
+    /// another node or after the node changed, and a write keeps the refresh time of its node.
+    @Test func backupMemoHandsBackRecentWritesOnTheSameNode() {
+        let clock = ManualClock()
+        let memo = BackupMemo(limit: 100, clock: clock)
+        #expect(memo.record("k", node: "n2") == nil, "nothing written yet")
+        clock.advance(by: .seconds(3))
+        memo.wrote("k", node: "n2", cas: 7, flags: 1, generation: 4)
+        // The write did not move the refresh time (3 s ago): 8 s later a 10 s window is up.
+        clock.advance(by: .seconds(8))
+        #expect(memo.needsRefresh("k", node: "n2", window: .seconds(10)))
+        let written = memo.record("k", node: "n2")
+        #expect(written?.cas == 7 && written?.flags == 1 && written?.generation == 4)
+        #expect(memo.record("k", node: "n3") == nil, "another node's write is not this one's")
+        #expect(memo.record("k", node: "n2") == nil, "forgotten once the key went to another node")
+        memo.wrote("k", node: "n2", cas: 9, flags: 2, generation: 5)
+        clock.advance(by: .seconds(31))
+        #expect(memo.record("k", node: "n2") == nil, "older than the written lifetime")
+        // A write on a node the key did not name: refreshed now, written remembered.
+        memo.wrote("w", node: "n1", cas: 3, flags: 1, generation: 1)
+        #expect(!memo.needsRefresh("w", node: "n1", window: .seconds(10)))
+        #expect(memo.record("w", node: "n1")?.cas == 3)
+        memo.forgetWrites(on: "n1")
+        #expect(memo.record("w", node: "n1") == nil)
+        // Bounded: 8 shards of at least 16 keys.
+        for index in 0..<10_000 { memo.record("key\(index)", node: "n1") }
+        var kept = 0
+        for index in 0..<10_000 where !memo.needsRefresh("key\(index)", node: "n1", window: .seconds(10)) { kept += 1 }
+        #expect(kept > 0 && kept <= 8 * 16)
+    }
+
     @Test func localStoreExpiresAndStaysBounded() throws {
         let store = LocalSessionStore(capacity: 64)
         let session = try Self.session()

@@ -217,6 +217,39 @@ struct VaporAdapterTests {
         }
     }
 
+    /// Several `Cookie` headers, over real HTTP: looked at in order, the first session cookie
+    /// found counts, wherever it is.
+    @Test func theSessionCookieIsFoundInAnyOfSeveralCookieHeaders() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers)
+            try await withVaporServer(manager: manager) { app in
+                app.middleware = Middlewares()
+                addCounterRoute(app.grouped(MemcachedSessionsMiddleware(manager: manager)))
+            } _: { port in
+                let client = HTTPClient(eventLoopGroupProvider: .singleton)
+                func counter(_ cookies: [String]) async throws -> (body: String, setCookies: [String]) {
+                    var request = HTTPClientRequest(url: "http://127.0.0.1:\(port)/counter")
+                    for cookie in cookies { request.headers.add(name: "Cookie", value: cookie) }
+                    let response = try await client.execute(request, timeout: .seconds(10))
+                    return (String(buffer: try await response.body.collect(upTo: 1 << 20)), response.headers["Set-Cookie"])
+                }
+                do {
+                    let first = try await counter([])
+                    let pair = try #require(first.setCookies.first?.split(separator: ";").first)
+                    #expect(first.body == "1")
+                    let second = try await counter(["other=1", String(pair)])
+                    #expect(second.body == "2", "found in the second header")
+                    let third = try await counter(["x=y; SESSION_ID=unknown", String(pair)])
+                    #expect(third.body == "1", "the first header's session cookie counts: an unknown id, a new session")
+                } catch {
+                    try? await client.shutdown()
+                    throw error
+                }
+                try await client.shutdown()
+            }
+        }
+    }
+
     @Test func aThrowingRouteStillSavesAndReleasesTheLockAndADeadStoreIsA503() async throws {
         try await withMemcachedServers(count: 1) { servers in
             let manager = try makeManager(servers) {

@@ -63,10 +63,16 @@ final class ConnectionPool: Sendable {
     ///
     /// A connection that is closing (or `replacing`, one that just refused a request because it was
     /// closing) is not handed out: a new one is opened in its place.
+    ///
+    /// Inlined into its callers: the usual case (an open connection in the chosen slot, no stale
+    /// one to replace) is answered without an async call of its own.
+    @inline(__always)
     func connection(affinity: Int? = nil, replacing stale: MemcachedConnection? = nil) async throws(MemcachedError)
         -> MemcachedConnection
     {
-        try await connection(choose(affinity: affinity), replacing: stale)
+        let choice = choose(affinity: affinity)
+        if stale == nil, let ready = readyConnection(choice) { return ready }
+        return try await connection(choice, replacing: stale)
     }
 
     /// Where one request goes: chosen once (round robin moves on once a request), then looked at

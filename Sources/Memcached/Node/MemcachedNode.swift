@@ -74,8 +74,7 @@ final class MemcachedNode: Sendable {
         let start = NIODeadline.now()
         let result: Result<MemcachedResponse, MemcachedError>
         do throws(MemcachedError) {
-            let choice = pool.choose(affinity: request.connectionAffinity)
-            let connection = if let ready = pool.readyConnection(choice) { ready } else { try await pool.connection(choice) }
+            let connection = try await pool.connection(affinity: request.connectionAffinity)
             if let refusal = generationRefusal(request, on: connection) { throw refusal }
             var attempt = await connection.execute(request, deadline: deadline)
             if case .failure(let error) = attempt, error.wasNotSent {
@@ -120,8 +119,7 @@ final class MemcachedNode: Sendable {
         let start = NIODeadline.now()
         let results: [Result<MemcachedResponse, MemcachedError>]
         do throws(MemcachedError) {
-            let choice = pool.choose(affinity: requests.first?.connectionAffinity)
-            let connection = if let ready = pool.readyConnection(choice) { ready } else { try await pool.connection(choice) }
+            let connection = try await pool.connection(affinity: requests.first?.connectionAffinity)
             if let refusal = generationRefusal(requests, on: connection) { throw refusal }
             var attempt = await connection.executeBatch(requests, deadline: deadline)
             if !attempt.isEmpty, attempt.allSatisfy({ if case .failure(let error) = $0 { error.wasNotSent } else { false } }) {
@@ -162,8 +160,7 @@ final class MemcachedNode: Sendable {
         }
         let start = NIODeadline.now()
         do throws(MemcachedError) {
-            let choice = pool.choose(affinity: request.connectionAffinity)
-            let connection = if let ready = pool.readyConnection(choice) { ready } else { try await pool.connection(choice) }
+            let connection = try await pool.connection(affinity: request.connectionAffinity)
             if let refusal = generationRefusal(request, on: connection) { throw refusal }
             connection.submit(request, deadline: deadline) { result in
                 // Rare (the connection closed under us before the request went out): once more on

@@ -37,6 +37,20 @@ extension SessionManager {
         path: String, cookieHeader: String?, cookie: SessionCookie, eventLoop: (any EventLoop)?,
         _ handler: (SessionAccess?) async throws -> Response
     ) async throws(SessionRequestFailure) -> (response: Response, setCookie: String?) {
+        try await serveRequest(
+            path: path, sessionCookie: cookieHeader.flatMap { cookie.value(inCookieHeader: $0) }, cookie: cookie,
+            eventLoop: eventLoop, handler)
+    }
+
+    /// ``serveRequest(path:cookieHeader:cookie:eventLoop:_:)`` with the session cookie's value
+    /// already found (``SessionCookie/value(inCookieHeader:)``), for an adapter whose framework
+    /// keeps several `Cookie` fields apart: it looks in each field, in order, and passes the first
+    /// value found, without joining the fields into one header first.
+    @inlinable
+    public func serveRequest<Response>(
+        path: String, sessionCookie: Substring?, cookie: SessionCookie, eventLoop: (any EventLoop)?,
+        _ handler: (SessionAccess?) async throws -> Response
+    ) async throws(SessionRequestFailure) -> (response: Response, setCookie: String?) {
         if isIgnored(path: path) {
             do {
                 return (try await handler(nil), nil)
@@ -44,8 +58,7 @@ extension SessionManager {
                 throw .handler(error, setCookie: nil)
             }
         }
-        let sessionCookie = cookieHeader.flatMap { cookie.value(inCookieHeader: $0) }.map(String.init)
-        let access = beginRequest(path: path, sessionCookie: sessionCookie)
+        let access = beginRequest(path: path, sessionCookie: sessionCookie.map(String.init))
         // Already on the event loop (NIO as the global executor), or a request that never waits
         // for memcached: nothing to gain from hopping.
         if let eventLoop, access.mayWaitForMemcached, !eventLoop.inEventLoop {

@@ -110,19 +110,25 @@ public struct SessionCookie: Sendable, Hashable {
     /// not make it another character here).
     public func value(inCookieHeader header: String) -> Substring? {
         // A native string's bytes are scanned in place (every request does this); a bridged one
-        // (no contiguous UTF-8) by its view's indices, the same rule.
-        if let range = header.utf8.withContiguousStorageIfAvailable({ Self.valueRange(in: $0, nameEquals: nameEquals) }) {
-            guard let range else { return nil }
-            let utf8 = header.utf8
-            let lower = utf8.index(utf8.startIndex, offsetBy: range.lowerBound)
-            let upper = utf8.index(lower, offsetBy: range.count)
-            return header[lower..<upper]
-        }
-        let bytes = Array(header.utf8)
-        guard let range = bytes.withUnsafeBufferPointer({ Self.valueRange(in: $0, nameEquals: nameEquals) }) else { return nil }
+        // (no contiguous UTF-8) through a copy of its bytes, the same rule.
+        let found: Range<Int>? =
+            header.utf8.withContiguousStorageIfAvailable { Self.valueRange(in: $0, nameEquals: nameEquals) }
+            ?? Array(header.utf8).withUnsafeBufferPointer { Self.valueRange(in: $0, nameEquals: nameEquals) }
+        guard let range = found else { return nil }
         let utf8 = header.utf8
         let lower = utf8.index(utf8.startIndex, offsetBy: range.lowerBound)
         return header[lower..<utf8.index(lower, offsetBy: range.count)]
+    }
+
+    /// The value of this cookie in the first of several `Cookie` headers that has it (HTTP/2 may
+    /// split cookies over several fields): the value ``value(inCookieHeader:)`` finds in them
+    /// joined with `"; "`, without joining them into a new string first.
+    @inlinable
+    public func value(inCookieHeaders headers: some Sequence<String>) -> Substring? {
+        for header in headers {
+            if let value = value(inCookieHeader: header) { return value }
+        }
+        return nil
     }
 
     /// The byte offsets of the cookie's value in a `Cookie` header: after `name=`, up to the next

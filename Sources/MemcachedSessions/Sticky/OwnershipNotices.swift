@@ -105,6 +105,10 @@ enum NoticeHandshake: Equatable {
 
 extension StickyLifecycle {
     static let noticeInterval = Duration.milliseconds(250)
+    /// Four notice intervals: a loop of the notice reader later than this may have missed notices.
+    /// Computed once: `Duration`'s multiplication and its conversion cost some 500 instructions,
+    /// and every sticky request's load compares with it.
+    static let noticeGapLimit = TimeAmount(noticeInterval * 4)
     /// The longest an ending waits for the previous owner to read its notice.
     static let noticeWait = Duration.seconds(1)
     /// The most notices one mailbox read acknowledges (a mailbox is a memcached item: bounded by
@@ -273,7 +277,7 @@ extension StickyLifecycle {
             beats += 1
             do { try await clock.sleep(for: Self.noticeInterval) } catch { return }
             let now = clock.now()
-            if now - lastLoop > TimeAmount(Self.noticeInterval * 4) {
+            if now - lastLoop > Self.noticeGapLimit {
                 // This instance did not run for a while (frozen): notices may have come and gone.
                 localStore.markAllStale()
                 statistics.count(.noticeGaps)

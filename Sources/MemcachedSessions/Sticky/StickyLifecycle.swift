@@ -156,7 +156,7 @@ final class StickyLifecycle: SessionLifecycle {
             statistics.count(.sessionsLoadedLocally)
             let now = clock.now()
             if !memoryOnly,
-                now - refreshed >= touchInterval || notices.mayHaveMissed(now: now, limit: TimeAmount(Self.noticeInterval * 4))
+                now - refreshed >= touchInterval || notices.mayHaveMissed(now: now, limit: Self.noticeGapLimit)
                     || session.indexNamesAnotherRoute
             {
                 // Once per touch interval the local copy is checked against memcached, in the

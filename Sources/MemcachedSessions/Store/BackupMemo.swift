@@ -55,25 +55,39 @@ final class BackupMemo: Sendable {
     func record(_ key: String, node: String) -> Written? {
         let now = clock.now()
         return shard(key).withLock { entries in
-            if entries.count >= limitPerShard, entries[key] == nil {
-                for stale in entries.keys.prefix(limitPerShard / 2) { entries[stale] = nil }
+            // One hash of the key for a session seen before (the usual case), not three.
+            guard let index = entries.index(forKey: key) else {
+                Self.makeRoom(in: &entries, limit: limitPerShard)
+                entries[key] = Entry(node: node, at: now, written: nil)
+                return nil
             }
-            let written = entries[key].flatMap { $0.node == node ? $0.written : nil }
-            entries[key] = Entry(node: node, at: now, written: written)
+            let entry = entries.values[index]
+            let written = entry.node == node ? entry.written : nil
+            entries.values[index] = Entry(node: node, at: now, written: written)
             guard let written, now - written.at < Self.writtenLifetime else { return nil }
             return written
         }
     }
 
+    /// Before a new key goes in: when the shard is full, half of it goes (the oldest inserted are
+    /// not tracked: any half will do for a memo whose misses cost a read).
+    private static func makeRoom(in entries: inout [String: Entry], limit: Int) {
+        guard entries.count >= limit else { return }
+        for stale in entries.keys.prefix(limit / 2) { entries[stale] = nil }
+    }
+
     /// Remembers an acknowledged backup write on `node` (its CAS unique and flags).
     func wrote(_ key: String, node: String, cas: UInt64, flags: UInt32, generation: UInt64) {
         let now = clock.now()
+        let written = Written(cas: cas, flags: flags, generation: generation, at: now)
         shard(key).withLock { entries in
-            if entries.count >= limitPerShard, entries[key] == nil {
-                for stale in entries.keys.prefix(limitPerShard / 2) { entries[stale] = nil }
+            guard let index = entries.index(forKey: key) else {
+                Self.makeRoom(in: &entries, limit: limitPerShard)
+                entries[key] = Entry(node: node, at: now, written: written)
+                return
             }
-            let at = entries[key].flatMap { $0.node == node ? $0.at : nil } ?? now
-            entries[key] = Entry(node: node, at: at, written: Written(cas: cas, flags: flags, generation: generation, at: now))
+            let entry = entries.values[index]
+            entries.values[index] = Entry(node: node, at: entry.node == node ? entry.at : now, written: written)
         }
     }
 
