@@ -89,17 +89,28 @@ struct ConnectionStateMachine<Context> {
     }
 
     /// A reply arrived.
+    /// The head request's fields a reply is matched by, read in place through the deque's modify
+    /// accessor: its getter copies the whole request for every field read, the context retained
+    /// and released each time (about 2,300 instructions a non-sticky `/counter`; callgrind).
+    private mutating func headFields() -> (opaque: UInt32?, expectation: ReplyExpectation, quiet: Bool) {
+        Self.matchFields(&pending[pending.startIndex])
+    }
+
+    private static func matchFields(_ request: inout PendingRequest) -> (opaque: UInt32?, expectation: ReplyExpectation, quiet: Bool) {
+        (request.opaque, request.expectation, request.quiet)
+    }
+
     mutating func receive(_ reply: MemcachedReply, complete: Completion) -> Action {
         guard state != .closed else { return .none }
 
         if reply.status == .metaNoop {
             while !pending.isEmpty {
-                let head = pending.startIndex
-                if pending[head].expectation == .metaNoop {
+                let head = headFields()
+                if head.expectation == .metaNoop {
                     if let context = popHead().context { complete(context, .success(.noop)) }
                     return afterCompletion()
                 }
-                guard pending[head].quiet else {
+                guard head.quiet else {
                     return desync("MN arrived before the reply to an earlier request", complete: complete)
                 }
                 completeSilentSuccess(popHead(), complete: complete)
@@ -109,16 +120,16 @@ struct ConnectionStateMachine<Context> {
 
         if let opaque = reply.opaque {
             while !pending.isEmpty {
-                let head = pending.startIndex
-                if pending[head].opaque == opaque {
-                    guard let response = Self.interpretMeta(reply, for: pending[head].expectation) else {
+                let head = headFields()
+                if head.opaque == opaque {
+                    guard let response = Self.interpretMeta(reply, for: head.expectation) else {
                         return desync(
-                            "reply \(reply.status) does not answer a \(pending[head].expectation) request", complete: complete)
+                            "reply \(reply.status) does not answer a \(head.expectation) request", complete: complete)
                     }
                     if let context = popHead().context { complete(context, .success(response)) }
                     return afterCompletion()
                 }
-                guard pending[head].quiet else {
+                guard head.quiet else {
                     return desync("reply for token \(opaque) while an earlier request waits", complete: complete)
                 }
                 completeSilentSuccess(popHead(), complete: complete)
@@ -141,13 +152,15 @@ struct ConnectionStateMachine<Context> {
         }
 
         // Replies without a token: a quiet request ahead of the waiting one succeeded silently.
-        while !pending.isEmpty, pending[pending.startIndex].quiet, pending[pending.startIndex].expectation.carriesOpaque {
+        while !pending.isEmpty {
+            let head = headFields()
+            guard head.quiet, head.expectation.carriesOpaque else { break }
             completeSilentSuccess(popHead(), complete: complete)
         }
         guard !pending.isEmpty else {
             return desync("reply \(reply.status) with no request waiting", complete: complete)
         }
-        switch (pending[pending.startIndex].expectation, reply.status) {
+        switch (headFields().expectation, reply.status) {
         case (.version, .version):
             return finishHead(.version(reply.text ?? ""), complete: complete)
         case (.textNoop, .version):
