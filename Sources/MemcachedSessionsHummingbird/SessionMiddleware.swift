@@ -82,12 +82,12 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
             return HealthCheck.response(manager, head: request.method == .head)
         }
         let eventLoop = runsOnChannelEventLoop ? context.channelEventLoop : nil
-        // Field by field: `headers[.cookie]` would first join every `Cookie` field into a new
-        // string (about 4,300 instructions a request; callgrind, sticky `/read`).
-        let sessionCookie = cookie.value(inCookieHeaders: request.headers.lazy.filter { $0.name == .cookie }.map(\.value))
         do {
+            // Field by field: `headers[.cookie]` would first join every `Cookie` field into a new
+            // string (docs/benchmarks/instructions.md: 4,205 instructions a request).
             var (response, setCookie) = try await manager.serveRequest(
-                path: path, sessionCookie: sessionCookie, cookie: cookie, eventLoop: eventLoop
+                path: path, sessionCookie: cookie.value(inCookieHeaders: request.headers.lazy.filter { $0.name == .cookie }.map(\.value)),
+                cookie: cookie, eventLoop: eventLoop
             ) { access in
                 var context = context
                 if let access { context.memcachedSessions = RequestSessions(access: access) }

@@ -47,11 +47,10 @@ public struct MemcachedSessionsMiddleware: AsyncMiddleware {
         if let healthPath, path == healthPath, request.method == .GET || request.method == .HEAD {
             return Self.healthResponse(manager, head: request.method == .HEAD)
         }
-        // Every `Cookie` header: the first alone could miss the session cookie.
-        let sessionCookie = cookie.value(inCookieHeaders: request.headers[.cookie])
         do {
+            // Every `Cookie` header: the first alone could miss the session cookie.
             let (response, setCookie) = try await manager.serveRequest(
-                path: path, sessionCookie: sessionCookie, cookie: cookie,
+                path: path, sessionCookie: cookie.value(inCookieHeaders: request.headers[.cookie]), cookie: cookie,
                 eventLoop: runsOnRequestEventLoop ? request.eventLoop : nil
             ) { access in
                 if let access { request.storage[SessionAccessKey.self] = access }

@@ -79,6 +79,7 @@ struct SessionIDTests {
         #expect(keys.backup == "app:b:d899b130e2c8cacaca2e92aca39a968b")
         #expect(keys.lock == "app:l:d899b130e2c8cacaca2e92aca39a968b")
         #expect(SessionKeys(token: token, prefix: "").primary == "s:d899b130e2c8cacaca2e92aca39a968b")
+        #expect(SessionKeys(token: token, prefix: "é:").backup == "é:b:d899b130e2c8cacaca2e92aca39a968b")
         let secret = try StorageKeySecret(SymmetricKey(data: Array(0..<32) as [UInt8]))
         let keyed = SessionKeys(token: token, prefix: "app:", secret: secret)
         #expect(keyed.digest == "74db969e5f11934c485e5692f7b2b175")

@@ -132,8 +132,8 @@ public struct BinarySessionCodec: SessionCodec {
     }
 
     /// An attribute name's bytes as a string, nil if they are not UTF-8. ASCII names (the usual
-    /// ones) are decoded without the generic validation `String(validating:as:)` runs, about 1,000
-    /// instructions a name (callgrind): ASCII bytes are always valid UTF-8.
+    /// ones) are decoded without the generic validation `String(validating:as:)` runs (about 1,000
+    /// instructions a name; callgrind): ASCII bytes are always valid UTF-8.
     static func attributeName(_ bytes: ByteBuffer) -> String? {
         bytes.withUnsafeReadableBytes { raw in
             if raw.allSatisfy({ $0 < 0x80 }) { return String(decoding: raw, as: UTF8.self) }

@@ -43,12 +43,11 @@ extension SessionManager {
     }
 
     /// ``serveRequest(path:cookieHeader:cookie:eventLoop:_:)`` with the session cookie's value
-    /// already found (``SessionCookie/value(inCookieHeader:)``), for an adapter whose framework
-    /// keeps several `Cookie` fields apart: it looks in each field, in order, and passes the first
-    /// value found, without joining the fields into one header first.
+    /// found by the adapter (``SessionCookie/value(inCookieHeaders:)``, for a framework that keeps
+    /// several `Cookie` fields apart), evaluated only for a path that is not ignored.
     @inlinable
     public func serveRequest<Response>(
-        path: String, sessionCookie: Substring?, cookie: SessionCookie, eventLoop: (any EventLoop)?,
+        path: String, sessionCookie: @autoclosure () -> Substring?, cookie: SessionCookie, eventLoop: (any EventLoop)?,
         _ handler: (SessionAccess?) async throws -> Response
     ) async throws(SessionRequestFailure) -> (response: Response, setCookie: String?) {
         if isIgnored(path: path) {
@@ -58,7 +57,7 @@ extension SessionManager {
                 throw .handler(error, setCookie: nil)
             }
         }
-        let access = beginRequest(path: path, sessionCookie: sessionCookie.map(String.init))
+        let access = beginRequest(path: path, sessionCookie: sessionCookie().map(String.init))
         // Already on the event loop (NIO as the global executor), or a request that never waits
         // for memcached: nothing to gain from hopping.
         if let eventLoop, access.mayWaitForMemcached, !eventLoop.inEventLoop {

@@ -36,9 +36,9 @@ public struct SessionKeys: Sendable, Hashable {
         lock = Self.key(prefix, tag: UInt8(ascii: "l"), digest)
     }
 
-    /// `prefix`, `tag`, `:`, `digest`, written into one string of the right size (a non-sticky
-    /// request makes these three keys: by `+`, two appends and a reallocation each, about 2,200
-    /// instructions a request; callgrind).
+    /// `prefix`, `tag`, `:`, `digest`, written into one string of the right size: by `+`, two
+    /// appends and a reallocation each, three keys a non-sticky request
+    /// (docs/benchmarks/instructions.md).
     private static func key(_ prefix: String, tag: UInt8, _ digest: String) -> String {
         var prefix = prefix
         var digest = digest
