@@ -5,7 +5,7 @@
 // imports this module sees Vapor's `Session` and `SessionID`, and ours under their new names.
 @_exported import struct MemcachedSessions.BinarySessionCodec
 @_exported import class MemcachedSessions.EventLog
-@_exported import class MemcachedSessions.EventLoopExecutor
+@_exported import class Memcached.EventLoopExecutor
 @_exported import enum MemcachedSessions.JSONValueCoding
 @_exported import class MemcachedSessions.MemcachedSession
 @_exported import struct MemcachedSessions.MemcachedSessionID

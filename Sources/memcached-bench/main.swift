@@ -3,11 +3,15 @@
 //   memcached-bench --server 127.0.0.1:11211 --op get --concurrency 256 --duration 10
 //
 // Prints one line `RESULT op=get concurrency=256 ops=... seconds=... ops_per_s=... misses=0 errors=0`.
-// `--executor eventloop` runs the request tasks on NIO's event loop (NIO's global-executor
-// installation), so a request and its connection share a thread; `global` (the default) uses
-// Swift's cooperative pool, as an application that configures nothing does. `--event-loops N`
-// sizes NIO's singleton group (default: NIO's, one per core, which ignores `taskset`).
-// scripts/bench-client runs the full matrix against a C client (memaslap) in one run.
+// `--executor loop` runs each request task with a task executor preference for an event loop
+// (`EventLoopExecutor`, as the session layer runs request handlers), so a request and its
+// connection share a thread and a reply resumes its task without a hop; `eventloop` installs NIO's
+// event loops as Swift's global executor instead (their jobs then run as the loop's serial executor,
+// and every call into a nonisolated async function switches executors: about five extra
+// enqueues a request); `global` (the default) uses Swift's cooperative pool, as an application
+// that configures nothing does. `--event-loops N` sizes NIO's singleton group (default: NIO's, one
+// per core, which ignores `taskset`). scripts/bench-client runs the full matrix against the
+// pipelined C reference client (scripts/bench/refclient.c) and memaslap in one run.
 import Memcached
 import NIOCore
 import NIOPosix
@@ -60,6 +64,10 @@ struct Options {
 }
 
 let options = Options(CommandLine.arguments)
+guard ["global", "eventloop", "loop"].contains(options.executor) else {
+    print("unknown executor \(options.executor) (global, eventloop or loop)")
+    exit(2)
+}
 if let loops = options.eventLoops {
     NIOSingletons.groupLoopCountSuggestion = loops
 }
@@ -98,9 +106,12 @@ if options.populate {
 
 let deadline = ContinuousClock.now + .milliseconds(Int(options.duration * 1000))
 let start = ContinuousClock.now
+// `--executor loop`: each worker task prefers an event loop's executor, round robin over the group.
+let loopExecutors = MultiThreadedEventLoopGroup.singleton.makeIterator().map { EventLoopExecutor.for($0) }
 let totals = try await withThrowingTaskGroup(of: (ops: Int, misses: Int, errors: Int).self) { group in
     for worker in 0..<options.concurrency {
-        group.addTask {
+        let preferred: (any TaskExecutor)? = options.executor == "loop" ? loopExecutors[worker % loopExecutors.count] : nil
+        group.addTask(executorPreference: preferred) {
             var ops = 0
             var misses = 0
             var errors = 0

@@ -1,10 +1,44 @@
 import Memcached
 import MemcachedTestRig
 import NIOCore
+import NIOPosix
 import Testing
 
 @Suite("Commands against a real memcached, in both protocol modes")
 struct CommandTests {
+    /// A task that prefers an event loop's `EventLoopExecutor` stays on that loop across its round
+    /// trips (the session layer's adapters run request handlers this way): tasks of two loops at
+    /// once, each resumed on its own loop with its own replies.
+    @Test func tasksPreferringAnEventLoopStayOnIt() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let loops = Array(group.makeIterator())
+        try await withMemcachedServers(count: 1) { servers in
+            try await withClient(servers, eventLoopGroup: group) { client in
+                try await withThrowingTaskGroup(of: Void.self) { tasks in
+                    for (index, loop) in loops.enumerated() {
+                        for worker in 0..<8 {
+                            tasks.addTask(executorPreference: EventLoopExecutor.for(loop)) {
+                                #expect(loop.inEventLoop)
+                                let key = "loop\(index)-task\(worker)"
+                                for round in 0..<20 {
+                                    try await client.set(key, value: bytes("\(key):\(round)"))
+                                    #expect(loop.inEventLoop)
+                                    let item = try #require(try await client.get(key))
+                                    #expect(loop.inEventLoop)
+                                    #expect(item.string == "\(key):\(round)")
+                                }
+                            }
+                        }
+                    }
+                    try await tasks.waitForAll()
+                }
+            }
+        }
+        #expect(EventLoopExecutor.for(loops[0]) === EventLoopExecutor.for(loops[0]))
+        #expect(EventLoopExecutor.for(loops[0]) !== EventLoopExecutor.for(loops[1]))
+        try await group.shutdownGracefully()
+    }
+
     @Test(arguments: MemcachedProtocolMode.allCases)
     func setGetDeleteRoundTrip(mode: MemcachedProtocolMode) async throws {
         try await withMemcachedServers(count: 1) { servers in

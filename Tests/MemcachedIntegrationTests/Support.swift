@@ -1,6 +1,7 @@
 import Memcached
 import MemcachedTestRig
 import NIOCore
+import NIOPosix
 import Testing
 
 /// Memcached's `total_connections` stat of `node`, read through `node` (so the read may open a
@@ -13,6 +14,7 @@ func totalConnections(_ node: MemcachedNodeClient) async throws -> Int {
 /// Runs `body` with a running client over `servers` (node ids n1, n2, ...), then shuts the client down.
 func withClient(
     _ servers: [MemcachedServer], mode: MemcachedProtocolMode = .meta,
+    eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
     configure: (inout MemcachedClient.Configuration) -> Void = { _ in },
     _ body: (MemcachedClient) async throws -> Void
 ) async throws {
@@ -22,7 +24,7 @@ func withClient(
     // Generous: the whole suite runs in parallel on two cores; tests about timeouts set their own.
     configuration.requestTimeout = .seconds(5)
     configure(&configuration)
-    let client = try MemcachedClient(configuration: configuration)
+    let client = try MemcachedClient(configuration: configuration, eventLoopGroup: eventLoopGroup)
     return try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { try await client.run() }
         do {

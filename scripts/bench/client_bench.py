@@ -12,9 +12,9 @@ import time
 DURATION = float(os.environ.get("DURATION", "10"))
 CONCURRENCY = [int(c) for c in os.environ.get("CONCURRENCY", "1 16 256").split()]
 OPS = os.environ.get("OPS", "get set").split()
-# Each: an executor (`global`, `eventloop`), optionally `@Nloop` for N event loops (else NIO's
+# Each: an executor (`global`, `eventloop`, `loop`), optionally `@Nloop` for N event loops (else NIO's
 # default, one per core, which does not see `taskset`: two loops sharing the pinned CPU).
-EXECUTORS = os.environ.get("EXECUTORS", "global global@1loop").split()
+EXECUTORS = os.environ.get("EXECUTORS", "global global@1loop loop@1loop").split()
 WINDOW = 1024  # memaslap keys per concurrency (-w 1k); ours uses the same key count
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, ".build", "release", "memcached-bench")
@@ -170,8 +170,11 @@ def write(rows):
         "each a closed loop of batches of in-flight/connections commands (one connection at 1 in flight); for",
         "memaslap, which does not pipeline, one connection per request in flight. \"vs C\" is against the pipelined",
         "reference (the issue's target); \"vs memaslap\" is kept for comparison with earlier tables. Executors:",
-        "`global` = Swift's default cooperative pool; `eventloop` = NIO's event loop installed as the global executor,",
-        "so tasks and connections share a thread. Event loops: NIO's default is one per core (2 here), which does not",
+        "`global` = Swift's default cooperative pool; `eventloop` = NIO's event loop installed as the global executor",
+        "(tasks and connections share a thread, but the loop runs jobs as its serial executor, so every call into a",
+        "nonisolated async function switches executors); `loop` = each task prefers an event loop's `EventLoopExecutor`",
+        "(a task executor preference, as the session layer runs request handlers): no executor switch, and a reply",
+        "resumes its task on the thread that read it. Event loops: NIO's default is one per core (2 here), which does not",
         "see `taskset`, so both loops share the client's one CPU; \"1 loop\" is `--event-loops 1`, what a client pinned",
         "to one CPU should run (as `msm serve` now does by default). At 1 in flight, ops/s is the inverse of a round",
         "trip's latency.",

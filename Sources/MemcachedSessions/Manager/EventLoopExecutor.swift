@@ -1,38 +1,4 @@
-import NIOCore
-import Synchronization
-
-/// Runs Swift concurrency jobs on a NIO event loop, as a task executor preference: adapters run a
-/// request's handler on its HTTP channel's event loop, where the memcached connection of that loop
-/// lives too. A memcached round trip then costs no thread hop (the reply resumes the request on the
-/// thread that read it), and the commands of the requests served in one event-loop tick leave in
-/// one write.
-///
-/// One executor per event loop, created once (``for(_:)``).
-public final class EventLoopExecutor: TaskExecutor, @unchecked Sendable {
-    // @unchecked: the only stored property is an immutable reference to an event loop, which is
-    // thread-safe (NIO's `EventLoop` is Sendable); the class adds no mutable state.
-    public let eventLoop: any EventLoop
-
-    private init(eventLoop: any EventLoop) {
-        self.eventLoop = eventLoop
-    }
-
-    public func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
-        let executor = asUnownedTaskExecutor()
-        eventLoop.execute { job.runSynchronously(on: executor) }
-    }
-
-    private static let executors = Mutex<[ObjectIdentifier: EventLoopExecutor]>([:])
-
-    /// The executor of an event loop (the same one every time).
-    public static func `for`(_ eventLoop: any EventLoop) -> EventLoopExecutor {
-        let key = ObjectIdentifier(eventLoop as AnyObject)
-        return executors.withLock { executors in
-            if let existing = executors[key] { return existing }
-            let executor = EventLoopExecutor(eventLoop: eventLoop)
-            executors[key] = executor
-            return executor
-        }
-    }
-}
+// The task executor on a NIO event loop lives with the memcached client (a request and the
+// connection it talks to on one thread is the client's concern first); the session layer runs
+// request handlers on it and re-exports it, so that `import MemcachedSessions` alone names it.
+@_exported import class Memcached.EventLoopExecutor

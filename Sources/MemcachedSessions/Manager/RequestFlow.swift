@@ -24,7 +24,7 @@ extension SessionManager {
     ///    (`beginRequest(path:sessionCookie:)`, nothing sent to memcached yet);
     /// 3. `handler` runs with the request's ``SessionAccess``; when the request may wait for
     ///    memcached and `eventLoop` (the request's channel's) is not the current thread, on that
-    ///    event loop, with the connection it talks to (see ``EventLoopExecutor``);
+    ///    event loop, with the connection it talks to (see `EventLoopExecutor`, the memcached client's);
     /// 4. then, also when `handler` threw, the request ends (`endRequest(_:)`: what changed saved,
     ///    the lock released), and the `Set-Cookie` value the response must carry is returned, nil
     ///    when the session id is unchanged.
