@@ -25,6 +25,7 @@ into libdispatch's read-only signal mask); sigsuspend-shim.c, preloaded, avoids 
   scripts/bench/instructions.py after=.build/release/msm before=/tmp/before/.build/release/msm
   scripts/bench/instructions.py hb-memory=.build-bench/hb-sessions/.build/release/HBSessions ours=.build/release/msm
   REQUESTS=2000 MODES="sticky non-sticky" ENDPOINTS="read counter" scripts/bench/instructions.py ...
+  MODES="sticky-sync" ENDPOINTS="counter" scripts/bench/instructions.py ...   # sticky, --sync-saves
 Writes a Markdown table to stdout (and OUT if set)."""
 import os
 import re
@@ -141,9 +142,13 @@ def measure(label, binary, mode, endpoint, workdir):
         # Hummingbird's in-memory sessions (the shared workload's app): PORT from the environment.
         arguments = []
     else:
-        arguments = ["serve", "--mode", mode, "--nodes", f"n1:127.0.0.1:{m1},n2:127.0.0.1:{m2}", "--port", str(port)]
-        if mode == "sticky":
+        # "sticky-sync": sticky mode with synchronous saves (`--sync-saves`).
+        arguments = ["serve", "--mode", "sticky" if mode.startswith("sticky") else mode,
+                     "--nodes", f"n1:127.0.0.1:{m1},n2:127.0.0.1:{m2}", "--port", str(port)]
+        if mode.startswith("sticky"):
             arguments += ["--route", "b1"]
+        if mode == "sticky-sync":
+            arguments += ["--sync-saves"]
     server = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", binary] + arguments,
         stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w"),

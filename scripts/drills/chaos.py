@@ -32,6 +32,7 @@ import asyncio
 import http.client
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -632,6 +633,7 @@ def main():
     parser.add_argument("--fault", type=float, help="seconds each fault lasts")
     parser.add_argument("--recovery", type=float, help="seconds of load after each fault")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--keep-logs", action="store_true", help="keep each mode's logs (kept anyway when a drill breaks)")
     parser.add_argument("--binary", default=os.path.join(ROOT, ".build", "release", "msm"))
     parser.add_argument("--output", help="the table (default: docs/drills.md for a full run, none for --short)")
     arguments = parser.parse_args()
@@ -656,7 +658,10 @@ def main():
         for mode in arguments.modes.split(","):
             mode_rows, state = run_mode(mode, drills, arguments, arguments.binary)
             rows += mode_rows
-            print(f"== {mode}: logs in {state}", flush=True)
+            if any(broke(row) for row in mode_rows) or arguments.keep_logs:
+                print(f"== {mode}: logs in {state}", flush=True)
+            else:
+                shutil.rmtree(state, ignore_errors=True)
     except SetupError as error:
         print(f"set-up failed: {error}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -150,10 +151,16 @@ def stop_demo(demo):
             demo.kill()
 
 
+# The demos' state directories (logs, nginx configuration): removed when every check passed, kept
+# (and named) when one failed.
+STATE_DIRECTORIES = []
+
+
 def start_demo(label, arguments):
     """Starts scripts/demo with its own state directory; returns (process, log, cluster.json path)
     once the layout is written. A demo that exits first is a failure, with its output."""
     state = tempfile.mkdtemp(prefix=f"msm-demo-e2e-{label}-")
+    STATE_DIRECTORIES.append(state)
     command = [os.path.join(ROOT, "scripts", "demo"), "--state-directory", state] + arguments
     print(f"== {' '.join(command)}", flush=True)
     log = open(os.path.join(state, "demo.out"), "w")
@@ -302,6 +309,7 @@ def refuses_taken_port():
     blocker.listen(1)
     try:
         state = tempfile.mkdtemp(prefix="msm-demo-e2e-port-")
+        STATE_DIRECTORIES.append(state)
         result = subprocess.run([os.path.join(ROOT, "scripts", "demo"), "--state-directory", state], cwd=ROOT,
                                 capture_output=True, text=True, timeout=2400)
         if result.returncode == 0 or f"port {BASE_PORT}" not in result.stderr:
@@ -323,7 +331,10 @@ def main():
         refuses_taken_port()
     except Failure as failure:
         print(f"FAILED: {failure}", flush=True)
+        print(f"logs kept in {' '.join(STATE_DIRECTORIES)}", flush=True)
         return 1
+    for state in STATE_DIRECTORIES:
+        shutil.rmtree(state, ignore_errors=True)
     print("demo end-to-end: passed", flush=True)
     return 0
 
