@@ -2,6 +2,7 @@ import Memcached
 import MemcachedTestRig
 import NIOCore
 import NIOPosix
+import Synchronization
 import Testing
 
 @Suite("Commands against a real memcached, in both protocol modes")
@@ -11,9 +12,10 @@ struct CommandTests {
     /// once, each resumed on its own loop with its own replies.
     @Test func tasksPreferringAnEventLoopStayOnIt() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        defer { group.shutdownGracefully { _ in } }
         let loops = Array(group.makeIterator())
         try await withMemcachedServers(count: 1) { servers in
-            try await withClient(servers, eventLoopGroup: group) { client in
+            try await withClient(servers, eventLoopGroup: group, configure: { $0.connectionsPerNode = 2 }) { client in
                 try await withThrowingTaskGroup(of: Void.self) { tasks in
                     for (index, loop) in loops.enumerated() {
                         for worker in 0..<8 {
@@ -36,7 +38,50 @@ struct CommandTests {
         }
         #expect(EventLoopExecutor.for(loops[0]) === EventLoopExecutor.for(loops[0]))
         #expect(EventLoopExecutor.for(loops[0]) !== EventLoopExecutor.for(loops[1]))
-        try await group.shutdownGracefully()
+    }
+
+    /// A request made on an event loop goes over that loop's connection to the node, so its reply
+    /// resumes the task without a thread hop: the executor is asked to run each task from another
+    /// thread only once, when the task starts (with two loops and two connections a node, a
+    /// request sent over the other loop's connection would be resumed from that loop's thread).
+    @Test func requestsOnAnEventLoopUseItsConnection() async throws {
+        /// `EventLoopExecutor`'s behaviour, counting the jobs enqueued from off its loop.
+        final class CountingLoopExecutor: TaskExecutor, Sendable {
+            let loop: any EventLoop
+            let fromOtherThreads = Atomic<Int>(0)
+            init(_ loop: any EventLoop) { self.loop = loop }
+            func enqueue(_ job: consuming ExecutorJob) {
+                if !loop.inEventLoop { fromOtherThreads.add(1, ordering: .relaxed) }
+                let job = UnownedJob(job)
+                let executor = asUnownedTaskExecutor()
+                loop.execute { job.runSynchronously(on: executor) }
+            }
+        }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        defer { group.shutdownGracefully { _ in } }
+        let executors = group.makeIterator().map { CountingLoopExecutor($0) }
+        let tasksPerLoop = 8
+        try await withMemcachedServers(count: 1) { servers in
+            try await withClient(servers, eventLoopGroup: group, configure: { $0.connectionsPerNode = 2 }) { client in
+                try await withThrowingTaskGroup(of: Void.self) { tasks in
+                    for (index, executor) in executors.enumerated() {
+                        for worker in 0..<tasksPerLoop {
+                            tasks.addTask(executorPreference: executor) {
+                                let key = "connection\(index)-task\(worker)"
+                                for round in 0..<20 {
+                                    try await client.set(key, value: bytes("\(round)"))
+                                    #expect(try await client.get(key)?.string == "\(round)")
+                                }
+                            }
+                        }
+                    }
+                    try await tasks.waitForAll()
+                }
+            }
+        }
+        for executor in executors {
+            #expect(executor.fromOtherThreads.load(ordering: .relaxed) == tasksPerLoop)
+        }
     }
 
     @Test(arguments: MemcachedProtocolMode.allCases)

@@ -324,17 +324,22 @@ def main():
     parser.add_argument("--sessions", type=int, default=60)
     parser.add_argument("--mode", choices=["default", "sticky", "both"], default="both")
     arguments = parser.parse_args()
+    passed = False
     try:
         for mode in (["default", "sticky"] if arguments.mode == "both" else [arguments.mode]):
             run_demo(mode, arguments.sessions)
         respawns_when_asked()
         refuses_taken_port()
+        passed = True
     except Failure as failure:
         print(f"FAILED: {failure}", flush=True)
-        print(f"logs kept in {' '.join(STATE_DIRECTORIES)}", flush=True)
         return 1
-    for state in STATE_DIRECTORIES:
-        shutil.rmtree(state, ignore_errors=True)
+    finally:
+        if passed:
+            for state in STATE_DIRECTORIES:
+                shutil.rmtree(state, ignore_errors=True)
+        elif STATE_DIRECTORIES:
+            print(f"logs kept in {' '.join(STATE_DIRECTORIES)}", flush=True)
     print("demo end-to-end: passed", flush=True)
     return 0
 
