@@ -53,8 +53,11 @@ router.post("logout") { _, context -> String in
 }
 
 // 3. The manager runs as a service of the application: graceful shutdown flushes its writes.
+//    `.http1OnChannelEventLoop()`: each connection's requests run on its channel's event loop,
+//    with the memcached replies they wait for (no thread hop; handlers must not block).
 let app = Application(
     router: router,
+    server: .http1OnChannelEventLoop(),
     configuration: .init(address: .hostname("127.0.0.1", port: 8080)),
     services: [sessions]
 )

@@ -111,6 +111,10 @@ public enum AppServer {
             let app = Hummingbird.Application(
                 router: HummingbirdApp.router(
                     manager: manager, instance: options.instance, operations: operations, tracing: options.openTelemetry),
+                // Each connection's task on its channel's event loop (no hop, no executor switch
+                // between the channel, the handler and the memcached replies);
+                // MSM_CONNECTION_TASKS=global: Hummingbird's default, to measure the difference.
+                server: ProcessInfo.processInfo.environment["MSM_CONNECTION_TASKS"] == "global" ? .http1() : .http1OnChannelEventLoop(),
                 configuration: .init(address: .hostname("127.0.0.1", port: options.port)),
                 // Services stop in reverse order: the export after the manager, whose last
                 // saves' spans go out too.

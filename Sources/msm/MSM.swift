@@ -11,15 +11,18 @@ import NIOPosix
 
 @main
 enum Entry {
-    /// Where `msm serve` runs Swift concurrency's jobs. With Vapor, or with one event loop: on
-    /// NIO's loops (NIO installed as the global executor), so that a request's task, its HTTP
-    /// channel and its memcached connection share a thread and nothing hops. Hummingbird with
-    /// several loops: on Swift's own pool, the session middleware moving each handler to its
-    /// channel's loop (a task executor preference), because with NIO installed globally every
-    /// Hummingbird connection task would run on the loop that accepted it, crossing loops on every
-    /// read and write (measured: a p99 several times worse). Override with
-    /// `MSM_GLOBAL_EXECUTOR=nio|swift`. This must happen before any async work, hence a
-    /// synchronous entry point.
+    /// Where `msm serve` runs Swift concurrency's jobs. With Hummingbird, on Swift's own pool,
+    /// each connection's task bound to its channel's event loop from its first request
+    /// (`HTTPServerBuilder.http1OnChannelEventLoop()`), and the session manager's background work
+    /// to one loop: a request's task, its HTTP channel and its memcached connection share a thread,
+    /// with no hop and no executor switch (NIO installed as the global executor would run each job
+    /// as the loop's serial executor, every call into a nonisolated async function then a switch
+    /// through the loop's task queue: 312,050 instructions a sticky `/read` against 172,578, see
+    /// docs/benchmarks/instructions.md). With Vapor, which starts each request's task itself, on
+    /// NIO's loops (NIO installed as the global executor), so that the task starts on its
+    /// channel's loop. Override with `MSM_GLOBAL_EXECUTOR=nio|swift`; `MSM_CONNECTION_TASKS=global`
+    /// runs Hummingbird's connections as Hummingbird does by default (to measure the difference).
+    /// This must happen before any async work, hence a synchronous entry point.
     static func main() {
         let arguments = Array(CommandLine.arguments.dropFirst())
         if arguments.first == "serve" {
@@ -35,10 +38,9 @@ enum Entry {
                 else { return nil }
                 return "\(value)"
             }
-            var loops = ProcessInfo.processInfo.environment["NIO_SINGLETON_GROUP_LOOP_COUNT"].flatMap { Int($0) } ?? System.coreCount
+            let loops = ProcessInfo.processInfo.environment["NIO_SINGLETON_GROUP_LOOP_COUNT"].flatMap { Int($0) } ?? System.coreCount
             if let count = setting("event-loops").flatMap({ Int($0) }), count > 0 {
                 NIOSingletons.groupLoopCountSuggestion = count
-                loops = count
             } else if ProcessInfo.processInfo.environment["NIO_SINGLETON_GROUP_LOOP_COUNT"] == nil,
                 let allowed = allowedCPUCount(), allowed < loops
             {
@@ -47,13 +49,12 @@ enum Entry {
                 // turns on it. One loop per CPU it may use (measured: one loop on one core serves
                 // more requests than two, see docs/benchmarks/end-to-end.md).
                 NIOSingletons.groupLoopCountSuggestion = allowed
-                loops = allowed
             }
             // Vapor creates each request's task from its channel's loop, so there the tasks stay
             // with their channels at any loop count (measured: 5.3k against 3.7k req/s).
             let vapor = setting("framework") == "vapor"
             let choice = ProcessInfo.processInfo.environment["MSM_GLOBAL_EXECUTOR"]
-            if choice == "nio" || (choice == nil && (loops == 1 || vapor)) {
+            if choice == "nio" || (choice == nil && vapor) {
                 _ = NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
             }
         }

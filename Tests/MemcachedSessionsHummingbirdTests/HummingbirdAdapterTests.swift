@@ -137,6 +137,45 @@ struct HummingbirdAdapterTests {
         }
     }
 
+    /// `HTTPServerBuilder.http1OnChannelEventLoop()`: a connection's task runs on its channel's
+    /// event loop from its first request, before any middleware, and stays there across memcached
+    /// round trips; Hummingbird's own `.http1()` (the control) runs it elsewhere (the tests run
+    /// Swift's default global executor), so this fails if the builder binds nothing.
+    @Test(arguments: [true, false])
+    func connectionTasksRunOnTheirChannelsEventLoop(bound: Bool) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let manager = try makeManager(servers)
+            let router = Router(context: Context.self)
+            // Before any middleware: where Hummingbird runs the connection's requests.
+            router.get("where") { _, context -> String in
+                context.channelEventLoop?.inEventLoop == true ? "loop" : "elsewhere"
+            }
+            let sessions = router.group().add(middleware: MemcachedSessionMiddleware<Context>(manager: manager))
+            sessions.get("counter") { _, context -> String in
+                let before = context.channelEventLoop?.inEventLoop == true
+                let session = try await context.memcachedSessions.loadOrCreate()
+                try session.set("count", (session["count", as: Int.self] ?? 0) + 1)
+                // After the load's round trip: still on the loop.
+                return before && context.channelEventLoop?.inEventLoop == true ? "loop" : "elsewhere"
+            }
+            let app = Application(router: router, server: bound ? .http1OnChannelEventLoop() : .http1(), services: [manager])
+            try await app.test(.live) { client in
+                var cookie: String?
+                for _ in 0..<5 {
+                    let place = try await client.execute(uri: "/where", method: .get)
+                    #expect(String(buffer: place.body) == (bound ? "loop" : "elsewhere"))
+                    let counted = try await client.execute(
+                        uri: "/counter", method: .get, headers: cookie.map { [.cookie: "SESSION_ID=\($0)"] } ?? [:])
+                    cookie = cookie ?? sessionCookie(counted)
+                    // The middleware moves the handler to the loop either way.
+                    #expect(String(buffer: counted.body) == "loop")
+                }
+                let count = try await client.execute(uri: "/counter", method: .get, headers: [.cookie: "SESSION_ID=\(try #require(cookie))"])
+                #expect(String(buffer: count.body) == "loop")
+            }
+        }
+    }
+
     /// A load balancer's health check: 200 while a session can be served, 503 once no node can
     /// take one (non-sticky, its only node killed), no details; answered by the middleware added
     /// to the router, without a route of its own, and not at all when turned off.

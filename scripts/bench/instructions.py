@@ -42,6 +42,9 @@ ENDPOINTS = os.environ.get("ENDPOINTS", "hello read counter").split()
 # The endpoints whose top functions by inclusive cost are listed.
 TOP_FOR = os.environ.get("TOP_FOR", "counter").split()
 TOP_COUNT = int(os.environ.get("TOP_COUNT", "15"))
+# EVENT_LOOPS=N: `msm serve --event-loops N` (default: NIO's, one loop per core; the end-to-end runs pin
+# the server to one core, where `msm serve` runs one loop). MSM_GLOBAL_EXECUTOR passes through.
+EVENT_LOOPS = os.environ.get("EVENT_LOOPS", "")
 # REUSE=1: the dumps already in WORKDIR are read again (only the report is made anew).
 REUSE = os.environ.get("REUSE") == "1"
 
@@ -149,6 +152,8 @@ def measure(label, binary, mode, endpoint, workdir):
             arguments += ["--route", "b1"]
         if mode == "sticky-sync":
             arguments += ["--sync-saves"]
+        if EVENT_LOOPS:
+            arguments += ["--event-loops", EVENT_LOOPS]
     server = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", binary] + arguments,
         stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w"),

@@ -58,8 +58,11 @@ extension SessionManager {
             }
         }
         let access = beginRequest(path: path, sessionCookie: sessionCookie().map(String.init))
-        // Already on the event loop (NIO as the global executor), or a request that never waits
-        // for memcached: nothing to gain from hopping.
+        // Already on the event loop (`http1OnChannelEventLoop()`, or NIO as the global executor),
+        // or a request that never waits for memcached: nothing to gain from hopping. (NIO as the
+        // global executor runs jobs as the loop's serial executor; a preference taken here would
+        // spare the handler's executor switches, but measured on Vapor it changed nothing: 18,750
+        // against 18,698 req/s summed over three alternated rounds.)
         if let eventLoop, access.mayWaitForMemcached, !eventLoop.inEventLoop {
             return try await withTaskExecutorPreference(EventLoopExecutor.for(eventLoop)) {
                 await serve(access, cookie: cookie, handler)

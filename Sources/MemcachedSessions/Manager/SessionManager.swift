@@ -171,15 +171,22 @@ public final class SessionManager: Service, Sendable {
         // any task inheriting this one's task locals would see the graceful shutdown too. It is
         // stopped, and awaited, right after the flush.
         if ownsClient, let client = topology.client { startClient(client) }
-        await cancelWhenGracefulShutdown {
-            await withDiscardingTaskGroup { background in
-                background.addTask { await self.lifecycle.run() }
-                if self.lifecycle !== self.sticky {
-                    // Memory-only sessions while memcached is switched off (swept, never written).
-                    background.addTask { await self.sticky.run() }
+        // The background work (the asynchronous writer's batches, lock renewals, the nodes'
+        // watch) runs on one of the group's event loops, where the memcached client reads the
+        // replies of its round trips: no thread hop per round trip. Not over another node set (a
+        // simulated cluster runs every job on its own scheduler's thread).
+        let executor = topology.client.map { _ in EventLoopExecutor.for(eventLoopGroup.next()) }
+        await withTaskExecutorPreference(executor) {
+            await cancelWhenGracefulShutdown {
+                await withDiscardingTaskGroup { background in
+                    background.addTask { await self.lifecycle.run() }
+                    if self.lifecycle !== self.sticky {
+                        // Memory-only sessions while memcached is switched off (swept, never written).
+                        background.addTask { await self.sticky.run() }
+                    }
+                    background.addTask { await self.store.run() }
+                    background.addTask { await self.recordStatusPeriodically() }
                 }
-                background.addTask { await self.store.run() }
-                background.addTask { await self.recordStatusPeriodically() }
             }
         }
         // The writer has flushed its queue; now stop the clients.
