@@ -61,7 +61,8 @@ public struct MemcachedSessionMiddleware<Context: MemcachedSessionRequestContext
     public let manager: SessionManager
     /// The session cookie: the one given, else the manager's (`SessionManager.Configuration.cookie`).
     public let cookie: SessionCookie
-    /// Whether the handler runs on its channel's event loop (when the context knows it).
+    /// Whether the handler runs on its channel's event loop (when the context knows it). Under
+    /// `HTTPServerBuilder.http1OnChannelEventLoop()` it already does, whatever this says.
     public let runsOnChannelEventLoop: Bool
     /// The path of the health check it answers (nil: none).
     public let healthPath: String?

@@ -138,9 +138,11 @@ struct HummingbirdAdapterTests {
     }
 
     /// `HTTPServerBuilder.http1OnChannelEventLoop()`: a connection's task runs on its channel's
-    /// event loop from its first request, before any middleware, and stays there across memcached
-    /// round trips; Hummingbird's own `.http1()` (the control) runs it elsewhere (the tests run
-    /// Swift's default global executor), so this fails if the builder binds nothing.
+    /// event loop from its first request, before any middleware (`/where`, between requests that
+    /// made memcached round trips); Hummingbird's own `.http1()` (the control) runs it elsewhere
+    /// (the tests run Swift's default global executor), so this fails if the builder binds
+    /// nothing. Behind the middleware the handler is on the loop either way (it moves it there),
+    /// before and after its session's round trip.
     @Test(arguments: [true, false])
     func connectionTasksRunOnTheirChannelsEventLoop(bound: Bool) async throws {
         try await withMemcachedServers(count: 2) { servers in

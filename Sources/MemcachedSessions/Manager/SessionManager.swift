@@ -40,7 +40,9 @@ public final class SessionManager: Service, Sendable {
     let ignoredPaths: PathPattern?
     let ownsClient: Bool
 
-    /// Creates a manager with its own memcached client over the configured nodes.
+    /// Creates a manager with its own memcached client over the configured nodes, on
+    /// `eventLoopGroup`, which must outlive ``run()``: the client's connections and the manager's
+    /// background work (run on one of its loops) end with it.
     /// - Throws: ``SessionError/Code/invalidConfiguration`` naming the setting at fault.
     public convenience init(
         configuration: Configuration,
@@ -173,19 +175,23 @@ public final class SessionManager: Service, Sendable {
         if ownsClient, let client = topology.client { startClient(client) }
         // The background work (the asynchronous writer's batches, lock renewals, the nodes'
         // watch) runs on one of the group's event loops, where the memcached client reads the
-        // replies of its round trips: no thread hop per round trip. Not over another node set (a
-        // simulated cluster runs every job on its own scheduler's thread).
-        let executor = topology.client.map { _ in EventLoopExecutor.for(eventLoopGroup.next()) }
-        await withTaskExecutorPreference(executor) {
-            await cancelWhenGracefulShutdown {
-                await withDiscardingTaskGroup { background in
-                    background.addTask { await self.lifecycle.run() }
-                    if self.lifecycle !== self.sticky {
-                        // Memory-only sessions while memcached is switched off (swept, never written).
-                        background.addTask { await self.sticky.run() }
+        // replies of its round trips: no thread hop per round trip. Only over the client this
+        // manager made on that group (a caller's client may run on another group; a simulated
+        // cluster runs every job on its own scheduler's thread). The group must outlive `run()`:
+        // NIO drops the jobs of a loop that has shut down.
+        let executor = ownsClient ? topology.client.map { _ in EventLoopExecutor.for(eventLoopGroup.next()) } : nil
+        await Self.$backgroundExecutor.withValue(executor) {
+            await withTaskExecutorPreference(executor) {
+                await cancelWhenGracefulShutdown {
+                    await withDiscardingTaskGroup { background in
+                        background.addTask { await self.lifecycle.run() }
+                        if self.lifecycle !== self.sticky {
+                            // Memory-only sessions while memcached is switched off (swept, never written).
+                            background.addTask { await self.sticky.run() }
+                        }
+                        background.addTask { await self.store.run() }
+                        background.addTask { await self.recordStatusPeriodically() }
                     }
-                    background.addTask { await self.store.run() }
-                    background.addTask { await self.recordStatusPeriodically() }
                 }
             }
         }
@@ -288,6 +294,10 @@ extension SessionManager {
 
     /// Set for the asynchronous writer's work: its round trips are not waited for by a request.
     @TaskLocal static var isBackgroundWork = false
+
+    /// The executor ``run()`` runs the background work on (an event loop's), if any: for the
+    /// detached tasks of that work, which do not inherit the preference.
+    @TaskLocal static var backgroundExecutor: (any TaskExecutor)?
 
     /// Set while a request ends: its memcached requests complete even if the request's task is
     /// cancelled (the client went away), so that locks are released and changes saved.

@@ -117,8 +117,9 @@ final class AsynchronousWriter: Sendable {
 
     private func write(_ batch: [MemcachedSession], with write: @escaping @Sendable ([MemcachedSession]) async -> Void) async {
         // Detached: the writer is cancelled to make it flush, and a cancelled task's memcached
-        // requests fail at once; the batch's writes must not inherit that.
-        await Task.detached {
+        // requests fail at once; the batch's writes must not inherit that. On the event loop the
+        // manager's background work runs on (a detached task does not inherit the preference).
+        await Task.detached(executorPreference: SessionManager.backgroundExecutor) {
             await SessionManager.$isBackgroundWork.withValue(true) {
                 await write(batch)
             }

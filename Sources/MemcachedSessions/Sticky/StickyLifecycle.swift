@@ -76,10 +76,14 @@ final class StickyLifecycle: SessionLifecycle {
     }
 
     private func sweepPeriodically() async {
-        while !Task.isCancelled {
-            do { try await clock.sleep(for: .seconds(5)) } catch { return }
-            let removed = localStore.sweep(now: currentTimeMillis())
-            if removed > 0 { statistics.count(.sessionsExpired, removed) }
+        // Off the event loop the background work runs on: a sweep walks every session held (up
+        // to `localSessionLimit`), which would hold up that loop's connections.
+        await withTaskExecutorPreference(SessionManager.backgroundExecutor == nil ? nil : globalConcurrentExecutor) {
+            while !Task.isCancelled {
+                do { try await clock.sleep(for: .seconds(5)) } catch { return }
+                let removed = localStore.sweep(now: currentTimeMillis())
+                if removed > 0 { statistics.count(.sessionsExpired, removed) }
+            }
         }
     }
 
