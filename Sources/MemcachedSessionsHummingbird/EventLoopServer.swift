@@ -37,7 +37,7 @@ extension HTTPServerBuilder {
 }
 
 /// A server's child channel setup whose connections' tasks run on their channels' event loops
-/// (see ``HummingbirdCore/HTTPServerBuilder/http1OnChannelEventLoop(configuration:)``), around any
+/// (see `HTTPServerBuilder.http1OnChannelEventLoop(configuration:)`), around any
 /// other one:
 ///
 /// ```swift
