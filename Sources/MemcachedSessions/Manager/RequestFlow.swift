@@ -62,7 +62,7 @@ extension SessionManager {
         // or a request that never waits for memcached: nothing to gain from hopping. (NIO as the
         // global executor runs jobs as the loop's serial executor; a preference taken here would
         // spare the handler's executor switches, but measured on Vapor it changed nothing: 18,750
-        // against 18,698 req/s summed over three alternated rounds,
+        // against 18,697 req/s summed over three alternated rounds, against the build before,
         // bench-results/ab-2026-12-06-connections-on-loop.txt.)
         if let eventLoop, access.mayWaitForMemcached, !eventLoop.inEventLoop {
             return try await withTaskExecutorPreference(EventLoopExecutor.for(eventLoop)) {
