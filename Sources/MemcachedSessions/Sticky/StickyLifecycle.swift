@@ -78,12 +78,18 @@ final class StickyLifecycle: SessionLifecycle {
     private func sweepPeriodically() async {
         // Off the event loop the background work runs on: a sweep walks every session held (up
         // to `localSessionLimit`), which would hold up that loop's connections.
-        await withTaskExecutorPreference(SessionManager.backgroundExecutor == nil ? nil : globalConcurrentExecutor) {
-            while !Task.isCancelled {
-                do { try await clock.sleep(for: .seconds(5)) } catch { return }
-                let removed = localStore.sweep(now: currentTimeMillis())
-                if removed > 0 { statistics.count(.sessionsExpired, removed) }
-            }
+        if SessionManager.backgroundExecutor != nil {
+            await withTaskExecutorPreference(globalConcurrentExecutor) { await sweepEvery5Seconds() }
+        } else {
+            await sweepEvery5Seconds()
+        }
+    }
+
+    private func sweepEvery5Seconds() async {
+        while !Task.isCancelled {
+            do { try await clock.sleep(for: .seconds(5)) } catch { return }
+            let removed = localStore.sweep(now: currentTimeMillis())
+            if removed > 0 { statistics.count(.sessionsExpired, removed) }
         }
     }
 
