@@ -374,7 +374,7 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
                         stalled = true  // (the rest of this batch is applied with it, later)
                     case nil:
                         results[index] = self.apply(request)
-                        self.observer?("\(self.id) applied \(Self.summary(request))")
+                        self.observer?("\(self.id) applied \(Self.summary(request)) → \(Self.summary(results[index]))")
                     }
                 }
                 if replyLost || timedOut { return }  // the deadline answers
@@ -408,6 +408,22 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
         case .noop: "mn"
         case .version: "version"
         case .stats: "stats"
+        }
+    }
+
+    /// A reply, for histories: the outcome and CAS unique, never a value.
+    static func summary(_ result: Result<MemcachedResponse, MemcachedError>?) -> String {
+        switch result {
+        case .success(.item(let item?))?: "HIT C\(item.cas.map(String.init) ?? "-") F\(item.flags)"
+        case .success(.item(nil))?: "MISS"
+        case .success(.stored(.stored(let cas)))?: "STORED C\(cas.map(String.init) ?? "-")"
+        case .success(.stored(.notStored))?: "NOT_STORED"
+        case .success(.stored(.exists))?: "EXISTS"
+        case .success(.stored(let other))?: "\(other)"
+        case .success(.deleted(let outcome))?: "\(outcome)"
+        case .success(let other)?: "\(other)".prefix(40).description
+        case .failure(let error)?: "\(error.code)"
+        case nil: "-"
         }
     }
 

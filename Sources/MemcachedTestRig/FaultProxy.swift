@@ -25,6 +25,10 @@ public final class FaultProxy: Sendable {
         /// When set, only replies to requests containing these bytes are cut (on the connection
         /// that sent them), not whatever reply comes next (a probe's, a stats poll's).
         public var cutOnlyAfter: [UInt8]? = nil
+        /// While stalled, what a client sent before it closed its connection (a timeout) is still
+        /// delivered at the resume, as bytes in flight in a network are; the server's side closes
+        /// after. (Otherwise a client's close drops what is held.)
+        public var deliversAfterClientCloses = false
         public init() {}
     }
 
@@ -146,7 +150,7 @@ public final class FaultProxy: Sendable {
                 self.state.withLockedValue { $0.connections[ObjectIdentifier(pair)] = pair }
                 try inbound.pipeline.syncOperations.addHandler(Forwarder(pair: pair, towardServer: true))
                 try outbound.pipeline.syncOperations.addHandler(Forwarder(pair: pair, towardServer: false))
-                inbound.closeFuture.whenComplete { _ in pair.close() }
+                inbound.closeFuture.whenComplete { _ in pair.clientClosed() }
                 outbound.closeFuture.whenComplete { _ in pair.close() }
                 // The client side reads once it is active (it registers after this initializer);
                 // the server side is active already.
@@ -168,6 +172,8 @@ public final class FaultProxy: Sendable {
             var lastRelease = NIODeadline.distantPast
             /// Replies to cut on this connection (armed by marked requests).
             var armedCuts = 0
+            /// The client closed; what it sent goes to the server at the resume, then the server's side closes.
+            var clientGone = false
         }
         // Touched on the pair's event loop only; the box makes that checkable, not racy.
         private let held = NIOLockedValueBox(Held())
@@ -180,6 +186,18 @@ public final class FaultProxy: Sendable {
 
         var eventLoop: any EventLoop { inbound.eventLoop }
         var heldCount: Int { held.withLockedValue { $0.chunks.count } }
+
+        /// The client side closed: both sides close, unless what it sent is held for the server
+        /// (``Faults/deliversAfterClientCloses``).
+        func clientClosed() {
+            let faults = proxy.faults
+            let keep = faults.stalled && faults.deliversAfterClientCloses && held.withLockedValue { held in
+                guard held.chunks.contains(where: { $0.towardServer }) else { return false }
+                held.clientGone = true
+                return true
+            }
+            if !keep { close() }
+        }
 
         func close() {
             proxy.forget(self)
@@ -225,11 +243,15 @@ public final class FaultProxy: Sendable {
 
         private func flushNow() {
             guard !proxy.faults.stalled else { return }
-            let chunks = held.withLockedValue { held in
+            let (chunks, clientGone) = held.withLockedValue { held in
                 defer { held.chunks = [] }
-                return held.chunks
+                return (held.chunks, held.clientGone)
             }
-            for (chunk, towardServer) in chunks { write(chunk, towardServer: towardServer) }
+            for (chunk, towardServer) in chunks where towardServer || !clientGone { write(chunk, towardServer: towardServer) }
+            if clientGone {
+                // What the server answers goes nowhere; give it a moment to read what was sent.
+                eventLoop.scheduleTask(in: .milliseconds(200)) { self.close() }
+            }
         }
 
         private func flushOne() {

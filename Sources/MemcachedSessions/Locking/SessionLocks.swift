@@ -252,24 +252,63 @@ final class SessionLocks: SessionManagerPart {
     /// still holds this request's random token it is ours, and is deleted under its current CAS.
     /// Someone else's lock (ours expired and was taken) is left alone. Without this the lock
     /// would linger until it expires, blocking the session's next requests.
-    func releaseAfterConflict(_ lock: HeldLock, node: any MemcachedNodeCommandRunner) async {
+    ///
+    /// - Returns: whether the lock was still this request's (it held this request's token).
+    @discardableResult
+    func releaseAfterConflict(_ lock: HeldLock, node: any MemcachedNodeCommandRunner) async -> Bool {
         defer { statistics.count(.lockReleaseRaces) }
         for _ in 0..<3 {
             var read = MemcachedRequest.get(lock.key)
             read.honorsCancellation = false
-            guard case .success(.item(let item?)) = await node.executeBatch([read])[0] else { return }  // gone, or unreachable
-            guard item.value.readableBytesView.elementsEqual(lock.token.utf8) else { return }  // not ours
+            guard case .success(.item(let item?)) = await node.executeBatch([read])[0] else { return false }  // gone, or unreachable
+            guard item.value.readableBytesView.elementsEqual(lock.token.utf8) else { return false }  // not ours
             var delete = MemcachedRequest.delete(lock.key, cas: item.cas)
             delete.honorsCancellation = false
             switch await node.executeBatch([delete])[0] {
             case .success(.deleted(.exists)): continue
             case .success(.deleted(.deleted)):
                 statistics.count(.locksReleased)
-                return
-            default: return
+                return true
+            default: return true
             }
         }
         statistics.count(.lockReleaseFailures)
+        return true
+    }
+
+    /// What the release that rode with a session's write says about that write: whether the lock
+    /// was still this request's when the write was applied. The release follows the write in the
+    /// same batch and is conditional on the lock's CAS unique, which any other acquisition of the
+    /// lock changes; so a release that deletes the lock shows it was held, without a gap, up to
+    /// the write. `EX` is this request's lock under a renewal whose reply was lost, or another
+    /// request's: the lock is read back (``releaseAfterConflict(_:node:)``). A lock found gone
+    /// (evicted; expired) or another's was not held: the write did not keep out a concurrent
+    /// locked request. No answer: not known to be held.
+    ///
+    /// The simulation, seed 6285: a lock was evicted while its request ran; a second request took
+    /// the lock and restored the session (evicted too) from its backup; the first request's write
+    /// then met that copy and, its lock released with the failed write, merged onto it: two locked
+    /// increments both answered the same count.
+    func releaseConfirmsHold(
+        _ result: Result<MemcachedResponse, MemcachedError>, lock: HeldLock, node: any MemcachedNodeCommandRunner
+    ) async -> Bool {
+        switch result {
+        case .success(.deleted(.deleted)):
+            statistics.count(.locksReleased)
+            return true
+        case .success(.deleted(.exists)):
+            if await releaseAfterConflict(lock, node: node) { return true }
+            statistics.count(.locksLost)
+            return false
+        case .success(.deleted):
+            statistics.count(.locksLost)
+            return false
+        case .failure(let error):
+            if !error.meansNodeUnreachable { statistics.count(.lockReleaseFailures) }
+            return false
+        case .success:
+            return false
+        }
     }
 
     /// Renews one lock's lease: a CAS write of the same token, so it only succeeds for the owner.

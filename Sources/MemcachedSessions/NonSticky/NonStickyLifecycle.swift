@@ -343,6 +343,15 @@ final class NonStickyLifecycle: SessionLifecycle {
                 }
                 _ = try context.unavailable(id: id, cause: "the session could be saved on no node (\(error.code))")
                 return incoming == nil ? .unchanged : SessionResponseAction(cookie: .clear)
+            case .unguarded:
+                // Written, but not under the lock (``SessionStore/save``): it may or may not
+                // survive. Its backup (not written) is behind it: the next read here checks the
+                // backup's version.
+                store.backupMemo.forget(keys.backup)
+                statistics.count(.unavailable)
+                throw SessionError(
+                    code: .lockUnavailable,
+                    message: "the session's lock was lost before this request's write landed: its changes may not have been saved")
             case .moved:
                 // Moved again and again while this request ran (its relocations are bounded).
                 if let lockWithWrite { await locks.release(lockWithWrite) }

@@ -435,8 +435,9 @@ final class StickyLifecycle: SessionLifecycle {
         case .refused(let error):
             logger.warning("session not saved", metadata: ["reason": "\(error.message)"])
             if synchronous { throw error }
-        case .moved:
-            // Not in sticky mode (a missing copy is written again from memory): tried again.
+        case .moved, .unguarded:
+            // Not in sticky mode (a missing copy is written again from memory; no locks): tried
+            // again.
             writer.retryLater(session)
         case .unreachable(let error, _):
             // Every node is down: the session keeps living in memory; the writer tries again

@@ -62,9 +62,17 @@ extension SessionStore {
     /// (So do the rounds' CAS writes, over a connection opened before their read.) Not with
     /// ``SessionManager/Configuration/reusesBackupCAS`` off, for stores or proxies that keep a
     /// client's connections open across a restart of the memcached behind them.
+    ///
+    /// `secondsLeft` (a write left for later, ``LeftoverCopies``): the seconds its backup has left
+    /// to live. The write the node did not answer may have landed since, late, with its whole TTL
+    /// counted from its landing (a frozen node applies what it buffered when it thaws): a copy of
+    /// this version found living longer gets its end back (a CAS write of the same bytes). A
+    /// backup that outlives its session would bring it back past its idle timeout (the
+    /// simulation, seed 6911: the backup node froze under a write, and after the primary's node
+    /// restarted, a request 14 s idle found a 10 s session again).
     func writeBackupInOrder(
         key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL,
-        nodeID: String? = nil, lastWrite: BackupMemo.Written? = nil
+        nodeID: String? = nil, lastWrite: BackupMemo.Written? = nil, secondsLeft: Int? = nil
     ) async -> Bool {
         let affinity = Self.affinity(of: key)
         func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
@@ -118,12 +126,16 @@ extension SessionStore {
             case .success(.item(nil)):
                 write = .store(key, value: bytes, mode: .add, ttl: ttl, flags: flags)
             case .success(.item(let item?)):
-                // Ended (a logout's tombstone), or as new already: nothing to do.
-                if item.flags == Self.tombstoneFlags || item.flags >= flags {
+                if item.flags == flags, let secondsLeft, let living = item.timeToLive, living < 0 || living > secondsLeft + 1 {
+                    // This write, landed late: its end back where it belongs.
+                    write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
+                } else if item.flags == Self.tombstoneFlags || item.flags >= flags {
+                    // Ended (a logout's tombstone), or as new already: nothing to do.
                     statistics.count(.backupsOutdated)
                     return true
+                } else {
+                    write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
                 }
-                write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
                 // Over a connection opened before the read: one that reaches the same run of the
                 // server (a restarted one counts CAS uniques from the start again).
                 write.connectionGenerationLimit = readGeneration

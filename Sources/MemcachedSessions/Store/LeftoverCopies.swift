@@ -163,14 +163,41 @@ extension SessionStore {
             }
         case .backup(let bytes, let flags, let expiresAt):
             var ttl = MemcachedTTL.never
+            var secondsLeft: Int? = nil
             if let expiresAt {
                 let left = (expiresAt - currentTimeMillis()) / 1000
-                guard left > 0 else { return true }  // its session has expired by now
+                guard left > 0 else {
+                    // Its session has expired by now; the write the node did not answer must not
+                    // have landed late and be living on.
+                    return await deleteLateBackup(key: entry.key, flags: flags, on: node)
+                }
                 ttl = .seconds(Int(left))
+                secondsLeft = Int(left)
             }
-            guard await writeBackupInOrder(key: entry.key, on: node, bytes: bytes, flags: flags, ttl: ttl) else { return false }
+            guard await writeBackupInOrder(key: entry.key, on: node, bytes: bytes, flags: flags, ttl: ttl, secondsLeft: secondsLeft)
+            else { return false }
             statistics.count(.leftoversCleaned)
             return true
+        }
+    }
+
+    /// Deletes the backup at `key` if it is of version `flags` (a write the node did not answer,
+    /// landed late, past its end); false when the node did not answer.
+    private func deleteLateBackup(key: String, flags: UInt32, on node: any MemcachedNodeCommandRunner) async -> Bool {
+        var read = MemcachedRequest.getMetadata(key)
+        read.honorsCancellation = false
+        switch await node.executeBatch([prepared(read)])[0] {
+        case .success(.item(let item?)):
+            guard item.flags == flags else { return true }
+            var delete = MemcachedRequest.delete(key, cas: item.cas)
+            delete.honorsCancellation = false
+            guard case .success = await node.executeBatch([prepared(delete)])[0] else { return false }
+            statistics.count(.leftoversCleaned)
+            return true
+        case .success:
+            return true
+        case .failure:
+            return false
         }
     }
 

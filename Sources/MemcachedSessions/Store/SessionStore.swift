@@ -48,6 +48,10 @@ enum SaveOutcome: Sendable {
     /// Not stored: a concurrent request moved the session to this node meanwhile (non-sticky);
     /// the changes go there.
     case moved(to: String)
+    /// Stored, but the request's lock was no longer its own when the write was applied (evicted,
+    /// or expired and taken): a locked request that read the copy before the write may merge its
+    /// changes over it. Never acknowledged as saved.
+    case unguarded
 }
 
 /// The sessions' copies in memcached, above the command-level seam (``MemcachedNodeSet``): reads
@@ -341,13 +345,22 @@ final class SessionStore: SessionManagerPart {
         }
     }
 
-    /// One store on one node; `extra` requests (quiet lock releases) ride in the same write.
+    /// One store on one node.
+    func writeStored(
+        key: String, on nodeID: String, bytes: ByteBuffer, ttl: MemcachedTTL, flags: UInt32 = 0, casUnique: UInt64?, add: Bool
+    ) async -> StoredWrite {
+        await writeStored(key: key, on: nodeID, bytes: bytes, ttl: ttl, flags: flags, casUnique: casUnique, add: add, releasing: nil).write
+    }
+
+    /// One store on one node, with `lock`'s release (when given) riding in the same write.
+    /// `lockHeld`: whether the release showed the lock still this request's when the write was
+    /// applied (``SessionLocks/releaseConfirmsHold(_:lock:node:)``); true without a lock.
     func writeStored(
         key: String, on nodeID: String, bytes: ByteBuffer, ttl: MemcachedTTL, flags: UInt32 = 0, casUnique: UInt64?, add: Bool,
-        releasing lock: HeldLock? = nil
-    ) async -> StoredWrite {
+        releasing lock: HeldLock?
+    ) async -> (write: StoredWrite, lockHeld: Bool) {
         guard let node = topology.node(nodeID) else {
-            return .unreachable(MemcachedError(code: .unknownNode, message: "no node \(nodeID)"))
+            return (.unreachable(MemcachedError(code: .unknownNode, message: "no node \(nodeID)")), lock == nil)
         }
         var request = MemcachedRequest.store(
             key, value: bytes, mode: add && casUnique == nil ? .add : .set, ttl: ttl, flags: flags, cas: casUnique)
@@ -355,11 +368,12 @@ final class SessionStore: SessionManagerPart {
         request = prepared(request)
         countRoundTrip()
         let result: Result<MemcachedResponse, MemcachedError>
+        var lockHeld = true
         if let lock {
             let release = prepared(await locks.releaseRequest(lock))
             let results = await node.executeBatch([request, release])
             result = results[0]
-            locks.releaseAnswered(results[1], lock: lock, node: node)
+            lockHeld = await locks.releaseConfirmsHold(results[1], lock: lock, node: node)
         } else {
             do {
                 result = .success(try await node.execute(request))
@@ -372,16 +386,16 @@ final class SessionStore: SessionManagerPart {
             switch outcome {
             case .stored(let cas):
                 statistics.count(.bytesWritten, bytes.readableBytes)
-                return .stored(casUnique: cas)
-            case .exists, .notStored: return .conflict
-            case .notFound: return .gone
+                return (.stored(casUnique: cas), lockHeld)
+            case .exists, .notStored: return (.conflict, lockHeld)
+            case .notFound: return (.gone, lockHeld)
             }
         case .success:
-            return .unreachable(MemcachedError(code: .protocolError, message: "unexpected reply to a store"))
+            return (.unreachable(MemcachedError(code: .protocolError, message: "unexpected reply to a store")), lockHeld)
         case .failure(let error):
-            if error.code == .valueTooLarge { return .tooLarge(error) }
+            if error.code == .valueTooLarge { return (.tooLarge(error), lockHeld) }
             // Unreachable or refused (a server error such as out of memory): either way not stored.
-            return .unreachable(error)
+            return (.unreachable(error), lockHeld)
         }
     }
 
@@ -430,9 +444,27 @@ final class SessionStore: SessionManagerPart {
             } catch {
                 return .refused(error)
             }
-            let result = await writeStored(
+            let (result, lockHeld) = await writeStored(
                 key: keys.primary, on: nodeID, bytes: bytes, ttl: Self.primaryTTL(record.metadata, now: now),
                 flags: Self.primaryFlags(record.metadata), casUnique: casUnique, add: add, releasing: lock)
+            if let held = lock, !lockHeld {
+                // The lock was no longer this request's when the write was applied (evicted, or
+                // expired and taken): it kept no locked request out. A write that landed may be
+                // merged over by one that read the copy before it; one that did not is refused
+                // (merging or writing again now could lose a locked request's change, or ours).
+                switch result {
+                case .stored:
+                    locks.released(held)
+                    statistics.count(.writes)
+                    return .unguarded
+                case .conflict, .gone:
+                    locks.released(held)
+                    statistics.count(.lockConflicts)
+                    return .refused(SessionLocks.conflictError)
+                case .tooLarge, .unreachable:
+                    break
+                }
+            }
             switch result {
             case .stored(let newCas):
                 if let lock { locks.released(lock) }
@@ -442,6 +474,41 @@ final class SessionStore: SessionManagerPart {
             case .gone:
                 switch await lostCopy() {
                 case .rewrite:
+                    if let held = lock {
+                        // The copy was lost (evicted, its node restarted) while this request held
+                        // its lock; the release rode with the failed write, so the lock is free
+                        // now: the session is written again only under the lock taken again, and
+                        // only if nobody placed a copy since (a locked request that restored it
+                        // from its backup: this request's changes would be merged onto a copy
+                        // made from the same version, and one of the two lost).
+                        locks.released(held)
+                        lock = nil
+                        let relocked: (HeldLock?, StoredRead)
+                        do {
+                            relocked = try await locks.lockAndRead(keys: keys, nodeID: nodeID, touch: nil)
+                        } catch {
+                            return .refused(error)
+                        }
+                        lock = relocked.0
+                        if let newLock = lock {
+                            switch relocked.1 {
+                            case .missing:
+                                break
+                            case .found:
+                                await locks.release(newLock)
+                                statistics.count(.lockConflicts)
+                                return .refused(SessionLocks.conflictError)
+                            case .tombstone:
+                                await locks.release(newLock)
+                                return .gone
+                            case .unreachable(let error):
+                                await locks.release(newLock)
+                                statistics.count(.writeFailures)
+                                return .unreachable(error, afterConflict: true)
+                            }
+                        }
+                        // No lock: the failure policy let the request proceed without it.
+                    }
                     casUnique = nil
                     add = true
                     continue

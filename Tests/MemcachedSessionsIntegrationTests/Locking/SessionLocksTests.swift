@@ -171,12 +171,17 @@ struct SessionLocksTests {
                         try await node.get(keys.lock) == nil
                     }
 
-                    // Someone else's token: the lock expired and another request took it.
-                    try await manager.request(&browser) { access in
-                        let session = try #require(try await access.load())
-                        try await node.set(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30))
-                        if modifies { try session.set("count", 8) }
+                    // Someone else's token: the lock expired and another request took it. A write
+                    // that landed without the lock is not acknowledged (that request may have
+                    // read the copy before it).
+                    let error = await sessionError {
+                        try await manager.request(&browser) { access in
+                            let session = try #require(try await access.load())
+                            try await node.set(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30))
+                            if modifies { try session.set("count", 8) }
+                        }
                     }
+                    #expect(error?.code == (modifies ? .lockUnavailable : nil))
                     try await eventually(timeout: .seconds(3), "the second release is done") {
                         manager.statistics.value(of: .lockReleaseRaces) == 2
                     }
@@ -319,6 +324,90 @@ struct SessionLocksTests {
                     #expect(refused?.code == .lockUnavailable)
                     #expect(managers[0].statistics.value(of: .lockConflicts) == 1)
                     #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil)
+                }
+            }
+        }
+    }
+
+    /// memcached may evict a held lock (its lease says nothing of that). A locked request that
+    /// took the lock meanwhile changed the session; the first request's write then meets that
+    /// change, and its release (riding with the write) finds no lock: its lock kept nobody out,
+    /// so its changes are refused, not merged over the other request's. (Merged, both requests
+    /// would have answered from the same count: the simulation, seed 6285.)
+    @Test func aLockEvictedWhileItsRequestRunsRefusesTheWriteOverALockedChange() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let locked = try configuration(servers) { $0.locking.mode = .all }
+            try await withManagers([locked, locked]) { managers in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await managers[0].increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = managers[0].keys(for: id.token)
+                    let lostBefore = managers[0].statistics.value(of: .locksLost)
+                    let error = try await lockedRequest(managers[0], browser) {
+                        _ = try await inspector.node(id.nodeID).delete(keys.lock)  // evicted
+                        var other = browser
+                        #expect(try await managers[1].increment(&other) == 2, "a locked request, with the lock free")
+                    }
+                    #expect(error?.code == .lockUnavailable, "refused, not merged over the other locked request's change")
+                    #expect(managers[0].statistics.value(of: .locksLost) == lostBefore + 1)
+                    var reader = browser
+                    #expect(try await managers[1].readCount(&reader) == 2, "the other request's change stands")
+                    #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil)
+                }
+            }
+        }
+    }
+
+    /// A lock evicted while its request ran, and nobody wrote meanwhile: the write lands (a CAS
+    /// write over the copy read), but a locked request may have read that copy before it and
+    /// would merge its changes over it; so the request is not told "saved", but "may not have
+    /// been saved".
+    @Test func aWriteItsEvictedLockDidNotGuardIsNotAcknowledged() async throws {
+        try await withMemcachedServers(count: 1) { servers in
+            let locked = try configuration(servers) { $0.locking.mode = .all }
+            try await withManager(locked) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let error = try await lockedRequest(manager, browser) {
+                        _ = try await inspector.node(id.nodeID).delete(keys.lock)  // evicted
+                    }
+                    #expect(error?.code == .lockUnavailable)
+                    #expect(error?.message.contains("may not have been saved") == true)
+                    var reader = browser
+                    #expect(try await manager.readCount(&reader) == 100, "it landed")
+                    // With the lock in place the same request is acknowledged.
+                    #expect(try await lockedRequest(manager, browser, setting: 200) {} == nil)
+                    #expect(try await manager.readCount(&reader) == 200)
+                }
+            }
+        }
+    }
+
+    /// The session's copy evicted while its request holds the lock: the write finds it gone, and
+    /// its release rode with it; the session is written again (an add) only under the lock taken
+    /// again, and the request is acknowledged.
+    @Test func aCopyEvictedUnderItsLockIsWrittenAgainUnderTheLockTakenAgain() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let locked = try configuration(servers) { $0.locking.mode = .all }
+            try await withManager(locked) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await manager.increment(&browser)
+                    let id = try #require(browser.id)
+                    let keys = manager.keys(for: id.token)
+                    let acquiredBefore = manager.statistics.value(of: .locksAcquired)
+                    let error = try await lockedRequest(manager, browser) {
+                        _ = try await inspector.node(id.nodeID).delete(keys.primary)  // evicted
+                    }
+                    #expect(error == nil)
+                    #expect(manager.statistics.value(of: .locksAcquired) == acquiredBefore + 2, "taken again for the rewrite")
+                    var reader = browser
+                    #expect(try await manager.readCount(&reader) == 100)
+                    #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil, "the lock taken again was released")
                 }
             }
         }

@@ -380,4 +380,57 @@ struct BackupsTests {
             }
         }
     }
+
+    /// A backup write to a stalled node gets no answer and is left for later; the node applies
+    /// the write when its connection moves again, with its whole TTL counted from then, so the
+    /// backup would outlive its session by the stall (and a restore could bring the session back
+    /// idle past its timeout: the simulation, seed 6911). The write left for later gives that copy
+    /// its original end back. (A node frozen with `SIGSTOP` stamps what it buffered with the
+    /// clock it stopped with: the stall is the network's.)
+    @Test func aBackupWriteThatLandsLateGetsItsOriginalEndBack() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let proxy = try await FaultProxy.start(port: servers[1].port)
+            defer { proxy.stop() }
+            // n1 direct, n2 (its backups) behind the proxy. Idle 20 s: refresh window 5 s, backup TTL 31 s.
+            var config = try SessionManager.Configuration(nodes: "n1:\(servers[0].hostAndPort),n2:\(proxy.hostAndPort)")
+            config.mode = .nonSticky
+            config.failoverNodes = ["n2"]
+            config.timeouts.idle = .seconds(20)
+            config.memcached.requestTimeout = .seconds(1)
+            config.memcached.probeInterval = .milliseconds(100)
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    #expect(try await manager.increment(&browser) == 1)
+                    let id = try #require(browser.id)
+                    #expect(id.nodeID == "n1")
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = try inspector.node("n2")
+                    func backup() async throws -> MemcachedItem? {
+                        guard case .item(let item?) = try await backupNode.execute(.getMetadata(keys.backup)) else { return nil }
+                        return item
+                    }
+                    try await eventually("the first backup") { try await backup()?.flags == 1 }
+                    proxy.update {
+                        $0.stalled = true
+                        $0.deliversAfterClientCloses = true
+                    }
+                    let written = ContinuousClock.now
+                    #expect(try await manager.increment(&browser) == 2, "answered without the backup node")
+                    // Stalled for 4 s in all: the held write lands 4 s late.
+                    try await Task.sleep(until: written + .seconds(4))
+                    proxy.resume()
+                    try await eventually("the late write landed") { try await backup()?.flags == 2 }
+                    try await eventually(timeout: .seconds(15), "its end back where it was") {
+                        guard let left = try await backup()?.timeToLive else { return false }
+                        // 31 s from the write, not from the resume (memcached's clock ticks once a
+                        // second; one more for the time between the write and `written`).
+                        let elapsed = Int((ContinuousClock.now - written).components.seconds)
+                        return left <= 31 - elapsed + 2
+                    }
+                    #expect(try await manager.readCount(&browser) == 2)
+                }
+            }
+        }
+    }
 }
