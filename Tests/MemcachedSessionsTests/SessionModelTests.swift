@@ -65,6 +65,48 @@ struct SessionModelTests {
         #expect(session.snapshotForSave(now: 6).changes.keys.sorted() == ["a"])
     }
 
+    /// Two requests of a sticky session on one instance save the shared copy concurrently; the
+    /// later save's acknowledgement is applied first (their tasks may resume in either order).
+    /// The earlier one's, applied after, must not take the copy back to its older record and CAS
+    /// unique (the simulation, sticky-sync seed 657: an attribute vanished from memory).
+    @Test func anOlderSavesAcknowledgementAfterANewerOneChangesNothing() throws {
+        let session = try Self.session()
+        try session.set("a", 1)
+        let first = session.snapshotForSave(now: 5)  // version 4: a
+        try session.set("b", 2)
+        let second = session.snapshotForSave(now: 6)  // version 4: a and b
+        // The first landed as version 4; the second met it, merged, landed as version 5.
+        var merged = second.record
+        merged.metadata.version = 5
+        session.markSaved(second, saved: merged, casUnique: 12)
+        session.markSaved(first, saved: first.record, casUnique: 11)
+        #expect(session["a", as: Int.self] == 1)
+        #expect(session["b", as: Int.self] == 2, "not taken back to the first save's record")
+        #expect(session.storedCasUnique == 12)
+        #expect(!session.hasUnsavedChanges)
+    }
+
+    /// A newer stored copy replaces the local one only while it has no change of its own, in
+    /// one look (a change made between a check and the replacement would be lost).
+    @Test func aNewerStoredCopyReplacesOnlyAnUnchangedLocalOne() throws {
+        let codec = BinarySessionCodec()
+        let session = try Self.session()
+        var newer = SessionRecord(
+            metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 8, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 4),
+            attributes: ["c": try codec.encodeValue(7)])
+        try session.set("a", 1)
+        #expect(!session.replaceIfNewerAndUnchanged(with: newer, casUnique: 20))
+        #expect(session["a", as: Int.self] == 1)
+        let snapshot = session.snapshotForSave(now: 5)
+        session.markSaved(snapshot, saved: snapshot.record, casUnique: 10)  // version 4 now
+        #expect(!session.replaceIfNewerAndUnchanged(with: newer, casUnique: 20), "not newer")
+        newer.metadata.version = 5
+        #expect(session.replaceIfNewerAndUnchanged(with: newer, casUnique: 20))
+        #expect(session["c", as: Int.self] == 7)
+        #expect(session["a", as: Int.self] == nil)
+        #expect(session.storedCasUnique == 20)
+    }
+
     @Test func mergeReappliesOnlyOwnChanges() throws {
         let codec = BinarySessionCodec()
         let session = try Self.session(["a": try codec.encodeValue(1), "b": try codec.encodeValue(1), "gone": try codec.encodeValue(0)])

@@ -179,34 +179,25 @@ public final class SessionManager: Service, Sendable {
         // manager made on that group (a caller's client may run on another group; a simulated
         // cluster runs every job on its own scheduler's thread). The group must outlive `run()`:
         // NIO drops the jobs of a loop that has shut down.
-        if ownsClient, topology.client != nil {
-            let executor = EventLoopExecutor.for(eventLoopGroup.next())
-            await Self.$backgroundExecutor.withValue(executor) {
-                await withTaskExecutorPreference(executor) { await runBackground() }
+        let executor = ownsClient ? topology.client.map { _ in EventLoopExecutor.for(eventLoopGroup.next()) } : nil
+        await Self.$backgroundExecutor.withValue(executor) {
+            await withTaskExecutorPreference(executor) {
+                await cancelWhenGracefulShutdown {
+                    await withDiscardingTaskGroup { background in
+                        background.addTask { await self.lifecycle.run() }
+                        if self.lifecycle !== self.sticky {
+                            // Memory-only sessions while memcached is switched off (swept, never written).
+                            background.addTask { await self.sticky.run() }
+                        }
+                        background.addTask { await self.store.run() }
+                        background.addTask { await self.recordStatusPeriodically() }
+                    }
+                }
             }
-        } else {
-            // Exactly as before the event loop's preference (a simulated cluster's seeds replay the
-            // same interleavings).
-            await runBackground()
         }
         // The writer has flushed its queue; now stop the clients.
         await stopClients()
         logger.info("session manager stopped")
-    }
-
-    /// The background work of ``run()``, until graceful shutdown.
-    private func runBackground() async {
-        await cancelWhenGracefulShutdown {
-            await withDiscardingTaskGroup { background in
-                background.addTask { await self.lifecycle.run() }
-                if self.lifecycle !== self.sticky {
-                    // Memory-only sessions while memcached is switched off (swept, never written).
-                    background.addTask { await self.sticky.run() }
-                }
-                background.addTask { await self.store.run() }
-                background.addTask { await self.recordStatusPeriodically() }
-            }
-        }
     }
 
     // MARK: - principals

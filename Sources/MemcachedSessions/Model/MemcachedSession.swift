@@ -464,6 +464,13 @@ public final class MemcachedSession: Sendable {
             // or on a node it has left (a concurrent request moved it meanwhile): nothing of it
             // is saved where the session is now (the simulation, seed 14589).
             guard state.id.token == snapshot.id.token, state.id.nodeID == snapshot.id.nodeID else { return }
+            // Acknowledged after a newer save of this copy was (two requests of a sticky session
+            // on one instance save the shared copy concurrently; their replies' tasks may resume
+            // in either order): the newer one holds everything this one saved and set the state
+            // past it. Applying this one now would take the copy back to the older record and CAS
+            // unique (the simulation, sticky-sync seed 657: an attribute a concurrent request set
+            // vanished from memory, while memcached had it).
+            guard state.casUnique == nil || record.metadata.version > state.metadata.version else { return }
             state.casUnique = casUnique
             state.isNew = false
             state.moved = false
@@ -488,15 +495,21 @@ public final class MemcachedSession: Sendable {
         }
     }
 
-    /// Replaces the state with a stored copy (a sticky instance reloading after a conflict).
-    func replace(with record: SessionRecord, casUnique: UInt64?) {
+    /// Replaces the state with a stored copy newer than it, unless it has changes of its own
+    /// (which its next save merges onto the stored copy): one look, so that a change a concurrent
+    /// request makes between the check and the replacement is not lost. Returns whether it did.
+    func replaceIfNewerAndUnchanged(with record: SessionRecord, casUnique: UInt64?) -> Bool {
         state.withLock { state in
+            guard record.metadata.version > state.metadata.version, state.changes.isEmpty, !state.metadataChanged, !state.isNew,
+                !state.moved
+            else { return false }
             state.metadata = record.metadata
             state.attributes = record.attributes
             state.casUnique = casUnique
             state.changes = [:]
             state.metadataChanged = false
             state.isNew = false
+            return true
         }
     }
 

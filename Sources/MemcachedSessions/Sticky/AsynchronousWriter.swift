@@ -119,19 +119,11 @@ final class AsynchronousWriter: Sendable {
         // Detached: the writer is cancelled to make it flush, and a cancelled task's memcached
         // requests fail at once; the batch's writes must not inherit that. On the event loop the
         // manager's background work runs on (a detached task does not inherit the preference).
-        if let executor = SessionManager.backgroundExecutor {
-            await Task.detached(executorPreference: executor) {
-                await SessionManager.$isBackgroundWork.withValue(true) {
-                    await write(batch)
-                }
-            }.value
-        } else {
-            await Task.detached {
-                await SessionManager.$isBackgroundWork.withValue(true) {
-                    await write(batch)
-                }
-            }.value
-        }
+        await Task.detached(executorPreference: SessionManager.backgroundExecutor) {
+            await SessionManager.$isBackgroundWork.withValue(true) {
+                await write(batch)
+            }
+        }.value
         let waiters = state.withLock { state in
             state.writing = []
             defer { state.writingWaiters = [] }

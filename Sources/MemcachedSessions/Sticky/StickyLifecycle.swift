@@ -78,18 +78,12 @@ final class StickyLifecycle: SessionLifecycle {
     private func sweepPeriodically() async {
         // Off the event loop the background work runs on: a sweep walks every session held (up
         // to `localSessionLimit`), which would hold up that loop's connections.
-        if SessionManager.backgroundExecutor != nil {
-            await withTaskExecutorPreference(globalConcurrentExecutor) { await sweepEvery5Seconds() }
-        } else {
-            await sweepEvery5Seconds()
-        }
-    }
-
-    private func sweepEvery5Seconds() async {
-        while !Task.isCancelled {
-            do { try await clock.sleep(for: .seconds(5)) } catch { return }
-            let removed = localStore.sweep(now: currentTimeMillis())
-            if removed > 0 { statistics.count(.sessionsExpired, removed) }
+        await withTaskExecutorPreference(SessionManager.backgroundExecutor == nil ? nil : globalConcurrentExecutor) {
+            while !Task.isCancelled {
+                do { try await clock.sleep(for: .seconds(5)) } catch { return }
+                let removed = localStore.sweep(now: currentTimeMillis())
+                if removed > 0 { statistics.count(.sessionsExpired, removed) }
+            }
         }
     }
 
@@ -535,8 +529,7 @@ final class StickyLifecycle: SessionLifecycle {
         statistics.count(.touches)
         switch await store.readStored(key: keys.primary, on: id.nodeID, touch: ttl) {
         case .found(let stored):
-            if stored.record.metadata.version > session.metadata.version, !session.hasUnsavedChanges {
-                session.replace(with: stored.record, casUnique: stored.casUnique)
+            if session.replaceIfNewerAndUnchanged(with: stored.record, casUnique: stored.casUnique) {
                 statistics.count(.localCopiesReplaced)
             }
         case .tombstone:
