@@ -9,6 +9,7 @@ import Memcached
 import MemcachedSessionsOperations
 import MemcachedTestRig
 import NIOCore
+import NIOPosix
 import ServiceLifecycle
 import Synchronization
 import Testing
@@ -41,6 +42,62 @@ struct AsynchronousWriterTests {
                     let writes = try await commandCounts(inspector) - before
                     #expect(writes.sets <= 2, "\(writes)")
                 }
+            }
+        }
+    }
+
+    /// The manager's background work runs on an event loop of the group its own client's
+    /// connections run on (no hop between a reply and the work resuming): an asynchronous save's
+    /// batch encodes the session there. Over a caller's client (which may run on another group)
+    /// it runs on Swift's pool: the control.
+    @Test(arguments: [true, false])
+    func asynchronousSavesRunOnAnEventLoopOfTheManagersGroup(ownClient: Bool) async throws {
+        final class WhereEncoded: SessionCodec {
+            let base = BinarySessionCodec()
+            /// For each background encode: whether it ran on an event loop.
+            let onLoop = Mutex<[Bool]>([])
+            func encodeSession(_ record: SessionRecord, into buffer: inout ByteBuffer) throws(SessionCodecError) {
+                if SessionManager.isBackgroundWork {
+                    let loop = MultiThreadedEventLoopGroup.currentEventLoop != nil
+                    onLoop.withLock { $0.append(loop) }
+                }
+                try base.encodeSession(record, into: &buffer)
+            }
+            func decodeSession(from buffer: ByteBuffer) throws(SessionCodecError) -> SessionRecord {
+                try base.decodeSession(from: buffer)
+            }
+            func encodeValue<Value: Encodable>(_ value: Value) throws(SessionCodecError) -> ByteBuffer {
+                try base.encodeValue(value)
+            }
+            func decodeValue<Value: Decodable>(_ type: Value.Type, from bytes: ByteBuffer) throws(SessionCodecError) -> Value {
+                try base.decodeValue(type, from: bytes)
+            }
+        }
+        try await withMemcachedServers(count: 2) { servers in
+            let codec = WhereEncoded()
+            let config = try configuration(servers, mode: .sticky) {
+                $0.route = "a"
+                $0.codec = codec
+            }
+            let manager: SessionManager
+            var services: [@Sendable () async throws -> Void] = []
+            if ownClient {
+                manager = try SessionManager(configuration: config)
+            } else {
+                let client = try MemcachedClient(configuration: config.memcached)
+                manager = try SessionManager(configuration: config, client: client)
+                services.append { try await client.run() }
+            }
+            services.append { try await manager.run() }
+            try await whileRunning(services) {
+                var browser = Browser()
+                for expected in 1...3 {
+                    #expect(try await manager.increment(&browser) == expected)
+                    try await eventually("the asynchronous save") { manager.statistics.value(of: .writes) == expected }
+                }
+                let encodes = codec.onLoop.withLock { $0 }
+                #expect(encodes.count >= 3)
+                #expect(encodes.allSatisfy { $0 == ownClient }, "\(encodes)")
             }
         }
     }
