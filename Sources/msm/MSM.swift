@@ -147,7 +147,11 @@ struct Serve: AsyncParsableCommand {
             The management token comes from MSM_MANAGEMENT_TOKEN, the file, or --management-token-file: \
             never from a flag's value, which shows in ps.
 
-            Two environment variables, not options, change how requests are scheduled (to measure             the difference): MSM_CONNECTION_TASKS=global runs Hummingbird's own .http1(), each             connection's task on Swift's pool, instead of on its channel's event loop;             MSM_GLOBAL_EXECUTOR=nio|swift picks Swift's global executor (default: swift with             Hummingbird, nio with Vapor).
+            Two environment variables, not options, change how requests are scheduled (to measure \
+            the difference): MSM_CONNECTION_TASKS=global runs Hummingbird's own .http1(), each \
+            connection's task on Swift's pool, instead of on its channel's event loop; \
+            MSM_GLOBAL_EXECUTOR=nio|swift picks Swift's global executor (default: swift with \
+            Hummingbird, nio with Vapor).
             """)
 
     @Option(help: "A JSON file of settings, the options' names as keys.")

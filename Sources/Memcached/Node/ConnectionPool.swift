@@ -39,6 +39,9 @@ final class ConnectionPool: Sendable {
     /// The number of the newest connection opened so far (by any pool): a connection numbered at
     /// most this was open already when it was read.
     var generation: UInt64 { Self.generationCounter.load(ordering: .sequentiallyConsistent) }
+    /// Connections this pool has opened so far (for tests).
+    var opened: Int { openedCount.load(ordering: .relaxed) }
+    private let openedCount = ManagedAtomic<Int>(0)
     private let host: String
     private let port: Int
     private let settings: MemcachedConnection.Settings
@@ -187,8 +190,10 @@ final class ConnectionPool: Sendable {
         let backoff = self.backoff
         let target = "\(host):\(port)"
         let generation = Self.generationCounter
+        let opened = openedCount
         let future = MemcachedConnection.connect(host: host, port: port, settings: settings, eventLoop: slot.eventLoop)
             .map { (connection: MemcachedConnection) -> MemcachedConnection in
+                opened.wrappingIncrement(ordering: .relaxed)
                 connection.assignGeneration(generation.wrappingIncrementThenLoad(ordering: .sequentiallyConsistent))
                 return connection
             }

@@ -470,7 +470,8 @@ public final class MemcachedSession: Sendable {
             // past it. Applying this one now would take the copy back to the older record and CAS
             // unique (the simulation, sticky-sync seed 657: an attribute a concurrent request set
             // vanished from memory, while memcached had it).
-            guard state.casUnique == nil || record.metadata.version > state.metadata.version else { return }
+            // (By version, not CAS unique: text mode's writes return none.)
+            guard record.metadata.version > state.metadata.version else { return }
             state.casUnique = casUnique
             state.isNew = false
             state.moved = false

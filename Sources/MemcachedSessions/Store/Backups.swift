@@ -40,7 +40,9 @@ extension SessionStore {
         {
             // Written once the node answers again (a frozen backup node must not leave the
             // session with an old backup only).
-            leaveForLater(.backup(bytes: bytes, flags: flags, expiresAt: expiresAt), key: keys.backup, on: backupNode)
+            leaveForLater(
+                .backup(bytes: bytes, flags: flags, expiresAt: expiresAt, primaryKey: keys.primary, primaryNode: primaryNode),
+                key: keys.backup, on: backupNode)
         }
     }
 
@@ -63,10 +65,11 @@ extension SessionStore {
     /// ``SessionManager/Configuration/reusesBackupCAS`` off, for stores or proxies that keep a
     /// client's connections open across a restart of the memcached behind them.
     ///
-    /// `secondsLeft` (a write left for later, ``LeftoverCopies``): the seconds its backup has left
-    /// to live. The write the node did not answer may have landed since, late, with its whole TTL
-    /// counted from its landing (a frozen node applies what it buffered when it thaws): a copy of
-    /// this version found living longer gets its end back (a CAS write of the same bytes). A
+    /// `secondsLeft` (a write left for later, ``LeftoverCopies``): the seconds its backup may live
+    /// (its original end, or later when the session's primary says a read slid it since). The
+    /// write the node did not answer may have landed since, late, with its whole TTL counted from
+    /// its landing (a frozen node applies what it buffered when it thaws): a copy of this version
+    /// found living longer gets that end (a CAS write of the same bytes). A
     /// backup that outlives its session would bring it back past its idle timeout (the
     /// simulation, seed 6911: the backup node froze under a write, and after the primary's node
     /// restarted, a request 14 s idle found a 10 s session again).

@@ -19,8 +19,10 @@ final class LeftoverCopies: Sendable {
         case deleteUnlessNewer(version: UInt64)
         /// A backup write the node did not answer: written (in order, never over a newer copy or
         /// a tombstone) once it answers.
-        /// `expiresAt`: the backup's end (milliseconds since 1970; nil: never).
-        case backup(bytes: ByteBuffer, flags: UInt32, expiresAt: Int64?)
+        /// `expiresAt`: the backup's end (milliseconds since 1970; nil: never). `primaryKey` on
+        /// `primaryNode`: the session's primary copy, whose TTL says how long the session may
+        /// live now (reads since slid it).
+        case backup(bytes: ByteBuffer, flags: UInt32, expiresAt: Int64?, primaryKey: String, primaryNode: String)
 
         var isTombstone: Bool {
             if case .tombstone = self { return true }
@@ -56,7 +58,7 @@ final class LeftoverCopies: Sendable {
                 if waiting.action.isTombstone, !entry.action.isTombstone { return 0 }
                 // Nor may an older backup replace a newer one (a retry that failed again, put
                 // back after a newer save's backup had been queued).
-                if case .backup(_, let waitingFlags, _) = waiting.action, case .backup(_, let flags, _) = entry.action,
+                if case .backup(_, let waitingFlags, _, _, _) = waiting.action, case .backup(_, let flags, _, _, _) = entry.action,
                     waitingFlags >= flags
                 {
                     return 0
@@ -161,23 +163,68 @@ extension SessionStore {
             case .failure:
                 return false
             }
-        case .backup(let bytes, let flags, let expiresAt):
+        case .backup(let bytes, let flags, let expiresAt, let primaryKey, let primaryNode):
             var ttl = MemcachedTTL.never
             var secondsLeft: Int? = nil
             if let expiresAt {
-                let left = (expiresAt - currentTimeMillis()) / 1000
-                guard left > 0 else {
-                    // Its session has expired by now; the write the node did not answer must not
-                    // have landed late and be living on.
-                    return await deleteLateBackup(key: entry.key, flags: flags, on: node)
+                let left = Int((expiresAt - currentTimeMillis()) / 1000)
+                switch await sessionEnd(primaryKey: primaryKey, on: primaryNode) {
+                case .living(let byPrimary?):
+                    // Never below what the session's primary allows now: a read since (here or
+                    // on another instance) slid it, and touched the backup too.
+                    let end = max(left, byPrimary)
+                    ttl = .seconds(end)
+                    secondsLeft = end
+                case .living(nil):
+                    break  // it never expires
+                case .gone:
+                    guard left > 0 else {
+                        // Its session has expired by now; the write the node did not answer must
+                        // not have landed late and be living on.
+                        return await deleteLateBackup(key: entry.key, flags: flags, on: node)
+                    }
+                    ttl = .seconds(left)
+                    secondsLeft = left
+                case .unknown:
+                    // The primary's node does not answer: the backup is what the session has
+                    // now, and is not shortened.
+                    guard left > 0 else { return true }
+                    ttl = .seconds(left)
                 }
-                ttl = .seconds(Int(left))
-                secondsLeft = Int(left)
             }
             guard await writeBackupInOrder(key: entry.key, on: node, bytes: bytes, flags: flags, ttl: ttl, secondsLeft: secondsLeft)
             else { return false }
             statistics.count(.leftoversCleaned)
             return true
+        }
+    }
+
+    /// How long a session may live by its primary copy now.
+    enum SessionEnd {
+        /// The primary's remaining TTL plus two refresh windows (what its backup may live), in
+        /// seconds; nil: it never expires.
+        case living(Int?)
+        /// No primary (expired, evicted, or ended).
+        case gone
+        /// The primary's node did not answer.
+        case unknown
+    }
+
+    /// Reads the primary's remaining TTL and flags (its idle timeout) at `primaryKey` on
+    /// `nodeID`, without its value.
+    func sessionEnd(primaryKey: String, on nodeID: String) async -> SessionEnd {
+        guard let node = topology.node(nodeID) else { return .unknown }
+        var read = MemcachedRequest.getMetadata(primaryKey)
+        read.honorsCancellation = false
+        switch await node.executeBatch([prepared(read)])[0] {
+        case .success(.item(let item?)):
+            guard item.flags != Self.tombstoneFlags else { return .gone }
+            guard let ttl = item.timeToLive, ttl >= 0 else { return .living(nil) }
+            return .living(ttl + 2 * Int(CopyLifetimes.refreshWindowSeconds(idle: Int64(item.flags))))
+        case .success:
+            return .gone
+        case .failure:
+            return .unknown
         }
     }
 

@@ -436,6 +436,10 @@ final class SessionStore: SessionManagerPart {
             return await lostCopyVerdict(keys: keys, nodeID: nodeID, loadedVersion: snapshot.record.metadata.version &- 1)
         }
         var lock = lock
+        // Whatever the outcome, this instance no longer renews a lock this save had (its release
+        // rode with a write, or the caller releases it): a lock taken again here and left by a
+        // write with no answer would otherwise stay in the held set for good.
+        defer { if let lock { locks.released(lock) } }
         var sawConflict = false
         for _ in 0..<Self.maximumSaveAttempts {
             let bytes: ByteBuffer
@@ -450,18 +454,20 @@ final class SessionStore: SessionManagerPart {
             if let held = lock, !lockHeld {
                 // The lock was no longer this request's when the write was applied (evicted, or
                 // expired and taken): it kept no locked request out. A write that landed may be
-                // merged over by one that read the copy before it; one that did not is refused
-                // (merging or writing again now could lose a locked request's change, or ours).
+                // merged over by one that read the copy before it; one that met another write is
+                // refused (merging now could lose a locked request's change, or ours).
                 switch result {
                 case .stored:
                     locks.released(held)
                     statistics.count(.writes)
                     return .unguarded
-                case .conflict, .gone:
+                case .conflict:
                     locks.released(held)
                     statistics.count(.lockConflicts)
                     return .refused(SessionLocks.conflictError)
-                case .tooLarge, .unreachable:
+                case .gone, .tooLarge, .unreachable:
+                    // Gone: written again only under the lock taken again, and only if nobody
+                    // placed a copy since (below).
                     break
                 }
             }
@@ -475,39 +481,23 @@ final class SessionStore: SessionManagerPart {
                 switch await lostCopy() {
                 case .rewrite:
                     if let held = lock {
-                        // The copy was lost (evicted, its node restarted) while this request held
-                        // its lock; the release rode with the failed write, so the lock is free
-                        // now: the session is written again only under the lock taken again, and
+                        // The copy was lost (evicted, its node restarted) while this request ran,
+                        // and the release rode with the failed write (its lock, if not lost with
+                        // the copy, is free now): the session is written again only under the lock taken again, and
                         // only if nobody placed a copy since (a locked request that restored it
                         // from its backup: this request's changes would be merged onto a copy
                         // made from the same version, and one of the two lost).
-                        locks.released(held)
-                        lock = nil
-                        let relocked: (HeldLock?, StoredRead)
-                        do {
-                            relocked = try await locks.lockAndRead(keys: keys, nodeID: nodeID, touch: nil)
-                        } catch {
-                            return .refused(error)
-                        }
-                        lock = relocked.0
-                        if let newLock = lock {
-                            switch relocked.1 {
-                            case .missing:
-                                break
-                            case .found:
+                        switch await retakeLock(held, keys: keys, nodeID: nodeID) {
+                        case .finished(let outcome):
+                            return outcome
+                        case .taken(let newLock, let read):
+                            lock = newLock
+                            if let newLock, case .found = read {
                                 await locks.release(newLock)
                                 statistics.count(.lockConflicts)
                                 return .refused(SessionLocks.conflictError)
-                            case .tombstone:
-                                await locks.release(newLock)
-                                return .gone
-                            case .unreachable(let error):
-                                await locks.release(newLock)
-                                statistics.count(.writeFailures)
-                                return .unreachable(error, afterConflict: true)
                             }
                         }
-                        // No lock: the failure policy let the request proceed without it.
                     }
                     casUnique = nil
                     add = true
@@ -532,17 +522,15 @@ final class SessionStore: SessionManagerPart {
                     // The release rode with the failed write: the lock is free now, and the merge
                     // must not run without it (a locked request could slip in between and both
                     // would save changes made from the same copy). Take it again, with the read.
-                    locks.released(held)
-                    lock = nil
-                    let relocked: (HeldLock?, StoredRead)
-                    do {
-                        relocked = try await locks.lockAndRead(keys: keys, nodeID: nodeID, touch: nil)
-                    } catch {
-                        return .refused(error)
+                    let newLock: HeldLock?
+                    let read: RetakenLock.Read
+                    switch await retakeLock(held, keys: keys, nodeID: nodeID) {
+                    case .finished(let outcome): return outcome
+                    case .taken(let taken, let copy): (newLock, read) = (taken, copy)
                     }
-                    lock = relocked.0
-                    if let newLock = lock {
-                        switch relocked.1 {
+                    lock = newLock
+                    if let newLock {
+                        switch read {
                         case .found(let stored):
                             // While this request held its lock, only a write its lock does not
                             // cover (an unlocked request) could change the copy: exactly one
@@ -570,13 +558,6 @@ final class SessionStore: SessionManagerPart {
                             await locks.release(newLock)
                             if case .moved(let node) = verdict { return .moved(to: node) }
                             return .gone
-                        case .tombstone:
-                            await locks.release(newLock)
-                            return .gone
-                        case .unreachable(let error):
-                            await locks.release(newLock)
-                            statistics.count(.writeFailures)
-                            return .unreachable(error, afterConflict: true)
                         }
                     }
                     // No lock: the failure policy let the request proceed without it.
@@ -619,6 +600,48 @@ final class SessionStore: SessionManagerPart {
     }
 
     static let maximumSaveAttempts = 8
+
+    /// A lock taken again by ``retakeLock(_:keys:nodeID:)``.
+    enum RetakenLock {
+        /// The session's copy, read with the lock.
+        enum Read {
+            case found(StoredSession)
+            case missing
+        }
+        /// The lock (nil when the failure policy let the request proceed without it) and the
+        /// session's copy read with it.
+        case taken(HeldLock?, Read)
+        /// The save ends here: the lock could not be had, the session ended, or its node did not
+        /// answer (a lock taken is released).
+        case finished(SaveOutcome)
+    }
+
+    /// Takes again the lock of a locked request whose write failed: its release rode with the
+    /// write, so the lock is free now, and nothing more may be written without it. Reads the
+    /// session in the same round trip.
+    func retakeLock(_ released: HeldLock, keys: SessionKeys, nodeID: String) async -> RetakenLock {
+        locks.released(released)
+        let relocked: (HeldLock?, StoredRead)
+        do {
+            relocked = try await locks.lockAndRead(keys: keys, nodeID: nodeID, touch: nil)
+        } catch {
+            return .finished(.refused(error))
+        }
+        let newLock = relocked.0
+        switch relocked.1 {
+        case .found(let stored):
+            return .taken(newLock, .found(stored))
+        case .missing:
+            return .taken(newLock, .missing)
+        case .tombstone:
+            if let newLock { await locks.release(newLock) }
+            return .finished(.gone)
+        case .unreachable(let error):
+            if let newLock { await locks.release(newLock) }
+            statistics.count(.writeFailures)
+            return .finished(.unreachable(error, afterConflict: true))
+        }
+    }
 
     /// What a missing copy means, when a write finds it so.
     enum LostCopy {
