@@ -145,23 +145,11 @@ extension SessionStore {
             statistics.count(.leftoversCleaned)
             return true
         case .deleteUnlessNewer(let version):
-            var read = MemcachedRequest.get(entry.key)
-            read.honorsCancellation = false
-            switch await node.executeBatch([prepared(read)])[0] {
-            case .success(.item(let item?)):
-                guard item.flags != Self.tombstoneFlags else { return true }
-                if let stored = decodeStored(item, key: entry.key, node: node), stored.record.metadata.version > version {
-                    return true  // the session lives here again: keep it
-                }
-                var delete = MemcachedRequest.delete(entry.key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil)
-                delete.honorsCancellation = false
-                guard case .success = await node.executeBatch([prepared(delete)])[0] else { return false }
-                statistics.count(.leftoversCleaned)
-                return true
-            case .success:
-                return true
-            case .failure:
-                return false
+            return await deleteIfStill(entry.key, on: node, value: true) { item in
+                if item.flags == Self.tombstoneFlags { return false }
+                // The session lives here again: keep it.
+                guard let stored = decodeStored(item, key: entry.key, node: node) else { return true }
+                return stored.record.metadata.version <= version
             }
         case .backup(let bytes, let flags, let expiresAt, let primaryKey, let primaryNode):
             var ttl = MemcachedTTL.never
@@ -181,7 +169,7 @@ extension SessionStore {
                     guard left > 0 else {
                         // Its session has expired by now; the write the node did not answer must
                         // not have landed late and be living on.
-                        return await deleteLateBackup(key: entry.key, flags: flags, on: node)
+                        return await deleteIfStill(entry.key, on: node, value: false) { $0.flags == flags }
                     }
                     ttl = .seconds(left)
                     secondsLeft = left
@@ -228,15 +216,23 @@ extension SessionStore {
         }
     }
 
-    /// Deletes the backup at `key` if it is of version `flags` (a write the node did not answer,
-    /// landed late, past its end); false when the node did not answer.
-    private func deleteLateBackup(key: String, flags: UInt32, on node: any MemcachedNodeCommandRunner) async -> Bool {
-        var read = MemcachedRequest.getMetadata(key)
+    /// Reads the copy at `key` (with its value when `value`, else its metadata only) and deletes it
+    /// when `stillThere` says it is still the one to go, conditionally on its CAS unique in meta
+    /// mode (text mode deletes by key). The cases: an old primary left behind by a move
+    /// (`.deleteUnlessNewer`), and a backup write the node did not answer, landed late past its
+    /// end. Nothing there is done too. False when the node did not answer.
+    private func deleteIfStill(
+        _ key: String,
+        on node: any MemcachedNodeCommandRunner,
+        value: Bool,
+        stillThere: (MemcachedItem) -> Bool
+    ) async -> Bool {
+        var read = value ? MemcachedRequest.get(key) : MemcachedRequest.getMetadata(key)
         read.honorsCancellation = false
         switch await node.executeBatch([prepared(read)])[0] {
         case .success(.item(let item?)):
-            guard item.flags == flags else { return true }
-            var delete = MemcachedRequest.delete(key, cas: item.cas)
+            guard stillThere(item) else { return true }
+            var delete = MemcachedRequest.delete(key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil)
             delete.honorsCancellation = false
             guard case .success = await node.executeBatch([prepared(delete)])[0] else { return false }
             statistics.count(.leftoversCleaned)

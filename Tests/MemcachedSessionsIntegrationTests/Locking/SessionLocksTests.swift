@@ -60,10 +60,7 @@ struct SessionLocksTests {
             }
             try await withManagers([config, impatient]) { managers in
                 try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await managers[0].increment(&browser)
-                    let id = try #require(browser.id)
-                    let keys = managers[0].keys(for: id.token)
+                    let (browser, id, keys) = try await startedSession(managers[0])
                     let holding = Barrier(count: 2)
                     let finish = Barrier(count: 2)
                     let cookie = browser
@@ -124,10 +121,8 @@ struct SessionLocksTests {
             }
             try await withManager(config) { manager in
                 try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await manager.increment(&browser)
-                    let id = try #require(browser.id)
-                    let keys = manager.keys(for: id.token)
+                    let (started, id, keys) = try await startedSession(manager)
+                    var browser = started
                     // What a request of a crashed instance leaves: its lock, with the manager's TTL.
                     let abandoned = ContinuousClock.now
                     #expect(try await inspector.node(id.nodeID).add(keys.lock, value: ByteBuffer(string: "dead"), ttl: manager.store.locks.itemTTL))
@@ -152,10 +147,8 @@ struct SessionLocksTests {
             }
             try await withManager(config) { manager in
                 try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await manager.increment(&browser)
-                    let id = try #require(browser.id)
-                    let keys = manager.keys(for: id.token)
+                    let (started, id, keys) = try await startedSession(manager)
+                    var browser = started
                     let node = try inspector.node(id.nodeID)
 
                     // The owner's token under a new CAS unique: what a renewal does.
@@ -165,8 +158,8 @@ struct SessionLocksTests {
                         try await node.set(keys.lock, value: lock.value, ttl: .seconds(30))
                         if modifies { try session.set("count", 7) }
                     }
-                    // (The read-back after the conflict runs in the background, after the response.) Well
-                    // before the lock's 30 s expiry:
+                    // (A release that rode no write, and its read-back after the conflict, run after the
+                    // response.) Well before the lock's 30 s expiry:
                     try await eventually(timeout: .seconds(3), "the owner's lock is released despite the renewal") {
                         try await node.get(keys.lock) == nil
                     }
@@ -232,10 +225,7 @@ struct SessionLocksTests {
             let unlocked = try configuration(servers) { $0.locking.mode = .none }
             try await withManagers([locked, unlocked]) { managers in
                 try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await managers[0].increment(&browser)
-                    let id = try #require(browser.id)
-                    let keys = managers[0].keys(for: id.token)
+                    let (browser, id, keys) = try await startedSession(managers[0])
                     let error = try await lockedRequest(managers[0], browser) {
                         try await stealLock(inspector, node: id.nodeID, key: keys.lock)
                         // The thief's request changes the session, then ends.
@@ -264,10 +254,7 @@ struct SessionLocksTests {
             }
             try await withManager(locked) { manager in
                 try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await manager.increment(&browser)
-                    let id = try #require(browser.id)
-                    let keys = manager.keys(for: id.token)
+                    let (browser, id, keys) = try await startedSession(manager)
                     let error = try await lockedRequest(manager, browser) {
                         try await stealLock(inspector, node: id.nodeID, key: keys.lock)
                         try await eventually(timeout: .seconds(30), "the renewal finds the lock lost") {
@@ -295,10 +282,7 @@ struct SessionLocksTests {
             let unlocked = try configuration(servers) { $0.locking.mode = .none }
             try await withManagers([locked, unlocked]) { managers in
                 try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await managers[0].increment(&browser)
-                    let id = try #require(browser.id)
-                    let keys = managers[0].keys(for: id.token)
+                    let (browser, id, keys) = try await startedSession(managers[0])
                     func setOther(_ value: String) async throws {
                         var other = browser
                         try await managers[1].request(&other, path: "/other") { access in
@@ -339,10 +323,7 @@ struct SessionLocksTests {
             let locked = try configuration(servers) { $0.locking.mode = .all }
             try await withManagers([locked, locked]) { managers in
                 try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await managers[0].increment(&browser)
-                    let id = try #require(browser.id)
-                    let keys = managers[0].keys(for: id.token)
+                    let (browser, id, keys) = try await startedSession(managers[0])
                     let lostBefore = managers[0].statistics.value(of: .locksLost)
                     let error = try await lockedRequest(managers[0], browser) {
                         _ = try await inspector.node(id.nodeID).delete(keys.lock)  // evicted
@@ -368,10 +349,7 @@ struct SessionLocksTests {
             let locked = try configuration(servers) { $0.locking.mode = .all }
             try await withManager(locked) { manager in
                 try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await manager.increment(&browser)
-                    let id = try #require(browser.id)
-                    let keys = manager.keys(for: id.token)
+                    let (browser, id, keys) = try await startedSession(manager)
                     let error = try await lockedRequest(manager, browser) {
                         _ = try await inspector.node(id.nodeID).delete(keys.lock)  // evicted
                     }
@@ -395,10 +373,7 @@ struct SessionLocksTests {
             let locked = try configuration(servers) { $0.locking.mode = .all }
             try await withManager(locked) { manager in
                 try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await manager.increment(&browser)
-                    let id = try #require(browser.id)
-                    let keys = manager.keys(for: id.token)
+                    let (browser, id, keys) = try await startedSession(manager)
                     let acquiredBefore = manager.statistics.value(of: .locksAcquired)
                     let error = try await lockedRequest(manager, browser) {
                         _ = try await inspector.node(id.nodeID).delete(keys.primary)  // evicted
@@ -408,6 +383,91 @@ struct SessionLocksTests {
                     var reader = browser
                     #expect(try await manager.readCount(&reader) == 100)
                     #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil, "the lock taken again was released")
+                }
+            }
+        }
+    }
+
+    /// The session's copy and its lock both evicted while its request ran: the write finds the
+    /// copy gone and its riding release no lock. Nobody placed a copy meanwhile, so the session is
+    /// written again under the lock taken again, and the request is acknowledged.
+    @Test func aCopyEvictedWithItsLockIsWrittenAgainUnderTheLockTakenAgain() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let locked = try configuration(servers) { $0.locking.mode = .all }
+            try await withManager(locked) { manager in
+                try await withInspector(servers) { inspector in
+                    let (browser, id, keys) = try await startedSession(manager)
+                    let acquiredBefore = manager.statistics.value(of: .locksAcquired)
+                    let lostBefore = manager.statistics.value(of: .locksLost)
+                    let error = try await lockedRequest(manager, browser) {
+                        _ = try await inspector.node(id.nodeID).delete(keys.primary)  // evicted
+                        _ = try await inspector.node(id.nodeID).delete(keys.lock)  // evicted too
+                    }
+                    #expect(error == nil)
+                    #expect(manager.statistics.value(of: .locksAcquired) == acquiredBefore + 2, "taken again for the rewrite")
+                    #expect(manager.statistics.value(of: .locksLost) == lostBefore + 1)
+                    var reader = browser
+                    #expect(try await manager.readCount(&reader) == 100)
+                    #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil, "the lock taken again was released")
+                }
+            }
+        }
+    }
+
+    /// The session's node restarts (empty: copy and lock gone) while a locked request runs; its
+    /// write finds the copy gone. Before it takes the lock again, another instance's locked
+    /// request restores the session from its backup and changes it. The first request must not
+    /// write over that (both changed the same version): it is refused, and the other request's
+    /// change stands. The backup's node, stalled, holds the first request's search for the copy
+    /// between its failed write and the lock taken again. (The simulation found this shape, with
+    /// an eviction: seed 6285.)
+    @Test func aCopyPlacedBeforeTheLockIsTakenAgainIsNotWrittenOver() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let proxy = try await FaultProxy.start(port: servers[1].port)
+            defer { proxy.stop() }
+            var first = try configuration(n1: servers[0].hostAndPort, n2: proxy.hostAndPort)
+            first.locking.mode = .all
+            var second = try configuration(n1: servers[0].hostAndPort, n2: servers[1].hostAndPort)
+            second.locking.mode = .all
+            try await withManagers([first, second]) { managers in
+                try await withInspector(servers) { inspector in
+                    let (browser, id, keys) = try await startedSession(managers[0])
+                    #expect(id.nodeID == "n1")
+                    try await eventually("the nodes' boot times are known") {
+                        managers.allSatisfy { $0.store.nodeRestarts.knows("n1") }
+                    }
+                    let holding = Barrier(count: 2)
+                    let finish = Barrier(count: 2)
+                    let request = Task {
+                        var mine = browser
+                        return await sessionError {
+                            try await managers[0].request(&mine) { access in
+                                let session = try #require(try await access.load())
+                                await holding.arriveAndWait()
+                                await finish.arriveAndWait()
+                                try session.set("count", 100)
+                            }
+                        }
+                    }
+                    await holding.arriveAndWait()
+                    try await servers[0].kill()
+                    try await servers[0].restart()
+                    try await eventually("the restart is seen") { managers.allSatisfy { $0.store.missMayBeRestart(on: "n1") } }
+                    proxy.stall()
+                    await finish.arriveAndWait()
+                    // The write found nothing; the search for the copy waits on the backup's node.
+                    try await eventually(timeout: .seconds(30), "the search for the lost copy reaches the stalled node") {
+                        proxy.heldChunks > 0
+                    }
+                    var other = browser
+                    #expect(try await managers[1].increment(&other) == 2, "restored from the backup, under the free lock")
+                    proxy.resume()
+                    let error = await request.value
+                    #expect(error?.code == .lockUnavailable, "refused, not written over the other locked request's change")
+                    #expect(managers[0].statistics.value(of: .lockConflicts) == 1)
+                    var reader = browser
+                    #expect(try await managers[1].readCount(&reader) == 2, "the other request's change stands")
+                    #expect(try await inspector.node("n1").get(keys.lock) == nil, "the lock taken again was released")
                 }
             }
         }

@@ -184,6 +184,14 @@ func verifyAndAdvance(_ manager: SessionManager, _ book: SessionBook, whileANode
     }
 }
 
+/// A session started on `manager` with one increment (count 1): the browser, its id and keys.
+func startedSession(_ manager: SessionManager) async throws -> (Browser, MemcachedSessionID, SessionKeys) {
+    var browser = Browser()
+    try await manager.increment(&browser)
+    let id = try #require(browser.id)
+    return (browser, id, manager.keys(for: id.token))
+}
+
 // From the former LockTrustTests.swift.
 /// Runs a locked request that sets `count` to 100 while `meanwhile` runs with the request
 /// holding its lock (loaded, not ended). Returns the request's error, if any.
