@@ -515,6 +515,23 @@ extension SimulatedTest {
             await bench.sleep(seconds: 1)
             bench.check(try await bench.count(1, &cookie) == 5, "the other instance reads the last count")
         },
+        // Without locking: a write meets a newer copy (a concurrent request's, acknowledged), and
+        // that copy is lost (its node restarted) before the write can read it back. Writing the
+        // request's own copy would drop the other request's change (the simulation, non-sticky
+        // seed 34826, where the newer copy's backup had not landed yet). With the backup's node
+        // stalled, the search for the lost copy waits for that backup and the write is merged
+        // onto it: both changes survive.
+        SimulatedTest("a-write-whose-newer-copy-was-lost-is-merged-onto-that-copys-backup") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await writeWhoseNewerCopyWasLost(bench, backupWrite: .appliedLate) },
+        // The same with the newer copy's backup write lost (written again later, from the writes
+        // left for later): no copy of that version is found, and the write is refused rather
+        // than written over it.
+        SimulatedTest("a-write-whose-newer-copy-was-lost-everywhere-is-refused") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await writeWhoseNewerCopyWasLost(bench, backupWrite: .neverApplied) },
     ]
 
     /// The test named `name`.
@@ -591,4 +608,71 @@ private func revocationWhoseIndexRewriteFails(_ bench: SimulatedTestBench) async
     bench.check(again == 2, "the index still named both (ended again, harmlessly): \(again)")
     let after = try await bench.managers[0].invalidateAll(principal: "alice")
     bench.check(after == 0, "the index was rewritten: \(after)")
+}
+
+/// See the tests that call it: request B loads the session, request A changes and saves it (its
+/// backup write meets `fault` on the backup's node), the primary's node restarts as B's read after
+/// its conflict arrives, B ends; then the session must hold A's change, and B's if B was
+/// acknowledged.
+private func writeWhoseNewerCopyWasLost(_ bench: SimulatedTestBench, backupWrite fault: CommandFault) async throws {
+    var cookie: String? = nil
+    try await bench.increment(0, &cookie)
+    let primary = try requireNode(bench.node(of: cookie))
+    let prefix = bench.managers[0].configuration.keyPrefix
+    let stallBackup = Flag()
+    let restartAtReread = Flag()
+    for node in bench.cluster.nodes where node !== primary {
+        node.faultMatching = { request in
+            guard stallBackup.value, case .store(let key, _, _, _, _, _) = request.command, key.hasPrefix(prefix + "b:") else { return nil }
+            stallBackup.value = false
+            return fault
+        }
+    }
+    primary.faultMatching = { request in
+        // B's read after its conflict (a plain read: a load also touches).
+        guard restartAtReread.value, case .get(let key, true, nil) = request.command, key.hasPrefix(prefix + "s:") else { return nil }
+        restartAtReread.value = false
+        primary.restartEmpty(pid: 7000)
+        return nil
+    }
+    let loaded = Flag()
+    let aAnswered = Flag()
+    let started = cookie
+    let b = Task { () -> Bool in
+        var mine = started
+        do {
+            try await bench.request(1, &mine, path: "/b") { access in
+                let session = try await access.load()
+                loaded.value = true
+                while !aAnswered.value { await bench.sleep(seconds: 0.01) }
+                try session?.set("part1", "b")
+            }
+            return true
+        } catch {
+            return false
+        }
+    }
+    while !loaded.value { await bench.sleep(seconds: 0.01) }
+    stallBackup.value = true
+    var a = cookie
+    try await bench.request(0, &a, path: "/a") { access in
+        try await access.load()?.set("part0", "a")
+    }
+    restartAtReread.value = true
+    aAnswered.value = true
+    let bAcknowledged = await b.value
+    bench.check(!restartAtReread.value, "B's write met A's copy and read it back")
+    // The backup's node thaws; the instances see the restart.
+    await bench.sleep(seconds: 3)
+    var reader = cookie
+    let (part0, part1) = try await bench.request(0, &reader, path: "/read") { access in
+        let session = try await access.load()
+        return (session?["part0", as: String.self], session?["part1", as: String.self])
+    }
+    bench.check(part0 == "a", "A's acknowledged change survives: \(part0 ?? "none")")
+    if bAcknowledged { bench.check(part1 == "b", "B's acknowledged change survives: \(part1 ?? "none")") }
+    switch fault {
+    case .appliedLate: bench.check(bAcknowledged, "B's write was merged onto A's backup")
+    default: bench.check(!bAcknowledged, "B's write was refused")
+    }
 }

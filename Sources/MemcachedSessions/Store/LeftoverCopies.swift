@@ -147,8 +147,8 @@ extension SessionStore {
         case .deleteUnlessNewer(let version):
             return await deleteIfStill(entry.key, on: node, value: true) { item in
                 if item.flags == Self.tombstoneFlags { return false }
-                // The session lives here again: keep it.
                 guard let stored = decodeStored(item, key: entry.key, node: node) else { return true }
+                // Newer: the session lives here again, and stays.
                 return stored.record.metadata.version <= version
             }
         case .backup(let bytes, let flags, let expiresAt, let primaryKey, let primaryNode):
@@ -220,7 +220,7 @@ extension SessionStore {
     /// when `stillThere` says it is still the one to go, conditionally on its CAS unique in meta
     /// mode (text mode deletes by key). The cases: an old primary left behind by a move
     /// (`.deleteUnlessNewer`), and a backup write the node did not answer, landed late past its
-    /// end. Nothing there is done too. False when the node did not answer.
+    /// end. A missing copy counts as done. False when the node did not answer.
     private func deleteIfStill(
         _ key: String,
         on node: any MemcachedNodeCommandRunner,

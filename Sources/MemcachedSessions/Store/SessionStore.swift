@@ -429,11 +429,24 @@ final class SessionStore: SessionManagerPart {
             if restoreIfMissing {
                 // Sticky: memory is authoritative, unless some node says the session ended (its
                 // own node may have lost the logout's tombstone in a restart).
-                return await endedOnSomeNode(keys) ? .ended : .rewrite
+                return await endedOnSomeNode(keys) ? .ended : .rewrite(onto: nil)
             }
             guard !restoreChecked else { return .ended }
             restoreChecked = true
             return await lostCopyVerdict(keys: keys, nodeID: nodeID, loadedVersion: snapshot.record.metadata.version &- 1)
+        }
+        /// What to write again when a conflict's copy (a concurrent write newer than this
+        /// request's, never read) was lost after the conflict: this request's changes merged onto
+        /// a newer copy found elsewhere (that write's backup); nil (refused) when none is found in
+        /// non-sticky mode, where writing this request's own copy would drop that write's changes
+        /// (its backup may still be on its way: the simulation, seed 34826, a node restarted
+        /// between the two). An add's conflict, and sticky mode (memory is authoritative), write
+        /// the request's own.
+        func rewrittenAfterConflict(onto newer: StoredSession?) -> SessionRecord? {
+            if let newer { return MemcachedSession.merge(snapshot, onto: newer.record, now: now) }
+            if add || restoreIfMissing { return record }
+            statistics.count(.unavailable)
+            return nil
         }
         var lock = lock
         // Whatever the outcome, this instance no longer renews a lock this save had (its release
@@ -479,7 +492,7 @@ final class SessionStore: SessionManagerPart {
                 return .saved(record: record, bytes: bytes)
             case .gone:
                 switch await lostCopy() {
-                case .rewrite:
+                case .rewrite(let newer):
                     if let held = lock {
                         // The copy was lost (evicted, its node restarted) while this request ran,
                         // and the release rode with the failed write (its lock, if not lost with
@@ -499,6 +512,9 @@ final class SessionStore: SessionManagerPart {
                             }
                         }
                     }
+                    // A newer copy elsewhere (a backup a concurrent request wrote after this one
+                    // loaded the session) keeps that request's changes.
+                    if let newer { record = MemcachedSession.merge(snapshot, onto: newer.record, now: now) }
                     casUnique = nil
                     add = true
                     continue
@@ -549,8 +565,13 @@ final class SessionStore: SessionManagerPart {
                         case .missing:
                             // Vanished since the conflict: an add found a copy that is gone now,
                             // or the copy was lost (a restart, an eviction).
-                            let verdict: LostCopy = add ? .rewrite : await lostCopy()
-                            if case .rewrite = verdict {
+                            let verdict: LostCopy = add ? .rewrite(onto: nil) : await lostCopy()
+                            if case .rewrite(let newer) = verdict {
+                                guard let merged = rewrittenAfterConflict(onto: newer) else {
+                                    await locks.release(newLock)
+                                    return .refused(Self.newerCopyLostError)
+                                }
+                                record = merged
                                 casUnique = nil
                                 add = true
                                 continue
@@ -575,7 +596,12 @@ final class SessionStore: SessionManagerPart {
                         continue
                     }
                     switch await lostCopy() {
-                    case .rewrite:
+                    case .rewrite(let newer):
+                        guard let merged = rewrittenAfterConflict(onto: newer) else {
+                            if let lock { locks.released(lock) }
+                            return .refused(Self.newerCopyLostError)
+                        }
+                        record = merged
                         casUnique = nil
                         add = true
                         continue
@@ -600,6 +626,11 @@ final class SessionStore: SessionManagerPart {
     }
 
     static let maximumSaveAttempts = 8
+
+    /// A write met a newer copy (a concurrent request's) that was lost before it could be read and
+    /// merged onto, and no copy of it was found elsewhere: this request's changes are not saved.
+    static let newerCopyLostError = SessionError.unavailable(
+        "a concurrent request's newer copy of the session was lost before this request's changes could be merged onto it: they were not saved")
 
     /// A lock taken again by ``retakeLock(_:keys:nodeID:)``.
     enum RetakenLock {
@@ -646,8 +677,9 @@ final class SessionStore: SessionManagerPart {
     /// What a missing copy means, when a write finds it so.
     enum LostCopy {
         /// Lost (evicted, its node restarted): the request, which holds the whole session,
-        /// writes it again.
-        case rewrite
+        /// writes it again; merged onto `onto`, a copy found elsewhere (a backup) that is newer
+        /// than the one this request loaded, when there is one.
+        case rewrite(onto: StoredSession?)
         /// Ended (a tombstone says so): it stays ended.
         case ended
         /// Moved to this node by a concurrent request (its node failed for that request): this
@@ -674,7 +706,10 @@ final class SessionStore: SessionManagerPart {
         {
             return .moved(to: newest.nodeID)
         }
-        return .rewrite
+        if let newest = search.newest, newest.stored.record.metadata.version > loadedVersion {
+            return .rewrite(onto: newest.stored)
+        }
+        return .rewrite(onto: nil)
     }
 
 }

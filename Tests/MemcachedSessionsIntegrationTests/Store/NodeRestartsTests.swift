@@ -119,4 +119,39 @@ struct NodeRestartsTests {
             }
         }
     }
+
+    /// Non-sticky, without locking: two requests load the session; one changes an attribute and
+    /// is saved (primary and backup); the session's node then restarts (empty), and the other
+    /// request's write finds no copy. Its copy was loaded before the first request's change: it
+    /// is merged onto the newer copy the search finds (the backup), not written as it was, which
+    /// would drop the acknowledged change. (The simulation found the shape: non-sticky seed 34826.)
+    @Test func aWriteAfterARestartKeepsTheChangeSavedSinceItsLoad() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            try await withManager(try configuration(servers) { $0.locking.mode = .none }) { manager in
+                var browser = Browser()
+                try await manager.increment(&browser)
+                let id = try #require(browser.id)
+                let primary = Int(id.nodeID.dropFirst())! - 1
+                try await eventually("the nodes' boot times are known") { manager.store.nodeRestarts.knows(id.nodeID) }
+                let late = manager.beginRequest(path: "/late", sessionCookie: browser.cookie)
+                let session = try #require(try await late.load())
+                var other = browser
+                try await manager.request(&other, path: "/other") { access in
+                    try #require(try await access.load()).set("part0", "a")
+                }
+                try await servers[primary].kill()
+                try await servers[primary].restart()
+                try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: id.nodeID) }
+                try session.set("part1", "b")
+                _ = try await manager.endRequest(late)
+                var reader = browser
+                let (part0, part1) = try await manager.request(&reader, path: "/read") { access in
+                    let session = try #require(try await access.load())
+                    return (session["part0", as: String.self], session["part1", as: String.self])
+                }
+                #expect(part0 == "a", "the change saved since the load survives")
+                #expect(part1 == "b")
+            }
+        }
+    }
 }
