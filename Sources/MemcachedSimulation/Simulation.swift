@@ -454,6 +454,11 @@ final class World: @unchecked Sendable {
         }
         browser.expected = [value]
         browser.mayHaveLost = false
+        // Counts a loss the checks allowed took back (an instance move within the last window,
+        // sticky asynchronous saving) are not ones the session went on from: this increment
+        // started below them (sticky-async seed 14340: a count lost to one move was then taken
+        // for one the next move could not lose).
+        while let last = browser.recent.last, last.count >= value { browser.recent.removeLast() }
         browser.recent.append((now, value))
         if browser.recent.count > 8 { browser.recent.removeFirst() }
     }

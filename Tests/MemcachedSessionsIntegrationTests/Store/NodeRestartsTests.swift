@@ -109,9 +109,7 @@ struct NodeRestartsTests {
                 try await eventually("the nodes' boot times are known") { manager.store.nodeRestarts.knows(id.nodeID) }
                 let access = manager.beginRequest(path: "/counter", sessionCookie: browser.cookie)
                 let session = try #require(try await access.load())
-                try await servers[primary].kill()
-                try await servers[primary].restart()
-                try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: id.nodeID) }
+                try await restartEmpty(servers[primary], node: id.nodeID, seenBy: manager)
                 try session.set("count", 3)
                 let action = try await manager.endRequest(access)
                 #expect(action.cookie == .unchanged)
@@ -139,9 +137,7 @@ struct NodeRestartsTests {
                 try await manager.request(&other, path: "/other") { access in
                     try #require(try await access.load()).set("part0", "a")
                 }
-                try await servers[primary].kill()
-                try await servers[primary].restart()
-                try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: id.nodeID) }
+                try await restartEmpty(servers[primary], node: id.nodeID, seenBy: manager)
                 try session.set("part1", "b")
                 _ = try await manager.endRequest(late)
                 var reader = browser
@@ -154,4 +150,12 @@ struct NodeRestartsTests {
             }
         }
     }
+}
+
+/// Kills `server` and starts it again (empty), then waits until `manager` has seen the restart of
+/// `node`.
+private func restartEmpty(_ server: MemcachedServer, node: String, seenBy manager: SessionManager) async throws {
+    try await server.kill()
+    try await server.restart()
+    try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: node) }
 }
