@@ -524,14 +524,22 @@ extension SimulatedTest {
         SimulatedTest("a-write-whose-newer-copy-was-lost-is-merged-onto-that-copys-backup") { configuration, _ in
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
-        } _: { bench in try await writeWhoseNewerCopyWasLost(bench, backupWrite: .appliedLate) },
-        // The same with the newer copy's backup write lost (written again later, from the writes
-        // left for later): no copy of that version is found, and the write is refused rather
-        // than written over it.
+        } _: { bench in try await writeWhoseNewerCopyWasLost(bench, .mergedOntoBackup) },
+        // The same with the newer copy's backup writes lost while the write ends (it is written
+        // later, from the writes left for later): no copy of that version is found, and the
+        // write is refused rather than written over it.
         SimulatedTest("a-write-whose-newer-copy-was-lost-everywhere-is-refused") { configuration, _ in
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
-        } _: { bench in try await writeWhoseNewerCopyWasLost(bench, backupWrite: .neverApplied) },
+        } _: { bench in try await writeWhoseNewerCopyWasLost(bench, .refused) },
+        // Three writers: the write met a newer copy (C's), read and merged onto it, then found
+        // the copy lost; the search finds only an older one (A's backup; C's backup write was
+        // lost). The merged copy already holds everything: it is written as it is, not merged
+        // onto the older backup (which would drop C's change).
+        SimulatedTest("a-write-merged-onto-a-copy-since-lost-is-not-merged-onto-an-older-backup") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await writeWhoseNewerCopyWasLost(bench, .threeWriters) },
     ]
 
     /// The test named `name`.
@@ -610,69 +618,111 @@ private func revocationWhoseIndexRewriteFails(_ bench: SimulatedTestBench) async
     bench.check(after == 0, "the index was rewritten: \(after)")
 }
 
-/// See the tests that call it: request B loads the session, request A changes and saves it (its
-/// backup write meets `fault` on the backup's node), the primary's node restarts as B's read after
-/// its conflict arrives, B ends; then the session must hold A's change, and B's if B was
-/// acknowledged.
-private func writeWhoseNewerCopyWasLost(_ bench: SimulatedTestBench, backupWrite fault: CommandFault) async throws {
+/// How ``writeWhoseNewerCopyWasLost(_:_:)`` loses the newer copy.
+private enum LostCopyScenario {
+    /// A's backup write stalls its node; the restart comes at B's read after its conflict.
+    case mergedOntoBackup
+    /// A's backup writes are lost until B has ended; the restart comes at B's read after its conflict.
+    case refused
+    /// A saves (backup and all), then C, whose backup writes are lost until B has ended; the
+    /// restart comes at B's second write (after it read and merged onto C's copy).
+    case threeWriters
+}
+
+/// Shared by the tests above: request B (instance 1) loads the session; A (and C) change other
+/// attributes and are saved on instance 0; B changes its own and ends, and the primary's node
+/// restarts (empty) at the moment the scenario says. Every acknowledged change must survive, and
+/// B must have been acknowledged or refused as the scenario says.
+private func writeWhoseNewerCopyWasLost(_ bench: SimulatedTestBench, _ scenario: LostCopyScenario) async throws {
     var cookie: String? = nil
     try await bench.increment(0, &cookie)
     let primary = try requireNode(bench.node(of: cookie))
     let prefix = bench.managers[0].configuration.keyPrefix
-    let stallBackup = Flag()
-    let restartAtReread = Flag()
+    let failBackups = Flag()
+    let restartArmed = Flag()
+    let restarted = Flag()
+    let casWrites = Tally()
     for node in bench.cluster.nodes where node !== primary {
         node.faultMatching = { request in
-            guard stallBackup.value, case .store(let key, _, _, _, _, _) = request.command, key.hasPrefix(prefix + "b:") else { return nil }
-            stallBackup.value = false
-            return fault
+            guard failBackups.value, case .store(let key, _, _, _, _, _) = request.command, key.hasPrefix(prefix + "b:") else { return nil }
+            if scenario == .mergedOntoBackup {
+                failBackups.value = false
+                return .appliedLate
+            }
+            return .neverApplied
         }
     }
     primary.faultMatching = { request in
-        // B's read after its conflict (a plain read: a load also touches).
-        guard restartAtReread.value, case .get(let key, true, nil) = request.command, key.hasPrefix(prefix + "s:") else { return nil }
-        restartAtReread.value = false
+        guard restartArmed.value else { return nil }
+        switch (scenario, request.command) {
+        case (.threeWriters, .store(let key, _, _, _, _, _?)):
+            // B's second write (its first met C's copy).
+            guard key.hasPrefix(prefix + "s:") else { return nil }
+            casWrites.value += 1
+            guard casWrites.value == 2 else { return nil }
+        case (.mergedOntoBackup, .get(let key, true, nil)), (.refused, .get(let key, true, nil)):
+            // B's read after its conflict (a plain read: a load also touches).
+            guard key.hasPrefix(prefix + "s:") else { return nil }
+        default:
+            return nil
+        }
+        restartArmed.value = false
+        restarted.value = true
         primary.restartEmpty(pid: 7000)
         return nil
     }
     let loaded = Flag()
-    let aAnswered = Flag()
+    let othersAnswered = Flag()
     let started = cookie
-    let b = Task { () -> Bool in
+    let b = Task { () -> Result<Void, any Error> in
         var mine = started
         do {
             try await bench.request(1, &mine, path: "/b") { access in
                 let session = try await access.load()
                 loaded.value = true
-                while !aAnswered.value { await bench.sleep(seconds: 0.01) }
+                while !othersAnswered.value { await bench.sleep(seconds: 0.01) }
                 try session?.set("part1", "b")
             }
-            return true
+            return .success(())
         } catch {
-            return false
+            return .failure(error)
         }
     }
     while !loaded.value { await bench.sleep(seconds: 0.01) }
-    stallBackup.value = true
+    if scenario != .threeWriters { failBackups.value = true }
     var a = cookie
     try await bench.request(0, &a, path: "/a") { access in
         try await access.load()?.set("part0", "a")
     }
-    restartAtReread.value = true
-    aAnswered.value = true
-    let bAcknowledged = await b.value
-    bench.check(!restartAtReread.value, "B's write met A's copy and read it back")
-    // The backup's node thaws; the instances see the restart.
+    if scenario == .threeWriters {
+        failBackups.value = true
+        var c = cookie
+        try await bench.request(0, &c, path: "/c") { access in
+            try await access.load()?.set("part2", "c")
+        }
+    }
+    restartArmed.value = true
+    othersAnswered.value = true
+    let outcome = await b.value
+    failBackups.value = false
+    bench.check(restarted.value, "the primary's node restarted where the scenario says")
+    // The backup's node thaws, the writes left for later land, the instances see the restart.
     await bench.sleep(seconds: 3)
     var reader = cookie
-    let (part0, part1) = try await bench.request(0, &reader, path: "/read") { access in
+    let parts = try await bench.request(0, &reader, path: "/read") { access in
         let session = try await access.load()
-        return (session?["part0", as: String.self], session?["part1", as: String.self])
+        return ["part0", "part1", "part2"].map { session?[$0, as: String.self] }
     }
-    bench.check(part0 == "a", "A's acknowledged change survives: \(part0 ?? "none")")
-    if bAcknowledged { bench.check(part1 == "b", "B's acknowledged change survives: \(part1 ?? "none")") }
-    switch fault {
-    case .appliedLate: bench.check(bAcknowledged, "B's write was merged onto A's backup")
-    default: bench.check(!bAcknowledged, "B's write was refused")
+    bench.check(parts[0] == "a", "A's acknowledged change survives: \(parts[0] ?? "none")")
+    switch (scenario, outcome) {
+    case (.mergedOntoBackup, .success), (.threeWriters, .success):
+        bench.check(parts[1] == "b", "B's acknowledged change survives: \(parts[1] ?? "none")")
+    case (.refused, .failure(let error as SessionError)):
+        bench.check(error.code == .unavailable && error.message.contains("newer copy"), "B refused as a lost newer copy: \(error)")
+    default:
+        bench.check(false, "B: \(outcome)")
+    }
+    if scenario == .threeWriters {
+        bench.check(parts[2] == "c", "C's acknowledged change survives: \(parts[2] ?? "none")")
     }
 }

@@ -93,6 +93,11 @@ final class Flag: @unchecked Sendable {
     var value = false
 }
 
+final class Tally: @unchecked Sendable {
+    // @unchecked Sendable: the simulation's one thread.
+    var value = 0
+}
+
 /// One browser's view: its cookie, what it may read next, the ids its sessions had.
 struct BrowserState {
     let name: String

@@ -433,7 +433,11 @@ final class SessionStore: SessionManagerPart {
             }
             guard !restoreChecked else { return .ended }
             restoreChecked = true
-            return await lostCopyVerdict(keys: keys, nodeID: nodeID, loadedVersion: snapshot.record.metadata.version &- 1)
+            // (`record` is based on the last copy this request read: the one it loaded, or the
+            // one a conflict's merge read since.)
+            return await lostCopyVerdict(
+                keys: keys, nodeID: nodeID, loadedVersion: snapshot.record.metadata.version &- 1,
+                baseVersion: record.metadata.version &- 1)
         }
         /// What to write again when a conflict's copy (a concurrent write newer than this
         /// request's, never read) was lost after the conflict: this request's changes merged onto
@@ -513,7 +517,7 @@ final class SessionStore: SessionManagerPart {
                         }
                     }
                     // A newer copy elsewhere (a backup a concurrent request wrote after this one
-                    // loaded the session) keeps that request's changes.
+                    // last read the session) keeps that request's changes.
                     if let newer { record = MemcachedSession.merge(snapshot, onto: newer.record, now: now) }
                     casUnique = nil
                     add = true
@@ -678,7 +682,7 @@ final class SessionStore: SessionManagerPart {
     enum LostCopy {
         /// Lost (evicted, its node restarted): the request, which holds the whole session,
         /// writes it again; merged onto `onto`, a copy found elsewhere (a backup) that is newer
-        /// than the one this request loaded, when there is one.
+        /// than the last one this request read, when there is one.
         case rewrite(onto: StoredSession?)
         /// Ended (a tombstone says so): it stays ended.
         case ended
@@ -697,7 +701,10 @@ final class SessionStore: SessionManagerPart {
     /// request had just moved off a frozen node; the move's cleanup deleted that copy, and the
     /// write, finding it missing, wrote the session there again: two copies, and the moved one
     /// without this request's change.
-    func lostCopyVerdict(keys: SessionKeys, nodeID: String, loadedVersion: UInt64) async -> LostCopy {
+    ///
+    /// A copy found newer than `baseVersion` (the version of the last copy the request read, which
+    /// its write is based on) holds changes the request has not seen: the rewrite goes onto it.
+    func lostCopyVerdict(keys: SessionKeys, nodeID: String, loadedVersion: UInt64, baseVersion: UInt64) async -> LostCopy {
         guard keepsBackups, isEnabled else { return .ended }
         let search = await searchCopies(keys: keys, on: topology.order.filter { topology.isReachable($0) })
         if search.tombstone { return .ended }
@@ -706,7 +713,7 @@ final class SessionStore: SessionManagerPart {
         {
             return .moved(to: newest.nodeID)
         }
-        if let newest = search.newest, newest.stored.record.metadata.version > loadedVersion {
+        if let newest = search.newest, newest.stored.record.metadata.version > baseVersion {
             return .rewrite(onto: newest.stored)
         }
         return .rewrite(onto: nil)
