@@ -407,6 +407,11 @@ final class SessionStore: SessionManagerPart {
     /// `restoreIfMissing` (sticky mode, where memory is authoritative): a copy missing from memcached
     /// was lost by the node (a restart, an eviction), not deleted (deletions leave a tombstone), so
     /// it is written again instead of being given up.
+    ///
+    /// Non-sticky, a copy found lost is written again merged onto a copy newer than the last one
+    /// this request read, if the search finds one (a concurrent request's backup); after a
+    /// conflict with a copy it never read and no newer copy found, the write is refused
+    /// (`newerCopyLostError`) rather than written over that copy's changes.
     func save(
         _ session: MemcachedSession, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false,
         restoreIfMissing: Bool = false
@@ -423,8 +428,9 @@ final class SessionStore: SessionManagerPart {
         defer { statistics.time(.write, since: start) }
         var restoreChecked = false
         /// What a copy found missing means: written again always in sticky mode (memory is
-        /// authoritative), once per save in non-sticky mode, unless a tombstone says it ended or
-        /// (non-sticky) a concurrent request moved it to another node.
+        /// authoritative), once per save in non-sticky mode (onto a newer copy the search finds,
+        /// if any), unless a tombstone says it ended or (non-sticky) a concurrent request moved it
+        /// to another node.
         func lostCopy() async -> LostCopy {
             if restoreIfMissing {
                 // Sticky: memory is authoritative, unless some node says the session ended (its
@@ -704,6 +710,9 @@ final class SessionStore: SessionManagerPart {
     ///
     /// A copy found newer than `baseVersion` (the version of the last copy the request read, which
     /// its write is based on) holds changes the request has not seen: the rewrite goes onto it.
+    /// A move is still judged against the version the request loaded (seed 9611's rule): a primary
+    /// elsewhere is where the session lives now, and the write goes there, merged onto it, even
+    /// when a conflict's merge here had read a newer copy that was then lost (a second fault).
     func lostCopyVerdict(keys: SessionKeys, nodeID: String, loadedVersion: UInt64, baseVersion: UInt64) async -> LostCopy {
         guard keepsBackups, isEnabled else { return .ended }
         let search = await searchCopies(keys: keys, on: topology.order.filter { topology.isReachable($0) })

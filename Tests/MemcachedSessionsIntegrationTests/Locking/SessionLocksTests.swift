@@ -406,8 +406,8 @@ struct SessionLocksTests {
             defer { proxy.stop() }
             var first = try configuration(n1: servers[0].hostAndPort, n2: proxy.hostAndPort)
             first.locking.mode = .all
-            // No renewal while the test runs: a renewal finding the lock gone would end the
-            // request before its write (another path, with the same outcome).
+            // No renewal due for 10 s (a third of the expiry): a renewal finding the lock gone
+            // would end the request before its write (another path, with the same outcome).
             first.locking.expiry = .seconds(30)
             var second = try configuration(n1: servers[0].hostAndPort, n2: servers[1].hostAndPort)
             second.locking.mode = .all
