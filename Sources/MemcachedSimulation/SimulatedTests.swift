@@ -532,6 +532,14 @@ extension SimulatedTest {
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await writeWhoseNewerCopyWasLost(bench, .refused) },
+        // The same with B locked (A, on another path, is not): B's write, its lock's release
+        // riding with it, meets A's copy; B takes its lock again with a read, and the copy is
+        // lost right then (the lock is taken on the restarted node). With no newer copy found, B
+        // is refused and its lock released.
+        SimulatedTest("a-locked-write-whose-newer-copy-was-lost-everywhere-is-refused") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .uriPattern("^/b$")
+        } _: { bench in try await writeWhoseNewerCopyWasLost(bench, .refusedUnderLock) },
         // Three writers: the write met a newer copy (C's), read and merged onto it, then found
         // the copy lost; the search finds only an older one (A's backup; C's backup write was
         // lost). The merged copy already holds everything: it is written as it is, not merged
@@ -624,6 +632,9 @@ private enum LostCopyScenario {
     case mergedOntoBackup
     /// A's backup writes are lost until B has ended; the restart comes at B's read after its conflict.
     case refused
+    /// As `refused`, with B locked: the restart comes at B's lock taken again (with a read) after
+    /// its conflict.
+    case refusedUnderLock
     /// A saves (backup and all), then C, whose backup writes are lost until B has ended; the
     /// restart comes at B's second write (after it read and merged onto C's copy).
     case threeWriters
@@ -663,6 +674,10 @@ private func writeWhoseNewerCopyWasLost(_ bench: SimulatedTestBench, _ scenario:
         case (.mergedOntoBackup, .get(let key, true, nil)), (.refused, .get(let key, true, nil)):
             // B's read after its conflict (a plain read: a load also touches).
             guard key.hasPrefix(prefix + "s:") else { return nil }
+        case (.refusedUnderLock, .store(let key, _, _, _, .add, _)):
+            // B's lock taken again after its conflict (the read goes with it): the lock is taken
+            // on the restarted node, so the refusal must release it.
+            guard key.hasPrefix(prefix + "l:") else { return nil }
         default:
             return nil
         }
@@ -717,10 +732,15 @@ private func writeWhoseNewerCopyWasLost(_ bench: SimulatedTestBench, _ scenario:
     switch (scenario, outcome) {
     case (.mergedOntoBackup, .success), (.threeWriters, .success):
         bench.check(parts[1] == "b", "B's acknowledged change survives: \(parts[1] ?? "none")")
-    case (.refused, .failure(let error as SessionError)):
+    case (.refused, .failure(let error as SessionError)), (.refusedUnderLock, .failure(let error as SessionError)):
         bench.check(error.code == .unavailable && error.message.contains("newer copy"), "B refused as a lost newer copy: \(error)")
     default:
         bench.check(false, "B: \(outcome)")
+    }
+    if scenario == .refusedUnderLock {
+        let counters = bench.managers[1].statistics.snapshot().counters
+        bench.check(counters["locks_acquired"] == 2, "B's lock taken again after its conflict: \(counters["locks_acquired"] ?? 0) taken")
+        bench.check(counters["locks_released"] == 2, "and released when refused: \(counters["locks_released"] ?? 0) released")
     }
     if scenario == .threeWriters {
         bench.check(parts[2] == "c", "C's acknowledged change survives: \(parts[2] ?? "none")")

@@ -453,10 +453,18 @@ final class SessionStore: SessionManagerPart {
         /// between the two). An add's conflict, and sticky mode (memory is authoritative), write
         /// the request's own.
         func rewrittenAfterConflict(onto newer: StoredSession?) -> SessionRecord? {
-            if let newer { return MemcachedSession.merge(snapshot, onto: newer.record, now: now) }
-            if add || restoreIfMissing { return record }
-            statistics.count(.unavailable)
-            return nil
+            if newer == nil, !add, !restoreIfMissing {
+                statistics.count(.unavailable)
+                return nil
+            }
+            return rewritten(onto: newer)
+        }
+        /// What to write again when the copy was lost: this request's changes merged onto a newer
+        /// copy found elsewhere (a backup a concurrent request wrote after this one last read the
+        /// session keeps that request's changes), or the record as it is.
+        func rewritten(onto newer: StoredSession?) -> SessionRecord {
+            guard let newer else { return record }
+            return MemcachedSession.merge(snapshot, onto: newer.record, now: now)
         }
         var lock = lock
         // Whatever the outcome, this instance no longer renews a lock this save had (its release
@@ -474,18 +482,16 @@ final class SessionStore: SessionManagerPart {
             let (result, lockHeld) = await writeStored(
                 key: keys.primary, on: nodeID, bytes: bytes, ttl: Self.primaryTTL(record.metadata, now: now),
                 flags: Self.primaryFlags(record.metadata), casUnique: casUnique, add: add, releasing: lock)
-            if let held = lock, !lockHeld {
+            if lock != nil, !lockHeld {
                 // The lock was no longer this request's when the write was applied (evicted, or
                 // expired and taken): it kept no locked request out. A write that landed may be
                 // merged over by one that read the copy before it; one that met another write is
                 // refused (merging now could lose a locked request's change, or ours).
                 switch result {
                 case .stored:
-                    locks.released(held)
                     statistics.count(.writes)
                     return .unguarded
                 case .conflict:
-                    locks.released(held)
                     statistics.count(.lockConflicts)
                     return .refused(SessionLocks.conflictError)
                 case .gone, .tooLarge, .unreachable:
@@ -496,7 +502,6 @@ final class SessionStore: SessionManagerPart {
             }
             switch result {
             case .stored(let newCas):
-                if let lock { locks.released(lock) }
                 session.markSaved(snapshot, saved: record, casUnique: newCas)
                 statistics.count(.writes)
                 return .saved(record: record, bytes: bytes)
@@ -506,10 +511,11 @@ final class SessionStore: SessionManagerPart {
                     if let held = lock {
                         // The copy was lost (evicted, its node restarted) while this request ran,
                         // and the release rode with the failed write (its lock, if not lost with
-                        // the copy, is free now): the session is written again only under the lock taken again, and
-                        // only if nobody placed a copy since (a locked request that restored it
-                        // from its backup: this request's changes would be merged onto a copy
-                        // made from the same version, and one of the two lost).
+                        // the copy, is free now): the session is written again only under the
+                        // lock taken again, and only if nobody placed a copy since (a locked
+                        // request that restored it from its backup: this request's changes would
+                        // be merged onto a copy made from the same version, and one of the two
+                        // lost).
                         switch await retakeLock(held, keys: keys, nodeID: nodeID) {
                         case .finished(let outcome):
                             return outcome
@@ -522,17 +528,13 @@ final class SessionStore: SessionManagerPart {
                             }
                         }
                     }
-                    // A newer copy elsewhere (a backup a concurrent request wrote after this one
-                    // last read the session) keeps that request's changes.
-                    if let newer { record = MemcachedSession.merge(snapshot, onto: newer.record, now: now) }
+                    record = rewritten(onto: newer)
                     casUnique = nil
                     add = true
                     continue
                 case .ended:
-                    if let lock { locks.released(lock) }
                     return .gone
                 case .moved(let node):
-                    if let lock { locks.released(lock) }
                     return .moved(to: node)
                 }
             case .tooLarge(let error):
@@ -608,7 +610,6 @@ final class SessionStore: SessionManagerPart {
                     switch await lostCopy() {
                     case .rewrite(let newer):
                         guard let merged = rewrittenAfterConflict(onto: newer) else {
-                            if let lock { locks.released(lock) }
                             return .refused(Self.newerCopyLostError)
                         }
                         record = merged
@@ -616,14 +617,11 @@ final class SessionStore: SessionManagerPart {
                         add = true
                         continue
                     case .ended:
-                        if let lock { locks.released(lock) }
                         return .gone
                     case .moved(let node):
-                        if let lock { locks.released(lock) }
                         return .moved(to: node)
                     }
                 case .tombstone:
-                    if let lock { locks.released(lock) }
                     return .gone
                 case .unreachable(let error):
                     statistics.count(.writeFailures)

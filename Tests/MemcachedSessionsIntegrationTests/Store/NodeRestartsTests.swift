@@ -104,12 +104,8 @@ struct NodeRestartsTests {
                 var browser = Browser()
                 try await manager.increment(&browser)
                 try await manager.increment(&browser)
-                let id = try #require(browser.id)
-                let primary = Int(id.nodeID.dropFirst())! - 1
-                try await eventually("the nodes' boot times are known") { manager.store.nodeRestarts.knows(id.nodeID) }
-                let access = manager.beginRequest(path: "/counter", sessionCookie: browser.cookie)
-                let session = try #require(try await access.load())
-                try await restartEmpty(servers[primary], node: id.nodeID, seenBy: manager)
+                let (node, access, session) = try await loadedRequest(of: browser, path: "/counter", on: manager)
+                try await restartEmpty(servers, node: node, seenBy: manager)
                 try session.set("count", 3)
                 let action = try await manager.endRequest(access)
                 #expect(action.cookie == .unchanged)
@@ -128,16 +124,12 @@ struct NodeRestartsTests {
             try await withManager(try configuration(servers) { $0.locking.mode = .none }) { manager in
                 var browser = Browser()
                 try await manager.increment(&browser)
-                let id = try #require(browser.id)
-                let primary = Int(id.nodeID.dropFirst())! - 1
-                try await eventually("the nodes' boot times are known") { manager.store.nodeRestarts.knows(id.nodeID) }
-                let late = manager.beginRequest(path: "/late", sessionCookie: browser.cookie)
-                let session = try #require(try await late.load())
+                let (node, late, session) = try await loadedRequest(of: browser, path: "/late", on: manager)
                 var other = browser
                 try await manager.request(&other, path: "/other") { access in
                     try #require(try await access.load()).set("part0", "a")
                 }
-                try await restartEmpty(servers[primary], node: id.nodeID, seenBy: manager)
+                try await restartEmpty(servers, node: node, seenBy: manager)
                 try session.set("part1", "b")
                 _ = try await manager.endRequest(late)
                 var reader = browser
@@ -152,9 +144,22 @@ struct NodeRestartsTests {
     }
 }
 
-/// Kills `server` and starts it again (empty), then waits until `manager` has seen the restart of
-/// `node`.
-private func restartEmpty(_ server: MemcachedServer, node: String, seenBy manager: SessionManager) async throws {
+/// A request of `browser`'s session on `path`, begun and loaded once `manager` knows the boot time
+/// of the session's node (so that it sees that node's restart); with that node's id.
+private func loadedRequest(
+    of browser: Browser, path: String, on manager: SessionManager
+) async throws -> (node: String, access: SessionAccess, session: MemcachedSession) {
+    let node = try #require(browser.id).nodeID
+    try await eventually("the nodes' boot times are known") { manager.store.nodeRestarts.knows(node) }
+    let access = manager.beginRequest(path: path, sessionCookie: browser.cookie)
+    let session = try #require(try await access.load())
+    return (node, access, session)
+}
+
+/// Kills the server of `node` ("n1" is the first of `servers`) and starts it again (empty), then
+/// waits until `manager` has seen the restart.
+private func restartEmpty(_ servers: [MemcachedServer], node: String, seenBy manager: SessionManager) async throws {
+    let server = servers[Int(node.dropFirst())! - 1]
     try await server.kill()
     try await server.restart()
     try await eventually("the restart is seen") { manager.store.missMayBeRestart(on: node) }
