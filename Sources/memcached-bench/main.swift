@@ -10,8 +10,11 @@
 // and every call into a nonisolated async function switches executors: about five extra
 // enqueues a request); `global` (the default) uses Swift's cooperative pool, as an application
 // that configures nothing does. `--event-loops N` sizes NIO's singleton group (default: NIO's, one
-// per core, which ignores `taskset`). scripts/bench-client runs the full matrix against the
-// pipelined C reference client (scripts/bench/refclient.c) and memaslap in one run.
+// per core, which ignores `taskset`). `--batch B` sends the requests in flight as batches of B
+// through the public pipelining API (`client.executeBatch`): concurrency/B tasks, each a closed loop
+// of batches, the shape of the C reference client (one batch of in-flight/connections commands per
+// connection). scripts/bench-client runs the full matrix against the pipelined C reference client
+// (scripts/bench/refclient.c) and memaslap in one run.
 import Memcached
 import NIOCore
 import NIOPosix
@@ -34,6 +37,8 @@ struct Options {
     var eventLoops: Int? = nil
     var mode = MemcachedProtocolMode.meta
     var populate = true
+    /// Requests per `executeBatch` call (1: one `get`/`set` call per request).
+    var batch = 1
     /// TLS to the server, trusting this CA file (memcached -Z).
     var tlsCAFile: String? = nil
 
@@ -55,6 +60,7 @@ struct Options {
             case "--mode": mode = MemcachedProtocolMode(rawValue: value) ?? mode
             case "--populate": populate = value != "no"
             case "--tls-ca-file": tlsCAFile = value
+            case "--batch": batch = Int(value).flatMap { $0 > 0 ? $0 : nil } ?? batch
             default:
                 print("unknown option \(flag)")
                 exit(2)
@@ -64,6 +70,10 @@ struct Options {
 }
 
 let options = Options(CommandLine.arguments)
+guard options.concurrency % options.batch == 0 else {
+    print("--concurrency \(options.concurrency) is not a multiple of --batch \(options.batch)")
+    exit(2)
+}
 guard ["global", "eventloop", "loop"].contains(options.executor) else {
     print("unknown executor \(options.executor) (global, eventloop or loop)")
     exit(2)
@@ -109,13 +119,34 @@ let start = ContinuousClock.now
 // `--executor loop`: each worker task prefers an event loop's executor, round robin over the group.
 let loopExecutors = MultiThreadedEventLoopGroup.singleton.makeIterator().map { EventLoopExecutor.for($0) }
 let totals = try await withThrowingTaskGroup(of: (ops: Int, misses: Int, errors: Int).self) { group in
-    for worker in 0..<options.concurrency {
+    for worker in 0..<options.concurrency / options.batch {
         let preferred: (any TaskExecutor)? = options.executor == "loop" ? loopExecutors[worker % loopExecutors.count] : nil
         group.addTask(executorPreference: preferred) {
             var ops = 0
             var misses = 0
             var errors = 0
             var index = (worker * 7919) % keys.count
+            if options.batch > 1 {
+                var requests: [MemcachedRequest] = []
+                requests.reserveCapacity(options.batch)
+                while ContinuousClock.now < deadline {
+                    requests.removeAll(keepingCapacity: true)
+                    for _ in 0..<options.batch {
+                        requests.append(options.op == "get" ? .get(keys[index]) : .store(keys[index], value: value))
+                        index += 1
+                        if index == keys.count { index = 0 }
+                    }
+                    for result in await client.executeBatch(requests) {
+                        switch result {
+                        case .success(.item(nil)): misses += 1
+                        case .success: break
+                        case .failure: errors += 1
+                        }
+                    }
+                    ops += options.batch
+                }
+                return (ops, misses, errors)
+            }
             while true {
                 // Check the clock every 64 operations: reading it per request would be measured too.
                 if ops & 63 == 0, ContinuousClock.now >= deadline { break }
@@ -148,5 +179,5 @@ let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.att
 print(
     "RESULT op=\(options.op) concurrency=\(options.concurrency) executor=\(options.executor) "
         + "event_loops=\(NIOSingletons.groupLoopCountSuggestion) mode=\(options.mode) "
-        + "connections=\(options.connections) ops=\(totals.ops) seconds=\((seconds * 1000).rounded() / 1000) "
+        + "connections=\(options.connections) batch=\(options.batch) ops=\(totals.ops) seconds=\((seconds * 1000).rounded() / 1000) "
         + "ops_per_s=\(Int(Double(totals.ops) / seconds)) misses=\(totals.misses) errors=\(totals.errors)")

@@ -342,6 +342,43 @@ struct CommandTests {
         }
     }
 
+    /// A batch's replies come back in its requests' places, whether its requests go to one node or
+    /// to several, with refused requests (bad keys, a keyless command) among them.
+    @Test(arguments: [1, 3])
+    func aBatchAnswersEachRequestInItsPlace(nodes: Int) async throws {
+        try await withMemcachedServers(count: nodes) { servers in
+            try await withClient(servers) { client in
+                for index in 0..<40 { try await client.set("place-\(index)", value: bytes("value-\(index)")) }
+                var requests: [MemcachedRequest] = []
+                var expected: [String?] = []  // the value, or nil for a refusal
+                for index in 0..<40 {
+                    if index % 7 == 3 {
+                        requests.append(index % 2 == 0 ? .get("bad key \(index)") : .noop)
+                        expected.append(nil)
+                    }
+                    requests.append(.get("place-\(index)"))
+                    expected.append("value-\(index)")
+                }
+                let results = await client.executeBatch(requests)
+                #expect(results.count == requests.count)
+                for (result, value) in zip(results, expected) {
+                    switch (result, value) {
+                    case (.success(.item(let item?)), let value?):
+                        #expect(item.string == value)
+                    case (.failure(let error), nil):
+                        #expect(error.code == .invalidKey || error.code == .invalidArgument)
+                    default:
+                        Issue.record("\(result) where \(value ?? "a refusal") was expected")
+                    }
+                }
+                if nodes > 1 {
+                    let used = Set(try (0..<40).map { try client.nodeID(forKey: "place-\($0)") })
+                    #expect(used.count == nodes, "the batch spans every node")
+                }
+            }
+        }
+    }
+
     @Test(arguments: MemcachedProtocolMode.allCases)
     func quietWritesCompleteAndReportFailures(mode: MemcachedProtocolMode) async throws {
         try await withMemcachedServers(count: 1) { servers in

@@ -13,8 +13,11 @@ DURATION = float(os.environ.get("DURATION", "10"))
 CONCURRENCY = [int(c) for c in os.environ.get("CONCURRENCY", "1 16 256").split()]
 OPS = os.environ.get("OPS", "get set").split()
 # Each: an executor (`global`, `eventloop`, `loop`), optionally `@Nloop` for N event loops (else NIO's
-# default, one per core, which does not see `taskset`: two loops sharing the pinned CPU).
-EXECUTORS = os.environ.get("EXECUTORS", "global global@1loop loop@1loop").split()
+# default, one per core, which does not see `taskset`: two loops sharing the pinned CPU), optionally
+# `+batch`: the requests in flight sent as the reference sends them, one batch of in-flight/connections
+# requests per task and connection (`--batch`, the public `executeBatch`); measured from 16 in flight.
+EXECUTORS = os.environ.get("EXECUTORS", "global global@1loop loop@1loop loop@1loop+batch").split()
+CONNECTIONS = 2  # memcached-bench's default, and the reference's from 2 in flight
 WINDOW = 1024  # memaslap keys per concurrency (-w 1k); ours uses the same key count
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, ".build", "release", "memcached-bench")
@@ -126,10 +129,17 @@ def main():
                 rows.append((op, c, "C memaslap (libmemcached 1.1.4)", c_rate, " ".join(c_cmd), misses.group(1) if misses else "-"))
                 print(f"{op} c={c} memaslap {c_rate:,.0f}/s", flush=True)
                 for variant in EXECUTORS:
+                    variant, batched, _ = variant.partition("+batch")
+                    batch = c // CONNECTIONS if batched else 1
+                    if batched and batch < 2:
+                        continue
                     executor, _, loops = variant.partition("@")
                     loops = loops.removesuffix("loop")
                     loop_args = ["--event-loops", loops] if loops else []
                     loop_label = f", {loops} loop{'s' if loops != '1' else ''}" if loops else ""
+                    if batched:
+                        loop_args += ["--batch", str(batch)]
+                        loop_label += f", batches of {batch}"
                     runs = [("ours", BENCH, [], port)] + ([(BEFORE_LABEL, BEFORE, [], port)] if BEFORE else [])
                     if TLS:
                         runs.append(("ours over TLS", BENCH, ["--tls-ca-file", f"{TLS_DIR}/ca.pem"], tls_port))
@@ -142,7 +152,7 @@ def main():
                         if not result or result.group(2) != "0":
                             sys.exit(f"errors in {our_cmd}:\n{out}")
                         rows.append((op, c, f"{who}, {executor} executor{loop_label}", rate, " ".join(our_cmd).replace(ROOT + "/", ""), result.group(1)))
-                        print(f"{op} c={c} {who}/{variant} {rate:,.0f}/s ({rate / ref_rate:.2f}x of C pipelined)", flush=True)
+                        print(f"{op} c={c} {who}/{variant}{'+batch' if batched else ''} {rate:,.0f}/s ({rate / ref_rate:.2f}x of C pipelined)", flush=True)
     finally:
         server.terminate()
         server.wait()
@@ -177,7 +187,9 @@ def write(rows):
         "resumes its task on the thread that read it. Event loops: NIO's default is one per core (2 here), which does not",
         "see `taskset`, so both loops share the client's one CPU; \"1 loop\" is `--event-loops 1`, what a client pinned",
         "to one CPU should run (as `msm serve` now does by default). At 1 in flight, ops/s is the inverse of a round",
-        "trip's latency.",
+        "trip's latency. \"batches of B\" (`--batch B`) sends the same requests in flight the way the reference",
+        "does: in-flight/B tasks (one per connection), each a closed loop of `client.executeBatch` calls of B",
+        "requests (the public pipelining API): the same work and the same shape as the C client's.",
         "",
         "| op | in flight | client | ops/s | vs C | vs memaslap |",
         "| --- | ---: | --- | ---: | ---: | ---: |",

@@ -124,44 +124,55 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
     /// Runs requests pipelined: one write and one round trip per node involved.
     public func executeBatch(_ requests: [MemcachedRequest]) async -> [Result<MemcachedResponse, MemcachedError>] {
         var results = [Result<MemcachedResponse, MemcachedError>](repeating: .failure(.shutdownError), count: requests.count)
-        var perNode: [Int: [(index: Int, request: MemcachedRequest)]] = [:]
-        for (index, request) in requests.enumerated() {
+        // The requests that can be sent, each with its node and its place in `requests`. All to
+        // one node (the usual case) they go as they are, with no grouping per node.
+        var prepared: [MemcachedRequest] = []
+        var targets: [(node: Int, position: Int)] = []
+        prepared.reserveCapacity(requests.count)
+        targets.reserveCapacity(requests.count)
+        var oneNode = true
+        for (position, request) in requests.enumerated() {
             do throws(MemcachedError) {
-                let (node, prepared) = try route(request)
-                perNode[nodeIndex[node.id]!, default: []].append((index, prepared))
+                let (node, request) = try routeIndex(request)
+                oneNode = oneNode && (targets.first?.node ?? node) == node
+                prepared.append(request)
+                targets.append((node, position))
             } catch {
-                results[index] = .failure(error)
+                results[position] = .failure(error)
             }
         }
+        guard let first = targets.first else { return results }
         let timeout = configuration.requestTimeout
-        if perNode.count == 1, let (node, entries) = perNode.first {
-            let deadline = NIODeadline.now() + TimeAmount(entries.first?.request.timeout ?? timeout)
-            let requests = entries.map(\.request)
-            let target = nodes[node]
-            let replies = await configuration.tracing.traced(requests, node: target.id) {
-                await target.executeBatch(requests, deadline: deadline)
+        if oneNode {
+            let deadline = NIODeadline.now() + TimeAmount(prepared[0].timeout ?? timeout)
+            let target = nodes[first.node]
+            let replies = await configuration.tracing.traced(prepared, node: target.id) {
+                await target.executeBatch(prepared, deadline: deadline)
             }
-            for (entry, reply) in zip(entries, replies) { results[entry.index] = reply }
+            for (sent, reply) in zip(targets, replies) { results[sent.position] = reply }
             return results
         }
+        var perNode: [Int: [Int]] = [:]  // node → indices into `prepared`
+        for (index, sent) in targets.enumerated() { perNode[sent.node, default: []].append(index) }
         let batches = perNode
+        let all = prepared
         let outcomes = await withTaskGroup(of: [(Int, Result<MemcachedResponse, MemcachedError>)].self) { group in
-            for (node, entries) in batches {
+            for (node, indices) in batches {
                 group.addTask {
-                    let deadline = NIODeadline.now() + TimeAmount(entries.first?.request.timeout ?? timeout)
-                    let requests = entries.map(\.request)
+                    let requests = indices.map { all[$0] }
+                    let deadline = NIODeadline.now() + TimeAmount(requests[0].timeout ?? timeout)
                     let target = self.nodes[node]
                     let replies = await self.configuration.tracing.traced(requests, node: target.id) {
                         await target.executeBatch(requests, deadline: deadline)
                     }
-                    return zip(entries, replies).map { ($0.index, $1) }
+                    return zip(indices, replies).map { ($0, $1) }
                 }
             }
-            var all: [(Int, Result<MemcachedResponse, MemcachedError>)] = []
-            for await part in group { all += part }
-            return all
+            var outcomes: [(Int, Result<MemcachedResponse, MemcachedError>)] = []
+            for await part in group { outcomes += part }
+            return outcomes
         }
-        for (index, result) in outcomes { results[index] = result }
+        for (index, result) in outcomes { results[targets[index].position] = result }
         return results
     }
 
@@ -219,19 +230,25 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
     }
 
     private func route(_ request: MemcachedRequest) throws(MemcachedError) -> (MemcachedNode, MemcachedRequest) {
+        let (index, prepared) = try routeIndex(request)
+        return (nodes[index], prepared)
+    }
+
+    /// ``route(_:)`` with the node's index in `nodes`.
+    private func routeIndex(_ request: MemcachedRequest) throws(MemcachedError) -> (Int, MemcachedRequest) {
         let prepared = try prepare(request)
         guard let key = prepared.key else {
             throw MemcachedError(
                 code: .invalidArgument, message: "noop, version and stats go to a node: use client.node(id)")
         }
-        if nodes.count == 1 { return (nodes[0], prepared) }
+        if nodes.count == 1 { return (0, prepared) }
         if configuration.keyDistribution.skipsUnavailable {
             guard let index = continuum.node(forKey: key.utf8, isAvailable: { nodes[$0].health.isUp }) else {
                 throw MemcachedError(code: .nodeUnavailable, message: "every memcached node is marked down")
             }
-            return (nodes[index], prepared)
+            return (index, prepared)
         }
-        return (nodes[continuum.node(forKey: key.utf8)], prepared)
+        return (continuum.node(forKey: key.utf8), prepared)
     }
 }
 
