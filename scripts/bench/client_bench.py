@@ -131,7 +131,7 @@ def main():
                 for variant in EXECUTORS:
                     variant, batched, _ = variant.partition("+batch")
                     batch = c // CONNECTIONS if batched else 1
-                    if batched and batch < 2:
+                    if batched and (batch < 2 or c % batch):
                         continue
                     executor, _, loops = variant.partition("@")
                     loops = loops.removesuffix("loop")
@@ -188,7 +188,7 @@ def write(rows):
         "see `taskset`, so both loops share the client's one CPU; \"1 loop\" is `--event-loops 1`, what a client pinned",
         "to one CPU should run (as `msm serve` now does by default). At 1 in flight, ops/s is the inverse of a round",
         "trip's latency. \"batches of B\" (`--batch B`) sends the same requests in flight the way the reference",
-        "does: in-flight/B tasks (one per connection), each a closed loop of `client.executeBatch` calls of B",
+        "does: in-flight/B tasks (two), each a closed loop of `client.executeBatch` calls of B",
         "requests (the public pipelining API): the same work and the same shape as the C client's.",
         "",
         "| op | in flight | client | ops/s | vs C | vs memaslap |",
