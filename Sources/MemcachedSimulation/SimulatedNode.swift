@@ -79,6 +79,13 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
     /// needs one kind of command to fail whatever comes before it (the principal index's writes
     /// after the reads and ends of a revocation).
     public var faultMatching: (@Sendable (MemcachedRequest) -> CommandFault?)? = nil
+    /// Round trips held on their way to the node (a slow path for some caller's commands: the
+    /// test decides when they arrive, ``releaseHeld(first:)``); their callers' deadlines still
+    /// run. Asked once per round trip, with its requests.
+    public var holdMatching: (@Sendable ([MemcachedRequest]) -> Bool)? = nil
+    private var held: [() -> Void] = []
+    /// Round trips held (``holdMatching``) and not released yet.
+    public var heldCount: Int { held.count }
     /// Every command applied, for the history: (virtual ns, command summary).
     public private(set) var applied = 0
     let clock = SimulatedClock()
@@ -96,6 +103,13 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
     public var isAvailable: Bool { !markedDown }
 
     // MARK: - faults
+
+    /// The first `count` round trips held (``holdMatching``) arrive, in the order they were held.
+    public func releaseHeld(first count: Int = .max) {
+        let released = held.prefix(count)
+        held.removeFirst(released.count)
+        for arrive in released { arrive() }
+    }
 
     public func freeze() { if state == .up { state = .frozen } }
 
@@ -385,10 +399,17 @@ public final class SimulatedNode: MemcachedNodeCommandRunner, @unchecked Sendabl
                     finish()
                 }
             }
-            if self.state == .frozen {
-                self.frozenQueue.append(arrive)
+            let deliver = {
+                if self.state == .frozen {
+                    self.frozenQueue.append(arrive)
+                } else {
+                    arrive()
+                }
+            }
+            if let hold = self.holdMatching, hold(requests) {
+                self.held.append(deliver)
             } else {
-                arrive()
+                deliver()
             }
         }
     }

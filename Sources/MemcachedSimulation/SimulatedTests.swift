@@ -548,6 +548,22 @@ extension SimulatedTest {
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await writeWhoseNewerCopyWasLost(bench, .threeWriters) },
+        // Two copies of one version (the simulation, non-sticky seed 67253): A and B load the
+        // session; A's write lands and the primary's node restarts before A's backup write;
+        // B's write finds the copy lost, finds nothing newer than what it loaded (A's backup has
+        // not landed), and writes its own copy, of the same version as A's. Here B's backup
+        // lands first, and A's backup write meets it: same version, other bytes. A's changes are
+        // merged onto B's copy: both survive, in the primary and in its backup.
+        SimulatedTest("two-copies-of-one-version-are-merged-when-the-lost-ones-backup-comes-second") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await twoCopiesOfOneVersion(bench, .lostWriteComesSecond) },
+        // The same with A's backup landing first: B's backup write (the write made after the
+        // loss) meets it, and B's changes are merged onto A's copy.
+        SimulatedTest("two-copies-of-one-version-are-merged-when-the-rewrites-backup-comes-second") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await twoCopiesOfOneVersion(bench, .rewriteComesSecond) },
     ]
 
     /// The test named `name`.
@@ -745,4 +761,116 @@ private func writeWhoseNewerCopyWasLost(_ bench: SimulatedTestBench, _ scenario:
     if scenario == .threeWriters {
         bench.check(parts[2] == "c", "C's acknowledged change survives: \(parts[2] ?? "none")")
     }
+}
+
+/// Which backup write of ``twoCopiesOfOneVersion(_:_:)`` comes second (and meets the other).
+private enum ForkSide {
+    /// A's: the acknowledged write whose copy was lost.
+    case lostWriteComesSecond
+    /// B's: the write made after the loss, over it.
+    case rewriteComesSecond
+}
+
+/// Request B (instance 1) loads the session; A (instance 0) changes another attribute and its
+/// write lands; A's backup write is held on its way, and the primary's node restarts (empty).
+/// B's write finds the copy lost, and its search finds only the older backup: it writes its own
+/// copy, of A's version. The two backup writes then come in the order `side` says. Both changes
+/// must survive, in the primary and in the backup (read after a second restart).
+private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide) async throws {
+    var cookie: String? = nil
+    try await bench.increment(0, &cookie)
+    let primary = try requireNode(bench.node(of: cookie))
+    let prefix = bench.managers[0].configuration.keyPrefix
+    // A backup write's commands (a copy search's reads, which carry the value, pass): A's first,
+    // and with `rewriteComesSecond` B's read too.
+    let holds = Tally()
+    for node in bench.cluster.nodes where node !== primary {
+        node.holdMatching = { requests in
+            guard holds.value > 0 else { return false }
+            let backupWrite = requests.contains { request in
+                switch request.command {
+                case .get(let key, false, _), .store(let key, _, _, _, _, _): key.hasPrefix(prefix + "b:")
+                default: false
+                }
+            }
+            guard backupWrite else { return false }
+            holds.value -= 1
+            return true
+        }
+    }
+    let backupNodes = bench.cluster.nodes.filter { $0 !== primary }
+    var held: Int { backupNodes.map(\.heldCount).reduce(0, +) }
+    func release(first count: Int = .max) {
+        var left = count
+        for node in backupNodes where left > 0 {
+            let released = min(left, node.heldCount)
+            node.releaseHeld(first: released)
+            left -= released
+        }
+    }
+    let loaded = Flag()
+    let bMayWrite = Flag()
+    let started = cookie
+    func request(_ instance: Int, path: String, set attribute: String, waitingFor flag: Flag?) -> Task<Result<Void, any Error>, Never> {
+        let flagged = flag
+        return Task {
+            var mine = started
+            do {
+                try await bench.request(instance, &mine, path: path) { access in
+                    let session = try await access.load()
+                    if let flagged {
+                        loaded.value = true
+                        while !flagged.value { await bench.sleep(seconds: 0.001) }
+                    }
+                    try session?.set(attribute, path)
+                }
+                return .success(())
+            } catch {
+                return .failure(error)
+            }
+        }
+    }
+    let b = request(1, path: "/b", set: "part1", waitingFor: bMayWrite)
+    while !loaded.value { await bench.sleep(seconds: 0.001) }
+    holds.value = side == .lostWriteComesSecond ? 1 : 2
+    let a = request(0, path: "/a", set: "part0", waitingFor: nil)
+    // A's write has landed, its backup write is on its way: the primary's node restarts.
+    while held < 1 { await bench.sleep(seconds: 0.001) }
+    primary.restartEmpty(pid: 7000)
+    bMayWrite.value = true
+    let outcomes: [Result<Void, any Error>]
+    switch side {
+    case .lostWriteComesSecond:
+        let bOutcome = await b.value
+        release()
+        outcomes = [await a.value, bOutcome]
+    case .rewriteComesSecond:
+        while held < 2 { await bench.sleep(seconds: 0.001) }
+        release(first: 1)
+        let aOutcome = await a.value
+        release()
+        outcomes = [aOutcome, await b.value]
+    }
+    holds.value = 0
+    for (name, outcome) in zip(["A", "B"], outcomes) {
+        if case .failure(let error) = outcome { bench.check(false, "\(name) failed: \(error)") }
+    }
+    let meeting = side == .lostWriteComesSecond ? 0 : 1
+    let forks = bench.managers[meeting].statistics.snapshot().counters["backup_forks"] ?? 0
+    bench.check(forks == 1, "the second backup write met the fork: \(forks)")
+    func parts(_ when: String) async throws {
+        var reader = cookie
+        let parts = try await bench.request(0, &reader, path: "/read") { access in
+            let session = try await access.load()
+            return ["part0", "part1"].map { session?[$0, as: String.self] }
+        }
+        bench.check(parts[0] == "/a", "\(when): A's acknowledged change survives: \(parts[0] ?? "none")")
+        bench.check(parts[1] == "/b", "\(when): B's acknowledged change survives: \(parts[1] ?? "none")")
+    }
+    await bench.sleep(seconds: 3)
+    try await parts("primary")
+    // The backup has both too: the primary is lost again, and the session read from its backup.
+    primary.restartEmpty(pid: 7001)
+    await bench.sleep(seconds: 3)
+    try await parts("backup")
 }

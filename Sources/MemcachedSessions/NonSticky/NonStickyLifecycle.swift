@@ -301,8 +301,19 @@ final class NonStickyLifecycle: SessionLifecycle {
                 session, keys: keys, nodeID: id.nodeID, lock: lockWithWrite, forceAdd: isFreshPlacement)
             if lockWithWrite == nil, let lock { await locks.release(lock) }
             switch outcome {
-            case .saved(let record, let bytes):
-                await store.writeBackup(keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now)
+            case .saved(var record, let bytes, let written):
+                if let copy = await store.writeBackup(
+                    keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now, detectsForks: true)
+                {
+                    // Another copy of the version just written: this request's changes go onto it.
+                    guard let merged = try await saveOntoFork(session, keys: keys, nodeID: finalID.nodeID, fork: .init(written: written, copy: copy))
+                    else {
+                        // Ended meanwhile (a logout, a login's new id): it stays ended.
+                        statistics.count(.sessionsNotFound)
+                        return .unchanged
+                    }
+                    record = merged
+                }
                 if let movedFrom, movedFrom != finalID.nodeID, let drained = topology.node(movedFrom) {
                     await drained.submit(prepared(.delete(keys.primary, quiet: true)))
                 }
@@ -376,6 +387,34 @@ final class NonStickyLifecycle: SessionLifecycle {
             await node.submit(.touch(keys.primary, ttl: .seconds(Int(expected))))
         }
         return id != incoming ? context.cookieAction(.set(id), metadata) : .unchanged
+    }
+
+    /// A save's backup write met a fork: another copy of the version the save wrote. Two writes
+    /// gave the session one version, one of them after its copy was lost (its node restarted)
+    /// and before the other's backup landed, so each copy lacks the other's change (the
+    /// simulation, non-sticky seed 67253). This request's changes are written again merged onto
+    /// the other copy (``SessionStore/save(_:keys:on:releasing:forceAdd:restoreIfMissing:ontoFork:)``),
+    /// and its backup after them. Returns the record written; nil when the session ended
+    /// meanwhile. Throws when it could not be written: this request's changes may be in neither
+    /// copy.
+    private func saveOntoFork(
+        _ session: MemcachedSession, keys: SessionKeys, nodeID: String, fork: SessionStore.ForkedCopy
+    ) async throws(SessionError) -> SessionRecord? {
+        switch await store.save(session, keys: keys, on: nodeID, ontoFork: fork) {
+        case .saved(let record, let bytes, _):
+            await store.writeBackup(keys: keys, primaryNode: nodeID, bytes: bytes, metadata: record.metadata, now: currentTimeMillis())
+            return record
+        case .gone:
+            return nil
+        case .refused(let error):
+            throw error
+        case .unreachable, .moved, .unguarded:
+            store.backupMemo.forget(keys.backup)
+            statistics.count(.unavailable)
+            throw SessionError.unavailable(
+                "a concurrent request's copy of the session, of the same version as this request's, could not be merged with it: its changes may not have been saved"
+            )
+        }
     }
 
     /// A request that carried a session cookie but never opened the session: slide its TTL with

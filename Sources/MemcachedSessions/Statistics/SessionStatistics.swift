@@ -33,6 +33,10 @@ public final class SessionStatistics: Sendable {
         /// A backup write found the copy there as new or newer (written by a later save), or a
         /// tombstone: it left it alone.
         case backupsOutdated
+        /// Non-sticky: a save's backup write found a copy of the same version with other bytes
+        /// there (two writes gave the session one version, one of them after its copy was lost):
+        /// the save's changes were merged onto that copy and written again.
+        case backupForks
         case memcachedFailovers
         case appServerFailovers
         case takeovers

@@ -16,8 +16,19 @@ extension SessionStore {
     /// writes only over an older copy, with CAS, and never over a tombstone; text mode, which
     /// cannot read flags without the value, writes as is
     /// (documented).
-    func writeBackup(keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64) async {
-        guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return }
+    ///
+    /// `detectsForks` (a non-sticky save's backup): a backup of this very version with other bytes
+    /// is a fork, returned (nothing written): two writes gave the session the same version, one of
+    /// them after its copy was lost (its node restarted) and before the other's backup landed, so
+    /// each holds a change the other lacks (the simulation, non-sticky seed 67253). The caller
+    /// merges its changes onto that copy (``SessionStore/save(_:keys:on:releasing:forceAdd:restoreIfMissing:ontoFork:)``).
+    /// Whichever of the two backup writes comes second meets the fork: the one whose copy is the
+    /// primary now, or the one whose copy was lost.
+    @discardableResult
+    func writeBackup(
+        keys: SessionKeys, primaryNode: String, bytes: ByteBuffer, metadata: SessionMetadata, now: Int64, detectsForks: Bool = false
+    ) async -> StoredSession? {
+        guard let backupNode = topology.nextAvailable(after: primaryNode), let node = topology.node(backupNode) else { return nil }
         let ttl = Self.backupTTL(metadata, now: now)
         let lastWrite = backupMemo.record(keys.backup, node: backupNode)
         statistics.count(.backupWrites)
@@ -29,27 +40,55 @@ extension SessionStore {
             request.connectionAffinity = Self.affinity(of: keys.backup)
             request.honorsCancellation = false
             if case .failure = await node.executeBatch([prepared(request)])[0] { statistics.count(.backupFailures) }
-            return
+            return nil
         }
         let flags = Self.backupFlags(metadata)
         // The backup's end in wall time: a write retried later keeps it (a backup lives as long
         // as its session may, never longer: the idle-expiry check relies on it).
         let expiresAt = Self.backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
-        if await !writeBackupInOrder(
-            key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl, nodeID: backupNode, lastWrite: lastWrite)
+        switch await writeBackupInOrder(
+            key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl, nodeID: backupNode, lastWrite: lastWrite,
+            detectsForks: detectsForks)
         {
+        case .done:
+            return nil
+        case .unanswered:
             // Written once the node answers again (a frozen backup node must not leave the
             // session with an old backup only).
             leaveForLater(
                 .backup(bytes: bytes, flags: flags, expiresAt: expiresAt, primaryKey: keys.primary, primaryNode: primaryNode),
                 key: keys.backup, on: backupNode)
+            return nil
+        case .forked(let item):
+            if let fork = decodeStored(item, key: keys.backup, node: node) { return fork }
+            // Undecodable (deleted): this write's backup goes there after all.
+            _ = await writeBackupInOrder(
+                key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl, nodeID: backupNode, lastWrite: nil)
+            return nil
         }
+    }
+
+    /// What an ordered backup write (``writeBackupInOrder(key:on:bytes:flags:ttl:nodeID:lastWrite:secondsLeft:detectsForks:)``) came to.
+    enum BackupWrite {
+        /// Written; or not needed (as new a copy there, or a tombstone); or refused by the node
+        /// (a retry would be refused too).
+        case done
+        /// The node did not answer: the write is to be tried again.
+        case unanswered
+        /// A copy of the same version with other bytes is there (a fork; only with
+        /// `detectsForks`): nothing written.
+        case forked(MemcachedItem)
     }
 
     /// The ordered backup write of ``writeBackup(keys:primaryNode:bytes:metadata:now:)``: at most
     /// four rounds of read and conditional write (after the one-round-trip write below, if it is
     /// tried), each bounded by the request timeout. Returns
-    /// false when the node did not answer (the write is to be tried again).
+    /// ``BackupWrite/unanswered`` when the node did not answer (the write is to be tried again).
+    ///
+    /// `detectsForks`: a copy there of this very version is read in full (one more round trip, on
+    /// a rare path: in the normal course a backup of one version is written once, or copied from
+    /// its primary's bytes by a read's repair) and compared with `bytes`; other bytes are a fork
+    /// (``writeBackup(keys:primaryNode:bytes:metadata:now:detectsForks:)``).
     ///
     /// With `nodeID` (the node's id) and `lastWrite` (this instance's own last backup write of the
     /// session there, if recent: ``BackupMemo/record(_:node:)``), a write over it, when older than
@@ -75,8 +114,8 @@ extension SessionStore {
     /// restarted, a request 14 s idle found a 10 s session again).
     func writeBackupInOrder(
         key: String, on node: any MemcachedNodeCommandRunner, bytes: ByteBuffer, flags: UInt32, ttl: MemcachedTTL,
-        nodeID: String? = nil, lastWrite: BackupMemo.Written? = nil, secondsLeft: Int? = nil
-    ) async -> Bool {
+        nodeID: String? = nil, lastWrite: BackupMemo.Written? = nil, secondsLeft: Int? = nil, detectsForks: Bool = false
+    ) async -> BackupWrite {
         let affinity = Self.affinity(of: key)
         func send(_ request: MemcachedRequest) async -> Result<MemcachedResponse, MemcachedError> {
             var request = request
@@ -87,13 +126,13 @@ extension SessionStore {
             countRoundTrip()
             return result
         }
-        /// A failed round: counted; false (try again later) when the node did not answer, true
-        /// when it refused (a retry would be refused too).
-        func failed(_ result: Result<MemcachedResponse, MemcachedError>) -> Bool {
+        /// A failed round: counted; unanswered (try again later) when the node did not answer,
+        /// done when it refused (a retry would be refused too).
+        func failed(_ result: Result<MemcachedResponse, MemcachedError>) -> BackupWrite {
             statistics.count(.backupFailures)
-            guard case .failure(let error) = result, error.meansNodeUnreachable else { return true }
+            guard case .failure(let error) = result, error.meansNodeUnreachable else { return .done }
             backupMemo.forget(key)
-            return false
+            return .unanswered
         }
         /// An acknowledged write (sent with the node's connection generation `generation` or
         /// later): remembered for the next one.
@@ -112,7 +151,7 @@ extension SessionStore {
             case .success(.stored(.stored)):
                 statistics.count(.backupsWrittenWithoutRead)
                 wrote(result, generation: generation)
-                return true
+                return .done
             case .success(.stored):
                 break  // changed since (or gone): read, then write
             case .failure(let error) where error.code == .connectionChanged:
@@ -132,10 +171,27 @@ extension SessionStore {
                 if item.flags == flags, let secondsLeft, let living = item.timeToLive, living < 0 || living > secondsLeft + 1 {
                     // This write, landed late: its end back where it belongs.
                     write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
+                } else if detectsForks, item.flags == flags {
+                    // This very version: this write's own copy (a repair from its primary's
+                    // bytes), or a fork.
+                    let full = await send(.get(key))
+                    switch full {
+                    case .success(.item(let copy?)) where copy.flags == flags:
+                        guard copy.value != bytes else {
+                            statistics.count(.backupsOutdated)
+                            return .done
+                        }
+                        statistics.count(.backupForks)
+                        return .forked(copy)
+                    case .success(.item):
+                        continue  // changed or gone since: look again
+                    default:
+                        return failed(full)
+                    }
                 } else if item.flags == Self.tombstoneFlags || item.flags >= flags {
                     // Ended (a logout's tombstone), or as new already: nothing to do.
                     statistics.count(.backupsOutdated)
-                    return true
+                    return .done
                 } else {
                     write = .store(key, value: bytes, mode: .set, ttl: ttl, flags: flags, cas: item.cas)
                 }
@@ -151,7 +207,7 @@ extension SessionStore {
             switch result {
             case .success(.stored(.stored)):
                 wrote(result, generation: generation)
-                return true
+                return .done
             case .success(.stored):
                 continue  // changed between the read and the write: look again
             case .failure(let error) where error.code == .connectionChanged:
@@ -161,7 +217,7 @@ extension SessionStore {
             }
         }
         statistics.count(.backupFailures)
-        return true
+        return .done
     }
 
     /// Refreshes a read-only session's backup at most once per window per instance, and repairs it

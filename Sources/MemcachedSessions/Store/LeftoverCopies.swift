@@ -180,7 +180,7 @@ extension SessionStore {
                     ttl = .seconds(left)
                 }
             }
-            guard await writeBackupInOrder(key: entry.key, on: node, bytes: bytes, flags: flags, ttl: ttl, secondsLeft: secondsLeft)
+            guard case .done = await writeBackupInOrder(key: entry.key, on: node, bytes: bytes, flags: flags, ttl: ttl, secondsLeft: secondsLeft)
             else { return false }
             statistics.count(.leftoversCleaned)
             return true

@@ -36,7 +36,9 @@ enum StoredWrite: Sendable {
 
 /// What saving a session came to.
 enum SaveOutcome: Sendable {
-    case saved(record: SessionRecord, bytes: ByteBuffer)
+    /// Written: `record`, as `bytes`. `written` says what the write was (for a merge onto a fork
+    /// its backup write meets: ``SessionStore/ForkedCopy``).
+    case saved(record: SessionRecord, bytes: ByteBuffer, written: SessionStore.SavedWrite)
     /// The stored copy was deleted meanwhile (logout): nothing was written.
     case gone
     /// Not written, for a reason the request must answer with: the session is too large, or a
@@ -412,18 +414,23 @@ final class SessionStore: SessionManagerPart {
     /// this request read, if the search finds one (a concurrent request's backup); after a
     /// conflict with a copy it never read and no newer copy found, the write is refused
     /// (`newerCopyLostError`) rather than written over that copy's changes.
+    ///
+    /// `ontoFork`: a save's backup write met a fork (another copy of the version it wrote): that
+    /// save's changes are written again merged onto the other copy, with CAS over the copy it
+    /// wrote (if the primary is still that copy; if not, it now holds the other one, or newer:
+    /// the conflict's merge reads it).
     func save(
         _ session: MemcachedSession, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false,
-        restoreIfMissing: Bool = false
+        restoreIfMissing: Bool = false, ontoFork fork: ForkedCopy? = nil
     ) async -> SaveOutcome {
         let now = currentTimeMillis()
-        let snapshot = session.snapshotForSave(now: now)
-        var record = snapshot.record
+        let snapshot = fork?.written.snapshot ?? session.snapshotForSave(now: now)
+        var record = fork.map { MemcachedSession.merge(snapshot, onto: $0.copy.record, now: now) } ?? snapshot.record
         // A write to a new place (relocation, regenerated id) adds: it never overwrites a copy
         // another request put there meanwhile, and the CAS of the old place means nothing there.
-        let forceAdd = forceAdd || snapshot.moved
-        var casUnique = forceAdd ? nil : snapshot.casUnique
-        var add = snapshot.isNew || forceAdd || casUnique == nil
+        let forceAdd = fork == nil && (forceAdd || snapshot.moved)
+        var casUnique = fork.map { $0.written.casUnique } ?? (forceAdd ? nil : snapshot.casUnique)
+        var add = fork == nil ? (snapshot.isNew || forceAdd || casUnique == nil) : casUnique == nil
         let start = NIODeadline.now()
         defer { statistics.time(.write, since: start) }
         var restoreChecked = false
@@ -504,7 +511,7 @@ final class SessionStore: SessionManagerPart {
             case .stored(let newCas):
                 session.markSaved(snapshot, saved: record, casUnique: newCas)
                 statistics.count(.writes)
-                return .saved(record: record, bytes: bytes)
+                return .saved(record: record, bytes: bytes, written: SavedWrite(snapshot: snapshot, casUnique: newCas))
             case .gone:
                 switch await lostCopy() {
                 case .rewrite(let newer):
@@ -634,6 +641,22 @@ final class SessionStore: SessionManagerPart {
     }
 
     static let maximumSaveAttempts = 8
+
+    /// A save's write, as ``save(_:keys:on:releasing:forceAdd:restoreIfMissing:ontoFork:)`` needs
+    /// it to merge that save's changes onto a fork.
+    struct SavedWrite: Sendable {
+        /// What the save changed.
+        var snapshot: MemcachedSession.Snapshot
+        /// The written copy's CAS unique.
+        var casUnique: UInt64?
+    }
+
+    /// A fork a save's backup write met (``writeBackup(keys:primaryNode:bytes:metadata:now:detectsForks:)``):
+    /// the other copy of the version the save wrote.
+    struct ForkedCopy: Sendable {
+        var written: SavedWrite
+        var copy: StoredSession
+    }
 
     /// A write met a newer copy (a concurrent request's) that was lost before it could be read and
     /// merged onto, and no copy of it was found elsewhere: this request's changes are not saved.

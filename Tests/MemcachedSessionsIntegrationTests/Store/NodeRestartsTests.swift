@@ -142,6 +142,64 @@ struct NodeRestartsTests {
             }
         }
     }
+
+    /// Two copies of one version (the simulation, non-sticky seed 67253): B loads the session; A's
+    /// write lands on n1, and its backup write is held on its way to n2 (a stalled proxy); n1
+    /// restarts (empty). B's write finds the copy lost, finds nothing newer than what it loaded
+    /// (A's backup has not landed), and writes its own copy, of A's version, and its backup.
+    /// Then A's backup write arrives and meets B's backup: same version, other bytes. A's change
+    /// is merged onto B's copy: both changes survive, in the primary and in the backup (read
+    /// after another restart). Fails without the fork's detection: A's backup write takes B's
+    /// backup for "as new already", and A's change is gone.
+    @Test func twoCopiesOfOneVersionAfterARestartAreMerged() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let proxy = try await FaultProxy.start(port: servers[1].port)
+            defer { proxy.stop() }
+            var viaProxy = try configuration(n1: servers[0].hostAndPort, n2: proxy.hostAndPort)
+            viaProxy.locking.mode = .none
+            var direct = try configuration(n1: servers[0].hostAndPort, n2: servers[1].hostAndPort)
+            direct.locking.mode = .none
+            try await withManagers([viaProxy, direct]) { managers in
+                let (a, b) = (managers[0], managers[1])
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    try await a.increment(&browser)
+                    let id = try #require(browser.id)
+                    try #require(id.nodeID == "n1")
+                    let keys = a.keys(for: id.token)
+                    let (_, late, session) = try await loadedRequest(of: browser, path: "/b", on: b)
+                    try await eventually("A knows n1's boot time") { a.store.nodeRestarts.knows("n1") }
+                    proxy.stall()
+                    let started = browser
+                    let aSaved = Task {
+                        var mine = started
+                        try await a.request(&mine, path: "/a") { access in try #require(try await access.load()).set("part0", "a") }
+                    }
+                    try await eventually("A's write landed on n1") {
+                        guard let item = try await inspector.node("n1").get(keys.primary) else { return false }
+                        return try BinarySessionCodec().decodeSession(from: item.value).attributes["part0"] != nil
+                    }
+                    try await restartEmpty(servers, node: "n1", seenBy: b)
+                    try session.set("part1", "b")
+                    _ = try await b.endRequest(late)
+                    try await eventually("A sees n1 again") { a.store.missMayBeRestart(on: "n1") && a.topology.isReachable("n1") }
+                    proxy.resume()
+                    try await aSaved.value
+                    #expect(a.statistics.value(of: .backupForks) == 1, "A's backup write met B's copy of its version")
+                    func parts() async throws -> [String?] {
+                        var reader = browser
+                        return try await b.request(&reader, path: "/read") { access in
+                            let session = try #require(try await access.load())
+                            return [session["part0", as: String.self], session["part1", as: String.self]]
+                        }
+                    }
+                    #expect(try await parts() == ["a", "b"], "both changes in the primary")
+                    try await restartEmpty(servers, node: "n1", seenBy: b)
+                    #expect(try await parts() == ["a", "b"], "both changes in the backup")
+                }
+            }
+        }
+    }
 }
 
 /// A request of `browser`'s session on `path`, begun and loaded once `manager` knows the boot time
