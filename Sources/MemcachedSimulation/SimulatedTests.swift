@@ -564,6 +564,13 @@ extension SimulatedTest {
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await twoCopiesOfOneVersion(bench, .rewriteComesSecond) },
+        // The same, and before B's backup write meets A's copy, a third request D reads B's
+        // copy and saves a third change over it (D's backup write on its way). B's merge goes
+        // onto D's copy: it takes A's change where D's copy still holds B's side, keeps D's.
+        SimulatedTest("two-copies-of-one-version-are-merged-over-a-later-write") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await twoCopiesOfOneVersion(bench, .rewriteComesSecondAfterAThirdWrite) },
     ]
 
     /// The test named `name`.
@@ -769,13 +776,18 @@ private enum ForkSide {
     case lostWriteComesSecond
     /// B's: the write made after the loss, over it.
     case rewriteComesSecond
+    /// B's, after a third request D read B's copy and saved over it (D's backup write held).
+    case rewriteComesSecondAfterAThirdWrite
 }
 
 /// Request B (instance 1) loads the session; A (instance 0) changes another attribute and its
 /// write lands; A's backup write is held on its way, and the primary's node restarts (empty).
 /// B's write finds the copy lost, and its search finds only the older backup: it writes its own
-/// copy, of A's version. The two backup writes then come in the order `side` says. Both changes
-/// must survive, in the primary and in the backup (read after a second restart).
+/// copy, of A's version. The two backup writes then come in the order `side` says (with a third
+/// request D's write between them, for `rewriteComesSecondAfterAThirdWrite`). Every change must
+/// survive, in the primary and in the backup (read after a second restart; the waits of three
+/// virtual seconds let the instances' restart watch see each restart and the backup writes left
+/// for later land).
 private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide) async throws {
     var cookie: String? = nil
     try await bench.increment(0, &cookie)
@@ -832,7 +844,7 @@ private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide
     }
     let b = request(1, path: "/b", set: "part1", waitingFor: bMayWrite)
     while !loaded.value { await bench.sleep(seconds: 0.001) }
-    holds.value = side == .lostWriteComesSecond ? 1 : 2
+    holds.value = [.lostWriteComesSecond: 1, .rewriteComesSecond: 2, .rewriteComesSecondAfterAThirdWrite: 3][side]!
     let a = request(0, path: "/a", set: "part0", waitingFor: nil)
     // A's write has landed, its backup write is on its way: the primary's node restarts.
     while held < 1 { await bench.sleep(seconds: 0.001) }
@@ -850,22 +862,34 @@ private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide
         let aOutcome = await a.value
         release()
         outcomes = [aOutcome, await b.value]
+    case .rewriteComesSecondAfterAThirdWrite:
+        while held < 2 { await bench.sleep(seconds: 0.001) }
+        release(first: 1)
+        let aOutcome = await a.value
+        let d = request(0, path: "/d", set: "part2", waitingFor: nil)
+        while held < 2 { await bench.sleep(seconds: 0.001) }
+        release(first: 1)
+        let bOutcome = await b.value
+        release()
+        outcomes = [aOutcome, bOutcome, await d.value]
     }
     holds.value = 0
-    for (name, outcome) in zip(["A", "B"], outcomes) {
+    for (name, outcome) in zip(["A", "B", "D"], outcomes) {
         if case .failure(let error) = outcome { bench.check(false, "\(name) failed: \(error)") }
     }
     let meeting = side == .lostWriteComesSecond ? 0 : 1
+    let names = side == .rewriteComesSecondAfterAThirdWrite ? ["part0", "part1", "part2"] : ["part0", "part1"]
     let forks = bench.managers[meeting].statistics.snapshot().counters["backup_forks"] ?? 0
     bench.check(forks == 1, "the second backup write met the fork: \(forks)")
     func parts(_ when: String) async throws {
         var reader = cookie
         let parts = try await bench.request(0, &reader, path: "/read") { access in
             let session = try await access.load()
-            return ["part0", "part1"].map { session?[$0, as: String.self] }
+            return names.map { session?[$0, as: String.self] }
         }
-        bench.check(parts[0] == "/a", "\(when): A's acknowledged change survives: \(parts[0] ?? "none")")
-        bench.check(parts[1] == "/b", "\(when): B's acknowledged change survives: \(parts[1] ?? "none")")
+        for (part, (name, path)) in zip(parts, zip(["A", "B", "D"], ["/a", "/b", "/d"])) {
+            bench.check(part == path, "\(when): \(name)'s acknowledged change survives: \(part ?? "none")")
+        }
     }
     await bench.sleep(seconds: 3)
     try await parts("primary")

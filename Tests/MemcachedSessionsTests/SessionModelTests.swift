@@ -132,6 +132,41 @@ struct SessionModelTests {
         #expect(merged.metadata.version == 5)
     }
 
+    /// A fork's merge: the save's copy and the other copy of its version disagree on the save's
+    /// own change (`a`), on the other copy's (`f`, and `x`, which the other removed), and on an
+    /// attribute a later write changed since (`d`). Onto a current copy made from the save's, the
+    /// other side's changes come in, the later write's stands; onto the other copy itself, the
+    /// save's own change comes in.
+    @Test func aForksMergeTakesEachSidesChangesAndKeepsALaterWrites() throws {
+        let codec = BinarySessionCodec()
+        func value(_ number: Int) throws -> ByteBuffer { try codec.encodeValue(number) }
+        let session = try Self.session(["a": try value(1), "f": try value(1), "x": try value(1), "d": try value(1)])
+        try session.set("a", 2)
+        let snapshot = session.snapshotForSave(now: 10)
+        let saved = snapshot.record  // a 2, f 1, x 1, d 1
+        var fork = saved
+        fork.attributes = ["a": try value(1), "f": try value(3), "d": try value(4)]  // f changed, x removed, d changed
+        // A later write over the save's copy changed d (to 9) and added e.
+        var later = saved
+        later.attributes["d"] = try value(9)
+        later.attributes["e"] = try value(5)
+        later.metadata.version += 1
+        let merged = MemcachedSession.merge(snapshot, saved: saved, fork: fork, onto: later, now: 20)
+        #expect(try codec.decodeValue(Int.self, from: merged.attributes["a"]!) == 2, "the save's own change")
+        #expect(try codec.decodeValue(Int.self, from: merged.attributes["f"]!) == 3, "the other copy's change")
+        #expect(merged.attributes["x"] == nil, "the other copy's removal")
+        #expect(try codec.decodeValue(Int.self, from: merged.attributes["d"]!) == 9, "the later write's change stands")
+        #expect(try codec.decodeValue(Int.self, from: merged.attributes["e"]!) == 5)
+        #expect(merged.metadata.version == later.metadata.version + 1)
+        // Onto the other copy itself: the save's change comes in, the other's stay.
+        let ontoFork = MemcachedSession.merge(snapshot, saved: saved, fork: fork, onto: fork, now: 20)
+        #expect(try codec.decodeValue(Int.self, from: ontoFork.attributes["a"]!) == 2)
+        #expect(try codec.decodeValue(Int.self, from: ontoFork.attributes["f"]!) == 3)
+        #expect(ontoFork.attributes["x"] == nil)
+        #expect(try codec.decodeValue(Int.self, from: ontoFork.attributes["d"]!) == 4)
+        #expect(ontoFork.metadata.version == saved.metadata.version + 1)
+    }
+
     @Test func attributeFilterKeepsOthersForTheRequestOnly() throws {
         let session = try Self.session(filter: "^(user|cart)$")
         try session.set("user", "ann")

@@ -558,6 +558,40 @@ public final class MemcachedSession: Sendable {
 }
 
 extension MemcachedSession {
+    /// A fork's merge: `saved` (the copy a save wrote, with `snapshot`'s changes) and `fork` (the
+    /// other copy of its version) diverged from one copy; `current` is the primary now (`saved`,
+    /// `fork`, or a copy a later write made from either). Each attribute the two copies disagree
+    /// on gets the side that changed it (the save's, when `snapshot` changed it; the fork's,
+    /// otherwise) unless `current` holds neither copy's value (a later write changed it: that
+    /// write stands). So neither a later write's changes nor the fork's are undone.
+    static func merge(
+        _ snapshot: Snapshot, saved: SessionRecord, fork: SessionRecord, onto current: SessionRecord, now: Int64
+    ) -> SessionRecord {
+        var merged = current
+        for name in Set(saved.attributes.keys).union(fork.attributes.keys) {
+            let ours = saved.attributes[name]
+            let theirs = fork.attributes[name]
+            guard ours != theirs else { continue }
+            let present = current.attributes[name]
+            if snapshot.changes[name] != nil {
+                if present == theirs { merged.attributes[name] = ours }
+            } else if present == ours {
+                merged.attributes[name] = theirs
+            }
+        }
+        let (ours, theirs, present) = (saved.metadata.idleTimeoutSeconds, fork.metadata.idleTimeoutSeconds, current.metadata.idleTimeoutSeconds)
+        if ours != theirs {
+            if snapshot.metadataChanged {
+                if present == theirs { merged.metadata.idleTimeoutSeconds = ours }
+            } else if present == ours {
+                merged.metadata.idleTimeoutSeconds = theirs
+            }
+        }
+        merged.metadata.version = max(current.metadata.version, saved.metadata.version, fork.metadata.version) &+ 1
+        merged.metadata.lastAccessedAt = max(current.metadata.lastAccessedAt, fork.metadata.lastAccessedAt, now)
+        return merged
+    }
+
     /// Applies the changes of `snapshot` onto a newer stored `record` (CAS conflict resolution).
     static func merge(_ snapshot: Snapshot, onto stored: SessionRecord, now: Int64) -> SessionRecord {
         var merged = stored

@@ -12,7 +12,7 @@ extension SessionStore {
     /// over different connections, and a slow one may land after a newer one (the newer backup
     /// would then be lost to a failover of the primary). In meta mode the write reads the backup's
     /// flags (its version) and CAS unique first (or, over this instance's own recent write of it,
-    /// uses that write's CAS unique: see ``writeBackupInOrder(key:on:bytes:flags:ttl:nodeID:lastWrite:)``),
+    /// uses that write's CAS unique: see ``writeBackupInOrder(key:on:bytes:flags:ttl:nodeID:lastWrite:secondsLeft:detectsForks:)``),
     /// writes only over an older copy, with CAS, and never over a tombstone; text mode, which
     /// cannot read flags without the value, writes as is
     /// (documented).
@@ -60,11 +60,11 @@ extension SessionStore {
                 key: keys.backup, on: backupNode)
             return nil
         case .forked(let item):
-            if let fork = decodeStored(item, key: keys.backup, node: node) { return fork }
-            // Undecodable (deleted): this write's backup goes there after all.
-            _ = await writeBackupInOrder(
-                key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl, nodeID: backupNode, lastWrite: nil)
-            return nil
+            // One that does not open here (sealed with a key this instance does not hold, or
+            // corrupt: deleted) is left as a copy as new as this one, as before forks were told.
+            guard let fork = decodeStored(item, key: keys.backup, node: node) else { return nil }
+            statistics.count(.backupForks)
+            return fork
         }
     }
 
@@ -80,7 +80,7 @@ extension SessionStore {
         case forked(MemcachedItem)
     }
 
-    /// The ordered backup write of ``writeBackup(keys:primaryNode:bytes:metadata:now:)``: at most
+    /// The ordered backup write of ``writeBackup(keys:primaryNode:bytes:metadata:now:detectsForks:)``: at most
     /// four rounds of read and conditional write (after the one-round-trip write below, if it is
     /// tried), each bounded by the request timeout. Returns
     /// ``BackupWrite/unanswered`` when the node did not answer (the write is to be tried again).
@@ -181,7 +181,6 @@ extension SessionStore {
                             statistics.count(.backupsOutdated)
                             return .done
                         }
-                        statistics.count(.backupForks)
                         return .forked(copy)
                     case .success(.item):
                         continue  // changed or gone since: look again

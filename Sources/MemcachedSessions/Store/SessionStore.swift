@@ -415,22 +415,45 @@ final class SessionStore: SessionManagerPart {
     /// conflict with a copy it never read and no newer copy found, the write is refused
     /// (`newerCopyLostError`) rather than written over that copy's changes.
     ///
-    /// `ontoFork`: a save's backup write met a fork (another copy of the version it wrote): that
-    /// save's changes are written again merged onto the other copy, with CAS over the copy it
-    /// wrote (if the primary is still that copy; if not, it now holds the other one, or newer:
-    /// the conflict's merge reads it).
+    /// `ontoFork`: a save's backup write met a fork (another copy of the version it wrote). The
+    /// primary is read first (the save's own CAS unique may be from before a restart, which
+    /// counts them from the start again), and the fork's merge
+    /// (``MemcachedSession/merge(_:saved:fork:onto:now:)``) is written over it with CAS, and
+    /// again over whatever a conflict finds. A primary found missing (lost again) is not written:
+    /// `unreachable`, after a conflict.
     func save(
         _ session: MemcachedSession, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false,
         restoreIfMissing: Bool = false, ontoFork fork: ForkedCopy? = nil
     ) async -> SaveOutcome {
         let now = currentTimeMillis()
         let snapshot = fork?.written.snapshot ?? session.snapshotForSave(now: now)
-        var record = fork.map { MemcachedSession.merge(snapshot, onto: $0.copy.record, now: now) } ?? snapshot.record
+        var record = snapshot.record
         // A write to a new place (relocation, regenerated id) adds: it never overwrites a copy
         // another request put there meanwhile, and the CAS of the old place means nothing there.
         let forceAdd = fork == nil && (forceAdd || snapshot.moved)
-        var casUnique = fork.map { $0.written.casUnique } ?? (forceAdd ? nil : snapshot.casUnique)
-        var add = fork == nil ? (snapshot.isNew || forceAdd || casUnique == nil) : casUnique == nil
+        var casUnique = forceAdd ? nil : snapshot.casUnique
+        var add = snapshot.isNew || forceAdd || casUnique == nil
+        /// This request's changes merged onto a newer stored copy (a conflict's).
+        func merged(onto stored: SessionRecord) -> SessionRecord {
+            guard let fork else { return MemcachedSession.merge(snapshot, onto: stored, now: now) }
+            return MemcachedSession.merge(snapshot, saved: fork.written.record, fork: fork.copy.record, onto: stored, now: now)
+        }
+        if fork != nil {
+            switch await readStored(key: keys.primary, on: nodeID, touch: nil) {
+            case .found(let stored):
+                record = merged(onto: stored.record)
+                casUnique = stored.casUnique
+                add = false
+            case .missing:
+                statistics.count(.writeFailures)
+                return .unreachable(MemcachedError(code: .protocolError, message: "the session's copy was lost again"), afterConflict: true)
+            case .tombstone:
+                return .gone
+            case .unreachable(let error):
+                statistics.count(.writeFailures)
+                return .unreachable(error, afterConflict: true)
+            }
+        }
         let start = NIODeadline.now()
         defer { statistics.time(.write, since: start) }
         var restoreChecked = false
@@ -511,7 +534,7 @@ final class SessionStore: SessionManagerPart {
             case .stored(let newCas):
                 session.markSaved(snapshot, saved: record, casUnique: newCas)
                 statistics.count(.writes)
-                return .saved(record: record, bytes: bytes, written: SavedWrite(snapshot: snapshot, casUnique: newCas))
+                return .saved(record: record, bytes: bytes, written: SavedWrite(snapshot: snapshot, record: record))
             case .gone:
                 switch await lostCopy() {
                 case .rewrite(let newer):
@@ -604,7 +627,7 @@ final class SessionStore: SessionManagerPart {
                 }
                 switch await readStored(key: keys.primary, on: nodeID, touch: nil) {
                 case .found(let stored):
-                    record = MemcachedSession.merge(snapshot, onto: stored.record, now: now)
+                    record = merged(onto: stored.record)
                     casUnique = stored.casUnique
                     add = false
                 case .missing:
@@ -647,8 +670,8 @@ final class SessionStore: SessionManagerPart {
     struct SavedWrite: Sendable {
         /// What the save changed.
         var snapshot: MemcachedSession.Snapshot
-        /// The written copy's CAS unique.
-        var casUnique: UInt64?
+        /// The copy it wrote.
+        var record: SessionRecord
     }
 
     /// A fork a save's backup write met (``writeBackup(keys:primaryNode:bytes:metadata:now:detectsForks:)``):
