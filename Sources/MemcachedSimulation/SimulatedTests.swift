@@ -571,6 +571,13 @@ extension SimulatedTest {
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await twoCopiesOfOneVersion(bench, .rewriteComesSecondAfterAThirdWrite) },
+        // As the lost one's backup coming second, with the primary's node restarting again at
+        // the merge's read of the primary: the merge is written again as a lost copy, onto the
+        // other copy (the search finds nothing newer).
+        SimulatedTest("two-copies-of-one-version-are-merged-when-the-primary-is-lost-again") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await twoCopiesOfOneVersion(bench, .lostWriteComesSecondPrimaryLostAgain) },
     ]
 
     /// The test named `name`.
@@ -778,6 +785,8 @@ private enum ForkSide {
     case rewriteComesSecond
     /// B's, after a third request D read B's copy and saved over it (D's backup write held).
     case rewriteComesSecondAfterAThirdWrite
+    /// A's, and the primary's node restarts again at the merge's read of the primary.
+    case lostWriteComesSecondPrimaryLostAgain
 }
 
 /// Request B (instance 1) loads the session; A (instance 0) changes another attribute and its
@@ -794,7 +803,7 @@ private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide
     let primary = try requireNode(bench.node(of: cookie))
     let prefix = bench.managers[0].configuration.keyPrefix
     // A backup write's commands (a copy search's reads, which carry the value, pass): A's first,
-    // and with `rewriteComesSecond` B's read too.
+    // then B's read (the rewrite's orders), then D's first (`rewriteComesSecondAfterAThirdWrite`).
     let holds = Tally()
     for node in bench.cluster.nodes where node !== primary {
         node.holdMatching = { requests in
@@ -844,7 +853,7 @@ private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide
     }
     let b = request(1, path: "/b", set: "part1", waitingFor: bMayWrite)
     while !loaded.value { await bench.sleep(seconds: 0.001) }
-    holds.value = [.lostWriteComesSecond: 1, .rewriteComesSecond: 2, .rewriteComesSecondAfterAThirdWrite: 3][side]!
+    holds.value = [.lostWriteComesSecond: 1, .lostWriteComesSecondPrimaryLostAgain: 1, .rewriteComesSecond: 2, .rewriteComesSecondAfterAThirdWrite: 3][side]!
     let a = request(0, path: "/a", set: "part0", waitingFor: nil)
     // A's write has landed, its backup write is on its way: the primary's node restarts.
     while held < 1 { await bench.sleep(seconds: 0.001) }
@@ -856,6 +865,20 @@ private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide
         let bOutcome = await b.value
         release()
         outcomes = [await a.value, bOutcome]
+    case .lostWriteComesSecondPrimaryLostAgain:
+        let bOutcome = await b.value
+        // The next plain read of the primary is A's merge's (B has answered; loads touch).
+        let restartedAgain = Flag()
+        primary.faultMatching = { request in
+            guard !restartedAgain.value, case .get(let key, true, nil) = request.command, key.hasPrefix(prefix + "s:") else { return nil }
+            restartedAgain.value = true
+            primary.restartEmpty(pid: 7002)
+            return nil
+        }
+        release()
+        outcomes = [await a.value, bOutcome]
+        primary.faultMatching = nil
+        bench.check(restartedAgain.value, "the primary's node restarted again at the merge's read")
     case .rewriteComesSecond:
         while held < 2 { await bench.sleep(seconds: 0.001) }
         release(first: 1)
@@ -877,7 +900,7 @@ private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide
     for (name, outcome) in zip(["A", "B", "D"], outcomes) {
         if case .failure(let error) = outcome { bench.check(false, "\(name) failed: \(error)") }
     }
-    let meeting = side == .lostWriteComesSecond ? 0 : 1
+    let meeting = side == .lostWriteComesSecond || side == .lostWriteComesSecondPrimaryLostAgain ? 0 : 1
     let names = side == .rewriteComesSecondAfterAThirdWrite ? ["part0", "part1", "part2"] : ["part0", "part1"]
     let forks = bench.managers[meeting].statistics.snapshot().counters["backup_forks"] ?? 0
     bench.check(forks == 1, "the second backup write met the fork: \(forks)")

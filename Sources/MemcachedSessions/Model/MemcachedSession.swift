@@ -563,7 +563,9 @@ extension MemcachedSession {
     /// `fork`, or a copy a later write made from either). Each attribute the two copies disagree
     /// on gets the side that changed it (the save's, when `snapshot` changed it; the fork's,
     /// otherwise) unless `current` holds neither copy's value (a later write changed it: that
-    /// write stands). So neither a later write's changes nor the fork's are undone.
+    /// write stands). Not told apart: a later write that set such an attribute back to the value
+    /// of the side that did not change it (it is taken for that side's copy, and the change
+    /// applied over it).
     static func merge(
         _ snapshot: Snapshot, saved: SessionRecord, fork: SessionRecord, onto current: SessionRecord, now: Int64
     ) -> SessionRecord {

@@ -305,7 +305,7 @@ final class NonStickyLifecycle: SessionLifecycle {
                 if let copy = await store.writeBackup(
                     keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now, detectsForks: true)
                 {
-                    // Another copy of the version just written: this request's changes go onto it.
+                    // Another copy of the version just written: the two are merged.
                     guard let merged = try await saveOntoFork(session, keys: keys, nodeID: finalID.nodeID, fork: .init(written: written, copy: copy))
                     else {
                         // Ended meanwhile (a logout, a login's new id): it stays ended.
@@ -392,9 +392,10 @@ final class NonStickyLifecycle: SessionLifecycle {
     /// A save's backup write met a fork: another copy of the version the save wrote. Two writes
     /// gave the session one version, one of them after its copy was lost (its node restarted)
     /// and before the other's backup landed, so each copy lacks the other's change (the
-    /// simulation, non-sticky seed 67253). This request's changes are written again merged onto
-    /// the other copy (``SessionStore/save(_:keys:on:releasing:forceAdd:restoreIfMissing:ontoFork:)``),
-    /// and its backup after them. Returns the record written; nil when the session ended
+    /// simulation, non-sticky seed 67253). The primary is written again with a three-way merge
+    /// of the two copies onto it as it is now
+    /// (``SessionStore/save(_:keys:on:releasing:forceAdd:restoreIfMissing:ontoFork:)``), and its
+    /// backup after it. Returns the record written; nil when the session ended
     /// meanwhile. Throws when it could not be written: this request's changes may be in neither
     /// copy.
     private func saveOntoFork(

@@ -35,7 +35,7 @@ public final class SessionStatistics: Sendable {
         case backupsOutdated
         /// Non-sticky: a save's backup write found a copy of the same version with other bytes
         /// there (two writes gave the session one version, one of them after its copy was lost):
-        /// the save's changes were merged onto that copy and written again.
+        /// the two copies were merged and the primary written again.
         case backupForks
         case memcachedFailovers
         case appServerFailovers

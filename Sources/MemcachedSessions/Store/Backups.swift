@@ -21,7 +21,8 @@ extension SessionStore {
     /// is a fork, returned (nothing written): two writes gave the session the same version, one of
     /// them after its copy was lost (its node restarted) and before the other's backup landed, so
     /// each holds a change the other lacks (the simulation, non-sticky seed 67253). The caller
-    /// merges its changes onto that copy (``SessionStore/save(_:keys:on:releasing:forceAdd:restoreIfMissing:ontoFork:)``).
+    /// writes the primary again with a three-way merge of the two copies
+    /// (``SessionStore/save(_:keys:on:releasing:forceAdd:restoreIfMissing:ontoFork:)``).
     /// Whichever of the two backup writes comes second meets the fork: the one whose copy is the
     /// primary now, or the one whose copy was lost.
     @discardableResult
@@ -60,8 +61,9 @@ extension SessionStore {
                 key: keys.backup, on: backupNode)
             return nil
         case .forked(let item):
-            // One that does not open here (sealed with a key this instance does not hold, or
-            // corrupt: deleted) is left as a copy as new as this one, as before forks were told.
+            // One that does not open here: sealed with a key this instance does not hold (left
+            // alone, as a copy as new as this one); or corrupt, deleted as any read of it
+            // deletes it, and the backup is written again by the next save or a read's repair.
             guard let fork = decodeStored(item, key: keys.backup, node: node) else { return nil }
             statistics.count(.backupForks)
             return fork

@@ -417,10 +417,9 @@ final class SessionStore: SessionManagerPart {
     ///
     /// `ontoFork`: a save's backup write met a fork (another copy of the version it wrote). The
     /// primary is read first (the save's own CAS unique may be from before a restart, which
-    /// counts them from the start again), and the fork's merge
+    /// counts them from the start again), and the fork's three-way merge
     /// (``MemcachedSession/merge(_:saved:fork:onto:now:)``) is written over it with CAS, and
-    /// again over whatever a conflict finds. A primary found missing (lost again) is not written:
-    /// `unreachable`, after a conflict.
+    /// over whatever a conflict, or a search after a loss, finds.
     func save(
         _ session: MemcachedSession, keys: SessionKeys, on nodeID: String, releasing lock: HeldLock? = nil, forceAdd: Bool = false,
         restoreIfMissing: Bool = false, ontoFork fork: ForkedCopy? = nil
@@ -437,22 +436,6 @@ final class SessionStore: SessionManagerPart {
         func merged(onto stored: SessionRecord) -> SessionRecord {
             guard let fork else { return MemcachedSession.merge(snapshot, onto: stored, now: now) }
             return MemcachedSession.merge(snapshot, saved: fork.written.record, fork: fork.copy.record, onto: stored, now: now)
-        }
-        if fork != nil {
-            switch await readStored(key: keys.primary, on: nodeID, touch: nil) {
-            case .found(let stored):
-                record = merged(onto: stored.record)
-                casUnique = stored.casUnique
-                add = false
-            case .missing:
-                statistics.count(.writeFailures)
-                return .unreachable(MemcachedError(code: .protocolError, message: "the session's copy was lost again"), afterConflict: true)
-            case .tombstone:
-                return .gone
-            case .unreachable(let error):
-                statistics.count(.writeFailures)
-                return .unreachable(error, afterConflict: true)
-            }
         }
         let start = NIODeadline.now()
         defer { statistics.time(.write, since: start) }
@@ -494,7 +477,33 @@ final class SessionStore: SessionManagerPart {
         /// session keeps that request's changes), or the record as it is.
         func rewritten(onto newer: StoredSession?) -> SessionRecord {
             guard let newer else { return record }
-            return MemcachedSession.merge(snapshot, onto: newer.record, now: now)
+            return merged(onto: newer.record)
+        }
+        if let fork {
+            // The primary as it is now (the save's own CAS unique may be from before a restart).
+            switch await readStored(key: keys.primary, on: nodeID, touch: nil) {
+            case .found(let stored):
+                record = merged(onto: stored.record)
+                casUnique = stored.casUnique
+                add = false
+            case .missing:
+                // Lost again: written again as any lost copy, onto the other copy at least.
+                record = merged(onto: fork.copy.record)
+                switch await lostCopy() {
+                case .rewrite(let newer):
+                    record = rewritten(onto: newer)
+                    casUnique = nil
+                    add = true
+                case .ended:
+                    return .gone
+                case .moved(let node):
+                    return .moved(to: node)
+                }
+            case .tombstone:
+                return .gone
+            case .unreachable(let error):
+                return .unreachable(error, afterConflict: true)
+            }
         }
         var lock = lock
         // Whatever the outcome, this instance no longer renews a lock this save had (its release
