@@ -578,6 +578,38 @@ extension SimulatedTest {
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await twoCopiesOfOneVersion(bench, .lostWriteComesSecondPrimaryLostAgain) },
+        // A move that missed a write (the simulation, non-sticky seed 65295): instance 1 is cut
+        // off from the session's node, marks it down, and serves B from the backup; before B's
+        // write, instance 0 (whose write was on its way) saves A there, and A's backup lands
+        // where B read it. The node then dies. B's write moves the session to the backup's node,
+        // reads the backup it served from again, finds A's newer copy, and merges the two: both
+        // changes survive, in the new primary and in its backup.
+        SimulatedTest("a-move-from-a-backup-merges-a-write-its-backup-shows-meanwhile") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsFirstNodeDies) },
+        // The same, with A's backup landing after B's read of it, and the node answering instance
+        // 1 again: the old copy (A's) is merged into the session's new place before it is deleted.
+        SimulatedTest("a-move-merges-a-write-the-old-node-took-meanwhile-once-it-answers") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsLastNodeAnswers) },
+        // Both, with every request locked (the seed ran with locking auto): the locks are on two
+        // nodes (A's on the old one, B's on the new one), so neither keeps the other out.
+        // The same, with A's backup landing after the old copy's cleanup first looked: the
+        // cleanup waits for the backup (an acknowledged write's follows it) before it deletes.
+        SimulatedTest("a-move-waits-for-the-backup-of-a-write-the-old-node-took-meanwhile") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsAfterTheCleanupLooked) },
+        SimulatedTest("a-locked-move-from-a-backup-merges-a-write-its-backup-shows-meanwhile") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .all
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsFirstNodeDies) },
+        SimulatedTest("a-locked-move-merges-a-write-the-old-node-took-meanwhile-once-it-answers") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .all
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsLastNodeAnswers) },
     ]
 
     /// The test named `name`.
@@ -918,6 +950,153 @@ private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide
     try await parts("primary")
     // The backup has both too: the primary is lost again, and the session read from its backup.
     primary.restartEmpty(pid: 7001)
+    await bench.sleep(seconds: 3)
+    try await parts("backup")
+}
+
+/// How the write a move missed is found (``moveThatMissedAWrite(_:_:)``).
+private enum MissedWrite {
+    /// Its backup lands before the move's write, and its node dies: the move's read of the
+    /// backup it served from finds it.
+    case backupLandsFirstNodeDies
+    /// Its backup lands after the move's write, and its node answers again: the old copy's
+    /// cleanup finds it.
+    case backupLandsLastNodeAnswers
+    /// As `backupLandsLastNodeAnswers`, with the backup landing after the cleanup's first look
+    /// at the old copy: the cleanup waits for it.
+    case backupLandsAfterTheCleanupLooked
+}
+
+/// Bounded wait in virtual time: up to `seconds` for `condition`.
+private func waitUntil(_ bench: SimulatedTestBench, seconds: Double = 5, _ condition: () -> Bool) async {
+    for _ in 0..<Int(seconds * 1000) where !condition() { await bench.sleep(seconds: 0.001) }
+}
+
+/// ``SimulatedTest/all``'s `a-move-…` tests (the simulation, non-sticky seed 65295).
+private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: MissedWrite) async throws {
+    var cookie: String? = nil
+    try await bench.increment(0, &cookie)
+    let primary = try requireNode(bench.node(of: cookie))
+    let prefix = bench.managers[0].configuration.keyPrefix
+    // A (instance 0) loads the session and changes it; its write is held on its way to the node,
+    // and (`backupLandsLastNodeAnswers`) its backup write's first read after it.
+    let holdWrite = Flag()
+    holdWrite.value = true
+    primary.holdMatching = { requests in
+        guard holdWrite.value else { return false }
+        let write = requests.contains { request in
+            if case .store(let key, _, _, _, _, _) = request.command { return key.hasPrefix(prefix + "s:") }
+            return false
+        }
+        if write { holdWrite.value = false }
+        return write
+    }
+    let holdBackup = Flag()
+    holdBackup.value = scenario != .backupLandsFirstNodeDies
+    for node in bench.cluster.nodes where node !== primary {
+        node.holdMatching = { requests in
+            guard holdBackup.value else { return false }
+            // The backup write's first round trip: a read without the value, or a CAS write when
+            // the instance wrote that backup last (B's searches and reads carry the value).
+            let backupRead = requests.contains { request in
+                switch request.command {
+                case .get(let key, false, _), .store(let key, _, _, _, _, _): key.hasPrefix(prefix + "b:")
+                default: false
+                }
+            }
+            if backupRead { holdBackup.value = false }
+            return backupRead
+        }
+    }
+    let backupNodes = bench.cluster.nodes.filter { $0 !== primary }
+    let started = cookie
+    let a = Task {
+        var mine = started
+        try await bench.request(0, &mine, path: "/a") { access in
+            try await access.load()?.set("part0", "/a")
+        }
+        return mine
+    }
+    await waitUntil(bench) { primary.heldCount == 1 }
+    bench.check(primary.heldCount == 1, "A's write is on its way")
+    // B (instance 1): its read and its retry are cut off, the node is marked down, and B is
+    // served from the backup.
+    primary.pendingFaults = [.connectionCut, .connectionCut]
+    let loaded = Flag()
+    let bMayWrite = Flag()
+    defer { bMayWrite.value = true }
+    let b = Task {
+        var mine = started
+        try await bench.request(1, &mine, path: "/b") { access in
+            let session = try await access.load()
+            loaded.value = true
+            await waitUntil(bench, seconds: 10) { bMayWrite.value }
+            try session?.set("part1", "/b")
+        }
+        return mine
+    }
+    await waitUntil(bench) { loaded.value }
+    bench.check(loaded.value && primary.pendingFaults.isEmpty, "B met both cuts and was served")
+    bench.check(bench.managers[1].statistics.snapshot().counters["memcached_failovers"] == 1, "B recovered from the backup")
+    // A's write lands on the node.
+    primary.releaseHeld()
+    var aCookie: String? = nil
+    switch scenario {
+    case .backupLandsFirstNodeDies:
+        // Then its backup, where B read the session; then the node dies.
+        aCookie = try await a.value
+        primary.kill()
+        bMayWrite.value = true
+    case .backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked:
+        // B writes, and reads the backup again, before A's backup write.
+        await waitUntil(bench) { backupNodes.contains { $0.heldCount == 1 } }
+        bench.check(backupNodes.contains { $0.heldCount == 1 }, "A's backup write is on its way")
+        bMayWrite.value = true
+    }
+    let bCookie = try await b.value
+    if scenario == .backupLandsAfterTheCleanupLooked {
+        // The node answers instance 1 again, and its cleanup finds A's copy newer than the
+        // backup it moved from, which has not moved on: it waits (the entry is queued again).
+        let queued = { bench.managers[1].statistics.snapshot().counters["leftovers_queued"] ?? 0 }
+        await waitUntil(bench) { queued() >= 3 }
+        bench.check(queued() >= 3, "the cleanup looked at the old copy and waits: \(queued())")
+    }
+    if scenario != .backupLandsFirstNodeDies {
+        for node in backupNodes { node.releaseHeld() }
+        aCookie = try await a.value
+    }
+    bench.check(aCookie == cookie, "A was served where the session was: \(String(describing: aCookie))")
+    guard let moved = bCookie, moved != cookie else {
+        bench.check(false, "B's response moved the session: \(String(describing: bCookie))")
+        return
+    }
+    let merges = { bench.managers[1].statistics.snapshot().counters["backup_forks"] ?? 0 }
+    switch scenario {
+    case .backupLandsFirstNodeDies:
+        bench.check(merges() == 1, "B's write met A's newer copy: \(merges())")
+    case .backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked:
+        bench.check(merges() == 0, "B's read of the backup found nothing newer: \(merges())")
+        // The node answers instance 1 again (its next probe): the old copy is merged, then deleted.
+        await waitUntil(bench) { merges() == 1 && bench.managers[1].statistics.snapshot().counters["leftovers_cleaned"] == 1 }
+        bench.check(merges() == 1, "A's old copy was merged into the new place: \(merges())")
+        let cleaned = bench.managers[1].statistics.snapshot().counters["leftovers_cleaned"] ?? 0
+        bench.check(cleaned == 1, "the old copy was deleted: \(cleaned)")
+    }
+    func parts(_ when: String) async throws {
+        var reader: String? = moved
+        let parts = try await bench.request(0, &reader, path: "/read") { access in
+            let session = try await access.load()
+            return ["part0", "part1"].map { session?[$0, as: String.self] }
+        }
+        for (part, (name, path)) in zip(parts, [("A", "/a"), ("B", "/b")]) {
+            bench.check(part == path, "\(when): \(name)'s acknowledged change survives: \(part ?? "none")")
+        }
+    }
+    await bench.sleep(seconds: 3)
+    try await parts("primary")
+    // The new primary's node is lost: the session is read from its backup.
+    let home = try requireNode(bench.node(of: moved))
+    home.restartEmpty(pid: 7100)
     await bench.sleep(seconds: 3)
     try await parts("backup")
 }

@@ -125,7 +125,7 @@ struct FaultTests {
         configuration.requestTimeout = .seconds(30)
         configuration.failureThreshold = 1000
         let client = try MemcachedClient(configuration: configuration)
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await client.run() }
             for round in 0..<2 {
                 let started = ContinuousClock.now
@@ -146,7 +146,7 @@ struct FaultTests {
         configuration.requestTimeout = .milliseconds(200)
         configuration.failureThreshold = 1000
         let client = try MemcachedClient(configuration: configuration)
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await client.run() }
             let started = ContinuousClock.now
             let errors = await withTaskGroup(of: MemcachedError?.self) { tasks in

@@ -49,6 +49,8 @@ public final class SessionAccess: Sendable {
         /// Non-sticky: the draining node the session was read from (its copy there goes once the
         /// session is written at its new place).
         var movedFrom: String?
+        /// Non-sticky: the backup copy a recovery adopted (the session was served from it).
+        var adoptedBackup: AdoptedBackup?
         /// Sticky: when memcached last saw this session (for TTL slides).
         var lastStoreRefresh: NIODeadline?
         /// What the load in progress found besides the session; adopted when the load completes,
@@ -76,6 +78,15 @@ public final class SessionAccess: Sendable {
         var mustWriteAll = false
         var lastStoreRefresh: NIODeadline?
         var movedFrom: String?
+        var adoptedBackup: AdoptedBackup?
+    }
+
+    /// A backup copy a non-sticky recovery served the session from: its node, and the record as
+    /// read. The request's end reads that copy again after its own write (a concurrent request
+    /// may have written a newer version on the old node meanwhile, whose backup landed there).
+    struct AdoptedBackup: Sendable {
+        var nodeID: String
+        var record: SessionRecord
     }
 
     let state = Mutex(State())
@@ -164,6 +175,7 @@ public final class SessionAccess: Sendable {
                         state.mustWriteAll = state.loaded.mustWriteAll
                         state.lastStoreRefresh = state.loaded.lastStoreRefresh
                         state.movedFrom = state.loaded.movedFrom
+                        state.adoptedBackup = state.loaded.adoptedBackup
                     } else {
                         // The request ended, or created a new session, while this load ran: what
                         // it found is not used, and its lock must not outlive the request.

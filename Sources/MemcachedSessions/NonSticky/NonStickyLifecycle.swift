@@ -168,8 +168,17 @@ final class NonStickyLifecycle: SessionLifecycle {
             metadata: ["memcached.node.failed": "\(id.nodeID)", "memcached.node.target": "\(home)"])
         events.record(.failover, "sessions moved from \(id.nodeID) to \(home): \(id.nodeID) did not answer")
         // The copy on the silent node goes once it answers again (a logout must not find it).
-        store.leaveOldPrimary(keys: keys, on: id.nodeID, version: newest.stored.record.metadata.version + 1)
-        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access)
+        // Moved from a backup, which the new placement does not write (its own backup node is
+        // another): the old placement's writes this move missed are found in that backup, read
+        // again after the move's write (``SessionAccess/AdoptedBackup``) and when the old copy
+        // is cleaned up (``LeftoverCopies/StrayMerge``). (The backup is an older state of the old
+        // copy, so what differs from it are that copy's changes; a primary found elsewhere is no
+        // such ancestor.)
+        let watched = !newest.isPrimary && !search.underEarlierKeys && newest.nodeID != topology.nextAvailable(after: home)
+        store.leaveOldPrimary(
+            keys: keys, on: id.nodeID, version: newest.stored.record.metadata.version + 1, mergingInto: watched ? home : nil,
+            base: (newest.stored.record, newest.nodeID))
+        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access, watched: watched)
     }
 
     /// Serves a copy found on another node: under `id` (whose node is where it lives now), with
@@ -196,11 +205,15 @@ final class NonStickyLifecycle: SessionLifecycle {
                 keys: earlier, nodeID: nodeID, lock: nil, wait: false, sessionIdle: newest.stored.record.metadata.idleTimeoutSeconds)
         }
         found.unreachable = found.unreachable || search.unreachable
+        found.underEarlierKeys = true
         return found
     }
 
+    /// `watched`: the backup copy served is read again after the request's write
+    /// (``SessionAccess/AdoptedBackup``).
     private func adopt(
-        _ copy: (stored: StoredSession, nodeID: String, isPrimary: Bool), id: MemcachedSessionID, lock: HeldLock?, access: SessionAccess
+        _ copy: (stored: StoredSession, nodeID: String, isPrimary: Bool), id: MemcachedSessionID, lock: HeldLock?, access: SessionAccess,
+        watched: Bool
     ) async -> MemcachedSession {
         var lock = lock
         if let held = lock, held.nodeID != id.nodeID {
@@ -214,6 +227,9 @@ final class NonStickyLifecycle: SessionLifecycle {
             state.loaded.lock = lock
             state.loaded.raw = copy.stored.raw
             state.loaded.mustWriteAll = !copy.isPrimary
+            if watched {
+                state.loaded.adoptedBackup = .init(nodeID: copy.nodeID, record: copy.stored.record)
+            }
         }
         return session
     }
@@ -243,12 +259,15 @@ final class NonStickyLifecycle: SessionLifecycle {
         }
         statistics.count(.sessionsRestored)
         let home = newest.isPrimary ? newest.nodeID : id.nodeID
-        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access)
+        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access, watched: false)
     }
 
     func end(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
-        let (phase, session, loadedLock, raw, mustWriteAll, regenerate, movedFrom) = access.state.withLock { state in
-            (state.phase, state.session, state.lock, state.loadedRaw, state.mustWriteAll, state.regenerate, state.movedFrom)
+        let (phase, session, loadedLock, raw, mustWriteAll, regenerate, movedFrom, adoptedBackup) = access.state.withLock { state in
+            (
+                state.phase, state.session, state.lock, state.loadedRaw, state.mustWriteAll, state.regenerate, state.movedFrom,
+                state.adoptedBackup
+            )
         }
         var lock = loadedLock
         let incoming = access.requestedID
@@ -302,7 +321,26 @@ final class NonStickyLifecycle: SessionLifecycle {
             if lockWithWrite == nil, let lock { await locks.release(lock) }
             switch outcome {
             case .saved(var record, let bytes, let written):
-                if let copy = await store.writeBackup(
+                var missed = AdoptedBackupNow.nothing
+                if let adoptedBackup, !regenerate { missed = await missedChanges(since: adoptedBackup, written: record, keys: keys) }
+                if case .ended = missed {
+                    // Ended meanwhile (a logout on the old node): it stays ended.
+                    statistics.count(.sessionsNotFound)
+                    return .unchanged
+                }
+                if case .newer(let newer) = missed {
+                    // Moved, and a concurrent request wrote a newer version on the old node
+                    // meanwhile (this instance could not reach it; the other could), whose backup
+                    // landed after this request's search: the two are merged, as a fork is (the
+                    // simulation, non-sticky seed 65295).
+                    guard let merged = try await saveOntoFork(session, keys: keys, nodeID: finalID.nodeID, fork: .init(written: written, copy: newer))
+                    else {
+                        statistics.count(.sessionsNotFound)
+                        return .unchanged
+                    }
+                    statistics.count(.backupForks)
+                    record = merged
+                } else if let copy = await store.writeBackup(
                     keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now, detectsForks: true)
                 {
                     // Another copy of the version just written: the two are merged.
@@ -387,6 +425,41 @@ final class NonStickyLifecycle: SessionLifecycle {
             await node.submit(.touch(keys.primary, ttl: .seconds(Int(expected))))
         }
         return id != incoming ? context.cookieAction(.set(id), metadata) : .unchanged
+    }
+
+    /// What the backup copy a recovery served the session from holds now.
+    private enum AdoptedBackupNow {
+        /// Nothing this request's write lacks.
+        case nothing
+        /// A copy with changes the write lacks.
+        case newer(StoredSession)
+        /// A tombstone: the session was ended (a logout, a login's new id) on the old node.
+        case ended
+    }
+
+    /// The backup copy a recovery served the session from, read again after the session's write
+    /// at its new place: a copy there that holds a change the write lacks (an attribute or the
+    /// idle timeout that differs from the adopted copy's and from the written one's) was written
+    /// after the recovery's search, by a request that still reached the old node. (A copy whose
+    /// changes the write holds already is not.) One round trip, on a request that moved the
+    /// session from a backup (not a restore's, whose new primary's backup goes to that key).
+    private func missedChanges(since adopted: SessionAccess.AdoptedBackup, written: SessionRecord, keys: SessionKeys) async
+        -> AdoptedBackupNow
+    {
+        let stored: StoredSession
+        switch await store.readStored(key: keys.backup, on: adopted.nodeID, touch: nil) {
+        case .found(let found): stored = found
+        case .tombstone: return .ended
+        case .missing, .unreachable: return .nothing
+        }
+        guard stored.record.metadata.version >= adopted.record.metadata.version else { return .nothing }
+        let (copy, base) = (stored.record, adopted.record)
+        let missed = Set(copy.attributes.keys).union(base.attributes.keys).contains { name in
+            copy.attributes[name] != base.attributes[name] && copy.attributes[name] != written.attributes[name]
+        }
+        let idle = copy.metadata.idleTimeoutSeconds
+        guard missed || (idle != base.metadata.idleTimeoutSeconds && idle != written.metadata.idleTimeoutSeconds) else { return .nothing }
+        return .newer(stored)
     }
 
     /// A save's backup write met a fork: another copy of the version the save wrote. Two writes

@@ -33,9 +33,12 @@ public final class SessionStatistics: Sendable {
         /// A backup write found the copy there as new or newer (written by a later save), or a
         /// tombstone: it left it alone.
         case backupsOutdated
-        /// Non-sticky: a save's backup write found a copy of the same version with other bytes
-        /// there (two writes gave the session one version, one of them after its copy was lost):
-        /// the two copies were merged and the primary written again.
+        /// Non-sticky: two copies of the session, each with changes the other lacks, met and
+        /// merged (the primary written again): a save's backup write found a copy of the same
+        /// version with other bytes there (two writes gave the session one version, one of them
+        /// after its copy was lost); or a session moved off a node this instance could not reach
+        /// met a change another request saved there meanwhile (in the backup it was moved from,
+        /// read again after the move's write, or in the old copy, once the node answers again).
         case backupForks
         case memcachedFailovers
         case appServerFailovers

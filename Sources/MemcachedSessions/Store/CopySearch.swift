@@ -12,6 +12,9 @@ extension SessionStore {
         var tombstone = false
         /// Whether a node searched did not answer.
         var unreachable = false
+        /// Whether the copies are under the session's earlier (unkeyed) keys, in a storage-key
+        /// transition's window.
+        var underEarlierKeys = false
     }
 
     /// Whether the newest copy found is a backup whose session has been idle past its timeout.

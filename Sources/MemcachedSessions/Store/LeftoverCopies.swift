@@ -15,8 +15,10 @@ final class LeftoverCopies: Sendable {
         /// A logout's tombstone (the session's keys must read as ended).
         case tombstone(ttlSeconds: Int)
         /// An old primary: deleted if it is not newer than `version` (a session that moved back
-        /// to this node since has a newer copy there, which stays).
-        case deleteUnlessNewer(version: UInt64)
+        /// to this node since has a newer copy there, which stays). With `merge`, when a copy newer
+        /// than the one the move adopted is there, what the old placement's backup shows since goes
+        /// to the session where it lives now first.
+        case deleteUnlessNewer(version: UInt64, merge: StrayMerge? = nil)
         /// A backup write the node did not answer: written (in order, never over a newer copy or
         /// a tombstone) once it answers.
         /// `expiresAt`: the backup's end (milliseconds since 1970; nil: never). `primaryKey` on
@@ -28,6 +30,25 @@ final class LeftoverCopies: Sendable {
             if case .tombstone = self { return true }
             return false
         }
+    }
+
+    /// A move (a recovery) served the session from a backup copy on another node (`base`, the
+    /// record it adopted, on `backupNode`) and wrote it to `home`. A copy on the old node newer
+    /// than `base` was written after the move's search, by a request that still reached that node
+    /// (the move's instance could not); what of it was acknowledged (the backup on `backupNode`
+    /// moved on too) is the session's too.
+    struct StrayMerge: Sendable, Hashable {
+        var base: SessionRecord
+        var keys: SessionKeys
+        var home: String
+        /// The node of the backup copy `base` was read from.
+        var backupNode: String
+        /// Until when the merge is tried (the move writes `home` at its request's end; a backup
+        /// follows its primary's write); after it, the old copy goes as without a merge.
+        var waitsForHomeUntil: NIODeadline
+        /// The old copy, newer than the backup, was deleted: only the backup is watched now, for
+        /// it to show that copy's write (acknowledged) before the deadline.
+        var awaitsBackup = false
     }
 
     struct Entry: Sendable {
@@ -144,7 +165,11 @@ extension SessionStore {
             guard case .success = await node.executeBatch([request])[0] else { return false }
             statistics.count(.leftoversCleaned)
             return true
-        case .deleteUnlessNewer(let version):
+        case .deleteUnlessNewer(_, let merge?) where merge.awaitsBackup:
+            return await mergeAwaitedBackup(merge)
+        case .deleteUnlessNewer(let version, let merge?):
+            return await mergeStray(entry.key, on: node, upTo: version, merge)
+        case .deleteUnlessNewer(let version, nil):
             return await deleteIfStill(entry.key, on: node, value: true) { item in
                 if item.flags == Self.tombstoneFlags { return false }
                 guard let stored = decodeStored(item, key: entry.key, node: node) else { return true }
@@ -216,6 +241,146 @@ extension SessionStore {
         }
     }
 
+    /// An old primary a move left (`.deleteUnlessNewer` with a merge): deleted if it is not newer
+    /// than `version`, as without one; but first, until `merge.waitsForHomeUntil`, what the old
+    /// placement wrote since the move's search is merged into the session's copy at its new place
+    /// (the simulation, non-sticky seed 65295: an instance cut off from the node moved the session
+    /// from its backup while the other instance saved a change there, which the move missed).
+    ///
+    /// What is merged is what the old placement's backup (the copy the move adopted, read again)
+    /// shows since, not the old copy itself: a save writes its backup only once its write was
+    /// acknowledged, while a write whose request failed (it may not have been saved, and a read
+    /// since showed it absent) may have landed on the old node late and must not come back now
+    /// (seeds 2278, 5617, 8490, 9509). An old copy newer than that backup is deleted all the same
+    /// (a search must not find it), and the backup is watched until the deadline for it to catch
+    /// up (``mergeAwaitedBackup(_:)``); an old copy gone (a restart, an eviction) still has its
+    /// backup read. False: not done, tried again on the next pass.
+    private func mergeStray(_ key: String, on node: any MemcachedNodeCommandRunner, upTo version: UInt64, _ merge: LeftoverCopies.StrayMerge) async -> Bool {
+        var read = MemcachedRequest.get(key)
+        read.honorsCancellation = false
+        countRoundTrip()
+        let item: MemcachedItem?
+        switch await node.executeBatch([prepared(read)])[0] {
+        case .success(.item(let found)): item = found
+        case .success: item = nil
+        case .failure: return false
+        }
+        if item?.flags == Self.tombstoneFlags { return true }
+        let old = item.flatMap { decodeStored($0, key: key, node: node) }
+        let baseVersion = merge.base.metadata.version
+        let oldIsNewer = old.map { $0.record.metadata.version > baseVersion } ?? false
+        var awaitsBackup = false
+        if clock.now() < merge.waitsForHomeUntil, item == nil || oldIsNewer {
+            switch await readStored(key: merge.keys.backup, on: merge.backupNode, touch: nil) {
+            case .found(let backup) where backup.record.metadata.version > baseVersion:
+                if let old, backup.record.metadata.version < old.record.metadata.version {
+                    awaitsBackup = true
+                } else {
+                    guard await mergeIntoHome(backup.record, merge) else { return false }
+                }
+            case .unreachable:
+                guard oldIsNewer else { return false }
+                awaitsBackup = true
+            default:
+                // The old copy's backup may be on its way.
+                awaitsBackup = oldIsNewer
+            }
+        }
+        func watchBackup() {
+            var watched = merge
+            watched.awaitsBackup = true
+            leaveForLater(.deleteUnlessNewer(version: version, merge: watched), key: key, on: node.id)
+        }
+        guard let item else { return true }
+        // Newer than the bound: the session may live there again (moved back), and stays.
+        if let old, old.record.metadata.version > version {
+            if awaitsBackup { watchBackup() }
+            return true
+        }
+        var delete = MemcachedRequest.delete(key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil)
+        delete.honorsCancellation = false
+        switch await node.executeBatch([prepared(delete)])[0] {
+        case .success(.deleted(.exists)):
+            // Written again since the read (a request that still reaches the node): read again,
+            // and merged, on the next pass.
+            return false
+        case .success:
+            statistics.count(.leftoversCleaned)
+            if awaitsBackup { watchBackup() }
+            return true
+        case .failure:
+            return false
+        }
+    }
+
+    /// An old copy newer than the backup was deleted (``mergeStray(_:on:upTo:_:)``): the backup
+    /// is read until it shows a newer version (the old copy's write was acknowledged; its backup
+    /// followed it), which is merged into the session's new place, or until the deadline.
+    private func mergeAwaitedBackup(_ merge: LeftoverCopies.StrayMerge) async -> Bool {
+        guard clock.now() < merge.waitsForHomeUntil else { return true }
+        guard case .found(let backup) = await readStored(key: merge.keys.backup, on: merge.backupNode, touch: nil),
+            backup.record.metadata.version > merge.base.metadata.version
+        else { return false }
+        return await mergeIntoHome(backup.record, merge)
+    }
+
+    /// Writes `stray`'s changes since `merge.base` (both copies of the old placement's backup)
+    /// into the session's copy at `merge.home`, where that copy still holds the base's value (a
+    /// change made there since stands). True when written, nothing was missing, or the session
+    /// is no longer there; false to try again (until the entry's deadline).
+    private func mergeIntoHome(_ stray: SessionRecord, _ merge: LeftoverCopies.StrayMerge) async -> Bool {
+        let base = merge.base
+        switch await readStored(key: merge.keys.primary, on: merge.home, touch: nil) {
+        case .missing:
+            // Not written yet (the move's request has not ended), or never (it failed), or gone
+            // since (expired, evicted): waited for until the deadline.
+            return false
+        case .tombstone:
+            return true
+        case .unreachable:
+            return false
+        case .found(let current):
+            var merged = current.record
+            for name in Set(stray.attributes.keys).union(base.attributes.keys)
+            where stray.attributes[name] != base.attributes[name] && current.record.attributes[name] == base.attributes[name] {
+                merged.attributes[name] = stray.attributes[name]
+            }
+            if stray.metadata.idleTimeoutSeconds != base.metadata.idleTimeoutSeconds,
+                current.record.metadata.idleTimeoutSeconds == base.metadata.idleTimeoutSeconds
+            {
+                merged.metadata.idleTimeoutSeconds = stray.metadata.idleTimeoutSeconds
+            }
+            guard merged != current.record else { return true }
+            let now = currentTimeMillis()
+            merged.metadata.version = max(current.record.metadata.version, stray.metadata.version) &+ 1
+            merged.metadata.lastAccessedAt = max(current.record.metadata.lastAccessedAt, stray.metadata.lastAccessedAt)
+            let bytes: ByteBuffer
+            do throws(SessionError) {
+                bytes = try encode(merged, key: merge.keys.primary)
+            } catch {
+                // Cannot be written (grown past the item size limit): the move's copy stays.
+                logger.warning(
+                    "a change saved on a node this instance could not reach, while it moved the session elsewhere, could not be merged",
+                    metadata: ["reason": "\(error.code)"])
+                return true
+            }
+            switch await writeStored(
+                key: merge.keys.primary, on: merge.home, bytes: bytes, ttl: Self.primaryTTL(merged.metadata, now: now),
+                flags: Self.primaryFlags(merged.metadata), casUnique: current.casUnique, add: false)
+            {
+            case .stored:
+                statistics.count(.writes)
+                statistics.count(.backupForks)
+                await writeBackup(keys: merge.keys, primaryNode: merge.home, bytes: bytes, metadata: merged.metadata, now: now)
+                return true
+            case .gone, .tooLarge:
+                return true
+            case .conflict, .unreachable:
+                return false
+            }
+        }
+    }
+
     /// Reads the copy at `key` (with its value when `value`, else its metadata only) and deletes it
     /// when `stillThere` says it is still the one to go, conditionally on its CAS unique in meta
     /// mode (text mode deletes by key). The cases: an old primary left behind by a move
@@ -282,8 +447,20 @@ extension SessionStore {
         }
     }
 
+    /// How long a stray copy's merge waits for the move's own write at the session's new place.
+    static let strayMergeWaitSeconds: Int64 = 60
+
     /// A session moved off `nodeID` (it did not answer): its copy there goes once it answers.
-    func leaveOldPrimary(keys: SessionKeys, on nodeID: String, version: UInt64) {
-        leaveForLater(.deleteUnlessNewer(version: version), key: keys.primary, on: nodeID)
+    /// `mergingInto`: the move served the session from `base` (a backup copy, on `base.node`) and
+    /// wrote it to `home`; what the old placement's backup shows acknowledged since, when a newer
+    /// copy is on `nodeID`, goes there first (``LeftoverCopies/StrayMerge``).
+    func leaveOldPrimary(
+        keys: SessionKeys, on nodeID: String, version: UInt64, mergingInto home: String? = nil, base: (record: SessionRecord, node: String)? = nil
+    ) {
+        let until = clock.now() + .seconds(Self.strayMergeWaitSeconds)
+        let merge = home.flatMap { home in
+            base.map { LeftoverCopies.StrayMerge(base: $0.record, keys: keys, home: home, backupNode: $0.node, waitsForHomeUntil: until) }
+        }
+        leaveForLater(.deleteUnlessNewer(version: version, merge: merge), key: keys.primary, on: nodeID)
     }
 }
