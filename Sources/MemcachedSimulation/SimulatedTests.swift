@@ -589,19 +589,29 @@ extension SimulatedTest {
             configuration.locking.mode = .none
         } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsFirstNodeDies) },
         // The same, with A's backup landing after B's read of it, and the node answering instance
-        // 1 again: the old copy (A's) is merged into the session's new place before it is deleted.
+        // 1 again: the old copy (A's), newer than the backup B moved from, has that backup read
+        // again, and what it shows (A's change) is merged into the session's new place before
+        // the old copy is deleted.
         SimulatedTest("a-move-merges-a-write-the-old-node-took-meanwhile-once-it-answers") { configuration, _ in
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsLastNodeAnswers) },
-        // Both, with every request locked (the seed ran with locking auto): the locks are on two
-        // nodes (A's on the old one, B's on the new one), so neither keeps the other out.
-        // The same, with A's backup landing after the old copy's cleanup first looked: the
-        // cleanup waits for the backup (an acknowledged write's follows it) before it deletes.
+        // The same, with A's backup landing after the old copy's cleanup first looked: the old
+        // copy is deleted, and the backup watched until it shows A's write (an acknowledged
+        // write's backup follows it), which is merged then.
         SimulatedTest("a-move-waits-for-the-backup-of-a-write-the-old-node-took-meanwhile") { configuration, _ in
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsAfterTheCleanupLooked) },
+        // A write merged by the move's read of the backup, then removed at the new place, is not
+        // merged again by the old copy's cleanup.
+        SimulatedTest("a-write-a-move-merged-is-not-merged-again-by-the-cleanup") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsFirstThenUndone) },
+        // The first two, with every request locked (the seed ran with locking auto): the locks
+        // are on two nodes (A's on the old one, B's on the new one), so neither keeps the other
+        // out.
         SimulatedTest("a-locked-move-from-a-backup-merges-a-write-its-backup-shows-meanwhile") { configuration, _ in
             configuration.mode = .nonSticky
             configuration.locking.mode = .all
@@ -965,6 +975,10 @@ private enum MissedWrite {
     /// As `backupLandsLastNodeAnswers`, with the backup landing after the cleanup's first look
     /// at the old copy: the cleanup waits for it.
     case backupLandsAfterTheCleanupLooked
+    /// Its backup lands before the move's write, which merges it; then a request at the new place
+    /// removes A's change, and only then does the node answer instance 1 again: the cleanup must
+    /// not merge A's change a second time (it would come back).
+    case backupLandsFirstThenUndone
 }
 
 /// Bounded wait in virtual time: up to `seconds` for `condition`.
@@ -992,7 +1006,7 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         return write
     }
     let holdBackup = Flag()
-    holdBackup.value = scenario != .backupLandsFirstNodeDies
+    holdBackup.value = scenario == .backupLandsLastNodeAnswers || scenario == .backupLandsAfterTheCleanupLooked
     for node in bench.cluster.nodes where node !== primary {
         node.holdMatching = { requests in
             guard holdBackup.value else { return false }
@@ -1047,6 +1061,11 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         aCookie = try await a.value
         primary.kill()
         bMayWrite.value = true
+    case .backupLandsFirstThenUndone:
+        // Then its backup; then the node stops answering (instance 1's cleanup cannot run).
+        aCookie = try await a.value
+        primary.freeze()
+        bMayWrite.value = true
     case .backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked:
         // B writes, and reads the backup again, before A's backup write.
         await waitUntil(bench) { backupNodes.contains { $0.heldCount == 1 } }
@@ -1061,7 +1080,7 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         await waitUntil(bench) { queued() >= 3 }
         bench.check(queued() >= 3, "the cleanup looked at the old copy and waits: \(queued())")
     }
-    if scenario != .backupLandsFirstNodeDies {
+    if scenario == .backupLandsLastNodeAnswers || scenario == .backupLandsAfterTheCleanupLooked {
         for node in backupNodes { node.releaseHeld() }
         aCookie = try await a.value
     }
@@ -1071,12 +1090,26 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         return
     }
     let merges = { bench.managers[1].statistics.snapshot().counters["backup_forks"] ?? 0 }
+    var names = ["part0", "part1"]
     switch scenario {
     case .backupLandsFirstNodeDies:
         bench.check(merges() == 1, "B's write met A's newer copy: \(merges())")
+    case .backupLandsFirstThenUndone:
+        bench.check(merges() == 1, "B's write met A's newer copy: \(merges())")
+        // C, at the new place, removes A's change.
+        var undoer: String? = moved
+        try await bench.request(0, &undoer, path: "/c") { access in try await access.load()?.remove("part0") }
+        names = ["part1"]
+        // The node answers again; instance 1's cleanup deletes the old copy.
+        primary.thaw()
+        await waitUntil(bench) { bench.managers[1].statistics.snapshot().counters["leftovers_cleaned"] == 1 }
+        let cleaned = bench.managers[1].statistics.snapshot().counters["leftovers_cleaned"] ?? 0
+        bench.check(cleaned == 1, "the old copy was deleted: \(cleaned)")
+        bench.check(merges() == 1, "A's change was not merged again: \(merges())")
     case .backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked:
         bench.check(merges() == 0, "B's read of the backup found nothing newer: \(merges())")
-        // The node answers instance 1 again (its next probe): the old copy is merged, then deleted.
+        // The node answers instance 1 again (its next probe): what the backup shows is merged,
+        // then the old copy deleted.
         await waitUntil(bench) { merges() == 1 && bench.managers[1].statistics.snapshot().counters["leftovers_cleaned"] == 1 }
         bench.check(merges() == 1, "A's old copy was merged into the new place: \(merges())")
         let cleaned = bench.managers[1].statistics.snapshot().counters["leftovers_cleaned"] ?? 0
@@ -1089,7 +1122,11 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
             return ["part0", "part1"].map { session?[$0, as: String.self] }
         }
         for (part, (name, path)) in zip(parts, [("A", "/a"), ("B", "/b")]) {
-            bench.check(part == path, "\(when): \(name)'s acknowledged change survives: \(part ?? "none")")
+            if names.contains(name == "A" ? "part0" : "part1") {
+                bench.check(part == path, "\(when): \(name)'s acknowledged change survives: \(part ?? "none")")
+            } else {
+                bench.check(part == nil, "\(when): \(name)'s change, removed since, stays removed: \(part ?? "none")")
+            }
         }
     }
     await bench.sleep(seconds: 3)

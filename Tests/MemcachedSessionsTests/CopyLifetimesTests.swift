@@ -1,4 +1,5 @@
 import Testing
+import NIOCore
 
 @testable import MemcachedSessions
 
@@ -39,5 +40,45 @@ import Testing
         #expect(!metadata(5).supersedes(metadata(5), asPrimary: false, otherIsPrimary: true))
         #expect(!metadata(5).supersedes(metadata(5), asPrimary: true, otherIsPrimary: true), "the first of equals stays")
         #expect(!metadata(5).supersedes(metadata(5), asPrimary: false, otherIsPrimary: false))
+    }
+}
+
+@Suite struct LeftoverCopiesTests {
+    private func record(version: UInt64) -> SessionRecord {
+        SessionRecord(
+            metadata: SessionMetadata(createdAt: 0, lastAccessedAt: 0, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: version),
+            attributes: [:])
+    }
+
+    private func merge(baseVersion: UInt64) -> LeftoverCopies.StrayMerge {
+        LeftoverCopies.StrayMerge(
+            base: record(version: baseVersion), keys: SessionKeys(token: .random(), prefix: "msm:"), home: "n2", backupNode: "n2",
+            waitsForHomeUntil: .now() + TimeAmount.seconds(60))
+    }
+
+    /// A second move's old copy (a recovery from a copy it cannot merge from) keeps the first
+    /// move's pending merge, with the higher bound: dropping it would lose the write it waits for.
+    @Test func aSecondOldCopyEntryKeepsTheFirstsMergeAndTakesTheHigherBound() throws {
+        let leftovers = LeftoverCopies()
+        let first = merge(baseVersion: 4)
+        leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: first)))
+        leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 6, merge: nil)))
+        let entries = leftovers.take(nodeID: "n1")
+        try #require(entries.count == 1)
+        #expect(entries[0].action == .deleteUnlessNewer(version: 6, merge: first))
+    }
+
+    /// What a move merged itself moves the pending merge's base on, never back.
+    @Test func aMergeBaseMovesOnOnly() throws {
+        let leftovers = LeftoverCopies()
+        leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: merge(baseVersion: 4))))
+        leftovers.advanceMergeBase(nodeID: "n1", key: "k", to: record(version: 6))
+        leftovers.advanceMergeBase(nodeID: "n1", key: "k", to: record(version: 5))
+        let entries = leftovers.take(nodeID: "n1")
+        guard case .deleteUnlessNewer(5, let merge?) = try #require(entries.first).action else {
+            Issue.record("the entry lost its merge: \(entries)")
+            return
+        }
+        #expect(merge.base.metadata.version == 6)
     }
 }

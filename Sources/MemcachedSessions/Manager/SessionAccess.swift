@@ -87,6 +87,8 @@ public final class SessionAccess: Sendable {
     struct AdoptedBackup: Sendable {
         var nodeID: String
         var record: SessionRecord
+        /// The node the session moved off (its old copy's cleanup waits there).
+        var movedOff: String
     }
 
     let state = Mutex(State())

@@ -178,7 +178,7 @@ final class NonStickyLifecycle: SessionLifecycle {
         store.leaveOldPrimary(
             keys: keys, on: id.nodeID, version: newest.stored.record.metadata.version + 1, mergingInto: watched ? home : nil,
             base: (newest.stored.record, newest.nodeID))
-        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access, watched: watched)
+        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access, watched: watched ? id.nodeID : nil)
     }
 
     /// Serves a copy found on another node: under `id` (whose node is where it lives now), with
@@ -209,11 +209,11 @@ final class NonStickyLifecycle: SessionLifecycle {
         return found
     }
 
-    /// `watched`: the backup copy served is read again after the request's write
-    /// (``SessionAccess/AdoptedBackup``).
+    /// `watched`: the node the session moved off, when the backup copy served is read again
+    /// after the request's write (``SessionAccess/AdoptedBackup``).
     private func adopt(
         _ copy: (stored: StoredSession, nodeID: String, isPrimary: Bool), id: MemcachedSessionID, lock: HeldLock?, access: SessionAccess,
-        watched: Bool
+        watched movedOff: String?
     ) async -> MemcachedSession {
         var lock = lock
         if let held = lock, held.nodeID != id.nodeID {
@@ -227,8 +227,8 @@ final class NonStickyLifecycle: SessionLifecycle {
             state.loaded.lock = lock
             state.loaded.raw = copy.stored.raw
             state.loaded.mustWriteAll = !copy.isPrimary
-            if watched {
-                state.loaded.adoptedBackup = .init(nodeID: copy.nodeID, record: copy.stored.record)
+            if let movedOff {
+                state.loaded.adoptedBackup = .init(nodeID: copy.nodeID, record: copy.stored.record, movedOff: movedOff)
             }
         }
         return session
@@ -259,7 +259,7 @@ final class NonStickyLifecycle: SessionLifecycle {
         }
         statistics.count(.sessionsRestored)
         let home = newest.isPrimary ? newest.nodeID : id.nodeID
-        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access, watched: false)
+        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access, watched: nil)
     }
 
     func end(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {
@@ -340,6 +340,10 @@ final class NonStickyLifecycle: SessionLifecycle {
                     }
                     statistics.count(.backupForks)
                     record = merged
+                    if let adoptedBackup {
+                        // The old copy's cleanup merges only what the backup shows after this.
+                        store.leftovers.advanceMergeBase(nodeID: adoptedBackup.movedOff, key: keys.primary, to: newer.record)
+                    }
                 } else if let copy = await store.writeBackup(
                     keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now, detectsForks: true)
                 {

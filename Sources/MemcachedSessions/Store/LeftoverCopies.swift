@@ -84,6 +84,17 @@ final class LeftoverCopies: Sendable {
                 {
                     return 0
                 }
+                // Two moves' old copies: the higher bound, and the first's merge unless the
+                // second brings one (a second recovery, from a copy it cannot merge from, must
+                // not drop the first's pending merge).
+                if case .deleteUnlessNewer(let waitingVersion, let waitingMerge) = waiting.action,
+                    case .deleteUnlessNewer(let version, let merge) = entry.action
+                {
+                    var entry = entry
+                    entry.action = .deleteUnlessNewer(version: max(waitingVersion, version), merge: merge ?? waitingMerge)
+                    state.entries[slot] = entry
+                    return 0
+                }
             }
             if state.entries[slot] == nil { state.order.append(slot) }
             state.entries[slot] = entry
@@ -111,6 +122,21 @@ final class LeftoverCopies: Sendable {
             }
             state.order.removeAll { state.entries[$0] == nil }
             return taken
+        }
+    }
+
+    /// A move's pending merge of the old placement's backup (``StrayMerge``) for `key` on
+    /// `nodeID`: its base moves on to `record` (what was merged since), so that it is not merged
+    /// again over a later change at the new place (an attribute removed since would come back).
+    func advanceMergeBase(nodeID: String, key: String, to record: SessionRecord) {
+        state.withLock { state in
+            let slot = Self.slot(nodeID, key)
+            guard var entry = state.entries[slot], case .deleteUnlessNewer(let version, var merge?) = entry.action,
+                merge.base.metadata.version < record.metadata.version
+            else { return }
+            merge.base = record
+            entry.action = .deleteUnlessNewer(version: version, merge: merge)
+            state.entries[slot] = entry
         }
     }
 
@@ -270,6 +296,7 @@ extension SessionStore {
         let baseVersion = merge.base.metadata.version
         let oldIsNewer = old.map { $0.record.metadata.version > baseVersion } ?? false
         var awaitsBackup = false
+        var merge = merge
         if clock.now() < merge.waitsForHomeUntil, item == nil || oldIsNewer {
             switch await readStored(key: merge.keys.backup, on: merge.backupNode, touch: nil) {
             case .found(let backup) where backup.record.metadata.version > baseVersion:
@@ -277,6 +304,8 @@ extension SessionStore {
                     awaitsBackup = true
                 } else {
                     guard await mergeIntoHome(backup.record, merge) else { return false }
+                    // Merged: a pass again (a delete refused below) merges only what came since.
+                    merge.base = backup.record
                 }
             case .unreachable:
                 guard oldIsNewer else { return false }
@@ -300,16 +329,15 @@ extension SessionStore {
         var delete = MemcachedRequest.delete(key, cas: configuration.memcached.protocolMode == .meta ? item.cas : nil)
         delete.honorsCancellation = false
         switch await node.executeBatch([prepared(delete)])[0] {
-        case .success(.deleted(.exists)):
-            // Written again since the read (a request that still reaches the node): read again,
-            // and merged, on the next pass.
-            return false
+        case .success(.deleted(.exists)), .failure:
+            // Written again since the read (a request that still reaches the node), or no
+            // answer: read again, and merged, on the next pass (with the base as merged now).
+            leaveForLater(.deleteUnlessNewer(version: version, merge: merge), key: key, on: node.id)
+            return true
         case .success:
             statistics.count(.leftoversCleaned)
             if awaitsBackup { watchBackup() }
             return true
-        case .failure:
-            return false
         }
     }
 
@@ -318,10 +346,14 @@ extension SessionStore {
     /// followed it), which is merged into the session's new place, or until the deadline.
     private func mergeAwaitedBackup(_ merge: LeftoverCopies.StrayMerge) async -> Bool {
         guard clock.now() < merge.waitsForHomeUntil else { return true }
-        guard case .found(let backup) = await readStored(key: merge.keys.backup, on: merge.backupNode, touch: nil),
-            backup.record.metadata.version > merge.base.metadata.version
-        else { return false }
-        return await mergeIntoHome(backup.record, merge)
+        switch await readStored(key: merge.keys.backup, on: merge.backupNode, touch: nil) {
+        case .found(let backup) where backup.record.metadata.version > merge.base.metadata.version:
+            return await mergeIntoHome(backup.record, merge)
+        case .tombstone:
+            return true  // ended: nothing to merge
+        default:
+            return false
+        }
     }
 
     /// Writes `stray`'s changes since `merge.base` (both copies of the old placement's backup)

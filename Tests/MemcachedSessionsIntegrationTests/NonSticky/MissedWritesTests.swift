@@ -10,9 +10,10 @@ import Testing
 /// reaches that node, saves a change there. Real servers; the cut and the slow path are proxies.
 @Suite("Writes a move missed", .serialized)
 struct MissedWritesTests {
-    /// A's backup lands after B's write (and B's read of the backup it moved from): the old copy
-    /// holds A's change, and is merged into the session's new place once n1 answers B again,
-    /// then deleted.
+    /// A's backup lands after B's write (and B's read of the backup it moved from). Once n1
+    /// answers B again, its cleanup finds the old copy newer than that backup, reads the backup
+    /// again, merges what it shows (A's change) into the session's new place, and deletes the
+    /// old copy.
     @Test func aWriteTheOldNodeTookWhileTheSessionMovedIsMergedOnceItAnswers() async throws {
         try await withMemcachedServers(count: 2) { servers in
             // B reaches n1 through a proxy that cuts it off; A reaches n2 through one that holds
