@@ -620,6 +620,18 @@ extension SimulatedTest {
             configuration.mode = .nonSticky
             configuration.locking.mode = .all
         } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsLastNodeAnswers) },
+        // A logout during a move (instance 1 cut off from the session's node moves it from its
+        // backup; instance 0 logs it out on that node meanwhile): the session stays ended,
+        // whether the logout's tombstones reach the new place before the move's write or between
+        // that write and the move's read of the backup.
+        SimulatedTest("a-logout-before-a-moves-write-leaves-the-session-ended") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await logoutDuringAMove(bench, .beforeTheMovesWrite) },
+        SimulatedTest("a-logout-between-a-moves-write-and-its-read-leaves-the-session-ended") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await logoutDuringAMove(bench, .betweenTheMovesWriteAndItsRead) },
     ]
 
     /// The test named `name`.
@@ -1136,4 +1148,123 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
     home.restartEmpty(pid: 7100)
     await bench.sleep(seconds: 3)
     try await parts("backup")
+}
+
+/// When a logout on the instance that still reaches the session's node lands on the node a
+/// concurrent move writes to (``logoutDuringAMove(_:_:)``).
+private enum LogoutDuringAMove {
+    /// Before the move's write: the write finds the logout's tombstone.
+    case beforeTheMovesWrite
+    /// After the move's write and before the move's read of the backup it served from: the
+    /// logout's tombstones are written over the move's copy, and the read finds the backup ended.
+    /// (That read, and the check of the new place's primary after it, each keep the moved id from
+    /// the browser: the test fails with both removed.)
+    case betweenTheMovesWriteAndItsRead
+}
+
+/// A logout during a move: instance 1 is cut off from the session's node, marks it down, and
+/// serves B from the backup (a move); instance 0, which still reaches the node, logs the session
+/// out meanwhile. The session stays ended: under the old cookie and the moved one, on both
+/// instances, and after the node the move wrote to restarts (its backup is not brought back).
+private func logoutDuringAMove(_ bench: SimulatedTestBench, _ scenario: LogoutDuringAMove) async throws {
+    var cookie: String? = nil
+    try await bench.increment(0, &cookie)
+    let primary = try requireNode(bench.node(of: cookie))
+    let prefix = bench.managers[0].configuration.keyPrefix
+    // The logout's first round trip to the session's node (its tombstones) is held.
+    let holdLogout = Flag()
+    holdLogout.value = true
+    primary.holdMatching = { requests in
+        guard holdLogout.value else { return false }
+        let tombstone = requests.contains { request in
+            if case .store(let key, _, _, _, _, _) = request.command { return key.hasPrefix(prefix + "s:") }
+            return false
+        }
+        if tombstone { holdLogout.value = false }
+        return tombstone
+    }
+    // The move's read of the backup it served from, after its write (`betweenTheMovesWriteAndItsRead`).
+    let holdRead = Flag()
+    let others = bench.cluster.nodes.filter { $0 !== primary }
+    for node in others {
+        node.holdMatching = { requests in
+            guard holdRead.value else { return false }
+            let read = requests.contains { request in
+                if case .get(let key, true, _) = request.command { return key.hasPrefix(prefix + "b:") }
+                return false
+            }
+            if read { holdRead.value = false }
+            return read
+        }
+    }
+    let started = cookie
+    let a = Task {
+        var mine = started
+        try await bench.logout(0, &mine)
+        return mine
+    }
+    await waitUntil(bench) { primary.heldCount == 1 }
+    bench.check(primary.heldCount == 1, "A's logout is on its way")
+    // B (instance 1): cut off from the node twice, marks it down, is served from the backup.
+    primary.pendingFaults = [.connectionCut, .connectionCut]
+    let loaded = Flag()
+    let bMayWrite = Flag()
+    defer { bMayWrite.value = true }
+    let b = Task {
+        var mine = started
+        try await bench.request(1, &mine, path: "/b") { access in
+            let session = try await access.load()
+            loaded.value = session != nil
+            await waitUntil(bench, seconds: 10) { bMayWrite.value }
+            try session?.set("part1", "/b")
+        }
+        return mine
+    }
+    await waitUntil(bench) { loaded.value }
+    bench.check(loaded.value && primary.pendingFaults.isEmpty, "B met both cuts and was served")
+    bench.check(bench.managers[1].statistics.snapshot().counters["memcached_failovers"] == 1, "B recovered from the backup")
+    let notFound = { bench.managers[1].statistics.snapshot().counters["sessions_not_found"] ?? 0 }
+    let notFoundBefore = notFound()
+    switch scenario {
+    case .beforeTheMovesWrite:
+        primary.releaseHeld()
+        let aCookie = try await a.value
+        bench.check(aCookie == nil, "A's logout cleared the cookie")
+        bMayWrite.value = true
+    case .betweenTheMovesWriteAndItsRead:
+        holdRead.value = true
+        bMayWrite.value = true
+        await waitUntil(bench) { others.contains { $0.heldCount == 1 } }
+        bench.check(others.contains { $0.heldCount == 1 }, "B wrote at the new place, and its read of the backup is on its way")
+        primary.releaseHeld()
+        let aCookie = try await a.value
+        bench.check(aCookie == nil, "A's logout cleared the cookie")
+        for node in others { node.releaseHeld() }
+    }
+    let bCookie = try await b.value
+    bench.check(bCookie == cookie, "B's response left the cookie alone (the session ended): \(String(describing: bCookie))")
+    bench.check(notFound() == notFoundBefore + 1, "B found the session ended: \(notFound() - notFoundBefore)")
+    // The backup's node, the next after the session's: where B moved it.
+    let nodes = bench.cluster.nodes
+    guard let id = cookie.flatMap({ MemcachedSessionID(parsing: $0) }), let index = nodes.firstIndex(where: { $0 === primary }) else {
+        bench.check(false, "the cookie names a session of the cluster")
+        return
+    }
+    let movedTo = nodes[(index + 1) % nodes.count]
+    let moved = "\(id.token)-\(movedTo.id)"
+    func ended(_ when: String) async throws {
+        for instance in 0..<2 {
+            for name in [cookie, moved] {
+                var reader = name
+                let count = try await bench.count(instance, &reader)
+                bench.check(count == nil, "\(when): instance \(instance) reads no session under \(name == cookie ? "the old" : "the moved") id: \(String(describing: count))")
+            }
+        }
+    }
+    await bench.sleep(seconds: 3)
+    try await ended("after the move")
+    // The node the move wrote to is lost: nothing comes back from a backup either.
+    movedTo.restartEmpty(pid: 7200)
+    await bench.sleep(seconds: 3)
+    try await ended("after the new place restarted")
 }

@@ -167,6 +167,33 @@ struct SessionModelTests {
         #expect(ontoFork.metadata.version == saved.metadata.version + 1)
     }
 
+    /// A copy's changes since a copy it descends from (the move's merges): an attribute changed,
+    /// one added, one removed, and the idle timeout; an unchanged attribute is not one.
+    @Test func aCopysChangesSinceItsBase() throws {
+        let codec = BinarySessionCodec()
+        func value(_ number: Int) throws -> ByteBuffer { try codec.encodeValue(number) }
+        let base = SessionRecord(
+            metadata: SessionMetadata(createdAt: 1, lastAccessedAt: 1, idleTimeoutSeconds: 60, absoluteTimeoutSeconds: 0, version: 3),
+            attributes: ["same": try value(1), "changed": try value(1), "removed": try value(1)])
+        #expect(base.changes(since: base).isEmpty)
+        var copy = base
+        copy.attributes["changed"] = try value(2)
+        copy.attributes["added"] = try value(3)
+        copy.attributes["removed"] = nil
+        copy.metadata.version = 7
+        copy.metadata.lastAccessedAt = 9
+        let changes = copy.changes(since: base)
+        #expect(changes.attributes.count == 3)
+        #expect(changes.attributes["changed"] == .some(try value(2)))
+        #expect(changes.attributes["added"] == .some(try value(3)))
+        #expect(changes.attributes["removed"] == .some(nil), "a removal is a change to nothing")
+        #expect(changes.attributes["same"] == nil)
+        #expect(changes.idleTimeoutSeconds == nil, "version and access time are not changes")
+        copy.metadata.idleTimeoutSeconds = 600
+        #expect(copy.changes(since: base).idleTimeoutSeconds == 600)
+        #expect(base.changes(since: copy).attributes["added"] == .some(nil))
+    }
+
     @Test func attributeFilterKeepsOthersForTheRequestOnly() throws {
         let session = try Self.session(filter: "^(user|cart)$")
         try session.set("user", "ann")

@@ -74,6 +74,30 @@ public struct SessionRecord: Sendable, Hashable {
     }
 }
 
+extension SessionRecord {
+    /// What a copy changed since `base`, a copy it descends from: each attribute whose value
+    /// differs (nil: removed since), and the idle timeout when it differs.
+    struct Changes: Sendable, Equatable {
+        var attributes: [String: ByteBuffer?]
+        var idleTimeoutSeconds: Int64?
+
+        var isEmpty: Bool { attributes.isEmpty && idleTimeoutSeconds == nil }
+    }
+
+    /// This copy's changes since `base` (see ``Changes``): what a three-way merge carries over.
+    func changes(since base: SessionRecord) -> Changes {
+        var changed: [String: ByteBuffer?] = [:]
+        for (name, value) in attributes where base.attributes[name] != value {
+            changed.updateValue(value, forKey: name)
+        }
+        for name in base.attributes.keys where attributes[name] == nil {
+            changed.updateValue(nil, forKey: name)
+        }
+        let idle = metadata.idleTimeoutSeconds
+        return Changes(attributes: changed, idleTimeoutSeconds: idle != base.metadata.idleTimeoutSeconds ? idle : nil)
+    }
+}
+
 /// A session's change the principal index must learn: the entry to remove and the one to add
 /// (principal attribute bytes, token).
 struct PrincipalIndexChange: Sendable {

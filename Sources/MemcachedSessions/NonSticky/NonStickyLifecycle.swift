@@ -457,13 +457,12 @@ final class NonStickyLifecycle: SessionLifecycle {
         case .missing, .unreachable: return .nothing
         }
         guard stored.record.metadata.version >= adopted.record.metadata.version else { return .nothing }
-        let (copy, base) = (stored.record, adopted.record)
-        let missed = Set(copy.attributes.keys).union(base.attributes.keys).contains { name in
-            copy.attributes[name] != base.attributes[name] && copy.attributes[name] != written.attributes[name]
-        }
-        let idle = copy.metadata.idleTimeoutSeconds
-        guard missed || (idle != base.metadata.idleTimeoutSeconds && idle != written.metadata.idleTimeoutSeconds) else { return .nothing }
-        return .newer(stored)
+        // A change of the copy's since the adopted one that the write does not hold.
+        let changes = stored.record.changes(since: adopted.record)
+        let missed =
+            changes.attributes.contains { name, value in value != written.attributes[name] }
+            || changes.idleTimeoutSeconds.map { $0 != written.metadata.idleTimeoutSeconds } ?? false
+        return missed ? .newer(stored) : .nothing
     }
 
     /// A save's backup write met a fork: another copy of the version the save wrote. Two writes

@@ -372,15 +372,14 @@ extension SessionStore {
         case .unreachable:
             return false
         case .found(let current):
+            // The copy's changes since the base, where the new place still holds the base's.
             var merged = current.record
-            for name in Set(stray.attributes.keys).union(base.attributes.keys)
-            where stray.attributes[name] != base.attributes[name] && current.record.attributes[name] == base.attributes[name] {
-                merged.attributes[name] = stray.attributes[name]
+            let changes = stray.changes(since: base)
+            for (name, value) in changes.attributes where current.record.attributes[name] == base.attributes[name] {
+                merged.attributes[name] = value
             }
-            if stray.metadata.idleTimeoutSeconds != base.metadata.idleTimeoutSeconds,
-                current.record.metadata.idleTimeoutSeconds == base.metadata.idleTimeoutSeconds
-            {
-                merged.metadata.idleTimeoutSeconds = stray.metadata.idleTimeoutSeconds
+            if let idle = changes.idleTimeoutSeconds, current.record.metadata.idleTimeoutSeconds == base.metadata.idleTimeoutSeconds {
+                merged.metadata.idleTimeoutSeconds = idle
             }
             guard merged != current.record else { return true }
             let now = currentTimeMillis()
