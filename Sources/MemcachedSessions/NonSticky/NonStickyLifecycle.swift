@@ -176,8 +176,8 @@ final class NonStickyLifecycle: SessionLifecycle {
         // such ancestor.)
         let watched = !newest.isPrimary && !search.underEarlierKeys && newest.nodeID != topology.nextAvailable(after: home)
         store.leaveOldPrimary(
-            keys: keys, on: id.nodeID, version: newest.stored.record.metadata.version + 1, mergingInto: watched ? home : nil,
-            base: (newest.stored.record, newest.nodeID))
+            keys: keys, on: id.nodeID, version: newest.stored.record.metadata.version + 1,
+            merging: watched ? (home, newest.stored.record, newest.nodeID) : nil)
         return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access, watched: watched ? id.nodeID : nil)
     }
 

@@ -482,15 +482,15 @@ extension SessionStore {
     static let strayMergeWaitSeconds: Int64 = 60
 
     /// A session moved off `nodeID` (it did not answer): its copy there goes once it answers.
-    /// `mergingInto`: the move served the session from `base` (a backup copy, on `base.node`) and
+    /// `merging`: the move served the session from `base` (a backup copy, on `backupNode`) and
     /// wrote it to `home`; what the old placement's backup shows acknowledged since, when a newer
     /// copy is on `nodeID`, goes there first (``LeftoverCopies/StrayMerge``).
     func leaveOldPrimary(
-        keys: SessionKeys, on nodeID: String, version: UInt64, mergingInto home: String? = nil, base: (record: SessionRecord, node: String)? = nil
+        keys: SessionKeys, on nodeID: String, version: UInt64, merging: (home: String, base: SessionRecord, backupNode: String)? = nil
     ) {
         let until = clock.now() + .seconds(Self.strayMergeWaitSeconds)
-        let merge = home.flatMap { home in
-            base.map { LeftoverCopies.StrayMerge(base: $0.record, keys: keys, home: home, backupNode: $0.node, waitsForHomeUntil: until) }
+        let merge = merging.map { home, base, backupNode in
+            LeftoverCopies.StrayMerge(base: base, keys: keys, home: home, backupNode: backupNode, waitsForHomeUntil: until)
         }
         leaveForLater(.deleteUnlessNewer(version: version, merge: merge), key: keys.primary, on: nodeID)
     }

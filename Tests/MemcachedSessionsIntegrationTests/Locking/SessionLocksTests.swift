@@ -401,69 +401,63 @@ struct SessionLocksTests {
     /// between its failed write and the lock taken again. (The simulation found this shape, with
     /// an eviction: seed 6285.)
     @Test func aCopyPlacedBeforeTheLockIsTakenAgainIsNotWrittenOver() async throws {
-        try await withMemcachedServers(count: 2) { servers in
-            let proxy = try await FaultProxy.start(port: servers[1].port)
-            defer { proxy.stop() }
-            var first = try configuration(n1: servers[0].hostAndPort, n2: proxy.hostAndPort)
-            first.locking.mode = .all
+        // The first instance reaches n2 through a proxy that stalls its search for the copy.
+        try await withTwoInstances(proxied: [(instance: 0, node: 1)]) { instance, configuration in
+            configuration.locking.mode = .all
             // No renewal due for 10 s (a third of the expiry): a renewal finding the lock gone
             // would end the request before its write (another path, with the same outcome).
-            first.locking.expiry = .seconds(30)
-            var second = try configuration(n1: servers[0].hostAndPort, n2: servers[1].hostAndPort)
-            second.locking.mode = .all
-            try await withManagers([first, second]) { managers in
-                try await withInspector(servers) { inspector in
-                    let (browser, id, keys) = try await startedSession(managers[0])
-                    try #require(id.nodeID == "n1")
-                    try await eventually("the nodes' boot times are known") {
-                        managers.allSatisfy { $0.store.nodeRestarts.knows("n1") }
+            if instance == 0 { configuration.locking.expiry = .seconds(30) }
+        } _: { managers, proxies, servers, inspector in
+            let proxy = proxies[0]
+            let (browser, id, keys) = try await startedSession(managers[0])
+            try #require(id.nodeID == "n1")
+            try await eventually("the nodes' boot times are known") {
+                managers.allSatisfy { $0.store.nodeRestarts.knows("n1") }
+            }
+            let holding = Barrier(count: 2)
+            let finish = Barrier(count: 2)
+            let request = Task {
+                var mine = browser
+                return await sessionError {
+                    try await managers[0].request(&mine) { access in
+                        let session = try #require(try await access.load())
+                        await holding.arriveAndWait()
+                        await finish.arriveAndWait()
+                        try session.set("count", 100)
                     }
-                    let holding = Barrier(count: 2)
-                    let finish = Barrier(count: 2)
-                    let request = Task {
-                        var mine = browser
-                        return await sessionError {
-                            try await managers[0].request(&mine) { access in
-                                let session = try #require(try await access.load())
-                                await holding.arriveAndWait()
-                                await finish.arriveAndWait()
-                                try session.set("count", 100)
-                            }
-                        }
-                    }
-                    await holding.arriveAndWait()
-                    try await servers[0].kill()
-                    try await servers[0].restart()
-                    try await eventually("the restart is seen") { managers.allSatisfy { $0.store.missMayBeRestart(on: "n1") } }
-                    let lostBefore = managers[0].statistics.value(of: .locksLost)
-                    proxy.stall()
-                    await finish.arriveAndWait()
-                    // The write found nothing, and its riding release no lock; the search for the
-                    // copy that follows waits on the backup's node (it may also meet the other
-                    // request's copy on n1: the lock taken again finds that copy either way).
-                    var other = browser
-                    let restored: Result<Int, any Error>
-                    do {
-                        try await eventually(timeout: .seconds(30), "the write's release finds no lock") {
-                            managers[0].statistics.value(of: .locksLost) == lostBefore + 1
-                        }
-                        try await eventually(timeout: .seconds(30), "the search for the lost copy reaches the stalled node") {
-                            proxy.heldChunks > 0
-                        }
-                        restored = .success(try await managers[1].increment(&other))
-                    } catch {
-                        restored = .failure(error)
-                    }
-                    proxy.resume()
-                    #expect(try restored.get() == 2, "restored from the backup, under the free lock")
-                    let error = await request.value
-                    #expect(error?.code == .lockUnavailable, "refused, not written over the other locked request's change")
-                    #expect(managers[0].statistics.value(of: .lockConflicts) == 1)
-                    var reader = browser
-                    #expect(try await managers[1].readCount(&reader) == 2, "the other request's change stands")
-                    #expect(try await inspector.node("n1").get(keys.lock) == nil, "the lock taken again was released")
                 }
             }
+            await holding.arriveAndWait()
+            try await servers[0].kill()
+            try await servers[0].restart()
+            try await eventually("the restart is seen") { managers.allSatisfy { $0.store.missMayBeRestart(on: "n1") } }
+            let lostBefore = managers[0].statistics.value(of: .locksLost)
+            proxy.stall()
+            await finish.arriveAndWait()
+            // The write found nothing, and its riding release no lock; the search for the
+            // copy that follows waits on the backup's node (it may also meet the other
+            // request's copy on n1: the lock taken again finds that copy either way).
+            var other = browser
+            let restored: Result<Int, any Error>
+            do {
+                try await eventually(timeout: .seconds(30), "the write's release finds no lock") {
+                    managers[0].statistics.value(of: .locksLost) == lostBefore + 1
+                }
+                try await eventually(timeout: .seconds(30), "the search for the lost copy reaches the stalled node") {
+                    proxy.heldChunks > 0
+                }
+                restored = .success(try await managers[1].increment(&other))
+            } catch {
+                restored = .failure(error)
+            }
+            proxy.resume()
+            #expect(try restored.get() == 2, "restored from the backup, under the free lock")
+            let error = await request.value
+            #expect(error?.code == .lockUnavailable, "refused, not written over the other locked request's change")
+            #expect(managers[0].statistics.value(of: .lockConflicts) == 1)
+            var reader = browser
+            #expect(try await managers[1].readCount(&reader) == 2, "the other request's change stands")
+            #expect(try await inspector.node("n1").get(keys.lock) == nil, "the lock taken again was released")
         }
     }
 }

@@ -152,56 +152,50 @@ struct NodeRestartsTests {
     /// after another restart). Fails without the fork's detection: A's backup write takes B's
     /// backup for "as new already", and A's change is gone.
     @Test func twoCopiesOfOneVersionAfterARestartAreMerged() async throws {
-        try await withMemcachedServers(count: 2) { servers in
-            let proxy = try await FaultProxy.start(port: servers[1].port)
-            defer { proxy.stop() }
-            var viaProxy = try configuration(n1: servers[0].hostAndPort, n2: proxy.hostAndPort)
-            viaProxy.locking.mode = .none
+        // A reaches n2 through a proxy that holds its backup write.
+        try await withTwoInstances(proxied: [(instance: 0, node: 1)]) { instance, configuration in
+            configuration.locking.mode = .none
             // A's backup write waits out the stall (a restart of memcached, B's request), however
             // slow a loaded machine is.
-            viaProxy.memcached.requestTimeout = .seconds(30)
-            var direct = try configuration(n1: servers[0].hostAndPort, n2: servers[1].hostAndPort)
-            direct.locking.mode = .none
-            try await withManagers([viaProxy, direct]) { managers in
-                let (a, b) = (managers[0], managers[1])
-                try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    try await a.increment(&browser)
-                    let id = try #require(browser.id)
-                    try #require(id.nodeID == "n1")
-                    let keys = a.keys(for: id.token)
-                    let (_, late, session) = try await loadedRequest(of: browser, path: "/b", on: b)
-                    try await eventually("A knows n1's boot time") { a.store.nodeRestarts.knows("n1") }
-                    proxy.stall()
-                    let started = browser
-                    let aSaved = Task {
-                        var mine = started
-                        try await a.request(&mine, path: "/a") { access in try #require(try await access.load()).set("part0", "a") }
-                    }
-                    try await eventually("A's write landed on n1") {
-                        guard let item = try await inspector.node("n1").get(keys.primary) else { return false }
-                        return try BinarySessionCodec().decodeSession(from: item.value).attributes["part0"] != nil
-                    }
-                    try await restartEmpty(servers, node: "n1", seenBy: b)
-                    try session.set("part1", "b")
-                    _ = try await b.endRequest(late)
-                    try await eventually("A reaches n1 again") { a.topology.isReachable("n1") }
-                    proxy.resume()
-                    try await aSaved.value
-                    #expect(a.statistics.value(of: .backupFailures) == 0, "A's backup write was answered")
-                    #expect(a.statistics.value(of: .backupForks) == 1, "A's backup write met B's copy of its version")
-                    func parts() async throws -> [String?] {
-                        var reader = browser
-                        return try await b.request(&reader, path: "/read") { access in
-                            let session = try #require(try await access.load())
-                            return [session["part0", as: String.self], session["part1", as: String.self]]
-                        }
-                    }
-                    #expect(try await parts() == ["a", "b"], "both changes in the primary")
-                    try await restartEmpty(servers, node: "n1", seenBy: b)
-                    #expect(try await parts() == ["a", "b"], "both changes in the backup")
+            if instance == 0 { configuration.memcached.requestTimeout = .seconds(30) }
+        } _: { managers, proxies, servers, inspector in
+            let (a, b) = (managers[0], managers[1])
+            let proxy = proxies[0]
+            var browser = Browser()
+            try await a.increment(&browser)
+            let id = try #require(browser.id)
+            try #require(id.nodeID == "n1")
+            let keys = a.keys(for: id.token)
+            let (_, late, session) = try await loadedRequest(of: browser, path: "/b", on: b)
+            try await eventually("A knows n1's boot time") { a.store.nodeRestarts.knows("n1") }
+            proxy.stall()
+            let started = browser
+            let aSaved = Task {
+                var mine = started
+                try await a.request(&mine, path: "/a") { access in try #require(try await access.load()).set("part0", "a") }
+            }
+            try await eventually("A's write landed on n1") {
+                guard let item = try await inspector.node("n1").get(keys.primary) else { return false }
+                return try BinarySessionCodec().decodeSession(from: item.value).attributes["part0"] != nil
+            }
+            try await restartEmpty(servers, node: "n1", seenBy: b)
+            try session.set("part1", "b")
+            _ = try await b.endRequest(late)
+            try await eventually("A reaches n1 again") { a.topology.isReachable("n1") }
+            proxy.resume()
+            try await aSaved.value
+            #expect(a.statistics.value(of: .backupFailures) == 0, "A's backup write was answered")
+            #expect(a.statistics.value(of: .backupForks) == 1, "A's backup write met B's copy of its version")
+            func parts() async throws -> [String?] {
+                var reader = browser
+                return try await b.request(&reader, path: "/read") { access in
+                    let session = try #require(try await access.load())
+                    return [session["part0", as: String.self], session["part1", as: String.self]]
                 }
             }
+            #expect(try await parts() == ["a", "b"], "both changes in the primary")
+            try await restartEmpty(servers, node: "n1", seenBy: b)
+            #expect(try await parts() == ["a", "b"], "both changes in the backup")
         }
     }
 }

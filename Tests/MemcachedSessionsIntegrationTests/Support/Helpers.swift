@@ -333,3 +333,32 @@ func storedCount(_ inspector: MemcachedClient, _ nodeID: String, _ key: String) 
     let record = try BinarySessionCodec().decodeSession(from: item.value)
     return record.attributes["count"].flatMap { Int(String(buffer: $0)) }
 }
+
+/// Two instances over one pair of real servers (``configuration(n1:n2:)``: sessions start on n1,
+/// n2 holds their backups). Each instance reaches each node directly, or through a `FaultProxy`
+/// of its own where `proxied` names the pair (instance 0 or 1, node 0 or 1); `configure` adjusts
+/// each instance's configuration. The body gets the running managers, the proxies in the order
+/// `proxied` names them, the servers and an inspector.
+func withTwoInstances(
+    proxied: [(instance: Int, node: Int)],
+    configure: (_ instance: Int, _ configuration: inout SessionManager.Configuration) -> Void,
+    _ body: (_ managers: [SessionManager], _ proxies: [FaultProxy], _ servers: [MemcachedServer], _ inspector: MemcachedClient) async throws -> Void
+) async throws {
+    try await withMemcachedServers(count: 2) { servers in
+        var proxies: [FaultProxy] = []
+        defer { for proxy in proxies { proxy.stop() } }
+        for (_, node) in proxied { proxies.append(try await FaultProxy.start(port: servers[node].port)) }
+        var configurations: [SessionManager.Configuration] = []
+        for instance in 0..<2 {
+            let address = { (node: Int) in
+                proxied.firstIndex { $0 == (instance, node) }.map { proxies[$0].hostAndPort } ?? servers[node].hostAndPort
+            }
+            var configuration = try configuration(n1: address(0), n2: address(1))
+            configure(instance, &configuration)
+            configurations.append(configuration)
+        }
+        try await withManagers(configurations) { managers in
+            try await withInspector(servers) { inspector in try await body(managers, proxies, servers, inspector) }
+        }
+    }
+}
