@@ -609,6 +609,14 @@ extension SimulatedTest {
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsFirstThenUndone) },
+        // The same as the cleanup's merge, with the two changes too large together for the item
+        // size limit: nothing is merged (counted, logged), the new place keeps its copy, the old
+        // copy is deleted.
+        SimulatedTest("a-move-whose-missed-write-is-too-large-to-merge-keeps-its-copy") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+            configuration.memcached.itemSizeLimit = 4_096
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsLastTooLargeToMerge) },
         // The first two, with every request locked (the seed ran with locking auto): the locks
         // are on two nodes (A's on the old one, B's on the new one), so neither keeps the other
         // out.
@@ -991,6 +999,13 @@ private enum MissedWrite {
     /// removes A's change, and only then does the node answer instance 1 again: the cleanup must
     /// not merge A's change a second time (it would come back).
     case backupLandsFirstThenUndone
+    /// As `backupLandsLastNodeAnswers`, with A's and B's changes each fitting the item size limit
+    /// and the two together not: the cleanup cannot merge them (counted as an oversized session),
+    /// the new place's copy stays as B wrote it, and the old copy is deleted all the same.
+    case backupLandsLastTooLargeToMerge
+
+    /// The bytes each side's change carries past its path (`/a`, `/b`).
+    var padding: Int { self == .backupLandsLastTooLargeToMerge ? 2_000 : 0 }
 }
 
 /// Bounded wait in virtual time: up to `seconds` for `condition`.
@@ -1018,7 +1033,8 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         return write
     }
     let holdBackup = Flag()
-    holdBackup.value = scenario == .backupLandsLastNodeAnswers || scenario == .backupLandsAfterTheCleanupLooked
+    let backupLandsLast: Set<MissedWrite> = [.backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked, .backupLandsLastTooLargeToMerge]
+    holdBackup.value = backupLandsLast.contains(scenario)
     for node in bench.cluster.nodes where node !== primary {
         node.holdMatching = { requests in
             guard holdBackup.value else { return false }
@@ -1039,7 +1055,7 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
     let a = Task {
         var mine = started
         try await bench.request(0, &mine, path: "/a") { access in
-            try await access.load()?.set("part0", "/a")
+            try await access.load()?.set("part0", "/a" + String(repeating: "a", count: scenario.padding))
         }
         return mine
     }
@@ -1057,7 +1073,7 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
             let session = try await access.load()
             loaded.value = true
             await waitUntil(bench, seconds: 10) { bMayWrite.value }
-            try session?.set("part1", "/b")
+            try session?.set("part1", "/b" + String(repeating: "b", count: scenario.padding))
         }
         return mine
     }
@@ -1078,7 +1094,7 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         aCookie = try await a.value
         primary.freeze()
         bMayWrite.value = true
-    case .backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked:
+    case .backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked, .backupLandsLastTooLargeToMerge:
         // B writes, and reads the backup again, before A's backup write.
         await waitUntil(bench) { backupNodes.contains { $0.heldCount == 1 } }
         bench.check(backupNodes.contains { $0.heldCount == 1 }, "A's backup write is on its way")
@@ -1092,7 +1108,7 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         await waitUntil(bench) { queued() >= 3 }
         bench.check(queued() >= 3, "the cleanup looked at the old copy and waits: \(queued())")
     }
-    if scenario == .backupLandsLastNodeAnswers || scenario == .backupLandsAfterTheCleanupLooked {
+    if backupLandsLast.contains(scenario) {
         for node in backupNodes { node.releaseHeld() }
         aCookie = try await a.value
     }
@@ -1126,6 +1142,15 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         bench.check(merges() == 1, "A's old copy was merged into the new place: \(merges())")
         let cleaned = bench.managers[1].statistics.snapshot().counters["leftovers_cleaned"] ?? 0
         bench.check(cleaned == 1, "the old copy was deleted: \(cleaned)")
+    case .backupLandsLastTooLargeToMerge:
+        bench.check(merges() == 0, "B's read of the backup found nothing newer: \(merges())")
+        // The node answers instance 1 again: the merge would not fit, the old copy goes.
+        let counter = { (name: String) in bench.managers[1].statistics.snapshot().counters[name] ?? 0 }
+        await waitUntil(bench) { counter("leftovers_cleaned") == 1 }
+        bench.check(counter("leftovers_cleaned") == 1, "the old copy was deleted: \(counter("leftovers_cleaned"))")
+        bench.check(merges() == 0, "nothing merged: \(merges())")
+        bench.check(counter("oversized_sessions") == 1, "the merge was too large: \(counter("oversized_sessions"))")
+        names = ["part1"]
     }
     func parts(_ when: String) async throws {
         var reader: String? = moved
@@ -1134,10 +1159,11 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
             return ["part0", "part1"].map { session?[$0, as: String.self] }
         }
         for (part, (name, path)) in zip(parts, [("A", "/a"), ("B", "/b")]) {
+            let value = path + String(repeating: String(path.dropFirst()), count: scenario.padding)
             if names.contains(name == "A" ? "part0" : "part1") {
-                bench.check(part == path, "\(when): \(name)'s acknowledged change survives: \(part ?? "none")")
+                bench.check(part == value, "\(when): \(name)'s acknowledged change survives: \(part?.prefix(8) ?? "none")")
             } else {
-                bench.check(part == nil, "\(when): \(name)'s change, removed since, stays removed: \(part ?? "none")")
+                bench.check(part == nil, "\(when): \(name)'s change is not there: \(part?.prefix(8) ?? "none")")
             }
         }
     }
