@@ -617,6 +617,13 @@ extension SimulatedTest {
             configuration.locking.mode = .none
             configuration.memcached.itemSizeLimit = 4_096
         } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsLastTooLargeToMerge) },
+        // The same, with a write at the new place between the cleanup's read there and its
+        // merge's write: the merge's CAS write is refused, and the next pass merges onto the
+        // newer copy (all three changes survive).
+        SimulatedTest("a-move-merges-a-missed-write-onto-a-write-that-came-first") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsLastMergeMeetsAWrite) },
         // The first two, with every request locked (the seed ran with locking auto): the locks
         // are on two nodes (A's on the old one, B's on the new one), so neither keeps the other
         // out.
@@ -1003,6 +1010,10 @@ private enum MissedWrite {
     /// and the two together not: the cleanup cannot merge them (counted as an oversized session),
     /// the new place's copy stays as B wrote it, and the old copy is deleted all the same.
     case backupLandsLastTooLargeToMerge
+    /// As `backupLandsLastNodeAnswers`, with a request at the new place (C) writing between the
+    /// cleanup's read of the new place and its write of the merge: the merge's CAS write is
+    /// refused, and the next pass merges onto C's copy (all three changes survive).
+    case backupLandsLastMergeMeetsAWrite
 
     /// The bytes each side's change carries past its path (`/a`, `/b`).
     var padding: Int { self == .backupLandsLastTooLargeToMerge ? 2_000 : 0 }
@@ -1033,10 +1044,22 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         return write
     }
     let holdBackup = Flag()
-    let backupLandsLast: Set<MissedWrite> = [.backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked, .backupLandsLastTooLargeToMerge]
+    let backupLandsLast: Set<MissedWrite> = [
+        .backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked, .backupLandsLastTooLargeToMerge, .backupLandsLastMergeMeetsAWrite,
+    ]
+    // (`backupLandsLastMergeMeetsAWrite`) The cleanup's CAS write of the merge at the new place.
+    let holdMerge = Flag()
     holdBackup.value = backupLandsLast.contains(scenario)
     for node in bench.cluster.nodes where node !== primary {
         node.holdMatching = { requests in
+            if holdMerge.value {
+                let merge = requests.contains { request in
+                    if case .store(let key, _, _, _, _, let cas?) = request.command { return key.hasPrefix(prefix + "s:") && cas > 0 }
+                    return false
+                }
+                if merge { holdMerge.value = false }
+                return merge
+            }
             guard holdBackup.value else { return false }
             // The backup write's first round trip: a read without the value, or a CAS write when
             // the instance wrote that backup last (B's searches and reads carry the value).
@@ -1094,13 +1117,14 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         aCookie = try await a.value
         primary.freeze()
         bMayWrite.value = true
-    case .backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked, .backupLandsLastTooLargeToMerge:
+    case .backupLandsLastNodeAnswers, .backupLandsAfterTheCleanupLooked, .backupLandsLastTooLargeToMerge, .backupLandsLastMergeMeetsAWrite:
         // B writes, and reads the backup again, before A's backup write.
         await waitUntil(bench) { backupNodes.contains { $0.heldCount == 1 } }
         bench.check(backupNodes.contains { $0.heldCount == 1 }, "A's backup write is on its way")
         bMayWrite.value = true
     }
     let bCookie = try await b.value
+    holdMerge.value = scenario == .backupLandsLastMergeMeetsAWrite
     if scenario == .backupLandsAfterTheCleanupLooked {
         // The node answers instance 1 again, and its cleanup finds A's copy newer than the
         // backup it moved from, which has not moved on: it waits (the entry is queued again).
@@ -1151,16 +1175,30 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         bench.check(merges() == 0, "nothing merged: \(merges())")
         bench.check(counter("oversized_sessions") == 1, "the merge was too large: \(counter("oversized_sessions"))")
         names = ["part1"]
+    case .backupLandsLastMergeMeetsAWrite:
+        bench.check(merges() == 0, "B's read of the backup found nothing newer: \(merges())")
+        // The cleanup read the new place and its merge's write is on its way; C writes there.
+        await waitUntil(bench) { backupNodes.contains { $0.heldCount == 1 } }
+        bench.check(backupNodes.contains { $0.heldCount == 1 }, "the cleanup's merge is on its way")
+        var writer: String? = moved
+        try await bench.request(0, &writer, path: "/c") { access in try await access.load()?.set("part2", "/c") }
+        for node in backupNodes { node.releaseHeld() }
+        // Refused (C's write came first), and merged again onto C's copy.
+        await waitUntil(bench) { merges() == 1 && bench.managers[1].statistics.snapshot().counters["leftovers_cleaned"] == 1 }
+        bench.check(merges() == 1, "A's old copy was merged into the new place: \(merges())")
+        let cleaned = bench.managers[1].statistics.snapshot().counters["leftovers_cleaned"] ?? 0
+        bench.check(cleaned == 1, "the old copy was deleted: \(cleaned)")
+        names = ["part0", "part1", "part2"]
     }
     func parts(_ when: String) async throws {
         var reader: String? = moved
         let parts = try await bench.request(0, &reader, path: "/read") { access in
             let session = try await access.load()
-            return ["part0", "part1"].map { session?[$0, as: String.self] }
+            return ["part0", "part1", "part2"].map { session?[$0, as: String.self] }
         }
-        for (part, (name, path)) in zip(parts, [("A", "/a"), ("B", "/b")]) {
+        for (part, (name, path)) in zip(parts, [("A", "/a"), ("B", "/b"), ("C", "/c")]) {
             let value = path + String(repeating: String(path.dropFirst()), count: scenario.padding)
-            if names.contains(name == "A" ? "part0" : "part1") {
+            if names.contains(["A": "part0", "B": "part1", "C": "part2"][name, default: ""]) {
                 bench.check(part == value, "\(when): \(name)'s acknowledged change survives: \(part?.prefix(8) ?? "none")")
             } else {
                 bench.check(part == nil, "\(when): \(name)'s change is not there: \(part?.prefix(8) ?? "none")")
