@@ -624,6 +624,14 @@ extension SimulatedTest {
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsLastMergeMeetsAWrite) },
+        // The move's read of the backup finds the missed write, and the new place refuses the
+        // merge's write (B's request fails) while the old node stays dead: the merge is left to
+        // the leftover loop, which writes it once the new place answers (A's acknowledged change
+        // survives, in the new primary and its backup).
+        SimulatedTest("a-move-whose-merge-is-refused-keeps-the-missed-write") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsFirstMergeRefused) },
         // The first two, with every request locked (the seed ran with locking auto): the locks
         // are on two nodes (A's on the old one, B's on the new one), so neither keeps the other
         // out.
@@ -1014,6 +1022,9 @@ private enum MissedWrite {
     /// cleanup's read of the new place and its write of the merge: the merge's CAS write is
     /// refused, and the next pass merges onto C's copy (all three changes survive).
     case backupLandsLastMergeMeetsAWrite
+    /// As `backupLandsFirstNodeDies`, with the new place refusing the merge's write (a server
+    /// error): B's request fails; A's acknowledged change must survive all the same.
+    case backupLandsFirstMergeRefused
 
     /// The bytes each side's change carries past its path (`/a`, `/b`).
     var padding: Int { self == .backupLandsLastTooLargeToMerge ? 2_000 : 0 }
@@ -1107,10 +1118,23 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
     primary.releaseHeld()
     var aCookie: String? = nil
     switch scenario {
-    case .backupLandsFirstNodeDies:
+    case .backupLandsFirstNodeDies, .backupLandsFirstMergeRefused:
         // Then its backup, where B read the session; then the node dies.
         aCookie = try await a.value
         primary.kill()
+        if scenario == .backupLandsFirstMergeRefused {
+            // The merge's CAS write at the new place is refused, once.
+            let refuse = Flag()
+            refuse.value = true
+            for node in backupNodes {
+                node.faultMatching = { request in
+                    guard refuse.value, case .store(let key, _, _, _, _, let cas?) = request.command, key.hasPrefix(prefix + "s:"), cas > 0
+                    else { return nil }
+                    refuse.value = false
+                    return .serverError
+                }
+            }
+        }
         bMayWrite.value = true
     case .backupLandsFirstThenUndone:
         // Then its backup; then the node stops answering (instance 1's cleanup cannot run).
@@ -1123,7 +1147,31 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         bench.check(backupNodes.contains { $0.heldCount == 1 }, "A's backup write is on its way")
         bMayWrite.value = true
     }
-    let bCookie = try await b.value
+    let bOutcome = await b.result
+    if scenario == .backupLandsFirstMergeRefused {
+        bench.check((try? bOutcome.get()) == nil, "B's request failed")
+        bench.check(aCookie == cookie, "A was served where the session was: \(String(describing: aCookie))")
+        // Instance 1 merges what the backup shows into the new place once it answers.
+        let merges = { bench.managers[1].statistics.snapshot().counters["backup_forks"] ?? 0 }
+        await waitUntil(bench) { merges() == 1 }
+        bench.check(merges() == 1, "the missed write was merged later: \(merges())")
+        func survives(_ when: String) async throws {
+            for instance in 0..<2 {
+                var reader = cookie
+                let part = try await bench.request(instance, &reader, path: "/read") { access in try await access.load()?["part0", as: String.self] }
+                bench.check(part == "/a", "\(when): instance \(instance): A's acknowledged change survives: \(part ?? "none")")
+            }
+        }
+        await bench.sleep(seconds: 3)
+        try await survives("primary")
+        // The new place is lost: A's change is in its backup too.
+        let nodes = bench.cluster.nodes
+        if let index = nodes.firstIndex(where: { $0 === primary }) { nodes[(index + 1) % nodes.count].restartEmpty(pid: 7300) }
+        await bench.sleep(seconds: 3)
+        try await survives("backup")
+        return
+    }
+    let bCookie = try bOutcome.get()
     holdMerge.value = scenario == .backupLandsLastMergeMeetsAWrite
     if scenario == .backupLandsAfterTheCleanupLooked {
         // The node answers instance 1 again, and its cleanup finds A's copy newer than the
@@ -1144,7 +1192,7 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
     let merges = { bench.managers[1].statistics.snapshot().counters["backup_forks"] ?? 0 }
     var names = ["part0", "part1"]
     switch scenario {
-    case .backupLandsFirstNodeDies:
+    case .backupLandsFirstNodeDies, .backupLandsFirstMergeRefused:
         bench.check(merges() == 1, "B's write met A's newer copy: \(merges())")
     case .backupLandsFirstThenUndone:
         bench.check(merges() == 1, "B's write met A's newer copy: \(merges())")

@@ -328,22 +328,29 @@ final class NonStickyLifecycle: SessionLifecycle {
                     statistics.count(.sessionsNotFound)
                     return .unchanged
                 }
-                if case .newer(let newer) = missed {
+                if case .newer(let newer) = missed, let adoptedBackup {
                     // Moved, and a concurrent request wrote a newer version on the old node
                     // meanwhile (this instance could not reach it; the other could), whose backup
                     // landed after this request's search: the two are merged, as a fork is (the
                     // simulation, non-sticky seed 65295).
-                    guard let merged = try await saveOntoFork(session, keys: keys, nodeID: finalID.nodeID, fork: .init(written: written, copy: newer))
-                    else {
+                    let merged: SessionRecord?
+                    do {
+                        merged = try await saveOntoFork(session, keys: keys, nodeID: finalID.nodeID, fork: .init(written: written, copy: newer))
+                    } catch {
+                        // Not written (the new place refused it, or did not answer): the write
+                        // this move missed, acknowledged, would be lost with the old node. It is
+                        // merged from the backup into the new place once that answers.
+                        store.leaveMissedMerge(keys: keys, home: finalID.nodeID, adopted: adoptedBackup)
+                        throw error
+                    }
+                    guard let merged else {
                         statistics.count(.sessionsNotFound)
                         return .unchanged
                     }
                     statistics.count(.backupForks)
                     record = merged
-                    if let adoptedBackup {
-                        // The old copy's cleanup merges only what the backup shows after this.
-                        store.leftovers.advanceMergeBase(nodeID: adoptedBackup.movedOff, key: keys.primary, to: newer.record)
-                    }
+                    // The old copy's cleanup merges only what the backup shows after this.
+                    store.leftovers.advanceMergeBase(nodeID: adoptedBackup.movedOff, key: keys.primary, to: newer.record)
                 } else if let copy = await store.writeBackup(
                     keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now, detectsForks: true)
                 {

@@ -140,6 +140,17 @@ final class LeftoverCopies: Sendable {
         }
     }
 
+    /// The merge of the entry for `key` on `nodeID` (an old copy's, ``StrayMerge``), taken away:
+    /// its delete stays, the merge is another entry's now.
+    func dropMerge(nodeID: String, key: String) {
+        state.withLock { state in
+            let slot = Self.slot(nodeID, key)
+            guard var entry = state.entries[slot], case .deleteUnlessNewer(let version, _?) = entry.action else { return }
+            entry.action = .deleteUnlessNewer(version: version, merge: nil)
+            state.entries[slot] = entry
+        }
+    }
+
     /// Forgets the tombstone waiting for `key` on `nodeID`, if that is what waits there (one
     /// written meanwhile by the request that left it).
     func removeTombstone(nodeID: String, key: String) {
@@ -476,6 +487,22 @@ extension SessionStore {
                 await cleanLeftovers(on: nodeID)
             }
         }
+    }
+
+    /// A move's read of the backup it served from found a write it missed (``SessionAccess/AdoptedBackup``),
+    /// and the merge of the two could not be written at `home`: the merge is left for later, on
+    /// `home`'s queue, as the watch of a backup (``mergeAwaitedBackup(_:)``): once `home` answers,
+    /// what the backup shows since the adopted copy is merged into the session there (until the
+    /// deadline). The old copy's cleanup keeps only its delete: the old node may never answer
+    /// again, and one merge of the backup is enough (a second, after a change at the new place,
+    /// would bring back what that change removed).
+    func leaveMissedMerge(keys: SessionKeys, home: String, adopted: SessionAccess.AdoptedBackup) {
+        leftovers.dropMerge(nodeID: adopted.movedOff, key: keys.primary)
+        let merge = LeftoverCopies.StrayMerge(
+            base: adopted.record, keys: keys, home: home, backupNode: adopted.nodeID,
+            waitsForHomeUntil: clock.now() + .seconds(Self.strayMergeWaitSeconds), awaitsBackup: true)
+        // (A watch deletes nothing: the bound is not read.)
+        leaveForLater(.deleteUnlessNewer(version: 0, merge: merge), key: keys.primary, on: home)
     }
 
     /// How long a stray copy's merge waits for the move's own write at the session's new place.
