@@ -81,4 +81,33 @@ import NIOCore
         }
         #expect(merge.base.metadata.version == 6)
     }
+
+    /// An entry a pass took, put back after an advance of its base meanwhile (the advance found
+    /// nothing to move on, and the new one arrived): the advanced base stays, whichever comes
+    /// first. The older base would merge again what the move merged itself.
+    @Test func anEntryPutBackKeepsTheAdvancedBase() throws {
+        let leftovers = LeftoverCopies()
+        leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: merge(baseVersion: 6))))
+        leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: merge(baseVersion: 4))))
+        guard case .deleteUnlessNewer(5, let merge?) = try #require(leftovers.take(nodeID: "n1").first).action else {
+            Issue.record("the entry lost its merge")
+            return
+        }
+        #expect(merge.base.metadata.version == 6)
+    }
+
+    /// A watch of a backup waits under its own key: a copy's delete for the same session on the
+    /// same node neither takes its place nor is taken by it (each would undo the other: a copy
+    /// never deleted, or a missed write never merged).
+    @Test func aWatchAndADeleteOfOneSessionStaySeparate() throws {
+        let leftovers = LeftoverCopies()
+        let watch = merge(baseVersion: 4)
+        let primaryKey = watch.keys.primary
+        leftovers.add(.init(nodeID: "n2", key: LeftoverCopies.watchKey(primaryKey), action: .watchBackup(watch)))
+        leftovers.add(.init(nodeID: "n2", key: primaryKey, action: .deleteUnlessNewer(version: 7, merge: nil)))
+        let entries = leftovers.take(nodeID: "n2")
+        #expect(entries.count == 2)
+        #expect(entries.contains { $0.key == primaryKey && $0.action == .deleteUnlessNewer(version: 7, merge: nil) })
+        #expect(entries.contains { $0.action == .watchBackup(watch) })
+    }
 }

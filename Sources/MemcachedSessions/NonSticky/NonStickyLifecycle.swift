@@ -337,10 +337,13 @@ final class NonStickyLifecycle: SessionLifecycle {
                     do {
                         merged = try await saveOntoFork(session, keys: keys, nodeID: finalID.nodeID, fork: .init(written: written, copy: newer))
                     } catch {
-                        // Not written (the new place refused it, or did not answer): the write
-                        // this move missed, acknowledged, would be lost with the old node. It is
-                        // merged from the backup into the new place once that answers.
-                        store.leaveMissedMerge(keys: keys, home: finalID.nodeID, adopted: adoptedBackup)
+                        // Not written, or not known to be (the new place refused it, or did not
+                        // answer): the write this move missed, acknowledged, would be lost with
+                        // the old node. It is merged into the new place once that answers, within
+                        // the move's minute (a second merge of a write that landed changes
+                        // nothing, unless a request there removed an attribute it set between
+                        // the two). (A session moved on meanwhile is not followed.)
+                        store.leaveMissedMerge(keys: keys, home: finalID.nodeID, adopted: adoptedBackup, found: newer.record)
                         throw error
                     }
                     guard let merged else {

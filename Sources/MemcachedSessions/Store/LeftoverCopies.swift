@@ -25,6 +25,11 @@ final class LeftoverCopies: Sendable {
         /// `primaryNode`: the session's primary copy, whose TTL says how long the session may
         /// live now (reads since slid it).
         case backup(bytes: ByteBuffer, flags: UInt32, expiresAt: Int64?, primaryKey: String, primaryNode: String)
+        /// A move's backup watched (``StrayMerge``): what it shows since the merge's base (and
+        /// the merge's `pending` copy first) goes to the session at its new place, until the
+        /// deadline. Deletes nothing; kept under its own key (``LeftoverCopies/watchKey(_:)``), so
+        /// that it never combines with a copy's delete.
+        case watchBackup(StrayMerge)
 
         var isTombstone: Bool {
             if case .tombstone = self { return true }
@@ -46,10 +51,21 @@ final class LeftoverCopies: Sendable {
         /// Until when the merge is tried (the move writes `home` at its request's end; a backup
         /// follows its primary's write); after it, the old copy goes as without a merge.
         var waitsForHomeUntil: NIODeadline
-        /// The old copy, newer than the backup, was deleted: only the backup is watched now, for
-        /// it to show that copy's write (acknowledged) before the deadline.
-        var awaitsBackup = false
+        /// A copy of the old placement's already read (by the move's read of its backup), whose
+        /// changes since `base` are merged first (a watch's).
+        var pending: SessionRecord? = nil
+
+        /// Of two merges for one slot, the one that has merged more (the higher base): an entry
+        /// taken by a pass and put back must not bring back an older base.
+        static func newest(_ a: StrayMerge?, _ b: StrayMerge?) -> StrayMerge? {
+            guard let a, let b else { return a ?? b }
+            return b.base.metadata.version > a.base.metadata.version ? b : a
+        }
     }
+
+    /// The key a watch of the backup of the session whose primary key is `primaryKey` waits
+    /// under: never a memcached key (those have no spaces), so never another entry's slot.
+    static func watchKey(_ primaryKey: String) -> String { "watch " + primaryKey }
 
     struct Entry: Sendable {
         var nodeID: String
@@ -84,15 +100,23 @@ final class LeftoverCopies: Sendable {
                 {
                     return 0
                 }
-                // Two moves' old copies: the higher bound, and the first's merge unless the
-                // second brings one (a second recovery, from a copy it cannot merge from, must
-                // not drop the first's pending merge).
+                // Two moves' old copies: the higher bound, and the merge that has merged more (a
+                // second recovery, from a copy it cannot merge from, must not drop the first's
+                // pending merge; an entry a pass took and puts back must not undo the base an
+                // advance moved on meanwhile).
                 if case .deleteUnlessNewer(let waitingVersion, let waitingMerge) = waiting.action,
                     case .deleteUnlessNewer(let version, let merge) = entry.action
                 {
                     var entry = entry
-                    entry.action = .deleteUnlessNewer(version: max(waitingVersion, version), merge: merge ?? waitingMerge)
+                    entry.action = .deleteUnlessNewer(
+                        version: max(waitingVersion, version), merge: StrayMerge.newest(waitingMerge, merge))
                     state.entries[slot] = entry
+                    return 0
+                }
+                if case .watchBackup(let waitingMerge) = waiting.action, case .watchBackup(let merge) = entry.action,
+                    let newest = StrayMerge.newest(waitingMerge, merge)
+                {
+                    state.entries[slot] = Entry(nodeID: entry.nodeID, key: entry.key, action: .watchBackup(newest))
                     return 0
                 }
             }
@@ -136,17 +160,6 @@ final class LeftoverCopies: Sendable {
             else { return }
             merge.base = record
             entry.action = .deleteUnlessNewer(version: version, merge: merge)
-            state.entries[slot] = entry
-        }
-    }
-
-    /// The merge of the entry for `key` on `nodeID` (an old copy's, ``StrayMerge``), taken away:
-    /// its delete stays, the merge is another entry's now.
-    func dropMerge(nodeID: String, key: String) {
-        state.withLock { state in
-            let slot = Self.slot(nodeID, key)
-            guard var entry = state.entries[slot], case .deleteUnlessNewer(let version, _?) = entry.action else { return }
-            entry.action = .deleteUnlessNewer(version: version, merge: nil)
             state.entries[slot] = entry
         }
     }
@@ -202,7 +215,7 @@ extension SessionStore {
             guard case .success = await node.executeBatch([request])[0] else { return false }
             statistics.count(.leftoversCleaned)
             return true
-        case .deleteUnlessNewer(_, let merge?) where merge.awaitsBackup:
+        case .watchBackup(let merge):
             return await mergeAwaitedBackup(merge)
         case .deleteUnlessNewer(let version, let merge?):
             return await mergeStray(entry.key, on: node, upTo: version, merge)
@@ -327,9 +340,8 @@ extension SessionStore {
             }
         }
         func watchBackup() {
-            var watched = merge
-            watched.awaitsBackup = true
-            leaveForLater(.deleteUnlessNewer(version: version, merge: watched), key: key, on: node.id)
+            // On the new place's queue: the watch needs that node, not the old one.
+            leaveForLater(.watchBackup(merge), key: LeftoverCopies.watchKey(merge.keys.primary), on: merge.home)
         }
         guard let item else { return true }
         // Newer than the bound: the session may live there again (moved back), and stays.
@@ -352,11 +364,21 @@ extension SessionStore {
         }
     }
 
-    /// An old copy newer than the backup was deleted (``mergeStray(_:on:upTo:_:)``): the backup
-    /// is read until it shows a newer version (the old copy's write was acknowledged; its backup
-    /// followed it), which is merged into the session's new place, or until the deadline.
+    /// A watch (``LeftoverCopies/Action/watchBackup(_:)``). An old copy newer than the backup was
+    /// deleted (``mergeStray(_:on:upTo:_:)``): the backup is read until it shows a newer version
+    /// (the old copy's write was acknowledged; its backup followed it), which is merged into the
+    /// session's new place, or until the deadline. A move's merge that could not be written
+    /// (``leaveMissedMerge(keys:home:adopted:found:)``): its `pending` copy is merged.
     private func mergeAwaitedBackup(_ merge: LeftoverCopies.StrayMerge) async -> Bool {
-        guard clock.now() < merge.waitsForHomeUntil else { return true }
+        guard clock.now() < merge.waitsForHomeUntil else {
+            if merge.pending != nil {
+                // A write the move found and could not merge: lost with the old placement.
+                logger.warning("a change saved on a node this instance could not reach, while it moved the session elsewhere, could not be merged before the deadline")
+            }
+            return true
+        }
+        // (What the backup shows after `pending` is the old copy's cleanup's to merge.)
+        if let pending = merge.pending { return await mergeIntoHome(pending, merge) }
         switch await readStored(key: merge.keys.backup, on: merge.backupNode, touch: nil) {
         case .found(let backup) where backup.record.metadata.version > merge.base.metadata.version:
             return await mergeIntoHome(backup.record, merge)
@@ -489,20 +511,20 @@ extension SessionStore {
         }
     }
 
-    /// A move's read of the backup it served from found a write it missed (``SessionAccess/AdoptedBackup``),
-    /// and the merge of the two could not be written at `home`: the merge is left for later, on
-    /// `home`'s queue, as the watch of a backup (``mergeAwaitedBackup(_:)``): once `home` answers,
-    /// what the backup shows since the adopted copy is merged into the session there (until the
-    /// deadline). The old copy's cleanup keeps only its delete: the old node may never answer
-    /// again, and one merge of the backup is enough (a second, after a change at the new place,
-    /// would bring back what that change removed).
-    func leaveMissedMerge(keys: SessionKeys, home: String, adopted: SessionAccess.AdoptedBackup) {
-        leftovers.dropMerge(nodeID: adopted.movedOff, key: keys.primary)
+    /// A move's read of the backup it served from found a write it missed, `found`
+    /// (``SessionAccess/AdoptedBackup``), and the merge of the two could not be written at
+    /// `home`: the merge is left for later, as a watch of the backup on `home`'s queue
+    /// (``mergeAwaitedBackup(_:)``): once `home` answers, `found`'s changes since the adopted
+    /// copy are merged into the session there, then what the backup shows since (until the
+    /// deadline). The old copy's cleanup merges only what comes after `found` (the old node may
+    /// never answer again; two merges of one change, with a change at the new place between
+    /// them, would bring back what that change removed).
+    func leaveMissedMerge(keys: SessionKeys, home: String, adopted: SessionAccess.AdoptedBackup, found: SessionRecord) {
+        leftovers.advanceMergeBase(nodeID: adopted.movedOff, key: keys.primary, to: found)
         let merge = LeftoverCopies.StrayMerge(
             base: adopted.record, keys: keys, home: home, backupNode: adopted.nodeID,
-            waitsForHomeUntil: clock.now() + .seconds(Self.strayMergeWaitSeconds), awaitsBackup: true)
-        // (A watch deletes nothing: the bound is not read.)
-        leaveForLater(.deleteUnlessNewer(version: 0, merge: merge), key: keys.primary, on: home)
+            waitsForHomeUntil: clock.now() + .seconds(Self.strayMergeWaitSeconds), pending: found)
+        leaveForLater(.watchBackup(merge), key: LeftoverCopies.watchKey(keys.primary), on: home)
     }
 
     /// How long a stray copy's merge waits for the move's own write at the session's new place.
