@@ -71,9 +71,11 @@ import NIOCore
     /// What a move merged itself moves the pending merge's base on, never back.
     @Test func aMergeBaseMovesOnOnly() throws {
         let leftovers = LeftoverCopies()
-        leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: merge(baseVersion: 4))))
-        leftovers.advanceMergeBase(nodeID: "n1", key: "k", to: record(version: 6))
-        leftovers.advanceMergeBase(nodeID: "n1", key: "k", to: record(version: 5))
+        let pending = merge(baseVersion: 4)
+        leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: pending)))
+        let now = NIODeadline.now()
+        leftovers.advanceMergeBase(primaryKey: pending.keys.primary, to: record(version: 6), until: now + .seconds(60), now: now)
+        leftovers.advanceMergeBase(primaryKey: pending.keys.primary, to: record(version: 5), until: now + .seconds(60), now: now)
         let entries = leftovers.take(nodeID: "n1")
         guard case .deleteUnlessNewer(5, let merge?) = try #require(entries.first).action else {
             Issue.record("the entry lost its merge: \(entries)")
@@ -82,18 +84,34 @@ import NIOCore
         #expect(merge.base.metadata.version == 6)
     }
 
-    /// An entry a pass took, put back after an advance of its base meanwhile (the advance found
-    /// nothing to move on, and the new one arrived): the advanced base stays, whichever comes
-    /// first. The older base would merge again what the move merged itself.
+    /// An entry a pass took, its base advanced meanwhile (the move merged the change itself),
+    /// then put back by the pass: the advanced base stays. The older base would merge again what
+    /// the move merged itself. A watch of the same session is raised too; a pending merge is not
+    /// (its change is its base's successor).
     @Test func anEntryPutBackKeepsTheAdvancedBase() throws {
         let leftovers = LeftoverCopies()
-        leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: merge(baseVersion: 6))))
-        leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: merge(baseVersion: 4))))
+        let first = merge(baseVersion: 4)
+        let primaryKey = first.keys.primary
+        leftovers.add(.init(nodeID: "n1", key: primaryKey, action: .deleteUnlessNewer(version: 5, merge: first)))
+        let taken = try #require(leftovers.take(nodeID: "n1").first)
+        let now = NIODeadline.now()
+        leftovers.advanceMergeBase(primaryKey: primaryKey, to: record(version: 6), until: now + .seconds(60), now: now)
+        leftovers.add(taken)
+        var pending = first
+        pending.pending = record(version: 6)
+        leftovers.add(.init(nodeID: "n2", key: LeftoverCopies.watchKey(primaryKey), action: .watchBackup(first)))
+        leftovers.add(.init(nodeID: "n2", key: LeftoverCopies.watchKey(primaryKey, pending: true), action: .watchBackup(pending)))
         guard case .deleteUnlessNewer(5, let merge?) = try #require(leftovers.take(nodeID: "n1").first).action else {
             Issue.record("the entry lost its merge")
             return
         }
         #expect(merge.base.metadata.version == 6)
+        let watches = leftovers.take(nodeID: "n2")
+        #expect(watches.count == 2, "a watch and a pending merge never fold into one")
+        for watch in watches {
+            guard case .watchBackup(let merge) = watch.action else { continue }
+            #expect(merge.base.metadata.version == (merge.pending == nil ? 6 : 4))
+        }
     }
 
     /// A watch of a backup waits under its own key: a copy's delete for the same session on the

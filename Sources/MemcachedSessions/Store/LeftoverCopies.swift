@@ -61,11 +61,22 @@ final class LeftoverCopies: Sendable {
             guard let a, let b else { return a ?? b }
             return b.base.metadata.version > a.base.metadata.version ? b : a
         }
+
+        /// This merge with its base raised to `floor` when that is newer (what another path
+        /// merged since); a `pending` copy's merge keeps its base (its change is that).
+        func raised(to floor: SessionRecord?) -> StrayMerge {
+            guard pending == nil, let floor, floor.metadata.version > base.metadata.version else { return self }
+            var raised = self
+            raised.base = floor
+            return raised
+        }
     }
 
     /// The key a watch of the backup of the session whose primary key is `primaryKey` waits
-    /// under: never a memcached key (those have no spaces), so never another entry's slot.
-    static func watchKey(_ primaryKey: String) -> String { "watch " + primaryKey }
+    /// under: never a memcached key (those have no spaces), so never another entry's slot. A
+    /// watch with a `pending` copy (a move's merge that could not be written) has a key of its
+    /// own too: two watches never fold into one (either would lose the other's change).
+    static func watchKey(_ primaryKey: String, pending: Bool = false) -> String { (pending ? "merge " : "watch ") + primaryKey }
 
     struct Entry: Sendable {
         var nodeID: String
@@ -76,7 +87,27 @@ final class LeftoverCopies: Sendable {
     private struct State {
         var entries: [String: Entry] = [:]
         var order: [String] = []
+        /// Per session (primary key): the copy its merges' bases are raised to
+        /// (``advanceMergeBase(primaryKey:to:until:now:)``), until the moves' deadline.
+        var floors: [String: (record: SessionRecord, until: NIODeadline)] = [:]
+
+        /// `entry` with its merge's base raised to its session's floor.
+        func raised(_ entry: Entry) -> Entry {
+            var entry = entry
+            switch entry.action {
+            case .deleteUnlessNewer(let version, let merge?):
+                entry.action = .deleteUnlessNewer(version: version, merge: merge.raised(to: floors[merge.keys.primary]?.record))
+            case .watchBackup(let merge):
+                entry.action = .watchBackup(merge.raised(to: floors[merge.keys.primary]?.record))
+            default:
+                break
+            }
+            return entry
+        }
     }
+
+    /// At most this many sessions' merge floors are kept (the oldest go first).
+    static let floorLimit = 10_000
 
     private let state = Mutex(State())
     let limit: Int
@@ -89,6 +120,7 @@ final class LeftoverCopies: Sendable {
     @discardableResult
     func add(_ entry: Entry) -> Int {
         state.withLock { state in
+            let entry = state.raised(entry)
             let slot = Self.slot(entry.nodeID, entry.key)
             if let waiting = state.entries[slot] {
                 // A tombstone waiting there stays: no later write may take its place.
@@ -137,30 +169,34 @@ final class LeftoverCopies: Sendable {
             if let key {
                 guard let entry = state.entries.removeValue(forKey: Self.slot(nodeID, key)) else { return [] }
                 state.order.removeAll { $0 == Self.slot(nodeID, key) }
-                return [entry]
+                return [state.raised(entry)]
             }
             let taken = state.order.compactMap { slot -> Entry? in
                 guard let entry = state.entries[slot], entry.nodeID == nodeID else { return nil }
                 state.entries[slot] = nil
-                return entry
+                return state.raised(entry)
             }
             state.order.removeAll { state.entries[$0] == nil }
             return taken
         }
     }
 
-    /// A move's pending merge of the old placement's backup (``StrayMerge``) for `key` on
-    /// `nodeID`: its base moves on to `record` (what was merged since), so that it is not merged
-    /// again over a later change at the new place (an attribute removed since would come back).
-    func advanceMergeBase(nodeID: String, key: String, to record: SessionRecord) {
+    /// A move's merges of the old placement's backup (``StrayMerge``) for the session whose
+    /// primary key is `primaryKey`: their base moves on to `record` (what was merged, or left to
+    /// a `pending` merge, since), so that it is not merged again over a later change at the new
+    /// place (an attribute removed since would come back). Kept as the session's floor until
+    /// `until` (the moves' deadline), and applied whenever an entry is taken or added: an entry a
+    /// pass holds now, put back later, is raised too. Never moves back.
+    func advanceMergeBase(primaryKey: String, to record: SessionRecord, until: NIODeadline, now: NIODeadline) {
         state.withLock { state in
-            let slot = Self.slot(nodeID, key)
-            guard var entry = state.entries[slot], case .deleteUnlessNewer(let version, var merge?) = entry.action,
-                merge.base.metadata.version < record.metadata.version
-            else { return }
-            merge.base = record
-            entry.action = .deleteUnlessNewer(version: version, merge: merge)
-            state.entries[slot] = entry
+            state.floors = state.floors.filter { $0.value.until > now }
+            if let floor = state.floors[primaryKey], floor.record.metadata.version >= record.metadata.version { return }
+            if state.floors[primaryKey] == nil, state.floors.count >= Self.floorLimit,
+                let oldest = state.floors.min(by: { $0.value.until < $1.value.until })?.key
+            {
+                state.floors[oldest] = nil
+            }
+            state.floors[primaryKey] = (record, until)
         }
     }
 
@@ -513,18 +549,24 @@ extension SessionStore {
 
     /// A move's read of the backup it served from found a write it missed, `found`
     /// (``SessionAccess/AdoptedBackup``), and the merge of the two could not be written at
-    /// `home`: the merge is left for later, as a watch of the backup on `home`'s queue
+    /// `home`: the merge is left for later, as a watch with `found` pending on `home`'s queue
     /// (``mergeAwaitedBackup(_:)``): once `home` answers, `found`'s changes since the adopted
-    /// copy are merged into the session there, then what the backup shows since (until the
-    /// deadline). The old copy's cleanup merges only what comes after `found` (the old node may
+    /// copy are merged into the session there (until the deadline, a minute from now). The old copy's cleanup merges only what comes after `found` (the old node may
     /// never answer again; two merges of one change, with a change at the new place between
     /// them, would bring back what that change removed).
     func leaveMissedMerge(keys: SessionKeys, home: String, adopted: SessionAccess.AdoptedBackup, found: SessionRecord) {
-        leftovers.advanceMergeBase(nodeID: adopted.movedOff, key: keys.primary, to: found)
+        advanceMergeBase(keys: keys, to: found)
         let merge = LeftoverCopies.StrayMerge(
             base: adopted.record, keys: keys, home: home, backupNode: adopted.nodeID,
             waitsForHomeUntil: clock.now() + .seconds(Self.strayMergeWaitSeconds), pending: found)
-        leaveForLater(.watchBackup(merge), key: LeftoverCopies.watchKey(keys.primary), on: home)
+        leaveForLater(.watchBackup(merge), key: LeftoverCopies.watchKey(keys.primary, pending: true), on: home)
+    }
+
+    /// A move merged `record` (or left it to a pending merge): the session's other merges
+    /// merge only what comes after it (``LeftoverCopies/advanceMergeBase(primaryKey:to:until:now:)``).
+    func advanceMergeBase(keys: SessionKeys, to record: SessionRecord) {
+        let now = clock.now()
+        leftovers.advanceMergeBase(primaryKey: keys.primary, to: record, until: now + .seconds(Self.strayMergeWaitSeconds), now: now)
     }
 
     /// How long a stray copy's merge waits for the move's own write at the session's new place.
