@@ -74,8 +74,8 @@ import NIOCore
         let pending = merge(baseVersion: 4)
         leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: pending)))
         let now = NIODeadline.now()
-        leftovers.advanceMergeBase(primaryKey: pending.keys.primary, to: record(version: 6), until: now + .seconds(60), now: now)
-        leftovers.advanceMergeBase(primaryKey: pending.keys.primary, to: record(version: 5), until: now + .seconds(60), now: now)
+        leftovers.advanceMergeBase(pending, to: record(version: 6), until: now + .seconds(60), now: now)
+        leftovers.advanceMergeBase(pending, to: record(version: 5), until: now + .seconds(60), now: now)
         let entries = leftovers.take(nodeID: "n1")
         guard case .deleteUnlessNewer(5, let merge?) = try #require(entries.first).action else {
             Issue.record("the entry lost its merge: \(entries)")
@@ -95,7 +95,7 @@ import NIOCore
         leftovers.add(.init(nodeID: "n1", key: primaryKey, action: .deleteUnlessNewer(version: 5, merge: first)))
         let taken = try #require(leftovers.take(nodeID: "n1").first)
         let now = NIODeadline.now()
-        leftovers.advanceMergeBase(primaryKey: primaryKey, to: record(version: 6), until: now + .seconds(60), now: now)
+        leftovers.advanceMergeBase(first, to: record(version: 6), until: now + .seconds(60), now: now)
         leftovers.add(taken)
         var pending = first
         pending.pending = record(version: 6)
@@ -112,6 +112,25 @@ import NIOCore
             guard case .watchBackup(let merge) = watch.action else { continue }
             #expect(merge.base.metadata.version == (merge.pending == nil ? 6 : 4))
         }
+    }
+
+    /// A floor is its session's at one new place: a later move of the session elsewhere (another
+    /// line of copies) keeps its own base.
+    @Test func aFloorIsOneNewPlaces() throws {
+        let leftovers = LeftoverCopies()
+        let here = merge(baseVersion: 4)
+        var elsewhere = here
+        elsewhere.home = "n3"
+        let now = NIODeadline.now()
+        leftovers.advanceMergeBase(here, to: record(version: 6), until: now + .seconds(60), now: now)
+        leftovers.add(.init(nodeID: "n1", key: here.keys.primary, action: .deleteUnlessNewer(version: 5, merge: elsewhere)))
+        guard case .deleteUnlessNewer(5, let merge?) = try #require(leftovers.take(nodeID: "n1").first).action else {
+            Issue.record("the entry lost its merge")
+            return
+        }
+        #expect(merge.base.metadata.version == 4)
+        #expect(leftovers.floor(of: here)?.metadata.version == 6)
+        #expect(leftovers.floor(of: elsewhere) == nil)
     }
 
     /// A watch of a backup waits under its own key: a copy's delete for the same session on the

@@ -353,7 +353,7 @@ final class NonStickyLifecycle: SessionLifecycle {
                     statistics.count(.backupForks)
                     record = merged
                     // The old copy's cleanup merges only what the backup shows after this.
-                    store.advanceMergeBase(keys: keys, to: newer.record)
+                    store.advanceMergeBase(keys: keys, home: finalID.nodeID, to: newer.record)
                 } else if let copy = await store.writeBackup(
                     keys: keys, primaryNode: finalID.nodeID, bytes: bytes, metadata: record.metadata, now: now, detectsForks: true)
                 {

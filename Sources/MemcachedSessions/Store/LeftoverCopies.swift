@@ -27,7 +27,7 @@ final class LeftoverCopies: Sendable {
         case backup(bytes: ByteBuffer, flags: UInt32, expiresAt: Int64?, primaryKey: String, primaryNode: String)
         /// A move's backup watched (``StrayMerge``): what it shows since the merge's base (and
         /// the merge's `pending` copy first) goes to the session at its new place, until the
-        /// deadline. Deletes nothing; kept under its own key (``LeftoverCopies/watchKey(_:)``), so
+        /// deadline. Deletes nothing; kept under its own key (``LeftoverCopies/watchKey(_:pending:)``), so
         /// that it never combines with a copy's delete.
         case watchBackup(StrayMerge)
 
@@ -87,8 +87,8 @@ final class LeftoverCopies: Sendable {
     private struct State {
         var entries: [String: Entry] = [:]
         var order: [String] = []
-        /// Per session (primary key): the copy its merges' bases are raised to
-        /// (``advanceMergeBase(primaryKey:to:until:now:)``), until the moves' deadline.
+        /// Per session and new place (``floorKey(_:)``): the copy its merges' bases are raised
+        /// to (``advanceMergeBase(_:to:until:now:)``), until the moves' deadline.
         var floors: [String: (record: SessionRecord, until: NIODeadline)] = [:]
 
         /// `entry` with its merge's base raised to its session's floor.
@@ -96,9 +96,9 @@ final class LeftoverCopies: Sendable {
             var entry = entry
             switch entry.action {
             case .deleteUnlessNewer(let version, let merge?):
-                entry.action = .deleteUnlessNewer(version: version, merge: merge.raised(to: floors[merge.keys.primary]?.record))
+                entry.action = .deleteUnlessNewer(version: version, merge: merge.raised(to: floors[LeftoverCopies.floorKey(merge)]?.record))
             case .watchBackup(let merge):
-                entry.action = .watchBackup(merge.raised(to: floors[merge.keys.primary]?.record))
+                entry.action = .watchBackup(merge.raised(to: floors[LeftoverCopies.floorKey(merge)]?.record))
             default:
                 break
             }
@@ -108,6 +108,15 @@ final class LeftoverCopies: Sendable {
 
     /// At most this many sessions' merge floors are kept (the oldest go first).
     static let floorLimit = 10_000
+
+    /// A merge's floor: its session's, for its new place (a later move elsewhere is another
+    /// line of copies).
+    static func floorKey(_ merge: StrayMerge) -> String { merge.keys.primary + " " + merge.home }
+
+    /// What `merge`'s session has merged at its new place so far, if anything is known.
+    func floor(of merge: StrayMerge) -> SessionRecord? {
+        state.withLock { $0.floors[Self.floorKey(merge)]?.record }
+    }
 
     private let state = Mutex(State())
     let limit: Int
@@ -181,22 +190,24 @@ final class LeftoverCopies: Sendable {
         }
     }
 
-    /// A move's merges of the old placement's backup (``StrayMerge``) for the session whose
-    /// primary key is `primaryKey`: their base moves on to `record` (what was merged, or left to
-    /// a `pending` merge, since), so that it is not merged again over a later change at the new
-    /// place (an attribute removed since would come back). Kept as the session's floor until
-    /// `until` (the moves' deadline), and applied whenever an entry is taken or added: an entry a
-    /// pass holds now, put back later, is raised too. Never moves back.
-    func advanceMergeBase(primaryKey: String, to record: SessionRecord, until: NIODeadline, now: NIODeadline) {
+    /// A move's merges of the old placement's backup (``StrayMerge``) for `merge`'s session and
+    /// new place: their base moves on to `record` (what one of them merged), so that it is not
+    /// merged again over a later change at the new place (an attribute removed since would come
+    /// back). Kept as the session's floor until `until` (the moves' deadline), and applied
+    /// whenever an entry is taken or added: an entry a pass holds now, put back later, is raised
+    /// too. A `pending` merge is not raised; it is dropped once the floor holds its copy
+    /// (``SessionStore/mergeAwaitedBackup(_:)``). Never moves back.
+    func advanceMergeBase(_ merge: StrayMerge, to record: SessionRecord, until: NIODeadline, now: NIODeadline) {
+        let key = Self.floorKey(merge)
         state.withLock { state in
             state.floors = state.floors.filter { $0.value.until > now }
-            if let floor = state.floors[primaryKey], floor.record.metadata.version >= record.metadata.version { return }
-            if state.floors[primaryKey] == nil, state.floors.count >= Self.floorLimit,
+            if let floor = state.floors[key], floor.record.metadata.version >= record.metadata.version { return }
+            if state.floors[key] == nil, state.floors.count >= Self.floorLimit,
                 let oldest = state.floors.min(by: { $0.value.until < $1.value.until })?.key
             {
                 state.floors[oldest] = nil
             }
-            state.floors[primaryKey] = (record, until)
+            state.floors[key] = (record, until)
         }
     }
 
@@ -364,8 +375,10 @@ extension SessionStore {
                     awaitsBackup = true
                 } else {
                     guard await mergeIntoHome(backup.record, merge) else { return false }
-                    // Merged: a pass again (a delete refused below) merges only what came since.
+                    // Merged: a pass again (a delete refused below), and the session's other
+                    // merges, merge only what came since.
                     merge.base = backup.record
+                    advanceMergeBase(merge, to: backup.record)
                 }
             case .unreachable:
                 guard oldIsNewer else { return false }
@@ -414,10 +427,19 @@ extension SessionStore {
             return true
         }
         // (What the backup shows after `pending` is the old copy's cleanup's to merge.)
-        if let pending = merge.pending { return await mergeIntoHome(pending, merge) }
+        if let pending = merge.pending {
+            // Merged already by another path (the old copy's cleanup, from a backup at least as
+            // new): not again.
+            if let floor = leftovers.floor(of: merge), floor.metadata.version >= pending.metadata.version { return true }
+            guard await mergeIntoHome(pending, merge) else { return false }
+            advanceMergeBase(merge, to: pending)
+            return true
+        }
         switch await readStored(key: merge.keys.backup, on: merge.backupNode, touch: nil) {
         case .found(let backup) where backup.record.metadata.version > merge.base.metadata.version:
-            return await mergeIntoHome(backup.record, merge)
+            guard await mergeIntoHome(backup.record, merge) else { return false }
+            advanceMergeBase(merge, to: backup.record)
+            return true
         case .tombstone:
             return true  // ended: nothing to merge
         default:
@@ -551,22 +573,30 @@ extension SessionStore {
     /// (``SessionAccess/AdoptedBackup``), and the merge of the two could not be written at
     /// `home`: the merge is left for later, as a watch with `found` pending on `home`'s queue
     /// (``mergeAwaitedBackup(_:)``): once `home` answers, `found`'s changes since the adopted
-    /// copy are merged into the session there (until the deadline, a minute from now). The old copy's cleanup merges only what comes after `found` (the old node may
-    /// never answer again; two merges of one change, with a change at the new place between
-    /// them, would bring back what that change removed).
+    /// copy are merged into the session there (until the deadline, a minute from now), unless
+    /// another merge of the session's (the old copy's cleanup, from a backup at least as new)
+    /// came first. Whichever merges first raises the base of the other merges
+    /// (``LeftoverCopies/advanceMergeBase(_:to:until:now:)``): the old node may never answer
+    /// again, and two merges of one change, with a change at the new place between them, would
+    /// bring back what that change removed.
     func leaveMissedMerge(keys: SessionKeys, home: String, adopted: SessionAccess.AdoptedBackup, found: SessionRecord) {
-        advanceMergeBase(keys: keys, to: found)
         let merge = LeftoverCopies.StrayMerge(
             base: adopted.record, keys: keys, home: home, backupNode: adopted.nodeID,
             waitsForHomeUntil: clock.now() + .seconds(Self.strayMergeWaitSeconds), pending: found)
         leaveForLater(.watchBackup(merge), key: LeftoverCopies.watchKey(keys.primary, pending: true), on: home)
     }
 
-    /// A move merged `record` (or left it to a pending merge): the session's other merges
-    /// merge only what comes after it (``LeftoverCopies/advanceMergeBase(primaryKey:to:until:now:)``).
-    func advanceMergeBase(keys: SessionKeys, to record: SessionRecord) {
+    /// `merge`'s session merged `record` at its new place: the session's other merges there
+    /// merge only what comes after it (``LeftoverCopies/advanceMergeBase(_:to:until:now:)``).
+    func advanceMergeBase(_ merge: LeftoverCopies.StrayMerge, to record: SessionRecord) {
         let now = clock.now()
-        leftovers.advanceMergeBase(primaryKey: keys.primary, to: record, until: now + .seconds(Self.strayMergeWaitSeconds), now: now)
+        leftovers.advanceMergeBase(merge, to: record, until: now + .seconds(Self.strayMergeWaitSeconds), now: now)
+    }
+
+    /// A move merged `record` at `home` itself (its read of the backup it served from).
+    func advanceMergeBase(keys: SessionKeys, home: String, to record: SessionRecord) {
+        let merge = LeftoverCopies.StrayMerge(base: record, keys: keys, home: home, backupNode: home, waitsForHomeUntil: clock.now())
+        advanceMergeBase(merge, to: record)
     }
 
     /// How long a stray copy's merge waits for the move's own write at the session's new place.
