@@ -171,6 +171,13 @@ public final class SimulatedTestBench: @unchecked Sendable {
     public func node(of cookie: String?) -> SimulatedNode? {
         cookie.flatMap { MemcachedSessionID(parsing: $0) }.flatMap { cluster.node($0.nodeID) }
     }
+
+    /// Starts a session on instance 0 (its count at 1), into `cookie`: the node its primary copy
+    /// lives on, and the key prefix of its copies (`s:` primary, `b:` backup, `l:` lock).
+    func startSession(_ cookie: inout String?) async throws -> (primary: SimulatedNode, prefix: String) {
+        try await increment(0, &cookie)
+        return (try requireNode(node(of: cookie)), managers[0].configuration.keyPrefix)
+    }
 }
 
 extension SimulatedTest {
@@ -632,6 +639,19 @@ extension SimulatedTest {
             configuration.mode = .nonSticky
             configuration.locking.mode = .none
         } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsFirstMergeRefused) },
+        // As the last, with the old node frozen: once it answers, its copy's cleanup merges A's
+        // change first, and a request at the new place then removes it; the pending merge of the
+        // move is dropped (the cleanup's merge holds its copy), so the removal stands.
+        SimulatedTest("a-move-whose-refused-merge-the-cleanup-merged-first-keeps-a-later-removal") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsFirstMergeRefusedCleanupFirst) },
+        // As the refused merge, refused for longer than the move's minute: given up at the
+        // deadline, counted (and warned of), not tried forever.
+        SimulatedTest("a-moves-merge-refused-past-its-deadline-is-given-up-and-counted") { configuration, _ in
+            configuration.mode = .nonSticky
+            configuration.locking.mode = .none
+        } _: { bench in try await moveThatMissedAWrite(bench, .backupLandsFirstMergeRefusedPastDeadline) },
         // The first two, with every request locked (the seed ran with locking auto): the locks
         // are on two nodes (A's on the old one, B's on the new one), so neither keeps the other
         // out.
@@ -753,9 +773,7 @@ private enum LostCopyScenario {
 /// B must have been acknowledged or refused as the scenario says.
 private func writeWhoseNewerCopyWasLost(_ bench: SimulatedTestBench, _ scenario: LostCopyScenario) async throws {
     var cookie: String? = nil
-    try await bench.increment(0, &cookie)
-    let primary = try requireNode(bench.node(of: cookie))
-    let prefix = bench.managers[0].configuration.keyPrefix
+    let (primary, prefix) = try await bench.startSession(&cookie)
     let failBackups = Flag()
     let restartArmed = Flag()
     let restarted = Flag()
@@ -876,9 +894,7 @@ private enum ForkSide {
 /// for later land).
 private func twoCopiesOfOneVersion(_ bench: SimulatedTestBench, _ side: ForkSide) async throws {
     var cookie: String? = nil
-    try await bench.increment(0, &cookie)
-    let primary = try requireNode(bench.node(of: cookie))
-    let prefix = bench.managers[0].configuration.keyPrefix
+    let (primary, prefix) = try await bench.startSession(&cookie)
     // A backup write's commands (a copy search's reads, which carry the value, pass): A's first,
     // then B's read (the rewrite's orders), then D's first (`rewriteComesSecondAfterAThirdWrite`).
     let holds = Tally()
@@ -1025,6 +1041,15 @@ private enum MissedWrite {
     /// As `backupLandsFirstNodeDies`, with the new place refusing the merge's write (a server
     /// error): B's request fails; A's acknowledged change must survive all the same.
     case backupLandsFirstMergeRefused
+    /// As `backupLandsFirstMergeRefused`, with the old node frozen, not dead, and every merge write
+    /// at the new place refused until the node answers again: the old copy's cleanup merges A's
+    /// change first (from the backup, as new as the copy the move found), then a request at the
+    /// new place removes it. The move's pending merge must not merge it again (it would come back).
+    case backupLandsFirstMergeRefusedCleanupFirst
+    /// As `backupLandsFirstMergeRefused`, with every merge write at the new place refused for
+    /// longer than the move's minute: the pending merge is given up at its deadline, counted as a
+    /// leftover dropped (A's change is lost with the old node, a limit `guarantees.md` lists).
+    case backupLandsFirstMergeRefusedPastDeadline
 
     /// The bytes each side's change carries past its path (`/a`, `/b`).
     var padding: Int { self == .backupLandsLastTooLargeToMerge ? 2_000 : 0 }
@@ -1038,9 +1063,7 @@ private func waitUntil(_ bench: SimulatedTestBench, seconds: Double = 5, _ condi
 /// ``SimulatedTest/all``'s `a-move-…` tests (the simulation, non-sticky seed 65295).
 private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: MissedWrite) async throws {
     var cookie: String? = nil
-    try await bench.increment(0, &cookie)
-    let primary = try requireNode(bench.node(of: cookie))
-    let prefix = bench.managers[0].configuration.keyPrefix
+    let (primary, prefix) = try await bench.startSession(&cookie)
     // A (instance 0) loads the session and changes it; its write is held on its way to the node,
     // and (`backupLandsLastNodeAnswers`) its backup write's first read after it.
     let holdWrite = Flag()
@@ -1118,19 +1141,48 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
     primary.releaseHeld()
     var aCookie: String? = nil
     switch scenario {
-    case .backupLandsFirstNodeDies, .backupLandsFirstMergeRefused:
+    case .backupLandsFirstMergeRefusedCleanupFirst:
+        // Then its backup; then the node stops answering. Every merge write at the new place is
+        // refused until the node's first read after it answers again (the old copy's cleanup).
+        aCookie = try await a.value
+        primary.freeze()
+        let refuse = Flag()
+        refuse.value = true
+        primary.faultMatching = { request in
+            if case .get(let key, _, _) = request.command, key.hasPrefix(prefix + "s:") { refuse.value = false }
+            return nil
+        }
+        // After the cleanup's merge, a plain read of the session at the new place (a merge's;
+        // a load touches) is held: C's removal goes first.
+        let forks: @Sendable () -> Int = { bench.managers[1].statistics.snapshot().counters["backup_forks"] ?? 0 }
+        for node in backupNodes {
+            node.faultMatching = { request in
+                guard refuse.value, case .store(let key, _, _, _, _, let cas?) = request.command, key.hasPrefix(prefix + "s:"), cas > 0
+                else { return nil }
+                return .serverError
+            }
+            node.holdMatching = { requests in
+                forks() == 1 && requests.contains { request in
+                    if case .get(let key, true, nil) = request.command { return key.hasPrefix(prefix + "s:") }
+                    return false
+                }
+            }
+        }
+        bMayWrite.value = true
+    case .backupLandsFirstNodeDies, .backupLandsFirstMergeRefused, .backupLandsFirstMergeRefusedPastDeadline:
         // Then its backup, where B read the session; then the node dies.
         aCookie = try await a.value
         primary.kill()
-        if scenario == .backupLandsFirstMergeRefused {
-            // The merge's CAS write at the new place is refused, once.
+        if scenario != .backupLandsFirstNodeDies {
+            // The merge's CAS write at the new place is refused, once (or always).
             let refuse = Flag()
             refuse.value = true
+            let once = scenario == .backupLandsFirstMergeRefused
             for node in backupNodes {
                 node.faultMatching = { request in
                     guard refuse.value, case .store(let key, _, _, _, _, let cas?) = request.command, key.hasPrefix(prefix + "s:"), cas > 0
                     else { return nil }
-                    refuse.value = false
+                    if once { refuse.value = false }
                     return .serverError
                 }
             }
@@ -1171,6 +1223,63 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         try await survives("backup")
         return
     }
+    if scenario == .backupLandsFirstMergeRefusedPastDeadline {
+        bench.check((try? bOutcome.get()) == nil, "B's request failed")
+        let counter = { (name: String) in bench.managers[1].statistics.snapshot().counters[name] ?? 0 }
+        await bench.sleep(seconds: 55)
+        bench.check(counter("leftovers_dropped") == 0, "still tried within the minute: \(counter("leftovers_dropped"))")
+        await waitUntil(bench, seconds: 10) { counter("leftovers_dropped") == 1 }
+        bench.check(counter("leftovers_dropped") == 1, "given up at the deadline, and counted: \(counter("leftovers_dropped"))")
+        bench.check(counter("backup_forks") == 0, "never merged: \(counter("backup_forks"))")
+        // Given up: not tried again (the old copy's entry waits for the dead node, nothing else).
+        let queued = counter("leftovers_queued")
+        await bench.sleep(seconds: 5)
+        bench.check(counter("leftovers_queued") == queued, "not queued again: \(queued) then \(counter("leftovers_queued"))")
+        return
+    }
+    if scenario == .backupLandsFirstMergeRefusedCleanupFirst {
+        bench.check((try? bOutcome.get()) == nil, "B's request failed")
+        bench.check(aCookie == cookie, "A was served where the session was: \(String(describing: aCookie))")
+        let counter = { (name: String) in bench.managers[1].statistics.snapshot().counters[name] ?? 0 }
+        // The move's pending merge is refused meanwhile.
+        await bench.sleep(seconds: 1)
+        bench.check(counter("backup_forks") == 0, "nothing merged while the old node is frozen: \(counter("backup_forks"))")
+        // The node answers again: the cleanup merges A's change, and deletes the old copy.
+        primary.thaw()
+        await waitUntil(bench) { counter("backup_forks") == 1 && counter("leftovers_cleaned") >= 1 }
+        bench.check(counter("backup_forks") == 1, "the cleanup merged A's change: \(counter("backup_forks"))")
+        bench.check(counter("leftovers_cleaned") >= 1, "the old copy was deleted: \(counter("leftovers_cleaned"))")
+        // C, at the new place (the next node, where the move wrote), removes A's change.
+        let nodes = bench.cluster.nodes
+        guard let index = nodes.firstIndex(where: { $0 === primary }), let started = cookie.flatMap({ MemcachedSessionID(parsing: $0) }) else {
+            bench.check(false, "the session's id and node")
+            return
+        }
+        let home = nodes[(index + 1) % nodes.count]
+        let moved = started.relocated(to: home.id).description
+        var undoer: String? = moved
+        try await bench.request(0, &undoer, path: "/c") { access in try await access.load()?.remove("part0") }
+        for node in backupNodes { node.holdMatching = nil }
+        for node in backupNodes { node.releaseHeld() }
+        await bench.sleep(seconds: 3)
+        bench.check(counter("backup_forks") == 1, "A's change was not merged again: \(counter("backup_forks"))")
+        func removed(_ when: String) async throws {
+            for instance in 0..<2 {
+                var reader: String? = moved
+                let parts = try await bench.request(instance, &reader, path: "/read") { access in
+                    let session = try await access.load()
+                    return [session?["part0", as: String.self], session?["part1", as: String.self]]
+                }
+                bench.check(parts[0] == nil, "\(when): instance \(instance): C's removal of A's change stands: \(parts[0] ?? "none")")
+                bench.check(parts[1] == "/b", "\(when): instance \(instance): B's change survives: \(parts[1] ?? "none")")
+            }
+        }
+        try await removed("primary")
+        home.restartEmpty(pid: 7400)
+        await bench.sleep(seconds: 3)
+        try await removed("backup")
+        return
+    }
     let bCookie = try bOutcome.get()
     holdMerge.value = scenario == .backupLandsLastMergeMeetsAWrite
     if scenario == .backupLandsAfterTheCleanupLooked {
@@ -1192,7 +1301,7 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
     let merges = { bench.managers[1].statistics.snapshot().counters["backup_forks"] ?? 0 }
     var names = ["part0", "part1"]
     switch scenario {
-    case .backupLandsFirstNodeDies, .backupLandsFirstMergeRefused:
+    case .backupLandsFirstNodeDies, .backupLandsFirstMergeRefused, .backupLandsFirstMergeRefusedCleanupFirst, .backupLandsFirstMergeRefusedPastDeadline:
         bench.check(merges() == 1, "B's write met A's newer copy: \(merges())")
     case .backupLandsFirstThenUndone:
         bench.check(merges() == 1, "B's write met A's newer copy: \(merges())")
@@ -1280,9 +1389,7 @@ private enum LogoutDuringAMove {
 /// instances, and after the node the move wrote to restarts (its backup is not brought back).
 private func logoutDuringAMove(_ bench: SimulatedTestBench, _ scenario: LogoutDuringAMove) async throws {
     var cookie: String? = nil
-    try await bench.increment(0, &cookie)
-    let primary = try requireNode(bench.node(of: cookie))
-    let prefix = bench.managers[0].configuration.keyPrefix
+    let (primary, prefix) = try await bench.startSession(&cookie)
     // The logout's first round trip to the session's node (its tombstones) is held.
     let holdLogout = Flag()
     holdLogout.value = true

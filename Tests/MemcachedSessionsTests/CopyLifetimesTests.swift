@@ -50,9 +50,9 @@ import NIOCore
             attributes: [:])
     }
 
-    private func merge(baseVersion: UInt64) -> LeftoverCopies.StrayMerge {
+    private func merge(baseVersion: UInt64, home: String = "n2") -> LeftoverCopies.StrayMerge {
         LeftoverCopies.StrayMerge(
-            base: record(version: baseVersion), keys: SessionKeys(token: .random(), prefix: "msm:"), home: "n2", backupNode: "n2",
+            base: record(version: baseVersion), keys: SessionKeys(token: .random(), prefix: "msm:"), home: home, backupNode: "n2",
             waitsForHomeUntil: .now() + TimeAmount.seconds(60))
     }
 
@@ -74,8 +74,8 @@ import NIOCore
         let pending = merge(baseVersion: 4)
         leftovers.add(.init(nodeID: "n1", key: "k", action: .deleteUnlessNewer(version: 5, merge: pending)))
         let now = NIODeadline.now()
-        leftovers.advanceMergeBase(pending, to: record(version: 6), until: now + .seconds(60), now: now)
-        leftovers.advanceMergeBase(pending, to: record(version: 5), until: now + .seconds(60), now: now)
+        leftovers.advanceMergeBase(primaryKey: pending.keys.primary, home: pending.home, to: record(version: 6), until: now + .seconds(60))
+        leftovers.advanceMergeBase(primaryKey: pending.keys.primary, home: pending.home, to: record(version: 5), until: now + .seconds(60))
         let entries = leftovers.take(nodeID: "n1")
         guard case .deleteUnlessNewer(5, let merge?) = try #require(entries.first).action else {
             Issue.record("the entry lost its merge: \(entries)")
@@ -95,7 +95,7 @@ import NIOCore
         leftovers.add(.init(nodeID: "n1", key: primaryKey, action: .deleteUnlessNewer(version: 5, merge: first)))
         let taken = try #require(leftovers.take(nodeID: "n1").first)
         let now = NIODeadline.now()
-        leftovers.advanceMergeBase(first, to: record(version: 6), until: now + .seconds(60), now: now)
+        leftovers.advanceMergeBase(primaryKey: first.keys.primary, home: first.home, to: record(version: 6), until: now + .seconds(60))
         leftovers.add(taken)
         var pending = first
         pending.pending = record(version: 6)
@@ -122,7 +122,7 @@ import NIOCore
         var elsewhere = here
         elsewhere.home = "n3"
         let now = NIODeadline.now()
-        leftovers.advanceMergeBase(here, to: record(version: 6), until: now + .seconds(60), now: now)
+        leftovers.advanceMergeBase(primaryKey: here.keys.primary, home: here.home, to: record(version: 6), until: now + .seconds(60))
         leftovers.add(.init(nodeID: "n1", key: here.keys.primary, action: .deleteUnlessNewer(version: 5, merge: elsewhere)))
         guard case .deleteUnlessNewer(5, let merge?) = try #require(leftovers.take(nodeID: "n1").first).action else {
             Issue.record("the entry lost its merge")
@@ -146,5 +146,42 @@ import NIOCore
         #expect(entries.count == 2)
         #expect(entries.contains { $0.key == primaryKey && $0.action == .deleteUnlessNewer(version: 7, merge: nil) })
         #expect(entries.contains { $0.action == .watchBackup(watch) })
+    }
+
+    /// A floor lasts until its deadline (the moves' minute): past it, a merge of the session at
+    /// that place (a later move's, back to the same node) keeps its own base, and the floor no
+    /// longer drops a pending merge.
+    @Test func aFloorPastItsDeadlineIsNotApplied() throws {
+        let clock = ManualClock()
+        let leftovers = LeftoverCopies(clock: clock)
+        let later = merge(baseVersion: 4)
+        leftovers.advanceMergeBase(primaryKey: later.keys.primary, home: later.home, to: record(version: 6), until: clock.now() + .seconds(60))
+        #expect(leftovers.floor(of: later)?.metadata.version == 6)
+        clock.advance(by: .seconds(61))
+        #expect(leftovers.floor(of: later) == nil)
+        leftovers.add(.init(nodeID: "n1", key: later.keys.primary, action: .deleteUnlessNewer(version: 5, merge: later)))
+        guard case .deleteUnlessNewer(5, let merge?) = try #require(leftovers.take(nodeID: "n1").first).action else {
+            Issue.record("the entry lost its merge")
+            return
+        }
+        #expect(merge.base.metadata.version == 4)
+    }
+
+    /// At the bound, a new session's floor takes the place of the one ending first, and says so
+    /// (counted by the store as a leftover dropped); a floor raised again takes no room.
+    @Test func floorsAreBoundedAndTheOneEndingFirstGoes() {
+        let clock = ManualClock()
+        let leftovers = LeftoverCopies(floorLimit: 2, clock: clock)
+        let first = merge(baseVersion: 4), second = merge(baseVersion: 4), third = merge(baseVersion: 4)
+        #expect(leftovers.advanceMergeBase(primaryKey: first.keys.primary, home: "n2", to: record(version: 5), until: clock.now() + .seconds(30)) == 0)
+        #expect(leftovers.advanceMergeBase(primaryKey: second.keys.primary, home: "n2", to: record(version: 5), until: clock.now() + .seconds(60)) == 0)
+        #expect(leftovers.advanceMergeBase(primaryKey: second.keys.primary, home: "n2", to: record(version: 6), until: clock.now() + .seconds(60)) == 0)
+        #expect(leftovers.advanceMergeBase(primaryKey: third.keys.primary, home: "n2", to: record(version: 5), until: clock.now() + .seconds(60)) == 1)
+        #expect(leftovers.floor(of: first) == nil, "the one ending first went")
+        #expect(leftovers.floor(of: second)?.metadata.version == 6)
+        #expect(leftovers.floor(of: third)?.metadata.version == 5)
+        clock.advance(by: .seconds(61))
+        #expect(leftovers.advanceMergeBase(primaryKey: first.keys.primary, home: "n2", to: record(version: 7), until: clock.now() + .seconds(60)) == 0,
+            "floors past their deadline make room without counting")
     }
 }

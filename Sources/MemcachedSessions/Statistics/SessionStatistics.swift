@@ -91,7 +91,10 @@ public final class SessionStatistics: Sendable {
         case leftoversQueued
         /// Such a copy dealt with.
         case leftoversCleaned
-        /// Such a copy forgotten for room (bounded memory); it expires with its TTL.
+        /// Such a copy forgotten for room (bounded memory; it expires with its TTL); or what a
+        /// move must merge from it given up: a change the move found and could not write before
+        /// its deadline (logged as a warning), a merge floor forgotten for room (a later merge
+        /// may merge a change twice).
         case leftoversDropped
         /// Sticky: a new session refused because memory is full of unsaved sessions.
         case localStoreRefusals

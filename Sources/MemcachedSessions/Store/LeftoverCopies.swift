@@ -87,18 +87,26 @@ final class LeftoverCopies: Sendable {
     private struct State {
         var entries: [String: Entry] = [:]
         var order: [String] = []
-        /// Per session and new place (``floorKey(_:)``): the copy its merges' bases are raised
-        /// to (``advanceMergeBase(_:to:until:now:)``), until the moves' deadline.
+        /// Per session and new place (``floorKey(primaryKey:home:)``): the copy its merges' bases
+        /// are raised to (``advanceMergeBase(primaryKey:home:to:until:)``), until the moves'
+        /// deadline.
         var floors: [String: (record: SessionRecord, until: NIODeadline)] = [:]
 
+        /// The floor of `merge`'s session at its new place, unless its deadline has passed.
+        func floor(of merge: StrayMerge, now: NIODeadline) -> SessionRecord? {
+            guard let floor = floors[LeftoverCopies.floorKey(primaryKey: merge.keys.primary, home: merge.home)], floor.until > now
+            else { return nil }
+            return floor.record
+        }
+
         /// `entry` with its merge's base raised to its session's floor.
-        func raised(_ entry: Entry) -> Entry {
+        func raised(_ entry: Entry, now: NIODeadline) -> Entry {
             var entry = entry
             switch entry.action {
             case .deleteUnlessNewer(let version, let merge?):
-                entry.action = .deleteUnlessNewer(version: version, merge: merge.raised(to: floors[LeftoverCopies.floorKey(merge)]?.record))
+                entry.action = .deleteUnlessNewer(version: version, merge: merge.raised(to: floor(of: merge, now: now)))
             case .watchBackup(let merge):
-                entry.action = .watchBackup(merge.raised(to: floors[LeftoverCopies.floorKey(merge)]?.record))
+                entry.action = .watchBackup(merge.raised(to: floor(of: merge, now: now)))
             default:
                 break
             }
@@ -106,30 +114,37 @@ final class LeftoverCopies: Sendable {
         }
     }
 
-    /// At most this many sessions' merge floors are kept (the oldest go first).
-    static let floorLimit = 10_000
-
     /// A merge's floor: its session's, for its new place (a later move elsewhere is another
     /// line of copies).
-    static func floorKey(_ merge: StrayMerge) -> String { merge.keys.primary + " " + merge.home }
+    static func floorKey(primaryKey: String, home: String) -> String { primaryKey + " " + home }
 
-    /// What `merge`'s session has merged at its new place so far, if anything is known.
+    /// What `merge`'s session has merged at its new place so far, if anything is known (and its
+    /// deadline has not passed).
     func floor(of merge: StrayMerge) -> SessionRecord? {
-        state.withLock { $0.floors[Self.floorKey(merge)]?.record }
+        let now = clock.now()
+        return state.withLock { $0.floor(of: merge, now: now) }
     }
 
     private let state = Mutex(State())
+    private let clock: any SessionClock
     let limit: Int
+    /// At most this many sessions' merge floors are kept (the oldest go first).
+    let floorLimit: Int
 
-    init(limit: Int = 100_000) { self.limit = limit }
+    init(limit: Int = 100_000, floorLimit: Int = 10_000, clock: any SessionClock = SystemSessionClock()) {
+        self.limit = limit
+        self.floorLimit = floorLimit
+        self.clock = clock
+    }
 
     private static func slot(_ nodeID: String, _ key: String) -> String { nodeID + " " + key }
 
     /// Remembers a copy to deal with; returns how many older entries were dropped for room.
     @discardableResult
     func add(_ entry: Entry) -> Int {
-        state.withLock { state in
-            let entry = state.raised(entry)
+        let now = clock.now()
+        return state.withLock { state in
+            let entry = state.raised(entry, now: now)
             let slot = Self.slot(entry.nodeID, entry.key)
             if let waiting = state.entries[slot] {
                 // A tombstone waiting there stays: no later write may take its place.
@@ -174,40 +189,48 @@ final class LeftoverCopies: Sendable {
 
     /// Takes the entries for `nodeID` (all of them, or the one for `key`).
     func take(nodeID: String, key: String? = nil) -> [Entry] {
-        state.withLock { state in
+        let now = clock.now()
+        return state.withLock { state in
             if let key {
                 guard let entry = state.entries.removeValue(forKey: Self.slot(nodeID, key)) else { return [] }
                 state.order.removeAll { $0 == Self.slot(nodeID, key) }
-                return [state.raised(entry)]
+                return [state.raised(entry, now: now)]
             }
             let taken = state.order.compactMap { slot -> Entry? in
                 guard let entry = state.entries[slot], entry.nodeID == nodeID else { return nil }
                 state.entries[slot] = nil
-                return state.raised(entry)
+                return state.raised(entry, now: now)
             }
             state.order.removeAll { state.entries[$0] == nil }
             return taken
         }
     }
 
-    /// A move's merges of the old placement's backup (``StrayMerge``) for `merge`'s session and
-    /// new place: their base moves on to `record` (what one of them merged), so that it is not
-    /// merged again over a later change at the new place (an attribute removed since would come
-    /// back). Kept as the session's floor until `until` (the moves' deadline), and applied
-    /// whenever an entry is taken or added: an entry a pass holds now, put back later, is raised
-    /// too. A `pending` merge is not raised; it is dropped once the floor holds its copy
-    /// (``SessionStore/mergeAwaitedBackup(_:)``). Never moves back.
-    func advanceMergeBase(_ merge: StrayMerge, to record: SessionRecord, until: NIODeadline, now: NIODeadline) {
-        let key = Self.floorKey(merge)
-        state.withLock { state in
+    /// A move's merges of the old placement's backup (``StrayMerge``) for the session whose
+    /// primary key is `primaryKey`, at its new place `home`: their base moves on to `record` (what
+    /// one of them merged), so that it is not merged again over a later change at the new place
+    /// (an attribute removed since would come back). Kept as the session's floor until `until`
+    /// (the moves' deadline), and applied whenever an entry is taken or added: an entry a pass
+    /// holds now, put back later, is raised too. A `pending` merge is not raised; it is dropped
+    /// once the floor holds its copy (``SessionStore/mergeAwaitedBackup(_:)``). Never moves back.
+    /// Returns how many other sessions' floors were dropped for room (at ``floorLimit``, the one
+    /// ending first goes).
+    @discardableResult
+    func advanceMergeBase(primaryKey: String, home: String, to record: SessionRecord, until: NIODeadline) -> Int {
+        let key = Self.floorKey(primaryKey: primaryKey, home: home)
+        let now = clock.now()
+        return state.withLock { state in
             state.floors = state.floors.filter { $0.value.until > now }
-            if let floor = state.floors[key], floor.record.metadata.version >= record.metadata.version { return }
-            if state.floors[key] == nil, state.floors.count >= Self.floorLimit,
+            if let floor = state.floors[key], floor.record.metadata.version >= record.metadata.version { return 0 }
+            var dropped = 0
+            if state.floors[key] == nil, state.floors.count >= floorLimit,
                 let oldest = state.floors.min(by: { $0.value.until < $1.value.until })?.key
             {
                 state.floors[oldest] = nil
+                dropped = 1
             }
             state.floors[key] = (record, until)
+            return dropped
         }
     }
 
@@ -378,7 +401,7 @@ extension SessionStore {
                     // Merged: a pass again (a delete refused below), and the session's other
                     // merges, merge only what came since.
                     merge.base = backup.record
-                    advanceMergeBase(merge, to: backup.record)
+                    advanceMergeBase(keys: merge.keys, home: merge.home, to: backup.record)
                 }
             case .unreachable:
                 guard oldIsNewer else { return false }
@@ -423,6 +446,7 @@ extension SessionStore {
             if merge.pending != nil {
                 // A write the move found and could not merge: lost with the old placement.
                 logger.warning("a change saved on a node this instance could not reach, while it moved the session elsewhere, could not be merged before the deadline")
+                statistics.count(.leftoversDropped)
             }
             return true
         }
@@ -432,13 +456,13 @@ extension SessionStore {
             // new): not again.
             if let floor = leftovers.floor(of: merge), floor.metadata.version >= pending.metadata.version { return true }
             guard await mergeIntoHome(pending, merge) else { return false }
-            advanceMergeBase(merge, to: pending)
+            advanceMergeBase(keys: merge.keys, home: merge.home, to: pending)
             return true
         }
         switch await readStored(key: merge.keys.backup, on: merge.backupNode, touch: nil) {
         case .found(let backup) where backup.record.metadata.version > merge.base.metadata.version:
             guard await mergeIntoHome(backup.record, merge) else { return false }
-            advanceMergeBase(merge, to: backup.record)
+            advanceMergeBase(keys: merge.keys, home: merge.home, to: backup.record)
             return true
         case .tombstone:
             return true  // ended: nothing to merge
@@ -576,7 +600,7 @@ extension SessionStore {
     /// copy are merged into the session there (until the deadline, a minute from now), unless
     /// another merge of the session's (the old copy's cleanup, from a backup at least as new)
     /// came first. Whichever merges first raises the base of the other merges
-    /// (``LeftoverCopies/advanceMergeBase(_:to:until:now:)``): the old node may never answer
+    /// (``LeftoverCopies/advanceMergeBase(primaryKey:home:to:until:)``): the old node may never answer
     /// again, and two merges of one change, with a change at the new place between them, would
     /// bring back what that change removed.
     func leaveMissedMerge(keys: SessionKeys, home: String, adopted: SessionAccess.AdoptedBackup, found: SessionRecord) {
@@ -586,17 +610,15 @@ extension SessionStore {
         leaveForLater(.watchBackup(merge), key: LeftoverCopies.watchKey(keys.primary, pending: true), on: home)
     }
 
-    /// `merge`'s session merged `record` at its new place: the session's other merges there
-    /// merge only what comes after it (``LeftoverCopies/advanceMergeBase(_:to:until:now:)``).
-    func advanceMergeBase(_ merge: LeftoverCopies.StrayMerge, to record: SessionRecord) {
-        let now = clock.now()
-        leftovers.advanceMergeBase(merge, to: record, until: now + .seconds(Self.strayMergeWaitSeconds), now: now)
-    }
-
-    /// A move merged `record` at `home` itself (its read of the backup it served from).
+    /// The session of `keys` merged `record` at its new place `home` (a move's own read of the
+    /// backup it served from, or one of its merges since): the session's other merges there merge
+    /// only what comes after it (``LeftoverCopies/advanceMergeBase(primaryKey:home:to:until:)``).
+    /// A floor dropped for room is counted as a leftover dropped: a merge of that session may then
+    /// merge a change twice.
     func advanceMergeBase(keys: SessionKeys, home: String, to record: SessionRecord) {
-        let merge = LeftoverCopies.StrayMerge(base: record, keys: keys, home: home, backupNode: home, waitsForHomeUntil: clock.now())
-        advanceMergeBase(merge, to: record)
+        let until = clock.now() + .seconds(Self.strayMergeWaitSeconds)
+        let dropped = leftovers.advanceMergeBase(primaryKey: keys.primary, home: home, to: record, until: until)
+        if dropped > 0 { statistics.count(.leftoversDropped, dropped) }
     }
 
     /// How long a stray copy's merge waits for the move's own write at the session's new place.

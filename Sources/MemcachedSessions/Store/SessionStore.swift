@@ -68,7 +68,7 @@ final class SessionStore: SessionManagerPart {
     /// (this instance's memory is the other copy), and writes bounded by the save timeout.
     let keepsBackups: Bool
     let backupMemo: BackupMemo
-    let leftovers = LeftoverCopies()
+    let leftovers: LeftoverCopies
     let nodeRestarts = NodeRestarts()
     let byteBufferAllocator = ByteBufferAllocator()
     /// This instance's sentinel item on nodes that cannot tell their restarts (``observeBySentinel(_:node:)``).
@@ -82,6 +82,7 @@ final class SessionStore: SessionManagerPart {
         self.keepsBackups = context.configuration.mode == .nonSticky
         self.sentinelKey = context.configuration.keyPrefix + "w:" + context.randomToken().description.lowercased()
         self.backupMemo = BackupMemo(limit: max(context.configuration.sticky.localSessionLimit, 10_000), clock: context.clock)
+        self.leftovers = LeftoverCopies(clock: context.clock)
     }
 
     /// The store's background work: the watch of node restarts, and the copies left for nodes
