@@ -174,7 +174,7 @@ public final class SimulatedTestBench: @unchecked Sendable {
 
     /// Starts a session on instance 0 (its count at 1), into `cookie`: the node its primary copy
     /// lives on, and the key prefix of its copies (`s:` primary, `b:` backup, `l:` lock).
-    func startSession(_ cookie: inout String?) async throws -> (primary: SimulatedNode, prefix: String) {
+    public func startSession(_ cookie: inout String?) async throws -> (primary: SimulatedNode, prefix: String) {
         try await increment(0, &cookie)
         return (try requireNode(node(of: cookie)), managers[0].configuration.keyPrefix)
     }
@@ -1251,7 +1251,8 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         bench.check(counter("leftovers_cleaned") >= 1, "the old copy was deleted: \(counter("leftovers_cleaned"))")
         // C, at the new place (the next node, where the move wrote), removes A's change.
         let nodes = bench.cluster.nodes
-        guard let index = nodes.firstIndex(where: { $0 === primary }), let started = cookie.flatMap({ MemcachedSessionID(parsing: $0) }) else {
+        guard let index = nodes.firstIndex(where: { $0 === primary }), let started = cookie.flatMap({ MemcachedSessionID(parsing: $0) })
+        else {
             bench.check(false, "the session's id and node")
             return
         }
@@ -1301,7 +1302,8 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
     let merges = { bench.managers[1].statistics.snapshot().counters["backup_forks"] ?? 0 }
     var names = ["part0", "part1"]
     switch scenario {
-    case .backupLandsFirstNodeDies, .backupLandsFirstMergeRefused, .backupLandsFirstMergeRefusedCleanupFirst, .backupLandsFirstMergeRefusedPastDeadline:
+    case .backupLandsFirstNodeDies, .backupLandsFirstMergeRefused, .backupLandsFirstMergeRefusedCleanupFirst,
+        .backupLandsFirstMergeRefusedPastDeadline:
         bench.check(merges() == 1, "B's write met A's newer copy: \(merges())")
     case .backupLandsFirstThenUndone:
         bench.check(merges() == 1, "B's write met A's newer copy: \(merges())")

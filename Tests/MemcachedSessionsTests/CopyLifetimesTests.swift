@@ -155,7 +155,8 @@ import NIOCore
         let clock = ManualClock()
         let leftovers = LeftoverCopies(clock: clock)
         let later = merge(baseVersion: 4)
-        leftovers.advanceMergeBase(primaryKey: later.keys.primary, home: later.home, to: record(version: 6), until: clock.now() + .seconds(60))
+        leftovers.advanceMergeBase(
+            primaryKey: later.keys.primary, home: later.home, to: record(version: 6), until: clock.now() + .seconds(60))
         #expect(leftovers.floor(of: later)?.metadata.version == 6)
         clock.advance(by: .seconds(61))
         #expect(leftovers.floor(of: later) == nil)
@@ -167,21 +168,44 @@ import NIOCore
         #expect(merge.base.metadata.version == 4)
     }
 
-    /// At the bound, a new session's floor takes the place of the one ending first, and says so
-    /// (counted by the store as a leftover dropped); a floor raised again takes no room.
+    /// At the bound, a new session's floor takes the place of the one ending first (not the
+    /// oldest), and says so (counted by the store as a leftover dropped); a floor raised again
+    /// takes no room.
     @Test func floorsAreBoundedAndTheOneEndingFirstGoes() {
         let clock = ManualClock()
         let leftovers = LeftoverCopies(floorLimit: 2, clock: clock)
-        let first = merge(baseVersion: 4), second = merge(baseVersion: 4), third = merge(baseVersion: 4)
-        #expect(leftovers.advanceMergeBase(primaryKey: first.keys.primary, home: "n2", to: record(version: 5), until: clock.now() + .seconds(30)) == 0)
-        #expect(leftovers.advanceMergeBase(primaryKey: second.keys.primary, home: "n2", to: record(version: 5), until: clock.now() + .seconds(60)) == 0)
-        #expect(leftovers.advanceMergeBase(primaryKey: second.keys.primary, home: "n2", to: record(version: 6), until: clock.now() + .seconds(60)) == 0)
-        #expect(leftovers.advanceMergeBase(primaryKey: third.keys.primary, home: "n2", to: record(version: 5), until: clock.now() + .seconds(60)) == 1)
-        #expect(leftovers.floor(of: first) == nil, "the one ending first went")
-        #expect(leftovers.floor(of: second)?.metadata.version == 6)
+        let oldest = merge(baseVersion: 4), endsFirst = merge(baseVersion: 4), third = merge(baseVersion: 4)
+        func advance(_ merge: LeftoverCopies.StrayMerge, to version: UInt64, for seconds: Int64) -> Int {
+            leftovers.advanceMergeBase(
+                primaryKey: merge.keys.primary, home: "n2", to: record(version: version), until: clock.now() + .seconds(seconds))
+        }
+        #expect(advance(oldest, to: 5, for: 60) == 0)
+        #expect(advance(endsFirst, to: 5, for: 30) == 0)
+        #expect(advance(endsFirst, to: 6, for: 30) == 0)
+        #expect(advance(third, to: 5, for: 60) == 1)
+        #expect(leftovers.floor(of: endsFirst) == nil, "the one ending first went")
+        #expect(leftovers.floor(of: oldest)?.metadata.version == 5)
         #expect(leftovers.floor(of: third)?.metadata.version == 5)
         clock.advance(by: .seconds(61))
-        #expect(leftovers.advanceMergeBase(primaryKey: first.keys.primary, home: "n2", to: record(version: 7), until: clock.now() + .seconds(60)) == 0,
-            "floors past their deadline make room without counting")
+        #expect(advance(endsFirst, to: 7, for: 60) == 0, "floors past their deadline make room without counting")
+    }
+
+    /// A floor raised before a merge of the same session and place was left (a pending merge, a
+    /// watch, with a later deadline) lasts as long as that merge: it still drops, or raises, it
+    /// after the floor's own minute.
+    @Test func aFloorLastsAsLongAsTheMergesItGoverns() throws {
+        let clock = ManualClock()
+        let leftovers = LeftoverCopies(clock: clock)
+        var pending = merge(baseVersion: 4)
+        pending.pending = record(version: 6)
+        leftovers.advanceMergeBase(
+            primaryKey: pending.keys.primary, home: pending.home, to: record(version: 6), until: clock.now() + .seconds(60))
+        clock.advance(by: .seconds(20))
+        pending.waitsForHomeUntil = clock.now() + .seconds(60)
+        leftovers.add(.init(nodeID: "n2", key: LeftoverCopies.watchKey(pending.keys.primary, pending: true), action: .watchBackup(pending)))
+        clock.advance(by: .seconds(50))
+        #expect(leftovers.floor(of: pending)?.metadata.version == 6, "past the floor's own minute, within the merge's")
+        clock.advance(by: .seconds(11))
+        #expect(leftovers.floor(of: pending) == nil, "past both")
     }
 }

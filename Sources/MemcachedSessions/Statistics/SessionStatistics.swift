@@ -91,10 +91,9 @@ public final class SessionStatistics: Sendable {
         case leftoversQueued
         /// Such a copy dealt with.
         case leftoversCleaned
-        /// Such a copy forgotten for room (bounded memory; it expires with its TTL); or what a
-        /// move must merge from it given up: a change the move found and could not write before
-        /// its deadline (logged as a warning), a merge floor forgotten for room (a later merge
-        /// may merge a change twice).
+        /// Such a copy forgotten for room (bounded memory; it expires with its TTL); a move's
+        /// pending merge given up at its deadline (logged as a warning); a merge floor forgotten
+        /// for room (a later merge may then merge a change twice).
         case leftoversDropped
         /// Sticky: a new session refused because memory is full of unsaved sessions.
         case localStoreRefusals

@@ -99,6 +99,19 @@ final class LeftoverCopies: Sendable {
             return floor.record
         }
 
+        /// A live floor lasts at least as long as a merge it raises, or drops, is tried: a floor
+        /// raised before a merge was left (a pending one, a watch) must not end before it.
+        mutating func keepFloor(for entry: Entry, now: NIODeadline) {
+            let merge: StrayMerge
+            switch entry.action {
+            case .deleteUnlessNewer(_, let found?), .watchBackup(let found): merge = found
+            default: return
+            }
+            let key = LeftoverCopies.floorKey(primaryKey: merge.keys.primary, home: merge.home)
+            guard let floor = floors[key], floor.until > now, floor.until < merge.waitsForHomeUntil else { return }
+            floors[key] = (floor.record, merge.waitsForHomeUntil)
+        }
+
         /// `entry` with its merge's base raised to its session's floor.
         func raised(_ entry: Entry, now: NIODeadline) -> Entry {
             var entry = entry
@@ -128,7 +141,7 @@ final class LeftoverCopies: Sendable {
     private let state = Mutex(State())
     private let clock: any SessionClock
     let limit: Int
-    /// At most this many sessions' merge floors are kept (the oldest go first).
+    /// At most this many sessions' merge floors are kept (the one ending first goes).
     let floorLimit: Int
 
     init(limit: Int = 100_000, floorLimit: Int = 10_000, clock: any SessionClock = SystemSessionClock()) {
@@ -145,6 +158,7 @@ final class LeftoverCopies: Sendable {
         let now = clock.now()
         return state.withLock { state in
             let entry = state.raised(entry, now: now)
+            state.keepFloor(for: entry, now: now)
             let slot = Self.slot(entry.nodeID, entry.key)
             if let waiting = state.entries[slot] {
                 // A tombstone waiting there stays: no later write may take its place.
@@ -443,8 +457,10 @@ extension SessionStore {
     /// (``leaveMissedMerge(keys:home:adopted:found:)``): its `pending` copy is merged.
     private func mergeAwaitedBackup(_ merge: LeftoverCopies.StrayMerge) async -> Bool {
         guard clock.now() < merge.waitsForHomeUntil else {
-            if merge.pending != nil {
-                // A write the move found and could not merge: lost with the old placement.
+            if let pending = merge.pending, (leftovers.floor(of: merge)?.metadata.version ?? 0) < pending.metadata.version {
+                // A write the move found and could not merge: lost with the old placement. (Not
+                // when the floor holds it: another merge wrote it, and the new place did not
+                // answer until now. A floor ended meanwhile no longer tells.)
                 logger.warning("a change saved on a node this instance could not reach, while it moved the session elsewhere, could not be merged before the deadline")
                 statistics.count(.leftoversDropped)
             }
