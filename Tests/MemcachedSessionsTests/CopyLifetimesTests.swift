@@ -87,7 +87,7 @@ import NIOCore
     /// An entry a pass took, its base advanced meanwhile (the move merged the change itself),
     /// then put back by the pass: the advanced base stays. The older base would merge again what
     /// the move merged itself. A watch of the same session is raised too; a pending merge is not
-    /// (its change is its base's successor).
+    /// (its change is its base's successor; one the floor holds is not queued at all).
     @Test func anEntryPutBackKeepsTheAdvancedBase() throws {
         let leftovers = LeftoverCopies()
         let first = merge(baseVersion: 4)
@@ -98,7 +98,7 @@ import NIOCore
         leftovers.advanceMergeBase(primaryKey: first.keys.primary, home: first.home, to: record(version: 6), until: now + .seconds(60))
         leftovers.add(taken)
         var pending = first
-        pending.pending = record(version: 6)
+        pending.pending = record(version: 7)
         leftovers.add(.init(nodeID: "n2", key: LeftoverCopies.watchKey(primaryKey), action: .watchBackup(first)))
         leftovers.add(.init(nodeID: "n2", key: LeftoverCopies.watchKey(primaryKey, pending: true), action: .watchBackup(pending)))
         guard case .deleteUnlessNewer(5, let merge?) = try #require(leftovers.take(nodeID: "n1").first).action else {
@@ -190,22 +190,35 @@ import NIOCore
         #expect(advance(endsFirst, to: 7, for: 60) == 0, "floors past their deadline make room without counting")
     }
 
-    /// A floor raised before a merge of the same session and place was left (a pending merge, a
-    /// watch, with a later deadline) lasts as long as that merge: it still drops, or raises, it
-    /// after the floor's own minute.
-    @Test func aFloorLastsAsLongAsTheMergesItGoverns() throws {
+    /// A move's merge left pending after another merge of the session at that place already wrote
+    /// its copy (the floor holds it) is not queued: the floor ends a minute after its merge,
+    /// possibly before the pending merge's deadline, and must not leave it to merge again then. A
+    /// newer pending copy is queued.
+    @Test func aPendingMergeTheFloorHoldsIsNotQueued() throws {
         let clock = ManualClock()
         let leftovers = LeftoverCopies(clock: clock)
         var pending = merge(baseVersion: 4)
-        pending.pending = record(version: 6)
         leftovers.advanceMergeBase(
             primaryKey: pending.keys.primary, home: pending.home, to: record(version: 6), until: clock.now() + .seconds(60))
         clock.advance(by: .seconds(20))
         pending.waitsForHomeUntil = clock.now() + .seconds(60)
+        pending.pending = record(version: 6)
         leftovers.add(.init(nodeID: "n2", key: LeftoverCopies.watchKey(pending.keys.primary, pending: true), action: .watchBackup(pending)))
-        clock.advance(by: .seconds(50))
-        #expect(leftovers.floor(of: pending)?.metadata.version == 6, "past the floor's own minute, within the merge's")
-        clock.advance(by: .seconds(11))
-        #expect(leftovers.floor(of: pending) == nil, "past both")
+        #expect(leftovers.take(nodeID: "n2").isEmpty, "merged already")
+        pending.pending = record(version: 7)
+        leftovers.add(.init(nodeID: "n2", key: LeftoverCopies.watchKey(pending.keys.primary, pending: true), action: .watchBackup(pending)))
+        #expect(leftovers.take(nodeID: "n2").count == 1, "a newer copy is merged")
+    }
+
+    /// A floor raised again to a copy it holds keeps the later deadline.
+    @Test func aFloorRaisedAgainKeepsTheLaterDeadline() {
+        let clock = ManualClock()
+        let leftovers = LeftoverCopies(clock: clock)
+        let merge = merge(baseVersion: 4)
+        leftovers.advanceMergeBase(primaryKey: merge.keys.primary, home: merge.home, to: record(version: 6), until: clock.now() + .seconds(60))
+        leftovers.advanceMergeBase(primaryKey: merge.keys.primary, home: merge.home, to: record(version: 6), until: clock.now() + .seconds(90))
+        leftovers.advanceMergeBase(primaryKey: merge.keys.primary, home: merge.home, to: record(version: 5), until: clock.now() + .seconds(30))
+        clock.advance(by: .seconds(70))
+        #expect(leftovers.floor(of: merge)?.metadata.version == 6)
     }
 }

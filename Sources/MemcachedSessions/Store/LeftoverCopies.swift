@@ -99,17 +99,12 @@ final class LeftoverCopies: Sendable {
             return floor.record
         }
 
-        /// A live floor lasts at least as long as a merge it raises, or drops, is tried: a floor
-        /// raised before a merge was left (a pending one, a watch) must not end before it.
-        mutating func keepFloor(for entry: Entry, now: NIODeadline) {
-            let merge: StrayMerge
-            switch entry.action {
-            case .deleteUnlessNewer(_, let found?), .watchBackup(let found): merge = found
-            default: return
-            }
-            let key = LeftoverCopies.floorKey(primaryKey: merge.keys.primary, home: merge.home)
-            guard let floor = floors[key], floor.until > now, floor.until < merge.waitsForHomeUntil else { return }
-            floors[key] = (floor.record, merge.waitsForHomeUntil)
+        /// Whether `entry` is a pending merge whose copy its session's floor holds already (a
+        /// merge of the session's at that place wrote it first): nothing is left to merge.
+        func isMerged(_ entry: Entry, now: NIODeadline) -> Bool {
+            guard case .watchBackup(let merge) = entry.action, let pending = merge.pending, let floor = floor(of: merge, now: now)
+            else { return false }
+            return floor.metadata.version >= pending.metadata.version
         }
 
         /// `entry` with its merge's base raised to its session's floor.
@@ -158,7 +153,9 @@ final class LeftoverCopies: Sendable {
         let now = clock.now()
         return state.withLock { state in
             let entry = state.raised(entry, now: now)
-            state.keepFloor(for: entry, now: now)
+            // (Dropped now, not at its first pass: the floor ends a minute after its merge, which
+            // may be before this merge's deadline.)
+            if state.isMerged(entry, now: now) { return 0 }
             let slot = Self.slot(entry.nodeID, entry.key)
             if let waiting = state.entries[slot] {
                 // A tombstone waiting there stays: no later write may take its place.
@@ -235,7 +232,11 @@ final class LeftoverCopies: Sendable {
         let now = clock.now()
         return state.withLock { state in
             state.floors = state.floors.filter { $0.value.until > now }
-            if let floor = state.floors[key], floor.record.metadata.version >= record.metadata.version { return 0 }
+            if let floor = state.floors[key], floor.record.metadata.version >= record.metadata.version {
+                // Raised again (to this copy, or an older one): it lasts as long as the later says.
+                if floor.until < until { state.floors[key] = (floor.record, until) }
+                return 0
+            }
             var dropped = 0
             if state.floors[key] == nil, state.floors.count >= floorLimit,
                 let oldest = state.floors.min(by: { $0.value.until < $1.value.until })?.key
@@ -459,8 +460,9 @@ extension SessionStore {
         guard clock.now() < merge.waitsForHomeUntil else {
             if let pending = merge.pending, (leftovers.floor(of: merge)?.metadata.version ?? 0) < pending.metadata.version {
                 // A write the move found and could not merge: lost with the old placement. (Not
-                // when the floor holds it: another merge wrote it, and the new place did not
-                // answer until now. A floor ended meanwhile no longer tells.)
+                // when the floor holds it: another merge wrote it after this one was left, and the
+                // new place did not answer until now. A floor that ended meanwhile, a minute after
+                // that merge, no longer tells: then the warning is logged all the same.)
                 logger.warning("a change saved on a node this instance could not reach, while it moved the session elsewhere, could not be merged before the deadline")
                 statistics.count(.leftoversDropped)
             }
