@@ -220,5 +220,28 @@ import NIOCore
         leftovers.advanceMergeBase(primaryKey: merge.keys.primary, home: merge.home, to: record(version: 5), until: clock.now() + .seconds(30))
         clock.advance(by: .seconds(70))
         #expect(leftovers.floor(of: merge)?.metadata.version == 6)
+        leftovers.advanceMergeBase(primaryKey: merge.keys.primary, home: merge.home, to: record(version: 5), until: clock.now() + .seconds(60))
+        clock.advance(by: .seconds(21))
+        #expect(leftovers.floor(of: merge) == nil, "an older copy does not keep it")
+    }
+
+    /// Two moves' pending merges for one session and place fold into one slot: the newer pending
+    /// copy stays, whatever the bases.
+    @Test func twoPendingMergesKeepTheNewerCopy() throws {
+        let leftovers = LeftoverCopies()
+        var first = merge(baseVersion: 4)
+        first.pending = record(version: 7)
+        var second = first
+        second.pending = record(version: 5)
+        let key = LeftoverCopies.watchKey(first.keys.primary, pending: true)
+        leftovers.add(.init(nodeID: "n2", key: key, action: .watchBackup(first)))
+        leftovers.add(.init(nodeID: "n2", key: key, action: .watchBackup(second)))
+        var third = first
+        third.pending = record(version: 8)
+        leftovers.add(.init(nodeID: "n2", key: key, action: .watchBackup(third)))
+        let entries = leftovers.take(nodeID: "n2")
+        try #require(entries.count == 1)
+        guard case .watchBackup(let kept) = entries[0].action else { return }
+        #expect(kept.pending?.metadata.version == 8)
     }
 }

@@ -56,9 +56,14 @@ final class LeftoverCopies: Sendable {
         var pending: SessionRecord? = nil
 
         /// Of two merges for one slot, the one that has merged more (the higher base): an entry
-        /// taken by a pass and put back must not bring back an older base.
+        /// taken by a pass and put back must not bring back an older base. Of two pending merges
+        /// (two moves' refused merges), the one with the newer pending copy (found later, on the
+        /// same line of copies).
         static func newest(_ a: StrayMerge?, _ b: StrayMerge?) -> StrayMerge? {
             guard let a, let b else { return a ?? b }
+            if let pendingA = a.pending, let pendingB = b.pending, pendingA.metadata.version != pendingB.metadata.version {
+                return pendingB.metadata.version > pendingA.metadata.version ? b : a
+            }
             return b.base.metadata.version > a.base.metadata.version ? b : a
         }
 
@@ -233,8 +238,11 @@ final class LeftoverCopies: Sendable {
         return state.withLock { state in
             state.floors = state.floors.filter { $0.value.until > now }
             if let floor = state.floors[key], floor.record.metadata.version >= record.metadata.version {
-                // Raised again (to this copy, or an older one): it lasts as long as the later says.
-                if floor.until < until { state.floors[key] = (floor.record, until) }
+                // Raised again to this copy: it lasts as long as the later says. (Not for an older
+                // copy: that may be another line of the session's copies, a later move's.)
+                if floor.record.metadata.version == record.metadata.version, floor.until < until {
+                    state.floors[key] = (floor.record, until)
+                }
                 return 0
             }
             var dropped = 0
