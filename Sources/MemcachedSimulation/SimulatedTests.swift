@@ -178,6 +178,21 @@ public final class SimulatedTestBench: @unchecked Sendable {
         try await increment(0, &cookie)
         return (try requireNode(node(of: cookie)), managers[0].configuration.keyPrefix)
     }
+
+    /// Where the session named by `cookie`, whose primary copy is on `primary`, moves when that
+    /// node fails: the next node of the cluster (where its backup is), and the id naming it
+    /// there. Nil (a failed check) when `cookie` names no session on `primary`.
+    public func relocationTarget(of cookie: String?, from primary: SimulatedNode) -> (node: SimulatedNode, id: String)? {
+        let nodes = cluster.nodes
+        guard let id = cookie.flatMap({ MemcachedSessionID(parsing: $0) }), id.nodeID == primary.id,
+            let index = nodes.firstIndex(where: { $0 === primary })
+        else {
+            check(false, "the cookie names a session on the failed node")
+            return nil
+        }
+        let target = nodes[(index + 1) % nodes.count]
+        return (target, id.relocated(to: target.id).description)
+    }
 }
 
 extension SimulatedTest {
@@ -1199,88 +1214,15 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
         bench.check(backupNodes.contains { $0.heldCount == 1 }, "A's backup write is on its way")
         bMayWrite.value = true
     }
-    let bOutcome = await b.result
-    if scenario == .backupLandsFirstMergeRefused {
-        bench.check((try? bOutcome.get()) == nil, "B's request failed")
-        bench.check(aCookie == cookie, "A was served where the session was: \(String(describing: aCookie))")
-        // Instance 1 merges what the backup shows into the new place once it answers.
-        let merges = { bench.managers[1].statistics.snapshot().counters["backup_forks"] ?? 0 }
-        await waitUntil(bench) { merges() == 1 }
-        bench.check(merges() == 1, "the missed write was merged later: \(merges())")
-        func survives(_ when: String) async throws {
-            for instance in 0..<2 {
-                var reader = cookie
-                let part = try await bench.request(instance, &reader, path: "/read") { access in try await access.load()?["part0", as: String.self] }
-                bench.check(part == "/a", "\(when): instance \(instance): A's acknowledged change survives: \(part ?? "none")")
-            }
-        }
-        await bench.sleep(seconds: 3)
-        try await survives("primary")
-        // The new place is lost: A's change is in its backup too.
-        let nodes = bench.cluster.nodes
-        if let index = nodes.firstIndex(where: { $0 === primary }) { nodes[(index + 1) % nodes.count].restartEmpty(pid: 7300) }
-        await bench.sleep(seconds: 3)
-        try await survives("backup")
-        return
+    let run = MissedWriteRun(
+        bench: bench, cookie: cookie, primary: primary, backupNodes: backupNodes, aCookie: aCookie, bOutcome: await b.result)
+    switch scenario {
+    case .backupLandsFirstMergeRefused: return try await mergeRefusedOnce(run)
+    case .backupLandsFirstMergeRefusedPastDeadline: return await mergeRefusedPastDeadline(run)
+    case .backupLandsFirstMergeRefusedCleanupFirst: return try await mergeRefusedCleanupFirst(run)
+    default: break
     }
-    if scenario == .backupLandsFirstMergeRefusedPastDeadline {
-        bench.check((try? bOutcome.get()) == nil, "B's request failed")
-        let counter = { (name: String) in bench.managers[1].statistics.snapshot().counters[name] ?? 0 }
-        await bench.sleep(seconds: 55)
-        bench.check(counter("leftovers_dropped") == 0, "still tried within the minute: \(counter("leftovers_dropped"))")
-        await waitUntil(bench, seconds: 10) { counter("leftovers_dropped") == 1 }
-        bench.check(counter("leftovers_dropped") == 1, "given up at the deadline, and counted: \(counter("leftovers_dropped"))")
-        bench.check(counter("backup_forks") == 0, "never merged: \(counter("backup_forks"))")
-        // Given up: not tried again (the old copy's entry waits for the dead node, nothing else).
-        let queued = counter("leftovers_queued")
-        await bench.sleep(seconds: 5)
-        bench.check(counter("leftovers_queued") == queued, "not queued again: \(queued) then \(counter("leftovers_queued"))")
-        return
-    }
-    if scenario == .backupLandsFirstMergeRefusedCleanupFirst {
-        bench.check((try? bOutcome.get()) == nil, "B's request failed")
-        bench.check(aCookie == cookie, "A was served where the session was: \(String(describing: aCookie))")
-        let counter = { (name: String) in bench.managers[1].statistics.snapshot().counters[name] ?? 0 }
-        // The move's pending merge is refused meanwhile.
-        await bench.sleep(seconds: 1)
-        bench.check(counter("backup_forks") == 0, "nothing merged while the old node is frozen: \(counter("backup_forks"))")
-        // The node answers again: the cleanup merges A's change, and deletes the old copy.
-        primary.thaw()
-        await waitUntil(bench) { counter("backup_forks") == 1 && counter("leftovers_cleaned") >= 1 }
-        bench.check(counter("backup_forks") == 1, "the cleanup merged A's change: \(counter("backup_forks"))")
-        bench.check(counter("leftovers_cleaned") >= 1, "the old copy was deleted: \(counter("leftovers_cleaned"))")
-        // C, at the new place (the next node, where the move wrote), removes A's change.
-        let nodes = bench.cluster.nodes
-        guard let index = nodes.firstIndex(where: { $0 === primary }), let started = cookie.flatMap({ MemcachedSessionID(parsing: $0) })
-        else {
-            bench.check(false, "the session's id and node")
-            return
-        }
-        let home = nodes[(index + 1) % nodes.count]
-        let moved = started.relocated(to: home.id).description
-        var undoer: String? = moved
-        try await bench.request(0, &undoer, path: "/c") { access in try await access.load()?.remove("part0") }
-        for node in backupNodes { node.holdMatching = nil }
-        for node in backupNodes { node.releaseHeld() }
-        await bench.sleep(seconds: 3)
-        bench.check(counter("backup_forks") == 1, "A's change was not merged again: \(counter("backup_forks"))")
-        func removed(_ when: String) async throws {
-            for instance in 0..<2 {
-                var reader: String? = moved
-                let parts = try await bench.request(instance, &reader, path: "/read") { access in
-                    let session = try await access.load()
-                    return [session?["part0", as: String.self], session?["part1", as: String.self]]
-                }
-                bench.check(parts[0] == nil, "\(when): instance \(instance): C's removal of A's change stands: \(parts[0] ?? "none")")
-                bench.check(parts[1] == "/b", "\(when): instance \(instance): B's change survives: \(parts[1] ?? "none")")
-            }
-        }
-        try await removed("primary")
-        home.restartEmpty(pid: 7400)
-        await bench.sleep(seconds: 3)
-        try await removed("backup")
-        return
-    }
+    let bOutcome = run.bOutcome
     let bCookie = try bOutcome.get()
     holdMerge.value = scenario == .backupLandsLastMergeMeetsAWrite
     if scenario == .backupLandsAfterTheCleanupLooked {
@@ -1371,6 +1313,106 @@ private func moveThatMissedAWrite(_ bench: SimulatedTestBench, _ scenario: Misse
     home.restartEmpty(pid: 7100)
     await bench.sleep(seconds: 3)
     try await parts("backup")
+}
+
+/// Where ``moveThatMissedAWrite(_:_:)`` stands once B's request has ended, for the scenarios whose
+/// checks differ from there on.
+private struct MissedWriteRun {
+    let bench: SimulatedTestBench
+    /// The session's id before the move.
+    let cookie: String?
+    /// The session's node before the move.
+    let primary: SimulatedNode
+    let backupNodes: [SimulatedNode]
+    /// A's response's cookie.
+    let aCookie: String?
+    let bOutcome: Result<String?, any Error>
+
+    /// Instance 1's (B's, the move's) counter `name`.
+    func counter(_ name: String) -> Int { bench.managers[1].statistics.snapshot().counters[name] ?? 0 }
+}
+
+/// The move's merge of A's change is refused once at the new place: it is merged later, and
+/// survives the loss of the new place.
+private func mergeRefusedOnce(_ run: MissedWriteRun) async throws {
+    let (bench, cookie, primary, bOutcome, aCookie) = (run.bench, run.cookie, run.primary, run.bOutcome, run.aCookie)
+    bench.check((try? bOutcome.get()) == nil, "B's request failed")
+    bench.check(aCookie == cookie, "A was served where the session was: \(String(describing: aCookie))")
+    // Instance 1 merges what the backup shows into the new place once it answers.
+    let merges = { run.counter("backup_forks") }
+    await waitUntil(bench) { merges() == 1 }
+    bench.check(merges() == 1, "the missed write was merged later: \(merges())")
+    func survives(_ when: String) async throws {
+        for instance in 0..<2 {
+            var reader = cookie
+            let part = try await bench.request(instance, &reader, path: "/read") { access in try await access.load()?["part0", as: String.self] }
+            bench.check(part == "/a", "\(when): instance \(instance): A's acknowledged change survives: \(part ?? "none")")
+        }
+    }
+    await bench.sleep(seconds: 3)
+    try await survives("primary")
+    // The new place is lost: A's change is in its backup too.
+    bench.relocationTarget(of: cookie, from: primary)?.node.restartEmpty(pid: 7300)
+    await bench.sleep(seconds: 3)
+    try await survives("backup")
+}
+
+/// The move's merge of A's change is refused until its deadline: given up, counted, and not
+/// tried again.
+private func mergeRefusedPastDeadline(_ run: MissedWriteRun) async {
+    let (bench, bOutcome) = (run.bench, run.bOutcome)
+    bench.check((try? bOutcome.get()) == nil, "B's request failed")
+    let counter = run.counter
+    await bench.sleep(seconds: 55)
+    bench.check(counter("leftovers_dropped") == 0, "still tried within the minute: \(counter("leftovers_dropped"))")
+    await waitUntil(bench, seconds: 10) { counter("leftovers_dropped") == 1 }
+    bench.check(counter("leftovers_dropped") == 1, "given up at the deadline, and counted: \(counter("leftovers_dropped"))")
+    bench.check(counter("backup_forks") == 0, "never merged: \(counter("backup_forks"))")
+    // Given up: not tried again (the old copy's entry waits for the dead node, nothing else).
+    let queued = counter("leftovers_queued")
+    await bench.sleep(seconds: 5)
+    bench.check(counter("leftovers_queued") == queued, "not queued again: \(queued) then \(counter("leftovers_queued"))")
+}
+
+/// The move's merge of A's change is refused until the old copy's cleanup has merged it: a later
+/// removal of A's change at the new place stands (not merged again).
+private func mergeRefusedCleanupFirst(_ run: MissedWriteRun) async throws {
+    let (bench, cookie, primary, backupNodes) = (run.bench, run.cookie, run.primary, run.backupNodes)
+    let (bOutcome, aCookie) = (run.bOutcome, run.aCookie)
+    bench.check((try? bOutcome.get()) == nil, "B's request failed")
+    bench.check(aCookie == cookie, "A was served where the session was: \(String(describing: aCookie))")
+    let counter = run.counter
+    // The move's pending merge is refused meanwhile.
+    await bench.sleep(seconds: 1)
+    bench.check(counter("backup_forks") == 0, "nothing merged while the old node is frozen: \(counter("backup_forks"))")
+    // The node answers again: the cleanup merges A's change, and deletes the old copy.
+    primary.thaw()
+    await waitUntil(bench) { counter("backup_forks") == 1 && counter("leftovers_cleaned") >= 1 }
+    bench.check(counter("backup_forks") == 1, "the cleanup merged A's change: \(counter("backup_forks"))")
+    bench.check(counter("leftovers_cleaned") >= 1, "the old copy was deleted: \(counter("leftovers_cleaned"))")
+    // C, at the new place (the next node, where the move wrote), removes A's change.
+    guard let (home, moved) = bench.relocationTarget(of: cookie, from: primary) else { return }
+    var undoer: String? = moved
+    try await bench.request(0, &undoer, path: "/c") { access in try await access.load()?.remove("part0") }
+    for node in backupNodes { node.holdMatching = nil }
+    for node in backupNodes { node.releaseHeld() }
+    await bench.sleep(seconds: 3)
+    bench.check(counter("backup_forks") == 1, "A's change was not merged again: \(counter("backup_forks"))")
+    func removed(_ when: String) async throws {
+        for instance in 0..<2 {
+            var reader: String? = moved
+            let parts = try await bench.request(instance, &reader, path: "/read") { access in
+                let session = try await access.load()
+                return [session?["part0", as: String.self], session?["part1", as: String.self]]
+            }
+            bench.check(parts[0] == nil, "\(when): instance \(instance): C's removal of A's change stands: \(parts[0] ?? "none")")
+            bench.check(parts[1] == "/b", "\(when): instance \(instance): B's change survives: \(parts[1] ?? "none")")
+        }
+    }
+    try await removed("primary")
+    home.restartEmpty(pid: 7400)
+    await bench.sleep(seconds: 3)
+    try await removed("backup")
 }
 
 /// When a logout on the instance that still reaches the session's node lands on the node a
@@ -1466,13 +1508,7 @@ private func logoutDuringAMove(_ bench: SimulatedTestBench, _ scenario: LogoutDu
     bench.check(bCookie == cookie, "B's response left the cookie alone (the session ended): \(String(describing: bCookie))")
     bench.check(notFound() == notFoundBefore + 1, "B found the session ended: \(notFound() - notFoundBefore)")
     // The backup's node, the next after the session's: where B moved it.
-    let nodes = bench.cluster.nodes
-    guard let id = cookie.flatMap({ MemcachedSessionID(parsing: $0) }), let index = nodes.firstIndex(where: { $0 === primary }) else {
-        bench.check(false, "the cookie names a session of the cluster")
-        return
-    }
-    let movedTo = nodes[(index + 1) % nodes.count]
-    let moved = "\(id.token)-\(movedTo.id)"
+    guard let (movedTo, moved) = bench.relocationTarget(of: cookie, from: primary) else { return }
     func ended(_ when: String) async throws {
         for instance in 0..<2 {
             for name in [cookie, moved] {

@@ -93,8 +93,8 @@ final class LeftoverCopies: Sendable {
         var entries: [String: Entry] = [:]
         var order: [String] = []
         /// Per session and new place (``floorKey(primaryKey:home:)``): the copy its merges' bases
-        /// are raised to (``advanceMergeBase(primaryKey:home:to:until:)``), until the moves'
-        /// deadline.
+        /// are raised to (``advanceMergeBase(primaryKey:home:to:until:)``), until a minute after
+        /// the merge that last raised it to that copy (`until`).
         var floors: [String: (record: SessionRecord, until: NIODeadline)] = [:]
 
         /// The floor of `merge`'s session at its new place, unless its deadline has passed.
@@ -104,11 +104,10 @@ final class LeftoverCopies: Sendable {
             return floor.record
         }
 
-        /// Whether `entry` is a pending merge whose copy its session's floor holds already (a
+        /// Whether `merge` is a pending merge whose copy its session's floor holds already (a
         /// merge of the session's at that place wrote it first): nothing is left to merge.
-        func isMerged(_ entry: Entry, now: NIODeadline) -> Bool {
-            guard case .watchBackup(let merge) = entry.action, let pending = merge.pending, let floor = floor(of: merge, now: now)
-            else { return false }
+        func holdsPending(_ merge: StrayMerge, now: NIODeadline) -> Bool {
+            guard let pending = merge.pending, let floor = floor(of: merge, now: now) else { return false }
             return floor.metadata.version >= pending.metadata.version
         }
 
@@ -138,6 +137,13 @@ final class LeftoverCopies: Sendable {
         return state.withLock { $0.floor(of: merge, now: now) }
     }
 
+    /// Whether `merge` is a pending merge whose copy its session's floor (while it lasts) holds
+    /// already: another merge wrote it, and nothing is left to merge.
+    func holdsPending(_ merge: StrayMerge) -> Bool {
+        let now = clock.now()
+        return state.withLock { $0.holdsPending(merge, now: now) }
+    }
+
     private let state = Mutex(State())
     private let clock: any SessionClock
     let limit: Int
@@ -160,7 +166,7 @@ final class LeftoverCopies: Sendable {
             let entry = state.raised(entry, now: now)
             // (Dropped now, not at its first pass: the floor ends a minute after its merge, which
             // may be before this merge's deadline.)
-            if state.isMerged(entry, now: now) { return 0 }
+            if case .watchBackup(let merge) = entry.action, state.holdsPending(merge, now: now) { return 0 }
             let slot = Self.slot(entry.nodeID, entry.key)
             if let waiting = state.entries[slot] {
                 // A tombstone waiting there stays: no later write may take its place.
@@ -226,9 +232,9 @@ final class LeftoverCopies: Sendable {
     /// primary key is `primaryKey`, at its new place `home`: their base moves on to `record` (what
     /// one of them merged), so that it is not merged again over a later change at the new place
     /// (an attribute removed since would come back). Kept as the session's floor until `until`
-    /// (the moves' deadline), and applied whenever an entry is taken or added: an entry a pass
-    /// holds now, put back later, is raised too. A `pending` merge is not raised; it is dropped
-    /// once the floor holds its copy (``SessionStore/mergeAwaitedBackup(_:)``). Never moves back.
+    /// (the store passes a minute from this merge), and applied whenever an entry is taken or
+    /// added: an entry a pass holds now, put back later, is raised too. A `pending` merge is not
+    /// raised; it is dropped once the floor holds its copy (``holdsPending(_:)``). Never moves back.
     /// Returns how many other sessions' floors were dropped for room (at ``floorLimit``, the one
     /// ending first goes).
     @discardableResult
@@ -466,7 +472,7 @@ extension SessionStore {
     /// (``leaveMissedMerge(keys:home:adopted:found:)``): its `pending` copy is merged.
     private func mergeAwaitedBackup(_ merge: LeftoverCopies.StrayMerge) async -> Bool {
         guard clock.now() < merge.waitsForHomeUntil else {
-            if let pending = merge.pending, (leftovers.floor(of: merge)?.metadata.version ?? 0) < pending.metadata.version {
+            if merge.pending != nil, !leftovers.holdsPending(merge) {
                 // A write the move found and could not merge: lost with the old placement. (Not
                 // when the floor holds it: another merge wrote it after this one was left, and the
                 // new place did not answer until now. A floor that ended meanwhile, a minute after
@@ -480,7 +486,7 @@ extension SessionStore {
         if let pending = merge.pending {
             // Merged already by another path (the old copy's cleanup, from a backup at least as
             // new): not again.
-            if let floor = leftovers.floor(of: merge), floor.metadata.version >= pending.metadata.version { return true }
+            if leftovers.holdsPending(merge) { return true }
             guard await mergeIntoHome(pending, merge) else { return false }
             advanceMergeBase(keys: merge.keys, home: merge.home, to: pending)
             return true
