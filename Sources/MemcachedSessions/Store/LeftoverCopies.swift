@@ -232,9 +232,11 @@ final class LeftoverCopies: Sendable {
     /// primary key is `primaryKey`, at its new place `home`: their base moves on to `record` (what
     /// one of them merged), so that it is not merged again over a later change at the new place
     /// (an attribute removed since would come back). Kept as the session's floor until `until`
-    /// (the store passes a minute from this merge), and applied whenever an entry is taken or
-    /// added: an entry a pass holds now, put back later, is raised too. A `pending` merge is not
-    /// raised; it is dropped once the floor holds its copy (``holdsPending(_:)``). Never moves back.
+    /// (the store passes a minute from this merge; raised again to the same copy, the later
+    /// `until` stays; to a newer one, it replaces the floor), and applied whenever an entry is
+    /// taken or added: an entry a pass holds now, put back later, is raised too. A `pending`
+    /// merge is not raised; it is dropped once the floor holds its copy (``holdsPending(_:)``).
+    /// Never moves back.
     /// Returns how many other sessions' floors were dropped for room (at ``floorLimit``, the one
     /// ending first goes).
     @discardableResult
@@ -653,7 +655,8 @@ extension SessionStore {
         if dropped > 0 { statistics.count(.leftoversDropped, dropped) }
     }
 
-    /// How long a stray copy's merge waits for the move's own write at the session's new place.
+    /// How long a stray copy's merge waits for the move's own write at the session's new place;
+    /// also how long a merge floor lasts after the merge that last raised it.
     static let strayMergeWaitSeconds: Int64 = 60
 
     /// A session moved off `nodeID` (it did not answer): its copy there goes once it answers.
