@@ -734,8 +734,12 @@ private func logoutWhileItsNodeIsMarkedDown(_ bench: SimulatedTestBench, login: 
     // The node answers again (for every instance) the moment the logout has answered.
     node.probe()
     var replayed = ended
-    let count = try? await bench.count(1, &replayed)
-    bench.check(count == nil, "the ended id read on the other instance: \(String(describing: count))")
+    do {
+        let count = try await bench.count(1, &replayed)
+        bench.check(count == nil, "the ended id read on the other instance: \(String(describing: count))")
+    } catch {
+        bench.check(false, "the ended id's read on the other instance failed (it must answer \"no session\"): \(error)")
+    }
     if login {
         bench.check(try await bench.count(0, &cookie) == 2, "the session lives on under its new id")
     }
@@ -874,6 +878,7 @@ private func writeWhoseNewerCopyWasLost(_ bench: SimulatedTestBench, _ scenario:
         bench.check(parts[1] == "b", "B's acknowledged change survives: \(parts[1] ?? "none")")
     case (.refused, .failure(let error as SessionError)), (.refusedUnderLock, .failure(let error as SessionError)):
         bench.check(error.code == .unavailable && error.message.contains("newer copy"), "B refused as a lost newer copy: \(error)")
+        bench.check(parts[1] == nil, "B's refused change was not saved: \(parts[1] ?? "none")")
     default:
         bench.check(false, "B: \(outcome)")
     }

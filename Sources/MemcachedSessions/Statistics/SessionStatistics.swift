@@ -8,27 +8,47 @@ import NIOCore
 public final class SessionStatistics: Sendable {
     /// A counter's identity.
     public enum Counter: Int, CaseIterable, Sendable {
+        /// A request whose session cookie is a well-formed session id.
         case requestsWithSession
+        /// A request with no session cookie, or one that is not a well-formed session id.
         case requestsWithoutSession
+        /// A request on a path the ignore pattern matches: no session work at all.
         case requestsIgnored
+        /// A new session created (`loadOrCreate()` found none).
         case sessionsCreated
+        /// A session read from memcached and served.
         case sessionsLoaded
+        /// Sticky: a session served from this instance's memory.
         case sessionsLoadedLocally
         /// Sticky: a local copy found older than memcached's (changed by another instance).
         case localCopiesReplaced
+        /// A session id whose session was not found (ended, expired, evicted, never there), or that ended while the request ran.
         case sessionsNotFound
+        /// A session found past its idle or absolute timeout (sticky: also local copies swept once expired).
         case sessionsExpired
+        /// A session ended by its own request (a logout).
         case sessionsInvalidated
+        /// A session given a new id (a login's `regenerateID()`).
         case sessionsRegenerated
+        /// A session's primary copy written to memcached.
         case writes
+        /// A request that opened its session and changed nothing: no write.
         case writesSkipped
+        /// A CAS write that found the stored copy changed by another request: merged and written again, or refused.
         case writeConflicts
+        /// A session write that got no answer, or could be made on no node.
         case writeFailures
+        /// Sticky with asynchronous saves: a changed session queued for the writer.
         case writesAsynchronous
+        /// A session's TTL slid without a write (a request that did not change it).
         case touches
+        /// A session's backup copy written (or sent to be) on the next node.
         case backupWrites
+        /// A backup copy's TTL slid along with its primary's.
         case backupTouches
+        /// A missing or older backup copy written again from the primary.
         case backupRepairs
+        /// A backup write that failed (left for later when the node did not answer).
         case backupFailures
         /// A backup write found the copy there as new or newer (written by a later save), or a
         /// tombstone: it left it alone.
@@ -40,21 +60,30 @@ public final class SessionStatistics: Sendable {
         /// met a change another request saved there meanwhile (in the backup it was moved from,
         /// read again after the move's write, or in the old copy, once the node answers again).
         case backupForks
+        /// A session moved off a memcached node that did not answer (or was removed).
         case memcachedFailovers
+        /// Sticky: a session loaded from memcached on an instance its route does not name (its previous owner is gone).
         case appServerFailovers
+        /// Sticky: a session taken over from another instance (its previous owner told to drop its copy).
         case takeovers
+        /// A session given a new node and id (a failover, a drained or removed node).
         case relocations
         /// Non-sticky: a session missing from a node that restarted, restored from its backup.
         case sessionsRestored
         /// Sticky: a takeover that missed on a node restarted a moment ago, and waited for the
         /// previous owner to write its copy back.
         case restoreWaits
+        /// A session lock taken (non-sticky locking).
         case locksAcquired
+        /// A request that waited for a lock another request held.
         case lockWaits
+        /// A request that did not get its lock within the lock wait budget.
         case lockFailures
+        /// A held lock's lease extended for a long request.
         case lockRenewals
         /// A lock release acknowledged by memcached.
         case locksReleased
+        /// A lock release that failed (the lock expires with its TTL).
         case lockReleaseFailures
         /// A release found the lock's CAS unique changed (a renewal raced it) and read the lock
         /// back: deleted if it still held the request's token, left alone if not.
@@ -68,7 +97,9 @@ public final class SessionStatistics: Sendable {
         case writeRetries
         /// A locked request's write refused: a change its lock did not keep out came first.
         case lockConflicts
+        /// Non-sticky, auto locking: a request run unlocked on a path learned to only read.
         case requestsUnlockedReadOnly
+        /// A stored copy that could not be decoded: read as missing.
         case corruptSessions
         /// Sealing: a sealed copy that did not open (tampered, truncated, copied under another
         /// session or prefix): read as missing and deleted.
@@ -84,7 +115,9 @@ public final class SessionStatistics: Sendable {
         /// A storage-key transition's window: a session found under its earlier (SHA-256) key
         /// and moved to its keyed one.
         case sessionsMovedToKeyedKeys
+        /// A session too large for the memcached item size limit: not written (the stored copy is unchanged).
         case oversizedSessions
+        /// A session whose nodes did not answer (or whose write's outcome is unknown): the unavailable policy applied.
         case unavailable
         /// A copy left on a node that did not answer (an old primary after a move, a logout's
         /// tombstone), remembered to be dealt with when it answers again.
@@ -122,7 +155,9 @@ public final class SessionStatistics: Sendable {
         case principalLimitLogouts
         /// Logins refused at the concurrent session limit.
         case principalLoginsRefused
+        /// Bytes of primary session copies written.
         case bytesWritten
+        /// Bytes of session copies read.
         case bytesRead
         /// Memcached round trips a request waited for (writes it does not wait for are not counted).
         case memcachedRoundTrips

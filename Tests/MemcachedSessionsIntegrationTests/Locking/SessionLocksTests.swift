@@ -255,6 +255,7 @@ struct SessionLocksTests {
             try await withManager(locked) { manager in
                 try await withInspector(servers) { inspector in
                     let (browser, id, keys) = try await startedSession(manager)
+                    let acquiredBefore = manager.statistics.value(of: .locksAcquired)
                     let error = try await lockedRequest(manager, browser) {
                         try await stealLock(inspector, node: id.nodeID, key: keys.lock)
                         try await eventually(timeout: .seconds(30), "the renewal finds the lock lost") {
@@ -263,6 +264,7 @@ struct SessionLocksTests {
                         _ = try await inspector.node(id.nodeID).delete(keys.lock)
                     }
                     #expect(error == nil)
+                    #expect(manager.statistics.value(of: .locksAcquired) == acquiredBefore + 2, "taken again for the write")
                     #expect(manager.statistics.value(of: .lockConflicts) == 0)
                     var reader = browser
                     #expect(try await manager.readCount(&reader) == 100)
@@ -308,6 +310,13 @@ struct SessionLocksTests {
                     #expect(refused?.code == .lockUnavailable)
                     #expect(managers[0].statistics.value(of: .lockConflicts) == 1)
                     #expect(try await inspector.node(id.nodeID).get(keys.lock) == nil)
+                    var after = browser
+                    let (countAfter, otherAfter) = try await managers[1].request(&after) { access in
+                        let session = try #require(try await access.load())
+                        return (session["count", as: Int.self], session["other", as: String.self])
+                    }
+                    #expect(countAfter == 100, "the refused change was not saved")
+                    #expect(otherAfter == "c", "the other requests' changes stand")
                 }
             }
         }

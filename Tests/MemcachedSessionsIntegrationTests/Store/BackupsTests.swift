@@ -366,6 +366,20 @@ struct BackupsTests {
                         guard let left = try await backupTTL() else { return false }
                         return left <= 3
                     }
+                    // A session within its timeout on the same node, which must come back: the
+                    // idle one's absence is the timeout's, not a recovery that never works.
+                    var fresh = Browser()
+                    for _ in 0..<40 where fresh.id?.nodeID != id.nodeID {
+                        fresh = Browser()
+                        try await manager.increment(&fresh)
+                    }
+                    let freshID = try #require(fresh.id)
+                    try #require(freshID.nodeID == id.nodeID, "a second session on the same node")
+                    let freshBackup = manager.keys(for: freshID.token).backup
+                    try await eventually("the fresh session's backup exists") {
+                        guard case .item(let item?) = try await backupNode.execute(.getMetadata(freshBackup)) else { return false }
+                        return item.timeToLive != nil
+                    }
                     if restart {
                         try await servers[primary].kill()
                         try await servers[primary].restart()
@@ -376,6 +390,7 @@ struct BackupsTests {
                     }
                     #expect(try await backupTTL() != nil, "the backup is still there")
                     #expect(try await manager.readCount(&browser) == 0, "idle-expired: gone, not restored from the backup")
+                    #expect(try await manager.readCount(&fresh) == 1, "within its timeout: restored from the backup")
                 }
             }
         }
