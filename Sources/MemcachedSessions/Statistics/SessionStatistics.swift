@@ -14,7 +14,7 @@ public final class SessionStatistics: Sendable {
         case requestsWithoutSession
         /// A request on a path the ignore pattern matches: no session work at all.
         case requestsIgnored
-        /// A new session created (`loadOrCreate()` found none).
+        /// A new session created (`loadOrCreate()` found none, or `create()`).
         case sessionsCreated
         /// A session read from memcached and served.
         case sessionsLoaded
@@ -36,7 +36,7 @@ public final class SessionStatistics: Sendable {
         case writesSkipped
         /// A CAS write that found the stored copy changed by another request: merged and written again, or refused.
         case writeConflicts
-        /// A session write that got no answer, or could be made on no node.
+        /// A session write that got no answer, could be made on no node, or lost the CAS race too many times.
         case writeFailures
         /// Sticky with asynchronous saves: a changed session queued for the writer.
         case writesAsynchronous
@@ -62,9 +62,9 @@ public final class SessionStatistics: Sendable {
         case backupForks
         /// A session moved off a memcached node that did not answer (or was removed).
         case memcachedFailovers
-        /// Sticky: a session loaded from memcached on an instance its route does not name (its previous owner is gone).
+        /// Sticky: a session loaded from memcached on the instance its route names (or with no routes): it was not in that instance's memory (restarted, or evicted from memory).
         case appServerFailovers
-        /// Sticky: a session taken over from another instance (its previous owner told to drop its copy).
+        /// Sticky: a session loaded from memcached on an instance its route does not name: taken over from that instance (told to drop its copy).
         case takeovers
         /// A session given a new node and id (a failover, a drained or removed node).
         case relocations
@@ -75,7 +75,7 @@ public final class SessionStatistics: Sendable {
         case restoreWaits
         /// A session lock taken (non-sticky locking).
         case locksAcquired
-        /// A request that waited for a lock another request held.
+        /// A lock attempt that found the lock held by another request and waited (a lock taken again may count twice in one request).
         case lockWaits
         /// A request that did not get its lock within the lock wait budget.
         case lockFailures
@@ -97,7 +97,7 @@ public final class SessionStatistics: Sendable {
         case writeRetries
         /// A locked request's write refused: a change its lock did not keep out came first.
         case lockConflicts
-        /// Non-sticky, auto locking: a request run unlocked on a path learned to only read.
+        /// Non-sticky, auto locking: a request with a session run unlocked (a path learned to only read, an adapter that opts out of locking, or locking turned off at run time).
         case requestsUnlockedReadOnly
         /// A stored copy that could not be decoded: read as missing.
         case corruptSessions
@@ -117,7 +117,7 @@ public final class SessionStatistics: Sendable {
         case sessionsMovedToKeyedKeys
         /// A session too large for the memcached item size limit: not written (the stored copy is unchanged).
         case oversizedSessions
-        /// A session whose nodes did not answer (or whose write's outcome is unknown): the unavailable policy applied.
+        /// A request whose session could not be served or saved as it should: its nodes did not answer (the unavailable policy applied), its write's outcome is unknown, its lock was lost before its write landed, or a newer copy it should merge onto was lost.
         case unavailable
         /// A copy left on a node that did not answer (an old primary after a move, a logout's
         /// tombstone), remembered to be dealt with when it answers again.

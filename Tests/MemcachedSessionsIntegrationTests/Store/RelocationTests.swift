@@ -95,6 +95,78 @@ struct RelocationTests {
         }
     }
 
+    /// A write whose reply never came (the node applied it, the reply was cut): an unlocked one
+    /// is tried once more on its node, finds its own write as a conflict, and merges onto it:
+    /// saved once, not moved.
+    @Test func anUnlockedWriteWithNoAnswerIsTriedAgainAndFindsItsOwnWrite() async throws {
+        try await withProxiedPair { proxy, config, _ in
+            var unlocked = config
+            unlocked.locking.mode = .none
+            try await withManager(unlocked) { manager in
+                var browser = Browser()
+                #expect(try await manager.increment(&browser) == 1)
+                let cookie = try #require(browser.cookie)
+                let primary = manager.keys(for: try #require(browser.id).token).primary
+                proxy.cutNextReplies(1, toRequestsContaining: "ms \(primary)")
+                #expect(try await manager.increment(&browser) == 2)
+                #expect(proxy.repliesCut == 1)
+                #expect(browser.cookie == cookie, "not moved")
+                #expect(manager.statistics.value(of: .writeRetries) == 1)
+                #expect(manager.statistics.value(of: .relocations) == 0)
+                #expect(try await manager.readCount(&browser) == 2, "saved once")
+            }
+        }
+    }
+
+    /// A locked write whose reply never came is not tried again (a request that read the copy
+    /// before it may merge over it): the request fails, "may not have been saved", never with a
+    /// cleared cookie, and the session does not move; it reads as before or after the write.
+    @Test func aLockedWriteWithNoAnswerFailsTheRequestAndDoesNotMove() async throws {
+        try await withProxiedPair { proxy, config, _ in
+            try await withManager(config) { manager in
+                var browser = Browser()
+                #expect(try await manager.increment(&browser) == 1)
+                let cookie = try #require(browser.cookie)
+                let primary = manager.keys(for: try #require(browser.id).token).primary
+                proxy.cutNextReplies(1, toRequestsContaining: "ms \(primary)")
+                let error = await sessionError { try await manager.increment(&browser) }
+                #expect(error?.code == .unavailable)
+                #expect(error?.message.contains("may not have been saved") == true, "\(String(describing: error))")
+                #expect(proxy.repliesCut == 1)
+                #expect(browser.cookie == cookie, "never a cleared cookie")
+                #expect(manager.statistics.value(of: .writeRetries) == 0, "a locked write is not tried again")
+                #expect(manager.statistics.value(of: .relocations) == 0)
+                // The node applied the write before its reply was cut: the session reads as after.
+                #expect(try await manager.readCount(&browser) == 2)
+                #expect(browser.cookie == cookie)
+            }
+        }
+    }
+
+    /// An unlocked write whose reply never came, twice (the retry's too), on a node that still
+    /// accepts connections: the request fails, and the session stays on its node.
+    @Test func anUnlockedWriteWithNoAnswerTwiceFailsTheRequestAndDoesNotMove() async throws {
+        try await withProxiedPair { proxy, config, _ in
+            var unlocked = config
+            unlocked.locking.mode = .none
+            try await withManager(unlocked) { manager in
+                var browser = Browser()
+                #expect(try await manager.increment(&browser) == 1)
+                let cookie = try #require(browser.cookie)
+                let primary = manager.keys(for: try #require(browser.id).token).primary
+                proxy.cutNextReplies(2, toRequestsContaining: "ms \(primary)")
+                let error = await sessionError { try await manager.increment(&browser) }
+                #expect(error?.code == .unavailable)
+                #expect(proxy.repliesCut == 2)
+                #expect(browser.cookie == cookie, "never a cleared cookie")
+                #expect(manager.statistics.value(of: .writeRetries) == 1)
+                #expect(manager.statistics.value(of: .relocations) == 0, "not moved off a node that accepts connections")
+                #expect(try await manager.readCount(&browser) == 2, "the first write landed")
+                #expect(browser.cookie == cookie)
+            }
+        }
+    }
+
     @Test func aReadThatFailsTwiceOnANodeStillUpIsUnavailableNotMoved() async throws {
         try await withProxiedPair { proxy, config, _ in
             try await withManager(config) { manager in
