@@ -22,7 +22,8 @@ public final class SessionStatistics: Sendable {
         case sessionsLoadedLocally
         /// Sticky: a local copy found older than memcached's (changed by another instance).
         case localCopiesReplaced
-        /// A session id whose session was not found (ended, expired, evicted, never there), or that ended while the request ran.
+        /// A session id whose session was not found (ended, expired, evicted, never there), or that ended
+        /// while the request ran.
         case sessionsNotFound
         /// A session found past its idle or absolute timeout (sticky: also local copies swept once expired).
         case sessionsExpired
@@ -34,9 +35,11 @@ public final class SessionStatistics: Sendable {
         case writes
         /// A request that opened its session and changed nothing: no write.
         case writesSkipped
-        /// A CAS write that found the stored copy changed by another request: merged and written again, or refused.
+        /// A CAS write that found the stored copy changed by another request: merged and written again, or
+        /// refused.
         case writeConflicts
-        /// A session write that got no answer, could be made on no node, or lost the CAS race too many times.
+        /// A session write that failed: no answer, refused by the server (an error such as out of memory), no
+        /// node to make it on, a failed read or lock after a conflict, or the CAS race lost too many times.
         case writeFailures
         /// Sticky with asynchronous saves: a changed session queued for the writer.
         case writesAsynchronous
@@ -62,9 +65,11 @@ public final class SessionStatistics: Sendable {
         case backupForks
         /// A session moved off a memcached node that did not answer (or was removed).
         case memcachedFailovers
-        /// Sticky: a session loaded from memcached on the instance its route names (or with no routes): it was not in that instance's memory (restarted, or evicted from memory).
+        /// Sticky: a session loaded from memcached on the instance its route names (or with no routes): it
+        /// was not in that instance's memory (restarted, or evicted from memory).
         case appServerFailovers
-        /// Sticky: a session loaded from memcached on an instance its route does not name: taken over from that instance (told to drop its copy).
+        /// Sticky: a session loaded from memcached on an instance its route does not name: taken over from
+        /// that instance (told to drop its copy, when the id names a route).
         case takeovers
         /// A session given a new node and id (a failover, a drained or removed node).
         case relocations
@@ -75,7 +80,8 @@ public final class SessionStatistics: Sendable {
         case restoreWaits
         /// A session lock taken (non-sticky locking).
         case locksAcquired
-        /// A lock attempt that found the lock held by another request and waited (a lock taken again may count twice in one request).
+        /// A lock attempt that could not take the lock at once (held by another request, or its write failed
+        /// with a server error) and waited (a lock taken again may count twice in one request).
         case lockWaits
         /// A request that did not get its lock within the lock wait budget.
         case lockFailures
@@ -97,7 +103,8 @@ public final class SessionStatistics: Sendable {
         case writeRetries
         /// A locked request's write refused: a change its lock did not keep out came first.
         case lockConflicts
-        /// Non-sticky, auto locking: a request with a session run unlocked (a path learned to only read, an adapter that opts out of locking, or locking turned off at run time).
+        /// Non-sticky, auto locking: a request with a session run unlocked (a path learned to only read, or
+        /// an adapter that opts out of locking).
         case requestsUnlockedReadOnly
         /// A stored copy that could not be decoded: read as missing.
         case corruptSessions
@@ -117,7 +124,10 @@ public final class SessionStatistics: Sendable {
         case sessionsMovedToKeyedKeys
         /// A session too large for the memcached item size limit: not written (the stored copy is unchanged).
         case oversizedSessions
-        /// A request whose session could not be served or saved as it should: its nodes did not answer (the unavailable policy applied), its write's outcome is unknown, its lock was lost before its write landed, or a newer copy it should merge onto was lost.
+        /// A request whose session could not be served or saved as it should: its nodes did not answer (the
+        /// unavailable policy applied), its write's outcome is unknown, its lock was lost before its write
+        /// landed, a newer copy it should merge onto was lost, a merge with another copy of the same version
+        /// could not be written, or the session kept moving while it ran.
         case unavailable
         /// A copy left on a node that did not answer (an old primary after a move, a logout's
         /// tombstone), remembered to be dealt with when it answers again.

@@ -120,7 +120,8 @@ struct RelocationTests {
 
     /// A locked write whose reply never came is not tried again (a request that read the copy
     /// before it may merge over it): the request fails, "may not have been saved", never with a
-    /// cleared cookie, and the session does not move; it reads as before or after the write.
+    /// cleared cookie, and the session does not move. (The proxy cuts only the reply: the node
+    /// applied the write, so the session reads as after it.)
     @Test func aLockedWriteWithNoAnswerFailsTheRequestAndDoesNotMove() async throws {
         try await withProxiedPair { proxy, config, _ in
             try await withManager(config) { manager in
