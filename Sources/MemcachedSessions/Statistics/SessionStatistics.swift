@@ -174,9 +174,10 @@ public final class SessionStatistics: Sendable {
         /// Sticky: a logout of a session this instance did not find whose owner was not told
         /// (over the budget of such notices a second; the owner finds the tombstones itself).
         case unfoundNoticesSkipped
+        // New cases go last: the raw values of the cases before stay as they were. Each needs a
+        // doc comment, and its row in docs/operations.md's table (CountersDocumentedTests).
         /// Meta mode: a backup written over this instance's own last write of it with that write's
-        /// CAS unique, in one round trip, without reading the backup's version first. New cases go
-        /// last: the raw values of the cases before stay as they were.
+        /// CAS unique, in one round trip, without reading the backup's version first.
         case backupsWrittenWithoutRead
 
         /// The name in snapshots and metrics (`msm_<name>_total`): snake case.

@@ -79,11 +79,8 @@ struct RelocationTests {
     @Test func aReadThatFailsOnceOnANodeStillUpIsTriedAgainNotMoved() async throws {
         try await withProxiedPair { proxy, config, _ in
             try await withManager(config) { manager in
-                var browser = Browser()
-                #expect(try await manager.increment(&browser) == 1)
-                let cookie = try #require(browser.cookie)
-                #expect(browser.id?.nodeID == "n1")
-                let primary = manager.keys(for: try #require(browser.id).token).primary
+                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                var browser = started
                 proxy.cutNextReplies(1, toRequestsContaining: "mg \(primary)")
                 #expect(try await manager.increment(&browser) == 2)
                 #expect(proxy.repliesCut == 1)
@@ -103,10 +100,8 @@ struct RelocationTests {
             var unlocked = config
             unlocked.locking.mode = .none
             try await withManager(unlocked) { manager in
-                var browser = Browser()
-                #expect(try await manager.increment(&browser) == 1)
-                let cookie = try #require(browser.cookie)
-                let primary = manager.keys(for: try #require(browser.id).token).primary
+                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                var browser = started
                 proxy.cutNextReplies(1, toRequestsContaining: "ms \(primary)")
                 #expect(try await manager.increment(&browser) == 2)
                 #expect(proxy.repliesCut == 1)
@@ -125,10 +120,8 @@ struct RelocationTests {
     @Test func aLockedWriteWithNoAnswerFailsTheRequestAndDoesNotMove() async throws {
         try await withProxiedPair { proxy, config, _ in
             try await withManager(config) { manager in
-                var browser = Browser()
-                #expect(try await manager.increment(&browser) == 1)
-                let cookie = try #require(browser.cookie)
-                let primary = manager.keys(for: try #require(browser.id).token).primary
+                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                var browser = started
                 proxy.cutNextReplies(1, toRequestsContaining: "ms \(primary)")
                 let error = await sessionError { try await manager.increment(&browser) }
                 #expect(error?.code == .unavailable)
@@ -151,10 +144,8 @@ struct RelocationTests {
             var unlocked = config
             unlocked.locking.mode = .none
             try await withManager(unlocked) { manager in
-                var browser = Browser()
-                #expect(try await manager.increment(&browser) == 1)
-                let cookie = try #require(browser.cookie)
-                let primary = manager.keys(for: try #require(browser.id).token).primary
+                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                var browser = started
                 proxy.cutNextReplies(2, toRequestsContaining: "ms \(primary)")
                 let error = await sessionError { try await manager.increment(&browser) }
                 #expect(error?.code == .unavailable)
@@ -171,10 +162,8 @@ struct RelocationTests {
     @Test func aReadThatFailsTwiceOnANodeStillUpIsUnavailableNotMoved() async throws {
         try await withProxiedPair { proxy, config, _ in
             try await withManager(config) { manager in
-                var browser = Browser()
-                #expect(try await manager.increment(&browser) == 1)
-                let cookie = try #require(browser.cookie)
-                let primary = manager.keys(for: try #require(browser.id).token).primary
+                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                var browser = started
                 let released = manager.statistics.value(of: .locksReleased)
                 proxy.cutNextReplies(2, toRequestsContaining: "mg \(primary)")
                 let error = await sessionError { try await manager.increment(&browser) }
