@@ -19,6 +19,27 @@ import NIOCore
         #expect(CopyLifetimes.horizonSeconds(idle: 0) == 86_400 + 600, "a day for sessions without an idle timeout")
     }
 
+    /// memcached's clock ticks once a second (an item stored for `n` seconds lives between `n - 1`
+    /// and `n`): a primary is stored for its idle timeout plus one second, so that it lives at
+    /// least its idle timeout; the absolute timeout's remainder, rounded up, caps it.
+    @Test func aPrimaryIsStoredForItsIdleTimeoutPlusASecondCappedByItsAbsoluteTimeout() {
+        func metadata(idle: Int64, absolute: Int64 = 0, createdAt: Int64 = 0) -> SessionMetadata {
+            SessionMetadata(
+                createdAt: createdAt, lastAccessedAt: createdAt, idleTimeoutSeconds: idle, absoluteTimeoutSeconds: absolute,
+                version: 1)
+        }
+        #expect(SessionStore.primaryTTLSeconds(metadata(idle: 12), now: 0) == 13)
+        #expect(SessionStore.primaryTTLSeconds(metadata(idle: 1800), now: 5_000_000) == 1801)
+        #expect(SessionStore.primaryTTLSeconds(metadata(idle: 12, absolute: 60), now: 0) == 13)
+        #expect(SessionStore.primaryTTLSeconds(metadata(idle: 12, absolute: 60), now: 54_500) == 6, "5.5 s left: rounded up")
+        #expect(SessionStore.primaryTTLSeconds(metadata(idle: 12, absolute: 60), now: 61_000) == 1, "past it: the shortest TTL")
+        #expect(SessionStore.primaryTTLSeconds(metadata(idle: 0, absolute: 60), now: 10_000) == 50, "no idle timeout: what is left")
+        #expect(SessionStore.primaryTTLSeconds(metadata(idle: 0), now: 0) == nil, "never expires")
+        // The backup outlives the primary by two refresh windows (a quarter of the idle timeout each).
+        #expect(SessionStore.backupTTLSeconds(metadata(idle: 12), now: 0) == 19, "13 + 2 × 3")
+        #expect(SessionStore.backupTTLSeconds(metadata(idle: 0), now: 0) == nil)
+    }
+
     @Test func aTombstoneOutlivesTheLongerOfTheDefaultsAndTheSessionsCopies() {
         #expect(CopyLifetimes.tombstoneSeconds(defaultIdle: 60, sessionIdle: nil) == 60 + 30 + 60)
         #expect(CopyLifetimes.tombstoneSeconds(defaultIdle: 60, sessionIdle: 30) == 60 + 30 + 60, "a shorter one: the default")
