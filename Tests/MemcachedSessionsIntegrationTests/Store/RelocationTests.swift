@@ -79,12 +79,13 @@ struct RelocationTests {
     @Test func aReadThatFailsOnceOnANodeStillUpIsTriedAgainNotMoved() async throws {
         try await withProxiedPair { proxy, config, _ in
             try await withManager(config) { manager in
-                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                let (started, id, keys) = try await startedSession(manager)
                 var browser = started
-                proxy.cutNextReplies(1, toRequestsContaining: "mg \(primary)")
+                #expect(id.nodeID == "n1", "behind the proxy")
+                proxy.cutNextReplies(1, toRequestsContaining: "mg \(keys.primary)")
                 #expect(try await manager.increment(&browser) == 2)
                 #expect(proxy.repliesCut == 1)
-                #expect(browser.cookie == cookie, "not moved")
+                #expect(browser.id == id, "not moved")
                 #expect(manager.statistics.value(of: .readRetries) == 1)
                 #expect(manager.statistics.value(of: .relocations) == 0)
                 #expect(manager.statistics.value(of: .lockWaits) == 0, "the lock its lost reply took is its own")
@@ -100,12 +101,12 @@ struct RelocationTests {
             var unlocked = config
             unlocked.locking.mode = .none
             try await withManager(unlocked) { manager in
-                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                let (started, id, keys) = try await startedSession(manager)
                 var browser = started
-                proxy.cutNextReplies(1, toRequestsContaining: "ms \(primary)")
+                proxy.cutNextReplies(1, toRequestsContaining: "ms \(keys.primary)")
                 #expect(try await manager.increment(&browser) == 2)
                 #expect(proxy.repliesCut == 1)
-                #expect(browser.cookie == cookie, "not moved")
+                #expect(browser.id == id, "not moved")
                 #expect(manager.statistics.value(of: .writeRetries) == 1)
                 #expect(manager.statistics.value(of: .relocations) == 0)
                 #expect(try await manager.readCount(&browser) == 2, "saved once")
@@ -120,19 +121,19 @@ struct RelocationTests {
     @Test func aLockedWriteWithNoAnswerFailsTheRequestAndDoesNotMove() async throws {
         try await withProxiedPair { proxy, config, _ in
             try await withManager(config) { manager in
-                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                let (started, id, keys) = try await startedSession(manager)
                 var browser = started
-                proxy.cutNextReplies(1, toRequestsContaining: "ms \(primary)")
+                proxy.cutNextReplies(1, toRequestsContaining: "ms \(keys.primary)")
                 let error = await sessionError { try await manager.increment(&browser) }
                 #expect(error?.code == .unavailable)
                 #expect(error?.message.contains("may not have been saved") == true, "\(String(describing: error))")
                 #expect(proxy.repliesCut == 1)
-                #expect(browser.cookie == cookie, "never a cleared cookie")
+                #expect(browser.id == id, "never a cleared cookie")
                 #expect(manager.statistics.value(of: .writeRetries) == 0, "a locked write is not tried again")
                 #expect(manager.statistics.value(of: .relocations) == 0)
                 // The node applied the write before its reply was cut: the session reads as after.
                 #expect(try await manager.readCount(&browser) == 2)
-                #expect(browser.cookie == cookie)
+                #expect(browser.id == id)
             }
         }
     }
@@ -144,17 +145,17 @@ struct RelocationTests {
             var unlocked = config
             unlocked.locking.mode = .none
             try await withManager(unlocked) { manager in
-                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                let (started, id, keys) = try await startedSession(manager)
                 var browser = started
-                proxy.cutNextReplies(2, toRequestsContaining: "ms \(primary)")
+                proxy.cutNextReplies(2, toRequestsContaining: "ms \(keys.primary)")
                 let error = await sessionError { try await manager.increment(&browser) }
                 #expect(error?.code == .unavailable)
                 #expect(proxy.repliesCut == 2)
-                #expect(browser.cookie == cookie, "never a cleared cookie")
+                #expect(browser.id == id, "never a cleared cookie")
                 #expect(manager.statistics.value(of: .writeRetries) == 1)
                 #expect(manager.statistics.value(of: .relocations) == 0, "not moved off a node that accepts connections")
                 #expect(try await manager.readCount(&browser) == 2, "the first write landed")
-                #expect(browser.cookie == cookie)
+                #expect(browser.id == id)
             }
         }
     }
@@ -162,21 +163,81 @@ struct RelocationTests {
     @Test func aReadThatFailsTwiceOnANodeStillUpIsUnavailableNotMoved() async throws {
         try await withProxiedPair { proxy, config, _ in
             try await withManager(config) { manager in
-                let (started, cookie, primary) = try await startedProxiedSession(manager)
+                let (started, id, keys) = try await startedSession(manager)
                 var browser = started
                 let released = manager.statistics.value(of: .locksReleased)
-                proxy.cutNextReplies(2, toRequestsContaining: "mg \(primary)")
+                proxy.cutNextReplies(2, toRequestsContaining: "mg \(keys.primary)")
                 let error = await sessionError { try await manager.increment(&browser) }
                 #expect(error?.code == .unavailable)
                 #expect(manager.statistics.value(of: .relocations) == 0)
-                #expect(browser.cookie == cookie)
+                #expect(browser.id == id)
                 // The node answers again: the session is where it was, unchanged, and the lock
                 // the lost reply took was released (not waited out).
                 try await eventually("the orphaned lock released") { manager.statistics.value(of: .locksReleased) == released + 1 }
                 let waits = manager.statistics.value(of: .lockWaits)
                 #expect(try await manager.increment(&browser) == 2)
                 #expect(manager.statistics.value(of: .lockWaits) == waits)
-                #expect(browser.cookie == cookie)
+                #expect(browser.id == id)
+            }
+        }
+    }
+
+    /// What a locked request whose write must move finds on the node it moves to.
+    enum AtTheNewNode: CaseIterable, Sendable { case nothing, someoneElsesLock, someoneElsesCopy }
+
+    /// A locked request whose write must move (its node died while it ran) moves under the lock
+    /// of the node it moves to, taken before it writes there, and only onto a node that holds no
+    /// copy yet (one there was put by a request its lock did not keep out). With that lock held
+    /// by someone else, its wait ends at the budget; with a copy there, it is refused (by the
+    /// read under the new lock, and again by its write, an add): either way it writes nothing
+    /// there and the request fails. With nothing there, it moves, saves, and
+    /// releases the new lock.
+    @Test(arguments: AtTheNewNode.allCases)
+    func aLockedWriteThatMustMoveTakesTheNewNodesLockFirst(found: AtTheNewNode) async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            var config = try configuration(n1: servers[0].hostAndPort, n2: servers[1].hostAndPort)
+            config.locking.mode = .all
+            config.locking.waitBudget = .seconds(1)
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    let (browser, id, keys) = try await startedSession(manager)
+                    try #require(id.nodeID == "n1")
+                    let n2 = try inspector.node("n2")
+                    switch found {
+                    case .nothing:
+                        break
+                    case .someoneElsesLock:
+                        #expect(try await n2.add(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30)))
+                    case .someoneElsesCopy:
+                        // The session as it was (count 1), put there as a recovery elsewhere would.
+                        let copy = try #require(try await inspector.node("n1").get(keys.primary))
+                        _ = try await n2.set(keys.primary, value: copy.value, ttl: .seconds(60), flags: copy.flags)
+                    }
+                    let acquired = manager.statistics.value(of: .locksAcquired)
+                    let error = try await lockedRequest(manager, browser, setting: 100) {
+                        try await servers[0].kill()
+                        try await eventually("n1 is seen down") { !manager.topology.isReachable("n1") }
+                    }
+                    let lockThere = try await n2.get(keys.lock)
+                    var moved = Browser(cookie: id.relocated(to: "n2").description)
+                    switch found {
+                    case .nothing:
+                        #expect(error == nil, "\(String(describing: error))")
+                        #expect(manager.statistics.value(of: .locksAcquired) == acquired + 2, "n1's, then n2's")
+                        #expect(lockThere == nil, "the new lock released")
+                        #expect(try await manager.readCount(&moved) == 100)
+                    case .someoneElsesLock:
+                        #expect(error?.code == .lockUnavailable, "\(String(describing: error))")
+                        #expect(manager.statistics.value(of: .locksAcquired) == acquired + 1, "n1's only")
+                        #expect(try await n2.get(keys.primary) == nil, "nothing written under someone else's lock")
+                        #expect(lockThere.map { String(buffer: $0.value) } == "someone-else")
+                    case .someoneElsesCopy:
+                        #expect(error?.code == .lockUnavailable, "\(String(describing: error))")
+                        #expect(manager.statistics.value(of: .locksAcquired) == acquired + 2, "n1's, then n2's")
+                        #expect(lockThere == nil, "the new lock released")
+                        #expect(try await manager.readCount(&moved) == 1, "the copy there is not written over")
+                    }
+                }
             }
         }
     }

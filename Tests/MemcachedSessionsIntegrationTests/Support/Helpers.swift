@@ -189,7 +189,6 @@ func startedSession(_ manager: SessionManager) async throws -> (Browser, Memcach
     var browser = Browser()
     try await manager.increment(&browser)
     let id = try #require(browser.id)
-    try #require(id.nodeID == "n1", "on the node behind the proxy")
     return (browser, id, manager.keys(for: id.token))
 }
 
@@ -249,19 +248,6 @@ func withProxiedPair(
         config.memcached.failureThreshold = 10
         try await body(proxy, config, servers)
     }
-}
-
-/// A session started through `withProxiedPair`'s manager (count 1) on n1, the node behind the
-/// proxy: its browser, its cookie and the key of its primary copy, whose replies a test cuts.
-func startedProxiedSession(
-    _ manager: SessionManager
-) async throws -> (browser: Browser, cookie: String, primary: String) {
-    var browser = Browser()
-    #expect(try await manager.increment(&browser) == 1)
-    let cookie = try #require(browser.cookie)
-    let id = try #require(browser.id)
-    try #require(id.nodeID == "n1", "on the node behind the proxy")
-    return (browser, cookie, manager.keys(for: id.token).primary)
 }
 
 // From the former OperationsTests.swift.
