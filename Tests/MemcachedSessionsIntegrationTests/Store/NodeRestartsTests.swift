@@ -18,6 +18,62 @@ import Tracing
 
 @Suite("Nodes restarted empty")
 struct NodeRestartsTests {
+    /// A node that evicted items may have lost sessions: a miss there, within the copies'
+    /// horizon of the eviction, is looked for in the backups, as after a restart, and the node
+    /// is asked at the miss (the watch need not have seen the eviction). A logged-out session
+    /// whose tombstone was evicted stays ended (its backup's tombstone says so). memcached runs
+    /// with 2 MB here, filled with items of the copy's size until it evicts the copy.
+    @Test(arguments: [false, true])
+    func aSessionEvictedFromItsNodeIsReadFromItsBackup(loggedOut: Bool) async throws {
+        try await withMemcachedServers(count: 2, memoryMegabytes: 2) { servers in
+            let config = try configuration(n1: servers[0].hostAndPort, n2: servers[1].hostAndPort)
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    let (started, id, keys) = try await startedSession(manager)
+                    var browser = started
+                    try #require(id.nodeID == "n1")
+                    #expect(try await manager.increment(&browser) == 2)
+                    let n1 = try inspector.node("n1")
+                    try await eventually("a backup on n2") { try await inspector.node("n2").get(keys.backup) != nil }
+                    try await eventually("n1's evictions known") { manager.store.nodeRestarts.knows("n1") }
+                    #expect(!manager.store.missMayBeRestart(on: "n1"))
+                    if loggedOut {
+                        var loggingOut = browser
+                        try await manager.request(&loggingOut, path: "/logout") { access in try await access.invalidate() }
+                        #expect(loggingOut.cookie == nil)
+                    }
+                    // Items of the copy's size (key and value), in its slab class: rounds of three
+                    // times what 2 MB holds, the copy looked at only between rounds (a read moves
+                    // it up the LRU).
+                    let copy = try #require(try await n1.get(keys.primary))
+                    let junk = ByteBuffer(repeating: UInt8(ascii: "j"), count: copy.value.readableBytes)
+                    func junkKey(_ number: Int) -> String {
+                        let name = "junk\(number)-"
+                        return name + String(repeating: "x", count: max(0, keys.primary.utf8.count - name.utf8.count))
+                    }
+                    var written = 0
+                    for _ in 0..<10 {
+                        for _ in 0..<40 {
+                            let batch = (0..<500).map { number in
+                                MemcachedRequest.store(junkKey(written + number), value: junk, mode: .set, ttl: .seconds(60))
+                            }
+                            _ = await n1.executeBatch(batch)
+                            written += batch.count
+                        }
+                        if try await n1.get(keys.primary) == nil { break }
+                    }
+                    try #require(try await n1.get(keys.primary) == nil, "the copy evicted after \(written) items")
+                    if loggedOut {
+                        #expect(try await manager.readCount(&browser) == 0, "ended: not brought back from its backup")
+                    } else {
+                        #expect(try await manager.readCount(&browser) == 2, "read from its backup")
+                    }
+                    #expect(manager.store.missMayBeRestart(on: "n1"), "the eviction seen at the miss")
+                }
+            }
+        }
+    }
+
     @Test func aQuicklyRestartedNodeDoesNotLoseSessionsThatHaveABackup() async throws {
         try await withMemcachedServers(count: 2) { servers in
             try await withManager(try configuration(servers)) { manager in
