@@ -5,7 +5,8 @@ import NIOPosix
 /// A fault-injecting TCP proxy in front of a server, for what `SIGSTOP` and `SIGKILL` cannot do to
 /// a real process: a slow node (every chunk delayed), a stalled one (nothing forwarded until
 /// resumed, then everything in order), a flapping one (every connection dropped), a reply cut off
-/// after a number of bytes (the command applied, its reply lost), a black hole (requests swallowed).
+/// after a number of bytes (the command applied, its reply lost), a black hole (requests swallowed),
+/// a request dropped with its connection (never applied, its outcome unknown to the client).
 ///
 /// Listens on a free loopback port; each accepted connection gets its own connection to the target.
 /// Faults apply to connections open now and to later ones. ``stop()`` closes everything.
@@ -29,6 +30,11 @@ public final class FaultProxy: Sendable {
         /// delivered at the resume, as bytes in flight in a network are; the server's side closes
         /// after. (Otherwise a client's close drops what is held.)
         public var deliversAfterClientCloses = false
+        /// The next this many requests (client-to-server chunks) that contain `dropContaining` are
+        /// dropped, and their connection closed: the server never sees them, and the client's
+        /// requests on that connection fail with their outcome unknown.
+        public var requestsToDrop = 0
+        public var dropContaining: [UInt8] = []
         public init() {}
     }
 
@@ -36,6 +42,7 @@ public final class FaultProxy: Sendable {
         var faults = Faults()
         var connections: [ObjectIdentifier: Pair] = [:]
         var repliesCut = 0
+        var requestsDropped = 0
         var accepted = 0
     }
 
@@ -49,6 +56,8 @@ public final class FaultProxy: Sendable {
     public var hostAndPort: String { "127.0.0.1:\(port)" }
     /// Replies cut so far.
     public var repliesCut: Int { state.withLockedValue { $0.repliesCut } }
+    /// Requests dropped so far (``dropNextRequests(_:containing:)``).
+    public var requestsDropped: Int { state.withLockedValue { $0.requestsDropped } }
     /// Chunks held (stalled, or waiting out a delay) on every open connection.
     public var heldChunks: Int {
         state.withLockedValue { Array($0.connections.values) }.reduce(0) { $0 + $1.heldCount }
@@ -102,6 +111,13 @@ public final class FaultProxy: Sendable {
             $0.cutOnlyAfter = pattern.map { Array($0.utf8) }
         }
     }
+    /// Drops the next `count` requests that contain `pattern`, each with its connection.
+    public func dropNextRequests(_ count: Int = 1, containing pattern: String) {
+        update {
+            $0.requestsToDrop = count
+            $0.dropContaining = Array(pattern.utf8)
+        }
+    }
     public func clearFaults() { update { $0 = Faults() } }
 
     /// Closes every open connection (a flap); new ones are accepted.
@@ -126,6 +142,17 @@ public final class FaultProxy: Sendable {
             if !armed { state.faults.repliesToCut -= 1 }
             state.repliesCut += 1
             return state.faults.cutAfterBytes
+        }
+    }
+
+    /// Whether a request chunk is to be dropped (and its connection closed).
+    func drops(_ chunk: ByteBuffer) -> Bool {
+        state.withLockedValue { state in
+            guard state.faults.requestsToDrop > 0, chunk.readableBytesView.firstRange(of: state.faults.dropContaining) != nil
+            else { return false }
+            state.faults.requestsToDrop -= 1
+            state.requestsDropped += 1
+            return true
         }
     }
 
@@ -209,6 +236,10 @@ public final class FaultProxy: Sendable {
         func received(_ buffer: ByteBuffer, towardServer: Bool) {
             let faults = proxy.faults
             if towardServer, faults.blackhole { return }
+            if towardServer, proxy.drops(buffer) {
+                close()
+                return
+            }
             var buffer = buffer
             if towardServer, proxy.arms(buffer) { held.withLockedValue { $0.armedCuts += 1 } }
             let armed = !towardServer && held.withLockedValue { held in

@@ -61,7 +61,8 @@ final class SessionLocks: SessionManagerPart {
     /// (`ms <lock> ... ME` and `mg <session>` in one write). While another request holds the lock,
     /// waits with exponential backoff and jitter within the wait budget.
     ///
-    /// - Returns: the lock (nil when the policy let the request proceed without it) and the read.
+    /// - Returns: the lock (nil when the policy let the request proceed without it, or when another
+    ///   request holds it and the read found a tombstone) and the read.
     ///
     /// - Parameters:
     ///   - token: the lock's value (a new random token when nil).
@@ -112,7 +113,10 @@ final class SessionLocks: SessionManagerPart {
                     statistics.count(.locksAcquired)
                     return (lock, readOutcome)
                 }
-                // held by another request
+                // Held by another request. An ended session has nothing left to guard: no write
+                // replaces a tombstone, and a new session gets a new id. Its lock, perhaps left by
+                // a logout whose release was lost, is not waited out.
+                if case .tombstone = readOutcome { return (nil, readOutcome) }
             case .failure(let error) where error.meansNodeUnreachable:
                 return (nil, .unreachable(error))
             default:
@@ -379,7 +383,14 @@ final class SessionLocks: SessionManagerPart {
         held.remove(lock)
         logger.notice("a session lock expired before its request ended; taking it again", metadata: ["memcached.node": "\(lock.nodeID)"])
         let (relocked, read) = try await lockAndRead(keys: keys, nodeID: lock.nodeID, touch: nil)
-        guard let relocked else { return nil }
+        guard let relocked else {
+            // Ended meanwhile (its lock, held by another, was not waited out): as with the lock.
+            if case .tombstone = read {
+                statistics.count(.lockConflicts)
+                throw Self.conflictError
+            }
+            return nil
+        }
         switch (read, session.storedCasUnique) {
         case (.found(let stored), let expected?) where stored.casUnique == expected:
             return relocked  // nobody wrote meanwhile

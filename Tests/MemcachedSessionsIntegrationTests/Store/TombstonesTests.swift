@@ -220,4 +220,35 @@ struct TombstonesTests {
             }
         }
     }
+
+    /// A logout whose tombstone never reached the session's node (its connection closed under it,
+    /// the node still up and marked up) writes it there before it answers: the node holds the
+    /// tombstone when the logout's response comes (the simulation, seed 14016: the logout
+    /// answered, and another instance served the session there). Two rules see to it, each
+    /// enough alone here: the tombstone is tried once more at once, and a logout waits, within the
+    /// request timeout, for a missed one to land on the nodes its cookies name. The old cookie then
+    /// reads nothing, at once: the lock the logout could not release (its release went with the
+    /// tombstone) is not waited out for an ended session.
+    @Test func aLogoutsTombstoneThatDidNotArriveLandsBeforeTheLogoutAnswers() async throws {
+        try await withProxiedPair { proxy, config, servers in
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    let (started, id, keys) = try await startedSession(manager)
+                    var browser = started
+                    try #require(id.nodeID == "n1", "behind the proxy")
+                    proxy.dropNextRequests(1, containing: "ms \(keys.primary) ")
+                    try await manager.request(&browser, path: "/logout") { access in try await access.invalidate() }
+                    #expect(proxy.requestsDropped == 1)
+                    #expect(browser.cookie == nil)
+                    // servers[0], behind the proxy, read directly.
+                    let stored = try await inspector.node("n1").get(keys.primary)
+                    #expect(stored?.flags == SessionManager.tombstoneFlags, "the tombstone landed before the logout answered")
+                    let waits = manager.statistics.value(of: .lockWaits)
+                    var old = Browser(cookie: id.description)
+                    #expect(try await manager.readCount(&old) == 0)
+                    #expect(manager.statistics.value(of: .lockWaits) == waits, "no wait for an ended session's lock")
+                }
+            }
+        }
+    }
 }
