@@ -115,8 +115,13 @@ final class SessionLocks: SessionManagerPart {
                 }
                 // Held by another request. An ended session has nothing left to guard: no write
                 // replaces a tombstone, and a new session gets a new id. Its lock, perhaps left by
-                // a logout whose release was lost, is not waited out.
-                if case .tombstone = readOutcome { return (nil, readOutcome) }
+                // a logout whose release was lost, is not waited out. (Not in the minute before a
+                // storage-key switch, where an unkeyed tombstone may mean the session moved to its
+                // keyed keys, and the request goes on there: SessionStore.lookAhead.)
+                if case .tombstone = readOutcome, !mayHaveMovedToKeyedKeys(keys) {
+                    if waited { statistics.time(.lockWait, since: start) }
+                    return (nil, readOutcome)
+                }
             case .failure(let error) where error.meansNodeUnreachable:
                 return (nil, .unreachable(error))
             default:
@@ -152,6 +157,14 @@ final class SessionLocks: SessionManagerPart {
                 throw SessionError(code: .lockUnavailable, message: "cancelled while waiting for the session's lock")
             }
         }
+    }
+
+    /// Whether a tombstone on `keys` may stand for a move to the session's keyed keys (the minute
+    /// before a storage-key switch) rather than its end.
+    private func mayHaveMovedToKeyedKeys(_ keys: SessionKeys) -> Bool {
+        guard !keys.isKeyed else { return false }
+        guard let token = keys.token else { return true }
+        return context.keyedKeysBeforeSwitch(for: token) != nil
     }
 
     /// The CAS unique of the lock at `key` when it holds `token` (an acquisition of this request's

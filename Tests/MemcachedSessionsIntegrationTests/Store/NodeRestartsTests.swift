@@ -42,7 +42,7 @@ struct NodeRestartsTests {
                         try await manager.request(&loggingOut, path: "/logout") { access in try await access.invalidate() }
                         #expect(loggingOut.cookie == nil)
                     }
-                    // Items of the copy's size (key and value), in its slab class: rounds of three
+                    // Items of the copy's size (key, value and flags), in its slab class: rounds of three
                     // times what 2 MB holds, the copy looked at only between rounds (a read moves
                     // it up the LRU).
                     let copy = try #require(try await n1.get(keys.primary))
@@ -55,7 +55,8 @@ struct NodeRestartsTests {
                     for _ in 0..<10 {
                         for _ in 0..<40 {
                             let batch = (0..<500).map { number in
-                                MemcachedRequest.store(junkKey(written + number), value: junk, mode: .set, ttl: .seconds(60))
+                                MemcachedRequest.store(
+                                    junkKey(written + number), value: junk, mode: .set, ttl: .seconds(60), flags: copy.flags)
                             }
                             _ = await n1.executeBatch(batch)
                             written += batch.count

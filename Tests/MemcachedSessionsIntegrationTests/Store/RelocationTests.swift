@@ -188,10 +188,11 @@ struct RelocationTests {
     /// A locked request whose write must move (its node died while it ran) moves under the lock
     /// of the node it moves to, taken before it writes there, and only onto a node that holds no
     /// copy yet (one there was put by a request its lock did not keep out). With that lock held
-    /// by someone else, its wait ends at the budget; with a copy there, it is refused (by the
-    /// read under the new lock, and again by its write, an add): either way it writes nothing
-    /// there and the request fails. With nothing there, it moves, saves, and
-    /// releases the new lock.
+    /// by someone else, its wait ends at the budget; with a copy there, it is refused (the read
+    /// under the new lock finds it; the counted locks tell that rule from the later write's own
+    /// conflict check, which refuses it too): either way it writes nothing there and the request
+    /// fails. (Locking's failure policy is `.fail`, the default.) With nothing there, it moves,
+    /// saves, and releases the new lock.
     @Test(arguments: AtTheNewNode.allCases)
     func aLockedWriteThatMustMoveTakesTheNewNodesLockFirst(found: AtTheNewNode) async throws {
         try await withMemcachedServers(count: 2) { servers in
