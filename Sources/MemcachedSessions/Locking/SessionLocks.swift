@@ -123,6 +123,7 @@ final class SessionLocks: SessionManagerPart {
                     return (nil, readOutcome)
                 }
             case .failure(let error) where error.meansNodeUnreachable:
+                if waited { statistics.time(.lockWait, since: start) }
                 return (nil, .unreachable(error))
             default:
                 // The lock could not be written for another reason (e.g. a server error): proceed

@@ -138,8 +138,15 @@ final class NonStickyLifecycle: SessionLifecycle {
         }
         var lock: HeldLock? = nil
         if access.locks {
-            // The lock on the target: concurrent recoveries of this session take turns.
-            (lock, _) = try await locks.lockAndRead(keys: keys, nodeID: target, touch: nil)
+            // The lock on the target: concurrent recoveries of this session take turns. A
+            // tombstone there ended the session (it may come with no lock: another holds it).
+            let (taken, read) = try await locks.lockAndRead(keys: keys, nodeID: target, touch: nil)
+            if case .tombstone = read {
+                if let taken { await locks.release(taken) }
+                statistics.count(.sessionsNotFound)
+                return nil
+            }
+            lock = taken
         }
         let search = await searchCopies(keys: keys, from: id.nodeID, on: topology.others(than: id.nodeID).filter { topology.isReachable($0) })
         if search.tombstone {

@@ -58,7 +58,8 @@ struct NodeRestartsTests {
                                 MemcachedRequest.store(
                                     junkKey(written + number), value: junk, mode: .set, ttl: .seconds(60), flags: copy.flags)
                             }
-                            _ = await n1.executeBatch(batch)
+                            let results = await n1.executeBatch(batch)
+                            try #require(results.allSatisfy { if case .success = $0 { true } else { false } }, "the junk written")
                             written += batch.count
                         }
                         if try await n1.get(keys.primary) == nil { break }

@@ -243,10 +243,15 @@ struct TombstonesTests {
                     // servers[0], behind the proxy, read directly.
                     let stored = try await inspector.node("n1").get(keys.primary)
                     #expect(stored?.flags == SessionManager.tombstoneFlags, "the tombstone landed before the logout answered")
+                    // The logout's lock stays (its release went with the tombstone), unless a slow
+                    // run outlived it: then the wait it would cause cannot be seen.
+                    let lockStays = try await inspector.node("n1").get(keys.lock) != nil
                     let waits = manager.statistics.value(of: .lockWaits)
                     var old = Browser(cookie: id.description)
                     #expect(try await manager.readCount(&old) == 0)
-                    #expect(manager.statistics.value(of: .lockWaits) == waits, "no wait for an ended session's lock")
+                    if lockStays {
+                        #expect(manager.statistics.value(of: .lockWaits) == waits, "no wait for an ended session's lock")
+                    }
                 }
             }
         }
