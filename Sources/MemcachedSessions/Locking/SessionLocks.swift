@@ -384,7 +384,8 @@ final class SessionLocks: SessionManagerPart {
     /// that no locked request's change is lost silently.
     ///
     /// - Returns: the lock to write under; nil when the failure policy lets the request proceed
-    ///   unlocked.
+    ///   unlocked (under `.fail`, a lock that cannot be taken again, its node silent or another
+    ///   request holding it past the wait budget, fails the request).
     func confirmLock(_ lock: HeldLock, keys: SessionKeys, session: MemcachedSession) async throws(SessionError) -> HeldLock? {
         if holdsLease(lock) { return lock }
         if !lock.isLost {
@@ -398,12 +399,22 @@ final class SessionLocks: SessionManagerPart {
         logger.notice("a session lock expired before its request ended; taking it again", metadata: ["memcached.node": "\(lock.nodeID)"])
         let (relocked, read) = try await lockAndRead(keys: keys, nodeID: lock.nodeID, touch: nil)
         guard let relocked else {
-            // Ended meanwhile (its lock, held by another, was not waited out): as with the lock.
-            if case .tombstone = read {
+            switch read {
+            case .tombstone:
+                // Ended meanwhile (its lock, held by another, was not waited out): as with the lock.
                 statistics.count(.lockConflicts)
                 throw Self.conflictError
+            case .unreachable where configuration.locking.failurePolicy == .fail:
+                // The node did not answer: whether another request wrote after this one's lease
+                // ran out is unknown, and a lock not had fails the request under this policy (a
+                // move now would carry changes no lock guarded to another node).
+                statistics.count(.lockFailures)
+                throw SessionError(
+                    code: .lockUnavailable,
+                    message: "the session's lock ran out while its node did not answer; the request's changes were not saved")
+            default:
+                return nil  // the policy lets the request proceed unlocked
             }
-            return nil
         }
         switch (read, session.storedCasUnique) {
         case (.found(let stored), let expected?) where stored.casUnique == expected:

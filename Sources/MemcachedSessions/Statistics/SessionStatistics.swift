@@ -83,7 +83,8 @@ public final class SessionStatistics: Sendable {
         /// A lock attempt that could not take the lock at once (held by another request, or its write failed
         /// with a server error) and waited (a lock taken again may count twice in one request).
         case lockWaits
-        /// A request that did not get its lock within the lock wait budget.
+        /// A request that did not get its lock within the lock wait budget, or whose lock ran out while its
+        /// node did not answer (failure policy `.fail`).
         case lockFailures
         /// A held lock's lease extended for a long request.
         case lockRenewals

@@ -242,4 +242,47 @@ struct RelocationTests {
             }
         }
     }
+
+    /// A locked request whose lease ran out while its node was dead (its renewals unanswered)
+    /// cannot take its lock again there. Whether another request wrote the session after the
+    /// lease ended is unknown: under `.fail` its changes are refused (nothing is moved, and the
+    /// session stays as its backup has it); under `.proceedUnlocked` it moves, unlocked.
+    @Test(arguments: [SessionManager.LockFailurePolicy.fail, .proceedUnlocked])
+    func aLockedWriteWhoseLeaseRanOutOnADeadNodeFollowsTheFailurePolicy(policy: SessionManager.LockFailurePolicy)
+        async throws
+    {
+        try await withMemcachedServers(count: 2) { servers in
+            var config = try configuration(n1: servers[0].hostAndPort, n2: servers[1].hostAndPort)
+            config.locking.mode = .all
+            config.locking.expiry = .seconds(2)
+            config.locking.waitBudget = .seconds(1)
+            config.locking.failurePolicy = policy
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    let (started, id, keys) = try await startedSession(manager)
+                    var browser = started
+                    try #require(id.nodeID == "n1")
+                    let n2 = try inspector.node("n2")
+                    let locks = manager.store.locks
+                    let error = try await lockedRequest(manager, browser, setting: 100) {
+                        try await servers[0].kill()
+                        try await eventually("n1 is seen down") { !manager.topology.isReachable("n1") }
+                        try await eventually("the lock's lease ran out") {
+                            locks.held.all.contains { $0.nodeID == "n1" && !locks.holdsLease($0) }
+                        }
+                    }
+                    var moved = Browser(cookie: id.relocated(to: "n2").description)
+                    switch policy {
+                    case .fail:
+                        #expect(error?.code == .lockUnavailable, "\(String(describing: error))")
+                        #expect(try await n2.get(keys.primary) == nil, "nothing moved")
+                        #expect(try await manager.readCount(&browser) == 1, "recovered from its backup, without the refused change")
+                    case .proceedUnlocked:
+                        #expect(error == nil, "\(String(describing: error))")
+                        #expect(try await manager.readCount(&moved) == 100)
+                    }
+                }
+            }
+        }
+    }
 }
