@@ -79,6 +79,9 @@ final class SessionLocks: SessionManagerPart {
         let budget = TimeAmount(configuration.locking.waitBudget)
         var attempt = 0
         var waited = false
+        // The wait's time, however it ends (the lock taken, the session found ended, the node
+        // silent, the budget spent, the request cancelled).
+        defer { if waited { statistics.time(.lockWait, since: start) } }
         while true {
             let acquire = MemcachedRequest.store(keys.lock, value: ByteBuffer(string: token), mode: .add, ttl: lockTTL)
             let read = MemcachedRequest.get(keys.primary, touch: touch)
@@ -103,7 +106,6 @@ final class SessionLocks: SessionManagerPart {
                     key: keys.lock, nodeID: nodeID, token: token, casUnique: cas, now: clock.now(), sequence: held.nextSequence())
                 held.add(lock)
                 statistics.count(.locksAcquired)
-                if waited { statistics.time(.lockWait, since: start) }
                 return (lock, readOutcome)
             case .success(.stored(.notStored)), .success(.stored(.exists)):
                 if mayAlreadyHold, attempt == 0, let cas = await ownLock(keys.lock, token: token, on: node) {
@@ -119,11 +121,9 @@ final class SessionLocks: SessionManagerPart {
                 // storage-key switch, where an unkeyed tombstone may mean the session moved to its
                 // keyed keys, and the request goes on there: SessionStore.lookAhead.)
                 if case .tombstone = readOutcome, !mayHaveMovedToKeyedKeys(keys) {
-                    if waited { statistics.time(.lockWait, since: start) }
                     return (nil, readOutcome)
                 }
             case .failure(let error) where error.meansNodeUnreachable:
-                if waited { statistics.time(.lockWait, since: start) }
                 return (nil, .unreachable(error))
             default:
                 // The lock could not be written for another reason (e.g. a server error): proceed
@@ -137,7 +137,6 @@ final class SessionLocks: SessionManagerPart {
             let elapsed = clock.now() - start
             if elapsed >= budget {
                 statistics.count(.lockFailures)
-                statistics.time(.lockWait, since: start)
                 logger.notice("session lock not acquired within the wait budget", metadata: ["memcached.node": "\(nodeID)"])
                 switch configuration.locking.failurePolicy {
                 case .fail:

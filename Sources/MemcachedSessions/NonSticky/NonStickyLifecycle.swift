@@ -166,10 +166,17 @@ final class NonStickyLifecycle: SessionLifecycle {
             if let lock { await locks.release(lock) }
             return nil
         }
+        var copy = newest
+        if access.locks, newest.isPrimary, newest.nodeID != target {
+            // Already living as a primary on another node: a locked request works under that
+            // node's lock (the one its requests there take), and on the copy read under it.
+            guard let (relocked, under) = try await lockWhereItLives(newest, holding: lock, keys: keys, id: id) else { return nil }
+            (copy, lock) = (relocked, under)
+        }
         statistics.count(.memcachedFailovers)
         statistics.count(.relocations)
         // Already living elsewhere as a primary: the session is there, under that node's id.
-        let home = newest.isPrimary ? newest.nodeID : target
+        let home = copy.isPrimary ? copy.nodeID : target
         logger.notice(
             "session recovered after a memcached node failure",
             metadata: ["memcached.node.failed": "\(id.nodeID)", "memcached.node.target": "\(home)"])
@@ -181,11 +188,45 @@ final class NonStickyLifecycle: SessionLifecycle {
         // is cleaned up (``LeftoverCopies/StrayMerge``). (The backup is an older state of the old
         // copy, so what differs from it are that copy's changes; a primary found elsewhere is no
         // such ancestor.)
-        let watched = !newest.isPrimary && !search.underEarlierKeys && newest.nodeID != topology.nextAvailable(after: home)
+        let watched = !copy.isPrimary && !search.underEarlierKeys && copy.nodeID != topology.nextAvailable(after: home)
         store.leaveOldPrimary(
-            keys: keys, on: id.nodeID, version: newest.stored.record.metadata.version + 1,
-            merging: watched ? (home, newest.stored.record, newest.nodeID) : nil)
-        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access, watched: watched ? id.nodeID : nil)
+            keys: keys, on: id.nodeID, version: copy.stored.record.metadata.version + 1,
+            merging: watched ? (home, copy.stored.record, copy.nodeID) : nil)
+        return await adopt(copy, id: id.relocated(to: home), lock: lock, access: access, watched: watched ? id.nodeID : nil)
+    }
+
+    /// A locked request that found its session living as a primary on a node other than the one
+    /// it holds `lock` on takes that node's lock instead (releasing the other first), and reads
+    /// the copy again under it: a request with the session's current cookie holds that lock while
+    /// it runs, and working beside it unlocked would break its exclusion.
+    ///
+    /// - Returns: the copy read under the new lock, and the lock (nil when the failure policy let
+    ///   the request proceed without it); nil when the session ended or expired meanwhile.
+    /// - Throws: ``SessionError/Code/lockUnavailable`` when the lock is not had within the wait
+    ///   budget under `.fail`; ``SessionError/Code/unavailable`` when that node no longer answers
+    ///   or no longer holds the copy (it moved on meanwhile: the request may be tried again).
+    private func lockWhereItLives(
+        _ found: (stored: StoredSession, nodeID: String, isPrimary: Bool), holding lock: HeldLock?, keys: SessionKeys, id: MemcachedSessionID
+    ) async throws(SessionError) -> ((stored: StoredSession, nodeID: String, isPrimary: Bool), HeldLock?)? {
+        if let lock { await locks.release(lock) }
+        let (taken, read) = try await locks.lockAndRead(keys: keys, nodeID: found.nodeID, touch: nil)
+        switch read {
+        case .found(let stored):
+            if context.isExpired(stored.record, now: currentTimeMillis()) {
+                if let taken { await locks.release(taken) }
+                statistics.count(.sessionsExpired)
+                return nil
+            }
+            return ((stored, found.nodeID, true), taken)
+        case .tombstone:
+            if let taken { await locks.release(taken) }
+            statistics.count(.sessionsNotFound)
+            return nil
+        case .missing, .unreachable:
+            if let taken { await locks.release(taken) }
+            _ = try context.unavailable(id: id, cause: "the node its session moved to no longer holds it, or did not answer")
+            return nil
+        }
     }
 
     /// Serves a copy found on another node: under `id` (whose node is where it lives now), with
@@ -264,9 +305,14 @@ final class NonStickyLifecycle: SessionLifecycle {
             statistics.count(.sessionsNotFound)
             return nil
         }
+        var (copy, lock) = (newest, lock)
+        if access.locks, newest.isPrimary, newest.nodeID != id.nodeID {
+            guard let (relocked, under) = try await lockWhereItLives(newest, holding: lock, keys: keys, id: id) else { return nil }
+            (copy, lock) = (relocked, under)
+        }
         statistics.count(.sessionsRestored)
-        let home = newest.isPrimary ? newest.nodeID : id.nodeID
-        return await adopt(newest, id: id.relocated(to: home), lock: lock, access: access, watched: nil)
+        let home = copy.isPrimary ? copy.nodeID : id.nodeID
+        return await adopt(copy, id: id.relocated(to: home), lock: lock, access: access, watched: nil)
     }
 
     func end(_ access: SessionAccess) async throws(SessionError) -> SessionResponseAction {

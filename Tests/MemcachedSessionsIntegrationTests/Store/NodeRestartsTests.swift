@@ -256,6 +256,40 @@ struct NodeRestartsTests {
             #expect(try await parts() == ["a", "b"], "both changes in the backup")
         }
     }
+
+    /// A locked request whose node restarted empty finds its session living as a primary on
+    /// another node (a move while the node was down put it there): it works under that node's
+    /// lock, which a request with the session's current cookie holds while it runs, not under the
+    /// restarted node's. With that lock held by someone else, its wait ends at the budget and it
+    /// changes nothing.
+    @Test func aLockedRequestAfterARestartFindingTheSessionElsewhereTakesThatNodesLock() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let config = try configuration(servers) {
+                $0.locking.mode = .all
+                $0.locking.waitBudget = .seconds(1)
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    let (started, id, keys) = try await startedSession(manager)
+                    var browser = started
+                    try #require(id.nodeID == "n1")
+                    try await eventually("n1's boot time known") {
+                        manager.store.nodeRestarts.knows("n1") && !manager.store.missMayBeRestart(on: "n1")
+                    }
+                    let n2 = try inspector.node("n2")
+                    // The session as it is (count 1), living on n2, and someone else's request there.
+                    let copy = try #require(try await inspector.node("n1").get(keys.primary))
+                    _ = try await n2.set(keys.primary, value: copy.value, ttl: .seconds(60), flags: copy.flags)
+                    #expect(try await n2.add(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30)))
+                    try await restartEmpty(servers, node: "n1", seenBy: manager)
+                    let error = await sessionError { try await manager.increment(&browser) }
+                    #expect(error?.code == .lockUnavailable, "\(String(describing: error))")
+                    #expect(try await n2.get(keys.primary)?.value == copy.value, "unchanged under someone else's lock")
+                    #expect(try await n2.get(keys.lock).map { String(buffer: $0.value) } == "someone-else")
+                }
+            }
+        }
+    }
 }
 
 /// A request of `browser`'s session on `path`, begun and loaded once `manager` knows the boot time

@@ -285,4 +285,54 @@ struct RelocationTests {
             }
         }
     }
+
+    /// What a locked recovery finds on the node where its session lives now.
+    enum WhereItLives: CaseIterable, Sendable { case nobodysLock, someoneElsesLock }
+
+    /// A locked request whose node died finds its session living as a primary on a node other
+    /// than the one it would move it to (an earlier recovery put it there, while that node was
+    /// down): it works under that node's lock, the one a request with the session's current
+    /// cookie holds while it runs, and on the copy read under it. With that lock held by someone
+    /// else, its wait ends at the budget and it changes nothing; with it free, it takes it (after
+    /// the target's, which concurrent recoveries take turns on) and saves there.
+    @Test(arguments: WhereItLives.allCases)
+    func aLockedRecoveryThatFindsTheSessionLivingElsewhereTakesThatNodesLock(found: WhereItLives) async throws {
+        try await withMemcachedServers(count: 3) { servers in
+            let config = try configuration(servers) {
+                $0.locking.mode = .all
+                $0.locking.waitBudget = .seconds(1)
+            }
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    let (started, id, keys) = try await startedSession(manager)
+                    var browser = started
+                    try #require(id.nodeID == "n1")
+                    let n3 = try inspector.node("n3")
+                    // The session as it is (count 1), living on n3 as a recovery while n2 was down would leave it.
+                    let copy = try #require(try await inspector.node("n1").get(keys.primary))
+                    _ = try await n3.set(keys.primary, value: copy.value, ttl: .seconds(60), flags: copy.flags)
+                    if found == .someoneElsesLock {
+                        #expect(try await n3.add(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30)))
+                    }
+                    try await servers[0].kill()
+                    let acquired = manager.statistics.value(of: .locksAcquired)
+                    let error = await sessionError { try await manager.increment(&browser) }
+                    switch found {
+                    case .nobodysLock:
+                        #expect(error == nil, "\(String(describing: error))")
+                        #expect(browser.id == id.relocated(to: "n3"))
+                        #expect(manager.statistics.value(of: .locksAcquired) == acquired + 2, "n2's, then n3's")
+                        #expect(try await n3.get(keys.lock) == nil, "released")
+                        #expect(try await inspector.node("n2").get(keys.lock) == nil, "released")
+                        #expect(try await manager.readCount(&browser) == 2)
+                    case .someoneElsesLock:
+                        #expect(error?.code == .lockUnavailable, "\(String(describing: error))")
+                        #expect(try await n3.get(keys.primary)?.value == copy.value, "unchanged under someone else's lock")
+                        #expect(try await n3.get(keys.lock).map { String(buffer: $0.value) } == "someone-else")
+                        #expect(try await inspector.node("n2").get(keys.lock) == nil, "the target's lock released")
+                    }
+                }
+            }
+        }
+    }
 }
