@@ -398,22 +398,22 @@ final class SessionLocks: SessionManagerPart {
         logger.notice("a session lock expired before its request ended; taking it again", metadata: ["memcached.node": "\(lock.nodeID)"])
         let (relocked, read) = try await lockAndRead(keys: keys, nodeID: lock.nodeID, touch: nil)
         guard let relocked else {
-            switch read {
-            case .tombstone:
+            if case .tombstone = read {
                 // Ended meanwhile (its lock, held by another, was not waited out): as with the lock.
                 statistics.count(.lockConflicts)
                 throw Self.conflictError
-            case .unreachable where configuration.locking.failurePolicy == .fail:
-                // The node did not answer: whether another request wrote after this one's lease
-                // ran out is unknown, and a lock not had fails the request under this policy (a
-                // move now would carry changes no lock guarded to another node).
+            }
+            // Not had again: its node did not answer (whether another request wrote after this
+            // one's lease ran out is unknown), or left the configuration. Under `.fail`, a lock
+            // not had fails the request (a move now would carry changes no lock guarded to
+            // another node); `.proceedUnlocked` lets it write unlocked.
+            guard configuration.locking.failurePolicy == .proceedUnlocked else {
                 statistics.count(.lockFailures)
                 throw SessionError(
                     code: .lockUnavailable,
-                    message: "the session's lock ran out while its node did not answer; the request's changes were not saved")
-            default:
-                return nil  // the policy lets the request proceed unlocked
+                    message: "the session's lock ran out and could not be taken again (its node did not answer); the request's changes were not saved")
             }
+            return nil
         }
         switch (read, session.storedCasUnique) {
         case (.found(let stored), let expected?) where stored.casUnique == expected:

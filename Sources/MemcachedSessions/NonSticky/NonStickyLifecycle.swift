@@ -140,7 +140,12 @@ final class NonStickyLifecycle: SessionLifecycle {
         if access.locks {
             // The lock on the target: concurrent recoveries of this session take turns. A
             // tombstone there ended the session (it may come with no lock: another holds it).
-            let (taken, read) = try await locks.lockAndRead(keys: keys, nodeID: target, touch: nil)
+            let token = locks.newToken()
+            let (taken, read) = try await locks.lockAndRead(keys: keys, nodeID: target, touch: nil, token: token)
+            if taken == nil, case .unreachable = read, let node = topology.node(target) {
+                // A lock a lost reply took is this request's: it goes, not waited out.
+                Task { await self.locks.releaseIfOwn(keys.lock, token: token, on: node) }
+            }
             if case .tombstone = read {
                 if let taken { await locks.release(taken) }
                 statistics.count(.sessionsNotFound)
@@ -201,7 +206,9 @@ final class NonStickyLifecycle: SessionLifecycle {
     /// it runs, and working beside it unlocked would break its exclusion.
     ///
     /// - Returns: the copy read under the new lock, and the lock (nil when the failure policy let
-    ///   the request proceed without it); nil when the session ended or expired meanwhile.
+    ///   the request proceed without it); nil when the session ended or expired meanwhile, or
+    ///   when that node no longer holds it or does not answer and the unavailable policy starts
+    ///   a new session.
     /// - Throws: ``SessionError/Code/lockUnavailable`` when the lock is not had within the wait
     ///   budget under `.fail`; ``SessionError/Code/unavailable`` when that node no longer answers
     ///   or no longer holds the copy (it moved on meanwhile: the request may be tried again).
@@ -209,7 +216,8 @@ final class NonStickyLifecycle: SessionLifecycle {
         _ found: (stored: StoredSession, nodeID: String, isPrimary: Bool), holding lock: HeldLock?, keys: SessionKeys, id: MemcachedSessionID
     ) async throws(SessionError) -> ((stored: StoredSession, nodeID: String, isPrimary: Bool), HeldLock?)? {
         if let lock { await locks.release(lock) }
-        let (taken, read) = try await locks.lockAndRead(keys: keys, nodeID: found.nodeID, touch: nil)
+        let token = locks.newToken()
+        let (taken, read) = try await locks.lockAndRead(keys: keys, nodeID: found.nodeID, touch: nil, token: token)
         switch read {
         case .found(let stored):
             if context.isExpired(stored.record, now: currentTimeMillis()) {
@@ -223,7 +231,12 @@ final class NonStickyLifecycle: SessionLifecycle {
             statistics.count(.sessionsNotFound)
             return nil
         case .missing, .unreachable:
-            if let taken { await locks.release(taken) }
+            if let taken {
+                await locks.release(taken)
+            } else if case .unreachable = read, let node = topology.node(found.nodeID) {
+                // A lock a lost reply took is this request's: it goes, not waited out.
+                Task { await self.locks.releaseIfOwn(keys.lock, token: token, on: node) }
+            }
             _ = try context.unavailable(id: id, cause: "the node its session moved to no longer holds it, or did not answer")
             return nil
         }

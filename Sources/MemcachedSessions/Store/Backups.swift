@@ -231,6 +231,7 @@ extension SessionStore {
         guard backupMemo.needsRefresh(keys.backup, node: backupNode, window: Self.backupRefreshWindow(metadata)) else { return }
         backupMemo.record(keys.backup, node: backupNode)
         let ttl = Self.backupTTL(metadata, now: now)
+        let expiresAt = Self.backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
         let statistics = self.statistics
         let memo = self.backupMemo
         let meta = configuration.memcached.protocolMode == .meta
@@ -269,9 +270,15 @@ extension SessionStore {
                         statistics.count(.backupRepairs)
                         _ = await self.writeBackupInOrder(key: keys.backup, on: node, bytes: raw, flags: flags, ttl: ttl)
                     }
-                case .failure:
+                case .failure(let error):
                     memo.forget(keys.backup)
                     statistics.count(.backupFailures)
+                    // Sent, unanswered: it may land late and keep the copy past its end.
+                    if meta, error.leavesOutcomeUnknown, let expiresAt {
+                        self.leaveForLater(
+                            .backupTouch(flags: flags, expiresAt: expiresAt, primaryKey: keys.primary, primaryNode: primaryNode),
+                            key: keys.backup, on: backupNode)
+                    }
                 default:
                     break
                 }

@@ -25,6 +25,12 @@ final class LeftoverCopies: Sendable {
         /// `primaryNode`: the session's primary copy, whose TTL says how long the session may
         /// live now (reads since slid it).
         case backup(bytes: ByteBuffer, flags: UInt32, expiresAt: Int64?, primaryKey: String, primaryNode: String)
+        /// A backup touch the node did not answer: it may land late, with its whole TTL counted
+        /// from its landing (a frozen node applies what it buffered when it thaws). Once the node
+        /// answers, the copy it touched (its version's `flags`) is given back the end the touch
+        /// meant (`expiresAt`, milliseconds since 1970), or later when the session's primary says
+        /// a read slid it since.
+        case backupTouch(flags: UInt32, expiresAt: Int64, primaryKey: String, primaryNode: String)
         /// A move's backup watched (``StrayMerge``): what it shows since the merge's base (and
         /// the merge's `pending` copy first) goes to the session at its new place, until the
         /// deadline. Deletes nothing; kept under its own key (``LeftoverCopies/watchKey(_:pending:)``), so
@@ -178,6 +184,8 @@ final class LeftoverCopies: Sendable {
                 {
                     return 0
                 }
+                // A touch's end is the waiting write's to give (it sets the copy's end itself).
+                if case .backup = waiting.action, case .backupTouch = entry.action { return 0 }
                 // Two moves' old copies: the higher bound, and the merge that has merged more (a
                 // second recovery, from a copy it cannot merge from, must not drop the first's
                 // pending merge; an entry a pass took and puts back must not undo the base an
@@ -358,6 +366,41 @@ extension SessionStore {
             }
             guard case .done = await writeBackupInOrder(key: entry.key, on: node, bytes: bytes, flags: flags, ttl: ttl, secondsLeft: secondsLeft)
             else { return false }
+            statistics.count(.leftoversCleaned)
+            return true
+        case .backupTouch(let flags, let expiresAt, let primaryKey, let primaryNode):
+            let left = Int((expiresAt - currentTimeMillis()) / 1000)
+            let end: Int
+            switch await sessionEnd(primaryKey: primaryKey, on: primaryNode) {
+            case .living(let byPrimary?):
+                end = max(left, byPrimary)  // a read since slid it (and touched the backup too)
+            case .living(nil), .unknown:
+                // It never expires; or the primary's node does not answer, and the backup, what
+                // the session has now, is not shortened.
+                return true
+            case .gone:
+                guard left > 0 else {
+                    // Its session has expired by now: the touched copy must not live on.
+                    return await deleteIfStill(entry.key, on: node, value: false) { $0.flags == flags }
+                }
+                end = left
+            }
+            var check = MemcachedRequest.getMetadata(entry.key)
+            check.connectionAffinity = Self.affinity(of: entry.key)
+            check.honorsCancellation = false
+            switch await node.executeBatch([check])[0] {
+            case .success(.item(let item?)):
+                guard item.flags == flags, let living = item.timeToLive, living < 0 || living > end + 1 else { break }
+                var touch = MemcachedRequest.touch(entry.key, ttl: .seconds(max(1, end)))
+                touch.connectionAffinity = Self.affinity(of: entry.key)
+                touch.honorsCancellation = false
+                guard case .success = await node.executeBatch([touch])[0] else { return false }
+                statistics.count(.backupTouches)
+            case .success:
+                break
+            case .failure:
+                return false
+            }
             statistics.count(.leftoversCleaned)
             return true
         }

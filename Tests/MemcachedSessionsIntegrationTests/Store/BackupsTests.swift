@@ -449,4 +449,59 @@ struct BackupsTests {
             }
         }
     }
+
+    /// The same for a read's backup touch: a touch the stalled node did not answer lands when its
+    /// connection moves again, with its whole TTL counted from then, and the backup would outlive
+    /// its session by the stall (the simulation, non-sticky seed 208438: after the primary was
+    /// evicted, a request 14 s idle found a 10 s session again). Left for later, it gives the
+    /// copy it touched its original end back.
+    @Test func aBackupTouchThatLandsLateGetsItsOriginalEndBack() async throws {
+        try await withMemcachedServers(count: 2) { servers in
+            let proxy = try await FaultProxy.start(port: servers[1].port)
+            defer { proxy.stop() }
+            // n1 direct, n2 (its backups) behind the proxy. Idle 20 s: backup TTL 31 s.
+            var config = try SessionManager.Configuration(nodes: "n1:\(servers[0].hostAndPort),n2:\(proxy.hostAndPort)")
+            config.mode = .nonSticky
+            config.failoverNodes = ["n2"]
+            config.timeouts.idle = .seconds(20)
+            config.memcached.requestTimeout = .seconds(1)
+            config.memcached.probeInterval = .milliseconds(100)
+            try await withManager(config) { manager in
+                try await withInspector(servers) { inspector in
+                    var browser = Browser()
+                    #expect(try await manager.increment(&browser) == 1)
+                    let id = try #require(browser.id)
+                    #expect(id.nodeID == "n1")
+                    let keys = manager.keys(for: id.token)
+                    let backupNode = try inspector.node("n2")
+                    func backup() async throws -> MemcachedItem? {
+                        guard case .item(let item?) = try await backupNode.execute(.getMetadata(keys.backup)) else { return nil }
+                        return item
+                    }
+                    try await eventually("the first backup") { try await backup()?.flags == 1 }
+                    proxy.update {
+                        $0.stalled = true
+                        $0.deliversAfterClientCloses = true
+                    }
+                    // The next read refreshes the backup: a touch.
+                    manager.store.backupMemo.forget(keys.backup)
+                    let touches = manager.statistics.value(of: .backupTouches)
+                    let read = ContinuousClock.now
+                    #expect(try await manager.readCount(&browser) == 1, "answered without the backup node")
+                    try await eventually("the touch sent") { manager.statistics.value(of: .backupTouches) > touches }
+                    // Stalled for 4 s in all: the held touch lands 4 s late.
+                    try await Task.sleep(until: read + .seconds(4))
+                    proxy.resume()
+                    try await eventually(timeout: .seconds(15), "its end back where it was") {
+                        guard let left = try await backup()?.timeToLive else { return false }
+                        // 31 s from the read, not from the resume (memcached's clock ticks once a
+                        // second; one more for the time between the read and `read`).
+                        let elapsed = Int((ContinuousClock.now - read).components.seconds)
+                        return left <= 31 - elapsed + 2
+                    }
+                    #expect(try await manager.readCount(&browser) == 1)
+                }
+            }
+        }
+    }
 }

@@ -315,6 +315,7 @@ struct RelocationTests {
                         #expect(try await n3.add(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30)))
                     }
                     try await servers[0].kill()
+                    try await eventually("n1 is seen down") { !manager.topology.isReachable("n1") }
                     let acquired = manager.statistics.value(of: .locksAcquired)
                     let error = await sessionError { try await manager.increment(&browser) }
                     switch found {
