@@ -596,12 +596,20 @@ final class NonStickyLifecycle: SessionLifecycle {
                     self.store.backupMemo.needsRefresh(keys.backup, node: $0, window: SessionStore.backupRefreshWindow(metadata))
                 } ?? false
             if backupDue, let backupNode { self.store.backupMemo.record(keys.backup, node: backupNode) }
-            let backupTTL = SessionStore.backupTTL(metadata, now: self.currentTimeMillis())
+            let now = self.currentTimeMillis()
+            let backupTTL = SessionStore.backupTTL(metadata, now: now)
+            let expiresAt = SessionStore.backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
             _ = Task {
                 await node.submit(.touch(keys.primary, ttl: .seconds(Int(idle) + 1)))
                 if backupDue, let backupNode, let backup = self.topology.node(backupNode) {
                     self.statistics.count(.backupTouches)
-                    await backup.submit(.touch(keys.backup, ttl: backupTTL))
+                    await backup.submit(.touch(keys.backup, ttl: backupTTL)) { result in
+                        // Sent, unanswered: it may land late and keep the copy past its end.
+                        guard case .failure(let error) = result, error.leavesOutcomeUnknown, let expiresAt else { return }
+                        self.store.leaveForLater(
+                            .backupTouch(flags: nil, expiresAt: expiresAt, primaryKey: keys.primary, primaryNode: id.nodeID),
+                            key: keys.backup, on: backupNode)
+                    }
                 }
             }
         }

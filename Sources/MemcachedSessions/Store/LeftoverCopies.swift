@@ -29,8 +29,9 @@ final class LeftoverCopies: Sendable {
         /// from its landing (a frozen node applies what it buffered when it thaws). Once the node
         /// answers, the copy it touched (its version's `flags`) is given back the end the touch
         /// meant (`expiresAt`, milliseconds since 1970), or later when the session's primary says
-        /// a read slid it since.
-        case backupTouch(flags: UInt32, expiresAt: Int64, primaryKey: String, primaryNode: String)
+        /// a read slid it since. (`flags` nil: whatever version it was, not a tombstone: a slide
+        /// of a session its request never opened does not know it.)
+        case backupTouch(flags: UInt32?, expiresAt: Int64, primaryKey: String, primaryNode: String)
         /// A move's backup watched (``StrayMerge``): what it shows since the merge's base (and
         /// the merge's `pending` copy first) goes to the session at its new place, until the
         /// deadline. Deletes nothing; kept under its own key (``LeftoverCopies/watchKey(_:pending:)``), so
@@ -381,7 +382,9 @@ extension SessionStore {
             case .gone:
                 guard left > 0 else {
                     // Its session has expired by now: the touched copy must not live on.
-                    return await deleteIfStill(entry.key, on: node, value: false) { $0.flags == flags }
+                    return await deleteIfStill(entry.key, on: node, value: false) { item in
+                        item.flags != Self.tombstoneFlags && (flags == nil || item.flags == flags)
+                    }
                 }
                 end = left
             }
@@ -390,7 +393,9 @@ extension SessionStore {
             check.honorsCancellation = false
             switch await node.executeBatch([check])[0] {
             case .success(.item(let item?)):
-                guard item.flags == flags, let living = item.timeToLive, living < 0 || living > end + 1 else { break }
+                guard item.flags != Self.tombstoneFlags, flags == nil || item.flags == flags, let living = item.timeToLive,
+                    living < 0 || living > end + 1
+                else { break }
                 var touch = MemcachedRequest.touch(entry.key, ttl: .seconds(max(1, end)))
                 touch.connectionAffinity = Self.affinity(of: entry.key)
                 touch.honorsCancellation = false
