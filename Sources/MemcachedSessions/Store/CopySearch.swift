@@ -39,6 +39,9 @@ extension SessionStore {
             for nodeID in nodes {
                 guard let node = topology.node(nodeID) else { continue }
                 group.addTask {
+                    // A backup write or touch left for later there goes first: one that landed
+                    // late must not be read with the end it got from its landing.
+                    if self.leftovers.count > 0 { await self.cleanLeftovers(on: nodeID, key: keys.backup) }
                     self.countRoundTrip()
                     let results = await node.executeBatch([
                         self.prepared(.get(keys.primary)), self.prepared(.get(keys.backup, withTimeToLive: meta)),

@@ -185,8 +185,24 @@ final class LeftoverCopies: Sendable {
                 {
                     return 0
                 }
-                // A touch's end is the waiting write's to give (it sets the copy's end itself).
-                if case .backup = waiting.action, case .backupTouch = entry.action { return 0 }
+                // A touch's end is a waiting write's to give when the write is of its version or
+                // newer (it sets the copy's end itself).
+                if case .backup(_, let waitingFlags, _, _, _) = waiting.action, case .backupTouch(let flags?, _, _, _) = entry.action,
+                    waitingFlags >= flags
+                {
+                    return 0
+                }
+                // Two touches: the later end, for any version they name.
+                if case .backupTouch(let waitingFlags, let waitingEnd, _, _) = waiting.action,
+                    case .backupTouch(let flags, let end, let primaryKey, let primaryNode) = entry.action
+                {
+                    state.entries[slot] = Entry(
+                        nodeID: entry.nodeID, key: entry.key,
+                        action: .backupTouch(
+                            flags: waitingFlags == flags ? flags : nil, expiresAt: max(waitingEnd, end), primaryKey: primaryKey,
+                            primaryNode: primaryNode))
+                    return 0
+                }
                 // Two moves' old copies: the higher bound, and the merge that has merged more (a
                 // second recovery, from a copy it cannot merge from, must not drop the first's
                 // pending merge; an entry a pass took and puts back must not undo the base an
@@ -375,16 +391,21 @@ extension SessionStore {
             switch await sessionEnd(primaryKey: primaryKey, on: primaryNode) {
             case .living(let byPrimary?):
                 end = max(left, byPrimary)  // a read since slid it (and touched the backup too)
-            case .living(nil), .unknown:
-                // It never expires; or the primary's node does not answer, and the backup, what
-                // the session has now, is not shortened.
-                return true
+            case .living(nil):
+                statistics.count(.leftoversCleaned)
+                return true  // it never expires
+            case .unknown:
+                // The primary's node does not answer: the backup, what the session has now, is
+                // not shortened yet (tried again while its end is ahead).
+                return left <= 0
             case .gone:
+                // No primary: only a copy of the version it touched is its to end (a slide's
+                // touch, which does not know it, leaves the copy alone: the session may have
+                // moved, and its backup there be another placement's).
+                guard let flags else { return true }
                 guard left > 0 else {
                     // Its session has expired by now: the touched copy must not live on.
-                    return await deleteIfStill(entry.key, on: node, value: false) { item in
-                        item.flags != Self.tombstoneFlags && (flags == nil || item.flags == flags)
-                    }
+                    return await deleteIfStill(entry.key, on: node, value: false) { $0.flags == flags }
                 }
                 end = left
             }
@@ -401,6 +422,14 @@ extension SessionStore {
                 touch.honorsCancellation = false
                 guard case .success = await node.executeBatch([touch])[0] else { return false }
                 statistics.count(.backupTouches)
+                // A read elsewhere may have slid the session (primary, then backup) meanwhile:
+                // its end stands.
+                if case .living(let slid?) = await sessionEnd(primaryKey: primaryKey, on: primaryNode), slid > end {
+                    var again = MemcachedRequest.touch(entry.key, ttl: .seconds(slid))
+                    again.connectionAffinity = Self.affinity(of: entry.key)
+                    again.honorsCancellation = false
+                    _ = await node.executeBatch([again])[0]
+                }
             case .success:
                 break
             case .failure:

@@ -495,9 +495,13 @@ struct BackupsTests {
                         try await manager.request(&browser) { _ in }
                     }
                     try await eventually("the touch sent") { manager.statistics.value(of: .backupTouches) > touches }
+                    try await eventually("n2 is seen down") { !manager.topology.isReachable("n2") }
                     // Stalled for 4 s in all: the held touch lands 4 s late.
                     try await Task.sleep(until: read + .seconds(4))
                     proxy.resume()
+                    try await eventually("the touch left for later sent again") {
+                        manager.statistics.value(of: .backupTouches) >= touches + 2
+                    }
                     try await eventually(timeout: .seconds(15), "its end back where it was") {
                         guard let left = try await backup()?.timeToLive else { return false }
                         // 31 s from the read, not from the resume (memcached's clock ticks once a
