@@ -77,6 +77,47 @@ import NIOCore
             waitsForHomeUntil: .now() + TimeAmount.seconds(60))
     }
 
+    /// Two backup touches left for one copy fold into one with the later end; the version they
+    /// name stays only when both name it (a slide's touch, which does not know it, makes it
+    /// unknown: such a touch never ends a copy).
+    @Test func twoBackupTouchesFoldIntoTheLaterEnd() throws {
+        let leftovers = LeftoverCopies()
+        func touch(_ flags: UInt32?, _ end: Int64) -> LeftoverCopies.Action {
+            .backupTouch(flags: flags, expiresAt: end, primaryKey: "p", primaryNode: "n1")
+        }
+        leftovers.add(.init(nodeID: "n2", key: "b", action: touch(5, 2_000)))
+        leftovers.add(.init(nodeID: "n2", key: "b", action: touch(5, 1_000)))
+        #expect(leftovers.take(nodeID: "n2").map(\.action) == [touch(5, 2_000)], "an earlier end never shortens a later one")
+        leftovers.add(.init(nodeID: "n2", key: "b", action: touch(5, 1_000)))
+        leftovers.add(.init(nodeID: "n2", key: "b", action: touch(nil, 3_000)))
+        #expect(leftovers.take(nodeID: "n2").map(\.action) == [touch(nil, 3_000)])
+        leftovers.add(.init(nodeID: "n2", key: "b", action: touch(5, 1_000)))
+        leftovers.add(.init(nodeID: "n2", key: "b", action: touch(6, 500)))
+        #expect(leftovers.take(nodeID: "n2").map(\.action) == [touch(nil, 1_000)], "two versions: neither is known")
+    }
+
+    /// A backup write waiting for a copy sets its end itself: a touch of its version or older
+    /// does not take its place (the write would be lost), a touch of a newer version does (that
+    /// version's write landed). A tombstone waiting stays before any touch.
+    @Test func aBackupTouchNeverTakesThePlaceOfANewerWriteOrATombstone() throws {
+        let leftovers = LeftoverCopies()
+        let write = LeftoverCopies.Action.backup(bytes: ByteBuffer(), flags: 5, expiresAt: 9_000, primaryKey: "p", primaryNode: "n1")
+        func touch(_ flags: UInt32?) -> LeftoverCopies.Action {
+            .backupTouch(flags: flags, expiresAt: 1_000, primaryKey: "p", primaryNode: "n1")
+        }
+        for flags: UInt32 in [4, 5] {
+            leftovers.add(.init(nodeID: "n2", key: "b", action: write))
+            leftovers.add(.init(nodeID: "n2", key: "b", action: touch(flags)))
+            #expect(leftovers.take(nodeID: "n2").map(\.action) == [write])
+        }
+        leftovers.add(.init(nodeID: "n2", key: "b", action: write))
+        leftovers.add(.init(nodeID: "n2", key: "b", action: touch(6)))
+        #expect(leftovers.take(nodeID: "n2").map(\.action) == [touch(6)])
+        leftovers.add(.init(nodeID: "n2", key: "b", action: .tombstone(ttlSeconds: 60)))
+        leftovers.add(.init(nodeID: "n2", key: "b", action: touch(6)))
+        #expect(leftovers.take(nodeID: "n2").map(\.action) == [.tombstone(ttlSeconds: 60)])
+    }
+
     /// A second move's old copy (a recovery from a copy it cannot merge from) keeps the first
     /// move's pending merge, with the higher bound: dropping it would lose the write it waits for.
     @Test func aSecondOldCopyEntryKeepsTheFirstsMergeAndTakesTheHigherBound() throws {

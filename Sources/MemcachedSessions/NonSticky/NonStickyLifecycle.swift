@@ -598,7 +598,7 @@ final class NonStickyLifecycle: SessionLifecycle {
             if backupDue, let backupNode { self.store.backupMemo.record(keys.backup, node: backupNode) }
             let now = self.currentTimeMillis()
             let backupTTL = SessionStore.backupTTL(metadata, now: now)
-            let expiresAt = SessionStore.backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
+            let expiresAt = SessionStore.backupExpiresAt(metadata, now: now)
             _ = Task {
                 await node.submit(.touch(keys.primary, ttl: .seconds(Int(idle) + 1)))
                 if backupDue, let backupNode, let backup = self.topology.node(backupNode) {

@@ -46,7 +46,7 @@ extension SessionStore {
         let flags = Self.backupFlags(metadata)
         // The backup's end in wall time: a write retried later keeps it (a backup lives as long
         // as its session may, never longer: the idle-expiry check relies on it).
-        let expiresAt = Self.backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
+        let expiresAt = Self.backupExpiresAt(metadata, now: now)
         switch await writeBackupInOrder(
             key: keys.backup, on: node, bytes: bytes, flags: flags, ttl: ttl, nodeID: backupNode, lastWrite: lastWrite,
             detectsForks: detectsForks)
@@ -231,7 +231,7 @@ extension SessionStore {
         guard backupMemo.needsRefresh(keys.backup, node: backupNode, window: Self.backupRefreshWindow(metadata)) else { return }
         backupMemo.record(keys.backup, node: backupNode)
         let ttl = Self.backupTTL(metadata, now: now)
-        let expiresAt = Self.backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
+        let expiresAt = Self.backupExpiresAt(metadata, now: now)
         let statistics = self.statistics
         let memo = self.backupMemo
         let meta = configuration.memcached.protocolMode == .meta

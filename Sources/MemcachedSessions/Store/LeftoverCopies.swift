@@ -396,8 +396,11 @@ extension SessionStore {
                 return true  // it never expires
             case .unknown:
                 // The primary's node does not answer: the backup, what the session has now, is
-                // not shortened yet (tried again while its end is ahead).
-                return left <= 0
+                // not shortened yet (tried again while its end is ahead; then given up: a slide
+                // since, which would have touched the backup too, cannot be told from it).
+                guard left <= 0 else { return false }
+                statistics.count(.leftoversDropped)
+                return true
             case .gone:
                 // No primary: only a copy of the version it touched is its to end (a slide's
                 // touch, which does not know it, leaves the copy alone: the session may have
@@ -409,26 +412,24 @@ extension SessionStore {
                 }
                 end = left
             }
-            var check = MemcachedRequest.getMetadata(entry.key)
-            check.connectionAffinity = Self.affinity(of: entry.key)
-            check.honorsCancellation = false
-            switch await node.executeBatch([check])[0] {
+            // Each on the key's connection, and never cancelled (it corrects a copy).
+            func onKey(_ request: MemcachedRequest) -> MemcachedRequest {
+                var request = request
+                request.connectionAffinity = Self.affinity(of: entry.key)
+                request.honorsCancellation = false
+                return request
+            }
+            switch await node.executeBatch([onKey(.getMetadata(entry.key))])[0] {
             case .success(.item(let item?)):
                 guard item.flags != Self.tombstoneFlags, flags == nil || item.flags == flags, let living = item.timeToLive,
                     living < 0 || living > end + 1
                 else { break }
-                var touch = MemcachedRequest.touch(entry.key, ttl: .seconds(max(1, end)))
-                touch.connectionAffinity = Self.affinity(of: entry.key)
-                touch.honorsCancellation = false
-                guard case .success = await node.executeBatch([touch])[0] else { return false }
+                guard case .success = await node.executeBatch([onKey(.touch(entry.key, ttl: .seconds(max(1, end))))])[0] else { return false }
                 statistics.count(.backupTouches)
                 // A read elsewhere may have slid the session (primary, then backup) meanwhile:
                 // its end stands.
                 if case .living(let slid?) = await sessionEnd(primaryKey: primaryKey, on: primaryNode), slid > end {
-                    var again = MemcachedRequest.touch(entry.key, ttl: .seconds(slid))
-                    again.connectionAffinity = Self.affinity(of: entry.key)
-                    again.honorsCancellation = false
-                    _ = await node.executeBatch([again])[0]
+                    _ = await node.executeBatch([onKey(.touch(entry.key, ttl: .seconds(slid)))])[0]
                 }
             case .success:
                 break

@@ -150,6 +150,11 @@ final class SessionStore: SessionManagerPart {
         return primary + 2 * backupRefreshWindow(metadata).components.seconds
     }
 
+    /// When a backup written or touched at `now` ends, in milliseconds of wall time (nil: never).
+    static func backupExpiresAt(_ metadata: SessionMetadata, now: Int64) -> Int64? {
+        backupTTLSeconds(metadata, now: now).map { now + $0 * 1000 }
+    }
+
     /// How often each instance refreshes a read-only session's backup
     /// (``CopyLifetimes/refreshWindowSeconds(idle:)``).
     static func backupRefreshWindow(_ metadata: SessionMetadata) -> Duration {

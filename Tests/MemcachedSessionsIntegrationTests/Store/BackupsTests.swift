@@ -404,49 +404,23 @@ struct BackupsTests {
     /// its original end back. (A node frozen with `SIGSTOP` stamps what it buffered with the
     /// clock it stopped with: the stall is the network's.)
     @Test func aBackupWriteThatLandsLateGetsItsOriginalEndBack() async throws {
-        try await withMemcachedServers(count: 2) { servers in
-            let proxy = try await FaultProxy.start(port: servers[1].port)
-            defer { proxy.stop() }
-            // n1 direct, n2 (its backups) behind the proxy. Idle 20 s: refresh window 5 s, backup TTL 31 s.
-            var config = try SessionManager.Configuration(nodes: "n1:\(servers[0].hostAndPort),n2:\(proxy.hostAndPort)")
-            config.mode = .nonSticky
-            config.failoverNodes = ["n2"]
-            config.timeouts.idle = .seconds(20)
-            config.memcached.requestTimeout = .seconds(1)
-            config.memcached.probeInterval = .milliseconds(100)
-            try await withManager(config) { manager in
-                try await withInspector(servers) { inspector in
-                    var browser = Browser()
-                    #expect(try await manager.increment(&browser) == 1)
-                    let id = try #require(browser.id)
-                    #expect(id.nodeID == "n1")
-                    let keys = manager.keys(for: id.token)
-                    let backupNode = try inspector.node("n2")
-                    func backup() async throws -> MemcachedItem? {
-                        guard case .item(let item?) = try await backupNode.execute(.getMetadata(keys.backup)) else { return nil }
-                        return item
-                    }
-                    try await eventually("the first backup") { try await backup()?.flags == 1 }
-                    proxy.update {
-                        $0.stalled = true
-                        $0.deliversAfterClientCloses = true
-                    }
-                    let written = ContinuousClock.now
-                    #expect(try await manager.increment(&browser) == 2, "answered without the backup node")
-                    // Stalled for 4 s in all: the held write lands 4 s late.
-                    try await Task.sleep(until: written + .seconds(4))
-                    proxy.resume()
-                    try await eventually("the late write landed") { try await backup()?.flags == 2 }
-                    try await eventually(timeout: .seconds(15), "its end back where it was") {
-                        guard let left = try await backup()?.timeToLive else { return false }
-                        // 31 s from the write, not from the resume (memcached's clock ticks once a
-                        // second; one more for the time between the write and `written`).
-                        let elapsed = Int((ContinuousClock.now - written).components.seconds)
-                        return left <= 31 - elapsed + 2
-                    }
-                    #expect(try await manager.readCount(&browser) == 2)
-                }
+        try await withStalledBackupNode { node, browser in
+            let manager = node.manager
+            node.stall()
+            let written = ContinuousClock.now
+            #expect(try await manager.increment(&browser) == 2, "answered without the backup node")
+            // Stalled for 4 s in all: the held write lands 4 s late.
+            try await Task.sleep(until: written + .seconds(4))
+            node.proxy.resume()
+            try await eventually("the late write landed") { try await node.backup()?.flags == 2 }
+            try await eventually(timeout: .seconds(15), "its end back where it was") {
+                guard let left = try await node.backup()?.timeToLive else { return false }
+                // 31 s from the write, not from the resume (memcached's clock ticks once a
+                // second; one more for the time between the write and `written`).
+                let elapsed = Int((ContinuousClock.now - written).components.seconds)
+                return left <= 31 - elapsed + 2
             }
+            #expect(try await manager.readCount(&browser) == 2)
         }
     }
 
@@ -458,58 +432,155 @@ struct BackupsTests {
     /// cookie but never opened the session (its TTLs slid without reading the value).
     @Test(arguments: [true, false])
     func aBackupTouchThatLandsLateGetsItsOriginalEndBack(opened: Bool) async throws {
+        try await withStalledBackupNode { node, browser in
+            let manager = node.manager
+            node.stall()
+            let touches = manager.statistics.value(of: .backupTouches)
+            let read = try await node.readSendingABackupTouch(&browser, opened: opened)
+            // Stalled for 4 s in all: the held touch lands 4 s late.
+            try await Task.sleep(until: read + .seconds(4))
+            node.proxy.resume()
+            try await eventually("the touch left for later sent again") {
+                manager.statistics.value(of: .backupTouches) >= touches + 2
+            }
+            try await eventually(timeout: .seconds(15), "its end back where it was") {
+                guard let left = try await node.backup()?.timeToLive else { return false }
+                // 31 s from the read, not from the resume (memcached's clock ticks once a
+                // second; one more for the time between the read and `read`).
+                let elapsed = Int((ContinuousClock.now - read).components.seconds)
+                return left <= 31 - elapsed + 2
+            }
+            #expect(try await manager.readCount(&browser) == 1)
+        }
+    }
+
+    /// A read on another instance slid the session while the touch waited for the stalled node:
+    /// the correction never shortens the backup below the end the session's primary allows now
+    /// (a backup ending before its primary would lose the session at a failover). Two rules see
+    /// to it: the primary's end read before the correcting touch, and a slide seen after it;
+    /// either one alone passes this test, with both removed it fails.
+    @Test func aBackupTouchLeftForLaterKeepsTheEndOfASlideElsewhere() async throws {
+        try await withStalledBackupNode { node, browser in
+            let manager = node.manager
+            node.stall()
+            let read = try await node.readSendingABackupTouch(&browser, opened: true)
+            // 9 s on, the other instance (n2 direct) reads the session: it slides the primary
+            // (20 s) and touches the backup (31 s).
+            try await Task.sleep(until: read + .seconds(9))
+            let elsewhere = node.elsewhere
+            let elsewhereTouches = elsewhere.statistics.value(of: .backupTouches)
+            let slid = ContinuousClock.now
+            #expect(try await elsewhere.readCount(&browser) == 1)
+            try await eventually("the slide's touch") { elsewhere.statistics.value(of: .backupTouches) > elsewhereTouches }
+            let cleaned = manager.statistics.value(of: .leftoversCleaned)
+            node.proxy.resume()
+            try await eventually("the touch left for later dealt with") {
+                manager.statistics.value(of: .leftoversCleaned) > cleaned
+            }
+            let left = try #require(try await node.backup()?.timeToLive)
+            // Not the 31 s the stalled touch meant from `read` (22 s from `slid`): what the slide
+            // gave it, 31 s from `slid` (memcached's clock ticks once a second; one more for the
+            // time between the slide and `slid`).
+            let elapsed = Int((ContinuousClock.now - slid).components.seconds)
+            #expect(left >= 31 - elapsed - 2, "the backup ends with the session, not before: \(left) s left")
+        }
+    }
+
+    /// The session's primary node silent when the touch's node answers again: the correction
+    /// waits for it (the backup may be all the session has; it is not shortened blind) and is
+    /// made once the primary answers, while the touch's end is ahead.
+    @Test func aBackupTouchLeftForLaterWaitsForThePrimarysNode() async throws {
+        try await withStalledBackupNode { node, browser in
+            let manager = node.manager
+            node.stall()
+            let read = try await node.readSendingABackupTouch(&browser, opened: true)
+            try await node.servers[0].freeze()
+            try await eventually("n1 is seen down") { !manager.topology.isReachable("n1") }
+            try await Task.sleep(until: read + .seconds(4))
+            node.proxy.resume()
+            try await eventually("n2 is seen again") { manager.topology.isReachable("n2") }
+            let queued = manager.statistics.value(of: .leftoversQueued)
+            try await eventually("a pass with n1 silent puts the touch back") {
+                manager.statistics.value(of: .leftoversQueued) > queued
+            }
+            #expect(manager.store.leftovers.count == 1)
+            node.servers[0].thaw()
+            try await eventually(timeout: .seconds(15), "its end back where it was") {
+                guard let left = try await node.backup()?.timeToLive else { return false }
+                let elapsed = Int((ContinuousClock.now - read).components.seconds)
+                return left <= 31 - elapsed + 2
+            }
+            #expect(manager.store.leftovers.count == 0)
+        }
+    }
+
+    /// A non-sticky instance over n1 (direct) and n2, the node of its backups, behind a
+    /// `FaultProxy` that stalls on demand; idle 20 s (refresh window 5 s, backup TTL 31 s),
+    /// answers within 1 s, nodes probed every 100 ms. One session is saved (count 1, its primary
+    /// on n1, its first backup on n2). `elsewhere`: another instance, reaching n2 directly.
+    private struct StalledBackupNode {
+        let servers: [MemcachedServer]
+        let manager: SessionManager
+        let elsewhere: SessionManager
+        let proxy: FaultProxy
+        let keys: SessionKeys
+        /// The backup copy's metadata on n2 (read directly).
+        let backup: () async throws -> MemcachedItem?
+
+        /// Nothing through the proxy moves from now on; what it holds lands at `proxy.resume()`.
+        func stall() {
+            proxy.update {
+                $0.stalled = true
+                $0.deliversAfterClientCloses = true
+            }
+        }
+
+        /// A request of `manager` that refreshes the backup (a touch n2, stalled, does not
+        /// answer), waiting until n2 is seen down; returns when it started.
+        func readSendingABackupTouch(_ browser: inout Browser, opened: Bool) async throws -> ContinuousClock.Instant {
+            manager.store.backupMemo.forget(keys.backup)
+            let touches = manager.statistics.value(of: .backupTouches)
+            let read = ContinuousClock.now
+            if opened {
+                #expect(try await manager.readCount(&browser) == 1, "answered without the backup node")
+            } else {
+                try await manager.request(&browser) { _ in }
+            }
+            try await eventually("the touch sent") { manager.statistics.value(of: .backupTouches) > touches }
+            try await eventually("n2 is seen down") { !manager.topology.isReachable("n2") }
+            return read
+        }
+    }
+
+    private func withStalledBackupNode(_ body: (StalledBackupNode, inout Browser) async throws -> Void) async throws {
         try await withMemcachedServers(count: 2) { servers in
             let proxy = try await FaultProxy.start(port: servers[1].port)
             defer { proxy.stop() }
-            // n1 direct, n2 (its backups) behind the proxy. Idle 20 s: backup TTL 31 s.
-            var config = try SessionManager.Configuration(nodes: "n1:\(servers[0].hostAndPort),n2:\(proxy.hostAndPort)")
-            config.mode = .nonSticky
-            config.failoverNodes = ["n2"]
-            config.timeouts.idle = .seconds(20)
-            config.memcached.requestTimeout = .seconds(1)
-            config.memcached.probeInterval = .milliseconds(100)
-            try await withManager(config) { manager in
+            func configuration(n2: String) throws -> SessionManager.Configuration {
+                var config = try SessionManager.Configuration(nodes: "n1:\(servers[0].hostAndPort),n2:\(n2)")
+                config.mode = .nonSticky
+                config.failoverNodes = ["n2"]
+                config.timeouts.idle = .seconds(20)
+                config.memcached.requestTimeout = .seconds(1)
+                config.memcached.probeInterval = .milliseconds(100)
+                return config
+            }
+            let configurations = [try configuration(n2: proxy.hostAndPort), try configuration(n2: servers[1].hostAndPort)]
+            try await withManagers(configurations) { managers in
                 try await withInspector(servers) { inspector in
+                    let manager = managers[0]
                     var browser = Browser()
                     #expect(try await manager.increment(&browser) == 1)
                     let id = try #require(browser.id)
                     #expect(id.nodeID == "n1")
                     let keys = manager.keys(for: id.token)
                     let backupNode = try inspector.node("n2")
-                    func backup() async throws -> MemcachedItem? {
+                    let node = StalledBackupNode(servers: servers, manager: manager, elsewhere: managers[1], proxy: proxy, keys: keys) {
                         guard case .item(let item?) = try await backupNode.execute(.getMetadata(keys.backup)) else { return nil }
                         return item
                     }
-                    try await eventually("the first backup") { try await backup()?.flags == 1 }
-                    proxy.update {
-                        $0.stalled = true
-                        $0.deliversAfterClientCloses = true
-                    }
-                    // The next read refreshes the backup: a touch.
-                    manager.store.backupMemo.forget(keys.backup)
-                    let touches = manager.statistics.value(of: .backupTouches)
-                    let read = ContinuousClock.now
-                    if opened {
-                        #expect(try await manager.readCount(&browser) == 1, "answered without the backup node")
-                    } else {
-                        try await manager.request(&browser) { _ in }
-                    }
-                    try await eventually("the touch sent") { manager.statistics.value(of: .backupTouches) > touches }
-                    try await eventually("n2 is seen down") { !manager.topology.isReachable("n2") }
-                    // Stalled for 4 s in all: the held touch lands 4 s late.
-                    try await Task.sleep(until: read + .seconds(4))
-                    proxy.resume()
-                    try await eventually("the touch left for later sent again") {
-                        manager.statistics.value(of: .backupTouches) >= touches + 2
-                    }
-                    try await eventually(timeout: .seconds(15), "its end back where it was") {
-                        guard let left = try await backup()?.timeToLive else { return false }
-                        // 31 s from the read, not from the resume (memcached's clock ticks once a
-                        // second; one more for the time between the read and `read`).
-                        let elapsed = Int((ContinuousClock.now - read).components.seconds)
-                        return left <= 31 - elapsed + 2
-                    }
-                    #expect(try await manager.readCount(&browser) == 1)
+                    try await eventually("the first backup") { try await node.backup()?.flags == 1 }
+                    try await body(node, &browser)
                 }
             }
         }
