@@ -176,6 +176,18 @@ final class SessionLocks: SessionManagerPart {
         return item.cas
     }
 
+    /// Gives up what ``lockAndRead(keys:nodeID:touch:token:mayAlreadyHold:)`` with `token` took on
+    /// `nodeID`: the lock it returned; and, when its read got no answer, the lock a lost reply
+    /// may have taken, or that a release on the failing connection may not have freed (this
+    /// request's either way: released by its token in the background, tried until it would have
+    /// expired, not waited out).
+    func abandon(_ taken: HeldLock?, token: String, read: StoredRead, keys: SessionKeys, on nodeID: String) async {
+        if let taken { await release(taken) }
+        if case .unreachable = read, let node = topology.node(nodeID) {
+            Task { await self.releaseIfOwn(keys.lock, token: token, on: node) }
+        }
+    }
+
     /// Deletes the lock at `key` if it holds `token` (taken by an acquisition whose reply was lost).
     /// Tried every 100 ms until the lock would have expired anyway (the node just failed: its
     /// connection may be reconnecting).

@@ -113,10 +113,8 @@ final class NonStickyLifecycle: SessionLifecycle {
             if let lock { await locks.release(lock) }
             return nil
         case .unreachable(let error):
-            if let lock { await locks.release(lock) }
-            if let lockToken, let node = topology.node(id.nodeID) {
-                // A lock a lost reply took is this request's: it goes, not waited out.
-                Task { await self.locks.releaseIfOwn(keys.lock, token: lockToken, on: node) }
+            if let lockToken {
+                await locks.abandon(lock, token: lockToken, read: read, keys: keys, on: id.nodeID)
             }
             guard !topology.isReachable(id.nodeID) || !error.leavesOutcomeUnknown else {
                 // Twice no answer, yet not marked down: other requests may still reach it. (A
@@ -142,12 +140,10 @@ final class NonStickyLifecycle: SessionLifecycle {
             // tombstone there ended the session (it may come with no lock: another holds it).
             let token = locks.newToken()
             let (taken, read) = try await locks.lockAndRead(keys: keys, nodeID: target, touch: nil, token: token)
-            if taken == nil, case .unreachable = read, let node = topology.node(target) {
-                // A lock a lost reply took is this request's: it goes, not waited out.
-                Task { await self.locks.releaseIfOwn(keys.lock, token: token, on: node) }
-            }
+            // None came back: one a lost reply may have taken goes.
+            if taken == nil { await locks.abandon(nil, token: token, read: read, keys: keys, on: target) }
             if case .tombstone = read {
-                if let taken { await locks.release(taken) }
+                await locks.abandon(taken, token: token, read: read, keys: keys, on: target)
                 statistics.count(.sessionsNotFound)
                 return nil
             }
@@ -221,22 +217,17 @@ final class NonStickyLifecycle: SessionLifecycle {
         switch read {
         case .found(let stored):
             if context.isExpired(stored.record, now: currentTimeMillis()) {
-                if let taken { await locks.release(taken) }
+                await locks.abandon(taken, token: token, read: read, keys: keys, on: found.nodeID)
                 statistics.count(.sessionsExpired)
                 return nil
             }
             return ((stored, found.nodeID, true), taken)
         case .tombstone:
-            if let taken { await locks.release(taken) }
+            await locks.abandon(taken, token: token, read: read, keys: keys, on: found.nodeID)
             statistics.count(.sessionsNotFound)
             return nil
         case .missing, .unreachable:
-            if let taken {
-                await locks.release(taken)
-            } else if case .unreachable = read, let node = topology.node(found.nodeID) {
-                // A lock a lost reply took is this request's: it goes, not waited out.
-                Task { await self.locks.releaseIfOwn(keys.lock, token: token, on: node) }
-            }
+            await locks.abandon(taken, token: token, read: read, keys: keys, on: found.nodeID)
             _ = try context.unavailable(id: id, cause: "the node its session moved to no longer holds it, or did not answer")
             return nil
         }
