@@ -278,9 +278,7 @@ struct NodeRestartsTests {
                     }
                     let n2 = try inspector.node("n2")
                     // The session as it is (count 1), living on n2, and someone else's request there.
-                    let copy = try #require(try await inspector.node("n1").get(keys.primary))
-                    _ = try await n2.set(keys.primary, value: copy.value, ttl: .seconds(60), flags: copy.flags)
-                    #expect(try await n2.add(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30)))
+                    let copy = try await livingElsewhere(keys, on: "n2", someoneElsesLock: true, inspector)
                     try await restartEmpty(servers, node: "n1", seenBy: manager)
                     let error = await sessionError { try await manager.increment(&browser) }
                     #expect(error?.code == .lockUnavailable, "\(String(describing: error))")

@@ -309,11 +309,7 @@ struct RelocationTests {
                     try #require(id.nodeID == "n1")
                     let n3 = try inspector.node("n3")
                     // The session as it is (count 1), living on n3 as a recovery while n2 was down would leave it.
-                    let copy = try #require(try await inspector.node("n1").get(keys.primary))
-                    _ = try await n3.set(keys.primary, value: copy.value, ttl: .seconds(60), flags: copy.flags)
-                    if found == .someoneElsesLock {
-                        #expect(try await n3.add(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30)))
-                    }
+                    let copy = try await livingElsewhere(keys, on: "n3", someoneElsesLock: found == .someoneElsesLock, inspector)
                     try await servers[0].kill()
                     try await eventually("n1 is seen down") { !manager.topology.isReachable("n1") }
                     let acquired = manager.statistics.value(of: .locksAcquired)

@@ -192,6 +192,20 @@ func startedSession(_ manager: SessionManager) async throws -> (Browser, Memcach
     return (browser, id, manager.keys(for: id.token))
 }
 
+/// The session at `keys` as it is on n1, living on `node` too (a primary a move left there, for
+/// 60 s); with `someoneElsesLock`, another request holding its lock there. Returns the copy.
+func livingElsewhere(
+    _ keys: SessionKeys, on node: String, someoneElsesLock: Bool, _ inspector: MemcachedClient
+) async throws -> MemcachedItem {
+    let there = try inspector.node(node)
+    let copy = try #require(try await inspector.node("n1").get(keys.primary))
+    _ = try await there.set(keys.primary, value: copy.value, ttl: .seconds(60), flags: copy.flags)
+    if someoneElsesLock {
+        #expect(try await there.add(keys.lock, value: ByteBuffer(string: "someone-else"), ttl: .seconds(30)))
+    }
+    return copy
+}
+
 // From the former LockTrustTests.swift.
 /// Runs a locked request that sets `count` to 100 while `meanwhile` runs with the request
 /// holding its lock (loaded, not ended). Returns the request's error, if any.
