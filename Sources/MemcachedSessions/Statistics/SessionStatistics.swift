@@ -138,7 +138,9 @@ public final class SessionStatistics: Sendable {
         /// Such a copy forgotten for room (bounded memory; it expires with its TTL); a move's
         /// pending merge given up at its deadline (logged as a warning); a merge floor forgotten
         /// for room (a later merge may then merge a change twice); the correction of a backup touch
-        /// that landed late given up at the session's end, its primary's node silent all along.
+        /// that may have landed late given up once the end it meant has passed while its primary's
+        /// node does not answer (a late backup write whose end has passed is dropped uncounted: its
+        /// copy has expired).
         case leftoversDropped
         /// Sticky: a new session refused because memory is full of unsaved sessions.
         case localStoreRefusals
