@@ -126,21 +126,27 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
         var results = [Result<MemcachedResponse, MemcachedError>](repeating: .failure(.shutdownError), count: requests.count)
         // The requests that can be sent, each with its node and its place in `requests`. All to
         // one node (the usual case) they go as they are, with no grouping per node.
-        var prepared: [MemcachedRequest] = []
+        // `prepared` shares `requests`' storage: no request is copied (a copy retains its key and
+        // value) unless one is rewritten for the wire or refused, both rare.
+        var prepared = requests
         var targets: [(node: Int, position: Int)] = []
-        prepared.reserveCapacity(requests.count)
         targets.reserveCapacity(requests.count)
         var oneNode = true
-        for (position, request) in requests.enumerated() {
-            do throws(MemcachedError) {
-                let (node, request) = try routeIndex(request)
-                oneNode = oneNode && (targets.first?.node ?? node) == node
-                prepared.append(request)
-                targets.append((node, position))
-            } catch {
-                results[position] = .failure(error)
+        var refused = false
+        requests.withUnsafeBufferPointer { requests in  // each request looked at in place
+            for position in requests.indices {
+                do throws(MemcachedError) {
+                    let (node, rewritten) = try routeIndex(of: requests[position])
+                    oneNode = oneNode && (targets.first?.node ?? node) == node
+                    if let rewritten { prepared[position] = rewritten }
+                    targets.append((node, position))
+                } catch {
+                    results[position] = .failure(error)
+                    refused = true
+                }
             }
         }
+        if refused { prepared = targets.map { prepared[$0.position] } }
         guard let first = targets.first else { return results }
         let timeout = configuration.requestTimeout
         if oneNode {
@@ -219,8 +225,13 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
     }
 
     func prepare(_ request: MemcachedRequest) throws(MemcachedError) -> MemcachedRequest {
+        try rewrite(request) ?? request
+    }
+
+    /// ``prepare(_:)``, or nil when the request goes as it is (checked, not copied).
+    func rewrite(_ request: borrowing MemcachedRequest) throws(MemcachedError) -> MemcachedRequest? {
         try checkRunning()
-        return try request.prepared(
+        return try request.rewrittenForWire(
             mode: configuration.protocolMode, keyEncoding: configuration.keyEncoding,
             itemSizeLimit: configuration.itemSizeLimit)
     }
@@ -236,19 +247,26 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
 
     /// ``route(_:)`` with the node's index in `nodes`.
     private func routeIndex(_ request: MemcachedRequest) throws(MemcachedError) -> (Int, MemcachedRequest) {
-        let prepared = try prepare(request)
-        guard let key = prepared.key else {
+        let (index, rewritten) = try routeIndex(of: request)
+        return (index, rewritten ?? request)
+    }
+
+    /// Where `request` goes (its node's index in `nodes`), and its rewrite for the wire (nil: it
+    /// goes as it is).
+    private func routeIndex(of request: borrowing MemcachedRequest) throws(MemcachedError) -> (Int, MemcachedRequest?) {
+        let rewritten = try rewrite(request)
+        guard let key = rewritten?.key ?? request.key else {
             throw MemcachedError(
                 code: .invalidArgument, message: "noop, version and stats go to a node: use client.node(id)")
         }
-        if nodes.count == 1 { return (0, prepared) }
+        if nodes.count == 1 { return (0, rewritten) }
         if configuration.keyDistribution.skipsUnavailable {
             guard let index = continuum.node(forKey: key.utf8, isAvailable: { nodes[$0].health.isUp }) else {
                 throw MemcachedError(code: .nodeUnavailable, message: "every memcached node is marked down")
             }
-            return (index, prepared)
+            return (index, rewritten)
         }
-        return (continuum.node(forKey: key.utf8), prepared)
+        return (continuum.node(forKey: key.utf8), rewritten)
     }
 }
 
@@ -314,16 +332,20 @@ public struct MemcachedNodeClient: MemcachedNodeCommandRunner {
                 return [.failure(error)]
             }
         }
-        var prepared: [MemcachedRequest] = []
-        prepared.reserveCapacity(requests.count)
+        // As the client's batch: `prepared` shares `requests`' storage, no request copied unless
+        // rewritten for the wire or refused.
+        var prepared = requests
         var failures: [Int: MemcachedError] = [:]
-        for (index, request) in requests.enumerated() {
-            do throws(MemcachedError) {
-                prepared.append(try client.prepare(request))
-            } catch {
-                failures[index] = error
+        requests.withUnsafeBufferPointer { requests in
+            for index in requests.indices {
+                do throws(MemcachedError) {
+                    if let rewritten = try client.rewrite(requests[index]) { prepared[index] = rewritten }
+                } catch {
+                    failures[index] = error
+                }
             }
         }
+        if !failures.isEmpty { prepared = prepared.indices.filter { failures[$0] == nil }.map { prepared[$0] } }
         // Every request refused before sending: nothing reaches the node (no connection chosen
         // or opened, no span, no metric).
         if prepared.isEmpty { return requests.indices.map { .failure(failures[$0] ?? .connectionClosed()) } }

@@ -89,7 +89,7 @@ final class MemcachedChannelHandler: ChannelInboundHandler {
 
     // MARK: - requests (on the event loop)
 
-    func submit(_ request: MemcachedRequest, id: UInt64, deadline: NIODeadline, context requestContext: RequestContext) {
+    func submit(_ request: borrowing MemcachedRequest, id: UInt64, deadline: NIODeadline, context requestContext: RequestContext) {
         guard let context, stateMachine.canEnqueue else {
             requestContext.complete(.failure(stateMachine.state == .draining ? MemcachedError.shutdownError : .notSent))
             return

@@ -242,16 +242,19 @@ final class MemcachedConnection: Sendable {
         let firstID = requestIDs.loadThenWrappingIncrement(by: UInt64(requests.count), ordering: .relaxed)
         let eventLoop = self.eventLoop
         let handler = self.handler
-        let cancellable = requests.contains { $0.honorsCancellation }
+        // (Each request looked at in place: a copy retains its key and value.)
+        let cancellable = requests.withUnsafeBufferPointer { requests in requests.indices.contains { requests[$0].honorsCancellation } }
         return await withTaskCancellationHandler {
             if cancellable, Task.isCancelled { return requests.map { _ in .failure(MemcachedError.cancelledError) } }
             return await withUnsafeContinuation { continuation in
                 let submit: @Sendable () -> Void = {
                     let collector = BatchCollector(count: requests.count, continuation: continuation)
-                    for (index, request) in requests.enumerated() {
-                        handler.value.submit(
-                            request, id: firstID &+ UInt64(index), deadline: deadline,
-                            context: .batch(collector, index: index))
+                    requests.withUnsafeBufferPointer { requests in
+                        for index in requests.indices {
+                            handler.value.submit(
+                                requests[index], id: firstID &+ UInt64(index), deadline: deadline,
+                                context: .batch(collector, index: index))
+                        }
                     }
                 }
                 // What was queued before goes first.

@@ -237,20 +237,28 @@ public struct MemcachedRequest: Sendable {
     func prepared(
         mode: MemcachedProtocolMode, keyEncoding: MemcachedKeyEncoding, itemSizeLimit: Int
     ) throws(MemcachedError) -> MemcachedRequest {
-        // The usual case (meta mode, plain keys, a read, a write or a delete) needs checks and no
-        // change: the request is returned as it is, not rebuilt field by field.
+        try rewrittenForWire(mode: mode, keyEncoding: keyEncoding, itemSizeLimit: itemSizeLimit) ?? self
+    }
+
+    /// ``prepared(mode:keyEncoding:itemSizeLimit:)``, or nil when the request goes as it is: the
+    /// usual case (meta mode, plain keys, a read, a write or a delete) is checked, not copied (a
+    /// request's copy retains its key and value, and the client's hot path would copy each request
+    /// several times).
+    func rewrittenForWire(
+        mode: MemcachedProtocolMode, keyEncoding: MemcachedKeyEncoding, itemSizeLimit: Int
+    ) throws(MemcachedError) -> MemcachedRequest? {
         if mode == .meta, !keyEncoding.isBase64 {
             switch command {
             case .get(let key, _, _) where !quiet:
                 try MemcachedKey.validate(key)
-                return self
+                return nil
             case .store(let key, let value, _, _, _, _):
                 try MemcachedKey.validate(key)
                 try Self.checkItemSize(valueBytes: value.readableBytes, wireKey: key, limit: itemSizeLimit)
-                return self
+                return nil
             case .delete(let key, _):
                 try MemcachedKey.validate(key)
-                return self
+                return nil
             default:
                 break
             }

@@ -43,7 +43,7 @@ struct MemcachedRequestEncoder: Sendable {
     let mode: MemcachedProtocolMode
 
     func encode(
-        _ request: MemcachedRequest, opaque: UInt32, into buffer: inout ByteBuffer,
+        _ request: borrowing MemcachedRequest, opaque: UInt32, into buffer: inout ByteBuffer,
         now: @autoclosure () -> Int64 = MemcachedTTL.currentUnixTime()
     ) -> ReplyExpectation {
         switch mode {
@@ -60,7 +60,7 @@ struct MemcachedRequestEncoder: Sendable {
     /// `ByteBuffer` write per token): a request costs a single bounds, uniqueness and exclusivity
     /// check instead of a dozen.
     private func encodeMeta(
-        _ request: MemcachedRequest, opaque: UInt32, into buffer: inout ByteBuffer, now: @autoclosure () -> Int64
+        _ request: borrowing MemcachedRequest, opaque: UInt32, into buffer: inout ByteBuffer, now: @autoclosure () -> Int64
     ) -> ReplyExpectation {
         switch request.command {
         case .get(let key, let wantValue, let touch):
