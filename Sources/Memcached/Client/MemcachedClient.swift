@@ -255,11 +255,13 @@ public final class MemcachedClient: MemcachedCommandRunner, Service {
     /// goes as it is).
     private func routeIndex(of request: borrowing MemcachedRequest) throws(MemcachedError) -> (Int, MemcachedRequest?) {
         let rewritten = try rewrite(request)
-        guard let key = rewritten?.key ?? request.key else {
+        guard request.command.hasKey else {
             throw MemcachedError(
                 code: .invalidArgument, message: "noop, version and stats go to a node: use client.node(id)")
         }
+        // (One node: its key is not read, which costs a copy of the request.)
         if nodes.count == 1 { return (0, rewritten) }
+        guard let key = rewritten?.key ?? request.key else { throw MemcachedError(code: .invalidArgument, message: "a request without a key") }
         if configuration.keyDistribution.skipsUnavailable {
             guard let index = continuum.node(forKey: key.utf8, isAvailable: { nodes[$0].health.isUp }) else {
                 throw MemcachedError(code: .nodeUnavailable, message: "every memcached node is marked down")

@@ -109,6 +109,16 @@ public struct MemcachedStatsGroup: Sendable, Hashable, CustomStringConvertible {
 
 /// A command for a memcached node, built with the static functions below and run with
 /// ``MemcachedCommandRunner/execute(_:)``.
+extension MemcachedRequest.Command {
+    /// Whether the command names a key (noop, version and stats go to a node).
+    var hasKey: Bool {
+        switch self {
+        case .get, .store, .delete, .touch, .arithmetic: return true
+        case .noop, .version, .stats: return false
+        }
+    }
+}
+
 public struct MemcachedRequest: Sendable {
     /// What the request asks the server to do. Public for implementations of
     /// ``MemcachedNodeCommandRunner`` other than the client's own (a simulated cluster in tests).
@@ -240,6 +250,28 @@ public struct MemcachedRequest: Sendable {
         try rewrittenForWire(mode: mode, keyEncoding: keyEncoding, itemSizeLimit: itemSizeLimit) ?? self
     }
 
+    /// Whether a meta-mode request with plain keys goes as it is (checked): a read, a write or a
+    /// delete. (The command alone is matched: a match on `self.command` binds the payload from a
+    /// copy of the whole request.)
+    private static func goesAsIs(
+        _ command: borrowing Command, quiet: Bool, itemSizeLimit: Int
+    ) throws(MemcachedError) -> Bool {
+        switch command {
+        case .get(let key, _, _) where !quiet:
+            try MemcachedKey.validate(key)
+            return true
+        case .store(let key, let value, _, _, _, _):
+            try MemcachedKey.validate(key)
+            try checkItemSize(valueBytes: value.readableBytes, wireKey: key, limit: itemSizeLimit)
+            return true
+        case .delete(let key, _):
+            try MemcachedKey.validate(key)
+            return true
+        default:
+            return false
+        }
+    }
+
     /// ``prepared(mode:keyEncoding:itemSizeLimit:)``, or nil when the request goes as it is: the
     /// usual case (meta mode, plain keys, a read, a write or a delete) is checked, not copied (a
     /// request's copy retains its key and value, and the client's hot path would copy each request
@@ -247,21 +279,8 @@ public struct MemcachedRequest: Sendable {
     func rewrittenForWire(
         mode: MemcachedProtocolMode, keyEncoding: MemcachedKeyEncoding, itemSizeLimit: Int
     ) throws(MemcachedError) -> MemcachedRequest? {
-        if mode == .meta, !keyEncoding.isBase64 {
-            switch command {
-            case .get(let key, _, _) where !quiet:
-                try MemcachedKey.validate(key)
-                return nil
-            case .store(let key, let value, _, _, _, _):
-                try MemcachedKey.validate(key)
-                try Self.checkItemSize(valueBytes: value.readableBytes, wireKey: key, limit: itemSizeLimit)
-                return nil
-            case .delete(let key, _):
-                try MemcachedKey.validate(key)
-                return nil
-            default:
-                break
-            }
+        if mode == .meta, !keyEncoding.isBase64, try Self.goesAsIs(command, quiet: quiet, itemSizeLimit: itemSizeLimit) {
+            return nil
         }
         var copy = self
         switch command {

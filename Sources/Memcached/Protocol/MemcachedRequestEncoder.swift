@@ -62,13 +62,25 @@ struct MemcachedRequestEncoder: Sendable {
     private func encodeMeta(
         _ request: borrowing MemcachedRequest, opaque: UInt32, into buffer: inout ByteBuffer, now: @autoclosure () -> Int64
     ) -> ReplyExpectation {
-        switch request.command {
+        // The command alone is matched: a match on the request's command binds its payload from
+        // a copy of the whole request (an outlined copy, its key and value retained), one more a
+        // request on the client's hot path.
+        encodeMeta(
+            request.command, quiet: request.quiet, returnsTimeToLive: request.returnsTimeToLive, opaque: opaque, into: &buffer,
+            now: now())
+    }
+
+    private func encodeMeta(
+        _ command: borrowing MemcachedRequest.Command, quiet: Bool, returnsTimeToLive: Bool, opaque: UInt32,
+        into buffer: inout ByteBuffer, now: @autoclosure () -> Int64
+    ) -> ReplyExpectation {
+        switch command {
         case .get(let key, let wantValue, let touch):
             buffer.writeLine(reserving: key.utf8.count + Self.metaLineAllowance) { line in
                 line.append("mg ")
                 line.append(string: key)
                 line.append(wantValue ? " v f c" : " f c")
-                if request.returnsTimeToLive { line.append(" t") }
+                if returnsTimeToLive { line.append(" t") }
                 if let touch {
                     line.append(" T")
                     line.appendDecimal(touch.wireValue(now: now()))
@@ -78,7 +90,6 @@ struct MemcachedRequestEncoder: Sendable {
             return .metaGet
 
         case .store(let key, let value, let flags, let ttl, let mode, let cas):
-            let quiet = request.quiet
             buffer.writeLine(reserving: key.utf8.count + Self.metaLineAllowance + value.readableBytes + 2) { line in
                 line.append("ms ")
                 line.append(string: key)
@@ -112,7 +123,6 @@ struct MemcachedRequestEncoder: Sendable {
             return .metaStore
 
         case .delete(let key, let cas):
-            let quiet = request.quiet
             buffer.writeLine(reserving: key.utf8.count + Self.metaLineAllowance) { line in
                 line.append("md ")
                 line.append(string: key)
