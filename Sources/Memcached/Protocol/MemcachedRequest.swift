@@ -109,16 +109,6 @@ public struct MemcachedStatsGroup: Sendable, Hashable, CustomStringConvertible {
 
 /// A command for a memcached node, built with the static functions below and run with
 /// ``MemcachedCommandRunner/execute(_:)``.
-extension MemcachedRequest.Command {
-    /// Whether the command names a key (noop, version and stats go to a node).
-    var hasKey: Bool {
-        switch self {
-        case .get, .store, .delete, .touch, .arithmetic: return true
-        case .noop, .version, .stats: return false
-        }
-    }
-}
-
 public struct MemcachedRequest: Sendable {
     /// What the request asks the server to do. Public for implementations of
     /// ``MemcachedNodeCommandRunner`` other than the client's own (a simulated cluster in tests).
@@ -354,4 +344,14 @@ public enum MemcachedResponse: Sendable, Hashable {
     case version(String)
     /// A node's statistics, in the server's order.
     case stats([MemcachedStat])
+}
+
+extension MemcachedRequest.Command {
+    /// Whether the command names a key (noop, version and stats go to a node).
+    var hasKey: Bool {
+        switch self {
+        case .get, .store, .delete, .touch, .arithmetic: return true
+        case .noop, .version, .stats: return false
+        }
+    }
 }
